@@ -1,0 +1,88 @@
+"""``quantize(...)``: the whole job in one call, for Python pipelines. The CLI is a thin layer on it."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .data import load_dataset
+from .errors import QuboInputError
+from .files import check_output_path, load_model, write_atomically
+from .grid import MAX_BITS, MIN_BITS
+from .pipeline import QuantizeOptions, quantize_model
+from .progress import Progress
+from .report import Report
+from .scales import SCALE_METHODS
+from .solvers import SOLVERS, Solver
+from .verify import evaluate
+
+CALIB_SUFFIX, EVAL_SUFFIX = ".calib.npz", ".eval.npz"
+
+
+def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.PathLike, *,
+             bits: int = 2, calibration: Any = None, evaluation: Any = None, scale: str = "mse",
+             solver: str | Solver = "neal", seed: int = 0, batch_size: int = 256,
+             report_path: str | os.PathLike | None = None, progress: bool = False) -> Report:
+    """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
+
+    ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
+
+    ``calibration`` / ``evaluation``: an .npz path (arrays keyed by input name, optional
+    ``labels``), a dict of arrays, or an onnxruntime ``CalibrationDataReader``. When the model
+    is a path, ``<stem>.calib.npz`` and ``<stem>.eval.npz`` beside it are used if not given;
+    without evaluation data the calibration data is evaluated. Returns the report (also
+    written as JSON to ``report_path`` when given). Raises ``QuboInputError`` on bad input,
+    before any output is written; the input model is never modified.
+    """
+    started = time.perf_counter()
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise QuboInputError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+    if scale not in SCALE_METHODS:
+        raise QuboInputError(f"scale must be one of {', '.join(SCALE_METHODS)}, got '{scale}'")
+    if isinstance(solver, str):
+        if solver not in SOLVERS:
+            raise QuboInputError(f"solver must be one of {', '.join(SOLVERS)}, got '{solver}'")
+        solver = SOLVERS[solver]()
+    input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    output_path = check_output_path(output_path, input_path, "output")
+    if report_path is not None:
+        report_path = check_output_path(report_path, input_path, "report")
+    float_model = model if input_path is None else load_model(input_path)
+
+    calibration = _beside(input_path, CALIB_SUFFIX) if calibration is None else calibration
+    if calibration is None:
+        where = f" or put '{input_path.stem}{CALIB_SUFFIX}' beside the model" if input_path else ""
+        raise QuboInputError("no calibration data: pass --calib FILE.npz (arrays keyed by the "
+                             f"model's input names){where}")
+    calib_data = load_dataset(calibration, float_model, batch_size)
+    evaluation = _beside(input_path, EVAL_SUFFIX) if evaluation is None else evaluation
+    eval_data = calib_data if evaluation is None else load_dataset(evaluation, float_model, batch_size)
+
+    options = QuantizeOptions(bits=bits, scale=scale, solver=solver, seed=seed)
+    bar = Progress(enabled=progress)
+    quantized, layers, skipped = quantize_model(float_model, calib_data, options, bar)
+    data = quantized.SerializeToString()
+    write_atomically(output_path, data)
+
+    report = Report(
+        input_path=None if input_path is None else str(input_path), output_path=str(output_path),
+        bits=bits, scale=scale, solver=solver.name, calibration=calib_data.origin,
+        calibration_samples=calib_data.num_samples, layers=layers, skipped=skipped,
+        evaluation=evaluate(float_model, quantized, eval_data, bar),
+        input_bytes=float_model.ByteSize(), output_bytes=len(data),
+        seconds=time.perf_counter() - started)
+    if report_path is not None:
+        write_atomically(report_path, report.to_json().encode())
+    return report
+
+
+def _beside(model_path: Path | None, suffix: str) -> Path | None:
+    """``<dir>/<stem><suffix>`` when the model is a file and that file exists."""
+    if model_path is None:
+        return None
+    candidate = model_path.with_name(model_path.stem + suffix)
+    return candidate if candidate.is_file() else None

@@ -1,0 +1,88 @@
+"""The data flow of DESIGN.md section 3, one stage per line.
+
+    model --find_dense_layers--> layers --collect_statistics--> Gram matrices
+          --choose_scales / build_problem / solver.solve--> integer weights
+          --passes (raise opset, insert DequantizeLinear, check)--> quantized model
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import discovery
+from .calibration import collect_statistics
+from .data import Dataset
+from .errors import QuboInputError
+from .grid import IntegerGrid
+from .passes import CheckModel, InsertDequantize, QuantizedWeight, RaiseOpset, run_passes
+from .progress import Progress
+from .qubo import build_problem
+from .report import LayerReport
+from .scales import choose_scales
+from .solvers import RoundToNearest, Solver
+from .types import DenseLayer, QuantizedLayer, SkippedNode
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    bits: int = 2
+    scale: str = "mse"
+    solver: Solver = field(default_factory=RoundToNearest)
+    seed: int = 0
+
+
+def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: QuantizeOptions,
+                   progress: Progress) -> tuple[onnx.ModelProto, list[LayerReport], list[SkippedNode]]:
+    """Quantize every dense layer of ``model``; return the new model and what was done."""
+    layers, skipped = find_layers(model)
+    statistics = collect_statistics(model, layers, calibration, progress)
+    results = [quantize_layer(layer, statistics[layer.input_name].x_gram, options, progress)
+               for layer in layers]
+    quantized = rewrite(model, [q for q, _ in results])
+    return quantized, [r for _, r in results], skipped
+
+
+def find_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[SkippedNode]]:
+    """Dense layers to quantize (with finite weights), or an error saying why there are none."""
+    layers, skipped = discovery.find_dense_layers(model)
+    if not layers:
+        why = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "the graph has no Gemm or MatMul node"
+        raise QuboInputError(f"no quantizable dense layers found ({why})")
+    for layer in layers:
+        if not np.isfinite(layer.weight).all():
+            raise QuboInputError(f"weight '{layer.weight_name}' of layer '{layer.name}' holds NaN or Inf")
+    return layers, skipped
+
+
+def quantize_layer(layer: DenseLayer, gram: np.ndarray, options: QuantizeOptions,
+                   progress: Progress) -> tuple[QuantizedLayer, LayerReport]:
+    grid = IntegerGrid(options.bits)
+    scale = choose_scales(options.scale, layer.weight, layer.gain, grid, gram)
+    problem = build_problem(layer.weight, layer.gain, scale, grid, gram)
+    start = time.perf_counter()
+    choice = options.solver.solve(problem, options.seed, progress)
+    seconds = time.perf_counter() - start
+    n, f = layer.shape
+    report = LayerReport(
+        name=layer.name, form=layer.form, n_out=n, f_in=f, bits=options.bits,
+        storage=onnx.TensorProto.DataType.Name(grid.storage[0]),
+        free_fraction=float(problem.rounding.free.mean()),
+        cost_rtn=problem.energy(RoundToNearest().solve(problem)),
+        cost_solved=problem.energy(choice), solve_seconds=seconds)
+    return QuantizedLayer(layer, options.bits, problem.integers(choice), scale), report
+
+
+def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer]) -> onnx.ModelProto:
+    """Integer initializers + DequantizeLinear in place of the float weights, checked."""
+    grids = [IntegerGrid(q.bits) for q in quantized]
+    weights = [QuantizedWeight(q.layer.weight_name, q.integers, q.scale, grid.storage[0],
+                               q.layer.input_rank) for q, grid in zip(quantized, grids)]
+    target_opset = max(grid.storage[1] for grid in grids)
+    try:
+        return run_passes(model, [RaiseOpset(target_opset), InsertDequantize(weights), CheckModel()])
+    except (ValueError, onnx.checker.ValidationError) as exc:
+        raise QuboInputError(f"cannot rewrite the model: {exc}") from None

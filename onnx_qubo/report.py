@@ -1,0 +1,95 @@
+"""What a quantization run reports, rendered as text for people and as JSON for pipelines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .types import SkippedNode
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Per layer: QUBO cost (mean squared pre-activation error, summed over outputs)."""
+
+    name: str
+    form: str
+    n_out: int
+    f_in: int
+    bits: int
+    storage: str  # ONNX integer type, e.g. "INT2"
+    free_fraction: float  # share of weights with a real down/up choice
+    cost_rtn: float  # round-to-nearest on the same scales
+    cost_solved: float
+    solve_seconds: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Float vs quantized model in onnxruntime (default session options) on evaluation data."""
+
+    data: str
+    samples: int
+    float_accuracy: float | None  # None when the data has no labels
+    quantized_accuracy: float | None
+    top1_agreement: float  # share of samples whose argmax matches the float model's
+    relative_output_error: float  # ||y_q - y_f|| / ||y_f|| over the first output
+    default_matches_basic: bool  # same predictions at ORT's default and basic optimization
+    default_vs_basic_max_diff: float
+
+
+@dataclass(frozen=True)
+class Report:
+    input_path: str | None
+    output_path: str
+    bits: int
+    scale: str
+    solver: str
+    calibration: str
+    calibration_samples: int
+    layers: list[LayerReport]
+    skipped: list[SkippedNode]
+    evaluation: Evaluation
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_text(self) -> str:
+        lines = [
+            f"{self.input_path or 'model'} -> {self.output_path}",
+            f"bits={self.bits} scale={self.scale} solver={self.solver}, calibrated on "
+            f"{self.calibration_samples} samples ({self.calibration})",
+            "",
+            f"{'layer':<28}{'form':<22}{'shape':>12}{'type':>6}{'free':>7}"
+            f"{'cost rtn':>12}{'cost ' + self.solver:>12}{'ratio':>7}{'time':>8}",
+        ]
+        for layer in self.layers:
+            ratio = layer.cost_solved / layer.cost_rtn if layer.cost_rtn > 0 else 1.0
+            lines.append(
+                f"{layer.name:<28}{layer.form:<22}{f'{layer.n_out}x{layer.f_in}':>12}{layer.storage:>6}"
+                f"{layer.free_fraction:>7.0%}{layer.cost_rtn:>12.4g}{layer.cost_solved:>12.4g}"
+                f"{ratio:>7.3f}{layer.solve_seconds:>7.1f}s")
+        for node in self.skipped:
+            lines.append(f"skipped {node.op_type} '{node.name}': {node.reason}")
+        ev = self.evaluation
+        lines.append("")
+        if ev.float_accuracy is not None:
+            lines.append(f"accuracy on {ev.samples} samples ({ev.data}): float {ev.float_accuracy:.2%}, "
+                         f"quantized {ev.quantized_accuracy:.2%} "
+                         f"({(ev.quantized_accuracy - ev.float_accuracy) * 100:+.2f} points)")
+        lines.append(f"top-1 agreement with float: {ev.top1_agreement:.2%}; relative output error "
+                     f"{ev.relative_output_error:.3g}")
+        check = "same predictions" if ev.default_matches_basic else "DIFFERENT predictions"
+        lines.append(f"onnxruntime default vs basic optimization: {check} "
+                     f"(max |diff| {ev.default_vs_basic_max_diff:.3g})")
+        lines.append(f"size: {self.input_bytes:,} -> {self.output_bytes:,} bytes "
+                     f"({self.output_bytes / self.input_bytes:.1%}); {self.seconds:.1f} s in all")
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)

@@ -1,0 +1,10 @@
+"""Graph passes over ONNX models. Each takes a model and returns a new one (never mutating
+its input), and says whether it changed anything; ``run_passes`` applies a visible sequence."""
+
+from .base import GraphPass, PassResult, run_passes
+from .check import CheckModel
+from .insert_dequantize import InsertDequantize, QuantizedWeight
+from .opset import RaiseOpset
+
+__all__ = ["GraphPass", "PassResult", "run_passes", "CheckModel", "InsertDequantize",
+           "QuantizedWeight", "RaiseOpset"]

@@ -1,0 +1,62 @@
+"""Raise the default-domain opset (and the IR version with it) without changing semantics."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import defs, helper, version_converter
+
+from .base import PassResult, copy_model
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+class RaiseOpset:
+    """Bring the default-domain opset up to ``target`` (never down).
+
+    When no operator the model uses changed its definition between the two versions, the
+    import is simply bumped; otherwise onnx's version converter rewrites the affected nodes.
+    """
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        current = default_opset(model)
+        if current >= self.target:
+            return PassResult(model, modified=False)
+        if all(_same_definition(op, current, self.target) for op in _default_domain_ops(model.graph)):
+            raised = copy_model(model)
+            for opset in raised.opset_import:
+                if opset.domain in DEFAULT_DOMAINS:
+                    opset.version = self.target
+        else:
+            try:
+                raised = version_converter.convert_version(model, self.target)
+            except Exception as exc:  # the converter raises bare RuntimeErrors
+                raise ValueError(f"cannot raise the model's opset from {current} to {self.target} "
+                                 f"(needed by the integer weight type): {exc}") from None
+        raised.ir_version = max(raised.ir_version, helper.find_min_ir_version_for(
+            list(raised.opset_import), ignore_unknown=True))
+        return PassResult(raised, modified=True)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), default=1)
+
+
+def _same_definition(op_type: str, old: int, new: int) -> bool:
+    try:
+        return defs.get_schema(op_type, old).since_version == defs.get_schema(op_type, new).since_version
+    except defs.SchemaError:
+        return False
+
+
+def _default_domain_ops(graph: onnx.GraphProto) -> set[str]:
+    ops = set()
+    for node in graph.node:
+        if node.domain in DEFAULT_DOMAINS:
+            ops.add(node.op_type)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                ops |= _default_domain_ops(sub)
+    return ops

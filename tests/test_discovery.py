@@ -1,0 +1,91 @@
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graphs import gemm_model, matmul_model, weight_of
+from onnx_qubo.discovery import find_dense_layers
+
+
+def only_layer(model):
+    layers, skipped = find_dense_layers(model)
+    assert len(layers) == 1 and not skipped
+    return layers[0]
+
+
+def test_gemm_trans_b_1_keeps_weight_orientation_and_alpha():
+    model = gemm_model(trans_b=1, alpha=0.5)
+    layer = only_layer(model)
+    assert layer.form == "Gemm(transB=1)" and layer.gain == 0.5
+    np.testing.assert_array_equal(layer.weight, weight_of(model))
+    assert layer.input_name == "x" and layer.weight_name == "W"
+
+
+def test_gemm_trans_b_0_weight_is_transposed_to_out_by_in():
+    model = gemm_model(f=6, n=5, trans_b=0, bias=False)
+    layer = only_layer(model)
+    assert layer.shape == (5, 6)
+    np.testing.assert_array_equal(layer.weight, weight_of(model).T)
+
+
+def test_matmul_forms():
+    assert only_layer(matmul_model(bias=True)).form == "MatMul+Add"
+    assert only_layer(matmul_model(bias=False)).form == "MatMul"
+    layer = only_layer(matmul_model(leading=(7,)))
+    assert layer.form == "MatMul+Add (N-D)" and layer.input_rank == 3
+    assert layer.shape == (5, 6)
+
+
+def _two_node_model(nodes, inits, inputs):
+    graph = helper.make_graph(nodes, "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _x(f=4):
+    return helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", f])
+
+
+def test_shared_weight_is_skipped_with_reason():
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="a"),
+             helper.make_node("MatMul", ["h", "W"], ["y"], name="b")]
+    layers, skipped = find_dense_layers(_two_node_model(nodes, [w], [_x()]))
+    assert not layers
+    assert [s.name for s in skipped] == ["a", "b"]
+    assert all("shared by 2 nodes" in s.reason for s in skipped)
+
+
+def test_non_constant_weight_trans_a_and_left_constant_are_skipped():
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    v = numpy_helper.from_array(np.ones((4, 4), np.float32), "V")
+    nodes = [helper.make_node("MatMul", ["x", "x2"], ["h"], name="dynamic"),
+             helper.make_node("Gemm", ["h", "W"], ["h2"], transA=1, name="transposed"),
+             helper.make_node("MatMul", ["V", "h2"], ["y"], name="left")]
+    inputs = [_x(), helper.make_tensor_value_info("x2", TensorProto.FLOAT, [4, 4])]
+    layers, skipped = find_dense_layers(_two_node_model(nodes, [w, v], inputs))
+    assert not layers
+    reasons = {s.name: s.reason for s in skipped}
+    assert "not a constant initializer" in reasons["dynamic"]
+    assert "transA=1" in reasons["transposed"]
+    assert "left operand" in reasons["left"]
+
+
+def test_weight_overridable_as_graph_input_is_skipped():
+    model = gemm_model()
+    model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [5, 6]))
+    layers, skipped = find_dense_layers(model)
+    assert not layers and "graph input" in skipped[0].reason
+
+
+def test_unnamed_nodes_get_unique_names():
+    model = gemm_model()
+    for node in model.graph.node:
+        node.name = ""
+    assert only_layer(model).name == "Gemm_0"
+
+
+def test_non_float_weight_is_skipped():
+    model = gemm_model()
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight_of(model).astype(np.float64), "W"))
+    layers, skipped = find_dense_layers(model)
+    assert not layers and "DOUBLE" in skipped[0].reason
