@@ -25,7 +25,7 @@ CALIB_SUFFIX, EVAL_SUFFIX = ".calib.npz", ".eval.npz"
 
 def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.PathLike, *,
              bits: int = 2, calibration: Any = None, evaluation: Any = None, scale: str = "mse",
-             solver: str | Solver = "neal", seed: int = 0, batch_size: int = 256,
+             solver: str | Solver = "fast", seed: int = 0, batch_size: int = 256,
              report_path: str | os.PathLike | None = None, progress: bool = False) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 

@@ -50,8 +50,9 @@ def main():
                    "beside it, else the calibration data].")
 @click.option("--scale", type=click.Choice(SCALE_METHODS), default="mse", show_default=True,
               help="mse: per-channel clipping ratio searched on the QUBO cost; minmax: max-abs.")
-@click.option("--solver", type=click.Choice(list(SOLVERS)), default="neal", show_default=True,
-              help="neal: dwave-neal per neuron (the paper); rtn: round to nearest; exact: brute force.")
+@click.option("--solver", type=click.Choice(list(SOLVERS)), default="fast", show_default=True,
+              help="fast: batched engine on the shared Gram; neal: dwave-neal per neuron (the "
+                   "paper); rtn: round to nearest; exact: brute force (tests, tiny layers).")
 @click.option("--neal-reads", type=click.IntRange(min=1), default=None, help="neal num_reads [neal's default].")
 @click.option("--neal-sweeps", type=click.IntRange(min=1), default=None, help="neal num_sweeps [neal's default].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the stochastic solvers.")
@@ -63,6 +64,8 @@ def main():
 def quantize(input_model, output_model, bits, calib, eval_path, scale, solver, neal_reads,
              neal_sweeps, seed, batch_size, report_path, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
+    if solver != "neal" and (neal_reads or neal_sweeps):
+        raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
     chosen = NealSolver(neal_reads, neal_sweeps) if solver == "neal" else SOLVERS[solver]()
     try:
         report = api.quantize(input_model, output_model, bits=bits, calibration=calib,

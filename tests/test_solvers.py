@@ -7,7 +7,7 @@ from onnx_qubo.errors import QuboInputError
 from onnx_qubo.grid import IntegerGrid
 from onnx_qubo.progress import Progress
 from onnx_qubo.qubo import build_problem
-from onnx_qubo.solvers import ExactSolver, NealSolver, RoundToNearest
+from onnx_qubo.solvers import ExactSolver, FastSolver, NealSolver, RoundToNearest
 
 
 def random_problem(n=6, f=10, bits=2, clip=0.7, samples=200, seed=0):
@@ -74,3 +74,31 @@ def test_solvers_never_choose_fixed_weights():
         choice = solver.solve(problem, 0, Progress())
         integers = problem.integers(choice)
         assert integers.min() >= -2 and integers.max() <= 1
+
+
+def test_fast_finds_the_proven_optimum_on_small_neurons():
+    found = total = 0
+    for seed in range(10):
+        problem = random_problem(n=20, f=16, clip=0.8, seed=seed)
+        exact = problem.neuron_energies(ExactSolver().solve(problem, 0, Progress()))
+        fast = problem.neuron_energies(FastSolver().solve(problem, 0, Progress()))
+        assert (fast >= exact * (1 - 1e-9)).all()
+        found += np.isclose(fast, exact, rtol=1e-9, atol=1e-12).sum()
+        total += len(exact)
+    assert found / total >= 0.99
+
+
+def test_fast_is_deterministic_and_never_worse_than_rtn_per_neuron():
+    problem = random_problem(n=40, f=50, clip=0.6, seed=5)
+    first = FastSolver().solve(problem, 3, Progress())
+    np.testing.assert_array_equal(first, FastSolver().solve(problem, 3, Progress()))
+    rtn = problem.neuron_energies(RoundToNearest().solve(problem))
+    assert (problem.neuron_energies(first) <= rtn * (1 + 1e-12)).all()
+
+
+def test_fast_in_small_memory_chunks_still_improves_on_rtn():
+    problem = random_problem(n=40, f=50, clip=0.6, seed=6)
+    chunked = FastSolver(chunk_bytes=8 * 50 * 8 * 3).solve(problem, 0, Progress())  # 3 neurons a chunk
+    rtn = problem.neuron_energies(RoundToNearest().solve(problem))
+    assert (problem.neuron_energies(chunked) <= rtn * (1 + 1e-12)).all()
+    assert problem.energy(chunked) < 0.9 * rtn.sum()

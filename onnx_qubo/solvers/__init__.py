@@ -2,9 +2,10 @@
 
 from .base import Solver
 from .exact import ExactSolver
+from .fast import FastSolver
 from .neal import NealSolver
 from .rtn import RoundToNearest
 
-SOLVERS = {"neal": NealSolver, "rtn": RoundToNearest, "exact": ExactSolver}  # CLI name -> class
+SOLVERS = {"fast": FastSolver, "neal": NealSolver, "rtn": RoundToNearest, "exact": ExactSolver}  # CLI name -> class
 
-__all__ = ["SOLVERS", "Solver", "ExactSolver", "NealSolver", "RoundToNearest"]
+__all__ = ["SOLVERS", "Solver", "ExactSolver", "FastSolver", "NealSolver", "RoundToNearest"]

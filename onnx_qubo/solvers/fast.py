@@ -1,0 +1,223 @@
+"""The fast engine: every neuron of a layer at once, with matrix operations on the shared Gram.
+
+Neuron i minimizes ``E_i(v) = (u_i - v)^T G (u_i - v)`` over binary v on its free weights
+(``u_i`` = weights in grid units minus their floor; the positive factor s_i^2 does not change
+the minimizer). Three stages, all batched over neurons:
+
+1. Start: sequential rounding with error feedback (GPTQ's Cholesky form of the nearest-plane
+   algorithm), each weight restricted to its floor or ceiling; kept per neuron where it beats
+   round-to-nearest.
+2. Descent: best-improvement single flips; when none pays, the best pair among each neuron's
+   most promising flips.
+3. Tabu refinement: every neuron keeps flipping its best non-tabu variable (uphill moves
+   allowed, recent flips forbidden), remembering its best state, in rounds until a round
+   improves no neuron; then descent again from the best states.
+
+For ``r = G (u - v)``, flipping v_j by d = 1 - 2 v_j changes E by ``G_jj - 2 d r_j`` and r by
+``-d G[:, j]``: a move costs O(f) per neuron, a step over all neurons O(n f).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..progress import Progress
+from ..qubo import LayerProblem
+
+TOLERANCE = 1e-12  # relative to the neuron's energy scale: smaller gains are noise
+
+
+class FastSolver:
+    """Batched start + descent + tabu; deterministic for a given ``seed`` (tabu tenures).
+
+    ``chunk_bytes`` bounds the working memory per chunk of neurons; ``pair_candidates`` is how
+    many of each neuron's best single flips are paired. A tabu round lasts
+    ``tabu_work / (neurons * inputs)`` steps (clipped to 64..1024), so small problems search
+    long and wide layers stay fast; ``tabu_rounds`` caps the rounds.
+    """
+
+    name = "fast"
+
+    def __init__(self, chunk_bytes: int = 256 << 20, pair_candidates: int = 48,
+                 tabu_work: int = 1 << 24, tabu_rounds: int = 8):
+        self.chunk_bytes = chunk_bytes
+        self.pair_candidates = pair_candidates
+        self.tabu_work = tabu_work
+        self.tabu_rounds = tabu_rounds
+
+    def solve(self, problem: LayerProblem, seed: int = 0, progress: Progress = Progress()) -> np.ndarray:
+        n, f = problem.shape
+        gram = problem.gram
+        upper = feedback_factor(gram)
+        rows_per_chunk = max(1, int(self.chunk_bytes // (8 * f * 8)))
+        choice = np.zeros((n, f), dtype=bool)
+        rng = np.random.default_rng(seed)
+        with progress.bar(n, "fast") as bar:
+            for start in range(0, n, rows_per_chunk):
+                rows = slice(start, min(start + rows_per_chunk, n))
+                choice[rows] = self._solve_chunk(gram, upper, problem.rounding.frac[rows],
+                                                 problem.rounding.free[rows], rng)
+                bar.update(rows.stop - rows.start)
+        return choice
+
+    def _solve_chunk(self, gram, upper, frac, free, rng) -> np.ndarray:
+        state = _State(gram, frac, free, best_start(gram, upper, frac, free))
+        state.descend(self.pair_candidates)
+        steps = int(np.clip(self.tabu_work // frac.size, 64, 1024))
+        state.reset(tabu_search(state, steps, self.tabu_rounds, rng))
+        state.descend(self.pair_candidates)
+        return state.v
+
+
+def feedback_factor(gram: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of the damped inverse Gram (GPTQ's ``Hinv``).
+
+    1% of the mean diagonal is added so that dead inputs (always zero) do not make G singular.
+    """
+    f = len(gram)
+    damp = 0.01 * np.mean(np.diag(gram))
+    h = gram + (damp if damp > 0 else 1.0) * np.eye(f)
+    lower_inv = np.linalg.inv(np.linalg.cholesky(h))
+    return np.linalg.cholesky(lower_inv.T @ lower_inv).T
+
+
+def sequential_start(upper: np.ndarray, frac: np.ndarray, free: np.ndarray, block: int = 128) -> np.ndarray:
+    """Round weights in input order, each to floor or ceiling, feeding its error forward
+    (GPTQ's lazy-batch update restricted to the binary choice)."""
+    target = frac.copy()
+    v = np.zeros(frac.shape, dtype=bool)
+    f = frac.shape[1]
+    for b0 in range(0, f, block):
+        b1 = min(b0 + block, f)
+        local = target[:, b0:b1].copy()
+        errors = np.empty_like(local)
+        for j in range(b1 - b0):
+            col = b0 + j
+            v[:, col] = free[:, col] & (local[:, j] >= 0.5)
+            errors[:, j] = (local[:, j] - v[:, col]) / upper[col, col]
+            local[:, j + 1:] -= np.outer(errors[:, j], upper[col, col + 1:b1])
+        target[:, b1:] -= errors @ upper[b0:b1, b1:]
+    return v
+
+
+def best_start(gram, upper, frac, free) -> np.ndarray:
+    """Per neuron, the better of sequential rounding and round-to-nearest."""
+    nearest = free & (frac >= 0.5)
+    sequential = sequential_start(upper, frac, free)
+    better = energies(gram, frac, sequential) < energies(gram, frac, nearest)
+    return np.where(better[:, None], sequential, nearest)
+
+
+def energies(gram, frac, v) -> np.ndarray:
+    """E_i for every neuron (without the s_i^2 factor)."""
+    delta = frac - v
+    return np.einsum("if,if->i", delta @ gram, delta)
+
+
+class _State:
+    """Current choice v, residual r = G (u - v) and energy of a chunk of neurons."""
+
+    def __init__(self, gram, frac, free, v):
+        self.gram, self.frac, self.free = gram, frac, free
+        self.diag = np.diag(gram)
+        self.reset(v)
+        self.scale = np.maximum(self.energy, self.diag.max(initial=0.0)) * TOLERANCE + 1e-300
+
+    def reset(self, v: np.ndarray) -> None:
+        self.v = v.copy()
+        delta = self.frac - v
+        self.r = delta @ self.gram
+        self.energy = np.einsum("if,if->i", self.r, delta)
+
+    def gains(self) -> np.ndarray:
+        """Energy change of flipping each variable (+inf where the weight is not free)."""
+        d = 1.0 - 2.0 * self.v
+        gain = self.diag - 2.0 * d * self.r
+        gain[~self.free] = np.inf
+        return gain
+
+    def flip(self, rows: np.ndarray, cols: np.ndarray, gain: np.ndarray) -> None:
+        d = 1.0 - 2.0 * self.v[rows, cols]
+        self.v[rows, cols] ^= True
+        self.r[rows] -= d[:, None] * self.gram[cols]
+        self.energy[rows] += gain
+
+    def descend(self, pair_candidates: int) -> None:
+        """Best single flip per neuron until none improves, then pairs; repeat until stuck."""
+        active = np.ones(len(self.v), dtype=bool)
+        while active.any():
+            rows = np.flatnonzero(active)
+            gain = self.gains()[rows]
+            cols = np.argmin(gain, axis=1)
+            best = gain[np.arange(len(rows)), cols]
+            improving = best < -self.scale[rows]
+            self.flip(rows[improving], cols[improving], best[improving])
+            stuck = rows[~improving]
+            if len(stuck):
+                moved = self._pair_step(stuck, gain[~improving], pair_candidates)
+                active[stuck[~moved]] = False
+
+    def _pair_step(self, rows, gain, k) -> np.ndarray:
+        """Apply each neuron's best improving pair among its k best single flips."""
+        k = min(k, gain.shape[1])
+        if k < 2:
+            return np.zeros(len(rows), dtype=bool)
+        cand = np.argpartition(gain, k - 1, axis=1)[:, :k]
+        g = np.take_along_axis(gain, cand, axis=1)
+        d = 1.0 - 2.0 * np.take_along_axis(self.v[rows], cand, axis=1)
+        pair = g[:, :, None] + g[:, None, :] + 2.0 * d[:, :, None] * d[:, None, :] * \
+            self.gram[cand[:, :, None], cand[:, None, :]]
+        pair[:, np.arange(k), np.arange(k)] = np.inf
+        flat = pair.reshape(len(rows), -1).argmin(axis=1)
+        a, b = np.divmod(flat, k)
+        idx = np.arange(len(rows))
+        total = pair[idx, a, b]
+        moved = np.isfinite(total) & (total < -self.scale[rows])
+        ja, jb = cand[idx, a][moved], cand[idx, b][moved]
+        sel = rows[moved]
+        self.flip(sel, ja, g[idx, a][moved])
+        # the second flip's gain changed with the first: recompute it on the updated state
+        self.flip(sel, jb, self.gains()[sel, jb])
+        return moved
+
+
+def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random.Generator) -> np.ndarray:
+    """Batched tabu search from the state's choice; returns each neuron's best choice seen.
+
+    Every step, each neuron flips its best variable that is not tabu (or that would beat its
+    best so far), uphill if need be. A flipped variable stays tabu for a random 1..k/2 steps
+    (k = its free variables, at most 20): random tenures break the cycles of a fixed one.
+    A neuron whose best did not improve during a round stops searching.
+    """
+    n, f = state.v.shape
+    max_tenure = np.clip(state.free.sum(axis=1) // 2, 1, 20)
+    tabu_until = np.zeros((n, f), dtype=np.int64)
+    current, best_v, best_energy = state.v.copy(), state.v.copy(), state.energy.copy()
+    active = np.arange(n)
+    step = 0
+    for _ in range(rounds):
+        sub = _State(state.gram, state.frac[active], state.free[active], current[active])
+        sub_best, sub_tabu = best_energy[active], tabu_until[active]
+        improved = np.zeros(len(active), dtype=bool)
+        rows = np.arange(len(active))
+        for _ in range(steps_per_round):
+            step += 1
+            gain = sub.gains()
+            aspiration = sub.energy[:, None] + gain < sub_best[:, None] - sub.scale[:, None]
+            gain[(sub_tabu >= step) & ~aspiration] = np.inf
+            cols = np.argmin(gain, axis=1)
+            chosen = gain[rows, cols]
+            movable = np.isfinite(chosen)
+            sub.flip(rows[movable], cols[movable], chosen[movable])
+            tenure = 1 + (rng.random(len(rows)) * max_tenure[active]).astype(np.int64)
+            sub_tabu[rows[movable], cols[movable]] = step + tenure[movable]
+            better = sub.energy < sub_best - sub.scale
+            if better.any():
+                improved |= better
+                sub_best[better] = sub.energy[better]
+                best_v[active[better]] = sub.v[better]
+        current[active], best_energy[active], tabu_until[active] = sub.v, sub_best, sub_tabu
+        active = active[improved]
+        if not len(active):
+            break
+    return best_v

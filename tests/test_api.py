@@ -1,0 +1,98 @@
+"""End to end through ``onnx_qubo.quantize``: the written model runs in onnxruntime and
+computes exactly what numpy computes with the dequantized weights read back from it."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from graphs import gemm_model, matmul_model, mlp_model
+import onnx_qubo
+from onnx_qubo.solvers import ExactSolver
+
+
+def dequantized_weights(path):
+    """{original weight name: dequantized [n, f]} read from the written file with onnx only."""
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = {}
+    for name, values in inits.items():
+        if name.endswith("_quantized"):
+            base = name[:-len("_quantized")]
+            weights[base] = values.astype(np.float64) * inits[base + "_scale"][:, None]
+    return model, weights
+
+
+def ort_run(model, feed):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)[0]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_mlp_round_trip_matches_numpy_with_dequantized_weights(tmp_path, bits):
+    model = mlp_model(widths=(8, 6, 4))
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", bits=bits, calibration={"x": x}, solver="neal")
+
+    written, weights = dequantized_weights(tmp_path / "q.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in written.graph.initializer}
+    expected_type = TensorProto.INT2 if bits <= 2 else TensorProto.INT4 if bits <= 4 else TensorProto.INT8
+    assert {i.data_type for i in written.graph.initializer if i.name.endswith("_quantized")} == {expected_type}
+    assert "W0" not in inits and "W1" not in inits
+    for name in weights:
+        q = inits[name + "_quantized"]
+        assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
+
+    hidden = np.maximum(x @ weights["W0"].T + inits["b0"], 0)
+    np.testing.assert_allclose(ort_run(written, {"x": x}), hidden @ weights["W1"].T + inits["b1"], rtol=1e-4, atol=1e-4)
+    assert [layer.name for layer in report.layers] == ["fc0", "fc1"]
+    assert all(layer.cost_solved <= layer.cost_rtn * (1 + 1e-9) for layer in report.layers)
+    assert report.evaluation.default_matches_basic
+
+
+@pytest.mark.parametrize("make", [lambda: gemm_model(trans_b=0, alpha=0.5),
+                                  lambda: matmul_model(bias=True),
+                                  lambda: matmul_model(bias=False, leading=(3,))])
+def test_other_forms_round_trip(tmp_path, make):
+    model = make()
+    x_shape = [d.dim_value or 20 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
+    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", bits=2, calibration={"x": x}, solver=ExactSolver())
+    written, weights = dequantized_weights(tmp_path / "q.onnx")
+    # the float model with the dequantized weights swapped in, in the node's own layout
+    trans_b = next((a.i for a in model.graph.node[0].attribute if a.name == "transB"), 0)
+    stored = weights["W"] if trans_b else weights["W"].T
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    next(i for i in reference.graph.initializer if i.name == "W").CopyFrom(
+        numpy_helper.from_array(stored.astype(np.float32), "W"))
+    np.testing.assert_allclose(ort_run(written, {"x": x}), ort_run(reference, {"x": x}), rtol=1e-5, atol=1e-5)
+    assert report.layers[0].cost_solved <= report.layers[0].cost_rtn * (1 + 1e-9)
+
+
+def test_calibration_data_reader_is_accepted(tmp_path):
+    model = mlp_model()
+    batches = [{"x": np.random.default_rng(i).standard_normal((8, 8)).astype(np.float32)} for i in range(4)]
+
+    class Reader:  # onnxruntime.quantization.CalibrationDataReader's interface
+        def __init__(self):
+            self.items = iter(batches)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", calibration=Reader(), solver="rtn")
+    assert report.calibration_samples == 32 and report.evaluation.samples == 32
+
+
+def test_report_json_and_labels(tmp_path):
+    model = mlp_model()
+    x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    labels = ort_run(model, {"x": x}).argmax(axis=1)
+    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", calibration={"x": x},
+                                evaluation={"x": x, "labels": labels}, solver="rtn",
+                                report_path=tmp_path / "r.json")
+    assert report.evaluation.float_accuracy == 1.0
+    assert report.evaluation.quantized_accuracy == report.evaluation.top1_agreement
+    assert '"cost_rtn"' in (tmp_path / "r.json").read_text()

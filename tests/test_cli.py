@@ -1,0 +1,155 @@
+"""The command line through click's CliRunner, including every bad-input case: one clear line,
+a non-zero exit, the input untouched and no output file left behind."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from graphs import gemm_model, mlp_model
+from onnx_qubo.cli import main
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """mlp.onnx with mlp.calib.npz beside it, as the README's demo is laid out."""
+    onnx.save(mlp_model(), tmp_path / "mlp.onnx")
+    x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    np.savez(tmp_path / "mlp.calib.npz", x=x)
+    return tmp_path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_quantize_uses_calibration_beside_the_model_and_writes_report(model_dir):
+    result = invoke(model_dir / "mlp.onnx", model_dir / "out.onnx", "--bits", "2", "--solver", "rtn",
+                    "--report", model_dir / "report.json", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "fc0" in result.output and "INT2" in result.output and "same predictions" in result.output
+    report = json.loads((model_dir / "report.json").read_text())
+    assert report["bits"] == 2 and len(report["layers"]) == 2
+    assert report["calibration"].endswith("mlp.calib.npz")
+    onnx.checker.check_model(onnx.load(model_dir / "out.onnx"), full_check=True)
+
+
+def test_explicit_quantize_subcommand_and_neal_flags(model_dir):
+    result = invoke("quantize", model_dir / "mlp.onnx", model_dir / "out.onnx", "--bits", "4", "--solver", "neal",
+                    "--neal-reads", "2", "--neal-sweeps", "100", "--scale", "minmax", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "solver=neal" in result.output and "INT4" in result.output
+
+
+def test_neal_flags_without_neal_are_refused(model_dir):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--neal-reads", "3"],
+                 "--neal-reads/--neal-sweeps apply only to --solver neal")
+
+
+def test_inspect_lists_layers_and_skipped_nodes(model_dir):
+    result = invoke("inspect", model_dir / "mlp.onnx")
+    assert result.exit_code == 0
+    assert "2 dense layer(s)" in result.output and "fc0" in result.output and "out=6" in result.output
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def expect_error(model_dir, args, message, output_name="out.onnx"):
+    before = digest(model_dir / "mlp.onnx")
+    result = invoke(*args)
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert digest(model_dir / "mlp.onnx") == before
+    assert not (model_dir / output_name).exists()
+    assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_not_an_onnx_file(model_dir):
+    (model_dir / "junk.onnx").write_bytes(b"\x00\xffnot a model")
+    expect_error(model_dir, [model_dir / "junk.onnx", model_dir / "out.onnx", "--calib", model_dir / "mlp.calib.npz"],
+                 "is not a readable ONNX model")
+
+
+def test_missing_model_file(model_dir):
+    expect_error(model_dir, [model_dir / "nope.onnx", model_dir / "out.onnx"], "does not exist")
+
+
+def test_no_dense_layers(model_dir):
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 8])])
+    onnx.save(helper.make_model(graph), model_dir / "relu.onnx")
+    expect_error(model_dir, [model_dir / "relu.onnx", model_dir / "out.onnx", "--calib", model_dir / "mlp.calib.npz"],
+                 "no quantizable dense layers")
+
+
+def test_no_calibration_data_says_how_to_provide_it(model_dir):
+    (model_dir / "mlp.calib.npz").unlink()
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx"], "--calib FILE.npz")
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"wrong": np.zeros((4, 8), np.float32), "other": np.zeros(4)}, "missing ['x']"),
+    ({"x": np.zeros((4, 7), np.float32)}, "axis 1 differs"),
+    ({"x": np.zeros((4, 8, 1), np.float32)}, "expects rank 2"),
+    ({"x": np.zeros((4, 8), np.complex64)}, "has dtype complex64"),
+    ({"x": np.full((4, 8), np.nan, np.float32)}, "contains NaN or Inf"),
+    ({"x": np.zeros((4, 8), np.float32), "labels": np.zeros(3, np.int64)}, "'labels' must hold"),
+])
+def test_bad_calibration_data(model_dir, arrays, message):
+    np.savez(model_dir / "bad.npz", **arrays)
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--calib", model_dir / "bad.npz"],
+                 message)
+
+
+def test_unnamed_single_array_is_accepted_for_a_single_input_model(model_dir):
+    np.savez(model_dir / "plain.npz", np.ones((10, 8), np.float32))
+    result = invoke(model_dir / "mlp.onnx", model_dir / "out.onnx", "--calib", model_dir / "plain.npz",
+                    "--solver", "rtn", "--quiet")
+    assert result.exit_code == 0, result.output
+
+
+def test_nan_in_weights_names_the_initializer(model_dir):
+    model = mlp_model()
+    w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[0, 0] = np.inf
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W0"))
+    onnx.save(model, model_dir / "mlp.onnx")
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx"], "weight 'W0' of layer 'fc0' holds NaN or Inf")
+
+
+@pytest.mark.parametrize("bits", ["0", "9"])
+def test_bits_out_of_range(model_dir, bits):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--bits", bits], "--bits")
+
+
+def test_output_equal_to_input_is_refused(model_dir):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "mlp.onnx"], "is the input model",
+                 output_name="never")
+
+
+def test_unwritable_output_locations(model_dir):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "no_such_dir" / "out.onnx"], "does not exist")
+    (model_dir / "a_dir").mkdir()
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "a_dir"], "is a directory")
+
+
+def test_exact_solver_on_too_wide_layer_fails_cleanly(model_dir):
+    onnx.save(gemm_model(f=30, n=3), model_dir / "wide.onnx")
+    np.savez(model_dir / "wide.calib.npz", x=np.random.default_rng(0).standard_normal((20, 30)).astype(np.float32))
+    expect_error(model_dir, [model_dir / "wide.onnx", model_dir / "out.onnx", "--solver", "exact", "--scale", "minmax"],
+                 "at most 20 free weights")
+
+
+def test_existing_output_is_replaced_only_on_success(model_dir):
+    (model_dir / "out.onnx").write_bytes(b"previous")
+    np.savez(model_dir / "bad.npz", x=np.zeros((4, 7), np.float32))
+    result = invoke(model_dir / "mlp.onnx", model_dir / "out.onnx", "--calib", model_dir / "bad.npz")
+    assert result.exit_code != 0
+    assert (model_dir / "out.onnx").read_bytes() == b"previous"
