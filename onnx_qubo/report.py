@@ -29,6 +29,7 @@ class Evaluation:
     """Float vs quantized model in onnxruntime (default session options) on evaluation data."""
 
     data: str
+    output: str  # the model output compared (argmax over its last axis)
     samples: int
     float_accuracy: float | None  # None when the data has no labels
     quantized_accuracy: float | None
@@ -81,7 +82,7 @@ class Report:
         ev = self.evaluation
         lines.append("")
         if ev.float_accuracy is not None:
-            lines.append(f"accuracy on {ev.samples} samples ({ev.data}): float {ev.float_accuracy:.2%}, "
+            lines.append(f"accuracy on {ev.samples} samples ({ev.data}, output '{ev.output}'): float {ev.float_accuracy:.2%}, "
                          f"quantized {ev.quantized_accuracy:.2%} "
                          f"({(ev.quantized_accuracy - ev.float_accuracy) * 100:+.2f} points)")
         lines.append(f"top-1 agreement with float: {ev.top1_agreement:.2%}; relative output error "

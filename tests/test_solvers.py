@@ -8,6 +8,7 @@ from onnx_qubo.grid import IntegerGrid
 from onnx_qubo.progress import Progress
 from onnx_qubo.qubo import build_problem
 from onnx_qubo.solvers import ExactSolver, FastSolver, NealSolver, RoundToNearest
+from onnx_qubo.solvers.fast import feedback_factor
 
 
 def random_problem(n=6, f=10, bits=2, clip=0.7, samples=200, seed=0):
@@ -102,3 +103,13 @@ def test_fast_in_small_memory_chunks_still_improves_on_rtn():
     rtn = problem.neuron_energies(RoundToNearest().solve(problem))
     assert (problem.neuron_energies(chunked) <= rtn * (1 + 1e-12)).all()
     assert problem.energy(chunked) < 0.9 * rtn.sum()
+
+
+def test_feedback_factor_is_the_upper_cholesky_factor_of_the_damped_inverse_gram():
+    a = np.random.default_rng(0).standard_normal((50, 30))
+    a[:, 3] = 0  # a dead input: G is singular without damping
+    gram = a.T @ a / 50
+    upper = feedback_factor(gram)
+    damped = gram + 0.01 * np.mean(np.diag(gram)) * np.eye(30)
+    np.testing.assert_allclose(upper, np.triu(upper))
+    np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(damped), atol=1e-9)

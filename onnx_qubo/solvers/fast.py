@@ -70,15 +70,17 @@ class FastSolver:
 
 
 def feedback_factor(gram: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of the damped inverse Gram (GPTQ's ``Hinv``).
+    """Upper triangular U with ``U^T U = H^-1``, H the damped Gram (GPTQ's ``Hinv``).
 
     1% of the mean diagonal is added so that dead inputs (always zero) do not make G singular.
+    With J the order reversal, ``U = J L^-1 J`` for the Cholesky factor L of ``J H J``: one
+    factorization and one triangular inverse.
     """
     f = len(gram)
     damp = 0.01 * np.mean(np.diag(gram))
     h = gram + (damp if damp > 0 else 1.0) * np.eye(f)
-    lower_inv = np.linalg.inv(np.linalg.cholesky(h))
-    return np.linalg.cholesky(lower_inv.T @ lower_inv).T
+    lower = np.linalg.cholesky(h[::-1, ::-1])
+    return np.linalg.inv(lower)[::-1, ::-1].copy()
 
 
 def sequential_start(upper: np.ndarray, frac: np.ndarray, free: np.ndarray, block: int = 128) -> np.ndarray:
@@ -129,12 +131,17 @@ class _State:
         self.r = delta @ self.gram
         self.energy = np.einsum("if,if->i", self.r, delta)
 
-    def gains(self) -> np.ndarray:
-        """Energy change of flipping each variable (+inf where the weight is not free)."""
-        d = 1.0 - 2.0 * self.v
-        gain = self.diag - 2.0 * d * self.r
-        gain[~self.free] = np.inf
+    def gains(self, rows=slice(None)) -> np.ndarray:
+        """Energy change of flipping each variable of the given neurons (+inf where not free)."""
+        d = 1.0 - 2.0 * self.v[rows]
+        gain = self.diag - 2.0 * d * self.r[rows]
+        gain[~self.free[rows]] = np.inf
         return gain
+
+    def gain_of(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Energy change of flipping variable cols[k] of neuron rows[k]."""
+        d = 1.0 - 2.0 * self.v[rows, cols]
+        return self.diag[cols] - 2.0 * d * self.r[rows, cols]
 
     def flip(self, rows: np.ndarray, cols: np.ndarray, gain: np.ndarray) -> None:
         d = 1.0 - 2.0 * self.v[rows, cols]
@@ -147,7 +154,7 @@ class _State:
         active = np.ones(len(self.v), dtype=bool)
         while active.any():
             rows = np.flatnonzero(active)
-            gain = self.gains()[rows]
+            gain = self.gains(rows)
             cols = np.argmin(gain, axis=1)
             best = gain[np.arange(len(rows)), cols]
             improving = best < -self.scale[rows]
@@ -177,7 +184,7 @@ class _State:
         sel = rows[moved]
         self.flip(sel, ja, g[idx, a][moved])
         # the second flip's gain changed with the first: recompute it on the updated state
-        self.flip(sel, jb, self.gains()[sel, jb])
+        self.flip(sel, jb, self.gain_of(sel, jb))
         return moved
 
 
@@ -203,7 +210,7 @@ def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random
         for _ in range(steps_per_round):
             step += 1
             gain = sub.gains()
-            aspiration = sub.energy[:, None] + gain < sub_best[:, None] - sub.scale[:, None]
+            aspiration = gain < (sub_best - sub.scale - sub.energy)[:, None]
             gain[(sub_tabu >= step) & ~aspiration] = np.inf
             cols = np.argmin(gain, axis=1)
             chosen = gain[rows, cols]
