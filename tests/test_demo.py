@@ -1,0 +1,41 @@
+"""The shipped demo model, quantized as the README's first command does: real MNIST data."""
+
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto
+
+import onnx_qubo
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist_mlp.onnx"
+
+
+@pytest.fixture(scope="module")
+def default_int2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "int2.onnx"
+    return onnx_qubo.quantize(MODEL, out, bits=2), out
+
+
+def test_demo_int2_weights_feed_dequantize_linear(default_int2):
+    _, out = default_int2
+    model = onnx.load(out)
+    quantized = {i.name for i in model.graph.initializer if i.data_type == TensorProto.INT2}
+    assert len(quantized) == 6  # three weights and their zero points
+    dq_inputs = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert dq_inputs == {f"fc{k}.weight_quantized" for k in (1, 2, 3)}
+    assert not [i for i in model.graph.initializer if i.name.endswith(".weight")]
+
+
+def test_demo_int2_default_configuration_is_close_to_float(default_int2):
+    report, _ = default_int2
+    ev = report.evaluation
+    assert ev.samples == 10000 and ev.default_matches_basic
+    assert ev.float_accuracy - ev.quantized_accuracy <= 0.015
+    assert all(layer.cost_solved < layer.cost_rtn for layer in report.layers)
+
+
+def test_demo_qubo_rounding_rescues_max_abs_scales(tmp_path):
+    rtn = onnx_qubo.quantize(MODEL, tmp_path / "rtn.onnx", bits=2, scale="minmax", solver="rtn")
+    fast = onnx_qubo.quantize(MODEL, tmp_path / "fast.onnx", bits=2, scale="minmax", solver="fast")
+    assert fast.evaluation.quantized_accuracy - rtn.evaluation.quantized_accuracy >= 0.30
