@@ -52,8 +52,9 @@ class LayerProblem:
         return self.rounding.frac.shape
 
     def neuron_energies(self, choice: np.ndarray) -> np.ndarray:
-        """Per-neuron cost [n] of a choice (bool [n, f]; ignored where a weight is not free)."""
-        delta = self.rounding.frac - (choice & self.rounding.free)
+        """Per-neuron cost [n] of a choice (bool [n, f]; ignored where a weight is not free),
+        computed in the Gram matrix's precision."""
+        delta = (self.rounding.frac - (choice & self.rounding.free)).astype(self.gram.dtype)
         return self.scale ** 2 * np.einsum("if,if->i", delta @ self.gram, delta)
 
     def energy(self, choice: np.ndarray) -> float:

@@ -25,6 +25,7 @@ from ..progress import Progress
 from ..qubo import LayerProblem
 
 TOLERANCE = 1e-12  # relative to the neuron's energy scale: smaller gains are noise
+MIN_TABU_STEPS = 16  # a shorter tabu round cannot climb out of a minimum: skip the stage
 
 
 class FastSolver:
@@ -32,8 +33,9 @@ class FastSolver:
 
     ``chunk_bytes`` bounds the working memory per chunk of neurons; ``pair_candidates`` is how
     many of each neuron's best single flips are paired. A tabu round lasts
-    ``tabu_work / (neurons * inputs)`` steps (clipped to 64..1024), so small problems search
-    long and wide layers stay fast; ``tabu_rounds`` caps the rounds.
+    ``tabu_work / (neurons * inputs)`` steps of a chunk (at most 1024), so small problems search
+    long and wide layers stay fast; chunks too large for 16 steps skip the tabu stage.
+    ``tabu_rounds`` caps the rounds.
     """
 
     name = "fast"
@@ -63,9 +65,10 @@ class FastSolver:
     def _solve_chunk(self, gram, upper, frac, free, rng) -> np.ndarray:
         state = _State(gram, frac, free, best_start(gram, upper, frac, free))
         state.descend(self.pair_candidates)
-        steps = int(np.clip(self.tabu_work // frac.size, 64, 1024))
-        state.reset(tabu_search(state, steps, self.tabu_rounds, rng))
-        state.descend(self.pair_candidates)
+        steps = min(1024, self.tabu_work // frac.size)
+        if steps >= MIN_TABU_STEPS:
+            state.reset(tabu_search(state, steps, self.tabu_rounds, rng))
+            state.descend(self.pair_candidates)
         return state.v
 
 
@@ -117,44 +120,50 @@ def energies(gram, frac, v) -> np.ndarray:
 
 
 class _State:
-    """Current choice v, residual r = G (u - v) and energy of a chunk of neurons."""
+    """Current choice of a chunk of neurons, as signs ``d = 1 - 2 v`` (the direction of each
+    variable's next flip), with the residual ``r = G (u - v)`` and the energies."""
 
     def __init__(self, gram, frac, free, v):
         self.gram, self.frac, self.free = gram, frac, free
         self.diag = np.diag(gram)
+        # gain = 2 (half_cost - sign * r): half_cost is +inf where the weight is fixed
+        self.half_cost = np.where(free, 0.5 * self.diag, np.inf)
         self.reset(v)
         self.scale = np.maximum(self.energy, self.diag.max(initial=0.0)) * TOLERANCE + 1e-300
 
+    @property
+    def v(self) -> np.ndarray:
+        return self.sign < 0
+
     def reset(self, v: np.ndarray) -> None:
-        self.v = v.copy()
+        self.sign = 1.0 - 2.0 * v
         delta = self.frac - v
         self.r = delta @ self.gram
         self.energy = np.einsum("if,if->i", self.r, delta)
 
     def gains(self, rows=slice(None)) -> np.ndarray:
         """Energy change of flipping each variable of the given neurons (+inf where not free)."""
-        d = 1.0 - 2.0 * self.v[rows]
-        gain = self.diag - 2.0 * d * self.r[rows]
-        gain[~self.free[rows]] = np.inf
+        gain = self.sign[rows] * self.r[rows]
+        np.subtract(self.half_cost[rows], gain, out=gain)
+        gain *= 2.0
         return gain
 
     def gain_of(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Energy change of flipping variable cols[k] of neuron rows[k]."""
-        d = 1.0 - 2.0 * self.v[rows, cols]
-        return self.diag[cols] - 2.0 * d * self.r[rows, cols]
+        return self.diag[cols] - 2.0 * self.sign[rows, cols] * self.r[rows, cols]
 
     def flip(self, rows: np.ndarray, cols: np.ndarray, gain: np.ndarray) -> None:
-        d = 1.0 - 2.0 * self.v[rows, cols]
-        self.v[rows, cols] ^= True
+        d = self.sign[rows, cols]
+        self.sign[rows, cols] = -d
         self.r[rows] -= d[:, None] * self.gram[cols]
         self.energy[rows] += gain
 
     def descend(self, pair_candidates: int) -> None:
-        """Best single flip per neuron until none improves, then pairs; repeat until stuck."""
-        active = np.ones(len(self.v), dtype=bool)
+        """Best single flip per neuron until none improves, then its best pair; until stuck."""
+        active = np.ones(len(self.sign), dtype=bool)
         while active.any():
             rows = np.flatnonzero(active)
-            gain = self.gains(rows)
+            gain = self.gains(slice(None) if active.all() else rows)
             cols = np.argmin(gain, axis=1)
             best = gain[np.arange(len(rows)), cols]
             improving = best < -self.scale[rows]
@@ -171,7 +180,7 @@ class _State:
             return np.zeros(len(rows), dtype=bool)
         cand = np.argpartition(gain, k - 1, axis=1)[:, :k]
         g = np.take_along_axis(gain, cand, axis=1)
-        d = 1.0 - 2.0 * np.take_along_axis(self.v[rows], cand, axis=1)
+        d = np.take_along_axis(self.sign[rows], cand, axis=1)
         pair = g[:, :, None] + g[:, None, :] + 2.0 * d[:, :, None] * d[:, None, :] * \
             self.gram[cand[:, :, None], cand[:, None, :]]
         pair[:, np.arange(k), np.arange(k)] = np.inf
@@ -196,7 +205,7 @@ def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random
     (k = its free variables, at most 20): random tenures break the cycles of a fixed one.
     A neuron whose best did not improve during a round stops searching.
     """
-    n, f = state.v.shape
+    n, f = state.sign.shape
     max_tenure = np.clip(state.free.sum(axis=1) // 2, 1, 20)
     tabu_until = np.zeros((n, f), dtype=np.int64)
     current, best_v, best_energy = state.v.copy(), state.v.copy(), state.energy.copy()
@@ -222,7 +231,7 @@ def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random
             if better.any():
                 improved |= better
                 sub_best[better] = sub.energy[better]
-                best_v[active[better]] = sub.v[better]
+                best_v[active[better]] = sub.sign[better] < 0
         current[active], best_energy[active], tabu_until[active] = sub.v, sub_best, sub_tabu
         active = active[improved]
         if not len(active):
