@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from . import discovery
+from .bounds import lower_bounds
 from .calibration import collect_statistics
 from .data import Dataset
 from .errors import QuboInputError
@@ -72,7 +73,8 @@ def quantize_layer(layer: DenseLayer, gram: np.ndarray, options: QuantizeOptions
         storage=onnx.TensorProto.DataType.Name(grid.storage[0]),
         free_fraction=float(problem.rounding.free.mean()),
         cost_rtn=problem.energy(RoundToNearest().solve(problem)),
-        cost_solved=problem.energy(choice), solve_seconds=seconds)
+        cost_solved=problem.energy(choice), lower_bound=float(lower_bounds(problem).sum()),
+        solve_seconds=seconds)
     return QuantizedLayer(layer, options.bits, problem.integers(choice), scale), report
 
 

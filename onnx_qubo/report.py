@@ -21,7 +21,13 @@ class LayerReport:
     free_fraction: float  # share of weights with a real down/up choice
     cost_rtn: float  # round-to-nearest on the same scales
     cost_solved: float
+    lower_bound: float  # certified: no rounding on these scales has a lower cost
     solve_seconds: float
+
+    @property
+    def gap(self) -> float:
+        """The most by which cost_solved can exceed the optimum, as a share of cost_solved."""
+        return 1.0 - self.lower_bound / self.cost_solved if self.cost_solved > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -69,14 +75,14 @@ class Report:
             f"{self.calibration_samples} samples ({self.calibration})",
             "",
             f"{'layer':<28}{'form':<22}{'shape':>12}{'type':>6}{'free':>7}"
-            f"{'cost rtn':>12}{'cost ' + self.solver:>12}{'ratio':>7}{'time':>8}",
+            f"{'cost rtn':>12}{'cost ' + self.solver:>12}{'ratio':>7}{'bound':>11}{'gap':>6}{'time':>8}",
         ]
         for layer in self.layers:
             ratio = layer.cost_solved / layer.cost_rtn if layer.cost_rtn > 0 else 1.0
             lines.append(
                 f"{layer.name:<28}{layer.form:<22}{f'{layer.n_out}x{layer.f_in}':>12}{layer.storage:>6}"
                 f"{layer.free_fraction:>7.0%}{layer.cost_rtn:>12.4g}{layer.cost_solved:>12.4g}"
-                f"{ratio:>7.3f}{layer.solve_seconds:>7.1f}s")
+                f"{ratio:>7.3f}{layer.lower_bound:>11.4g}{layer.gap:>6.0%}{layer.solve_seconds:>7.1f}s")
         for node in self.skipped:
             lines.append(f"skipped {node.op_type} '{node.name}': {node.reason}")
         ev = self.evaluation

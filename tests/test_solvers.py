@@ -8,7 +8,9 @@ from onnx_qubo.grid import IntegerGrid
 from onnx_qubo.progress import Progress
 from onnx_qubo.qubo import build_problem
 from onnx_qubo.solvers import ExactSolver, FastSolver, NealSolver, RoundToNearest
+from onnx_qubo.solvers.exact import minimize_binary_quadratic
 from onnx_qubo.solvers.fast import feedback_factor
+from oracles import brute_force_minimum
 
 
 def random_problem(n=6, f=10, bits=2, clip=0.7, samples=200, seed=0):
@@ -36,6 +38,19 @@ def test_exact_finds_the_brute_force_optimum():
     energies = problem.neuron_energies(choice)
     for i in range(4):
         assert energies[i] == pytest.approx(brute_force_energies(problem, i), rel=1e-12)
+
+
+@pytest.mark.parametrize("rank", [14, 5])  # full rank, and a singular (PSD) matrix
+def test_branch_and_bound_matches_enumeration_from_any_start(rank):
+    rng = np.random.default_rng(rank)
+    for trial in range(6):
+        x = rng.standard_normal((rank, 14))
+        quadratic = x.T @ x
+        linear = rng.standard_normal(14) * 3 - np.diag(quadratic)
+        start = rng.random(14) < 0.5
+        v = minimize_binary_quadratic(quadratic, linear, start, chunk=16)
+        value = v @ quadratic @ v + linear @ v
+        assert value == pytest.approx(brute_force_minimum(quadratic, linear), rel=1e-9, abs=1e-9)
 
 
 def test_exact_refuses_too_many_free_variables():

@@ -197,18 +197,23 @@ class _State:
         return moved
 
 
-def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random.Generator) -> np.ndarray:
-    """Batched tabu search from the state's choice; returns each neuron's best choice seen.
+def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random.Generator,
+                patience: int = 2) -> np.ndarray:
+    """Batched iterated tabu search from the state's choice; returns each neuron's best choice.
 
     Every step, each neuron flips its best variable that is not tabu (or that would beat its
-    best so far), uphill if need be. A flipped variable stays tabu for a random 1..k/2 steps
-    (k = its free variables, at most 20): random tenures break the cycles of a fixed one.
-    A neuron whose best did not improve during a round stops searching.
+    best so far), uphill if need be. A flipped variable stays tabu for a random 1..k steps
+    (k = its free variables, at most 20): long random tenures push the search out of the
+    few cheap flips it would otherwise cycle through. After a round that did not improve its
+    best, a neuron restarts from its best with a random fifth of its free variables flipped;
+    after ``patience`` such rounds in a row it stops.
     """
     n, f = state.sign.shape
-    max_tenure = np.clip(state.free.sum(axis=1) // 2, 1, 20)
+    free_count = state.free.sum(axis=1)
+    max_tenure = np.clip(free_count, 1, 20)
     tabu_until = np.zeros((n, f), dtype=np.int64)
     current, best_v, best_energy = state.v.copy(), state.v.copy(), state.energy.copy()
+    idle_rounds = np.zeros(n, dtype=np.int64)
     active = np.arange(n)
     step = 0
     for _ in range(rounds):
@@ -232,8 +237,14 @@ def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random
                 improved |= better
                 sub_best[better] = sub.energy[better]
                 best_v[active[better]] = sub.sign[better] < 0
-        current[active], best_energy[active], tabu_until[active] = sub.v, sub_best, sub_tabu
-        active = active[improved]
+        best_energy[active], tabu_until[active] = sub_best, sub_tabu
+        current[active] = sub.v
+        idle_rounds[active] = np.where(improved, 0, idle_rounds[active] + 1)
+        stalled = active[~improved]
+        kicks = state.free[stalled] & (rng.random((len(stalled), f)) < 0.2)
+        current[stalled] = best_v[stalled] ^ kicks
+        tabu_until[stalled] = 0
+        active = active[idle_rounds[active] < patience]
         if not len(active):
             break
     return best_v
