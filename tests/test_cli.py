@@ -141,10 +141,10 @@ def test_unwritable_output_locations(model_dir):
 
 
 def test_exact_solver_on_too_wide_layer_fails_cleanly(model_dir):
-    onnx.save(gemm_model(f=30, n=3), model_dir / "wide.onnx")
-    np.savez(model_dir / "wide.calib.npz", x=np.random.default_rng(0).standard_normal((20, 30)).astype(np.float32))
+    onnx.save(gemm_model(f=50, n=3), model_dir / "wide.onnx")
+    np.savez(model_dir / "wide.calib.npz", x=np.random.default_rng(0).standard_normal((20, 50)).astype(np.float32))
     expect_error(model_dir, [model_dir / "wide.onnx", model_dir / "out.onnx", "--solver", "exact", "--scale", "minmax"],
-                 "at most 20 free weights")
+                 "at most 40 free weights")
 
 
 def test_existing_output_is_replaced_only_on_success(model_dir):
