@@ -26,7 +26,8 @@ CALIB_SUFFIX, EVAL_SUFFIX = ".calib.npz", ".eval.npz"
 def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.PathLike, *,
              bits: int = 2, calibration: Any = None, evaluation: Any = None, scale: str = "mse",
              solver: str | Solver = "fast", seed: int = 0, batch_size: int = 256,
-             report_path: str | os.PathLike | None = None, progress: bool = False) -> Report:
+             report_path: str | os.PathLike | None = None, dump_qubo: str | os.PathLike | None = None,
+             load_solution: str | os.PathLike | None = None, progress: bool = False) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -35,7 +36,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     ``labels``), a dict of arrays, or an onnxruntime ``CalibrationDataReader``. When the model
     is a path, ``<stem>.calib.npz`` and ``<stem>.eval.npz`` beside it are used if not given;
     without evaluation data the calibration data is evaluated. Returns the report (also
-    written as JSON to ``report_path`` when given). Raises ``QuboInputError`` on bad input,
+    written as JSON to ``report_path`` when given). ``dump_qubo``: a directory to write each
+    layer's QUBOs to; ``load_solution``: a directory of roundings to use instead of solving
+    (format in ``onnx_qubo.exchange``). Raises ``QuboInputError`` on bad input,
     before any output is written; the input model is never modified.
     """
     started = time.perf_counter()
@@ -62,7 +65,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     evaluation = _beside(input_path, EVAL_SUFFIX) if evaluation is None else evaluation
     eval_data = calib_data if evaluation is None else load_dataset(evaluation, float_model, batch_size)
 
-    options = QuantizeOptions(bits=bits, scale=scale, solver=solver, seed=seed)
+    if load_solution is not None and not Path(load_solution).is_dir():
+        raise QuboInputError(f"--load-solution '{load_solution}' is not a directory")
+    options = QuantizeOptions(bits=bits, scale=scale, solver=solver, seed=seed,
+                              dump_dir=None if dump_qubo is None else Path(dump_qubo),
+                              solution_dir=None if load_solution is None else Path(load_solution))
     bar = Progress(enabled=progress)
     quantized, layers, skipped = quantize_model(float_model, calib_data, options, bar)
     data = quantized.SerializeToString()
@@ -70,7 +77,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
 
     report = Report(
         input_path=None if input_path is None else str(input_path), output_path=str(output_path),
-        bits=bits, scale=scale, solver=solver.name, calibration=calib_data.origin,
+        bits=bits, scale=scale, solver="loaded" if load_solution else solver.name, calibration=calib_data.origin,
         calibration_samples=calib_data.num_samples, layers=layers, skipped=skipped,
         evaluation=evaluate(float_model, quantized, eval_data, bar),
         input_bytes=float_model.ByteSize(), output_bytes=len(data),

@@ -60,9 +60,13 @@ def main():
               help="Samples per onnxruntime run.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report as JSON here.")
+@click.option("--dump-qubo", type=click.Path(file_okay=False), default=None,
+              help="Write each layer's QUBOs (npz, format in onnx_qubo/exchange.py) to this directory.")
+@click.option("--load-solution", type=click.Path(file_okay=False), default=None,
+              help="Use the roundings <layer>.solution.npy in this --dump-qubo directory instead of solving.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def quantize(input_model, output_model, bits, calib, eval_path, scale, solver, neal_reads,
-             neal_sweeps, seed, batch_size, report_path, quiet):
+             neal_sweeps, seed, batch_size, report_path, dump_qubo, load_solution, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
@@ -70,7 +74,8 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, solver, n
     try:
         report = api.quantize(input_model, output_model, bits=bits, calibration=calib,
                               evaluation=eval_path, scale=scale, solver=chosen, seed=seed,
-                              batch_size=batch_size, report_path=report_path, progress=not quiet)
+                              batch_size=batch_size, report_path=report_path, dump_qubo=dump_qubo,
+                              load_solution=load_solution, progress=not quiet)
     except QuboInputError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report.to_text())

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from . import discovery
+from . import discovery, exchange
 from .bounds import lower_bounds
 from .calibration import collect_statistics
 from .data import Dataset
@@ -34,6 +35,8 @@ class QuantizeOptions:
     scale: str = "mse"
     solver: Solver = field(default_factory=RoundToNearest)
     seed: int = 0
+    dump_dir: Path | None = None  # write each layer's QUBOs here (exchange.py's format)
+    solution_dir: Path | None = None  # take the roundings from here instead of solving
 
 
 def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: QuantizeOptions,
@@ -41,8 +44,13 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
     """Quantize every dense layer of ``model``; return the new model and what was done."""
     layers, skipped = find_layers(model)
     statistics = collect_statistics(model, layers, calibration, progress)
-    results = [quantize_layer(layer, statistics[layer.input_name].x_gram, options, progress)
-               for layer in layers]
+    stems = exchange.file_stems([layer.name for layer in layers])
+    results = [quantize_layer(layer, stem, statistics[layer.input_name].x_gram, options, progress)
+               for layer, stem in zip(layers, stems)]
+    if options.dump_dir is not None:
+        exchange.write_index(options.dump_dir, [
+            {"layer": layer.name, "file": f"{stem}.qubo.npz", "n_out": layer.shape[0],
+             "f_in": layer.shape[1], "bits": options.bits} for layer, stem in zip(layers, stems)])
     quantized = rewrite(model, [q for q, _ in results])
     return quantized, [r for _, r in results], skipped
 
@@ -59,13 +67,19 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[SkippedN
     return layers, skipped
 
 
-def quantize_layer(layer: DenseLayer, gram: np.ndarray, options: QuantizeOptions,
+def quantize_layer(layer: DenseLayer, stem: str, gram: np.ndarray, options: QuantizeOptions,
                    progress: Progress) -> tuple[QuantizedLayer, LayerReport]:
+    """Scales, QUBO, rounding and report for one layer (``stem`` names its exchange files)."""
     grid = IntegerGrid(options.bits)
     scale = choose_scales(options.scale, layer.weight, layer.gain, grid, gram)
     problem = build_problem(layer.weight, layer.gain, scale, grid, gram)
+    if options.dump_dir is not None:
+        exchange.write_problem(options.dump_dir, stem, problem)
     start = time.perf_counter()
-    choice = options.solver.solve(problem, options.seed, progress)
+    if options.solution_dir is not None:
+        choice = exchange.read_solution(options.solution_dir, layer.name, problem)
+    else:
+        choice = options.solver.solve(problem, options.seed, progress)
     seconds = time.perf_counter() - start
     n, f = layer.shape
     report = LayerReport(

@@ -1,0 +1,86 @@
+"""--dump-qubo / --load-solution: another solver can take the problems and give roundings back."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from graphs import mlp_model
+import onnx_qubo
+from onnx_qubo.cli import main
+from onnx_qubo.exchange import file_stems, read_problem
+from onnx_qubo.progress import Progress
+from onnx_qubo.solvers import ExactSolver
+
+X = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+
+
+def test_file_stems_are_safe_and_unique():
+    assert file_stems(["/fc1/Gemm", "fc1:Gemm", "a", ""]) == ["fc1_Gemm", "fc1_Gemm_1", "a", "layer"]
+
+
+def test_dumped_problems_reproduce_the_reported_costs(tmp_path):
+    model = mlp_model()
+    for node in model.graph.node:
+        node.name = "/" + node.name + "/Gemm"  # PyTorch-style names
+    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", calibration={"x": X}, solver="rtn",
+                                dump_qubo=tmp_path / "dump")
+    index = json.loads((tmp_path / "dump" / "index.json").read_text())
+    assert [e["layer"] for e in index] == ["/fc0/Gemm", "/fc1/Gemm"]
+    for entry, layer in zip(index, report.layers):
+        problem = read_problem(tmp_path / "dump" / entry["file"])
+        assert problem.shape == (entry["n_out"], entry["f_in"])
+        rtn = problem.rounding.free & (problem.rounding.frac >= 0.5)
+        assert problem.energy(rtn) == pytest.approx(layer.cost_rtn, rel=1e-9)
+        qubo = problem.neuron_qubo(0)
+        assert qubo.quadratic.shape == (len(qubo.variables),) * 2
+
+
+def test_loaded_solutions_are_used_as_given(tmp_path):
+    onnx_qubo.quantize(mlp_model(), tmp_path / "q.onnx", calibration={"x": X}, dump_qubo=tmp_path / "d")
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    expected = {}
+    for entry in index:  # an "external" solver: the exact one, on the dumped files only
+        problem = read_problem(tmp_path / "d" / entry["file"])
+        choice = ExactSolver().solve(problem, 0, Progress())
+        np.save(tmp_path / "d" / entry["file"].replace(".qubo.npz", ".solution.npy"), choice.astype(np.uint8))
+        expected[entry["layer"]] = (problem.energy(choice), problem.integers(choice))
+
+    report = onnx_qubo.quantize(mlp_model(), tmp_path / "q2.onnx", calibration={"x": X},
+                                load_solution=tmp_path / "d")
+    assert report.solver == "loaded"
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q2.onnx").graph.initializer}
+    for layer, weight in zip(report.layers, ("W0", "W1")):
+        cost, integers = expected[layer.name]
+        assert layer.cost_solved == pytest.approx(cost, rel=1e-12)
+        np.testing.assert_array_equal(inits[f"{weight}_quantized"], integers)
+
+
+def test_bad_solutions_are_refused(tmp_path):
+    model_path = tmp_path / "m.onnx"
+    onnx.save(mlp_model(), model_path)
+    np.savez(tmp_path / "m.calib.npz", x=X)
+    dump = tmp_path / "d"
+
+    def run(*args):
+        return CliRunner().invoke(main, [str(model_path), str(tmp_path / "o.onnx"), *map(str, args)])
+
+    assert run("--dump-qubo", dump, "--quiet").exit_code == 0
+    (tmp_path / "o.onnx").unlink()
+
+    result = run("--load-solution", dump)
+    assert result.exit_code == 1 and "no solution file" in result.output
+
+    np.save(dump / "fc0.solution.npy", np.zeros((3, 3)))
+    np.save(dump / "fc1.solution.npy", np.zeros((4, 6)))
+    result = run("--load-solution", dump)
+    assert result.exit_code == 1 and "must be a (6, 8) array of 0/1" in result.output
+
+    np.save(dump / "fc0.solution.npy", np.zeros((6, 8)))
+    result = run("--load-solution", dump, "--bits", "4")
+    assert result.exit_code == 1 and "dumped with other scales" in result.output
+    assert not (tmp_path / "o.onnx").exists()
+    assert run("--load-solution", dump, "--quiet").exit_code == 0
