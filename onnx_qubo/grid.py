@@ -37,6 +37,10 @@ class IntegerGrid:
             return TensorProto.INT4, 21
         return TensorProto.INT8, 13
 
+    def round_nearest(self, scaled: np.ndarray) -> np.ndarray:
+        """Nearest grid integer (halves round up, like the rtn solver), clamped to the grid."""
+        return np.clip(np.floor(scaled + 0.5), self.qmin, self.qmax)
+
     def max_abs_scale(self, weight: np.ndarray) -> np.ndarray:
         """Per-row scale mapping the row's largest magnitude onto the grid's positive end.
 

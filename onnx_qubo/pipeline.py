@@ -71,7 +71,7 @@ def quantize_layer(layer: DenseLayer, stem: str, gram: np.ndarray, options: Quan
                    progress: Progress) -> tuple[QuantizedLayer, LayerReport]:
     """Scales, QUBO, rounding and report for one layer (``stem`` names its exchange files)."""
     grid = IntegerGrid(options.bits)
-    scale = choose_scales(options.scale, layer.weight, layer.gain, grid, gram)
+    scale = choose_scales(options.scale, layer.weight, grid, gram)
     problem = build_problem(layer.weight, layer.gain, scale, grid, gram)
     if options.dump_dir is not None:
         exchange.write_problem(options.dump_dir, stem, problem)

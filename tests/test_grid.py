@@ -33,3 +33,16 @@ def test_split_rounding_clamps_weights_whose_choice_leaves_the_grid():
     np.testing.assert_array_equal(r.free, [[False, False, True, True, True, False, False, False]])
     np.testing.assert_allclose(r.base + r.frac, w)  # the residual of clamped weights is kept
     assert (r.base + r.free <= grid.qmax).all() and (r.base >= grid.qmin).all()
+
+
+def test_round_nearest_is_what_the_rtn_solver_chooses():
+    from onnx_qubo.qubo import build_problem
+    from onnx_qubo.solvers import RoundToNearest
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 40)) * 2
+    grid = IntegerGrid(3)
+    scale = grid.max_abs_scale(w) * 0.5
+    problem = build_problem(w, 1.0, scale, grid, np.eye(40))
+    np.testing.assert_array_equal(problem.integers(RoundToNearest().solve(problem)),
+                                  grid.round_nearest(w / scale[:, None]))

@@ -19,6 +19,9 @@ For ``r = G (u - v)``, flipping v_j by d = 1 - 2 v_j changes E by ``G_jj - 2 d r
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from ..progress import Progress
@@ -26,50 +29,62 @@ from ..qubo import LayerProblem
 
 TOLERANCE = 1e-12  # relative to the neuron's energy scale: smaller gains are noise
 MIN_TABU_STEPS = 16  # a shorter tabu round cannot climb out of a minimum: skip the stage
+MIN_ROWS_PER_WORKER = 32  # below this, a thread's overhead outweighs its share of the work
 
 
 class FastSolver:
     """Batched start + descent + tabu; deterministic for a given ``seed`` (tabu tenures).
 
-    ``chunk_bytes`` bounds the working memory per chunk of neurons; ``pair_candidates`` is how
-    many of each neuron's best single flips are paired. A tabu round lasts
-    ``tabu_work / (neurons * inputs)`` steps of a chunk (at most 1024), so small problems search
-    long and wide layers stay fast; chunks too large for 16 steps skip the tabu stage.
+    Neurons are solved in chunks (at most ``chunk_bytes`` of working memory each, and at least
+    one chunk per worker thread once there are ``MIN_ROWS_PER_WORKER`` neurons per worker), in
+    parallel threads: numpy releases the GIL in its array loops, so the element-wise work of
+    the descent and the tabu search uses every core, not only the BLAS calls. Chunk k draws
+    its random numbers from ``default_rng([seed, k])``, so results do not depend on timing.
+    ``pair_candidates`` is how many of each neuron's best single flips are paired. A tabu round
+    lasts ``tabu_work / (neurons * inputs)`` steps (at most 1024), so small layers search long
+    and wide ones stay fast; a layer too wide for 16 steps skips the tabu stage.
     ``tabu_rounds`` caps the rounds.
     """
 
     name = "fast"
 
     def __init__(self, chunk_bytes: int = 256 << 20, pair_candidates: int = 48,
-                 tabu_work: int = 1 << 24, tabu_rounds: int = 8):
+                 tabu_work: int = 1 << 23, tabu_rounds: int = 8, workers: int | None = None):
         self.chunk_bytes = chunk_bytes
         self.pair_candidates = pair_candidates
         self.tabu_work = tabu_work
         self.tabu_rounds = tabu_rounds
+        self.workers = workers or os.cpu_count() or 1
 
     def solve(self, problem: LayerProblem, seed: int = 0, progress: Progress = Progress()) -> np.ndarray:
         n, f = problem.shape
         gram = problem.gram
         upper = feedback_factor(gram)
-        rows_per_chunk = max(1, int(self.chunk_bytes // (8 * f * 8)))
+        tabu_steps = min(1024, self.tabu_work // (n * f))
+        chunks = self._chunks(n, f)
         choice = np.zeros((n, f), dtype=bool)
-        rng = np.random.default_rng(seed)
-        with progress.bar(n, "fast") as bar:
-            for start in range(0, n, rows_per_chunk):
-                rows = slice(start, min(start + rows_per_chunk, n))
-                choice[rows] = self._solve_chunk(gram, upper, problem.rounding.frac[rows],
-                                                 problem.rounding.free[rows], rng)
-                bar.update(rows.stop - rows.start)
+
+        def solve_chunk(k: int) -> None:
+            rows = chunks[k]
+            state = _State(gram, problem.rounding.frac[rows], problem.rounding.free[rows],
+                           best_start(gram, upper, problem.rounding.frac[rows], problem.rounding.free[rows]))
+            state.descend(self.pair_candidates)
+            if tabu_steps >= MIN_TABU_STEPS:
+                rng = np.random.default_rng([seed, k])
+                state.reset(tabu_search(state, tabu_steps, self.tabu_rounds, rng))
+                state.descend(self.pair_candidates)
+            choice[rows] = state.v
+
+        with progress.bar(n, "fast") as bar, ThreadPoolExecutor(self.workers) as pool:
+            for k, _ in enumerate(pool.map(solve_chunk, range(len(chunks)))):
+                bar.update(chunks[k].stop - chunks[k].start)
         return choice
 
-    def _solve_chunk(self, gram, upper, frac, free, rng) -> np.ndarray:
-        state = _State(gram, frac, free, best_start(gram, upper, frac, free))
-        state.descend(self.pair_candidates)
-        steps = min(1024, self.tabu_work // frac.size)
-        if steps >= MIN_TABU_STEPS:
-            state.reset(tabu_search(state, steps, self.tabu_rounds, rng))
-            state.descend(self.pair_candidates)
-        return state.v
+    def _chunks(self, n: int, f: int) -> list[slice]:
+        by_memory = max(1, int(self.chunk_bytes // (8 * f * 8)))
+        by_workers = max(MIN_ROWS_PER_WORKER, -(-n // self.workers))
+        size = min(by_memory, by_workers)
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def feedback_factor(gram: np.ndarray) -> np.ndarray:
@@ -155,7 +170,12 @@ class _State:
     def flip(self, rows: np.ndarray, cols: np.ndarray, gain: np.ndarray) -> None:
         d = self.sign[rows, cols]
         self.sign[rows, cols] = -d
-        self.r[rows] -= d[:, None] * self.gram[cols]
+        update = self.gram[cols]
+        update *= d[:, None]
+        if len(rows) == len(self.r):  # every neuron moves (rows is then 0..n-1): no gather
+            self.r -= update
+        else:
+            self.r[rows] -= update
         self.energy[rows] += gain
 
     def descend(self, pair_candidates: int) -> None:
