@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import onnx
 
@@ -13,12 +13,14 @@ from .data import load_dataset
 from .errors import QuboInputError
 from .files import check_output_path, load_model, write_atomically
 from .grid import MAX_BITS, MIN_BITS
-from .pipeline import QuantizeOptions, quantize_model
+from .compare import Comparison
+from .compare import compare as run_comparison
+from .pipeline import QuantizeOptions, calibrate, quantize_model
 from .progress import Progress
 from .report import Report
 from .scales import SCALE_METHODS
 from .solvers import SOLVERS, Solver
-from .verify import evaluate
+from .verify import evaluate, reference_scores
 
 CALIB_SUFFIX, EVAL_SUFFIX = ".calib.npz", ".eval.npz"
 
@@ -42,28 +44,14 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     before any output is written; the input model is never modified.
     """
     started = time.perf_counter()
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise QuboInputError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
-    if scale not in SCALE_METHODS:
-        raise QuboInputError(f"scale must be one of {', '.join(SCALE_METHODS)}, got '{scale}'")
-    if isinstance(solver, str):
-        if solver not in SOLVERS:
-            raise QuboInputError(f"solver must be one of {', '.join(SOLVERS)}, got '{solver}'")
-        solver = SOLVERS[solver]()
+    _check_bits(bits)
+    _check_scale(scale)
+    solver = _solver(solver)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     output_path = check_output_path(output_path, input_path, "output")
     if report_path is not None:
         report_path = check_output_path(report_path, input_path, "report")
-    float_model = model if input_path is None else load_model(input_path)
-
-    calibration = _beside(input_path, CALIB_SUFFIX) if calibration is None else calibration
-    if calibration is None:
-        where = f" or put '{input_path.stem}{CALIB_SUFFIX}' beside the model" if input_path else ""
-        raise QuboInputError("no calibration data: pass --calib FILE.npz (arrays keyed by the "
-                             f"model's input names){where}")
-    calib_data = load_dataset(calibration, float_model, batch_size)
-    evaluation = _beside(input_path, EVAL_SUFFIX) if evaluation is None else evaluation
-    eval_data = calib_data if evaluation is None else load_dataset(evaluation, float_model, batch_size)
+    float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
 
     if load_solution is not None and not Path(load_solution).is_dir():
         raise QuboInputError(f"--load-solution '{load_solution}' is not a directory")
@@ -79,12 +67,67 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         input_path=None if input_path is None else str(input_path), output_path=str(output_path),
         bits=bits, scale=scale, solver="loaded" if load_solution else solver.name, calibration=calib_data.origin,
         calibration_samples=calib_data.num_samples, layers=layers, skipped=skipped,
-        evaluation=evaluate(float_model, quantized, eval_data, bar),
+        evaluation=evaluate(reference_scores(float_model, eval_data, bar), quantized, bar),
         input_bytes=float_model.ByteSize(), output_bytes=len(data),
         seconds=time.perf_counter() - started)
     if report_path is not None:
         write_atomically(report_path, report.to_json().encode())
     return report
+
+
+def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = None,
+            evaluation: Any = None, bits: Sequence[int] = (8, 4, 3, 2, 1),
+            scales: Sequence[str] = ("minmax", "mse"), solvers: Sequence[str | Solver] = ("rtn", "fast"),
+            samples: int = 0, seed: int = 0, batch_size: int = 256, progress: bool = False) -> Comparison:
+    """Quantize ``model`` for every bit width x scale x solver and evaluate each in onnxruntime
+    (nothing is written). ``samples`` > 0 adds the cost-accuracy study: that many random
+    roundings around the best QUBO solution per bit width. Data as for ``quantize``."""
+    for b in bits:
+        _check_bits(b)
+    for scale in scales:
+        _check_scale(scale)
+    chosen = [_solver(s) for s in solvers]
+    if samples < 0:
+        raise QuboInputError(f"samples must be 0 or more, got {samples}")
+    input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
+    bar = Progress(enabled=progress)
+    calibrated = calibrate(float_model, calib_data, bar)
+    reference = reference_scores(float_model, eval_data, bar)
+    name = input_path.name if input_path else float_model.graph.name
+    return run_comparison(calibrated, reference, list(bits), list(scales), chosen, samples, seed, bar, name)
+
+
+def _check_bits(bits: int) -> None:
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise QuboInputError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+
+
+def _check_scale(scale: str) -> None:
+    if scale not in SCALE_METHODS:
+        raise QuboInputError(f"scale must be one of {', '.join(SCALE_METHODS)}, got '{scale}'")
+
+
+def _solver(solver: str | Solver) -> Solver:
+    if not isinstance(solver, str):
+        return solver
+    if solver not in SOLVERS:
+        raise QuboInputError(f"solver must be one of {', '.join(SOLVERS)}, got '{solver}'")
+    return SOLVERS[solver]()
+
+
+def _load_inputs(model, input_path: Path | None, calibration, evaluation, batch_size):
+    """The float model, calibration data, and evaluation data (the calibration data if none)."""
+    float_model = model if input_path is None else load_model(input_path)
+    calibration = _beside(input_path, CALIB_SUFFIX) if calibration is None else calibration
+    if calibration is None:
+        where = f" or put '{input_path.stem}{CALIB_SUFFIX}' beside the model" if input_path else ""
+        raise QuboInputError("no calibration data: pass --calib FILE.npz (arrays keyed by the "
+                             f"model's input names){where}")
+    calib_data = load_dataset(calibration, float_model, batch_size)
+    evaluation = _beside(input_path, EVAL_SUFFIX) if evaluation is None else evaluation
+    eval_data = calib_data if evaluation is None else load_dataset(evaluation, float_model, batch_size)
+    return float_model, calib_data, eval_data
 
 
 def _beside(model_path: Path | None, suffix: str) -> Path | None:

@@ -6,13 +6,14 @@ Only parses flags, calls the Python API and prints; the work lives in api.py and
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from . import api
 from .discovery import find_dense_layers
 from .errors import QuboInputError
-from .files import load_model
+from .files import check_output_path, load_model, write_atomically
 from .grid import MAX_BITS, MIN_BITS
 from .scales import SCALE_METHODS
 from .solvers import SOLVERS, NealSolver
@@ -34,6 +35,7 @@ def main():
 
     \b
     onnx-qubo model.onnx out.onnx --bits 2      (same as: onnx-qubo quantize ...)
+    onnx-qubo compare model.onnx --samples 30   (bit widths x scales x solvers)
     onnx-qubo inspect model.onnx
     """
 
@@ -79,6 +81,71 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, solver, n
     except QuboInputError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report.to_text())
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
+
+
+def _name_list(choices):
+    def parse(ctx, param, value: str) -> list[str]:
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise click.BadParameter(f"choose from {', '.join(choices)} (comma-separated), got '{value}'")
+        return names
+    return parse
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help="Calibration .npz [default: <model stem>.calib.npz beside it].")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False), default=None,
+              help="Evaluation .npz with optional 'labels' [default: <model stem>.eval.npz, else calibration].")
+@click.option("--bits", "bits_list", default="8,4,3,2,1", show_default=True, callback=_int_list,
+              help="Bit widths, comma-separated.")
+@click.option("--scales", default="minmax,mse", show_default=True, callback=_name_list(SCALE_METHODS),
+              help="Scale methods, comma-separated.")
+@click.option("--solvers", default="rtn,fast", show_default=True, callback=_name_list(list(SOLVERS)),
+              help="Solvers, comma-separated (rtn is round-to-nearest).")
+@click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Cost-accuracy study: random roundings around the solution per bit width.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the table as Markdown.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
+              help="Write PNG plots here (needs the 'plot' extra: matplotlib).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compare(model, calib, eval_path, bits_list, scales, solvers, samples, json_path, markdown_path,
+            plots_dir, seed, batch_size, quiet):
+    """Quantize MODEL at several bit widths, scales and solvers; print a comparison table."""
+    try:
+        for flag, path in (("--json", json_path), ("--markdown", markdown_path)):
+            if path is not None:
+                check_output_path(path, model, flag)
+        if plots_dir is not None:
+            from .plots import require_matplotlib
+            require_matplotlib()
+        result = api.compare(model, calibration=calib, evaluation=eval_path, bits=bits_list, scales=scales,
+                             solvers=solvers, samples=samples, seed=seed, batch_size=batch_size,
+                             progress=not quiet)
+        if json_path is not None:
+            write_atomically(Path(json_path), result.to_json().encode())
+        if markdown_path is not None:
+            write_atomically(Path(markdown_path), (result.to_markdown() + "\n").encode())
+        if plots_dir is not None:
+            from .plots import write_plots
+            for path in write_plots(result, Path(plots_dir)):
+                click.echo(f"wrote {path}", err=True)
+    except QuboInputError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(result.to_markdown())
 
 
 @main.command()

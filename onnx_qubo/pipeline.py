@@ -1,8 +1,8 @@
 """The data flow of DESIGN.md section 3, one stage per line.
 
-    model --find_dense_layers--> layers --collect_statistics--> Gram matrices
-          --choose_scales / build_problem / solver.solve--> integer weights
-          --passes (raise opset, insert DequantizeLinear, check)--> quantized model
+    model --calibrate (find_dense_layers, collect_statistics)--> layers + Gram matrices
+          --solve_layers (choose_scales, build_problem, solver.solve)--> integer weights
+          --rewrite (raise opset, insert DequantizeLinear, check)--> quantized model
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -22,7 +23,7 @@ from .errors import QuboInputError
 from .grid import IntegerGrid
 from .passes import CheckModel, InsertDequantize, QuantizedWeight, RaiseOpset, run_passes
 from .progress import Progress
-from .qubo import build_problem
+from .qubo import LayerProblem, build_problem
 from .report import LayerReport
 from .scales import choose_scales
 from .solvers import RoundToNearest, Solver
@@ -39,20 +40,62 @@ class QuantizeOptions:
     solution_dir: Path | None = None  # take the roundings from here instead of solving
 
 
+@dataclass(frozen=True, eq=False)
+class Calibrated:
+    """A float model's dense layers and the Gram matrices of their inputs: gathered once,
+    reusable for any number of quantization settings (``onnx-qubo compare``)."""
+
+    model: onnx.ModelProto
+    layers: list[DenseLayer]
+    skipped: list[SkippedNode]
+    grams: dict[str, np.ndarray]  # layer input tensor -> E[x x^T]
+    samples: int
+
+
+@dataclass(frozen=True, eq=False)
+class SolvedLayer:
+    """One layer's scales, QUBO, chosen rounding and report."""
+
+    layer: DenseLayer
+    scale: np.ndarray
+    problem: LayerProblem
+    choice: np.ndarray
+    report: LayerReport
+
+    def quantized(self, choice: np.ndarray | None = None) -> QuantizedLayer:
+        """The integer weights of this rounding (or of another ``choice`` on the same problem)."""
+        integers = self.problem.integers(self.choice if choice is None else choice)
+        return QuantizedLayer(self.layer, self.report.bits, integers, self.scale)
+
+
 def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: QuantizeOptions,
                    progress: Progress) -> tuple[onnx.ModelProto, list[LayerReport], list[SkippedNode]]:
     """Quantize every dense layer of ``model``; return the new model and what was done."""
+    calibrated = calibrate(model, calibration, progress)
+    quantized, reports = [], []
+    for solved in solve_layers(calibrated, options, progress):
+        quantized.append(solved.quantized())
+        reports.append(solved.report)
+    return rewrite(model, quantized), reports, calibrated.skipped
+
+
+def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress) -> Calibrated:
     layers, skipped = find_layers(model)
     statistics = collect_statistics(model, layers, calibration, progress)
+    grams = {name: stats.x_gram for name, stats in statistics.items()}
+    return Calibrated(model, layers, skipped, grams, calibration.num_samples)
+
+
+def solve_layers(calibrated: Calibrated, options: QuantizeOptions, progress: Progress) -> Iterator[SolvedLayer]:
+    """Solve the layers one at a time (a caller that keeps only the integers frees each QUBO)."""
+    layers = calibrated.layers
     stems = exchange.file_stems([layer.name for layer in layers])
-    results = [quantize_layer(layer, stem, statistics[layer.input_name].x_gram, options, progress)
-               for layer, stem in zip(layers, stems)]
+    for layer, stem in zip(layers, stems):
+        yield solve_layer(layer, stem, calibrated.grams[layer.input_name], options, progress)
     if options.dump_dir is not None:
         exchange.write_index(options.dump_dir, [
             {"layer": layer.name, "file": f"{stem}.qubo.npz", "n_out": layer.shape[0],
              "f_in": layer.shape[1], "bits": options.bits} for layer, stem in zip(layers, stems)])
-    quantized = rewrite(model, [q for q, _ in results])
-    return quantized, [r for _, r in results], skipped
 
 
 def find_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[SkippedNode]]:
@@ -67,8 +110,8 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[SkippedN
     return layers, skipped
 
 
-def quantize_layer(layer: DenseLayer, stem: str, gram: np.ndarray, options: QuantizeOptions,
-                   progress: Progress) -> tuple[QuantizedLayer, LayerReport]:
+def solve_layer(layer: DenseLayer, stem: str, gram: np.ndarray, options: QuantizeOptions,
+                progress: Progress) -> SolvedLayer:
     """Scales, QUBO, rounding and report for one layer (``stem`` names its exchange files)."""
     grid = IntegerGrid(options.bits)
     scale = choose_scales(options.scale, layer.weight, grid, gram)
@@ -89,7 +132,7 @@ def quantize_layer(layer: DenseLayer, stem: str, gram: np.ndarray, options: Quan
         cost_rtn=problem.energy(RoundToNearest().solve(problem)),
         cost_solved=problem.energy(choice), lower_bound=float(lower_bounds(problem).sum()),
         solve_seconds=seconds)
-    return QuantizedLayer(layer, options.bits, problem.integers(choice), scale), report
+    return SolvedLayer(layer, scale, problem, choice, report)
 
 
 def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer]) -> onnx.ModelProto:

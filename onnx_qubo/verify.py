@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
@@ -23,27 +25,45 @@ def scores_output(model: onnx.ModelProto) -> str:
     return model.graph.output[0].name
 
 
-def evaluate(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, dataset: Dataset,
-             progress: Progress) -> Evaluation:
-    """Accuracy (with labels), top-1 agreement and output error of the quantized model, run
-    with onnxruntime's default session options, plus a check that its basic level agrees."""
-    sessions = [make_session(float_model, DEFAULT, "the float model"),
-                make_session(quantized_model, DEFAULT, "the quantized model"),
-                make_session(quantized_model, BASIC, "the quantized model")]
-    name = scores_output(float_model)
-    outputs: list[list[np.ndarray]] = [[], [], []]
-    with progress.bar(len(dataset.batches), "evaluating") as bar:
-        for batch in dataset.batches:
-            for session, collected in zip(sessions, outputs):
-                collected.append(session.run([name], batch)[0])
-            bar.update(1)
-    y_float, y_quant, y_basic = (np.concatenate(o).astype(np.float64) for o in outputs)
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """The float model's scores on the evaluation data, computed once per run."""
 
+    dataset: Dataset
+    output: str
+    scores: np.ndarray  # float64, first axis = samples
+
+
+def reference_scores(float_model: onnx.ModelProto, dataset: Dataset, progress: Progress) -> Reference:
+    name = scores_output(float_model)
+    return Reference(dataset, name, run_scores(float_model, DEFAULT, dataset, name, progress, "float model"))
+
+
+def run_scores(model, level, dataset: Dataset, name: str, progress: Progress, what: str) -> np.ndarray:
+    session = make_session(model, level, f"the {what}")
+    with progress.bar(len(dataset.batches), f"running the {what}") as bar:
+        outputs = []
+        for batch in dataset.batches:
+            outputs.append(session.run([name], batch)[0])
+            bar.update(1)
+    return np.concatenate(outputs).astype(np.float64)
+
+
+def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: Progress,
+             check_basic: bool = True) -> Evaluation:
+    """Accuracy (with labels), top-1 agreement and output error of the quantized model, run
+    with onnxruntime's default session options, plus (``check_basic``) whether its basic
+    optimization level gives the same predictions."""
+    data, name = reference.dataset, reference.output
+    y_float = reference.scores
+    y_quant = run_scores(quantized_model, DEFAULT, data, name, progress, "quantized model")
+    y_basic = run_scores(quantized_model, BASIC, data, name, progress, "quantized model (basic)") \
+        if check_basic else y_quant
     pred_float, pred_quant = y_float.argmax(axis=-1), y_quant.argmax(axis=-1)
-    labels = dataset.labels
+    labels = data.labels
     has_labels = labels is not None and pred_float.shape == labels.shape
     return Evaluation(
-        data=dataset.origin,
+        data=data.origin,
         output=name,
         samples=len(y_float),
         float_accuracy=float((pred_float == labels).mean()) if has_labels else None,
