@@ -30,6 +30,7 @@ from ..qubo import LayerProblem
 TOLERANCE = 1e-12  # relative to the neuron's energy scale: smaller gains are noise
 MIN_TABU_STEPS = 16  # a shorter tabu round cannot climb out of a minimum: skip the stage
 MIN_ROWS_PER_WORKER = 32  # below this, a thread's overhead outweighs its share of the work
+REPLICA_ELEMENTS, MAX_REPLICAS = 1 << 14, 8  # layers under 2^14 weights are searched in replicas
 
 
 class FastSolver:
@@ -43,42 +44,52 @@ class FastSolver:
     ``pair_candidates`` is how many of each neuron's best single flips are paired. A tabu round
     lasts ``tabu_work / (neurons * inputs)`` steps (at most 1024), so small layers search long
     and wide ones stay fast; a layer too wide for 16 steps skips the tabu stage.
-    ``tabu_rounds`` caps the rounds.
+    ``tabu_rounds`` caps the rounds, ``tabu_patience`` is how many rounds in a row without
+    improvement end a neuron's search.
     """
 
     name = "fast"
 
     def __init__(self, chunk_bytes: int = 256 << 20, pair_candidates: int = 48,
-                 tabu_work: int = 1 << 23, tabu_rounds: int = 8, workers: int | None = None):
+                 tabu_work: int = 1 << 22, tabu_rounds: int = 4, tabu_patience: int = 2,
+                 workers: int | None = None):
         self.chunk_bytes = chunk_bytes
         self.pair_candidates = pair_candidates
         self.tabu_work = tabu_work
         self.tabu_rounds = tabu_rounds
+        self.tabu_patience = tabu_patience
         self.workers = workers or os.cpu_count() or 1
 
     def solve(self, problem: LayerProblem, seed: int = 0, progress: Progress = Progress()) -> np.ndarray:
         n, f = problem.shape
         gram = problem.gram
         upper = feedback_factor(gram)
-        tabu_steps = min(1024, self.tabu_work // (n * f))
-        chunks = self._chunks(n, f)
-        choice = np.zeros((n, f), dtype=bool)
+        # Small layers cost numpy's per-call overhead, not arithmetic: search each neuron from
+        # several replicas at once (their random tenures and kicks differ), keep the best.
+        replicas = int(np.clip(REPLICA_ELEMENTS // (n * f), 1, MAX_REPLICAS))
+        tabu_steps = min(1024, self.tabu_work // (n * replicas * f))
+        frac = np.repeat(problem.rounding.frac, replicas, axis=0)
+        free = np.repeat(problem.rounding.free, replicas, axis=0)
+        chunks = self._chunks(n * replicas, f)
+        choice = np.zeros((n * replicas, f), dtype=bool)
 
         def solve_chunk(k: int) -> None:
             rows = chunks[k]
-            state = _State(gram, problem.rounding.frac[rows], problem.rounding.free[rows],
-                           best_start(gram, upper, problem.rounding.frac[rows], problem.rounding.free[rows]))
+            state = _State(gram, frac[rows], free[rows], best_start(gram, upper, frac[rows], free[rows]))
             state.descend(self.pair_candidates)
             if tabu_steps >= MIN_TABU_STEPS:
                 rng = np.random.default_rng([seed, k])
-                state.reset(tabu_search(state, tabu_steps, self.tabu_rounds, rng))
+                state.reset(tabu_search(state, tabu_steps, self.tabu_rounds, rng, self.tabu_patience))
                 state.descend(self.pair_candidates)
             choice[rows] = state.v
 
         with progress.bar(n, "fast") as bar, ThreadPoolExecutor(self.workers) as pool:
             for k, _ in enumerate(pool.map(solve_chunk, range(len(chunks)))):
-                bar.update(chunks[k].stop - chunks[k].start)
-        return choice
+                bar.update((chunks[k].stop - chunks[k].start) // replicas)
+        if replicas == 1:
+            return choice
+        best = energies(gram, frac, choice).reshape(n, replicas).argmin(axis=1)
+        return choice.reshape(n, replicas, f)[np.arange(n), best]
 
     def _chunks(self, n: int, f: int) -> list[slice]:
         by_memory = max(1, int(self.chunk_bytes // (8 * f * 8)))
