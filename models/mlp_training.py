@@ -36,8 +36,9 @@ def forward(params, x):
     raise AssertionError("unreachable")
 
 
-def train(x, y, widths, epochs: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Adam on softmax cross-entropy, mini-batches of 128; x float [N, widths[0]]."""
+def train(x, y, widths, epochs: int, seed: int, lr_decay: float = 0.7) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Adam on softmax cross-entropy, mini-batches of 128, learning rate 1e-3 multiplied by
+    ``lr_decay`` after each epoch; x float [N, widths[0]]."""
     rng = np.random.default_rng(seed)
     params = init_params(widths, rng)
     flat = [p for pair in params for p in pair]
@@ -66,7 +67,7 @@ def train(x, y, widths, epochs: int, seed: int) -> list[tuple[np.ndarray, np.nda
                 mhat = m[i] / (1 - beta1 ** step)
                 vhat = v[i] / (1 - beta2 ** step)
                 flat[i] -= lr * mhat / (np.sqrt(vhat) + eps)
-        lr *= 0.7
+        lr *= lr_decay
         print(f"epoch {epoch + 1}/{epochs} done")
     return params
 

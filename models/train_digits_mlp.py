@@ -32,7 +32,7 @@ def main() -> None:
     order = np.random.default_rng(args.seed).permutation(len(images))
     test, trainval = order[:360], order[360:]
     x = images[trainval].reshape(-1, 64).astype(np.float32) / 16.0
-    params = train(x, labels[trainval], (64, 64, 32, 10), args.epochs, args.seed)
+    params = train(x, labels[trainval], (64, 64, 32, 10), args.epochs, args.seed, lr_decay=0.97)
     accuracy = save_model_and_data(to_onnx(params, "digits_mlp", (8, 8), 16.0), HERE, "digits_mlp",
                                    images[trainval[:300]], images[test], labels[test])
     print(f"float accuracy on the 360 held-out digits (onnxruntime): {accuracy:.4f}")

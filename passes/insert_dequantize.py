@@ -51,12 +51,11 @@ class InsertDequantize:
             index = _only_reader(graph, weight.name)
             q, scale, zero_point, deq = (names.fresh(f"{weight.name}_{suffix}") for suffix in
                                          ("quantized", "scale", "zero_point", "dequantized"))
-            n = len(weight.integers)
-            graph.initializer.extend([
-                helper.make_tensor(q, weight.storage_type, list(weight.integers.shape),
-                                   weight.integers.astype(np.int64).ravel().tolist()),
+            storage = helper.tensor_dtype_to_np_dtype(weight.storage_type)  # ml_dtypes int2/int4
+            graph.initializer.extend([  # from_array packs sub-byte types into raw_data
+                numpy_helper.from_array(weight.integers.astype(storage), q),
                 numpy_helper.from_array(weight.scale.astype(np.float32), scale),
-                helper.make_tensor(zero_point, weight.storage_type, [n], [0] * n),
+                numpy_helper.from_array(np.zeros(len(weight.integers), storage), zero_point),
             ])
             dq = helper.make_node("DequantizeLinear", [q, scale, zero_point], [deq], axis=0,
                                   name=names.fresh(f"{weight.name}_DequantizeLinear"))

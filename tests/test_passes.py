@@ -74,6 +74,7 @@ def test_every_emitted_form_is_exact_at_default_and_basic_levels(form, bits):
     inits = {i.name: i for i in quantized.graph.initializer}
     assert "W" not in inits
     assert inits["W_quantized"].data_type == STORAGE[bits][0]
+    assert len(inits["W_quantized"].raw_data) == -(-30 * bits // 8)  # packed: bits per weight
     assert default_opset(quantized) == max(17, STORAGE[bits][1])  # raised, never lowered
     dq = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 1 and helper.get_attribute_value(dq[0].attribute[0]) == 0  # axis=0
