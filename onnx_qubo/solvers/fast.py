@@ -31,6 +31,7 @@ TOLERANCE = 1e-12  # relative to the neuron's energy scale: smaller gains are no
 MIN_TABU_STEPS = 16  # a shorter tabu round cannot climb out of a minimum: skip the stage
 MIN_ROWS_PER_WORKER = 32  # below this, a thread's overhead outweighs its share of the work
 REPLICA_ELEMENTS, MAX_REPLICAS = 1 << 14, 8  # layers under 2^14 weights are searched in replicas
+KICK_FLIPS = 8  # a restart flips a fifth of a neuron's free weights, but about 8 at most
 
 
 class FastSolver:
@@ -236,7 +237,8 @@ def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random
     best so far), uphill if need be. A flipped variable stays tabu for a random 1..k steps
     (k = its free variables, at most 20): long random tenures push the search out of the
     few cheap flips it would otherwise cycle through. After a round that did not improve its
-    best, a neuron restarts from its best with a random fifth of its free variables flipped;
+    best, a neuron restarts from its best with a random fifth of its free variables flipped
+    (about ``KICK_FLIPS`` at most: on wide neurons a larger kick only undoes the descent);
     after ``patience`` such rounds in a row it stops.
     """
     n, f = state.sign.shape
@@ -272,7 +274,8 @@ def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random
         current[active] = sub.v
         idle_rounds[active] = np.where(improved, 0, idle_rounds[active] + 1)
         stalled = active[~improved]
-        kicks = state.free[stalled] & (rng.random((len(stalled), f)) < 0.2)
+        kick_rate = np.minimum(0.2, KICK_FLIPS / np.maximum(free_count[stalled], 1))[:, None]
+        kicks = state.free[stalled] & (rng.random((len(stalled), f)) < kick_rate)
         current[stalled] = best_v[stalled] ^ kicks
         tabu_until[stalled] = 0
         active = active[idle_rounds[active] < patience]
