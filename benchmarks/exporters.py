@@ -9,7 +9,8 @@ Trains three small models on a slice of MNIST and exports each with its own tool
   transformer  per-token MLP block with a residual on [B, 16, 49] image patches, then a
                classifier head, torch export (MatMul + Add on 3-D activations, then Gemm)
 then runs ``onnx-qubo IN OUT --bits B --calib C --eval E --report R`` on each in a subprocess
-and prints a Markdown table from the JSON reports. The product itself never imports torch.
+and prints a Markdown table from the JSON reports, and ``onnx-qubo compare`` on the PyTorch
+export. The product itself never imports torch.
 """
 
 from __future__ import annotations
@@ -119,7 +120,11 @@ def main() -> None:
             print(f"| {name} | {len(r['layers'])} ({', '.join(forms)}) | {bits} | {ev['float_accuracy']:.2%} | "
                   f"{ev['quantized_accuracy']:.2%} | {ev['top1_agreement']:.2%} | "
                   f"{'yes' if ev['default_matches_basic'] else 'NO'} |")
-    print(f"\nModels, data and reports in {work}. Command: python benchmarks/exporters.py "
+    # the paper's study on a model this project did not train, as a user would run it
+    cmd = ["onnx-qubo", "compare", str(work / "pytorch.onnx"), "--bits", "8,4,2", "--samples", "10", "--quiet"]
+    print(f"\n`{' '.join(['onnx-qubo', 'compare', 'pytorch.onnx', *cmd[3:]])}`:\n")
+    print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    print(f"Models, data and reports in {work}. Command: python benchmarks/exporters.py "
           + " ".join(sys.argv[1:]))
 
 

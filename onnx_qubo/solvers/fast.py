@@ -9,9 +9,10 @@ the minimizer). Three stages, all batched over neurons:
    round-to-nearest.
 2. Descent: best-improvement single flips; when none pays, the best pair among each neuron's
    most promising flips.
-3. Tabu refinement: every neuron keeps flipping its best non-tabu variable (uphill moves
-   allowed, recent flips forbidden), remembering its best state, in rounds until a round
-   improves no neuron; then descent again from the best states.
+3. Iterated tabu search: every neuron keeps flipping its best non-tabu variable (uphill moves
+   allowed, recent flips forbidden for a random tenure), remembering its best state; after a
+   round without improvement it restarts from its best with a small random kick; then descent
+   again from the best states. Small layers run several replicas of each neuron at once.
 
 For ``r = G (u - v)``, flipping v_j by d = 1 - 2 v_j changes E by ``G_jj - 2 d r_j`` and r by
 ``-d G[:, j]``: a move costs O(f) per neuron, a step over all neurons O(n f).
@@ -69,8 +70,9 @@ class FastSolver:
         # several replicas at once (their random tenures and kicks differ), keep the best.
         replicas = int(np.clip(REPLICA_ELEMENTS // (n * f), 1, MAX_REPLICAS))
         tabu_steps = min(1024, self.tabu_work // (n * replicas * f))
-        frac = np.repeat(problem.rounding.frac, replicas, axis=0)
-        free = np.repeat(problem.rounding.free, replicas, axis=0)
+        frac, free = problem.rounding.frac, problem.rounding.free
+        if replicas > 1:
+            frac, free = np.repeat(frac, replicas, axis=0), np.repeat(free, replicas, axis=0)
         chunks = self._chunks(n * replicas, f)
         choice = np.zeros((n * replicas, f), dtype=bool)
 
