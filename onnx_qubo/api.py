@@ -1,4 +1,5 @@
-"""``quantize(...)``: the whole job in one call, for Python pipelines. The CLI is a thin layer on it."""
+"""``quantize(...)`` and ``compare(...)``: each job in one call, for Python pipelines. The CLI is a
+thin layer on them."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from typing import Any, Sequence
 
 import onnx
 
+from .compare import Comparison
+from .compare import compare as run_comparison
 from .data import load_dataset
 from .errors import QuboInputError
 from .files import check_output_path, load_model, write_atomically
 from .grid import MAX_BITS, MIN_BITS
-from .compare import Comparison
-from .compare import compare as run_comparison
 from .pipeline import QuantizeOptions, calibrate, quantize_model
 from .progress import Progress
 from .report import Report
