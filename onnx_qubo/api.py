@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import onnx
 
@@ -30,7 +30,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              bits: int = 2, calibration: Any = None, evaluation: Any = None, scale: str = "mse",
              solver: str | Solver = "fast", seed: int = 0, batch_size: int = 256,
              report_path: str | os.PathLike | None = None, dump_qubo: str | os.PathLike | None = None,
-             load_solution: str | os.PathLike | None = None, progress: bool = False) -> Report:
+             load_solution: str | os.PathLike | None = None, exclude: Sequence[str] = (),
+             layer_bits: Mapping[str, int] | None = None, progress: bool = False) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -41,11 +42,15 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     without evaluation data the calibration data is evaluated. Returns the report (also
     written as JSON to ``report_path`` when given). ``dump_qubo``: a directory to write each
     layer's QUBOs to; ``load_solution``: a directory of roundings to use instead of solving
-    (format in ``onnx_qubo.exchange``). Raises ``QuboInputError`` on bad input,
+    (format in ``onnx_qubo.exchange``). ``exclude``: layer names to leave in float;
+    ``layer_bits``: {layer name: bits} overriding ``bits`` (names as ``onnx-qubo inspect``
+    lists them). Raises ``QuboInputError`` on bad input,
     before any output is written; the input model is never modified.
     """
     started = time.perf_counter()
-    _check_bits(bits)
+    layer_bits = dict(layer_bits or {})
+    for b in [bits, *layer_bits.values()]:
+        _check_bits(b)
     _check_scale(scale)
     solver = _solver(solver)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
@@ -58,9 +63,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         raise QuboInputError(f"--load-solution '{load_solution}' is not a directory")
     options = QuantizeOptions(bits=bits, scale=scale, solver=solver, seed=seed,
                               dump_dir=None if dump_qubo is None else Path(dump_qubo),
-                              solution_dir=None if load_solution is None else Path(load_solution))
+                              solution_dir=None if load_solution is None else Path(load_solution),
+                              layer_bits=layer_bits)
     bar = Progress(enabled=progress)
-    quantized, layers, skipped = quantize_model(float_model, calib_data, options, bar)
+    quantized, layers, skipped = quantize_model(float_model, calib_data, options, bar, exclude)
     data = quantized.SerializeToString()
     write_atomically(output_path, data)
 

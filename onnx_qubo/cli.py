@@ -28,6 +28,17 @@ class _DefaultToQuantize(click.Group):
         return super().parse_args(ctx, args)
 
 
+def _layer_bits(ctx, param, values: tuple[str, ...]) -> dict[str, int]:
+    """LAYER=BITS pairs; the name may itself contain '=' (split at the last one)."""
+    parsed = {}
+    for value in values:
+        name, sep, bits = value.rpartition("=")
+        if not sep or not name or not bits.strip().isdigit():
+            raise click.BadParameter(f"expected LAYER=BITS, got '{value}'")
+        parsed[name] = int(bits)
+    return parsed
+
+
 @click.group(cls=_DefaultToQuantize, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnx-qubo")
 def main():
@@ -66,9 +77,13 @@ def main():
               help="Write each layer's QUBOs (npz, format in onnx_qubo/exchange.py) to this directory.")
 @click.option("--load-solution", type=click.Path(file_okay=False), default=None,
               help="Use the roundings <layer>.solution.npy in this --dump-qubo directory instead of solving.")
+@click.option("--exclude", multiple=True, metavar="LAYER",
+              help="Leave this layer in float (repeatable; names as `onnx-qubo inspect` lists them).")
+@click.option("--layer-bits", multiple=True, metavar="LAYER=BITS", callback=_layer_bits,
+              help="Bit width for one layer, overriding --bits (repeatable): mixed precision.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def quantize(input_model, output_model, bits, calib, eval_path, scale, solver, neal_reads,
-             neal_sweeps, seed, batch_size, report_path, dump_qubo, load_solution, quiet):
+             neal_sweeps, seed, batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
@@ -77,7 +92,8 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, solver, n
         report = api.quantize(input_model, output_model, bits=bits, calibration=calib,
                               evaluation=eval_path, scale=scale, solver=chosen, seed=seed,
                               batch_size=batch_size, report_path=report_path, dump_qubo=dump_qubo,
-                              load_solution=load_solution, progress=not quiet)
+                              load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
+                              progress=not quiet)
     except QuboInputError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report.to_text())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -38,6 +38,10 @@ class QuantizeOptions:
     seed: int = 0
     dump_dir: Path | None = None  # write each layer's QUBOs here (exchange.py's format)
     solution_dir: Path | None = None  # take the roundings from here instead of solving
+    layer_bits: Mapping[str, int] = field(default_factory=dict)  # layer name -> bits, overriding ``bits``
+
+    def bits_for(self, layer: DenseLayer) -> int:
+        return self.layer_bits.get(layer.name, self.bits)
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,9 +73,15 @@ class SolvedLayer:
 
 
 def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: QuantizeOptions,
-                   progress: Progress) -> tuple[onnx.ModelProto, list[LayerReport], list[SkippedNode]]:
-    """Quantize every dense layer of ``model``; return the new model and what was done."""
-    calibrated = calibrate(model, calibration, progress)
+                   progress: Progress, exclude: Collection[str] = ()
+                   ) -> tuple[onnx.ModelProto, list[LayerReport], list[SkippedNode]]:
+    """Quantize every dense layer of ``model`` but the ``exclude``d ones; return the new model
+    and what was done."""
+    calibrated = calibrate(model, calibration, progress, exclude)
+    unknown = set(options.layer_bits) - {layer.name for layer in calibrated.layers}
+    if unknown:
+        raise QuboInputError(f"--layer-bits names no quantized dense layer: {', '.join(sorted(unknown))} "
+                             "(onnx-qubo inspect lists the layers)")
     quantized, reports = [], []
     for solved in solve_layers(calibrated, options, progress):
         quantized.append(solved.quantized())
@@ -79,8 +89,9 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
     return rewrite(model, quantized), reports, calibrated.skipped
 
 
-def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress) -> Calibrated:
-    layers, skipped = find_layers(model)
+def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress,
+              exclude: Collection[str] = ()) -> Calibrated:
+    layers, skipped = find_layers(model, exclude)
     statistics = collect_statistics(model, layers, calibration, progress)
     grams = {name: stats.x_gram for name, stats in statistics.items()}
     return Calibrated(model, layers, skipped, grams, calibration.num_samples)
@@ -95,12 +106,21 @@ def solve_layers(calibrated: Calibrated, options: QuantizeOptions, progress: Pro
     if options.dump_dir is not None:
         exchange.write_index(options.dump_dir, [
             {"layer": layer.name, "file": f"{stem}.qubo.npz", "n_out": layer.shape[0],
-             "f_in": layer.shape[1], "bits": options.bits} for layer, stem in zip(layers, stems)])
+             "f_in": layer.shape[1], "bits": options.bits_for(layer)} for layer, stem in zip(layers, stems)])
 
 
-def find_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[SkippedNode]]:
-    """Dense layers to quantize (with finite weights), or an error saying why there are none."""
+def find_layers(model: onnx.ModelProto, exclude: Collection[str] = ()
+                ) -> tuple[list[DenseLayer], list[SkippedNode]]:
+    """Dense layers to quantize (with finite weights, not excluded by name), or an error
+    saying why there are none."""
     layers, skipped = discovery.find_dense_layers(model)
+    unknown = set(exclude) - {layer.name for layer in layers}
+    if unknown:
+        raise QuboInputError(f"--exclude names no dense layer: {', '.join(sorted(unknown))} "
+                             "(onnx-qubo inspect lists the layers)")
+    skipped += [SkippedNode(layer.name, layer.op_type, "excluded by --exclude")
+                for layer in layers if layer.name in exclude]
+    layers = [layer for layer in layers if layer.name not in exclude]
     if not layers:
         why = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "the graph has no Gemm or MatMul node"
         raise QuboInputError(f"no quantizable dense layers found ({why})")
@@ -113,7 +133,8 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[SkippedN
 def solve_layer(layer: DenseLayer, stem: str, gram: np.ndarray, options: QuantizeOptions,
                 progress: Progress) -> SolvedLayer:
     """Scales, QUBO, rounding and report for one layer (``stem`` names its exchange files)."""
-    grid = IntegerGrid(options.bits)
+    bits = options.bits_for(layer)
+    grid = IntegerGrid(bits)
     scale = choose_scales(options.scale, layer.weight, grid, gram)
     problem = build_problem(layer.weight, layer.gain, scale, grid, gram)
     if options.dump_dir is not None:
@@ -126,7 +147,7 @@ def solve_layer(layer: DenseLayer, stem: str, gram: np.ndarray, options: Quantiz
     seconds = time.perf_counter() - start
     n, f = layer.shape
     report = LayerReport(
-        name=layer.name, form=layer.form, n_out=n, f_in=f, bits=options.bits,
+        name=layer.name, form=layer.form, n_out=n, f_in=f, bits=bits,
         storage=onnx.TensorProto.DataType.Name(grid.storage[0]),
         free_fraction=float(problem.rounding.free.mean()),
         cost_rtn=problem.energy(RoundToNearest().solve(problem)),

@@ -74,13 +74,13 @@ class Report:
             f"bits={self.bits} scale={self.scale} solver={self.solver}, calibrated on "
             f"{self.calibration_samples} samples ({self.calibration})",
             "",
-            f"{'layer':<28}{'form':<22}{'shape':>12}{'type':>6}{'free':>7}"
+            f"{'layer':<28}{'form':<22}{'shape':>12}{'bits':>5}{'type':>6}{'free':>7}"
             f"{'cost rtn':>12}{'cost ' + self.solver:>12}{'ratio':>7}{'bound':>11}{'gap':>6}{'time':>8}",
         ]
         for layer in self.layers:
             ratio = layer.cost_solved / layer.cost_rtn if layer.cost_rtn > 0 else 1.0
             lines.append(
-                f"{layer.name:<28}{layer.form:<22}{f'{layer.n_out}x{layer.f_in}':>12}{layer.storage:>6}"
+                f"{layer.name:<28}{layer.form:<22}{f'{layer.n_out}x{layer.f_in}':>12}{layer.bits:>5}{layer.storage:>6}"
                 f"{layer.free_fraction:>7.0%}{layer.cost_rtn:>12.4g}{layer.cost_solved:>12.4g}"
                 f"{ratio:>7.3f}{layer.lower_bound:>11.4g}{layer.gap:>6.0%}{layer.solve_seconds:>7.1f}s")
         for node in self.skipped:

@@ -153,3 +153,29 @@ def test_existing_output_is_replaced_only_on_success(model_dir):
     result = invoke(model_dir / "mlp.onnx", model_dir / "out.onnx", "--calib", model_dir / "bad.npz")
     assert result.exit_code != 0
     assert (model_dir / "out.onnx").read_bytes() == b"previous"
+
+
+def test_exclude_leaves_a_layer_in_float_and_layer_bits_mixes_precision(model_dir):
+    result = invoke(model_dir / "mlp.onnx", model_dir / "out.onnx", "--exclude", "fc1", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "skipped Gemm 'fc1': excluded by --exclude" in result.output
+    inits = {i.name: i.data_type for i in onnx.load(model_dir / "out.onnx").graph.initializer}
+    assert inits["W1"] == TensorProto.FLOAT and inits["W0_quantized"] == TensorProto.INT2
+
+    result = invoke(model_dir / "mlp.onnx", model_dir / "out.onnx", "--layer-bits", "fc1=4", "--quiet",
+                    "--report", model_dir / "r.json")
+    assert result.exit_code == 0, result.output
+    inits = {i.name: i.data_type for i in onnx.load(model_dir / "out.onnx").graph.initializer}
+    assert inits["W0_quantized"] == TensorProto.INT2 and inits["W1_quantized"] == TensorProto.INT4
+    assert [layer["bits"] for layer in json.loads((model_dir / "r.json").read_text())["layers"]] == [2, 4]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--exclude", "nope"], "--exclude names no dense layer: nope"),
+    (["--exclude", "fc0", "--exclude", "fc1"], "no quantizable dense layers"),
+    (["--layer-bits", "fc1"], "expected LAYER=BITS"),
+    (["--layer-bits", "nope=4"], "--layer-bits names no quantized dense layer: nope"),
+    (["--layer-bits", "fc1=9"], "bits must be between 1 and 8"),
+])
+def test_bad_per_layer_flags(model_dir, args, message):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", *args], message)
