@@ -88,9 +88,11 @@ class Comparison:
 def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], scales: list[str],
             solvers: list[Solver], samples: int, seed: int, progress: Progress,
             model_name: str) -> Comparison:
-    has_labels = reference.dataset.labels is not None
+    """Every configuration quantized from the same calibration and scored against the same
+    float reference; ``samples`` random roundings per bit width around its best QUBO solution."""
     labels = reference.dataset.labels
     float_pred = reference.scores.argmax(axis=-1)
+    has_labels = labels is not None and labels.shape == float_pred.shape  # as verify.evaluate
     metric = "accuracy" if has_labels else "top-1 agreement"
     float_accuracy = float((float_pred == labels).mean()) if has_labels else 1.0
     result = Comparison(model_name, metric, float_accuracy, calibrated.model.ByteSize(),
