@@ -57,6 +57,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     output_path = check_output_path(output_path, input_path, "output")
     if report_path is not None:
         report_path = check_output_path(report_path, input_path, "report")
+        if report_path.resolve() == output_path.resolve():
+            raise QuboInputError(f"report '{report_path}' is the output model's path; choose another")
+    if dump_qubo is not None and Path(dump_qubo).exists() and not Path(dump_qubo).is_dir():
+        raise QuboInputError(f"--dump-qubo '{dump_qubo}' exists and is not a directory")
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
 
     if load_solution is not None and not Path(load_solution).is_dir():

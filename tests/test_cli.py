@@ -11,6 +11,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import gemm_model, mlp_model
+import onnx_qubo
+from onnx_qubo import QuboInputError
 from onnx_qubo.cli import main
 
 
@@ -179,3 +181,13 @@ def test_exclude_leaves_a_layer_in_float_and_layer_bits_mixes_precision(model_di
 ])
 def test_bad_per_layer_flags(model_dir, args, message):
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", *args], message)
+
+
+def test_report_on_the_output_path_and_dump_onto_a_file_are_refused(model_dir):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--report", model_dir / "out.onnx"],
+                 "is the output model's path")
+    (model_dir / "afile").write_text("x")
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--dump-qubo", model_dir / "afile"],
+                 "is a file")
+    with pytest.raises(QuboInputError, match="exists and is not a directory"):
+        onnx_qubo.quantize(model_dir / "mlp.onnx", model_dir / "out.onnx", dump_qubo=model_dir / "afile")
