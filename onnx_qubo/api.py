@@ -31,7 +31,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              solver: str | Solver = "fast", seed: int = 0, batch_size: int = 256,
              report_path: str | os.PathLike | None = None, dump_qubo: str | os.PathLike | None = None,
              load_solution: str | os.PathLike | None = None, exclude: Sequence[str] = (),
-             layer_bits: Mapping[str, int] | None = None, progress: bool = False) -> Report:
+             layer_bits: Mapping[str, int] | None = None, bias_correction: bool = False,
+             progress: bool = False) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -44,7 +45,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     layer's QUBOs to; ``load_solution``: a directory of roundings to use instead of solving
     (format in ``onnx_qubo.exchange``). ``exclude``: layer names to leave in float;
     ``layer_bits``: {layer name: bits} overriding ``bits`` (names as ``onnx-qubo inspect``
-    lists them). Raises ``QuboInputError`` on bad input,
+    lists them). ``bias_correction``: add to each layer's output the mean error its rounding
+    leaves on the calibration data. Raises ``QuboInputError`` on bad input,
     before any output is written; the input model is never modified.
     """
     started = time.perf_counter()
@@ -68,7 +70,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     options = QuantizeOptions(bits=bits, scale=scale, solver=solver, seed=seed,
                               dump_dir=None if dump_qubo is None else Path(dump_qubo),
                               solution_dir=None if load_solution is None else Path(load_solution),
-                              layer_bits=layer_bits)
+                              layer_bits=layer_bits, bias_correction=bias_correction)
     bar = Progress(enabled=progress)
     quantized, layers, skipped = quantize_model(float_model, calib_data, options, bar, exclude)
     data = quantized.SerializeToString()

@@ -28,6 +28,11 @@ class InputStatistics:
     count: int  # number of input vectors (rows after flattening leading axes)
 
     @property
+    def mean(self) -> np.ndarray:
+        """E[x], the bias column of the augmented Gram matrix."""
+        return self.gram[-1, :-1]
+
+    @property
     def x_gram(self) -> np.ndarray:
         """E[x x^T], the block that weights the rounding error while the bias stays float."""
         return self.gram[:-1, :-1]

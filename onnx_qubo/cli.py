@@ -81,9 +81,12 @@ def main():
               help="Leave this layer in float (repeatable; names as `onnx-qubo inspect` lists them).")
 @click.option("--layer-bits", multiple=True, metavar="LAYER=BITS", callback=_layer_bits,
               help="Bit width for one layer, overriding --bits (repeatable): mixed precision.")
+@click.option("--bias-correction", is_flag=True,
+              help="Add to each layer's output the mean error its rounding leaves (an Add after it).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def quantize(input_model, output_model, bits, calib, eval_path, scale, solver, neal_reads,
-             neal_sweeps, seed, batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, quiet):
+             neal_sweeps, seed, batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits,
+             bias_correction, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
@@ -93,7 +96,7 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, solver, n
                               evaluation=eval_path, scale=scale, solver=chosen, seed=seed,
                               batch_size=batch_size, report_path=report_path, dump_qubo=dump_qubo,
                               load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
-                              progress=not quiet)
+                              bias_correction=bias_correction, progress=not quiet)
     except QuboInputError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report.to_text())

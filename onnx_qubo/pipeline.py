@@ -39,6 +39,7 @@ class QuantizeOptions:
     dump_dir: Path | None = None  # write each layer's QUBOs here (exchange.py's format)
     solution_dir: Path | None = None  # take the roundings from here instead of solving
     layer_bits: Mapping[str, int] = field(default_factory=dict)  # layer name -> bits, overriding ``bits``
+    bias_correction: bool = False  # shift each output by the mean error the rounding leaves
 
     def bits_for(self, layer: DenseLayer) -> int:
         return self.layer_bits.get(layer.name, self.bits)
@@ -53,6 +54,7 @@ class Calibrated:
     layers: list[DenseLayer]
     skipped: list[SkippedNode]
     grams: dict[str, np.ndarray]  # layer input tensor -> E[x x^T]
+    means: dict[str, np.ndarray]  # layer input tensor -> E[x]
     samples: int
 
 
@@ -65,11 +67,15 @@ class SolvedLayer:
     problem: LayerProblem
     choice: np.ndarray
     report: LayerReport
+    bias_shift: np.ndarray | None = None
 
     def quantized(self, choice: np.ndarray | None = None) -> QuantizedLayer:
-        """The integer weights of this rounding (or of another ``choice`` on the same problem)."""
-        integers = self.problem.integers(self.choice if choice is None else choice)
-        return QuantizedLayer(self.layer, self.report.bits, integers, self.scale)
+        """The integer weights of this rounding (or of another ``choice`` on the same problem,
+        then without bias correction)."""
+        if choice is None:
+            return QuantizedLayer(self.layer, self.report.bits, self.problem.integers(self.choice),
+                                  self.scale, self.bias_shift)
+        return QuantizedLayer(self.layer, self.report.bits, self.problem.integers(choice), self.scale)
 
 
 def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: QuantizeOptions,
@@ -94,7 +100,8 @@ def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress,
     layers, skipped = find_layers(model, exclude)
     statistics = collect_statistics(model, layers, calibration, progress)
     grams = {name: stats.x_gram for name, stats in statistics.items()}
-    return Calibrated(model, layers, skipped, grams, calibration.num_samples)
+    means = {name: stats.mean for name, stats in statistics.items()}
+    return Calibrated(model, layers, skipped, grams, means, calibration.num_samples)
 
 
 def solve_layers(calibrated: Calibrated, options: QuantizeOptions, progress: Progress) -> Iterator[SolvedLayer]:
@@ -102,7 +109,8 @@ def solve_layers(calibrated: Calibrated, options: QuantizeOptions, progress: Pro
     layers = calibrated.layers
     stems = exchange.file_stems([layer.name for layer in layers])
     for layer, stem in zip(layers, stems):
-        yield solve_layer(layer, stem, calibrated.grams[layer.input_name], options, progress)
+        yield solve_layer(layer, stem, calibrated.grams[layer.input_name], calibrated.means[layer.input_name],
+                          options, progress)
     if options.dump_dir is not None:
         exchange.write_index(options.dump_dir, [
             {"layer": layer.name, "file": f"{stem}.qubo.npz", "n_out": layer.shape[0],
@@ -130,8 +138,8 @@ def find_layers(model: onnx.ModelProto, exclude: Collection[str] = ()
     return layers, skipped
 
 
-def solve_layer(layer: DenseLayer, stem: str, gram: np.ndarray, options: QuantizeOptions,
-                progress: Progress) -> SolvedLayer:
+def solve_layer(layer: DenseLayer, stem: str, gram: np.ndarray, mean: np.ndarray,
+                options: QuantizeOptions, progress: Progress) -> SolvedLayer:
     """Scales, QUBO, rounding and report for one layer (``stem`` names its exchange files)."""
     bits = options.bits_for(layer)
     grid = IntegerGrid(bits)
@@ -145,6 +153,10 @@ def solve_layer(layer: DenseLayer, stem: str, gram: np.ndarray, options: Quantiz
     else:
         choice = options.solver.solve(problem, options.seed, progress)
     seconds = time.perf_counter() - start
+    shift = None
+    if options.bias_correction:
+        # E[y - y_q] = gain (W - W_q) E[x]: adding it to the output cancels the mean error
+        shift = layer.gain * (layer.weight - problem.integers(choice) * scale[:, None]) @ mean
     n, f = layer.shape
     report = LayerReport(
         name=layer.name, form=layer.form, n_out=n, f_in=f, bits=bits,
@@ -152,15 +164,16 @@ def solve_layer(layer: DenseLayer, stem: str, gram: np.ndarray, options: Quantiz
         free_fraction=float(problem.rounding.free.mean()),
         cost_rtn=problem.energy(RoundToNearest().solve(problem)),
         cost_solved=problem.energy(choice), lower_bound=float(lower_bounds(problem).sum()),
-        solve_seconds=seconds)
-    return SolvedLayer(layer, scale, problem, choice, report)
+        solve_seconds=seconds,
+        cost_bias_corrected=None if shift is None else problem.energy(choice) - float(shift @ shift))
+    return SolvedLayer(layer, scale, problem, choice, report, shift)
 
 
 def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer]) -> onnx.ModelProto:
     """Integer initializers + DequantizeLinear in place of the float weights, checked."""
     grids = [IntegerGrid(q.bits) for q in quantized]
     weights = [QuantizedWeight(q.layer.weight_name, q.integers, q.scale, grid.storage[0],
-                               q.layer.input_rank) for q, grid in zip(quantized, grids)]
+                               q.layer.input_rank, q.bias_shift) for q, grid in zip(quantized, grids)]
     target_opset = max(grid.storage[1] for grid in grids)
     try:
         return run_passes(model, [RaiseOpset(target_opset), InsertDequantize(weights), CheckModel()])

@@ -23,6 +23,7 @@ class LayerReport:
     cost_solved: float
     lower_bound: float  # certified: no rounding on these scales has a lower cost
     solve_seconds: float
+    cost_bias_corrected: float | None = None  # cost_solved less the mean error the new bias removes
 
     @property
     def gap(self) -> float:
@@ -83,6 +84,10 @@ class Report:
                 f"{layer.name:<28}{layer.form:<22}{f'{layer.n_out}x{layer.f_in}':>12}{layer.bits:>5}{layer.storage:>6}"
                 f"{layer.free_fraction:>7.0%}{layer.cost_rtn:>12.4g}{layer.cost_solved:>12.4g}"
                 f"{ratio:>7.3f}{layer.lower_bound:>11.4g}{layer.gap:>6.0%}{layer.solve_seconds:>7.1f}s")
+        corrected = [layer.cost_bias_corrected for layer in self.layers if layer.cost_bias_corrected is not None]
+        if corrected:
+            lines.append(f"bias correction: total cost {sum(layer.cost_solved for layer in self.layers):.4g} "
+                         f"-> {sum(corrected):.4g}")
         for node in self.skipped:
             lines.append(f"skipped {node.op_type} '{node.name}': {node.reason}")
         ev = self.evaluation

@@ -51,3 +51,4 @@ class QuantizedLayer:
     bits: int
     integers: np.ndarray  # int64 [n_out, f_in], within [qmin, qmax]
     scale: np.ndarray  # float64 [n_out]
+    bias_shift: np.ndarray | None = None  # [n_out] added to the layer's output (bias correction)

@@ -11,6 +11,9 @@ weights whose output width is not a multiple of 4, returns wrong numbers. So:
 - ``MatMul`` on 2-D activations becomes ``Gemm(transB=1)``;
 - ``MatMul`` on N-D activations becomes ``Reshape [-1, f] -> Gemm(transB=1) -> Reshape``
   back to the activation's leading axes plus n.
+
+With an ``output_shift`` (bias correction), an ``Add`` of that [n] vector follows, so the
+node's existing bias, whatever its form, is left untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class QuantizedWeight:
     scale: np.ndarray  # [n_out], positive
     storage_type: int  # onnx.TensorProto.INT2 / INT4 / INT8 ...
     activation_rank: int | None  # rank of the node's activation input, None when unknown
+    output_shift: np.ndarray | None = None  # [n_out] added to the node's output (bias correction)
 
 
 class InsertDequantize:
@@ -59,7 +63,10 @@ class InsertDequantize:
             ])
             dq = helper.make_node("DequantizeLinear", [q, scale, zero_point], [deq], axis=0,
                                   name=names.fresh(f"{weight.name}_DequantizeLinear"))
-            replacements[index] = [dq] + _dense_nodes(graph.node[index], deq, weight, names)
+            nodes = [dq] + _dense_nodes(graph.node[index], deq, weight, names)
+            if weight.output_shift is not None:
+                nodes += _shift_output(nodes, graph, weight.output_shift.astype(np.float32), names)
+            replacements[index] = nodes
 
         nodes = []
         for i, node in enumerate(graph.node):
@@ -104,6 +111,16 @@ def _dense_nodes(node: onnx.NodeProto, deq: str, weight: QuantizedWeight,
         helper.make_node("Concat", [lead, width], [out_shape], axis=0),
         helper.make_node("Reshape", [flat_out, out_shape], [output]),
     ]
+
+
+def _shift_output(nodes: list[onnx.NodeProto], graph: onnx.GraphProto, shift: np.ndarray,
+                  names: "_Names") -> list[onnx.NodeProto]:
+    """Rename the last node's output and add ``shift`` to it under the original name."""
+    output = nodes[-1].output[0]
+    unshifted, constant = names.fresh(f"{output}_unshifted"), names.fresh(f"{output}_shift")
+    nodes[-1].output[0] = unshifted
+    graph.initializer.append(numpy_helper.from_array(shift, constant))
+    return [helper.make_node("Add", [unshifted, constant], [output], name=names.fresh(f"{output}_bias_correction"))]
 
 
 def _only_reader(graph: onnx.GraphProto, tensor: str) -> int:

@@ -96,3 +96,27 @@ def test_report_json_and_labels(tmp_path):
     assert report.evaluation.float_accuracy == 1.0
     assert report.evaluation.quantized_accuracy == report.evaluation.top1_agreement
     assert '"cost_rtn"' in (tmp_path / "r.json").read_text()
+
+
+@pytest.mark.parametrize("make,x_shape", [
+    (lambda: gemm_model(trans_b=0, alpha=0.7, beta=0.5, bias=True), (200, 6)),
+    (lambda: matmul_model(bias=True), (200, 6)),
+    (lambda: matmul_model(bias=False, leading=(3,)), (70, 3, 6)),
+])
+def test_bias_correction_cancels_the_mean_output_error(tmp_path, make, x_shape):
+    model = make()
+    if model.graph.node[-1].op_type == "Relu":  # compare pre-activations: drop the Relu
+        model.graph.node[0].output[0] = "y"
+        del model.graph.node[-1]
+    x = (np.random.default_rng(3).standard_normal(x_shape) + 1.0).astype(np.float32)
+    plain = onnx_qubo.quantize(model, tmp_path / "plain.onnx", calibration={"x": x}, solver="rtn")
+    corrected = onnx_qubo.quantize(model, tmp_path / "c.onnx", calibration={"x": x}, solver="rtn",
+                                   bias_correction=True)
+    y = ort_run(model, {"x": x}).reshape(-1, 5).astype(np.float64)
+    err_plain = y - ort_run(onnx.load(tmp_path / "plain.onnx"), {"x": x}).reshape(-1, 5)
+    err_corrected = y - ort_run(onnx.load(tmp_path / "c.onnx"), {"x": x}).reshape(-1, 5)
+    assert np.abs(err_plain.mean(axis=0)).max() > 1e-2
+    np.testing.assert_allclose(err_corrected.mean(axis=0), 0.0, atol=1e-4)
+    layer = corrected.layers[0]
+    assert layer.cost_bias_corrected == pytest.approx((err_corrected ** 2).sum(axis=1).mean(), rel=1e-3)
+    assert layer.cost_bias_corrected <= layer.cost_solved == pytest.approx(plain.layers[0].cost_solved)
