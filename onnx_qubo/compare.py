@@ -107,7 +107,7 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
         for scale in scales:
             for solver in solvers:
                 start = time.perf_counter()
-                options = QuantizeOptions(bits=bits, scale=scale, solver=solver, seed=seed)
+                options = QuantizeOptions(bits=bits, scale=scale, solver=solver, seed=seed, lower_bound=False)
                 solved = list(solve_layers(calibrated, options, progress))
                 model = rewrite(calibrated.model, [s.quantized() for s in solved])
                 accuracy = score(model)

@@ -40,6 +40,7 @@ class QuantizeOptions:
     solution_dir: Path | None = None  # take the roundings from here instead of solving
     layer_bits: Mapping[str, int] = field(default_factory=dict)  # layer name -> bits, overriding ``bits``
     bias_correction: bool = False  # shift each output by the mean error the rounding leaves
+    lower_bound: bool = True  # certify a lower bound per layer (compare has no use for it)
 
     def bits_for(self, layer: DenseLayer) -> int:
         return self.layer_bits.get(layer.name, self.bits)
@@ -163,7 +164,8 @@ def solve_layer(layer: DenseLayer, stem: str, gram: np.ndarray, mean: np.ndarray
         storage=onnx.TensorProto.DataType.Name(grid.storage[0]),
         free_fraction=float(problem.rounding.free.mean()),
         cost_rtn=problem.energy(RoundToNearest().solve(problem)),
-        cost_solved=problem.energy(choice), lower_bound=float(lower_bounds(problem).sum()),
+        cost_solved=problem.energy(choice),
+        lower_bound=float(lower_bounds(problem).sum()) if options.lower_bound else None,
         solve_seconds=seconds,
         cost_bias_corrected=None if shift is None else problem.energy(choice) - float(shift @ shift))
     return SolvedLayer(layer, scale, problem, choice, report, shift)

@@ -21,13 +21,15 @@ class LayerReport:
     free_fraction: float  # share of weights with a real down/up choice
     cost_rtn: float  # round-to-nearest on the same scales
     cost_solved: float
-    lower_bound: float  # certified: no rounding on these scales has a lower cost
+    lower_bound: float | None  # certified: no rounding on these scales costs less (None: not computed)
     solve_seconds: float
     cost_bias_corrected: float | None = None  # cost_solved less the mean error the new bias removes
 
     @property
-    def gap(self) -> float:
+    def gap(self) -> float | None:
         """The most by which cost_solved can exceed the optimum, as a share of cost_solved."""
+        if self.lower_bound is None:
+            return None
         return 1.0 - self.lower_bound / self.cost_solved if self.cost_solved > 0 else 0.0
 
 
@@ -83,7 +85,8 @@ class Report:
             lines.append(
                 f"{layer.name:<28}{layer.form:<22}{f'{layer.n_out}x{layer.f_in}':>12}{layer.bits:>5}{layer.storage:>6}"
                 f"{layer.free_fraction:>7.0%}{layer.cost_rtn:>12.4g}{layer.cost_solved:>12.4g}"
-                f"{ratio:>7.3f}{layer.lower_bound:>11.4g}{layer.gap:>6.0%}{layer.solve_seconds:>7.1f}s")
+                f"{ratio:>7.3f}{_or_dash(layer.lower_bound, '.4g'):>11}{_or_dash(layer.gap, '.0%'):>6}"
+                f"{layer.solve_seconds:>7.1f}s")
         corrected = [layer.cost_bias_corrected for layer in self.layers if layer.cost_bias_corrected is not None]
         if corrected:
             lines.append(f"bias correction: total cost {sum(layer.cost_solved for layer in self.layers):.4g} "
@@ -105,3 +108,7 @@ class Report:
                      f"({self.output_bytes / self.input_bytes:.1%}); {self.seconds:.1f} s in all")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
