@@ -64,10 +64,3 @@ def mlp_model(widths=(8, 6, 4), seed=0) -> onnx.ModelProto:
 
 def weight_of(model: onnx.ModelProto, name: str = "W") -> np.ndarray:
     return next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
-
-
-def reference_forward(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """Run a model with onnx's reference evaluator (independent of onnxruntime and of our code)."""
-    from onnx.reference import ReferenceEvaluator
-
-    return ReferenceEvaluator(model).run(None, {"x": x})[0]

@@ -1,5 +1,4 @@
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import gemm_model, matmul_model, weight_of

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import gemm_model, matmul_model, weight_of
+from graphs import gemm_model, matmul_model
 from onnx_qubo.passes import CheckModel, InsertDequantize, QuantizedWeight, RaiseOpset, run_passes
 from onnx_qubo.passes.opset import default_opset
 
