@@ -90,11 +90,10 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
             model_name: str) -> Comparison:
     """Every configuration quantized from the same calibration and scored against the same
     float reference; ``samples`` random roundings per bit width around its best QUBO solution."""
-    labels = reference.dataset.labels
-    float_pred = reference.scores.argmax(axis=-1)
-    has_labels = labels is not None and labels.shape == float_pred.shape  # as verify.evaluate
+    has_labels = reference.has_labels
     metric = "accuracy" if has_labels else "top-1 agreement"
-    float_accuracy = float((float_pred == labels).mean()) if has_labels else 1.0
+    float_pred = reference.scores.argmax(axis=-1)
+    float_accuracy = float((float_pred == reference.dataset.labels).mean()) if has_labels else 1.0
     result = Comparison(model_name, metric, float_accuracy, calibrated.model.ByteSize(),
                         len(reference.scores))
 
@@ -104,6 +103,7 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
 
     for bits in bits_list:
         best: list[SolvedLayer] | None = None
+        best_cost = np.inf
         for scale in scales:
             for solver in solvers:
                 start = time.perf_counter()
@@ -114,8 +114,8 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
                 cost = sum(s.report.cost_solved for s in solved)
                 result.rows.append(Row(bits, scale, solver.name, accuracy, float_accuracy - accuracy, cost,
                                        model.ByteSize(), time.perf_counter() - start))
-                if solver.name != "rtn" and (best is None or cost < sum(s.report.cost_solved for s in best)):
-                    best = solved
+                if solver.name != "rtn" and cost < best_cost:
+                    best, best_cost = solved, cost
         if samples and best is not None:
             result.samples += _cost_accuracy_samples(calibrated.model, best, bits, samples, seed, score)
     return result

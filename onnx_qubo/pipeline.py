@@ -56,7 +56,6 @@ class Calibrated:
     skipped: list[SkippedNode]
     grams: dict[str, np.ndarray]  # layer input tensor -> E[x x^T]
     means: dict[str, np.ndarray]  # layer input tensor -> E[x]
-    samples: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,7 +101,7 @@ def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress,
     statistics = collect_statistics(model, layers, calibration, progress)
     grams = {name: stats.x_gram for name, stats in statistics.items()}
     means = {name: stats.mean for name, stats in statistics.items()}
-    return Calibrated(model, layers, skipped, grams, means, calibration.num_samples)
+    return Calibrated(model, layers, skipped, grams, means)
 
 
 def solve_layers(calibrated: Calibrated, options: QuantizeOptions, progress: Progress) -> Iterator[SolvedLayer]:
@@ -159,15 +158,16 @@ def solve_layer(layer: DenseLayer, stem: str, gram: np.ndarray, mean: np.ndarray
         # E[y - y_q] = gain (W - W_q) E[x]: adding it to the output cancels the mean error
         shift = layer.gain * (layer.weight - problem.integers(choice) * scale[:, None]) @ mean
     n, f = layer.shape
+    cost = problem.energy(choice)
     report = LayerReport(
         name=layer.name, form=layer.form, n_out=n, f_in=f, bits=bits,
         storage=onnx.TensorProto.DataType.Name(grid.storage[0]),
         free_fraction=float(problem.rounding.free.mean()),
         cost_rtn=problem.energy(RoundToNearest().solve(problem)),
-        cost_solved=problem.energy(choice),
+        cost_solved=cost,
         lower_bound=float(lower_bounds(problem).sum()) if options.lower_bound else None,
         solve_seconds=seconds,
-        cost_bias_corrected=None if shift is None else problem.energy(choice) - float(shift @ shift))
+        cost_bias_corrected=None if shift is None else cost - float(shift @ shift))
     return SolvedLayer(layer, scale, problem, choice, report, shift)
 
 

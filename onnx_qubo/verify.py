@@ -33,6 +33,12 @@ class Reference:
     output: str
     scores: np.ndarray  # float64, first axis = samples
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether the data's labels give one class per prediction (argmax of the scores)."""
+        labels = self.dataset.labels
+        return labels is not None and labels.shape == self.scores.shape[:-1]
+
 
 def reference_scores(float_model: onnx.ModelProto, dataset: Dataset, progress: Progress) -> Reference:
     name = scores_output(float_model)
@@ -60,8 +66,7 @@ def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: P
     y_basic = run_scores(quantized_model, BASIC, data, name, progress, "quantized model (basic)") \
         if check_basic else y_quant
     pred_float, pred_quant = y_float.argmax(axis=-1), y_quant.argmax(axis=-1)
-    labels = data.labels
-    has_labels = labels is not None and pred_float.shape == labels.shape
+    labels, has_labels = data.labels, reference.has_labels
     return Evaluation(
         data=data.origin,
         output=name,
