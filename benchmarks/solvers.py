@@ -33,7 +33,7 @@ from onnx_qubo.bounds import lower_bounds
 from onnx_qubo.calibration import collect_statistics
 from onnx_qubo.data import load_dataset
 from onnx_qubo.discovery import find_dense_layers
-from onnx_qubo.grid import IntegerGrid
+from onnx_qubo.grid import Scheme
 from onnx_qubo.progress import Progress
 from onnx_qubo.qubo import LayerProblem, build_problem
 from onnx_qubo.scales import choose_scales
@@ -51,8 +51,16 @@ def timed(solver, problem: LayerProblem) -> tuple[np.ndarray, float]:
 
 def subproblem(problem: LayerProblem, rows: np.ndarray) -> LayerProblem:
     r = problem.rounding
-    return LayerProblem(problem.gram, problem.scale[rows],
-                        type(r)(r.base[rows], r.frac[rows], r.free[rows]))
+    return LayerProblem(problem.gram, np.broadcast_to(problem.step, problem.shape)[rows],
+                        type(r)(r.base[rows], r.frac[rows], r.free[rows]), problem.cross[rows], problem.offset[rows])
+
+
+def channel_problem(w: np.ndarray, gain: float, scale: str, gram: np.ndarray, clip: float = 1.0) -> LayerProblem:
+    """The 2-bit symmetric per-channel QUBO of weights w with ``scale`` ("minmax" or "mse"),
+    the scales shrunk by ``clip``."""
+    scheme = Scheme(2)
+    scales = choose_scales(scale, w, scheme, gram)
+    return build_problem(w, scales.scale * clip, 0, gain, scheme.grid, gram)
 
 
 def mnist_problems(scale: str) -> list[tuple[str, LayerProblem]]:
@@ -60,12 +68,10 @@ def mnist_problems(scale: str) -> list[tuple[str, LayerProblem]]:
     layers, _ = find_dense_layers(model)
     data = load_dataset(ROOT / "models" / "mnist_mlp.calib.npz", model)
     stats = collect_statistics(model, layers, data, QUIET)
-    grid = IntegerGrid(2)
     problems = []
     for layer in layers:
         gram = stats[layer.input_name].x_gram
-        scales = choose_scales(scale, layer.weight, grid, gram)
-        problems.append((layer.name, build_problem(layer.weight, layer.gain, scales, grid, gram)))
+        problems.append((layer.name, channel_problem(layer.weight, layer.gain, scale, gram)))
     return problems
 
 
@@ -118,16 +124,13 @@ def part_optimality(instances: int) -> None:
             cols = rng.choice(problem.shape[1], 20, replace=False)
             rows = rng.choice(problem.shape[0], min(64, problem.shape[0]), replace=False)
             w = (problem.rounding.base + problem.rounding.frac)[np.ix_(rows, cols)]
-            grid = IntegerGrid(2)
             gram = problem.gram[np.ix_(cols, cols)]
-            sources.append((f"MNIST {name}", build_problem(w, 1.0, grid.max_abs_scale(w) * 0.8, grid, gram)))
+            sources.append((f"MNIST {name}", channel_problem(w, 1.0, "minmax", gram, clip=0.8)))
     for seed in range(instances * 3):
         rng = np.random.default_rng(seed)
         x = rng.standard_normal((200, 20)) @ rng.standard_normal((20, 20)) * 0.5 + 0.3
         w = rng.standard_normal((64, 20))
-        grid = IntegerGrid(2)
-        sources.append(("random correlated", build_problem(w, 1.0, grid.max_abs_scale(w) * 0.8, grid,
-                                                           x.T @ x / 200)))
+        sources.append(("random correlated", channel_problem(w, 1.0, "minmax", x.T @ x / 200, clip=0.8)))
     summary: dict[str, list] = {}
     for label, problem in sources:
         exact_choice, exact_time = timed(ExactSolver(), problem)
@@ -156,8 +159,7 @@ def one_layer(width: int, samples: int) -> dict:
     z = np.hstack([x.astype(np.float64), np.ones((samples, 1))])
     gram = (z.T @ z / samples)[:-1, :-1]
     del z, x
-    grid = IntegerGrid(2)
-    problem = build_problem(w, 1.0, choose_scales("mse", w, grid, gram), grid, gram)
+    problem = channel_problem(w, 1.0, "mse", gram)
     after_scales = time.perf_counter()
     choice = FastSolver().solve(problem, 0, QUIET)
     end = time.perf_counter()

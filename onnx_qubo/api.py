@@ -32,6 +32,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              report_path: str | os.PathLike | None = None, dump_qubo: str | os.PathLike | None = None,
              load_solution: str | os.PathLike | None = None, exclude: Sequence[str] = (),
              layer_bits: Mapping[str, int] | None = None, bias_correction: bool = False,
+             granularity: str = "channel", block_size: int = 0, symmetric: bool = True, bias: str = "float",
+             activations: str = "none", activation_range: str = "minmax", sequential: bool = False,
              progress: bool = False) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
@@ -46,7 +48,13 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     (format in ``onnx_qubo.exchange``). ``exclude``: layer names to leave in float;
     ``layer_bits``: {layer name: bits} overriding ``bits`` (names as ``onnx-qubo inspect``
     lists them). ``bias_correction``: add to each layer's output the mean error its rounding
-    leaves on the calibration data. Raises ``QuboInputError`` on bad input,
+    leaves on the calibration data. The scheme: ``granularity`` ("channel", "tensor" or
+    "block" with ``block_size`` inputs per scale), ``symmetric`` (False: unsigned grids with
+    zero points), ``bias`` ("float", "quantize": a QUBO variable at the weights' bit width,
+    "int32": input scale x weight scale, needs quantized activations), ``activations``
+    ("none", "int8", "uint8": per-tensor QDQ on each layer's input, ranges by
+    ``activation_range`` "minmax" or "percentile"), ``sequential`` (calibrate each layer on
+    the outputs of the already quantized earlier layers). Raises ``QuboInputError`` on bad input,
     before any output is written; the input model is never modified.
     """
     started = time.perf_counter()
@@ -63,14 +71,16 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
             raise QuboInputError(f"report '{report_path}' is the output model's path; choose another")
     if dump_qubo is not None and Path(dump_qubo).exists() and not Path(dump_qubo).is_dir():
         raise QuboInputError(f"--dump-qubo '{dump_qubo}' exists and is not a directory")
-    float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
-
     if load_solution is not None and not Path(load_solution).is_dir():
         raise QuboInputError(f"--load-solution '{load_solution}' is not a directory")
     options = QuantizeOptions(bits=bits, scale=scale, solver=solver, seed=seed,
                               dump_dir=None if dump_qubo is None else Path(dump_qubo),
                               solution_dir=None if load_solution is None else Path(load_solution),
-                              layer_bits=layer_bits, bias_correction=bias_correction)
+                              layer_bits=layer_bits, bias_correction=bias_correction, granularity=granularity,
+                              block_size=block_size, symmetric=symmetric, bias=bias, activations=activations,
+                              activation_range=activation_range, sequential=sequential)
+    options.check()
+    float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
     quantized, layers, skipped = quantize_model(float_model, calib_data, options, bar, exclude)
     data = quantized.SerializeToString()
@@ -82,7 +92,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         calibration_samples=calib_data.num_samples, layers=layers, skipped=skipped,
         evaluation=evaluate(reference_scores(float_model, eval_data, bar), quantized, bar),
         input_bytes=float_model.ByteSize(), output_bytes=len(data),
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started, scheme=options.describe())
     if report_path is not None:
         write_atomically(report_path, report.to_json().encode())
     return report

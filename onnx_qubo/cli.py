@@ -14,7 +14,9 @@ from . import api
 from .discovery import find_dense_layers
 from .errors import QuboInputError
 from .files import check_output_path, load_model, write_atomically
-from .grid import MAX_BITS, MIN_BITS
+from .activations import ACTIVATION_TYPES, PERCENTILE, RANGE_METHODS
+from .grid import GRANULARITIES, MAX_BITS, MIN_BITS
+from .pipeline import BIAS_MODES
 from .scales import SCALE_METHODS
 from .solvers import SOLVERS, NealSolver
 
@@ -55,14 +57,35 @@ def main():
 @click.argument("input_model", type=click.Path(dir_okay=False))
 @click.argument("output_model", type=click.Path(dir_okay=False))
 @click.option("--bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=2, show_default=True,
-              help="Weight bit width (INT2 storage for 1-2, INT4 for 3-4, INT8 for 5-8).")
+              help="Weight bit width (INT2/UINT2 storage for 1-2, INT4/UINT4 for 3-4, INT8/UINT8 for 5-8).")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
               help="Calibration .npz keyed by input name [default: <model stem>.calib.npz beside it].")
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), default=None,
               help="Evaluation .npz (inputs + optional 'labels') [default: <model stem>.eval.npz "
                    "beside it, else the calibration data].")
 @click.option("--scale", type=click.Choice(SCALE_METHODS), default="mse", show_default=True,
-              help="mse: per-channel clipping ratio searched on the QUBO cost; minmax: max-abs.")
+              help="mse: clipping ratio per scale group searched on the QUBO cost of round-to-nearest; "
+                   "qubo: the best few of those re-ranked by the cost after the fast solver; "
+                   "minmax: the full range.")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="channel", show_default=True,
+              help="Weights sharing one scale: each output channel, the whole tensor, or blocks of "
+                   "--block-size inputs within a channel (DequantizeLinear block_size, opset 21).")
+@click.option("--block-size", type=click.IntRange(min=1), default=None,
+              help="Inputs per scale block (with --granularity block; e.g. 32).")
+@click.option("--symmetric/--asymmetric", default=True, show_default=True,
+              help="Signed grid with zero point 0 (INT2/INT4/INT8), or unsigned grid with an integer "
+                   "zero point per scale (UINT2/UINT4/UINT8).")
+@click.option("--bias", "bias_mode", type=click.Choice(BIAS_MODES), default="float", show_default=True,
+              help="float: keep it; quantize: a variable of each neuron's QUBO at the weights' bit width "
+                   "(the paper); int32: input scale x weight scale (needs --activations).")
+@click.option("--activations", type=click.Choice(ACTIVATION_TYPES), default="none", show_default=True,
+              help="Quantize each layer's input per tensor (QuantizeLinear/DequantizeLinear); the QUBO "
+                   "then sees the quantized inputs.")
+@click.option("--activation-range", type=click.Choice(RANGE_METHODS), default="minmax", show_default=True,
+              help=f"Input ranges: observed min/max, or the {PERCENTILE}% percentile at both ends.")
+@click.option("--sequential", is_flag=True,
+              help="Calibrate each layer on the outputs of the already quantized earlier layers "
+                   "(target: the float model's outputs).")
 @click.option("--solver", type=click.Choice(list(SOLVERS)), default="fast", show_default=True,
               help="fast: batched engine on the shared Gram; neal: dwave-neal per neuron (the "
                    "paper); rtn: round to nearest; exact: brute force (tests, tiny layers).")
@@ -84,19 +107,24 @@ def main():
 @click.option("--bias-correction", is_flag=True,
               help="Add to each layer's output the mean error its rounding leaves (an Add after it).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def quantize(input_model, output_model, bits, calib, eval_path, scale, solver, neal_reads,
-             neal_sweeps, seed, batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits,
-             bias_correction, quiet):
+def quantize(input_model, output_model, bits, calib, eval_path, scale, granularity, block_size, symmetric,
+             bias_mode, activations, activation_range, sequential, solver, neal_reads, neal_sweeps, seed,
+             batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
+    if (granularity == "block") != (block_size is not None):
+        raise click.UsageError("--block-size goes with --granularity block, and --granularity block needs it")
     chosen = NealSolver(neal_reads, neal_sweeps) if solver == "neal" else SOLVERS[solver]()
     try:
         report = api.quantize(input_model, output_model, bits=bits, calibration=calib,
                               evaluation=eval_path, scale=scale, solver=chosen, seed=seed,
                               batch_size=batch_size, report_path=report_path, dump_qubo=dump_qubo,
                               load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
-                              bias_correction=bias_correction, progress=not quiet)
+                              bias_correction=bias_correction, granularity=granularity,
+                              block_size=block_size or 0, symmetric=symmetric, bias=bias_mode,
+                              activations=activations, activation_range=activation_range,
+                              sequential=sequential, progress=not quiet)
     except QuboInputError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report.to_text())

@@ -76,13 +76,20 @@ def find_dense_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[Sk
                 skip("alpha=0: the weight does not contribute to the output")
                 continue
             form = f"Gemm(transB={trans_b})"
+            bias_name = node.input[2] if len(node.input) > 2 else ""
+            bias_gain = float(attrs.get("beta", 1.0))
         else:
             weight, gain = stored.T, 1.0
-            form = "MatMul+Add" if _feeds_constant_add(node.output[0], consumers, initializers) else "MatMul"
+            add = _constant_add(node.output[0], consumers, initializers)
+            form = "MatMul+Add" if add else "MatMul"
             if ranks.get(activation) != 2:
                 form += " (N-D)"
+            bias_name = next((name for name in add.input if name != node.output[0]), "") if add else ""
+            bias_gain = 1.0
+        bias = _bias_vector(bias_name, len(weight), initializers, uses, overridable)
         layers.append(DenseLayer(name, node.op_type, form, activation, ranks.get(activation),
-                                 weight_name, weight, gain))
+                                 weight_name, weight, gain, None if bias is None else bias_gain * bias,
+                                 bias_name if bias is not None else None))
     return layers, skipped
 
 
@@ -123,10 +130,22 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return consumers
 
 
-def _feeds_constant_add(output: str, consumers, initializers) -> bool:
-    """True when ``output`` is read only by one Add whose other operand is a constant."""
+def _constant_add(output: str, consumers, initializers) -> onnx.NodeProto | None:
+    """The Add that alone reads ``output`` and adds a constant to it, if there is one."""
     readers = consumers.get(output, [])
     if len(readers) != 1 or readers[0].op_type != "Add":
-        return False
+        return None
     other = [name for name in readers[0].input if name != output]
-    return len(other) == 1 and other[0] in initializers
+    return readers[0] if len(other) == 1 and other[0] in initializers else None
+
+
+def _bias_vector(name: str, n: int, initializers, uses, overridable) -> np.ndarray | None:
+    """The bias as an [n] vector when it can be replaced by a quantized one: a FLOAT
+    initializer of n values along its last axis, read by this layer alone."""
+    init = initializers.get(name)
+    if init is None or name in overridable or uses[name] != 1 or init.data_type != onnx.TensorProto.FLOAT:
+        return None
+    dims = list(init.dims)
+    if not dims or dims[-1] != n or int(np.prod(dims)) != n:
+        return None
+    return numpy_helper.to_array(init).astype(np.float64).reshape(n)

@@ -3,21 +3,25 @@ roundings back.
 
 Layout of a dump directory (``--dump-qubo DIR``):
 
-    index.json               [{"layer", "file", "n_out", "f_in", "bits"}, ...]
-    <file>.qubo.npz          one layer, arrays:
-        gram   [f, f]   E[x x^T] over the calibration inputs (shared by all neurons)
-        scale  [n]      effective scale s_i of neuron i
-        frac   [n, f]   w / s - base: where each weight sits above its floor (grid units)
-        free   [n, f]   True where the weight may round down (v=0) or up (v=1)
-        base   [n, f]   integer the weight takes when v=0 (clamped value when not free)
-    neuron i's QUBO over its free weights J:  E(v) = s_i^2 (frac_i - v)^T G (frac_i - v),
-    with v = 0 outside J; i.e. v^T A v - 2 h^T v + c, A = s_i^2 G[J, J],
-    h = s_i^2 (G frac_i)[J], c = s_i^2 frac_i^T G frac_i. The layer's cost is the sum over i.
-    ``onnx_qubo.exchange.read_problem(path).neuron_qubo(i)`` returns (A, -2h, c, J).
+    index.json               [{"layer", "file", "n_out", "f_in", "variables", "bits"}, ...]
+    <file>.qubo.npz          one layer, arrays (m variables per neuron: its f weights, plus its
+                             bias when the bias is quantized):
+        gram   [m, m]   E[z z^T] over the inputs the quantized layer sees (shared by all neurons)
+        step   [n, m]   output change per grid step of each variable (alpha x its scale)
+        frac   [n, m]   where each variable sits above its floor (grid units, zero point included)
+        free   [n, m]   True where the variable may round down (v=0) or up (v=1)
+        base   [n, m]   integer the variable takes when v=0 (clamped value when not free)
+        cross  [n, m]   linear coefficient (zero unless inputs are quantized or --sequential)
+        offset [n]      error no rounding changes
+    neuron i's QUBO, with e = step_i * (frac_i - v) and v = 0 outside the free set J:
+        E(v) = e^T G e + 2 cross_i . e + offset_i,
+    i.e. v^T A v + l . v + c over J, A = P G[J, J] P with P = diag(step_i[J]),
+    l = -2 P ((G a)[J] + cross_i[J]), a = step_i * frac_i, c = E(0). The layer's cost is the
+    sum over i. ``onnx_qubo.exchange.read_problem(path).neuron_qubo(i)`` returns (A, l, c, J).
 
 A solution (``--load-solution DIR``) is ``<file>.solution.npy`` beside each ``.qubo.npz``: a
-[n, f] array of 0/1 (1 = round up); entries of weights that are not free are ignored. The run
-that loads it must build the same problems (same model, data and flags): its scales are
+[n, m] array of 0/1 (1 = round up); entries of variables that are not free are ignored. The run
+that loads it must build the same problems (same model, data and flags): its steps are
 checked against the dump.
 """
 
@@ -50,19 +54,22 @@ def file_stems(layer_names: list[str]) -> list[str]:
 
 def write_problem(directory: Path, stem: str, problem: LayerProblem) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    np.savez(directory / f"{stem}.qubo.npz", gram=problem.gram, scale=problem.scale,
-             frac=problem.rounding.frac, free=problem.rounding.free, base=problem.rounding.base)
+    np.savez(directory / f"{stem}.qubo.npz", gram=problem.gram,
+             step=np.broadcast_to(problem.step, problem.shape), frac=problem.rounding.frac,
+             free=problem.rounding.free, base=problem.rounding.base, cross=problem.cross,
+             offset=problem.offset)
 
 
 def write_index(directory: Path, entries: list[dict]) -> None:
-    """``entries``: one {"layer", "file", "n_out", "f_in", "bits"} per written layer."""
+    """``entries``: one {"layer", "file", "n_out", "f_in", "variables", "bits"} per written layer."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / INDEX).write_text(json.dumps(entries, indent=2))
 
 
 def read_problem(path: Path) -> LayerProblem:
     with np.load(path) as npz:
-        return LayerProblem(npz["gram"], npz["scale"], Rounding(npz["base"], npz["frac"], npz["free"]))
+        return LayerProblem(npz["gram"], npz["step"], Rounding(npz["base"], npz["frac"], npz["free"]),
+                            npz["cross"], npz["offset"])
 
 
 def read_solution(directory: Path, name: str, problem: LayerProblem) -> np.ndarray:
@@ -77,11 +84,12 @@ def read_solution(directory: Path, name: str, problem: LayerProblem) -> np.ndarr
         raise QuboInputError(f"--load-solution: no solution file '{solution}' for layer '{name}'")
     try:
         with np.load(dumped) as npz:
-            scale = npz["scale"]
+            step = npz["step"]
         choice = np.load(solution, allow_pickle=False)
     except (OSError, ValueError, KeyError) as exc:
         raise QuboInputError(f"--load-solution: cannot read the files of layer '{name}': {exc}") from None
-    if scale.shape != problem.scale.shape or not np.allclose(scale, problem.scale, rtol=1e-6):
+    expected = np.broadcast_to(problem.step, problem.shape)
+    if step.shape != expected.shape or not np.allclose(step, expected, rtol=1e-6):
         raise QuboInputError(f"--load-solution: layer '{name}' was dumped with other scales; rerun "
                              "with the model, data and flags used for --dump-qubo")
     if choice.shape != problem.shape or not np.isin(choice, (0, 1)).all():

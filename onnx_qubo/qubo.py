@@ -1,13 +1,20 @@
 """The rounding QUBO of one dense layer, and of each of its output neurons.
 
-With ``w / s = base + frac`` (see grid.py) and a binary choice ``v`` (1 = round up) on the
-free weights, neuron i's dequantized error is ``s_i (frac_i - v_i)`` and its mean squared
-pre-activation error on the calibration inputs is
+Each variable j of neuron i (a weight, or the bias when it is quantized too) sits at
+``base + frac`` grid steps (see grid.py); a grid step moves the neuron's output by
+``step_ij`` per unit of its input z_j (Gemm's alpha times the variable's scale; the scale
+differs between variables with block scales or a quantized bias). For a binary choice v
+(1 = round up), the output error of the rounding is ``e_i . z`` plus, when the layer sees
+other inputs than the float model's, a part the rounding cannot change, with
 
-    C_i(v) = s_i^2 (frac_i - v)^T G (frac_i - v),      G = E[x x^T]
+    e_i = step_i * (frac_i - v)                                       (element-wise)
+    C_i(v) = e_i^T G e_i + 2 cross_i . e_i + offset_i,     G = E[z z^T]
 
-which is ``v^T A v - 2 h^T v + c`` with ``A = s_i^2 G[J, J]``, ``h = s_i^2 (G frac_i)[J]``,
-``c = s_i^2 frac_i^T G frac_i`` over the free set J. The layer's cost is the sum over neurons.
+the mean squared pre-activation error on the calibration inputs (``cross`` and ``offset`` are
+zero when the layer's inputs are the float model's). Over the free set J this is
+``v^T A v + l . v + c`` with ``A = P G[J, J] P`` (P = diag(step_i[J])),
+``l = -2 P ((G a)[J] + cross_i[J])``, ``a = step_i * frac_i``, ``c = C_i(0)``. The layer's
+cost is the sum over neurons.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ class NeuronQubo:
     """``E(v) = v^T quadratic v + linear . v + constant`` over the neuron's free weights."""
 
     quadratic: np.ndarray  # symmetric [k, k] (A)
-    linear: np.ndarray  # [k] (-2 h)
+    linear: np.ndarray  # [k] (l)
     constant: float  # error of rounding every free weight down
     variables: np.ndarray  # [k] input indices of the free weights
 
@@ -41,21 +48,26 @@ class NeuronQubo:
 
 @dataclass(frozen=True, eq=False)
 class LayerProblem:
-    """All n neuron QUBOs of a layer: they share the Gram matrix and differ by scale and frac."""
+    """All n neuron QUBOs of a layer: they share the Gram matrix G [m, m]."""
 
-    gram: np.ndarray  # [f, f] E[x x^T]
-    scale: np.ndarray  # [n] effective scale: |gain| * grid scale
-    rounding: Rounding
+    gram: np.ndarray  # [m, m] E[z z^T] over the inputs the quantized layer sees
+    step: np.ndarray  # [n, m], or [n, 1] when a row's variables share one scale
+    rounding: Rounding  # [n, m]
+    cross: np.ndarray  # [n, m] linear coefficient of e_i (zero when inputs are the float ones)
+    offset: np.ndarray  # [n] error no rounding can change
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.rounding.frac.shape
 
+    def errors(self, choice: np.ndarray) -> np.ndarray:
+        """e = step * (frac - v) [n, m] for a choice (bool [n, m]; ignored where not free)."""
+        return self.step * (self.rounding.frac - (choice & self.rounding.free))
+
     def neuron_energies(self, choice: np.ndarray) -> np.ndarray:
-        """Per-neuron cost [n] of a choice (bool [n, f]; ignored where a weight is not free),
-        computed in the Gram matrix's precision."""
-        delta = (self.rounding.frac - (choice & self.rounding.free)).astype(self.gram.dtype)
-        return self.scale ** 2 * np.einsum("if,if->i", delta @ self.gram, delta)
+        """Per-neuron cost [n] of a choice, computed in the Gram matrix's precision."""
+        e = self.errors(choice).astype(self.gram.dtype)
+        return np.einsum("im,im->i", e @ self.gram + 2.0 * self.cross, e) + self.offset
 
     def energy(self, choice: np.ndarray) -> float:
         """The layer's mean squared pre-activation error for a choice."""
@@ -65,15 +77,25 @@ class LayerProblem:
         return self.rounding.base + (choice & self.rounding.free)
 
     def neuron_qubo(self, i: int) -> NeuronQubo:
-        """The QUBO of output neuron i, over its free weights only."""
+        """The QUBO of output neuron i, over its free variables only."""
         variables = np.flatnonzero(self.rounding.free[i])
-        frac, s2 = self.rounding.frac[i], self.scale[i] ** 2
-        quadratic = s2 * self.gram[np.ix_(variables, variables)]
-        h = s2 * (self.gram @ frac)[variables]
-        return NeuronQubo(quadratic, -2.0 * h, float(s2 * frac @ self.gram @ frac), variables)
+        step = np.broadcast_to(self.step[i], self.shape[1:])
+        a = step * self.rounding.frac[i]
+        p = step[variables]
+        quadratic = p[:, None] * self.gram[np.ix_(variables, variables)] * p[None, :]
+        linear = -2.0 * p * ((self.gram @ a)[variables] + self.cross[i, variables])
+        constant = float(a @ self.gram @ a + 2.0 * self.cross[i] @ a + self.offset[i])
+        return NeuronQubo(quadratic, linear, constant, variables)
 
 
-def build_problem(weight: np.ndarray, gain: float, scale: np.ndarray, grid: IntegerGrid,
-                  gram: np.ndarray) -> LayerProblem:
-    """The layer's QUBO for weights [n, f] on ``grid`` with per-row ``scale``."""
-    return LayerProblem(gram, abs(gain) * scale, split_rounding(weight, scale, grid))
+def build_problem(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int, gain,
+                  grid: IntegerGrid, gram: np.ndarray, cross: np.ndarray | None = None,
+                  offset: np.ndarray | None = None) -> LayerProblem:
+    """The QUBO for ``values`` [n, m] quantized as ``scale * (q - zero_point)`` on ``grid``
+    (scale and zero point [n, m] or broadcastable), each column's output scaled by ``gain``
+    (a number or [m])."""
+    rounding = split_rounding(values / scale + zero_point, grid)
+    n, m = values.shape
+    return LayerProblem(gram, gain * scale, rounding,
+                        np.zeros((n, m)) if cross is None else cross,
+                        np.zeros(n) if offset is None else offset)

@@ -24,6 +24,7 @@ class LayerReport:
     lower_bound: float | None  # certified: no rounding on these scales costs less (None: not computed)
     solve_seconds: float
     cost_bias_corrected: float | None = None  # cost_solved less the mean error the new bias removes
+    bias: str = "float"  # how the layer's bias is stored: float, the weights' type, or INT32
 
     @property
     def gap(self) -> float | None:
@@ -63,6 +64,7 @@ class Report:
     input_bytes: int
     output_bytes: int
     seconds: float
+    scheme: str = ""  # granularity, zero points, bias, activations in words
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -76,14 +78,15 @@ class Report:
             f"{self.input_path or 'model'} -> {self.output_path}",
             f"bits={self.bits} scale={self.scale} solver={self.solver}, calibrated on "
             f"{self.calibration_samples} samples ({self.calibration})",
+            *([self.scheme] if self.scheme else []),
             "",
-            f"{'layer':<28}{'form':<22}{'shape':>12}{'bits':>5}{'type':>6}{'free':>7}"
+            f"{'layer':<28}{'form':<22}{'shape':>12}{'bits':>5}{'type':>6}{'bias':>6}{'free':>7}"
             f"{'cost rtn':>12}{'cost ' + self.solver:>12}{'ratio':>7}{'bound':>11}{'gap':>6}{'time':>8}",
         ]
         for layer in self.layers:
             ratio = layer.cost_solved / layer.cost_rtn if layer.cost_rtn > 0 else 1.0
             lines.append(
-                f"{layer.name:<28}{layer.form:<22}{f'{layer.n_out}x{layer.f_in}':>12}{layer.bits:>5}{layer.storage:>6}"
+                f"{layer.name:<28}{layer.form:<22}{f'{layer.n_out}x{layer.f_in}':>12}{layer.bits:>5}{layer.storage:>6}{layer.bias:>6}"
                 f"{layer.free_fraction:>7.0%}{layer.cost_rtn:>12.4g}{layer.cost_solved:>12.4g}"
                 f"{ratio:>7.3f}{_or_dash(layer.lower_bound, '.4g'):>11}{_or_dash(layer.gap, '.0%'):>6}"
                 f"{layer.solve_seconds:>7.1f}s")

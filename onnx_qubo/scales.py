@@ -1,61 +1,124 @@
-"""Choose per-channel scales: max-abs, or a clipping ratio searched on the layer's QUBO cost.
+"""Choose scales and zero points: the weights' range per group, or a clipping ratio searched on
+the layer's QUBO cost.
 
-At 2 bits a max-abs scale leaves most weights at zero; shrinking each row's scale (clipping
-its largest weights) trades a few large errors for many small ones. The QUBO cost under
-round-to-nearest is exactly the output error that trade causes, so it is the search criterion.
+At 2 bits a range-filling scale leaves most weights at zero; shrinking a group's range
+(clipping its largest weights) trades a few large errors for many small ones. The QUBO cost
+under round-to-nearest is exactly the output error that trade causes, so it is the search
+criterion (``mse``); ``qubo`` re-ranks the best few ratios by the cost after the fast solver
+(pipeline.py). Block groups are searched on their diagonal block of the Gram matrix (the
+coupling between blocks is left to the solver); a tensor's one ratio on the whole layer.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .grid import IntegerGrid
+from .grid import GroupScales, IntegerGrid, Scheme
 
-SCALE_METHODS = ("mse", "minmax")
+SCALE_METHODS = ("mse", "minmax", "qubo")
 COARSE_RATIOS = np.linspace(0.05, 1.0, 10)
 FINE_STEPS = np.array([-0.06, -0.04, -0.02, 0.02, 0.04, 0.06])
+QUBO_CANDIDATES = 4  # ratios per group that ``--scale qubo`` solves
 
 
-def choose_scales(method: str, weight: np.ndarray, grid: IntegerGrid, gram: np.ndarray) -> np.ndarray:
-    """Per-row scales [n] by ``method`` ("minmax" or "mse")."""
-    max_abs = grid.max_abs_scale(weight)
+def choose_scales(method: str, weight: np.ndarray, scheme: Scheme, gram: np.ndarray,
+                  cross: np.ndarray | None = None) -> GroupScales:
+    """Scales for ``weight`` [n, f]: range-filling (``minmax``) or the clipping ratio with the
+    least round-to-nearest cost (``mse``; ``qubo`` starts from the same ranking).
+    ``gram`` [f, f] and ``cross`` [n, f] define the cost ``d G d + 2 d . cross`` of a
+    weight error d (pipeline.py: ``cross`` carries the effect of quantized inputs)."""
+    if method not in SCALE_METHODS:
+        raise ValueError(f"unknown scale method '{method}'; choose one of {', '.join(SCALE_METHODS)}")
+    ranges = GroupRanges(weight, scheme)
     if method == "minmax":
-        return max_abs
-    if method == "mse":
-        return max_abs * search_clip_ratios(weight, grid, gram, max_abs)
-    raise ValueError(f"unknown scale method '{method}'; choose one of {', '.join(SCALE_METHODS)}")
+        return ranges.scales(np.ones(ranges.shape))
+    return candidate_scales(weight, scheme, gram, cross, 1)[0]
 
 
-def search_clip_ratios(weight, grid, gram, max_abs) -> np.ndarray:
-    """Per-row ratio in (0, 1] minimizing the round-to-nearest cost: a coarse common grid of
-    10 ratios, then 6 finer ones around each row's best."""
-    search = _RtnCosts(weight, grid, gram, max_abs)
-    coarse = np.broadcast_to(COARSE_RATIOS[:, None], (len(COARSE_RATIOS), len(weight)))
-    coarse_costs = search.costs(coarse)
-    best = np.argmin(coarse_costs, axis=0)
-    ratios, cost = COARSE_RATIOS[best], coarse_costs[best, np.arange(len(weight))]
-    fine = np.clip(ratios[None, :] + FINE_STEPS[:, None], 0.01, 1.0)
-    candidates = np.vstack([ratios[None, :], fine])
-    costs = np.vstack([cost[None, :], search.costs(fine)])
-    return candidates[np.argmin(costs, axis=0), np.arange(len(weight))]
+def candidate_scales(weight: np.ndarray, scheme: Scheme, gram: np.ndarray, cross: np.ndarray | None,
+                     count: int) -> list[GroupScales]:
+    """The ``count`` best scale sets by round-to-nearest cost (the k-th holds every group's
+    k-th best ratio): a coarse common grid of 10 ratios, then 6 finer ones around each
+    group's best."""
+    ranges = GroupRanges(weight, scheme)
+    costs = _RtnCosts(weight, ranges, gram, cross)
+    shape = ranges.shape
+    coarse = np.broadcast_to(COARSE_RATIOS[:, None, None], (len(COARSE_RATIOS), *shape))
+    coarse_costs = costs.of(coarse)
+    best = np.take_along_axis(coarse, coarse_costs.argmin(axis=0)[None], axis=0)[0]
+    fine = np.clip(best[None] + FINE_STEPS[:, None, None], 0.01, 1.0)
+    ratios = np.concatenate([coarse, fine])
+    order = np.argsort(np.concatenate([coarse_costs, costs.of(fine)]), axis=0, kind="stable")[:count]
+    return [ranges.scales(r) for r in np.take_along_axis(ratios, order, axis=0)]
+
+
+class GroupRanges:
+    """Each scale group's weight range: ``[lo, hi]`` (always containing 0, so that 0 stays
+    exact) for asymmetric grids, ``max |w|`` for symmetric ones; a ratio in (0, 1] clips it."""
+
+    def __init__(self, weight: np.ndarray, scheme: Scheme):
+        n, f = weight.shape
+        self.grid, self.width = scheme.grid, scheme.group_width(f)
+        self.tensor = scheme.granularity == "tensor"
+        groups = -(-f // self.width)
+        padded = np.zeros((n, groups * self.width))
+        padded[:, :f] = weight
+        blocks = padded.reshape(n, groups, self.width)
+        self.lo, self.hi = np.minimum(blocks.min(axis=2), 0.0), np.maximum(blocks.max(axis=2), 0.0)
+        if scheme.granularity == "tensor":
+            self.lo = np.full((n, 1), self.lo.min())
+            self.hi = np.full((n, 1), self.hi.max())
+        self.shape = self.lo.shape
+
+    def scales(self, ratio: np.ndarray) -> GroupScales:
+        grid = self.grid
+        if grid.signed:  # at 1 bit the grid is {-1, 0}: the magnitude maps onto -1
+            top = grid.qmax if grid.qmax > 0 else -grid.qmin
+            scale = np.maximum(-self.lo, self.hi) * ratio / top
+            zero_point = np.zeros(self.shape, dtype=np.int64)
+        else:
+            lo, hi = self.lo * ratio, self.hi * ratio
+            scale = (hi - lo) / (grid.qmax - grid.qmin)
+            safe = np.where(scale > 0, scale, 1.0)
+            zero_point = np.clip(np.round(grid.qmin - lo / safe), grid.qmin, grid.qmax).astype(np.int64)
+        return GroupScales(np.where(scale > 0, scale, 1.0), zero_point, self.width)
+
+
+def tensor_scales(values: np.ndarray, grid: IntegerGrid) -> GroupScales:
+    """One range-filling scale for a vector [n] (a quantized bias), as [n, 1] groups."""
+    scheme = Scheme(grid.bits, "tensor", symmetric=grid.signed)
+    ranges = GroupRanges(values[:, None], scheme)
+    return ranges.scales(np.ones(ranges.shape))
 
 
 class _RtnCosts:
-    """Round-to-nearest cost of each row for candidate ratios, in float32: half the time of
+    """Round-to-nearest cost of every group for candidate ratios, in float32: half the time of
     float64 on wide layers, and the ranking of candidates needs no more precision. (A Gemm's
     alpha scales every candidate of a row alike, so it does not enter.)"""
 
-    def __init__(self, weight, grid, gram, max_abs):
-        self.weight = weight.astype(np.float32)
-        self.grid, self.gram = grid, gram.astype(np.float32)
-        self.max_abs = max_abs.astype(np.float32)
+    def __init__(self, weight, ranges: GroupRanges, gram, cross):
+        self.weight, self.ranges = weight.astype(np.float32), ranges
+        self.gram = gram.astype(np.float32)
+        self.cross = None if cross is None else cross.astype(np.float32)
 
-    def costs(self, candidates: np.ndarray) -> np.ndarray:
-        """Costs [m, n] for ratios ``candidates`` [m, n]."""
-        costs = np.empty(candidates.shape)
-        for k, ratio in enumerate(candidates):
-            scale = self.max_abs * ratio.astype(np.float32)
-            scaled = self.weight / scale[:, None]
-            delta = scaled - self.grid.round_nearest(scaled)
-            costs[k] = scale ** 2 * np.einsum("if,if->i", delta @ self.gram, delta)
+    def of(self, ratios: np.ndarray) -> np.ndarray:
+        """Costs [m, n, g] for ratios [m, n, g]; a tensor-wide group gets the layer's total."""
+        return np.stack([self._costs(r) for r in ratios])
+
+    def _costs(self, ratio: np.ndarray) -> np.ndarray:
+        scales = self.ranges.scales(ratio)
+        n, f = self.weight.shape
+        step = scales.per_column(scales.scale, f).astype(np.float32)
+        scaled = self.weight / step + scales.per_column(scales.zero_point, f)
+        delta = step * (scaled - self.ranges.grid.round_nearest(scaled))
+        width = self.ranges.width
+        costs = np.empty(ratio.shape)
+        for b in range(ratio.shape[1]):
+            cols = slice(b * width, min((b + 1) * width, f))
+            d = delta[:, cols]
+            costs[:, b] = np.einsum("if,if->i", d @ self.gram[cols, cols], d)
+            if self.cross is not None:
+                costs[:, b] += 2.0 * np.einsum("if,if->i", d, self.cross[:, cols])
+        if self.ranges.tensor:  # one ratio for the layer: rank it by the layer's total
+            costs[:] = costs.sum()
         return costs

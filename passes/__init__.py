@@ -3,8 +3,8 @@ its input), and says whether it changed anything; ``run_passes`` applies a visib
 
 from .base import GraphPass, PassResult, run_passes
 from .check import CheckModel
-from .insert_dequantize import InsertDequantize, QuantizedWeight
+from .insert_dequantize import ActivationQuantization, InsertDequantize, QuantizedTensor, QuantizedWeight
 from .opset import RaiseOpset
 
 __all__ = ["GraphPass", "PassResult", "run_passes", "CheckModel", "InsertDequantize",
-           "QuantizedWeight", "RaiseOpset"]
+           "QuantizedWeight", "QuantizedTensor", "ActivationQuantization", "RaiseOpset"]

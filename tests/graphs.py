@@ -21,8 +21,8 @@ def _floats(name, shape):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
-def gemm_model(f=6, n=5, trans_b=1, alpha=1.0, beta=1.0, bias=True, seed=0) -> onnx.ModelProto:
-    """x [B, f] -> Gemm(W, C) -> Relu; W stored [n, f] when trans_b else [f, n] (PyTorch: trans_b=1)."""
+def gemm_model(f=6, n=5, trans_b=1, alpha=1.0, beta=1.0, bias=True, seed=0, relu=True) -> onnx.ModelProto:
+    """x [B, f] -> Gemm(W, C) (-> Relu); W stored [n, f] when trans_b else [f, n] (PyTorch: trans_b=1)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, f) if trans_b else (f, n)).astype(np.float32)
     inits = [numpy_helper.from_array(w, "W")]
@@ -30,8 +30,10 @@ def gemm_model(f=6, n=5, trans_b=1, alpha=1.0, beta=1.0, bias=True, seed=0) -> o
     if bias:
         inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "C"))
         inputs.append("C")
-    nodes = [helper.make_node("Gemm", inputs, ["h"], transB=trans_b, alpha=alpha, beta=beta, name="dense"),
-             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    nodes = [helper.make_node("Gemm", inputs, ["h" if relu else "y"], transB=trans_b, alpha=alpha, beta=beta,
+                              name="dense")]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["h"], ["y"], name="relu"))
     return _model(nodes, [_floats("x", ["B", f])], [_floats("y", ["B", n])], inits)
 
 

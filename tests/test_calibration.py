@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from graphs import mlp_model
 from onnx_qubo.calibration import collect_statistics
@@ -22,3 +23,38 @@ def test_gram_of_every_layer_input_matches_numpy_and_does_not_depend_on_batching
             z = np.hstack([inputs, np.ones((len(inputs), 1))])
             np.testing.assert_allclose(stats[name].gram, z.T @ z / len(z), rtol=1e-5, atol=1e-6)
             assert stats[name].count == 70
+
+
+def test_quantized_input_statistics_match_numpy():
+    """With a quantizer on an input, G is built from the quantized input x~, and the two extra
+    sums E[z d^T], E[d d^T] (d = x - x~) from both."""
+    from onnx_qubo.grid import InputQuantizer
+
+    model = mlp_model(widths=(8, 6, 4))
+    x = np.random.default_rng(2).standard_normal((50, 8)).astype(np.float32)
+    layers, _ = find_dense_layers(model)
+    quantizer = InputQuantizer.for_range(-1.0, 1.5, signed=False)
+    stats = collect_statistics(model, layers[:1], load_dataset({"x": x}, model, 16), Progress(),
+                               quantizers={"x": quantizer})["x"]
+    seen = quantizer.fake_quantize(x).astype(np.float64)
+    z, d = np.hstack([seen, np.ones((50, 1))]), x.astype(np.float64) - seen
+    np.testing.assert_allclose(stats.gram, z.T @ z / 50, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(stats.cross, z.T @ d / 50, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(stats.drift, d.T @ d / 50, rtol=1e-6, atol=1e-12)
+    assert np.abs(d).max() > 0
+
+
+def test_input_ranges_by_minmax_and_percentile():
+    from onnx_qubo.activations import input_quantizers
+
+    model = mlp_model(widths=(8, 6, 4))
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 3, (20000, 8)).astype(np.float32)
+    x[0, 0] = 40.0  # one outlier in 160,000 values: beyond the 99.999th percentile
+    layers, _ = find_dense_layers(model)
+    data = load_dataset({"x": x}, model, 4096)
+    minmax = input_quantizers(model, layers, data, "uint8", "minmax", Progress())["x"]
+    assert minmax.scale == pytest.approx(41.0 / 255, rel=1e-5)  # stored as float32
+    percentile = input_quantizers(model, layers, data, "int8", "percentile", Progress())["x"]
+    assert percentile.scale < minmax.scale / 5  # the outlier is clipped
+    assert percentile.grid.qmin == -128 and percentile.fake_quantize(np.zeros(1))[0] == 0.0

@@ -191,3 +191,32 @@ def test_report_on_the_output_path_and_dump_onto_a_file_are_refused(model_dir):
                  "is a file")
     with pytest.raises(QuboInputError, match="exists and is not a directory"):
         onnx_qubo.quantize(model_dir / "mlp.onnx", model_dir / "out.onnx", dump_qubo=model_dir / "afile")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--block-size", "4"], "--block-size goes with --granularity block"),
+    (["--granularity", "block"], "--granularity block needs it"),
+    (["--bias", "int32"], "--bias int32 needs quantized inputs"),
+    (["--bias", "quantize", "--bias-correction"], "with --bias quantize the bias is already a variable"),
+    (["--asymmetric", "--activations", "uint8"], "onnxruntime 1.32 fuses them into QGemm"),
+    (["--activations", "int4"], "Invalid value for '--activations'"),
+])
+def test_bad_scheme_flags(model_dir, args, message):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", *args], message)
+
+
+def test_scheme_flags_reach_the_graph_and_the_report(model_dir):
+    result = invoke(model_dir / "mlp.onnx", model_dir / "out.onnx", "--bits", "4", "--granularity", "block",
+                    "--block-size", "4", "--asymmetric", "--activations", "uint8", "--bias", "quantize",
+                    "--sequential", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "weights blocks of 4 inputs, asymmetric (zero points); bias quantize; activations uint8" in result.output
+    assert "sequential calibration" in result.output
+    model = onnx.load(model_dir / "out.onnx")
+    inits = {i.name: i for i in model.graph.initializer}
+    assert inits["W0_quantized"].data_type == TensorProto.UINT4
+    assert list(inits["W0_scale"].dims) == [6, 2]  # 8 inputs in blocks of 4
+    assert inits["b0_quantized"].data_type == TensorProto.UINT4
+    weight_dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W0_quantized")
+    assert {a.name: helper.get_attribute_value(a) for a in weight_dq.attribute} == {"axis": 1, "block_size": 4}
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 2  # one per layer input

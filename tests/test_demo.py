@@ -21,7 +21,7 @@ def test_demo_int2_weights_feed_dequantize_linear(default_int2):
     _, out = default_int2
     model = onnx.load(out)
     quantized = {i.name for i in model.graph.initializer if i.data_type == TensorProto.INT2}
-    assert len(quantized) == 6  # three weights and their zero points
+    assert len(quantized) == 3  # three weights (symmetric: no zero-point inputs)
     dq_inputs = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     assert dq_inputs == {f"fc{k}.weight_quantized" for k in (1, 2, 3)}
     assert not [i for i in model.graph.initializer if i.name.endswith(".weight")]

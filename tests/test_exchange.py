@@ -84,3 +84,16 @@ def test_bad_solutions_are_refused(tmp_path):
     assert result.exit_code == 1 and "dumped with other scales" in result.output
     assert not (tmp_path / "o.onnx").exists()
     assert run("--load-solution", dump, "--quiet").exit_code == 0
+
+
+def test_dumped_problems_carry_bias_variables_and_input_quantization(tmp_path):
+    report = onnx_qubo.quantize(mlp_model(), tmp_path / "q.onnx", calibration={"x": X}, bias="quantize",
+                                activations="uint8", granularity="block", block_size=4, dump_qubo=tmp_path / "dump")
+    index = json.loads((tmp_path / "dump" / "index.json").read_text())
+    for entry, layer in zip(index, report.layers):
+        assert entry["variables"] == entry["f_in"] + 1  # the bias is the last variable
+        problem = read_problem(tmp_path / "dump" / entry["file"])
+        assert problem.shape == (entry["n_out"], entry["variables"])
+        assert np.abs(problem.cross).max() > 0 and (problem.offset > 0).all()
+        rtn = problem.rounding.free & (problem.rounding.frac >= 0.5)
+        assert problem.energy(rtn) == pytest.approx(layer.cost_rtn, rel=1e-9)

@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import gemm_model, matmul_model
-from onnx_qubo.passes import CheckModel, InsertDequantize, QuantizedWeight, RaiseOpset, run_passes
+from onnx_qubo.passes import (ActivationQuantization, CheckModel, InsertDequantize, QuantizedTensor,
+                              QuantizedWeight, RaiseOpset, run_passes)
 from onnx_qubo.passes.opset import default_opset
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC]
@@ -41,9 +42,8 @@ def quantize_w(model, bits, rank, rng):
     integers = rng.integers(qmin, qmax + 1, size=(n, f))
     scale = rng.random(n) * 0.5 + 0.1
     storage, opset = STORAGE[bits]
-    out = run_passes(model, [RaiseOpset(opset),
-                             InsertDequantize([QuantizedWeight("W", integers, scale, storage, rank)]),
-                             CheckModel()])
+    weight = QuantizedTensor(integers, scale, None, storage)
+    out = run_passes(model, [RaiseOpset(opset), InsertDequantize([QuantizedWeight("W", weight, rank)]), CheckModel()])
     return out, (integers * scale.astype(np.float32)[:, None]).T.astype(np.float64)
 
 
@@ -83,10 +83,13 @@ def test_every_emitted_form_is_exact_at_default_and_basic_levels(form, bits):
     assert {a.name: helper.get_attribute_value(a) for a in consumer.attribute}["transB"] == 1
 
 
+ZEROS = QuantizedTensor(np.zeros((5, 6), int), np.ones(5), None, TensorProto.INT8)
+
+
 def test_insert_does_not_touch_its_input():
     model = gemm_model()
     before = model.SerializeToString()
-    InsertDequantize([QuantizedWeight("W", np.zeros((5, 6), int), np.ones(5), TensorProto.INT8, 2)]).call(model)
+    InsertDequantize([QuantizedWeight("W", ZEROS, 2)]).call(model)
     assert model.SerializeToString() == before
 
 
@@ -94,7 +97,7 @@ def test_insert_refuses_a_shared_weight():
     model = gemm_model()
     model.graph.node.append(helper.make_node("Gemm", ["x", "W"], ["z"], transB=1))
     with pytest.raises(ValueError, match="read by 2 nodes"):
-        InsertDequantize([QuantizedWeight("W", np.zeros((5, 6), int), np.ones(5), TensorProto.INT8, 2)]).call(model)
+        InsertDequantize([QuantizedWeight("W", ZEROS, 2)]).call(model)
 
 
 def test_raise_opset_bumps_when_no_definition_changed_and_converts_otherwise():
@@ -123,3 +126,77 @@ def test_check_model_rejects_an_invalid_graph():
     model.graph.node[0].input[1] = "missing"
     with pytest.raises(Exception):
         CheckModel().call(model)
+
+
+def _tensor(rng, storage, shape, scale_shape, block_size=0, zero_point=True):
+    lo, hi = {TensorProto.INT2: (-2, 1), TensorProto.UINT2: (0, 3), TensorProto.INT4: (-8, 7),
+              TensorProto.UINT4: (0, 15), TensorProto.INT8: (-128, 127), TensorProto.INT32: (-5000, 5000)}[storage]
+    integers = rng.integers(lo, hi + 1, size=shape)
+    scale = rng.random(scale_shape) * 0.2 + 0.05
+    zp = rng.integers(lo, hi + 1, size=scale_shape) if zero_point else None
+    return QuantizedTensor(integers, scale, zp, storage, block_size)
+
+
+def _dequantized(t: QuantizedTensor, f: int) -> np.ndarray:
+    scale, zp = t.scale.astype(np.float32).astype(np.float64), 0 if t.zero_point is None else t.zero_point
+    if t.scale.ndim == 2:  # blocks along the inputs
+        scale, zp = (np.repeat(np.broadcast_to(a, t.scale.shape), t.block_size, axis=1)[:, :f] for a in (scale, zp))
+    elif t.scale.ndim == 1:
+        scale, zp = scale[:, None], np.asarray(zp)[..., None] if t.zero_point is not None else 0
+    return (t.integers - zp) * scale
+
+
+VARIANTS = {  # weight storage, scale shape, block size, zero point; bias storage; activation type
+    "tensor-int4": (TensorProto.INT4, (), 0, False, None, None),
+    "channel-uint2-zero-point": (TensorProto.UINT2, (5,), 0, True, None, None),
+    "block-uint4-uneven": (TensorProto.UINT4, (5, 2), 4, True, None, None),
+    "block-int2": (TensorProto.INT2, (5, 3), 2, False, None, None),
+    "bias-int2": (TensorProto.INT2, (5,), 0, False, TensorProto.INT2, None),
+    "inputs-uint8": (TensorProto.INT4, (5,), 0, False, None, TensorProto.UINT8),
+    "inputs-int8-block": (TensorProto.INT4, (5, 2), 4, True, None, TensorProto.INT8),
+    "inputs-int8-int32-bias-int8": (TensorProto.INT8, (5,), 0, False, TensorProto.INT32, TensorProto.INT8),
+    "inputs-uint8-int32-bias-int2": (TensorProto.INT2, (5,), 0, False, TensorProto.INT32, TensorProto.UINT8),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("form", ["gemm_transB0", "matmul_add", "matmul_3d"])
+def test_scales_zero_points_biases_and_quantized_inputs_are_exact(form, variant):
+    """Every scheme the pipeline emits, against numpy with the dequantized tensors (and the
+    QuantizeLinear -> DequantizeLinear of the input computed by hand)."""
+    storage, scale_shape, block, zero_point, bias_storage, input_type = VARIANTS[variant]
+    make, rank, x_shape = FORMS[form]
+    model = make()
+    rng = np.random.default_rng(len(variant))
+    weight = _tensor(rng, storage, (5, 6), scale_shape, block, zero_point)
+    bias_name = "C" if form.startswith("gemm") else "b"
+    bias = None
+    if bias_storage is not None:
+        bias = _tensor(rng, bias_storage, (5,), () if bias_storage != TensorProto.INT32 else (5,),
+                       zero_point=bias_storage != TensorProto.INT32)
+    activation = None
+    if input_type is not None:
+        activation = ActivationQuantization(0.03, 10 if input_type == TensorProto.UINT8 else -3, input_type)
+    spec = QuantizedWeight("W", weight, rank, bias_name=bias_name if bias else None, bias=bias, activation=activation)
+    opset = 25 if storage in (TensorProto.INT2, TensorProto.UINT2) else 21
+    quantized = run_passes(model, [RaiseOpset(opset), InsertDequantize([spec]), CheckModel()])
+
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    seen = x
+    if activation is not None:
+        lo, hi = (-128, 127) if input_type == TensorProto.INT8 else (0, 255)
+        q = np.clip(np.rint(x / np.float32(0.03)) + activation.zero_point, lo, hi)
+        seen = ((q - activation.zero_point) * np.float32(0.03)).astype(np.float32)
+    w = _dequantized(weight, 6)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    attrs = {a.name: helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
+    y = seen.astype(np.float64) @ w.T * attrs.get("alpha", 1.0)
+    if bias is not None:  # holds the effective bias: Gemm's beta is dropped
+        y = y + (bias.integers - (0 if bias.zero_point is None else bias.zero_point)) * bias.scale.astype(np.float32)
+    else:
+        y = y + attrs.get("beta", 1.0) * inits[bias_name]
+    if model.graph.node[-1].op_type == "Relu":
+        y = np.maximum(y, 0)
+    for level in LEVELS:
+        np.testing.assert_allclose(run(quantized, x, level), y, rtol=1e-5, atol=1e-4)
+    assert bias_name not in {i.name for i in quantized.graph.initializer} or bias is None

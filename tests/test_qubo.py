@@ -12,7 +12,7 @@ from onnx_qubo.data import load_dataset
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.grid import IntegerGrid
 from onnx_qubo.progress import Progress
-from onnx_qubo.qubo import build_problem
+from problems import channel_problem, max_abs_scale, random_problem
 
 
 def pre_activations(weights: list[np.ndarray], alpha: float, x: np.ndarray) -> list[np.ndarray]:
@@ -38,8 +38,8 @@ def test_energy_equals_measured_output_error(bits, trans_b, alpha):
     layer = find_dense_layers(model)[0][0]
     stats = collect_statistics(model, [layer], load_dataset({"x": x}, model, batch_size=64), Progress())
     grid = IntegerGrid(bits)
-    scale = grid.max_abs_scale(layer.weight) * 0.6  # clipped: some weights are fixed
-    problem = build_problem(layer.weight, layer.gain, scale, grid, stats["x"].x_gram)
+    scale = max_abs_scale(layer.weight, bits) * 0.6  # clipped: some weights are fixed
+    problem = channel_problem(layer.weight, scale, bits, stats["x"].x_gram, layer.gain)
     assert not problem.rounding.free.all()
 
     for trial in range(3):
@@ -53,13 +53,11 @@ def test_energy_equals_measured_output_error(bits, trans_b, alpha):
         np.testing.assert_allclose(problem.neuron_energies(choice), per_neuron, rtol=1e-4, atol=1e-9)
 
 
-def test_neuron_qubo_matches_layer_energy_and_upper_triangular_form():
+@pytest.mark.parametrize("general", [False, True])
+def test_neuron_qubo_matches_layer_energy_and_upper_triangular_form(general):
     rng = np.random.default_rng(0)
-    f, n = 9, 4
-    w = rng.standard_normal((n, f))
-    x = rng.standard_normal((100, f))
-    grid = IntegerGrid(2)
-    problem = build_problem(w, 1.0, grid.max_abs_scale(w) * 0.7, grid, x.T @ x / len(x))
+    n, f = 4, 9
+    problem = random_problem(n, f, general=general)
     for i in range(n):
         qubo = problem.neuron_qubo(i)
         q = qubo.upper_triangular()

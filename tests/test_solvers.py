@@ -4,21 +4,12 @@ import numpy as np
 import pytest
 
 from onnx_qubo.errors import QuboInputError
-from onnx_qubo.grid import IntegerGrid
 from onnx_qubo.progress import Progress
-from onnx_qubo.qubo import build_problem
 from onnx_qubo.solvers import ExactSolver, FastSolver, NealSolver, RoundToNearest
 from onnx_qubo.solvers.exact import minimize_binary_quadratic
 from onnx_qubo.solvers.fast import feedback_factor
 from oracles import brute_force_minimum
-
-
-def random_problem(n=6, f=10, bits=2, clip=0.7, samples=200, seed=0):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n, f))
-    x = rng.standard_normal((samples, f)) @ rng.standard_normal((f, f)) * 0.5 + 0.3  # correlated inputs
-    grid = IntegerGrid(bits)
-    return build_problem(w, 1.0, grid.max_abs_scale(w) * clip, grid, x.T @ x / samples)
+from problems import random_problem
 
 
 def brute_force_energies(problem, i):
@@ -32,8 +23,9 @@ def brute_force_energies(problem, i):
     return best
 
 
-def test_exact_finds_the_brute_force_optimum():
-    problem = random_problem(n=4, f=8)
+@pytest.mark.parametrize("general", [False, True])
+def test_exact_finds_the_brute_force_optimum(general):
+    problem = random_problem(n=4, f=8, general=general)
     choice = ExactSolver().solve(problem, 0, Progress())
     energies = problem.neuron_energies(choice)
     for i in range(4):
@@ -92,10 +84,11 @@ def test_solvers_never_choose_fixed_weights():
         assert integers.min() >= -2 and integers.max() <= 1
 
 
-def test_fast_finds_the_proven_optimum_on_small_neurons():
+@pytest.mark.parametrize("general", [False, True])
+def test_fast_finds_the_proven_optimum_on_small_neurons(general):
     found = total = 0
     for seed in range(10):
-        problem = random_problem(n=20, f=16, clip=0.8, seed=seed)
+        problem = random_problem(n=20, f=16, clip=0.8, seed=seed, general=general)
         exact = problem.neuron_energies(ExactSolver().solve(problem, 0, Progress()))
         fast = problem.neuron_energies(FastSolver().solve(problem, 0, Progress()))
         assert (fast >= exact * (1 - 1e-9)).all()
@@ -104,8 +97,9 @@ def test_fast_finds_the_proven_optimum_on_small_neurons():
     assert found / total >= 0.99
 
 
-def test_fast_is_deterministic_and_never_worse_than_rtn_per_neuron():
-    problem = random_problem(n=40, f=50, clip=0.6, seed=5)
+@pytest.mark.parametrize("general", [False, True])
+def test_fast_is_deterministic_and_never_worse_than_rtn_per_neuron(general):
+    problem = random_problem(n=40, f=50, clip=0.6, seed=5, general=general)
     first = FastSolver().solve(problem, 3, Progress())
     np.testing.assert_array_equal(first, FastSolver().solve(problem, 3, Progress()))
     rtn = problem.neuron_energies(RoundToNearest().solve(problem))

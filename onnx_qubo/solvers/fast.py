@@ -1,8 +1,9 @@
 """The fast engine: every neuron of a layer at once, with matrix operations on the shared Gram.
 
-Neuron i minimizes ``E_i(v) = (u_i - v)^T G (u_i - v)`` over binary v on its free weights
-(``u_i`` = weights in grid units minus their floor; the positive factor s_i^2 does not change
-the minimizer). Three stages, all batched over neurons:
+Neuron i minimizes ``E_i(v) = e^T G e + 2 c_i . e`` with ``e = p_i * (u_i - v)`` over binary v
+on its free variables (``u_i`` = frac, ``p_i`` = the variables' output step, ``c_i`` = cross:
+see qubo.py; the constant offset does not change the minimizer). Three stages, all batched
+over neurons:
 
 1. Start: sequential rounding with error feedback (GPTQ's Cholesky form of the nearest-plane
    algorithm), each weight restricted to its floor or ceiling; kept per neuron where it beats
@@ -14,14 +15,15 @@ the minimizer). Three stages, all batched over neurons:
    round without improvement it restarts from its best with a small random kick; then descent
    again from the best states. Small layers run several replicas of each neuron at once.
 
-For ``r = G (u - v)``, flipping v_j by d = 1 - 2 v_j changes E by ``G_jj - 2 d r_j`` and r by
-``-d G[:, j]``: a move costs O(f) per neuron, a step over all neurons O(n f).
+For ``r = G e + c``, flipping v_j by d = 1 - 2 v_j changes E by ``p_j^2 G_jj - 2 d p_j r_j`` and
+r by ``-d p_j G[:, j]``: a move costs O(m) per neuron, a step over all neurons O(n m).
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,19 +68,21 @@ class FastSolver:
         n, f = problem.shape
         gram = problem.gram
         upper = feedback_factor(gram)
+        step, frac, free, cross = (np.broadcast_to(problem.step, (n, f)), problem.rounding.frac,
+                                   problem.rounding.free, problem.cross)
         # Small layers cost numpy's per-call overhead, not arithmetic: search each neuron from
         # several replicas at once (their random tenures and kicks differ), keep the best.
         replicas = int(np.clip(REPLICA_ELEMENTS // (n * f), 1, MAX_REPLICAS))
         tabu_steps = min(1024, self.tabu_work // (n * replicas * f))
-        frac, free = problem.rounding.frac, problem.rounding.free
         if replicas > 1:
-            frac, free = np.repeat(frac, replicas, axis=0), np.repeat(free, replicas, axis=0)
+            step, frac, free, cross = (np.repeat(a, replicas, axis=0) for a in (step, frac, free, cross))
         chunks = self._chunks(n * replicas, f)
         choice = np.zeros((n * replicas, f), dtype=bool)
 
         def solve_chunk(k: int) -> None:
             rows = chunks[k]
-            state = _State(gram, frac[rows], free[rows], best_start(gram, upper, frac[rows], free[rows]))
+            terms = _Terms(gram, step[rows], frac[rows], free[rows], cross[rows])
+            state = _State(terms, best_start(terms, upper))
             state.descend(self.pair_candidates)
             if tabu_steps >= MIN_TABU_STEPS:
                 rng = np.random.default_rng([seed, k])
@@ -91,7 +95,7 @@ class FastSolver:
                 bar.update((chunks[k].stop - chunks[k].start) // replicas)
         if replicas == 1:
             return choice
-        best = energies(gram, frac, choice).reshape(n, replicas).argmin(axis=1)
+        best = _Terms(gram, step, frac, free, cross).energies(choice).reshape(n, replicas).argmin(axis=1)
         return choice.reshape(n, replicas, f)[np.arange(n), best]
 
     def _chunks(self, n: int, f: int) -> list[slice]:
@@ -115,50 +119,69 @@ def feedback_factor(gram: np.ndarray) -> np.ndarray:
     return np.linalg.inv(lower)[::-1, ::-1].copy()
 
 
-def sequential_start(upper: np.ndarray, frac: np.ndarray, free: np.ndarray, block: int = 128) -> np.ndarray:
-    """Round weights in input order, each to floor or ceiling, feeding its error forward
-    (GPTQ's lazy-batch update restricted to the binary choice)."""
-    target = frac.copy()
-    v = np.zeros(frac.shape, dtype=bool)
-    f = frac.shape[1]
+@dataclass(frozen=True, eq=False)
+class _Terms:
+    """The problem data of a chunk of neurons (rows of LayerProblem, step expanded to [n, m])."""
+
+    gram: np.ndarray
+    step: np.ndarray
+    frac: np.ndarray
+    free: np.ndarray
+    cross: np.ndarray
+
+    def rows(self, rows) -> "_Terms":
+        return _Terms(self.gram, self.step[rows], self.frac[rows], self.free[rows], self.cross[rows])
+
+    def energies(self, v: np.ndarray) -> np.ndarray:
+        """E_i for every neuron (without the constant offset)."""
+        e = self.step * (self.frac - v)
+        return np.einsum("if,if->i", e @ self.gram + 2.0 * self.cross, e)
+
+
+def sequential_start(terms: _Terms, upper: np.ndarray, block: int = 128) -> np.ndarray:
+    """Round variables in input order, each to floor or ceiling, feeding its error forward
+    (GPTQ's lazy-batch update restricted to the binary choice), in output units. The target
+    is the unconstrained optimum ``e = -c H^-1``, i.e. ``p v = p u + c H^-1``."""
+    step, free = terms.step, terms.free
+    target = step * terms.frac
+    if terms.cross.any():
+        target += (terms.cross @ upper.T) @ upper
+    v = np.zeros(target.shape, dtype=bool)
+    f = target.shape[1]
     for b0 in range(0, f, block):
         b1 = min(b0 + block, f)
         local = target[:, b0:b1].copy()
         errors = np.empty_like(local)
         for j in range(b1 - b0):
             col = b0 + j
-            v[:, col] = free[:, col] & (local[:, j] >= 0.5)
-            errors[:, j] = (local[:, j] - v[:, col]) / upper[col, col]
+            v[:, col] = free[:, col] & (local[:, j] / step[:, col] >= 0.5)
+            errors[:, j] = (local[:, j] - step[:, col] * v[:, col]) / upper[col, col]
             local[:, j + 1:] -= np.outer(errors[:, j], upper[col, col + 1:b1])
         target[:, b1:] -= errors @ upper[b0:b1, b1:]
     return v
 
 
-def best_start(gram, upper, frac, free) -> np.ndarray:
+def best_start(terms: _Terms, upper: np.ndarray) -> np.ndarray:
     """Per neuron, the better of sequential rounding and round-to-nearest."""
-    nearest = free & (frac >= 0.5)
-    sequential = sequential_start(upper, frac, free)
-    better = energies(gram, frac, sequential) < energies(gram, frac, nearest)
+    nearest = terms.free & (terms.frac >= 0.5)
+    sequential = sequential_start(terms, upper)
+    better = terms.energies(sequential) < terms.energies(nearest)
     return np.where(better[:, None], sequential, nearest)
-
-
-def energies(gram, frac, v) -> np.ndarray:
-    """E_i for every neuron (without the s_i^2 factor)."""
-    delta = frac - v
-    return np.einsum("if,if->i", delta @ gram, delta)
 
 
 class _State:
     """Current choice of a chunk of neurons, as signs ``d = 1 - 2 v`` (the direction of each
-    variable's next flip), with the residual ``r = G (u - v)`` and the energies."""
+    variable's next flip), with the residual ``r = G e + c`` and the energies."""
 
-    def __init__(self, gram, frac, free, v):
-        self.gram, self.frac, self.free = gram, frac, free
-        self.diag = np.diag(gram)
-        # gain = 2 (half_cost - sign * r): half_cost is +inf where the weight is fixed
-        self.half_cost = np.where(free, 0.5 * self.diag, np.inf)
+    def __init__(self, terms: _Terms, v: np.ndarray):
+        self.terms = terms
+        self.gram, self.step, self.free = terms.gram, terms.step, terms.free
+        self.diag = np.diag(self.gram)
+        self.flip_cost = self.step ** 2 * self.diag  # p_j^2 G_jj
+        # gain = 2 (half_cost - sign * p * r): half_cost is +inf where the variable is fixed
+        self.half_cost = np.where(self.free, 0.5 * self.flip_cost, np.inf)
         self.reset(v)
-        self.scale = np.maximum(self.energy, self.diag.max(initial=0.0)) * TOLERANCE + 1e-300
+        self.scale = (np.abs(self.energy) + self.flip_cost.max(axis=1, initial=0.0)) * TOLERANCE + 1e-300
 
     @property
     def v(self) -> np.ndarray:
@@ -166,26 +189,27 @@ class _State:
 
     def reset(self, v: np.ndarray) -> None:
         self.sign = 1.0 - 2.0 * v
-        delta = self.frac - v
-        self.r = delta @ self.gram
-        self.energy = np.einsum("if,if->i", self.r, delta)
+        e = self.step * (self.terms.frac - v)
+        self.r = e @ self.gram + self.terms.cross
+        self.energy = np.einsum("if,if->i", self.r + self.terms.cross, e)
 
     def gains(self, rows=slice(None)) -> np.ndarray:
         """Energy change of flipping each variable of the given neurons (+inf where not free)."""
-        gain = self.sign[rows] * self.r[rows]
+        gain = self.sign[rows] * self.step[rows]
+        gain *= self.r[rows]
         np.subtract(self.half_cost[rows], gain, out=gain)
         gain *= 2.0
         return gain
 
     def gain_of(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Energy change of flipping variable cols[k] of neuron rows[k]."""
-        return self.diag[cols] - 2.0 * self.sign[rows, cols] * self.r[rows, cols]
+        return self.flip_cost[rows, cols] - 2.0 * self.sign[rows, cols] * self.step[rows, cols] * self.r[rows, cols]
 
     def flip(self, rows: np.ndarray, cols: np.ndarray, gain: np.ndarray) -> None:
         d = self.sign[rows, cols]
         self.sign[rows, cols] = -d
         update = self.gram[cols]
-        update *= d[:, None]
+        update *= (d * self.step[rows, cols])[:, None]
         if len(rows) == len(self.r):  # every neuron moves (rows is then 0..n-1): no gather
             self.r -= update
         else:
@@ -214,7 +238,7 @@ class _State:
             return np.zeros(len(rows), dtype=bool)
         cand = np.argpartition(gain, k - 1, axis=1)[:, :k]
         g = np.take_along_axis(gain, cand, axis=1)
-        d = np.take_along_axis(self.sign[rows], cand, axis=1)
+        d = np.take_along_axis(self.sign[rows] * self.step[rows], cand, axis=1)
         pair = g[:, :, None] + g[:, None, :] + 2.0 * d[:, :, None] * d[:, None, :] * \
             self.gram[cand[:, :, None], cand[:, None, :]]
         pair[:, np.arange(k), np.arange(k)] = np.inf
@@ -252,7 +276,7 @@ def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random
     active = np.arange(n)
     step = 0
     for _ in range(rounds):
-        sub = _State(state.gram, state.frac[active], state.free[active], current[active])
+        sub = _State(state.terms.rows(active), current[active])
         sub_best, sub_tabu = best_energy[active], tabu_until[active]
         improved = np.zeros(len(active), dtype=bool)
         rows = np.arange(len(active))

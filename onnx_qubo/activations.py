@@ -1,0 +1,67 @@
+"""Activation quantization: calibrate each quantized layer's input range on the float model,
+and give it the per-tensor 8-bit quantizer (QuantizeLinear -> DequantizeLinear) it will run.
+
+``minmax`` spans the observed range; ``percentile`` clips it to the 0.001% and 99.999%
+quantiles (read off a 2048-bin histogram of a second pass), so rare outliers do not coarsen
+the grid for everything else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .calibration import stream_inputs
+from .data import Dataset
+from .grid import InputQuantizer
+from .progress import Progress
+from .types import DenseLayer
+
+ACTIVATION_TYPES = ("none", "int8", "uint8")
+RANGE_METHODS = ("minmax", "percentile")
+PERCENTILE = 99.999
+HISTOGRAM_BINS = 2048
+
+
+def input_quantizers(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset, activations: str,
+                     method: str, progress: Progress) -> dict[str, InputQuantizer]:
+    """Input tensor name -> its quantizer (none when ``activations`` is "none")."""
+    if activations not in ACTIVATION_TYPES:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_TYPES)}, got '{activations}'")
+    if method not in RANGE_METHODS:
+        raise ValueError(f"range method must be one of {', '.join(RANGE_METHODS)}, got '{method}'")
+    if activations == "none":
+        return {}
+    widths = {layer.input_name: layer.shape[1] for layer in layers}
+    ranges = _min_max(model, widths, dataset, progress)
+    if method == "percentile":
+        ranges = _percentiles(model, widths, dataset, ranges, progress)
+    return {name: InputQuantizer.for_range(lo, hi, signed=activations == "int8")
+            for name, (lo, hi) in ranges.items()}
+
+
+def _min_max(model, widths, dataset, progress) -> dict[str, tuple[float, float]]:
+    lo, hi = dict.fromkeys(widths, np.inf), dict.fromkeys(widths, -np.inf)
+    with progress.bar(len(dataset.batches), "input ranges") as bar:
+        for inputs in stream_inputs(model, widths, dataset, "the float model"):
+            for name, x in inputs.items():
+                lo[name], hi[name] = min(lo[name], float(x.min())), max(hi[name], float(x.max()))
+            bar.update(1)
+    return {name: (lo[name], hi[name]) for name in widths}
+
+
+def _percentiles(model, widths, dataset, ranges, progress) -> dict[str, tuple[float, float]]:
+    counts = {name: np.zeros(HISTOGRAM_BINS, dtype=np.int64) for name in widths}
+    with progress.bar(len(dataset.batches), "input histograms") as bar:
+        for inputs in stream_inputs(model, widths, dataset, "the float model"):
+            for name, x in inputs.items():
+                counts[name] += np.histogram(x, HISTOGRAM_BINS, ranges[name])[0]
+            bar.update(1)
+    result = {}
+    for name, (lo, hi) in ranges.items():
+        edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1)
+        cdf = np.cumsum(counts[name]) / counts[name].sum()
+        low_bin = int(np.searchsorted(cdf, 1.0 - PERCENTILE / 100.0))
+        high_bin = int(np.searchsorted(cdf, PERCENTILE / 100.0))
+        result[name] = (float(edges[low_bin]), float(edges[high_bin + 1]))
+    return result

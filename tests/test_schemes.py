@@ -1,0 +1,113 @@
+"""Every quantization scheme end to end: the cost the report states (the QUBO energy of the
+chosen rounding) must equal the output error measured by running the float and the quantized
+model in onnxruntime on the calibration data. This checks the scales, zero points, blocks,
+quantized bias, quantized inputs and sequential statistics in the QUBO against the graph
+that is actually emitted."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from graphs import gemm_model, matmul_model, mlp_model
+from onnx_qubo import quantize
+
+SCHEMES = {
+    "tensor": dict(granularity="tensor"),
+    "channel-asymmetric": dict(symmetric=False),
+    "block-asymmetric": dict(granularity="block", block_size=4, symmetric=False),
+    "block-uneven": dict(granularity="block", block_size=5),  # 12 inputs: blocks of 5, 5, 2
+    "bias-quantize": dict(bias="quantize"),
+    "bias-quantize-asymmetric": dict(bias="quantize", symmetric=False),
+    "inputs-uint8": dict(activations="uint8"),
+    "inputs-int8-percentile": dict(activations="int8", activation_range="percentile"),
+    "inputs-uint8-block-bias": dict(activations="uint8", granularity="block", block_size=4, bias="quantize"),
+    "scale-qubo-tensor": dict(scale="qubo", granularity="tensor"),
+    "scale-qubo-block": dict(scale="qubo", granularity="block", block_size=4, symmetric=False),
+}
+MODELS = {
+    "gemm": lambda: gemm_model(f=12, n=7, trans_b=0, alpha=-0.7, beta=0.5, relu=False),
+    "matmul-3d": lambda: matmul_model(f=12, n=7, bias=True, leading=(3,)),
+}
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0].astype(np.float64)
+
+
+def measured_error(float_model, quantized_path, x) -> float:
+    """Mean over input vectors of the squared output error, summed over outputs."""
+    y_float, y_quant = run(float_model, x), run(onnx.load(quantized_path), x)
+    return float(((y_quant - y_float) ** 2).reshape(-1, y_float.shape[-1]).sum(axis=1).mean())
+
+
+def calibration(model_name, rng):
+    shape = (300, 12) if model_name == "gemm" else (100, 3, 12)
+    return (rng.standard_normal(shape) + 0.3).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_reported_cost_is_the_measured_output_error(model_name, scheme, bits, tmp_path):
+    model = MODELS[model_name]()
+    x = calibration(model_name, np.random.default_rng(bits))
+    out = tmp_path / "q.onnx"
+    report = quantize(model, out, bits=bits, calibration={"x": x}, batch_size=64, **SCHEMES[scheme])
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    assert report.evaluation.default_matches_basic
+    cost = sum(layer.cost_solved for layer in report.layers)
+    assert cost == pytest.approx(measured_error(model, out, x), rel=1e-3)
+    assert cost <= sum(layer.cost_rtn for layer in report.layers) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("scheme", [dict(), dict(activations="uint8"), dict(activations="int8", bias="int32")])
+def test_bias_correction_cost_is_the_measured_error_after_correction(scheme, tmp_path):
+    model = MODELS["gemm"]()
+    x = calibration("gemm", np.random.default_rng(0))
+    out = tmp_path / "q.onnx"
+    report = quantize(model, out, bits=2, calibration={"x": x}, bias_correction=True, **scheme)
+    corrected = report.layers[0].cost_bias_corrected
+    assert corrected < report.layers[0].cost_solved
+    # an INT32 bias adds its own rounding (half a step of input x weight scale per output)
+    assert corrected == pytest.approx(measured_error(model, out, x), rel=1e-3 if "bias" not in scheme else 2e-2)
+
+
+def test_int32_bias_follows_the_qdq_convention(tmp_path):
+    model = MODELS["gemm"]()
+    x = calibration("gemm", np.random.default_rng(0))
+    out = tmp_path / "q.onnx"
+    quantize(model, out, bits=4, calibration={"x": x}, activations="uint8", bias="int32")
+    quantized = onnx.load(out)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    bias = inits["C_quantized"]
+    assert bias.dtype == np.int32
+    weight_scale, input_scale = inits["W_scale"], inits["x_scale"]
+    np.testing.assert_allclose(inits["C_scale"], (input_scale * weight_scale).astype(np.float32), rtol=1e-6)
+    gemm = next(n for n in quantized.graph.node if n.op_type == "Gemm")
+    assert gemm.input[2].startswith("C_dequantized")
+
+
+@pytest.mark.parametrize("scheme", [dict(), dict(activations="uint8", bias="quantize")])
+def test_sequential_cost_of_the_last_layer_is_the_whole_model_error(scheme, tmp_path):
+    """With --sequential the last layer's problem is built from the inputs the quantized
+    earlier layers produce, against the float model's output: its cost is the model's error."""
+    model = mlp_model(widths=(10, 8, 6))
+    x = (np.random.default_rng(0).standard_normal((400, 10))).astype(np.float32)
+    out = tmp_path / "q.onnx"
+    report = quantize(model, out, bits=2, calibration={"x": x}, sequential=True, **scheme)
+    assert report.layers[-1].cost_solved == pytest.approx(measured_error(model, out, x), rel=1e-3)
+    plain = quantize(model, tmp_path / "p.onnx", bits=2, calibration={"x": x}, **scheme)
+    # the first layer sees the same inputs either way
+    assert report.layers[0].cost_solved == pytest.approx(plain.layers[0].cost_solved, rel=1e-9)
+
+
+@pytest.mark.parametrize("granularity", [dict(), dict(granularity="tensor"), dict(granularity="block", block_size=4)])
+def test_scale_search_on_the_solved_cost_never_costs_more_than_mse(granularity, tmp_path):
+    model = mlp_model(widths=(12, 10, 6))
+    x = np.random.default_rng(1).standard_normal((300, 12)).astype(np.float32)
+    mse = quantize(model, tmp_path / "m.onnx", bits=2, calibration={"x": x}, **granularity)
+    qubo = quantize(model, tmp_path / "q.onnx", bits=2, calibration={"x": x}, scale="qubo", **granularity)
+    for a, b in zip(qubo.layers, mse.layers):
+        assert a.cost_solved <= b.cost_solved * (1 + 1e-9)
