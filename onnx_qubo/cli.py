@@ -198,7 +198,10 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, samples, json_p
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 def inspect(model):
-    """List the dense layers found in MODEL and the Gemm/MatMul nodes skipped, with reasons."""
+    """List the dense layers found in MODEL and the Gemm/MatMul nodes skipped, with reasons.
+
+    A layer's bias is named when --bias quantize/int32 can replace it ('-': none, or not one
+    this layer alone reads)."""
     try:
         layers, skipped = find_dense_layers(load_model(model))
     except QuboInputError as exc:
@@ -206,7 +209,8 @@ def inspect(model):
     click.echo(f"{len(layers)} dense layer(s) in {model}:")
     for layer in layers:
         n, f = layer.shape
-        click.echo(f"  {layer.name:<28} {layer.form:<22} out={n:<6} in={f:<6} weight={layer.weight_name}")
+        click.echo(f"  {layer.name:<28} {layer.form:<22} out={n:<6} in={f:<6} weight={layer.weight_name} "
+                   f"bias={layer.bias_name or '-'}")
     if skipped:
         click.echo(f"{len(skipped)} skipped:")
         for node in skipped:

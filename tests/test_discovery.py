@@ -88,3 +88,15 @@ def test_non_float_weight_is_skipped():
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight_of(model).astype(np.float64), "W"))
     layers, skipped = find_dense_layers(model)
     assert not layers and "DOUBLE" in skipped[0].reason
+
+
+def test_biases_that_can_be_quantized_are_found_with_beta_folded():
+    gemm = find_dense_layers(gemm_model(beta=0.5))[0][0]
+    c = next(numpy_helper.to_array(i) for i in gemm_model(beta=0.5).graph.initializer if i.name == "C")
+    assert gemm.bias_name == "C"
+    np.testing.assert_allclose(gemm.bias, 0.5 * c)
+    assert find_dense_layers(matmul_model(bias=True))[0][0].bias_name == "b"
+    assert find_dense_layers(matmul_model(bias=False))[0][0].bias is None
+    shared = gemm_model()
+    shared.graph.node.append(helper.make_node("Add", ["y", "C"], ["z"]))  # C read twice: stays float
+    assert find_dense_layers(shared)[0][0].bias is None
