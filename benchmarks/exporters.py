@@ -8,9 +8,11 @@ Trains three small models on a slice of MNIST and exports each with its own tool
   sklearn      MLPClassifier, skl2onnx                          (MatMul + Add)
   transformer  per-token MLP block with a residual on [B, 16, 49] image patches, then a
                classifier head, torch export (MatMul + Add on 3-D activations, then Gemm)
-then runs ``onnx-qubo IN OUT --bits B --calib C --eval E --report R`` on each in a subprocess
-and prints a Markdown table from the JSON reports, and ``onnx-qubo compare`` on the PyTorch
-export. The product itself never imports torch.
+then runs ``onnx-qubo IN OUT --bits B --report R`` on each in a subprocess (data beside the
+model), once more at 4 bits with a full deployment scheme (``DEPLOYMENT``: asymmetric blocks,
+quantized inputs, INT32 bias, sequential calibration), prints a Markdown table from the JSON
+reports, and runs ``onnx-qubo compare`` on the PyTorch export. The product itself never
+imports torch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
+DEPLOYMENT = ["--bits", "4", "--granularity", "block", "--block-size", "16", "--asymmetric",
+              "--activations", "uint8", "--bias", "int32", "--sequential"]
 
 
 def load_mnist(n_train=12000, n_calib=512, n_eval=5000):
@@ -107,18 +111,20 @@ def main() -> None:
         np.savez(work / f"{name}.eval.npz", **{input_name: transform(x_eval)}, labels=y_eval)
         cases.append((name, model))
 
-    print("| exporter | dense layers found (forms) | bits | float acc. | quantized acc. | top-1 agreement | default = basic |")
+    print("| exporter | dense layers found (forms) | flags | float acc. | quantized acc. | top-1 agreement | "
+          "default = basic |")
     print("|---|---|---|---|---|---|---|")
     for name, model in cases:
-        for bits in args.bits:
-            out, report = work / f"{name}_int{bits}.onnx", work / f"{name}_int{bits}.json"
-            cmd = ["onnx-qubo", str(model), str(out), "--bits", str(bits), "--report", str(report), "--quiet"]
+        for flags in [["--bits", str(bits)] for bits in args.bits] + [DEPLOYMENT]:
+            stem = f"{name}_{'_'.join(f.strip('-') for f in flags)}"
+            out, report = work / f"{stem}.onnx", work / f"{stem}.json"
+            cmd = ["onnx-qubo", str(model), str(out), *flags, "--report", str(report), "--quiet"]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             r = json.loads(report.read_text())
             forms = sorted({layer["form"] for layer in r["layers"]})
             ev = r["evaluation"]
-            print(f"| {name} | {len(r['layers'])} ({', '.join(forms)}) | {bits} | {ev['float_accuracy']:.2%} | "
-                  f"{ev['quantized_accuracy']:.2%} | {ev['top1_agreement']:.2%} | "
+            print(f"| {name} | {len(r['layers'])} ({', '.join(forms)}) | `{' '.join(flags)}` | "
+                  f"{ev['float_accuracy']:.2%} | {ev['quantized_accuracy']:.2%} | {ev['top1_agreement']:.2%} | "
                   f"{'yes' if ev['default_matches_basic'] else 'NO'} |")
     # the paper's study on a model this project did not train, as a user would run it
     cmd = ["onnx-qubo", "compare", str(work / "pytorch.onnx"), "--bits", "8,4,2", "--samples", "10", "--quiet"]
