@@ -101,10 +101,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
 def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = None,
             evaluation: Any = None, bits: Sequence[int] = (8, 4, 3, 2, 1),
             scales: Sequence[str] = ("minmax", "mse"), solvers: Sequence[str | Solver] = ("rtn", "fast"),
-            samples: int = 0, seed: int = 0, batch_size: int = 256, progress: bool = False) -> Comparison:
+            samples: int = 0, seed: int = 0, batch_size: int = 256, granularity: str = "channel",
+            block_size: int = 0, symmetric: bool = True, bias: str = "float", activations: str = "none",
+            activation_range: str = "minmax", sequential: bool = False, progress: bool = False) -> Comparison:
     """Quantize ``model`` for every bit width x scale x solver and evaluate each in onnxruntime
     (nothing is written). ``samples`` > 0 adds the cost-accuracy study: that many random
-    roundings around the best QUBO solution per bit width. Data as for ``quantize``."""
+    roundings around the best QUBO solution per bit width. Data and scheme as for ``quantize``."""
     for b in bits:
         _check_bits(b)
     for scale in scales:
@@ -112,13 +114,17 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
     chosen = [_solver(s) for s in solvers]
     if samples < 0:
         raise QuboInputError(f"samples must be 0 or more, got {samples}")
+    scheme = QuantizeOptions(bits=min(bits, default=8), granularity=granularity, block_size=block_size,
+                             symmetric=symmetric, bias=bias, activations=activations,
+                             activation_range=activation_range, sequential=sequential)
+    scheme.check()
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
-    calibrated = calibrate(float_model, calib_data, bar)
+    calibrated = calibrate(float_model, calib_data, bar, activations=activations, activation_range=activation_range)
     reference = reference_scores(float_model, eval_data, bar)
     name = input_path.name if input_path else float_model.graph.name
-    return run_comparison(calibrated, reference, list(bits), list(scales), chosen, samples, seed, bar, name)
+    return run_comparison(calibrated, reference, list(bits), list(scales), chosen, samples, seed, bar, name, scheme)
 
 
 def _check_bits(bits: int) -> None:

@@ -41,6 +41,41 @@ def _layer_bits(ctx, param, values: tuple[str, ...]) -> dict[str, int]:
     return parsed
 
 
+def scheme_options(command):
+    """The quantization-scheme flags, shared by ``quantize`` and ``compare``."""
+    for option in reversed([
+        click.option("--granularity", type=click.Choice(GRANULARITIES), default="channel", show_default=True,
+                     help="Weights sharing one scale: each output channel, the whole tensor, or blocks of "
+                          "--block-size inputs within a channel (DequantizeLinear block_size, opset 21)."),
+        click.option("--block-size", type=click.IntRange(min=1), default=None,
+                     help="Inputs per scale block (with --granularity block; e.g. 32)."),
+        click.option("--symmetric/--asymmetric", default=True, show_default=True,
+                     help="Signed grid with zero point 0 (INT2/INT4/INT8), or unsigned grid with an integer "
+                          "zero point per scale (UINT2/UINT4/UINT8)."),
+        click.option("--bias", "bias_mode", type=click.Choice(BIAS_MODES), default="float", show_default=True,
+                     help="float: keep it; quantize: a variable of each neuron's QUBO at the weights' bit width "
+                          "(the paper); int32: input scale x weight scale (needs --activations)."),
+        click.option("--activations", type=click.Choice(ACTIVATION_TYPES), default="none", show_default=True,
+                     help="Quantize each layer's input per tensor (QuantizeLinear/DequantizeLinear); the QUBO "
+                          "then sees the quantized inputs."),
+        click.option("--activation-range", type=click.Choice(RANGE_METHODS), default="minmax", show_default=True,
+                     help=f"Input ranges: observed min/max, or the {PERCENTILE}% percentile at both ends."),
+        click.option("--sequential", is_flag=True,
+                     help="Calibrate each layer on the outputs of the already quantized earlier layers "
+                          "(target: the float model's outputs)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _scheme(granularity, block_size, symmetric, bias_mode, activations, activation_range, sequential) -> dict:
+    """The scheme flags as keyword arguments of the API."""
+    if (granularity == "block") != (block_size is not None):
+        raise click.UsageError("--block-size goes with --granularity block, and --granularity block needs it")
+    return dict(granularity=granularity, block_size=block_size or 0, symmetric=symmetric, bias=bias_mode,
+                activations=activations, activation_range=activation_range, sequential=sequential)
+
+
 @click.group(cls=_DefaultToQuantize, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnx-qubo")
 def main():
@@ -67,25 +102,7 @@ def main():
               help="mse: clipping ratio per scale group searched on the QUBO cost of round-to-nearest; "
                    "qubo: the best few of those re-ranked by the cost after the fast solver; "
                    "minmax: the full range.")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default="channel", show_default=True,
-              help="Weights sharing one scale: each output channel, the whole tensor, or blocks of "
-                   "--block-size inputs within a channel (DequantizeLinear block_size, opset 21).")
-@click.option("--block-size", type=click.IntRange(min=1), default=None,
-              help="Inputs per scale block (with --granularity block; e.g. 32).")
-@click.option("--symmetric/--asymmetric", default=True, show_default=True,
-              help="Signed grid with zero point 0 (INT2/INT4/INT8), or unsigned grid with an integer "
-                   "zero point per scale (UINT2/UINT4/UINT8).")
-@click.option("--bias", "bias_mode", type=click.Choice(BIAS_MODES), default="float", show_default=True,
-              help="float: keep it; quantize: a variable of each neuron's QUBO at the weights' bit width "
-                   "(the paper); int32: input scale x weight scale (needs --activations).")
-@click.option("--activations", type=click.Choice(ACTIVATION_TYPES), default="none", show_default=True,
-              help="Quantize each layer's input per tensor (QuantizeLinear/DequantizeLinear); the QUBO "
-                   "then sees the quantized inputs.")
-@click.option("--activation-range", type=click.Choice(RANGE_METHODS), default="minmax", show_default=True,
-              help=f"Input ranges: observed min/max, or the {PERCENTILE}% percentile at both ends.")
-@click.option("--sequential", is_flag=True,
-              help="Calibrate each layer on the outputs of the already quantized earlier layers "
-                   "(target: the float model's outputs).")
+@scheme_options
 @click.option("--solver", type=click.Choice(list(SOLVERS)), default="fast", show_default=True,
               help="fast: batched engine on the shared Gram; neal: dwave-neal per neuron (the "
                    "paper); rtn: round to nearest; exact: brute force (tests, tiny layers).")
@@ -113,18 +130,14 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
-    if (granularity == "block") != (block_size is not None):
-        raise click.UsageError("--block-size goes with --granularity block, and --granularity block needs it")
+    scheme = _scheme(granularity, block_size, symmetric, bias_mode, activations, activation_range, sequential)
     chosen = NealSolver(neal_reads, neal_sweeps) if solver == "neal" else SOLVERS[solver]()
     try:
         report = api.quantize(input_model, output_model, bits=bits, calibration=calib,
                               evaluation=eval_path, scale=scale, solver=chosen, seed=seed,
                               batch_size=batch_size, report_path=report_path, dump_qubo=dump_qubo,
                               load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
-                              bias_correction=bias_correction, granularity=granularity,
-                              block_size=block_size or 0, symmetric=symmetric, bias=bias_mode,
-                              activations=activations, activation_range=activation_range,
-                              sequential=sequential, progress=not quiet)
+                              bias_correction=bias_correction, progress=not quiet, **scheme)
     except QuboInputError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report.to_text())
@@ -159,6 +172,7 @@ def _name_list(choices):
               help="Scale methods, comma-separated.")
 @click.option("--solvers", default="rtn,fast", show_default=True, callback=_name_list(list(SOLVERS)),
               help="Solvers, comma-separated (rtn is round-to-nearest).")
+@scheme_options
 @click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
               help="Cost-accuracy study: random roundings around the solution per bit width.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
@@ -169,9 +183,11 @@ def _name_list(choices):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def compare(model, calib, eval_path, bits_list, scales, solvers, samples, json_path, markdown_path,
-            plots_dir, seed, batch_size, quiet):
-    """Quantize MODEL at several bit widths, scales and solvers; print a comparison table."""
+def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, block_size, symmetric, bias_mode,
+            activations, activation_range, sequential, samples, json_path, markdown_path, plots_dir, seed,
+            batch_size, quiet):
+    """Quantize MODEL at several bit widths, scales and solvers (one scheme); print a comparison table."""
+    scheme = _scheme(granularity, block_size, symmetric, bias_mode, activations, activation_range, sequential)
     try:
         for flag, path in (("--json", json_path), ("--markdown", markdown_path)):
             if path is not None:
@@ -181,7 +197,7 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, samples, json_p
             require_matplotlib()
         result = api.compare(model, calibration=calib, evaluation=eval_path, bits=bits_list, scales=scales,
                              solvers=solvers, samples=samples, seed=seed, batch_size=batch_size,
-                             progress=not quiet)
+                             progress=not quiet, **scheme)
         if json_path is not None:
             write_atomically(Path(json_path), result.to_json().encode())
         if markdown_path is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -51,6 +51,7 @@ class Comparison:
     float_accuracy: float
     float_size_bytes: int
     evaluation_samples: int
+    scheme: str  # granularity, zero points, bias, activations, in words
     rows: list[Row] = field(default_factory=list)
     samples: list[CostSample] = field(default_factory=list)
 
@@ -71,7 +72,7 @@ class Comparison:
 
     def to_markdown(self) -> str:
         lines = [f"Model `{self.model}`: float {self.metric} {self.float_accuracy:.2%} on "
-                 f"{self.evaluation_samples} samples, {self.float_size_bytes:,} bytes.", "",
+                 f"{self.evaluation_samples} samples, {self.float_size_bytes:,} bytes. Scheme: {self.scheme}.", "",
                  f"| bits | scale | solver | {self.metric} | drop (points) | total QUBO cost | size (bytes) | time (s) |",
                  "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
@@ -87,15 +88,17 @@ class Comparison:
 
 def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], scales: list[str],
             solvers: list[Solver], samples: int, seed: int, progress: Progress,
-            model_name: str) -> Comparison:
+            model_name: str, scheme: QuantizeOptions = QuantizeOptions()) -> Comparison:
     """Every configuration quantized from the same calibration and scored against the same
-    float reference; ``samples`` random roundings per bit width around its best QUBO solution."""
+    float reference; ``samples`` random roundings per bit width around its best QUBO solution.
+    ``scheme``: granularity, zero points, bias, activations, sequential (its bits, scale and
+    solver are replaced by each configuration's)."""
     has_labels = reference.has_labels
     metric = "accuracy" if has_labels else "top-1 agreement"
     float_pred = reference.scores.argmax(axis=-1)
     float_accuracy = float((float_pred == reference.dataset.labels).mean()) if has_labels else 1.0
     result = Comparison(model_name, metric, float_accuracy, calibrated.model.ByteSize(),
-                        len(reference.scores))
+                        len(reference.scores), scheme.describe())
 
     def score(model: onnx.ModelProto) -> float:
         ev = evaluate(reference, model, Progress(), check_basic=False)
@@ -107,7 +110,7 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
         for scale in scales:
             for solver in solvers:
                 start = time.perf_counter()
-                options = QuantizeOptions(bits=bits, scale=scale, solver=solver, seed=seed, lower_bound=False)
+                options = replace(scheme, bits=bits, scale=scale, solver=solver, seed=seed, lower_bound=False)
                 solved = list(solve_layers(calibrated, options, progress))
                 model = rewrite(calibrated.model, [s.quantized() for s in solved])
                 accuracy = score(model)

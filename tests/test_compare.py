@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from graphs import mlp_model
 import onnx_qubo
 from onnx_qubo.cli import main
+from onnx_qubo import QuboInputError
 from onnx_qubo.compare import Comparison, CostSample
 
 
@@ -40,7 +41,7 @@ def test_compare_evaluates_every_configuration_and_samples_costs():
 
 
 def test_correlation_is_pearson_per_bit_width():
-    c = Comparison("m", "accuracy", 0.9, 100, 10)
+    c = Comparison("m", "accuracy", 0.9, 100, 10, "weights per channel")
     c.samples = [CostSample(2, 0.0, cost, acc) for cost, acc in ((1, 0.9), (2, 0.8), (3, 0.75), (4, 0.6))]
     c.samples += [CostSample(8, 0.0, cost, 0.9) for cost in (1, 2, 3)]
     r = c.correlations()
@@ -84,3 +85,13 @@ def test_plots_without_matplotlib_say_how_to_install(tmp_path, monkeypatch):
     np.savez(tmp_path / "m.calib.npz", x=data())
     result = CliRunner().invoke(main, ["compare", str(tmp_path / "m.onnx"), "--plots", str(tmp_path / "p")])
     assert result.exit_code == 1 and "pip install 'onnx-qubo[plot]'" in result.output
+
+
+def test_compare_under_a_scheme_and_its_flag_errors(tmp_path):
+    model = mlp_model(widths=(8, 6, 4))
+    result = onnx_qubo.compare(model, calibration={"x": data()}, bits=(4, 2), scales=("mse",),
+                               granularity="block", block_size=4, symmetric=False, activations="uint8",
+                               sequential=True)
+    assert len(result.rows) == 4 and "blocks of 4 inputs, asymmetric" in result.to_markdown()  # 2 bits x 2 solvers
+    with pytest.raises(QuboInputError, match="onnxruntime 1.32 fuses"):
+        onnx_qubo.compare(model, calibration={"x": data()}, bits=(4, 2), symmetric=False, activations="uint8")
