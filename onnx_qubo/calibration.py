@@ -37,11 +37,6 @@ class InputStatistics:
     drift: np.ndarray | None = None  # [f, f] = E[d d^T]
 
     @property
-    def mean(self) -> np.ndarray:
-        """E[x~], the bias column of the augmented Gram matrix."""
-        return self.gram[-1, :-1]
-
-    @property
     def x_gram(self) -> np.ndarray:
         """E[x~ x~^T], the block that weights the rounding error while the bias stays float."""
         return self.gram[:-1, :-1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Collection, Iterator, Mapping
 
@@ -172,16 +173,15 @@ def solve_layers(calibrated: Calibrated, options: QuantizeOptions, progress: Pro
     frees each QUBO)."""
     layers = calibrated.layers
     stems = exchange.file_stems([layer.name for layer in layers])
-    done: list[QuantizedLayer] = []
-    for layer, stem in zip(layers, stems):
+    deployed = None  # with ``sequential``: the model with the layers solved so far quantized
+    for k, (layer, stem) in enumerate(zip(layers, stems)):
         statistics = calibrated.statistics[layer.input_name]
-        if options.sequential and done:
-            deployed = rewrite(calibrated.model, done)
+        if deployed is not None:
             statistics = collect_statistics(calibrated.model, [layer], calibrated.dataset, progress, deployed,
                                             calibrated.quantizers)[layer.input_name]
         solved = solve_layer(layer, stem, statistics, calibrated.quantizers.get(layer.input_name), options, progress)
-        if options.sequential:
-            done.append(solved.quantized())
+        if options.sequential and k + 1 < len(layers):
+            deployed = rewrite(calibrated.model if deployed is None else deployed, [solved.quantized()])
         yield solved
     if options.dump_dir is not None:
         exchange.write_index(options.dump_dir, [
@@ -227,6 +227,7 @@ class _LayerTerms:
     def gram(self) -> np.ndarray:
         return self.statistics.gram if self.with_bias else self.statistics.x_gram
 
+    @cached_property  # computed once however many scale candidates are tried
     def cross(self) -> np.ndarray | None:
         """[n, m] in output units: alpha * E[z d^T] w_i (None when the inputs are the float ones)."""
         if self.statistics.cross is None:
@@ -234,11 +235,13 @@ class _LayerTerms:
         m = len(self.gram)
         return self.layer.gain * self.layer.weight @ self.statistics.cross[:m].T
 
+    @cached_property
     def weight_cross(self) -> np.ndarray | None:
         """The same for the weight columns, in weight units (for the scale search)."""
         f = self.layer.shape[1]
         return None if self.statistics.cross is None else self.layer.weight @ self.statistics.cross[:f].T
 
+    @cached_property
     def offset(self) -> np.ndarray | None:
         if self.statistics.drift is None:
             return None
@@ -255,7 +258,7 @@ class _LayerTerms:
             scale = np.hstack([np.broadcast_to(scale, (n, f)), bias_scales.scale])
             zero_point = np.hstack([np.broadcast_to(zero_point, (n, f)), bias_scales.zero_point])
             gain = np.r_[np.full(f, self.layer.gain), 1.0]
-        return build_problem(values, scale, zero_point, gain, scheme.grid, self.gram, self.cross(), self.offset())
+        return build_problem(values, scale, zero_point, gain, scheme.grid, self.gram, self.cross, self.offset)
 
     def mean_error(self, problem: LayerProblem, choice: np.ndarray) -> np.ndarray:
         """E[y - y_q] per output: cancelled by adding it to the output (bias correction)."""
@@ -278,7 +281,7 @@ def solve_layer(layer: DenseLayer, stem: str, statistics: InputStatistics, quant
         scales, solved = _solved_best_scales(terms, scheme, bias_scales, options.seed)
         search_seconds = time.perf_counter() - search_start
     else:
-        scales = choose_scales(options.scale, layer.weight, scheme, statistics.x_gram, terms.weight_cross())
+        scales = choose_scales(options.scale, layer.weight, scheme, statistics.x_gram, terms.weight_cross)
     problem = terms.problem(scheme, scales, bias_scales)
     if options.dump_dir is not None:
         exchange.write_problem(options.dump_dir, stem, problem)
@@ -320,7 +323,7 @@ def _solved_best_scales(terms: _LayerTerms, scheme: Scheme, bias_scales: GroupSc
     Rows are independent problems, so the chosen rows' roundings are returned too. The first
     candidate is ``--scale mse``'s choice: no row costs more than with it."""
     layer = terms.layer
-    candidates = candidate_scales(layer.weight, scheme, terms.statistics.x_gram, terms.weight_cross(),
+    candidates = candidate_scales(layer.weight, scheme, terms.statistics.x_gram, terms.weight_cross,
                                   QUBO_CANDIDATES)
     costs, choices = [], []
     for scales in candidates:

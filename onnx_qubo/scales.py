@@ -29,8 +29,8 @@ def choose_scales(method: str, weight: np.ndarray, scheme: Scheme, gram: np.ndar
     weight error d (pipeline.py: ``cross`` carries the effect of quantized inputs)."""
     if method not in SCALE_METHODS:
         raise ValueError(f"unknown scale method '{method}'; choose one of {', '.join(SCALE_METHODS)}")
-    ranges = GroupRanges(weight, scheme)
     if method == "minmax":
+        ranges = GroupRanges(weight, scheme)
         return ranges.scales(np.ones(ranges.shape))
     return candidate_scales(weight, scheme, gram, cross, 1)[0]
 
