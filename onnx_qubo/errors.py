@@ -1,5 +1,65 @@
-"""The one exception type users see: a problem with what they gave us, stated in one line."""
+"""The exceptions the library raises, one type per kind of failure, each stated in one line.
+
+The library speaks in its own terms (option names as the API spells them, file paths, node
+and layer names); the CLI maps each type to an exit status and each option to its flag.
+
+    QuboError                      base: anything the library refuses or cannot do
+      QuboInputError               bad input from the caller (exit 1)
+        ModelError                 the model file or graph (not ONNX, no layers, NaN weights,
+                                   external data missing or outside the model's folder)
+        DataError                  calibration / evaluation data
+        OptionError                an option value or combination; ``option`` names it
+        OutputError                a path the run may not write (the input, a data file,
+                                   not a regular file, not writable)
+      SolverLimitError             a solver cannot take this problem (exit 3)
+      RuntimeFailure               onnxruntime or onnx cannot load, run or check a model we
+                                   built (exit 4): a bug or a runtime limit, never the user's
+"""
+
+from __future__ import annotations
 
 
-class QuboInputError(ValueError):
-    """Bad input (model, data, flag or path). The message names the node, file or flag at fault."""
+class QuboError(Exception):
+    """Base of every error the library raises on purpose."""
+
+    exit_code = 1
+
+
+class QuboInputError(QuboError, ValueError):
+    """Bad input (model, data, option or path). The message names the node, file or option at fault."""
+
+    exit_code = 1
+
+
+class ModelError(QuboInputError):
+    """The model: unreadable, not ONNX, nothing to quantize, bad weights or external data."""
+
+
+class DataError(QuboInputError):
+    """Calibration or evaluation data that does not fit the model."""
+
+
+class OptionError(QuboInputError):
+    """An option value or a combination of options. ``options`` are the API names at fault
+    (``bits``, ``block_size``...), so that a front end can name its own flags."""
+
+    def __init__(self, message: str, *options: str):
+        super().__init__(message)
+        self.options = options
+
+
+class OutputError(QuboInputError):
+    """A path the run was asked to write but may not: never the input model, its external data,
+    the data being read, or anything that is not a regular file or a new path."""
+
+
+class SolverLimitError(QuboError):
+    """A solver cannot take this problem (e.g. the exact solver past its size limit)."""
+
+    exit_code = 3
+
+
+class RuntimeFailure(QuboError):
+    """onnxruntime or onnx cannot load, run or check a model this library built."""
+
+    exit_code = 4
