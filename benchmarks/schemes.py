@@ -36,7 +36,8 @@ import onnx_qubo
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "mnist_mlp.onnx"
-GRANULARITIES = {"tensor": {"granularity": "tensor"}, "channel": {}, "block 32": {"granularity": "block", "block_size": 32}}
+GRANULARITIES = {"tensor": {"granularity": "tensor"}, "channel": {},
+                 "block 32": {"granularity": "block", "block_size": 32}}
 
 
 def machine() -> str:

@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+
 def init_params(widths, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
     """He-initialised (weight [out, in], bias [out]) pairs."""
     return [

@@ -14,9 +14,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from sklearn.datasets import load_digits
-
 from mlp_training import save_model_and_data, to_onnx, train
+from sklearn.datasets import load_digits
 
 HERE = Path(__file__).resolve().parent
 

@@ -16,7 +16,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
 from mlp_training import save_model_and_data, to_onnx, train
 
 HERE = Path(__file__).resolve().parent

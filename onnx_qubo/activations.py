@@ -14,33 +14,29 @@ import onnx
 from .calibration import stream_inputs
 from .data import Dataset
 from .grid import InputQuantizer
+from .options import Activations, RangeMethod
 from .progress import Progress
 from .types import DenseLayer
 
-ACTIVATION_TYPES = ("none", "int8", "uint8")
-RANGE_METHODS = ("minmax", "percentile")
 PERCENTILE = 99.999
 HISTOGRAM_BINS = 2048
 
 
-def input_quantizers(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset, activations: str,
-                     method: str, progress: Progress) -> dict[str, InputQuantizer]:
-    """Input tensor name -> its quantizer (none when ``activations`` is "none")."""
-    if activations not in ACTIVATION_TYPES:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_TYPES)}, got '{activations}'")
-    if method not in RANGE_METHODS:
-        raise ValueError(f"range method must be one of {', '.join(RANGE_METHODS)}, got '{method}'")
-    if activations == "none":
+def input_quantizers(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset, activations: Activations,
+                     method: RangeMethod, progress: Progress) -> dict[str, InputQuantizer]:
+    """Input tensor name -> its quantizer (none when ``activations`` is NONE)."""
+    if activations == Activations.NONE:
         return {}
     widths = {layer.input_name: layer.shape[1] for layer in layers}
     ranges = _min_max(model, widths, dataset, progress)
-    if method == "percentile":
+    if method == RangeMethod.PERCENTILE:
         ranges = _percentiles(model, widths, dataset, ranges, progress)
-    return {name: InputQuantizer.for_range(lo, hi, signed=activations == "int8")
+    return {name: InputQuantizer.for_range(lo, hi, signed=activations == Activations.INT8)
             for name, (lo, hi) in ranges.items()}
 
 
-def _min_max(model, widths, dataset, progress) -> dict[str, tuple[float, float]]:
+def _min_max(model: onnx.ModelProto, widths: dict[str, int], dataset: Dataset,
+             progress: Progress) -> dict[str, tuple[float, float]]:
     lo, hi = dict.fromkeys(widths, np.inf), dict.fromkeys(widths, -np.inf)
     with progress.bar(len(dataset.batches), "input ranges") as bar:
         for inputs in stream_inputs(model, widths, dataset, "the float model"):
@@ -50,7 +46,8 @@ def _min_max(model, widths, dataset, progress) -> dict[str, tuple[float, float]]
     return {name: (lo[name], hi[name]) for name in widths}
 
 
-def _percentiles(model, widths, dataset, ranges, progress) -> dict[str, tuple[float, float]]:
+def _percentiles(model: onnx.ModelProto, widths: dict[str, int], dataset: Dataset,
+                 ranges: dict[str, tuple[float, float]], progress: Progress) -> dict[str, tuple[float, float]]:
     counts = {name: np.zeros(HISTOGRAM_BINS, dtype=np.int64) for name in widths}
     with progress.bar(len(dataset.batches), "input histograms") as bar:
         for inputs in stream_inputs(model, widths, dataset, "the float model"):

@@ -10,17 +10,17 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
+from .choice import parse_choice
 from .compare import Comparison
 from .compare import compare as run_comparison
-from .data import load_dataset
-from .errors import QuboInputError
+from .data import Dataset, load_dataset
+from .errors import OptionError, OutputError
 from .files import check_output_path, load_model, write_atomically
-from .grid import MAX_BITS, MIN_BITS
-from .pipeline import QuantizeOptions, calibrate, quantize_model
+from .options import QuantizeOptions, ScaleMethod, check_bits, check_integer, solver_for
+from .pipeline import calibrate, quantize_model
 from .progress import Progress
 from .report import Report
-from .scales import SCALE_METHODS
-from .solvers import SOLVERS, Solver
+from .solvers import Solver
 from .verify import evaluate, reference_scores
 
 CALIB_SUFFIX, EVAL_SUFFIX = ".calib.npz", ".eval.npz"
@@ -54,42 +54,37 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     "int32": input scale x weight scale, needs quantized activations), ``activations``
     ("none", "int8", "uint8": per-tensor QDQ on each layer's input, ranges by
     ``activation_range`` "minmax" or "percentile"), ``sequential`` (calibrate each layer on
-    the outputs of the already quantized earlier layers). Raises ``QuboInputError`` on bad input,
-    before any output is written; the input model is never modified.
+    the outputs of the already quantized earlier layers). Raises a ``QuboInputError`` (errors.py:
+    ``ModelError``, ``DataError``, ``OptionError``, ``OutputError``) on bad input, before any output
+    is written; the input model is never modified.
     """
     started = time.perf_counter()
-    layer_bits = dict(layer_bits or {})
-    for b in [bits, *layer_bits.values()]:
-        _check_bits(b)
-    _check_scale(scale)
-    solver = _solver(solver)
+    options = QuantizeOptions.parse(
+        bits=bits, scale=scale, solver=solver, seed=seed, granularity=granularity, block_size=block_size,
+        symmetric=symmetric, bias=bias, activations=activations, activation_range=activation_range,
+        sequential=sequential, bias_correction=bias_correction, layer_bits=dict(layer_bits or {}),
+        exclude=tuple(exclude), dump_dir=None if dump_qubo is None else Path(dump_qubo),
+        solution_dir=None if load_solution is None else Path(load_solution))
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     output_path = check_output_path(output_path, input_path, "output")
     if report_path is not None:
         report_path = check_output_path(report_path, input_path, "report")
         if report_path.resolve() == output_path.resolve():
-            raise QuboInputError(f"report '{report_path}' is the output model's path; choose another")
-    if dump_qubo is not None and Path(dump_qubo).exists() and not Path(dump_qubo).is_dir():
-        raise QuboInputError(f"--dump-qubo '{dump_qubo}' exists and is not a directory")
-    if load_solution is not None and not Path(load_solution).is_dir():
-        raise QuboInputError(f"--load-solution '{load_solution}' is not a directory")
-    options = QuantizeOptions(bits=bits, scale=scale, solver=solver, seed=seed,
-                              dump_dir=None if dump_qubo is None else Path(dump_qubo),
-                              solution_dir=None if load_solution is None else Path(load_solution),
-                              layer_bits=layer_bits, bias_correction=bias_correction, granularity=granularity,
-                              block_size=block_size, symmetric=symmetric, bias=bias, activations=activations,
-                              activation_range=activation_range, sequential=sequential)
-    options.check()
+            raise OutputError(f"report '{report_path}' is the output model's path; choose another")
+    if options.dump_dir is not None and options.dump_dir.exists() and not options.dump_dir.is_dir():
+        raise OptionError(f"{{dump_qubo}} '{dump_qubo}' exists and is not a directory", "dump_qubo")
+    if options.solution_dir is not None and not options.solution_dir.is_dir():
+        raise OptionError(f"{{load_solution}} '{load_solution}' is not a directory", "load_solution")
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
-    quantized, layers, skipped = quantize_model(float_model, calib_data, options, bar, exclude)
+    quantized, layers, skipped = quantize_model(float_model, calib_data, options, bar)
     data = quantized.SerializeToString()
     write_atomically(output_path, data)
 
     report = Report(
         input_path=None if input_path is None else str(input_path), output_path=str(output_path),
-        bits=bits, scale=scale, solver="loaded" if load_solution else solver.name, calibration=calib_data.origin,
-        calibration_samples=calib_data.num_samples, layers=layers, skipped=skipped,
+        bits=options.bits, scale=str(options.scale), solver="loaded" if load_solution else options.solver.name,
+        calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=layers, skipped=skipped,
         evaluation=evaluate(reference_scores(float_model, eval_data, bar), quantized, bar),
         input_bytes=float_model.ByteSize(), output_bytes=len(data),
         seconds=time.perf_counter() - started, scheme=options.describe())
@@ -107,52 +102,33 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
     """Quantize ``model`` for every bit width x scale x solver and evaluate each in onnxruntime
     (nothing is written). ``samples`` > 0 adds the cost-accuracy study: that many random
     roundings around the best QUBO solution per bit width. Data and scheme as for ``quantize``."""
-    for b in bits:
-        _check_bits(b)
-    for scale in scales:
-        _check_scale(scale)
-    chosen = [_solver(s) for s in solvers]
-    if samples < 0:
-        raise QuboInputError(f"samples must be 0 or more, got {samples}")
-    scheme = QuantizeOptions(bits=min(bits, default=8), granularity=granularity, block_size=block_size,
+    bits = [check_bits(b) for b in bits]
+    scale_methods = [parse_choice(ScaleMethod, scale, "scales") for scale in scales]
+    chosen = [solver_for(s) for s in solvers]
+    samples = check_integer(samples, "samples", minimum=0)
+    scheme = QuantizeOptions.parse(bits=min(bits, default=8), granularity=granularity, block_size=block_size,
                              symmetric=symmetric, bias=bias, activations=activations,
-                             activation_range=activation_range, sequential=sequential)
-    scheme.check()
+                             activation_range=activation_range, sequential=sequential, lower_bound=False)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
-    calibrated = calibrate(float_model, calib_data, bar, activations=activations, activation_range=activation_range)
+    calibrated = calibrate(float_model, calib_data, bar, activations=scheme.activations,
+                           activation_range=scheme.activation_range)
     reference = reference_scores(float_model, eval_data, bar)
     name = input_path.name if input_path else float_model.graph.name
-    return run_comparison(calibrated, reference, list(bits), list(scales), chosen, samples, seed, bar, name, scheme)
+    return run_comparison(calibrated, reference, bits, scale_methods, chosen, samples, seed, bar, name, scheme)
 
 
-def _check_bits(bits: int) -> None:
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise QuboInputError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
-
-
-def _check_scale(scale: str) -> None:
-    if scale not in SCALE_METHODS:
-        raise QuboInputError(f"scale must be one of {', '.join(SCALE_METHODS)}, got '{scale}'")
-
-
-def _solver(solver: str | Solver) -> Solver:
-    if not isinstance(solver, str):
-        return solver
-    if solver not in SOLVERS:
-        raise QuboInputError(f"solver must be one of {', '.join(SOLVERS)}, got '{solver}'")
-    return SOLVERS[solver]()
-
-
-def _load_inputs(model, input_path: Path | None, calibration, evaluation, batch_size):
+def _load_inputs(model: str | os.PathLike | onnx.ModelProto, input_path: Path | None, calibration: Any,
+                 evaluation: Any, batch_size: int) -> tuple[onnx.ModelProto, Dataset, Dataset]:
     """The float model, calibration data, and evaluation data (the calibration data if none)."""
-    float_model = model if input_path is None else load_model(input_path)
+    batch_size = check_integer(batch_size, "batch_size", minimum=1)
+    float_model = model if isinstance(model, onnx.ModelProto) else load_model(model)
     calibration = _beside(input_path, CALIB_SUFFIX) if calibration is None else calibration
     if calibration is None:
-        where = f" or put '{input_path.stem}{CALIB_SUFFIX}' beside the model" if input_path else ""
-        raise QuboInputError("no calibration data: pass --calib FILE.npz (arrays keyed by the "
-                             f"model's input names){where}")
+        where = f", or put '{input_path.stem}{CALIB_SUFFIX}' beside the model" if input_path else ""
+        raise OptionError("no calibration data: give {calibration} (an .npz of arrays keyed by the model's input "
+                          f"names){where}", "calibration")
     calib_data = load_dataset(calibration, float_model, batch_size)
     evaluation = _beside(input_path, EVAL_SUFFIX) if evaluation is None else evaluation
     eval_data = calib_data if evaluation is None else load_dataset(evaluation, float_model, batch_size)

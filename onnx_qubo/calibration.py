@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from .data import Dataset
-from .errors import QuboInputError
+from .errors import DataError
 from .grid import InputQuantizer
 from .progress import Progress
 from .runtime import NONE, make_session
@@ -54,7 +54,7 @@ def stream_inputs(model: onnx.ModelProto, widths: Mapping[str, int], dataset: Da
         for name, f in widths.items():
             x = (batch[name] if name in batch else outputs[name]).reshape(-1, f)
             if not np.isfinite(x).all():
-                raise QuboInputError(f"the input '{name}' of a dense layer holds NaN or Inf in {what} "
+                raise DataError(f"the input '{name}' of a dense layer holds NaN or Inf in {what} "
                                      f"on the calibration data ({dataset.origin})")
             inputs[name] = x.astype(np.float64)
         yield inputs

@@ -5,20 +5,64 @@ Only parses flags, calls the Python API and prints; the work lives in api.py and
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+from enum import Enum
 from pathlib import Path
+from typing import Iterator
 
 import click
 
 from . import api
+from .activations import PERCENTILE
 from .discovery import find_dense_layers
-from .errors import QuboInputError
+from .errors import OptionError, QuboError
 from .files import check_output_path, load_model, write_atomically
-from .activations import ACTIVATION_TYPES, PERCENTILE, RANGE_METHODS
-from .grid import GRANULARITIES, MAX_BITS, MIN_BITS
-from .pipeline import BIAS_MODES
-from .scales import SCALE_METHODS
+from .grid import MAX_BITS, MIN_BITS
+from .options import Activations, BiasMode, Granularity, RangeMethod, ScaleMethod
 from .solvers import SOLVERS, NealSolver
+
+FLAGS = {"calibration": "--calib", "evaluation": "--eval", "report_path": "--report",
+         "symmetric": "--symmetric/--asymmetric", "bias": "--bias"}  # API name -> flag, where not --api-name
+
+
+def flag(option: str) -> str:
+    """The flag that sets an API option."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+class Failure(click.ClickException):
+    """A library error as the CLI shows it: one line, options named by their flags, and the
+    exit status of its kind (errors.py)."""
+
+    def __init__(self, error: QuboError):
+        if isinstance(error, OptionError):
+            super().__init__(error.render({option: flag(option) for option in error.options}))
+        else:
+            super().__init__(str(error))
+        self.exit_code = error.exit_code  # type: ignore[misc]  # click reads it per instance
+
+
+@contextlib.contextmanager
+def failures_as_exit() -> Iterator[None]:
+    try:
+        yield
+    except QuboError as exc:
+        raise Failure(exc) from None
+
+
+def choices(kind: type[Enum]) -> click.Choice:
+    return click.Choice([str(member.value) for member in kind])
+
+
+def verbose_option(command):
+    """``-v``: log the decisions worth knowing (opset raised, layers skipped, forms) on stderr."""
+    def turn_on(ctx, param, value: bool) -> None:
+        if value:
+            logging.basicConfig(level=logging.INFO, format="onnx-qubo: %(message)s", stream=sys.stderr)
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=turn_on,
+                        help="Log decisions (opset raised, layers skipped, forms) on stderr.")(command)
 
 
 class _DefaultToQuantize(click.Group):
@@ -44,7 +88,7 @@ def _layer_bits(ctx, param, values: tuple[str, ...]) -> dict[str, int]:
 def scheme_options(command):
     """The quantization-scheme flags, shared by ``quantize`` and ``compare``."""
     for option in reversed([
-        click.option("--granularity", type=click.Choice(GRANULARITIES), default="channel", show_default=True,
+        click.option("--granularity", type=choices(Granularity), default="channel", show_default=True,
                      help="Weights sharing one scale: each output channel, the whole tensor, or blocks of "
                           "--block-size inputs within a channel (DequantizeLinear block_size, opset 21)."),
         click.option("--block-size", type=click.IntRange(min=1), default=None,
@@ -52,13 +96,13 @@ def scheme_options(command):
         click.option("--symmetric/--asymmetric", default=True, show_default=True,
                      help="Signed grid with zero point 0 (INT2/INT4/INT8), or unsigned grid with an integer "
                           "zero point per scale (UINT2/UINT4/UINT8)."),
-        click.option("--bias", "bias_mode", type=click.Choice(BIAS_MODES), default="float", show_default=True,
+        click.option("--bias", "bias_mode", type=choices(BiasMode), default="float", show_default=True,
                      help="float: keep it; quantize: a variable of each neuron's QUBO at the weights' bit width "
                           "(the paper); int32: input scale x weight scale (needs --activations)."),
-        click.option("--activations", type=click.Choice(ACTIVATION_TYPES), default="none", show_default=True,
+        click.option("--activations", type=choices(Activations), default="none", show_default=True,
                      help="Quantize each layer's input per tensor (QuantizeLinear/DequantizeLinear); the QUBO "
                           "then sees the quantized inputs."),
-        click.option("--activation-range", type=click.Choice(RANGE_METHODS), default="minmax", show_default=True,
+        click.option("--activation-range", type=choices(RangeMethod), default="minmax", show_default=True,
                      help=f"Input ranges: observed min/max, or the {PERCENTILE}% percentile at both ends."),
         click.option("--sequential", is_flag=True,
                      help="Calibrate each layer on the outputs of the already quantized earlier layers "
@@ -98,7 +142,7 @@ def main():
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), default=None,
               help="Evaluation .npz (inputs + optional 'labels') [default: <model stem>.eval.npz "
                    "beside it, else the calibration data].")
-@click.option("--scale", type=click.Choice(SCALE_METHODS), default="mse", show_default=True,
+@click.option("--scale", type=choices(ScaleMethod), default="mse", show_default=True,
               help="mse: clipping ratio per scale group searched on the QUBO cost of round-to-nearest; "
                    "qubo: the best few of those re-ranked by the cost after the fast solver; "
                    "minmax: the full range.")
@@ -124,6 +168,7 @@ def main():
 @click.option("--bias-correction", is_flag=True,
               help="Add to each layer's output the mean error its rounding leaves (an Add after it).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@verbose_option
 def quantize(input_model, output_model, bits, calib, eval_path, scale, granularity, block_size, symmetric,
              bias_mode, activations, activation_range, sequential, solver, neal_reads, neal_sweeps, seed,
              batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, quiet):
@@ -132,14 +177,12 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
     scheme = _scheme(granularity, block_size, symmetric, bias_mode, activations, activation_range, sequential)
     chosen = NealSolver(neal_reads, neal_sweeps) if solver == "neal" else SOLVERS[solver]()
-    try:
+    with failures_as_exit():
         report = api.quantize(input_model, output_model, bits=bits, calibration=calib,
                               evaluation=eval_path, scale=scale, solver=chosen, seed=seed,
                               batch_size=batch_size, report_path=report_path, dump_qubo=dump_qubo,
                               load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
                               bias_correction=bias_correction, progress=not quiet, **scheme)
-    except QuboInputError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(report.to_text())
 
 
@@ -168,7 +211,7 @@ def _name_list(choices):
               help="Evaluation .npz with optional 'labels' [default: <model stem>.eval.npz, else calibration].")
 @click.option("--bits", "bits_list", default="8,4,3,2,1", show_default=True, callback=_int_list,
               help="Bit widths, comma-separated.")
-@click.option("--scales", default="minmax,mse", show_default=True, callback=_name_list(SCALE_METHODS),
+@click.option("--scales", default="minmax,mse", show_default=True, callback=_name_list([str(m) for m in ScaleMethod]),
               help="Scale methods, comma-separated.")
 @click.option("--solvers", default="rtn,fast", show_default=True, callback=_name_list(list(SOLVERS)),
               help="Solvers, comma-separated (rtn is round-to-nearest).")
@@ -183,15 +226,16 @@ def _name_list(choices):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@verbose_option
 def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, block_size, symmetric, bias_mode,
             activations, activation_range, sequential, samples, json_path, markdown_path, plots_dir, seed,
             batch_size, quiet):
     """Quantize MODEL at several bit widths, scales and solvers (one scheme); print a comparison table."""
     scheme = _scheme(granularity, block_size, symmetric, bias_mode, activations, activation_range, sequential)
-    try:
-        for flag, path in (("--json", json_path), ("--markdown", markdown_path)):
+    with failures_as_exit():
+        for name, path in (("json", json_path), ("markdown", markdown_path)):
             if path is not None:
-                check_output_path(path, model, flag)
+                check_output_path(path, model, name)
         if plots_dir is not None:
             from .plots import require_matplotlib
             require_matplotlib()
@@ -206,26 +250,23 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, bl
             from .plots import write_plots
             for path in write_plots(result, Path(plots_dir)):
                 click.echo(f"wrote {path}", err=True)
-    except QuboInputError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(result.to_markdown())
 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
+@verbose_option
 def inspect(model):
     """List the dense layers found in MODEL and the Gemm/MatMul nodes skipped, with reasons.
 
     A layer's bias is named when --bias quantize/int32 can replace it ('-': none, or not one
     this layer alone reads)."""
-    try:
+    with failures_as_exit():
         layers, skipped = find_dense_layers(load_model(model))
-    except QuboInputError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"{len(layers)} dense layer(s) in {model}:")
     for layer in layers:
         n, f = layer.shape
-        click.echo(f"  {layer.name:<28} {layer.form:<22} out={n:<6} in={f:<6} weight={layer.weight_name} "
+        click.echo(f"  {layer.name:<28} {layer.label:<22} out={n:<6} in={f:<6} weight={layer.weight_name} "
                    f"bias={layer.bias_name or '-'}")
     if skipped:
         click.echo(f"{len(skipped)} skipped:")

@@ -16,7 +16,11 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import onnx
 
-from .pipeline import Calibrated, QuantizeOptions, SolvedLayer, rewrite, solve_layers
+from .layer import SolvedLayer
+from .lowering import rewrite
+from .options import QuantizeOptions, ScaleMethod
+from .pipeline import Calibrated, solve_layers
+from .plan import make_plan
 from .progress import Progress
 from .solvers import Solver
 from .verify import Reference, evaluate
@@ -73,22 +77,23 @@ class Comparison:
     def to_markdown(self) -> str:
         lines = [f"Model `{self.model}`: float {self.metric} {self.float_accuracy:.2%} on "
                  f"{self.evaluation_samples} samples, {self.float_size_bytes:,} bytes. Scheme: {self.scheme}.", "",
-                 f"| bits | scale | solver | {self.metric} | drop (points) | total QUBO cost | size (bytes) | time (s) |",
+                 f"| bits | scale | solver | {self.metric} | drop (points) | total QUBO cost | size (bytes) "
+                 "| time (s) |",
                  "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             lines.append(f"| {r.bits} | {r.scale} | {r.solver} | {r.accuracy:.2%} | {-r.drop * 100:+.2f} | "
                          f"{r.qubo_cost:.4g} | {r.size_bytes:,} | {r.seconds:.1f} |")
         if self.samples:
             lines += ["", "| bits | samples | Pearson r (QUBO cost vs " + self.metric + ") |", "|---|---|---|"]
-            for bits, r in self.correlations().items():
+            for bits, pearson in self.correlations().items():
                 count = sum(1 for s in self.samples if s.bits == bits)
-                lines.append(f"| {bits} | {count} | {'n/a (constant)' if r is None else f'{r:+.3f}'} |")
+                lines.append(f"| {bits} | {count} | {'n/a (constant)' if pearson is None else f'{pearson:+.3f}'} |")
         return "\n".join(lines)
 
 
-def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], scales: list[str],
+def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], scales: list[ScaleMethod],
             solvers: list[Solver], samples: int, seed: int, progress: Progress,
-            model_name: str, scheme: QuantizeOptions = QuantizeOptions()) -> Comparison:
+            model_name: str, scheme: QuantizeOptions) -> Comparison:
     """Every configuration quantized from the same calibration and scored against the same
     float reference; ``samples`` random roundings per bit width around its best QUBO solution.
     ``scheme``: granularity, zero points, bias, activations, sequential (its bits, scale and
@@ -102,7 +107,7 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
 
     def score(model: onnx.ModelProto) -> float:
         ev = evaluate(reference, model, Progress(), check_basic=False)
-        return ev.quantized_accuracy if has_labels else ev.top1_agreement
+        return ev.quantized_accuracy if ev.quantized_accuracy is not None else ev.top1_agreement
 
     for bits in bits_list:
         best: list[SolvedLayer] | None = None
@@ -111,11 +116,11 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
             for solver in solvers:
                 start = time.perf_counter()
                 options = replace(scheme, bits=bits, scale=scale, solver=solver, seed=seed, lower_bound=False)
-                solved = list(solve_layers(calibrated, options, progress))
+                solved = list(solve_layers(calibrated, make_plan(options, calibrated.layers), progress))
                 model = rewrite(calibrated.model, [s.quantized() for s in solved])
                 accuracy = score(model)
                 cost = sum(s.report.cost_solved for s in solved)
-                result.rows.append(Row(bits, scale, solver.name, accuracy, float_accuracy - accuracy, cost,
+                result.rows.append(Row(bits, str(scale), solver.name, accuracy, float_accuracy - accuracy, cost,
                                        model.ByteSize(), time.perf_counter() - start))
                 if solver.name != "rtn" and cost < best_cost:
                     best, best_cost = solved, cost

@@ -18,6 +18,9 @@ and layer names); the CLI maps each type to an exit status and each option to it
 
 from __future__ import annotations
 
+import re
+from typing import Mapping
+
 
 class QuboError(Exception):
     """Base of every error the library raises on purpose."""
@@ -41,11 +44,17 @@ class DataError(QuboInputError):
 
 class OptionError(QuboInputError):
     """An option value or a combination of options. ``options`` are the API names at fault
-    (``bits``, ``block_size``...), so that a front end can name its own flags."""
+    (``bits``, ``block_size``...); the message writes each as ``{name}``, which the API shows as
+    the name itself and a front end as its own spelling (``render``), e.g. ``--block-size``."""
 
-    def __init__(self, message: str, *options: str):
-        super().__init__(message)
-        self.options = options
+    def __init__(self, template: str, *options: str):
+        self.template, self.options = template, options
+        super().__init__(self.render({}))
+
+    def render(self, names: Mapping[str, str]) -> str:
+        """The message with each ``{option}`` spelled as ``names`` says (default: as is)."""
+        return re.sub(r"\{(\w+)\}", lambda m: names.get(m[1], m[1]) if m[1] in self.options else m[0],
+                      self.template)
 
 
 class OutputError(QuboInputError):

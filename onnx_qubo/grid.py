@@ -8,14 +8,23 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
+from .choice import Choice
+
 MIN_BITS, MAX_BITS = 1, 8
-GRANULARITIES = ("channel", "tensor", "block")
 BLOCK_OPSET = 21  # DequantizeLinear's block_size attribute
 
 _STORAGE = {  # (signed, widest bits) -> (ONNX type, opset whose per-axis DequantizeLinear takes it)
     (True, 2): (TensorProto.INT2, 25), (True, 4): (TensorProto.INT4, 21), (True, 8): (TensorProto.INT8, 13),
     (False, 2): (TensorProto.UINT2, 25), (False, 4): (TensorProto.UINT4, 21), (False, 8): (TensorProto.UINT8, 13),
 }
+
+
+class Granularity(Choice):
+    """Which weights share one scale (and zero point)."""
+
+    CHANNEL = "channel"  # each output row
+    TENSOR = "tensor"  # the whole weight
+    BLOCK = "block"  # runs of block_size inputs within a row
 
 
 @dataclass(frozen=True)
@@ -26,7 +35,7 @@ class IntegerGrid:
     bits: int
     signed: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
 
@@ -56,15 +65,14 @@ class Scheme:
     ``block_size`` inputs within a row)."""
 
     bits: int = 2
-    granularity: str = "channel"
-    block_size: int = 0  # only for granularity "block"
+    granularity: Granularity = Granularity.CHANNEL
+    block_size: int = 0  # only for granularity block
     symmetric: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         IntegerGrid(self.bits)  # validates bits
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
-        if (self.granularity == "block") != (self.block_size > 0):
+        object.__setattr__(self, "granularity", Granularity(self.granularity))
+        if (self.granularity == Granularity.BLOCK) != (self.block_size > 0):
             raise ValueError("a block size (>= 1) goes with granularity 'block', and only with it")
 
     @property
@@ -74,11 +82,11 @@ class Scheme:
     @property
     def opset(self) -> int:
         storage_opset = self.grid.storage[1]
-        return max(storage_opset, BLOCK_OPSET) if self.granularity == "block" else storage_opset
+        return max(storage_opset, BLOCK_OPSET) if self.granularity == Granularity.BLOCK else storage_opset
 
     def group_width(self, f: int) -> int:
         """Input columns per scale group (the last block of a row may be shorter)."""
-        return min(self.block_size, f) if self.granularity == "block" else f
+        return min(self.block_size, f) if self.granularity == Granularity.BLOCK else f
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .compare import Comparison
-from .errors import QuboInputError
+from .errors import OptionError
 
 
 def require_matplotlib():
@@ -16,7 +16,7 @@ def require_matplotlib():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise QuboInputError("--plots needs matplotlib: pip install 'onnx-qubo[plot]'") from None
+        raise OptionError("{plots} needs matplotlib: pip install 'onnx-qubo[plot]'", "plots") from None
     return plt
 
 

@@ -98,9 +98,9 @@ class Report:
             lines.append(f"skipped {node.op_type} '{node.name}': {node.reason}")
         ev = self.evaluation
         lines.append("")
-        if ev.float_accuracy is not None:
-            lines.append(f"accuracy on {ev.samples} samples ({ev.data}, output '{ev.output}'): float {ev.float_accuracy:.2%}, "
-                         f"quantized {ev.quantized_accuracy:.2%} "
+        if ev.float_accuracy is not None and ev.quantized_accuracy is not None:
+            lines.append(f"accuracy on {ev.samples} samples ({ev.data}, output '{ev.output}'): "
+                         f"float {ev.float_accuracy:.2%}, quantized {ev.quantized_accuracy:.2%} "
                          f"({(ev.quantized_accuracy - ev.float_accuracy) * 100:+.2f} points)")
         lines.append(f"top-1 agreement with float: {ev.top1_agreement:.2%}; relative output error "
                      f"{ev.relative_output_error:.3g}")

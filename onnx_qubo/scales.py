@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .grid import GroupScales, IntegerGrid, Scheme
+from .grid import Granularity, GroupScales, IntegerGrid, Scheme
 
 SCALE_METHODS = ("mse", "minmax", "qubo")
 COARSE_RATIOS = np.linspace(0.05, 1.0, 10)
@@ -59,13 +59,13 @@ class GroupRanges:
     def __init__(self, weight: np.ndarray, scheme: Scheme):
         n, f = weight.shape
         self.grid, self.width = scheme.grid, scheme.group_width(f)
-        self.tensor = scheme.granularity == "tensor"
+        self.tensor = scheme.granularity == Granularity.TENSOR
         groups = -(-f // self.width)
         padded = np.zeros((n, groups * self.width))
         padded[:, :f] = weight
         blocks = padded.reshape(n, groups, self.width)
         self.lo, self.hi = np.minimum(blocks.min(axis=2), 0.0), np.maximum(blocks.max(axis=2), 0.0)
-        if scheme.granularity == "tensor":
+        if scheme.granularity == Granularity.TENSOR:
             self.lo = np.full((n, 1), self.lo.min())
             self.hi = np.full((n, 1), self.hi.max())
         self.shape = self.lo.shape
@@ -86,7 +86,7 @@ class GroupRanges:
 
 def tensor_scales(values: np.ndarray, grid: IntegerGrid) -> GroupScales:
     """One range-filling scale for a vector [n] (a quantized bias), as [n, 1] groups."""
-    scheme = Scheme(grid.bits, "tensor", symmetric=grid.signed)
+    scheme = Scheme(grid.bits, Granularity.TENSOR, symmetric=grid.signed)
     ranges = GroupRanges(values[:, None], scheme)
     return ranges.scales(np.ones(ranges.shape))
 

@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import onnx
 
 from .grid import GroupScales, InputQuantizer, Scheme
+
+if TYPE_CHECKING:
+    from .forms.base import GraphIndex, Skip
+    from .passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
+
+
+class DenseForm(Protocol):
+    """One graph pattern of a dense layer (forms/): how to find it and how to rewrite it."""
+
+    op_type: str
+
+    def match(self, node: onnx.NodeProto, name: str, index: "GraphIndex") -> "DenseLayer | Skip": ...
+
+    def lower(self, node: onnx.NodeProto, weight: "QuantizedWeight", edit: "GraphEdit") -> "Lowered": ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -21,8 +37,8 @@ class DenseLayer:
     """
 
     name: str  # the node's name (made unique by discovery when the model has none)
-    op_type: str  # "Gemm" or "MatMul"
-    form: str  # human-readable pattern, e.g. "Gemm(transB=1)", "MatMul+Add", "MatMul (N-D)"
+    form: DenseForm  # the pattern it was found as, which also rewrites it
+    label: str  # the pattern in words, e.g. "Gemm(transB=1)", "MatMul+Add", "MatMul (N-D)"
     input_name: str  # activation tensor feeding the layer
     input_rank: int | None  # its rank when shape inference knows it
     weight_name: str  # initializer holding the weight
@@ -33,7 +49,12 @@ class DenseLayer:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.weight.shape
+        n, f = self.weight.shape
+        return n, f
+
+    @property
+    def op_type(self) -> str:
+        return self.form.op_type
 
 
 @dataclass(frozen=True)

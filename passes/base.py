@@ -1,11 +1,20 @@
-"""The pass contract (after onnx_ir's pass infrastructure): ``call(model) -> PassResult``."""
+"""The pass contract (after onnx_ir's pass infrastructure): ``call(model) -> PassResult``.
+
+A pass returns a new model and never mutates the one it is given; ``run_passes`` applies a
+visible sequence, says whether any pass changed the model, and names the pass that failed.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import onnx
+
+from ..errors import QuboError, RuntimeFailure
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,11 +29,22 @@ class GraphPass(Protocol):
     def call(self, model: onnx.ModelProto) -> PassResult: ...
 
 
-def run_passes(model: onnx.ModelProto, passes: Sequence[GraphPass]) -> onnx.ModelProto:
-    """Apply the passes in order and return the final model."""
+def run_passes(model: onnx.ModelProto, passes: Sequence[GraphPass]) -> PassResult:
+    """Apply the passes in order. A pass that fails for a reason of its own (a QuboError, e.g. a
+    model whose opset cannot be raised) raises that; any other failure is a RuntimeFailure
+    naming the pass."""
+    modified = False
     for graph_pass in passes:
-        model = graph_pass.call(model).model
-    return model
+        name = type(graph_pass).__name__
+        try:
+            result = graph_pass.call(model)
+        except QuboError:
+            raise
+        except Exception as exc:  # onnx and onnxruntime raise many unrelated types
+            raise RuntimeFailure(f"graph pass {name} failed: {exc}") from exc
+        log.debug("pass %s: %s", name, "modified the model" if result.modified else "no change")
+        model, modified = result.model, modified or result.modified
+    return PassResult(model, modified)
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 from onnx import defs, helper, version_converter
 
+from ..errors import ModelError
 from .base import PassResult, copy_model
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -17,7 +22,7 @@ class RaiseOpset:
     import is simply bumped; otherwise onnx's version converter rewrites the affected nodes.
     """
 
-    def __init__(self, target: int):
+    def __init__(self, target: int) -> None:
         self.target = target
 
     def call(self, model: onnx.ModelProto) -> PassResult:
@@ -33,8 +38,9 @@ class RaiseOpset:
             try:
                 raised = version_converter.convert_version(model, self.target)
             except Exception as exc:  # the converter raises bare RuntimeErrors
-                raise ValueError(f"cannot raise the model's opset from {current} to {self.target} "
+                raise ModelError(f"cannot raise the model's opset from {current} to {self.target} "
                                  f"(needed by the integer weight type): {exc}") from None
+        log.info("raised the default-domain opset from %d to %d", current, self.target)
         raised.ir_version = max(raised.ir_version, helper.find_min_ir_version_for(
             list(raised.opset_import), ignore_unknown=True))
         return PassResult(raised, modified=True)

@@ -5,9 +5,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from graphs import gemm_model, matmul_model, mlp_model
 from onnx import TensorProto, numpy_helper
 
-from graphs import gemm_model, matmul_model, mlp_model
 import onnx_qubo
 from onnx_qubo.solvers import ExactSolver
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from graphs import mlp_model
+
 from onnx_qubo.calibration import collect_statistics
 from onnx_qubo.data import load_dataset
 from onnx_qubo.discovery import find_dense_layers

@@ -1,7 +1,7 @@
 import numpy as np
+from graphs import gemm_model, matmul_model, weight_of
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import gemm_model, matmul_model, weight_of
 from onnx_qubo.discovery import find_dense_layers
 
 
@@ -14,7 +14,7 @@ def only_layer(model):
 def test_gemm_trans_b_1_keeps_weight_orientation_and_alpha():
     model = gemm_model(trans_b=1, alpha=0.5)
     layer = only_layer(model)
-    assert layer.form == "Gemm(transB=1)" and layer.gain == 0.5
+    assert layer.label == "Gemm(transB=1)" and layer.gain == 0.5
     np.testing.assert_array_equal(layer.weight, weight_of(model))
     assert layer.input_name == "x" and layer.weight_name == "W"
 
@@ -27,10 +27,10 @@ def test_gemm_trans_b_0_weight_is_transposed_to_out_by_in():
 
 
 def test_matmul_forms():
-    assert only_layer(matmul_model(bias=True)).form == "MatMul+Add"
-    assert only_layer(matmul_model(bias=False)).form == "MatMul"
+    assert only_layer(matmul_model(bias=True)).label == "MatMul+Add"
+    assert only_layer(matmul_model(bias=False)).label == "MatMul"
     layer = only_layer(matmul_model(leading=(7,)))
-    assert layer.form == "MatMul+Add (N-D)" and layer.input_rank == 3
+    assert layer.label == "MatMul+Add (N-D)" and layer.input_rank == 3
     assert layer.shape == (5, 6)
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from graphs import mlp_model
 from onnx import numpy_helper
 
-from graphs import mlp_model
 import onnx_qubo
 from onnx_qubo.cli import main
 from onnx_qubo.exchange import file_stems, read_problem

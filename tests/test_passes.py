@@ -5,11 +5,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from graphs import gemm_model, matmul_model
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import gemm_model, matmul_model
-from onnx_qubo.passes import (ActivationQuantization, CheckModel, InsertDequantize, QuantizedTensor,
-                              QuantizedWeight, RaiseOpset, run_passes)
+from onnx_qubo.forms import FORMS as DENSE_FORMS
+from onnx_qubo.passes import (
+    ActivationQuantization,
+    CheckModel,
+    InsertDequantize,
+    QuantizedTensor,
+    QuantizedWeight,
+    RaiseOpset,
+    run_passes,
+)
 from onnx_qubo.passes.opset import default_opset
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC]
@@ -36,6 +44,11 @@ def numpy_forward(model, weight_t, x):
     return np.maximum(y, 0) if model.graph.node[-1].op_type == "Relu" else y
 
 
+def form_of(model):
+    """The dense form that rewrites the model's first node."""
+    return DENSE_FORMS[model.graph.node[0].op_type]
+
+
 def quantize_w(model, bits, rank, rng):
     n, f = (5, 6)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -43,7 +56,8 @@ def quantize_w(model, bits, rank, rng):
     scale = rng.random(n) * 0.5 + 0.1
     storage, opset = STORAGE[bits]
     weight = QuantizedTensor(integers, scale, None, storage)
-    out = run_passes(model, [RaiseOpset(opset), InsertDequantize([QuantizedWeight("W", weight, rank)]), CheckModel()])
+    record = QuantizedWeight("W", weight, form_of(model), rank)
+    out = run_passes(model, [RaiseOpset(opset), InsertDequantize([record]), CheckModel()]).model
     return out, (integers * scale.astype(np.float32)[:, None]).T.astype(np.float64)
 
 
@@ -89,7 +103,7 @@ ZEROS = QuantizedTensor(np.zeros((5, 6), int), np.ones(5), None, TensorProto.INT
 def test_insert_does_not_touch_its_input():
     model = gemm_model()
     before = model.SerializeToString()
-    InsertDequantize([QuantizedWeight("W", ZEROS, 2)]).call(model)
+    InsertDequantize([QuantizedWeight("W", ZEROS, DENSE_FORMS["Gemm"], 2)]).call(model)
     assert model.SerializeToString() == before
 
 
@@ -97,7 +111,7 @@ def test_insert_refuses_a_shared_weight():
     model = gemm_model()
     model.graph.node.append(helper.make_node("Gemm", ["x", "W"], ["z"], transB=1))
     with pytest.raises(ValueError, match="read by 2 nodes"):
-        InsertDequantize([QuantizedWeight("W", ZEROS, 2)]).call(model)
+        InsertDequantize([QuantizedWeight("W", ZEROS, DENSE_FORMS["Gemm"], 2)]).call(model)
 
 
 def test_raise_opset_bumps_when_no_definition_changed_and_converts_otherwise():
@@ -115,7 +129,7 @@ def test_raise_opset_bumps_when_no_definition_changed_and_converts_otherwise():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 6])], [shape])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    out = run_passes(model, [RaiseOpset(25), CheckModel()])
+    out = run_passes(model, [RaiseOpset(25), CheckModel()]).model
     x = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
     np.testing.assert_array_equal(run(out, x, LEVELS[0]), x.reshape(2, 6))
     assert default_opset(out) == 25
@@ -124,7 +138,7 @@ def test_raise_opset_bumps_when_no_definition_changed_and_converts_otherwise():
 def test_check_model_rejects_an_invalid_graph():
     model = gemm_model()
     model.graph.node[0].input[1] = "missing"
-    with pytest.raises(Exception):
+    with pytest.raises(onnx.checker.ValidationError):
         CheckModel().call(model)
 
 
@@ -177,9 +191,10 @@ def test_scales_zero_points_biases_and_quantized_inputs_are_exact(form, variant)
     activation = None
     if input_type is not None:
         activation = ActivationQuantization(0.03, 10 if input_type == TensorProto.UINT8 else -3, input_type)
-    spec = QuantizedWeight("W", weight, rank, bias_name=bias_name if bias else None, bias=bias, activation=activation)
+    spec = QuantizedWeight("W", weight, form_of(model), rank, bias_name=bias_name if bias else None, bias=bias,
+                           activation=activation)
     opset = 25 if storage in (TensorProto.INT2, TensorProto.UINT2) else 21
-    quantized = run_passes(model, [RaiseOpset(opset), InsertDequantize([spec]), CheckModel()])
+    quantized = run_passes(model, [RaiseOpset(opset), InsertDequantize([spec]), CheckModel()]).model
 
     x = rng.standard_normal(x_shape).astype(np.float32)
     seen = x

@@ -4,15 +4,15 @@ running the layer with dequantized weights in onnxruntime (an independent path).
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from graphs import gemm_model
+from onnx import TensorProto, helper, numpy_helper
+from problems import channel_problem, max_abs_scale, random_problem
+
 from onnx_qubo.calibration import collect_statistics
 from onnx_qubo.data import load_dataset
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.grid import IntegerGrid
 from onnx_qubo.progress import Progress
-from problems import channel_problem, max_abs_scale, random_problem
 
 
 def pre_activations(weights: list[np.ndarray], alpha: float, x: np.ndarray) -> list[np.ndarray]:
@@ -42,7 +42,7 @@ def test_energy_equals_measured_output_error(bits, trans_b, alpha):
     problem = channel_problem(layer.weight, scale, bits, stats["x"].x_gram, layer.gain)
     assert not problem.rounding.free.all()
 
-    for trial in range(3):
+    for _ in range(3):
         choice = rng.random((n, f)) < 0.5
         integers = problem.integers(choice)
         assert integers.min() >= grid.qmin and integers.max() <= grid.qmax

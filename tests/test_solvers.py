@@ -2,14 +2,14 @@ import itertools
 
 import numpy as np
 import pytest
+from oracles import brute_force_minimum
+from problems import random_problem
 
-from onnx_qubo.errors import QuboInputError
+from onnx_qubo.errors import SolverLimitError
 from onnx_qubo.progress import Progress
 from onnx_qubo.solvers import ExactSolver, FastSolver, NealSolver, RoundToNearest
 from onnx_qubo.solvers.exact import minimize_binary_quadratic
 from onnx_qubo.solvers.fast import feedback_factor
-from oracles import brute_force_minimum
-from problems import random_problem
 
 
 def brute_force_energies(problem, i):
@@ -35,7 +35,7 @@ def test_exact_finds_the_brute_force_optimum(general):
 @pytest.mark.parametrize("rank", [14, 5])  # full rank, and a singular (PSD) matrix
 def test_branch_and_bound_matches_enumeration_from_any_start(rank):
     rng = np.random.default_rng(rank)
-    for trial in range(6):
+    for _ in range(6):
         x = rng.standard_normal((rank, 14))
         quadratic = x.T @ x
         linear = rng.standard_normal(14) * 3 - np.diag(quadratic)
@@ -46,7 +46,7 @@ def test_branch_and_bound_matches_enumeration_from_any_start(rank):
 
 
 def test_exact_refuses_too_many_free_variables():
-    with pytest.raises(QuboInputError, match="at most 5 free weights"):
+    with pytest.raises(SolverLimitError, match="at most 5 free weights"):
         ExactSolver(max_free=5).solve(random_problem(f=10, clip=1.0), 0, Progress())
 
 

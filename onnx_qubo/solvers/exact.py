@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import QuboInputError
+from ..errors import SolverLimitError
 from ..progress import Progress
 from ..qubo import LayerProblem
 from .fast import FastSolver
@@ -31,9 +31,9 @@ class ExactSolver:
     def solve(self, problem: LayerProblem, seed: int = 0, progress: Progress = Progress()) -> np.ndarray:
         free_counts = problem.rounding.free.sum(axis=1)
         if free_counts.max(initial=0) > self.max_free:
-            raise QuboInputError(
+            raise SolverLimitError(
                 f"the exact solver handles at most {self.max_free} free weights per neuron; this "
-                f"layer has up to {free_counts.max()} (use another --solver)")
+                f"layer has up to {free_counts.max()} (choose another solver)")
         incumbent = FastSolver().solve(problem, seed)
         choice = np.zeros(problem.shape, dtype=bool)
         with progress.bar(problem.shape[0], "exact") as bar:

@@ -1,0 +1,49 @@
+"""What onnxruntime (1.32, CPU provider) computes wrongly or refuses, and how we stay clear of it.
+
+Every rule here was found by running an emitted form at onnxruntime's default and basic
+optimization levels against numpy; each has a test (tests/test_passes.py, tests/test_schemes.py).
+The forms (forms/) and the options (options.py) ask this module instead of knowing the rules.
+
+1. ``DequantizeLinear(axis=1) -> MatMul`` (also ``-> Gemm`` reading the weight as [f_in, n_out],
+   through a ``Transpose``, or a per-tensor DQ into ``MatMul``) is rewritten at the default level
+   into the MatMulNBits kernel, which quantizes activations to 8 bits (~0.5% output error) and
+   returns wrong numbers for INT2 weights whose output width is not a multiple of 4. The
+   weight-as-rows ``DequantizeLinear(axis=0 or blocks on axis=1) -> Gemm(transB=1)`` is computed
+   exactly at every level: every dense form lowers to it (forms/).
+2. With quantized inputs, ``DequantizeLinear``s around a ``Gemm`` followed by a
+   ``QuantizeLinear`` are fused into QGemm without checking for INT2/UINT2 weights when the
+   weight's DQ has a zero-point input, and the model then cannot be loaded. Hence symmetric
+   weights carry no zero-point input (``weight_zero_point_input``), an INT32 bias of a 2-bit
+   layer is added by an ``Add`` after the Gemm (``int32_bias_after_gemm``), and asymmetric
+   1-2 bit weights per channel or tensor with quantized inputs are refused (``scheme_refusal``).
+3. A signed ``QuantizeLinear`` moved across a ``Reshape`` gets mistyped, so an N-D layer's input
+   is quantized after the flattening ``Reshape`` (forms/matmul.py).
+"""
+
+from __future__ import annotations
+
+from onnx import TensorProto
+
+from .grid import Granularity, Scheme
+
+TWO_BIT_TYPES = (TensorProto.INT2, TensorProto.UINT2)
+
+
+def scheme_refusal(scheme: Scheme, quantized_inputs: bool) -> str | None:
+    """Why onnxruntime cannot load a model with this weight scheme, or None (rule 2)."""
+    if (quantized_inputs and scheme.bits <= 2 and not scheme.symmetric
+            and scheme.granularity != Granularity.BLOCK):
+        return ("asymmetric 1-2 bit weights per channel or tensor with quantized inputs ({activations}): onnxruntime 1.32 "
+                "fuses them into QGemm, which rejects UINT2, and cannot load the model; use {symmetric} "
+                "weights, {granularity} block, or more bits")
+    return None
+
+
+def weight_zero_point_input(symmetric: bool) -> bool:
+    """Whether a weight's DequantizeLinear gets a zero-point input (rule 2: not when it is 0)."""
+    return not symmetric
+
+
+def int32_bias_after_gemm(weight_type: int, bias_type: int) -> bool:
+    """Whether a quantized bias must be added after the Gemm rather than fed as its C (rule 2)."""
+    return bias_type == TensorProto.INT32 and weight_type in TWO_BIT_TYPES

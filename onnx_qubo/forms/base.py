@@ -1,0 +1,100 @@
+"""What every dense form's matching needs to know of a graph, and the checks they share.
+
+A form (gemm.py, matmul.py) is one object per graph pattern, after onnxscript's rewrite rules:
+``match`` turns a node into a ``DenseLayer`` or a ``Skip`` saying why it cannot be quantized
+exactly; ``lower`` rewrites the node around the weight's integers (the ``DenseLowering`` of
+passes/insert_dequantize.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+SUPPORTED_WEIGHT_TYPES = (onnx.TensorProto.FLOAT,)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A node of a form's op type that is not quantized, and why."""
+
+    reason: str
+
+
+class GraphIndex:
+    """The main graph's initializers, who reads what, and tensor ranks, computed once."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.overridable = {inp.name for inp in graph.input} & self.initializers.keys()
+        self.uses = count_uses(graph)
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.ranks = tensor_ranks(model)
+
+    def constant_weight(self, activation: str, weight: str) -> onnx.TensorProto | Skip:
+        """The initializer ``weight`` when the node may be quantized through it: a FLOAT constant
+        that only this node reads and that no caller can override."""
+        if weight not in self.initializers:
+            return Skip(f"weight '{weight}' is not a constant initializer")
+        if activation in self.initializers:
+            return Skip(f"both operands are constants ('{activation}', '{weight}')")
+        if weight in self.overridable:
+            return Skip(f"weight '{weight}' is also a graph input, so callers can override it")
+        if self.uses[weight] > 1:
+            return Skip(f"weight '{weight}' is shared by {self.uses[weight]} nodes")
+        init = self.initializers[weight]
+        if init.data_type not in SUPPORTED_WEIGHT_TYPES:
+            type_name = onnx.TensorProto.DataType.Name(init.data_type)
+            return Skip(f"weight '{weight}' is {type_name}; only FLOAT weights are supported")
+        if len(init.dims) != 2:
+            return Skip(f"weight '{weight}' has rank {len(init.dims)}; a dense layer needs a 2-D weight")
+        return init
+
+    def bias_vector(self, name: str, n: int) -> np.ndarray | None:
+        """The bias as an [n] vector when it can be replaced by a quantized one: a FLOAT
+        initializer of n values along its last axis, read by this layer alone."""
+        init = self.initializers.get(name)
+        if init is None or name in self.overridable or self.uses[name] != 1:
+            return None
+        dims = list(init.dims)
+        if init.data_type != onnx.TensorProto.FLOAT or not dims or dims[-1] != n or int(np.prod(dims)) != n:
+            return None
+        return numpy_helper.to_array(init).astype(np.float64).reshape(n)
+
+    def only_reader(self, tensor: str) -> onnx.NodeProto | None:
+        readers = self.consumers.get(tensor, [])
+        return readers[0] if len(readers) == 1 else None
+
+
+def attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def count_uses(graph: onnx.GraphProto) -> Counter:
+    """How many node inputs (subgraphs included) read each tensor name."""
+    uses: Counter = Counter()
+    for node in graph.node:
+        uses.update(name for name in node.input if name)
+        for attr in node.attribute:
+            subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+            for sub in subgraphs:
+                uses.update(count_uses(sub))
+    return uses
+
+
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """The rank of every main-graph tensor that shape inference can tell."""
+    graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    return {
+        info.name: len(info.type.tensor_type.shape.dim)
+        for info in list(graph.input) + list(graph.value_info) + list(graph.output)
+        if info.type.tensor_type.HasField("shape")
+    }

@@ -1,0 +1,68 @@
+"""``Gemm(x, B, C)`` with a constant weight: ``y = alpha * x B' + beta * C``.
+
+Found for any transB, alpha != 0, beta and optional C, with transA=0. The weight maps to
+[n_out, f_in] as B when transB=1, else as B^T; alpha is the layer's gain, beta * C its bias.
+Lowered to ``DequantizeLinear -> Gemm(transB=1)`` (weight as rows: compat.py rule 1), the
+dequantized bias (if any) as C with beta 1, or added after the Gemm where compat.py says so.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper, numpy_helper
+
+from .. import compat
+from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
+from ..types import DenseLayer
+from .base import GraphIndex, Skip, attributes
+
+
+class GemmForm:
+    op_type = "Gemm"
+
+    def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
+        attrs = attributes(node)
+        if attrs.get("transA", 0):
+            return Skip("transA=1 (the activation is transposed); only transA=0 is supported")
+        activation, weight_name = node.input[0], node.input[1]
+        init = index.constant_weight(activation, weight_name)
+        if isinstance(init, Skip):
+            return init
+        gain = float(attrs.get("alpha", 1.0))
+        if gain == 0.0:
+            return Skip("alpha=0: the weight does not contribute to the output")
+        stored = numpy_helper.to_array(init).astype("float64")
+        trans_b = attrs.get("transB", 0)
+        weight = stored if trans_b else stored.T
+        bias_name = node.input[2] if len(node.input) > 2 else ""
+        bias = index.bias_vector(bias_name, len(weight))
+        return DenseLayer(name, self, f"Gemm(transB={trans_b})", activation, index.ranks.get(activation),
+                          weight_name, weight, gain, None if bias is None else float(attrs.get("beta", 1.0)) * bias,
+                          bias_name if bias is not None else None)
+
+    def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
+        nodes, deq = edit.dequantize(weight.name, weight.weight)
+        bias_input, bias_after = None, None
+        if weight.bias is not None and weight.bias_name is not None:
+            bias_nodes, bias_deq = edit.dequantize(weight.bias_name, weight.bias)
+            nodes += bias_nodes
+            if compat.int32_bias_after_gemm(weight.weight.storage_type, weight.bias.storage_type):
+                bias_after = bias_deq
+            else:
+                bias_input = bias_deq
+        qdq, activation = edit.quantize_activation(node.input[0], weight.activation)
+        gemm = onnx.NodeProto()
+        gemm.CopyFrom(node)
+        gemm.input[0], gemm.input[1] = activation, deq
+        replaced = {"transB"} | ({"beta"} if weight.bias is not None else set())
+        kept = [a for a in gemm.attribute if a.name not in replaced]
+        del gemm.attribute[:]
+        gemm.attribute.extend(kept + [helper.make_attribute("transB", 1)])
+        if bias_input is not None:
+            gemm.input[2] = bias_input
+        if bias_after is not None:
+            del gemm.input[2:]
+        nodes += qdq + [gemm]
+        if bias_after is not None:
+            nodes += edit.add_to_output(nodes, bias_after, "bias")
+        return Lowered(nodes)

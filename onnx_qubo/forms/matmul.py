@@ -1,0 +1,79 @@
+"""``MatMul(x, W)`` with a constant 2-D ``W``, on 2-D or N-D activations, optionally followed by
+an ``Add`` of a constant (the bias), as skl2onnx, Keras and transformer exports write it.
+
+The weight maps to [n_out, f_in] as W^T; the gain is 1. Lowered to ``DequantizeLinear ->
+Gemm(transB=1)`` (compat.py rule 1): on 2-D activations the Gemm replaces the MatMul; on N-D
+ones it is wrapped in ``Reshape [-1, f] -> Gemm -> Reshape`` back to the activation's leading
+axes plus n, with a quantized input quantized after the flattening Reshape (rule 3). A
+quantized bias replaces the Add's constant operand, which the Add keeps reading.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
+from ..types import DenseLayer
+from .base import GraphIndex, Skip
+
+
+class MatMulForm:
+    op_type = "MatMul"
+
+    def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
+        activation, weight_name = node.input[0], node.input[1]
+        if weight_name not in index.initializers and activation in index.initializers:
+            return Skip(f"the constant '{activation}' is the left operand (W @ x); only x @ W is supported")
+        init = index.constant_weight(activation, weight_name)
+        if isinstance(init, Skip):
+            return init
+        weight = numpy_helper.to_array(init).astype(np.float64).T
+        add = _constant_add(node.output[0], index)
+        label = "MatMul+Add" if add else "MatMul"
+        if index.ranks.get(activation) != 2:
+            label += " (N-D)"
+        bias_name = next((t for t in add.input if t != node.output[0]), "") if add else ""
+        bias = index.bias_vector(bias_name, len(weight))
+        return DenseLayer(name, self, label, activation, index.ranks.get(activation), weight_name, weight, 1.0,
+                          bias, bias_name if bias is not None else None)
+
+    def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
+        nodes, deq = edit.dequantize(weight.name, weight.weight)
+        renames = {}
+        if weight.bias is not None and weight.bias_name is not None:
+            bias_nodes, renames[weight.bias_name] = edit.dequantize(weight.bias_name, weight.bias)
+            nodes += bias_nodes
+        if weight.activation_rank == 2:
+            qdq, activation = edit.quantize_activation(node.input[0], weight.activation)
+            return Lowered(nodes + qdq + [helper.make_node("Gemm", [activation, deq], [node.output[0]], transB=1,
+                                                           name=node.name)], renames)
+        n, f = weight.weight.integers.shape
+        prefix = node.name or weight.name
+        flat_shape, flat, flat_out, shape, lead, starts, ends, width, out_shape = (
+            edit.fresh(f"{prefix}_{suffix}") for suffix in
+            ("flat_shape", "flat", "flat_out", "in_shape", "lead_shape", "starts", "ends", "width", "out_shape"))
+        constants = {flat_shape: [-1, f], starts: [0], ends: [-1], width: [n]}
+        qdq, flat_seen = edit.quantize_activation(flat, weight.activation)
+        return Lowered(nodes + [
+            helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.int64)))
+            for name, v in constants.items()
+        ] + [
+            helper.make_node("Reshape", [node.input[0], flat_shape], [flat]),
+            *qdq,
+            helper.make_node("Gemm", [flat_seen, deq], [flat_out], transB=1, name=node.name),
+            helper.make_node("Shape", [node.input[0]], [shape]),
+            helper.make_node("Slice", [shape, starts, ends], [lead]),
+            helper.make_node("Concat", [lead, width], [out_shape], axis=0),
+            helper.make_node("Reshape", [flat_out, out_shape], [node.output[0]]),
+        ], renames)
+
+
+def _constant_add(output: str, index: GraphIndex) -> onnx.NodeProto | None:
+    """The Add that alone reads ``output`` and adds a constant to it, if there is one."""
+    reader = index.only_reader(output)
+    if reader is None or reader.op_type != "Add":
+        return None
+    other = [t for t in reader.input if t != output]
+    return reader if len(other) == 1 and other[0] in index.initializers else None

@@ -1,0 +1,212 @@
+"""One layer's quantization: scales -> QUBO -> rounding -> bias, and its report.
+
+``prepare_layer`` chooses the scales and builds the layer's QUBO from its input statistics
+(``LayerTerms``: Gram, cross and offset terms, qubo.py); the rounding comes from the plan's
+solver (``LayerWork.solve``) or from outside (``--load-solution``); ``LayerWork.finish`` applies
+the bias policy and measures the costs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import onnx
+
+from .bounds import lower_bounds
+from .calibration import InputStatistics
+from .errors import OptionError
+from .grid import Granularity, GroupScales, InputQuantizer, Scheme
+from .options import BiasMode, ScaleMethod
+from .plan import LayerPlan
+from .progress import Progress
+from .qubo import LayerProblem, build_problem
+from .report import LayerReport
+from .scales import QUBO_CANDIDATES, candidate_scales, choose_scales, tensor_scales
+from .solvers import FastSolver, RoundToNearest
+from .types import DenseLayer, QuantizedBias, QuantizedLayer
+
+INT32_MAX = 2 ** 31 - 1
+
+
+@dataclass(frozen=True, eq=False)
+class LayerTerms:
+    """What the QUBO of a layer needs besides its scales (qubo.py): Gram, cross, offset."""
+
+    layer: DenseLayer
+    statistics: InputStatistics
+    with_bias: bool  # the bias is the last variable of each neuron
+
+    @property
+    def gram(self) -> np.ndarray:
+        return self.statistics.gram if self.with_bias else self.statistics.x_gram
+
+    @cached_property  # computed once however many scale candidates are tried
+    def cross(self) -> np.ndarray | None:
+        """[n, m] in output units: alpha * E[z d^T] w_i (None when the inputs are the float ones)."""
+        if self.statistics.cross is None:
+            return None
+        m = len(self.gram)
+        return self.layer.gain * self.layer.weight @ self.statistics.cross[:m].T
+
+    @cached_property
+    def weight_cross(self) -> np.ndarray | None:
+        """The same for the weight columns, in weight units (for the scale search)."""
+        f = self.layer.shape[1]
+        return None if self.statistics.cross is None else self.layer.weight @ self.statistics.cross[:f].T
+
+    @cached_property
+    def offset(self) -> np.ndarray | None:
+        if self.statistics.drift is None:
+            return None
+        w = self.layer.weight
+        return self.layer.gain ** 2 * np.einsum("if,if->i", w @ self.statistics.drift, w)
+
+    def problem(self, scheme: Scheme, scales: GroupScales, bias_scales: GroupScales | None) -> LayerProblem:
+        n, f = self.layer.shape
+        scale = scales.per_column(scales.scale, f)
+        zero_point = scales.per_column(scales.zero_point, f)
+        values, gain = self.layer.weight, self.layer.gain
+        if bias_scales is not None and self.layer.bias is not None:
+            values = np.hstack([values, self.layer.bias[:, None]])
+            scale = np.hstack([np.broadcast_to(scale, (n, f)), bias_scales.scale])
+            zero_point = np.hstack([np.broadcast_to(zero_point, (n, f)), bias_scales.zero_point])
+            gain = np.r_[np.full(f, self.layer.gain), 1.0]
+        return build_problem(values, scale, zero_point, gain, scheme.grid, self.gram, self.cross, self.offset)
+
+    def mean_error(self, problem: LayerProblem, choice: np.ndarray) -> np.ndarray:
+        """E[y - y_q] per output: cancelled by adding it to the output (bias correction)."""
+        shift = problem.errors(choice) @ self.statistics.gram[-1, :problem.shape[1]]  # E[z~]
+        if self.statistics.cross is not None:
+            shift = shift + self.layer.gain * self.layer.weight @ self.statistics.cross[-1]
+        return shift
+
+
+@dataclass(frozen=True, eq=False)
+class SolvedLayer:
+    """One layer's scales, QUBO, chosen rounding and report."""
+
+    plan: LayerPlan
+    scales: GroupScales
+    problem: LayerProblem
+    choice: np.ndarray
+    report: LayerReport
+    bias_scales: GroupScales | None = None  # the bias is the last variable of each neuron's QUBO
+    bias: QuantizedBias | None = None  # or a fixed integer bias (INT32)
+    input_quantizer: InputQuantizer | None = None
+    bias_shift: np.ndarray | None = None
+
+    def quantized(self, choice: np.ndarray | None = None) -> QuantizedLayer:
+        """The integer weights of this rounding (or of another ``choice`` on the same problem,
+        then without bias correction)."""
+        integers = self.problem.integers(self.choice if choice is None else choice)
+        scheme, f = self.plan.scheme, self.plan.layer.shape[1]
+        bias = self.bias
+        if self.bias_scales is not None:
+            bias = QuantizedBias(integers[:, f], np.asarray(self.bias_scales.scale[0, 0]),
+                                 int(self.bias_scales.zero_point[0, 0]), scheme.grid.storage[0])
+        return QuantizedLayer(self.plan.layer, scheme, integers[:, :f], self.scales, bias, self.input_quantizer,
+                              self.bias_shift if choice is None else None)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerWork:
+    """A layer's scales and QUBO, waiting for a rounding."""
+
+    plan: LayerPlan
+    terms: LayerTerms
+    scales: GroupScales
+    bias_scales: GroupScales | None
+    problem: LayerProblem
+    quantizer: InputQuantizer | None
+    presolved: np.ndarray | None  # the fast solver's rounding, when the scale search made it
+    search_seconds: float
+
+    def solve(self, progress: Progress) -> np.ndarray:
+        """The plan's solver's rounding (the scale search's own when it already solved with it)."""
+        if self.presolved is not None and self.plan.solver.name == FastSolver.name:
+            return self.presolved
+        return self.plan.solver.solve(self.problem, self.plan.seed, progress)
+
+    def finish(self, choice: np.ndarray, seconds: float) -> SolvedLayer:
+        """Bias policy and report for the rounding ``choice`` (found in ``seconds``)."""
+        plan, problem, layer = self.plan, self.problem, self.plan.layer
+        grid = plan.scheme.grid
+        mean_error = self.terms.mean_error(problem, choice) if plan.bias_correction else None
+        shift, bias, bias_storage = mean_error, None, "float"
+        if plan.bias == BiasMode.QUANTIZE:
+            bias_storage = onnx.TensorProto.DataType.Name(grid.storage[0])
+        elif plan.bias == BiasMode.INT32 and self.quantizer is not None:
+            bias = _int32_bias(layer, plan.scheme, self.scales, self.quantizer, mean_error)
+            shift, bias_storage = None, "INT32"  # the correction is folded into the integer bias
+        n, f = layer.shape
+        cost = problem.energy(choice)
+        report = LayerReport(
+            name=layer.name, form=layer.label, n_out=n, f_in=f, bits=plan.scheme.bits,
+            storage=onnx.TensorProto.DataType.Name(grid.storage[0]),
+            free_fraction=float(problem.rounding.free.mean()),
+            cost_rtn=problem.energy(RoundToNearest().solve(problem)),
+            cost_solved=cost,
+            lower_bound=float(lower_bounds(problem).sum()) if plan.lower_bound else None,
+            solve_seconds=seconds + self.search_seconds,
+            cost_bias_corrected=None if mean_error is None else cost - float(mean_error @ mean_error),
+            bias=bias_storage)
+        return SolvedLayer(plan, self.scales, problem, choice, report, self.bias_scales, bias, self.quantizer, shift)
+
+
+def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: InputQuantizer | None) -> LayerWork:
+    """Scales and QUBO of one layer from the statistics of the inputs it will see."""
+    layer, scheme = plan.layer, plan.scheme
+    terms = LayerTerms(layer, statistics, plan.bias_is_variable)
+    bias_scales = tensor_scales(layer.bias, scheme.grid) if plan.bias_is_variable and layer.bias is not None else None
+    presolved, search_seconds = None, 0.0
+    if plan.scale == ScaleMethod.QUBO:
+        start = time.perf_counter()
+        scales, presolved = _solved_best_scales(terms, scheme, bias_scales, plan.seed)
+        search_seconds = time.perf_counter() - start
+    else:
+        scales = choose_scales(plan.scale, layer.weight, scheme, statistics.x_gram, terms.weight_cross)
+    return LayerWork(plan, terms, scales, bias_scales, terms.problem(scheme, scales, bias_scales), quantizer,
+                     presolved, search_seconds)
+
+
+def _solved_best_scales(terms: LayerTerms, scheme: Scheme, bias_scales: GroupScales | None,
+                        seed: int) -> tuple[GroupScales, np.ndarray]:
+    """``scale qubo``: the best few clipping ratios by round-to-nearest cost, each solved by
+    the fast engine; per row (one set for a tensor-wide scale) the one with the least cost.
+    Rows are independent problems, so the chosen rows' roundings are returned too. The first
+    candidate is ``scale mse``'s choice: no row costs more than with it."""
+    layer = terms.layer
+    candidates = candidate_scales(layer.weight, scheme, terms.statistics.x_gram, terms.weight_cross,
+                                  QUBO_CANDIDATES)
+    costs, choices = [], []
+    for scales in candidates:
+        problem = terms.problem(scheme, scales, bias_scales)
+        choices.append(FastSolver().solve(problem, seed))
+        costs.append(problem.neuron_energies(choices[-1]))
+    cost_table = np.array(costs)  # [candidates, n]
+    if scheme.granularity == Granularity.TENSOR:
+        best = np.full(layer.shape[0], int(cost_table.sum(axis=1).argmin()))
+    else:
+        best = cost_table.argmin(axis=0)
+    rows = np.arange(layer.shape[0])
+    scales = GroupScales(np.stack([c.scale for c in candidates])[best, rows],
+                         np.stack([c.zero_point for c in candidates])[best, rows], candidates[0].width)
+    return scales, np.stack(choices)[best, rows]
+
+
+def _int32_bias(layer: DenseLayer, scheme: Scheme, scales: GroupScales, quantizer: InputQuantizer,
+                shift: np.ndarray | None) -> QuantizedBias:
+    """The QDQ convention: INT32, zero point 0, scale = input scale x weight scale (per row; a
+    row with block scales uses its largest), with the bias correction folded in."""
+    assert layer.bias is not None  # the plan asks for INT32 only where there is a bias
+    weight_scale = scales.scale[0, 0] if scheme.granularity == Granularity.TENSOR else scales.scale.max(axis=1)
+    scale = np.asarray(quantizer.scale * weight_scale, dtype=np.float32).astype(np.float64)
+    bias = layer.bias if shift is None else layer.bias + shift
+    integers = np.round(bias / scale)
+    if np.abs(integers).max(initial=0) > INT32_MAX:
+        raise OptionError(f"the bias of layer '{layer.name}' does not fit INT32 at scale input x weight scale; "
+                          "use {bias} float", "bias")
+    return QuantizedBias(integers.astype(np.int64), scale, 0, onnx.TensorProto.INT32)

@@ -1,0 +1,143 @@
+"""The option vocabulary: every choice a caller makes, typed and validated in one place.
+
+``QuantizeOptions`` is what the API and the CLI build from their arguments (strings are turned
+into the enums below); constructing one checks every value and every combination that does
+not need the model. ``plan.make_plan`` then resolves it against the model's layers. Errors
+name options by their API spelling (``OptionError`` keeps the names, so the CLI can show its
+flags instead).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from . import compat
+from .choice import Choice, parse_choice
+from .errors import OptionError
+from .grid import MAX_BITS, MIN_BITS, Granularity, Scheme
+from .solvers import SOLVERS, FastSolver, Solver
+
+
+class ScaleMethod(Choice):
+    MSE = "mse"  # clipping ratio per group minimizing the round-to-nearest QUBO cost
+    MINMAX = "minmax"  # the group's full range
+    QUBO = "qubo"  # the best few ratios of mse, re-ranked by the solved cost
+
+
+class BiasMode(Choice):
+    FLOAT = "float"  # kept as it is
+    QUANTIZE = "quantize"  # one more QUBO variable per neuron, at the weights' bit width (the paper)
+    INT32 = "int32"  # QDQ convention: input scale x weight scale, zero point 0
+
+
+class Activations(Choice):
+    NONE = "none"
+    INT8 = "int8"
+    UINT8 = "uint8"
+
+
+class RangeMethod(Choice):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+
+
+def check_integer(value: object, option: str, minimum: int | None = None) -> int:
+    """``value`` as an int (bools and fractions refused), at least ``minimum`` if given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise OptionError(f"{{{option}}} must be an integer, got {value!r}", option)
+    if minimum is not None and value < minimum:
+        raise OptionError(f"{{{option}}} must be at least {minimum}, got {value}", option)
+    return int(value)
+
+
+def check_bits(bits: object, option: str = "bits") -> int:
+    """An integer bit width in [MIN_BITS, MAX_BITS]."""
+    value = check_integer(bits, option)
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise OptionError(f"{{{option}}} must be between {MIN_BITS} and {MAX_BITS}, got {value}", option)
+    return value
+
+
+def solver_for(solver: str | Solver) -> Solver:
+    """A solver object from its name (``SOLVERS``), or the object itself."""
+    if not isinstance(solver, str):
+        return solver
+    if solver not in SOLVERS:
+        raise OptionError(f"{{solver}} must be one of {', '.join(SOLVERS)}, got {solver!r}", "solver")
+    return SOLVERS[solver]()
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything a quantization run was asked for, its combinations checked on construction.
+    ``parse`` builds one from loosely typed arguments (strings for the enums, a solver name)."""
+
+    bits: int = 2
+    scale: ScaleMethod = ScaleMethod.MSE
+    solver: Solver = field(default_factory=FastSolver)
+    seed: int = 0
+    granularity: Granularity = Granularity.CHANNEL
+    block_size: int = 0  # inputs per scale, with granularity block
+    symmetric: bool = True  # signed grid, zero point 0; else unsigned grid with zero points
+    bias: BiasMode = BiasMode.FLOAT
+    activations: Activations = Activations.NONE
+    activation_range: RangeMethod = RangeMethod.MINMAX
+    sequential: bool = False  # calibrate each layer on the outputs of the quantized earlier ones
+    bias_correction: bool = False  # shift each output by the mean error the rounding leaves
+    layer_bits: Mapping[str, int] = field(default_factory=dict)  # layer name -> bits, overriding ``bits``
+    exclude: tuple[str, ...] = ()  # layers left in float
+    lower_bound: bool = True  # certify a lower bound per layer
+    dump_dir: Path | None = None  # write each layer's QUBOs here (exchange.py's format)
+    solution_dir: Path | None = None  # take the roundings from here instead of solving
+
+    @classmethod
+    def parse(cls, *, bits: object = 2, scale: object = ScaleMethod.MSE, solver: str | Solver = "fast",
+              seed: object = 0, granularity: object = Granularity.CHANNEL, block_size: object = 0,
+              symmetric: bool = True, bias: object = BiasMode.FLOAT, activations: object = Activations.NONE,
+              activation_range: object = RangeMethod.MINMAX, sequential: bool = False, bias_correction: bool = False,
+              layer_bits: Mapping[str, object] | None = None, exclude: Sequence[str] = (), lower_bound: bool = True,
+              dump_dir: Path | None = None, solution_dir: Path | None = None) -> "QuantizeOptions":
+        """Options from the API's arguments: each value checked and named in the error if wrong."""
+        return cls(bits=check_bits(bits), scale=parse_choice(ScaleMethod, scale, "scale"), solver=solver_for(solver),
+                   seed=check_integer(seed, "seed"), granularity=parse_choice(Granularity, granularity, "granularity"),
+                   block_size=check_integer(block_size, "block_size"), symmetric=bool(symmetric),
+                   bias=parse_choice(BiasMode, bias, "bias"),
+                   activations=parse_choice(Activations, activations, "activations"),
+                   activation_range=parse_choice(RangeMethod, activation_range, "activation_range"),
+                   sequential=bool(sequential), bias_correction=bool(bias_correction),
+                   layer_bits={name: check_bits(b, "layer_bits") for name, b in dict(layer_bits or {}).items()},
+                   exclude=tuple(exclude), lower_bound=lower_bound, dump_dir=dump_dir, solution_dir=solution_dir)
+
+    def __post_init__(self) -> None:
+        if self.bias == BiasMode.INT32 and self.activations == Activations.NONE:
+            raise OptionError("{bias} int32 needs quantized inputs ({activations} int8 or uint8): its scale is "
+                              "the input scale times the weight scale", "bias", "activations")
+        if self.bias == BiasMode.QUANTIZE and self.bias_correction:
+            raise OptionError("{bias_correction} re-fits a float bias; with {bias} quantize the bias is already "
+                              "a variable of each neuron's QUBO", "bias_correction", "bias")
+        try:
+            Scheme(self.bits, self.granularity, self.block_size, self.symmetric)
+        except ValueError as exc:
+            raise OptionError(f"{{granularity}}/{{block_size}}: {exc}", "granularity", "block_size") from None
+        for bits in {self.bits, *self.layer_bits.values()}:
+            reason = compat.scheme_refusal(self.scheme(bits), self.activations != Activations.NONE)
+            if reason:
+                raise OptionError(reason, "symmetric", "granularity", "activations")
+
+    def scheme(self, bits: int) -> Scheme:
+        return Scheme(bits, self.granularity, self.block_size, self.symmetric)
+
+    def describe(self) -> str:
+        """The scheme in words, for reports."""
+        zero_point = "symmetric" if self.symmetric else "asymmetric (zero points)"
+        if self.granularity == Granularity.BLOCK:
+            groups = f"blocks of {self.block_size} inputs"
+        else:
+            groups = f"per {self.granularity}"
+        text = f"weights {groups}, {zero_point}; bias {self.bias}; activations {self.activations}"
+        if self.activations != Activations.NONE:
+            text += f" ({self.activation_range} ranges)"
+        return text + ("; sequential calibration" if self.sequential else "")

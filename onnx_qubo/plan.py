@@ -1,0 +1,70 @@
+"""The per-layer plan: the options resolved against the model's layers, once, at the top.
+
+Every stage below receives a ``LayerPlan`` (or the ``Plan``), never the whole option set:
+what a layer's scheme is, how its scales are chosen, what happens to its bias, which solver
+rounds it. Checks that need the layers (names in ``layer_bits``) happen here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import exchange
+from .errors import OptionError
+from .grid import Scheme
+from .options import Activations, BiasMode, QuantizeOptions, RangeMethod, ScaleMethod
+from .solvers import Solver
+from .types import DenseLayer
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPlan:
+    """Everything decided for one layer before its statistics are known."""
+
+    layer: DenseLayer
+    scheme: Scheme
+    scale: ScaleMethod
+    bias: BiasMode  # FLOAT where the layer has no bias it alone holds as one value per output
+    bias_correction: bool
+    lower_bound: bool
+    solver: Solver
+    seed: int
+    stem: str  # file-system-safe name of its exchange files
+
+    @property
+    def bias_is_variable(self) -> bool:
+        return self.bias == BiasMode.QUANTIZE
+
+    @property
+    def variables(self) -> int:
+        """Binary variables per neuron: the weights, and the bias when it is one."""
+        return self.layer.shape[1] + self.bias_is_variable
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    layers: list[LayerPlan]
+    activations: Activations
+    activation_range: RangeMethod
+    sequential: bool
+    dump_dir: Path | None
+    solution_dir: Path | None
+    description: str  # the scheme in words, for reports
+
+
+def make_plan(options: QuantizeOptions, layers: list[DenseLayer]) -> Plan:
+    """Resolve ``options`` for each of ``layers`` (graph order)."""
+    unknown = set(options.layer_bits) - {layer.name for layer in layers}
+    if unknown:
+        raise OptionError(f"{{layer_bits}} names no quantized dense layer: {', '.join(sorted(unknown))} "
+                          "(onnx-qubo inspect lists the layers)", "layer_bits")
+    stems = exchange.file_stems([layer.name for layer in layers])
+    planned = [
+        LayerPlan(layer=layer, scheme=options.scheme(options.layer_bits.get(layer.name, options.bits)),
+                  scale=options.scale, bias=options.bias if layer.bias is not None else BiasMode.FLOAT,
+                  bias_correction=options.bias_correction, lower_bound=options.lower_bound,
+                  solver=options.solver, seed=options.seed, stem=stem)
+        for layer, stem in zip(layers, stems)]
+    return Plan(planned, options.activations, options.activation_range, options.sequential,
+                options.dump_dir, options.solution_dir, options.describe())
