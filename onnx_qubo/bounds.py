@@ -1,7 +1,7 @@
 """Certified lower bounds on each neuron's optimal QUBO energy: how far from optimal a
 rounding can be at most.
 
-The bound relaxes v from {0,1} to the box [0,1] (the box-relaxed QP; DESIGN.md section 2)
+The bound relaxes v from {0,1} to the box [0,1] (the box-relaxed QP; DESIGN.md, "The objective")
 and minimizes the convex ``phi(y) = e^T G e + 2 c . e``, ``e = p * (u - y)`` over it, batched
 over neurons, with accelerated projected gradient (FISTA). The value at any iterate is not a
 bound, so we return the Frank-Wolfe certificate ``phi(y) + min_{z in box} grad(y) . (z - y)``,

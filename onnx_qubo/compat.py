@@ -33,9 +33,9 @@ def scheme_refusal(scheme: Scheme, quantized_inputs: bool) -> str | None:
     """Why onnxruntime cannot load a model with this weight scheme, or None (rule 2)."""
     if (quantized_inputs and scheme.bits <= 2 and not scheme.symmetric
             and scheme.granularity != Granularity.BLOCK):
-        return ("asymmetric 1-2 bit weights per channel or tensor with quantized inputs ({activations}): onnxruntime 1.32 "
-                "fuses them into QGemm, which rejects UINT2, and cannot load the model; use {symmetric} "
-                "weights, {granularity} block, or more bits")
+        return ("asymmetric 1-2 bit weights per channel or tensor with quantized inputs ({activations}): "
+                "onnxruntime 1.32 fuses them into QGemm, which rejects UINT2, and cannot load the model; use "
+                "{symmetric} weights, {granularity} block, or more bits")
     return None
 
 

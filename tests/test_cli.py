@@ -49,7 +49,7 @@ def test_explicit_quantize_subcommand_and_neal_flags(model_dir):
 
 def test_neal_flags_without_neal_are_refused(model_dir):
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--neal-reads", "3"],
-                 "--neal-reads/--neal-sweeps apply only to --solver neal")
+                 "--neal-reads/--neal-sweeps apply only to --solver neal", status=2)
 
 
 def test_inspect_lists_layers_and_skipped_nodes(model_dir):
@@ -62,10 +62,12 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def expect_error(model_dir, args, message, output_name="out.onnx"):
+def expect_error(model_dir, args, message, output_name="out.onnx", status=1):
+    """One line naming the problem, the exit status of its kind (1 bad input, 2 malformed flag,
+    3 a solver's limit), the input untouched and nothing written."""
     before = digest(model_dir / "mlp.onnx")
     result = invoke(*args)
-    assert result.exit_code != 0
+    assert result.exit_code == status, result.output
     assert message in result.output, result.output
     assert digest(model_dir / "mlp.onnx") == before
     assert not (model_dir / output_name).exists()
@@ -129,7 +131,7 @@ def test_nan_in_weights_names_the_initializer(model_dir):
 
 @pytest.mark.parametrize("bits", ["0", "9"])
 def test_bits_out_of_range(model_dir, bits):
-    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--bits", bits], "--bits")
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--bits", bits], "--bits", status=2)
 
 
 def test_output_equal_to_input_is_refused(model_dir):
@@ -140,14 +142,14 @@ def test_output_equal_to_input_is_refused(model_dir):
 def test_unwritable_output_locations(model_dir):
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "no_such_dir" / "out.onnx"], "does not exist")
     (model_dir / "a_dir").mkdir()
-    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "a_dir"], "is a directory")
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "a_dir"], "is a directory", status=2)
 
 
 def test_exact_solver_on_too_wide_layer_fails_cleanly(model_dir):
     onnx.save(gemm_model(f=50, n=3), model_dir / "wide.onnx")
     np.savez(model_dir / "wide.calib.npz", x=np.random.default_rng(0).standard_normal((20, 50)).astype(np.float32))
     expect_error(model_dir, [model_dir / "wide.onnx", model_dir / "out.onnx", "--solver", "exact", "--scale", "minmax"],
-                 "at most 40 free weights")
+                 "at most 40 free weights", status=3)
 
 
 def test_existing_output_is_replaced_only_on_success(model_dir):
@@ -173,15 +175,15 @@ def test_exclude_leaves_a_layer_in_float_and_layer_bits_mixes_precision(model_di
     assert [layer["bits"] for layer in json.loads((model_dir / "r.json").read_text())["layers"]] == [2, 4]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--exclude", "nope"], "--exclude names no dense layer: nope"),
-    (["--exclude", "fc0", "--exclude", "fc1"], "no quantizable dense layers"),
-    (["--layer-bits", "fc1"], "expected LAYER=BITS"),
-    (["--layer-bits", "nope=4"], "--layer-bits names no quantized dense layer: nope"),
-    (["--layer-bits", "fc1=9"], "bits must be between 1 and 8"),
+@pytest.mark.parametrize("args,message,status", [
+    (["--exclude", "nope"], "--exclude names no dense layer: nope", 1),
+    (["--exclude", "fc0", "--exclude", "fc1"], "no quantizable dense layers", 1),
+    (["--layer-bits", "fc1"], "expected LAYER=BITS", 2),
+    (["--layer-bits", "nope=4"], "--layer-bits names no quantized dense layer: nope", 1),
+    (["--layer-bits", "fc1=9"], "--layer-bits must be between 1 and 8", 1),
 ])
-def test_bad_per_layer_flags(model_dir, args, message):
-    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", *args], message)
+def test_bad_per_layer_flags(model_dir, args, message, status):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", *args], message, status=status)
 
 
 def test_report_on_the_output_path_and_dump_onto_a_file_are_refused(model_dir):
@@ -189,21 +191,21 @@ def test_report_on_the_output_path_and_dump_onto_a_file_are_refused(model_dir):
                  "is the output model's path")
     (model_dir / "afile").write_text("x")
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--dump-qubo", model_dir / "afile"],
-                 "is a file")
+                 "is a file", status=2)
     with pytest.raises(QuboInputError, match="exists and is not a directory"):
         onnx_qubo.quantize(model_dir / "mlp.onnx", model_dir / "out.onnx", dump_qubo=model_dir / "afile")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--block-size", "4"], "--block-size goes with --granularity block"),
-    (["--granularity", "block"], "--granularity block needs it"),
-    (["--bias", "int32"], "--bias int32 needs quantized inputs"),
-    (["--bias", "quantize", "--bias-correction"], "with --bias quantize the bias is already a variable"),
-    (["--asymmetric", "--activations", "uint8"], "onnxruntime 1.32 fuses them into QGemm"),
-    (["--activations", "int4"], "Invalid value for '--activations'"),
+@pytest.mark.parametrize("args,message,status", [
+    (["--block-size", "4"], "--block-size goes with --granularity block", 2),
+    (["--granularity", "block"], "--granularity block needs it", 2),
+    (["--bias", "int32"], "--bias int32 needs quantized inputs (--activations int8 or uint8)", 1),
+    (["--bias", "quantize", "--bias-correction"], "with --bias quantize the bias is already a variable", 1),
+    (["--asymmetric", "--activations", "uint8"], "onnxruntime 1.32 fuses them into QGemm", 1),
+    (["--activations", "int4"], "Invalid value for '--activations'", 2),
 ])
-def test_bad_scheme_flags(model_dir, args, message):
-    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", *args], message)
+def test_bad_scheme_flags(model_dir, args, message, status):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", *args], message, status=status)
 
 
 def test_scheme_flags_reach_the_graph_and_the_report(model_dir):

@@ -8,6 +8,7 @@ import pytest
 from graphs import gemm_model, matmul_model
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_qubo.errors import RuntimeFailure
 from onnx_qubo.forms import FORMS as DENSE_FORMS
 from onnx_qubo.passes import (
     ActivationQuantization,
@@ -98,13 +99,6 @@ def test_every_emitted_form_is_exact_at_default_and_basic_levels(form, bits):
 
 
 ZEROS = QuantizedTensor(np.zeros((5, 6), int), np.ones(5), None, TensorProto.INT8)
-
-
-def test_insert_does_not_touch_its_input():
-    model = gemm_model()
-    before = model.SerializeToString()
-    InsertDequantize([QuantizedWeight("W", ZEROS, DENSE_FORMS["Gemm"], 2)]).call(model)
-    assert model.SerializeToString() == before
 
 
 def test_insert_refuses_a_shared_weight():
@@ -215,3 +209,25 @@ def test_scales_zero_points_biases_and_quantized_inputs_are_exact(form, variant)
     for level in LEVELS:
         np.testing.assert_allclose(run(quantized, x, level), y, rtol=1e-5, atol=1e-4)
     assert bias_name not in {i.name for i in quantized.graph.initializer} or bias is None
+
+
+class _Broken:
+    def call(self, model):
+        raise KeyError("boom")
+
+
+def test_run_passes_reports_modified_and_names_the_failing_pass():
+    model = gemm_model()
+    assert run_passes(model, [RaiseOpset(13), CheckModel()]).modified is False
+    assert run_passes(model, [RaiseOpset(21), CheckModel()]).modified is True
+    with pytest.raises(RuntimeFailure, match="graph pass _Broken failed: 'boom'"):
+        run_passes(model, [RaiseOpset(21), _Broken()])
+
+
+@pytest.mark.parametrize("graph_pass", [RaiseOpset(25), CheckModel(),
+                                        InsertDequantize([QuantizedWeight("W", ZEROS, DENSE_FORMS["Gemm"], 2)])])
+def test_every_pass_leaves_its_input_alone(graph_pass):
+    model = gemm_model()
+    before = model.SerializeToString()
+    graph_pass.call(model)
+    assert model.SerializeToString() == before
