@@ -138,7 +138,8 @@ def _check_feed(arrays: dict[str, Any], specs: list[InputSpec], origin: str) -> 
         feed[spec.name] = _cast(array, spec.dtype, where)
         counts.add(array.shape[0] if array.ndim else None)
     if len(counts) != 1 or None in counts or 0 in counts:
-        raise QuboInputError(f"{origin}: inputs must share a non-empty first (batch) axis, got sizes {sorted(map(str, counts))}")
+        raise QuboInputError(f"{origin}: inputs must share a non-empty first (batch) axis, "
+                             f"got sizes {sorted(map(str, counts))}")
     return feed
 
 

@@ -5,11 +5,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graphs import gemm_model, matmul_model, mlp_model
 from onnx import TensorProto, numpy_helper
 
 import onnx_qubo
 from onnx_qubo.solvers import ExactSolver
+
+from graphs import gemm_model, matmul_model, mlp_model
 
 
 def dequantized_weights(path):

@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
-from problems import channel_problem, max_abs_scale, random_problem
 
 from onnx_qubo.bounds import lower_bounds
 from onnx_qubo.progress import Progress
 from onnx_qubo.solvers import ExactSolver
+
+from problems import channel_problem, max_abs_scale, random_problem
 
 
 @pytest.mark.parametrize("general", [False, True])

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
-from graphs import mlp_model
 
 from onnx_qubo.calibration import collect_statistics
 from onnx_qubo.data import load_dataset
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.progress import Progress
+
+from graphs import mlp_model
 
 
 def test_gram_of_every_layer_input_matches_numpy_and_does_not_depend_on_batching():

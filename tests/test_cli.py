@@ -8,12 +8,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from graphs import gemm_model, mlp_model
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_qubo
 from onnx_qubo import QuboInputError
 from onnx_qubo.cli import main
+
+from graphs import gemm_model, mlp_model
 
 
 @pytest.fixture

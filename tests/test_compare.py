@@ -7,12 +7,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from graphs import mlp_model
 
 import onnx_qubo
 from onnx_qubo import QuboInputError
 from onnx_qubo.cli import main
 from onnx_qubo.compare import Comparison, CostSample
+
+from graphs import mlp_model
 
 
 def data(seed=0, n=200):

@@ -1,8 +1,9 @@
 import numpy as np
-from graphs import gemm_model, matmul_model, weight_of
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_qubo.discovery import find_dense_layers
+
+from graphs import gemm_model, matmul_model, weight_of
 
 
 def only_layer(model):

@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from graphs import mlp_model
 from onnx import numpy_helper
 
 import onnx_qubo
@@ -14,6 +13,8 @@ from onnx_qubo.cli import main
 from onnx_qubo.exchange import file_stems, read_problem
 from onnx_qubo.progress import Progress
 from onnx_qubo.solvers import ExactSolver
+
+from graphs import mlp_model
 
 X = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
 

@@ -2,10 +2,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from problems import channel_problem, max_abs_scale
 
 from onnx_qubo.grid import GroupScales, InputQuantizer, IntegerGrid, Scheme, split_rounding
 from onnx_qubo.scales import GroupRanges, choose_scales
+
+from problems import channel_problem, max_abs_scale
 
 
 @pytest.mark.parametrize("bits,signed,qmin,qmax,storage", [

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from graphs import gemm_model
 from onnx_qubo.calibration import InputStatistics
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.grid import InputQuantizer
@@ -14,6 +13,8 @@ from onnx_qubo.lowering import quantized_weight
 from onnx_qubo.options import QuantizeOptions
 from onnx_qubo.plan import make_plan
 from onnx_qubo.progress import Progress
+
+from graphs import gemm_model
 
 
 def layer_and_inputs(samples=400, seed=0):

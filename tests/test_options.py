@@ -4,13 +4,14 @@ from dataclasses import replace
 
 import pytest
 
-from graphs import mlp_model
 from onnx_qubo.compat import scheme_refusal
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.errors import OptionError
 from onnx_qubo.grid import Granularity, Scheme
 from onnx_qubo.options import Activations, BiasMode, QuantizeOptions, ScaleMethod
 from onnx_qubo.plan import make_plan
+
+from graphs import mlp_model
 
 
 def test_parse_turns_strings_into_enums_and_solver_names_into_solvers():

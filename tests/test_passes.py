@@ -5,7 +5,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graphs import gemm_model, matmul_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_qubo.errors import RuntimeFailure
@@ -20,6 +19,8 @@ from onnx_qubo.passes import (
     run_passes,
 )
 from onnx_qubo.passes.opset import default_opset
+
+from graphs import gemm_model, matmul_model
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC]
 STORAGE = {2: (TensorProto.INT2, 25), 4: (TensorProto.INT4, 21), 8: (TensorProto.INT8, 13)}

@@ -4,15 +4,16 @@ running the layer with dequantized weights in onnxruntime (an independent path).
 import numpy as np
 import onnxruntime as ort
 import pytest
-from graphs import gemm_model
 from onnx import TensorProto, helper, numpy_helper
-from problems import channel_problem, max_abs_scale, random_problem
 
 from onnx_qubo.calibration import collect_statistics
 from onnx_qubo.data import load_dataset
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.grid import IntegerGrid
 from onnx_qubo.progress import Progress
+
+from graphs import gemm_model
+from problems import channel_problem, max_abs_scale, random_problem
 
 
 def pre_activations(weights: list[np.ndarray], alpha: float, x: np.ndarray) -> list[np.ndarray]:

@@ -8,9 +8,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graphs import gemm_model, matmul_model, mlp_model
 
 from onnx_qubo import quantize
+
+from graphs import gemm_model, matmul_model, mlp_model
 
 SCHEMES = {
     "tensor": dict(granularity="tensor"),

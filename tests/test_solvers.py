@@ -2,14 +2,15 @@ import itertools
 
 import numpy as np
 import pytest
-from oracles import brute_force_minimum
-from problems import random_problem
 
 from onnx_qubo.errors import SolverLimitError
 from onnx_qubo.progress import Progress
 from onnx_qubo.solvers import ExactSolver, FastSolver, NealSolver, RoundToNearest
 from onnx_qubo.solvers.exact import minimize_binary_quadratic
 from onnx_qubo.solvers.fast import feedback_factor
+
+from oracles import brute_force_minimum
+from problems import random_problem
 
 
 def brute_force_energies(problem, i):
