@@ -17,11 +17,11 @@ from .data import Dataset, load_dataset
 from .errors import OptionError, OutputError
 from .files import check_output_path, load_model, write_atomically
 from .options import QuantizeOptions, ScaleMethod, check_bits, check_integer, solver_for
-from .pipeline import calibrate, quantize_model
+from .pipeline import calibrate, prepare, quantize_model
 from .progress import Progress
 from .report import Report
 from .solvers import Solver
-from .verify import evaluate, reference_scores
+from .verify import evaluate, measure_speed, reference_scores
 
 CALIB_SUFFIX, EVAL_SUFFIX = ".calib.npz", ".eval.npz"
 
@@ -34,7 +34,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              layer_bits: Mapping[str, int] | None = None, bias_correction: bool = False,
              granularity: str = "channel", block_size: int = 0, symmetric: bool = True, bias: str = "float",
              activations: str = "none", activation_range: str = "minmax", sequential: bool = False,
-             progress: bool = False) -> Report:
+             speed: bool = True, progress: bool = False) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -54,7 +54,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     "int32": input scale x weight scale, needs quantized activations), ``activations``
     ("none", "int8", "uint8": per-tensor QDQ on each layer's input, ranges by
     ``activation_range`` "minmax" or "percentile"), ``sequential`` (calibrate each layer on
-    the outputs of the already quantized earlier layers). Raises a ``QuboInputError`` (errors.py:
+    the outputs of the already quantized earlier layers). ``speed``: time the float and the
+    quantized model (batch 1 and one evaluation batch) for the report. Raises a ``QuboInputError`` (errors.py:
     ``ModelError``, ``DataError``, ``OptionError``, ``OutputError``) on bad input, before any output
     is written; the input model is never modified.
     """
@@ -86,6 +87,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         bits=options.bits, scale=str(options.scale), solver="loaded" if load_solution else options.solver.name,
         calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=layers, skipped=skipped,
         evaluation=evaluate(reference_scores(float_model, eval_data, bar), quantized, bar),
+        speed=measure_speed(float_model, quantized, eval_data) if speed else None,
         input_bytes=float_model.ByteSize(), output_bytes=len(data),
         seconds=time.perf_counter() - started, scheme=options.describe())
     if report_path is not None:
@@ -123,7 +125,7 @@ def _load_inputs(model: str | os.PathLike | onnx.ModelProto, input_path: Path | 
                  evaluation: Any, batch_size: int) -> tuple[onnx.ModelProto, Dataset, Dataset]:
     """The float model, calibration data, and evaluation data (the calibration data if none)."""
     batch_size = check_integer(batch_size, "batch_size", minimum=1)
-    float_model = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    float_model = prepare(model if isinstance(model, onnx.ModelProto) else load_model(model))
     calibration = _beside(input_path, CALIB_SUFFIX) if calibration is None else calibration
     if calibration is None:
         where = f", or put '{input_path.stem}{CALIB_SUFFIX}' beside the model" if input_path else ""

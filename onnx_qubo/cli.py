@@ -21,6 +21,7 @@ from .errors import OptionError, QuboError
 from .files import check_output_path, load_model, write_atomically
 from .grid import MAX_BITS, MIN_BITS
 from .options import Activations, BiasMode, Granularity, RangeMethod, ScaleMethod
+from .pipeline import prepare
 from .solvers import SOLVERS, NealSolver
 
 FLAGS = {"calibration": "--calib", "evaluation": "--eval", "report_path": "--report",
@@ -167,11 +168,13 @@ def main():
               help="Bit width for one layer, overriding --bits (repeatable): mixed precision.")
 @click.option("--bias-correction", is_flag=True,
               help="Add to each layer's output the mean error its rounding leaves (an Add after it).")
+@click.option("--speed/--no-speed", default=True, show_default=True,
+              help="Time the float and the quantized model (batch 1 and one evaluation batch) for the report.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
 def quantize(input_model, output_model, bits, calib, eval_path, scale, granularity, block_size, symmetric,
              bias_mode, activations, activation_range, sequential, solver, neal_reads, neal_sweeps, seed,
-             batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, quiet):
+             batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, speed, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
@@ -182,7 +185,7 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
                               evaluation=eval_path, scale=scale, solver=chosen, seed=seed,
                               batch_size=batch_size, report_path=report_path, dump_qubo=dump_qubo,
                               load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
-                              bias_correction=bias_correction, progress=not quiet, **scheme)
+                              bias_correction=bias_correction, speed=speed, progress=not quiet, **scheme)
     click.echo(report.to_text())
 
 
@@ -262,7 +265,7 @@ def inspect(model):
     A layer's bias is named when --bias quantize/int32 can replace it ('-': none, or not one
     this layer alone reads)."""
     with failures_as_exit():
-        layers, skipped = find_dense_layers(load_model(model))
+        layers, skipped = find_dense_layers(prepare(load_model(model)))
     click.echo(f"{len(layers)} dense layer(s) in {model}:")
     for layer in layers:
         n, f = layer.shape

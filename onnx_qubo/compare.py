@@ -106,7 +106,7 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
                         len(reference.scores), scheme.describe())
 
     def score(model: onnx.ModelProto) -> float:
-        ev = evaluate(reference, model, Progress(), check_basic=False)
+        ev = evaluate(reference, model, Progress(), check_levels=False)
         return ev.quantized_accuracy if ev.quantized_accuracy is not None else ev.top1_agreement
 
     for bits in bits_list:

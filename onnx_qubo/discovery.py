@@ -1,7 +1,9 @@
 """Find the dense layers of an ONNX graph, and say why every other candidate node was skipped.
 
 Each node whose op type has a form (forms/) is matched by that form: the result is a layer to
-quantize or a reason it cannot be quantized exactly. Nothing is mis-quantized silently.
+quantize or a reason it cannot be quantized exactly. Weight-bearing nodes no form handles
+(recurrent cells) and dense nodes inside subgraphs (If/Loop/Scan bodies) are listed as skipped
+with the reason, never silently invisible.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from .types import DenseLayer, SkippedNode
 
 log = logging.getLogger(__name__)
 
+UNSUPPORTED = {  # op type -> why its weights stay float
+    "LSTM": "recurrent cell: its gates are not quantized yet",
+    "GRU": "recurrent cell: its gates are not quantized yet",
+    "RNN": "recurrent cell: its gates are not quantized yet",
+    "ConvTranspose": "transposed convolution: not quantized yet",
+}
+
 
 def find_dense_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[SkippedNode]]:
     """Return the quantizable dense layers of the main graph and the skipped candidate nodes."""
@@ -24,16 +33,34 @@ def find_dense_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[Sk
     layers: list[DenseLayer] = []
     skipped: list[SkippedNode] = []
     for node, name in zip(graph.node, node_names(graph)):
-        form = FORMS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if form is None:
-            continue
-        found = form.match(node, name, index)
+        default_domain = node.domain in ("", "ai.onnx")
+        form = FORMS.get(node.op_type) if default_domain else None
+        found = form.match(node, name, index) if form is not None else None
+        if default_domain and node.op_type in UNSUPPORTED:
+            found = Skip(UNSUPPORTED[node.op_type])
         if isinstance(found, Skip):
-            log.info("skipped %s '%s': %s", node.op_type, name, found.reason)
             skipped.append(SkippedNode(name, node.op_type, found.reason))
-        else:
+        elif found is not None:
             layers.append(found)
+        skipped += _in_subgraphs(node, name)
+    for node in skipped:
+        log.info("skipped %s '%s': %s", node.op_type, node.name, node.reason)
     return layers, skipped
+
+
+def _in_subgraphs(node: onnx.NodeProto, name: str) -> list[SkippedNode]:
+    """Dense and recurrent nodes inside the subgraphs of ``node`` (If/Loop/Scan bodies): not
+    quantized, since onnxruntime cannot expose a subgraph's tensors for calibration."""
+    found = []
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner, inner_name in zip(sub.node, node_names(sub)):
+                if inner.op_type in FORMS or inner.op_type in UNSUPPORTED:
+                    found.append(SkippedNode(f"{name}/{attr.name}/{inner_name}", inner.op_type,
+                                             f"inside the {attr.name} subgraph of {node.op_type} '{name}': layers "
+                                             "in subgraphs are not quantized yet"))
+                found += _in_subgraphs(inner, f"{name}/{attr.name}/{inner_name}")
+    return found
 
 
 def node_names(graph: onnx.GraphProto) -> list[str]:

@@ -27,6 +27,7 @@ from .grid import InputQuantizer
 from .layer import SolvedLayer, prepare_layer
 from .lowering import rewrite
 from .options import Activations, QuantizeOptions, RangeMethod
+from .passes import FoldConstantWeights, run_passes
 from .plan import Plan, make_plan
 from .progress import Progress
 from .report import LayerReport
@@ -44,6 +45,12 @@ class Calibrated:
     skipped: list[SkippedNode]
     statistics: dict[str, InputStatistics]  # layer input tensor -> statistics
     quantizers: dict[str, InputQuantizer]  # layer input tensor -> its quantizer (quantized inputs only)
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with weights that exporters hide behind Constant nodes or Transpose/Cast/...
+    chains as plain initializers (same outputs): what discovery and the rewrite work on."""
+    return run_passes(model, [FoldConstantWeights()]).model
 
 
 def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: QuantizeOptions,

@@ -47,6 +47,19 @@ class Evaluation:
     relative_output_error: float  # ||y_q - y_f|| / ||y_f|| over the first output
     default_matches_basic: bool  # same predictions at ORT's default and basic optimization
     default_vs_basic_max_diff: float
+    default_vs_unoptimized: float  # max |y_default - y_unoptimized| / max |y_unoptimized|
+    basic_vs_unoptimized: float  # the same at the basic level (0 when levels are not checked)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Median latency (ms) of the float and the quantized model at onnxruntime's default level."""
+
+    batch_size: int  # the evaluation batch
+    float_single: float
+    float_batch: float
+    quantized_single: float
+    quantized_batch: float
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class Report:
     seconds: float
     scheme: str = ""  # granularity, zero points, bias, activations in words
     notes: list[str] = field(default_factory=list)
+    speed: Speed | None = None  # None when not measured
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +121,15 @@ class Report:
         check = "same predictions" if ev.default_matches_basic else "DIFFERENT predictions"
         lines.append(f"onnxruntime default vs basic optimization: {check} "
                      f"(max |diff| {ev.default_vs_basic_max_diff:.3g})")
+        lines.append(f"against optimizations disabled (no graph rewrites): default level "
+                     f"{ev.default_vs_unoptimized:.2g}, basic level {ev.basic_vs_unoptimized:.2g} "
+                     "(max |diff| / max |output|)")
+        if self.speed is not None:
+            s = self.speed
+            lines.append(f"latency (ms, default level): batch 1 float {s.float_single:.3g}, quantized "
+                         f"{s.quantized_single:.3g} ({s.quantized_single / s.float_single:.2f}x); batch "
+                         f"{s.batch_size} float {s.float_batch:.3g}, quantized {s.quantized_batch:.3g} "
+                         f"({s.quantized_batch / s.float_batch:.2f}x)")
         lines.append(f"size: {self.input_bytes:,} -> {self.output_bytes:,} bytes "
                      f"({self.output_bytes / self.input_bytes:.1%}); {self.seconds:.1f} s in all")
         lines.extend(f"note: {note}" for note in self.notes)

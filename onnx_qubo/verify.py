@@ -1,16 +1,26 @@
-"""Run the float and the quantized model in onnxruntime on the same data and compare them."""
+"""Run the float and the quantized model in onnxruntime on the same data and compare them.
+
+The quantized model runs at onnxruntime's default level (what users get), at its basic level,
+and with graph optimizations disabled: the last is the reference that shares none of
+onnxruntime's graph rewrites (fusions that may compute something else than the graph says).
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from .data import Dataset
 from .progress import Progress
-from .report import Evaluation
-from .runtime import BASIC, DEFAULT, make_session
+from .report import Evaluation, Speed
+from .runtime import BASIC, DEFAULT, NONE, make_session
+
+SPEED_REPEATS = 20  # timed runs per model and batch (median), within SPEED_BUDGET seconds
+SPEED_BUDGET = 10.0
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
@@ -56,15 +66,17 @@ def run_scores(model, level, dataset: Dataset, name: str, progress: Progress, wh
 
 
 def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: Progress,
-             check_basic: bool = True) -> Evaluation:
+             check_levels: bool = True) -> Evaluation:
     """Accuracy (with labels), top-1 agreement and output error of the quantized model, run
-    with onnxruntime's default session options, plus (``check_basic``) whether its basic
-    optimization level gives the same predictions."""
+    with onnxruntime's default session options, plus (``check_levels``) how far its basic level
+    and its default level are from the same model run with graph optimizations disabled."""
     data, name = reference.dataset, reference.output
     y_float = reference.scores
     y_quant = run_scores(quantized_model, DEFAULT, data, name, progress, "quantized model")
-    y_basic = run_scores(quantized_model, BASIC, data, name, progress, "quantized model (basic)") \
-        if check_basic else y_quant
+    y_basic, y_plain = y_quant, y_quant
+    if check_levels:
+        y_basic = run_scores(quantized_model, BASIC, data, name, progress, "quantized model (basic)")
+        y_plain = run_scores(quantized_model, NONE, data, name, progress, "quantized model (no optimization)")
     pred_float, pred_quant = y_float.argmax(axis=-1), y_quant.argmax(axis=-1)
     labels, has_labels = data.labels, reference.has_labels
     return Evaluation(
@@ -77,4 +89,42 @@ def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: P
         relative_output_error=float(np.linalg.norm(y_quant - y_float) / max(np.linalg.norm(y_float), 1e-30)),
         default_matches_basic=bool((y_basic.argmax(axis=-1) == pred_quant).all()),
         default_vs_basic_max_diff=float(np.abs(y_basic - y_quant).max()),
+        default_vs_unoptimized=_relative_max(y_quant, y_plain),
+        basic_vs_unoptimized=_relative_max(y_basic, y_plain),
     )
+
+
+def _relative_max(y: np.ndarray, reference: np.ndarray) -> float:
+    """Largest |y - reference| relative to the reference's largest magnitude."""
+    return float(np.abs(y - reference).max() / max(float(np.abs(reference).max()), 1e-30))
+
+
+def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, dataset: Dataset) -> Speed:
+    """Median latency of both models at onnxruntime's default level, at batch 1 and at the
+    evaluation batch size, their runs interleaved so that load on the machine hits both alike."""
+    batch = dataset.batches[0]
+    single = {name: array[:1] for name, array in batch.items()}
+    sessions = [make_session(m, DEFAULT, what) for m, what in ((float_model, "the float model"),
+                                                                (quantized_model, "the quantized model"))]
+    float_single, float_batch, quantized_single, quantized_batch = _interleaved(sessions, (single, batch))
+    return Speed(len(next(iter(batch.values()))), float_single, float_batch, quantized_single, quantized_batch)
+
+
+def _interleaved(sessions: list[ort.InferenceSession],
+                 feeds: tuple[dict, dict]) -> tuple[float, float, float, float]:
+    """(float batch 1, float batch, quantized batch 1, quantized batch) median milliseconds."""
+    times: dict[tuple[int, int], list[float]] = {(m, f): [] for m in range(2) for f in range(2)}
+    for session in sessions:
+        for feed in feeds:
+            session.run(None, feed)  # warm up: first runs allocate and prepack
+    started = time.perf_counter()
+    for _ in range(SPEED_REPEATS):
+        for (m, f), samples in times.items():
+            start = time.perf_counter()
+            sessions[m].run(None, feeds[f])
+            samples.append(1000 * (time.perf_counter() - start))
+        if time.perf_counter() - started > SPEED_BUDGET:
+            break
+    float_single, float_batch, quantized_single, quantized_batch = (
+        float(np.median(times[key])) for key in ((0, 0), (0, 1), (1, 0), (1, 1)))
+    return float_single, float_batch, quantized_single, quantized_batch

@@ -3,8 +3,9 @@ its input), and says whether it changed anything; ``run_passes`` applies a visib
 
 from .base import GraphPass, PassResult, run_passes
 from .check import CheckModel
+from .fold_weights import FoldConstantWeights
 from .insert_dequantize import ActivationQuantization, InsertDequantize, QuantizedTensor, QuantizedWeight
 from .opset import RaiseOpset
 
-__all__ = ["GraphPass", "PassResult", "run_passes", "CheckModel", "InsertDequantize",
+__all__ = ["GraphPass", "PassResult", "run_passes", "CheckModel", "FoldConstantWeights", "InsertDequantize",
            "QuantizedWeight", "QuantizedTensor", "ActivationQuantization", "RaiseOpset"]
