@@ -1,0 +1,287 @@
+"""The fastest forms onnxruntime 1.32's CPU provider runs, built from one layer's integer codes.
+
+The portable output (integers -> ``DequantizeLinear`` -> ``Gemm(transB=1)``) is exact but slower
+than float: the weight is dequantized on every run. The forms here compute the same dequantized
+weights with onnxruntime's own integer kernels, one function per form; each returns the nodes and
+initializers of the form, or a string saying why the layer cannot use it:
+
+- :func:`matmul_nbits`: weight-only, ``com.microsoft.MatMulNBits`` (float activations);
+- :func:`matmul_integer_to_float`: weights of up to 8 bits with 8-bit quantized activations,
+  ``QuantizeLinear -> com.microsoft.MatMulIntegerToFloat`` (float output, float bias).
+
+Both read the weight as the layer's ``[n_out, f_in]`` codes and compute ``x @ W^T + bias`` on
+activations of any rank >= 2 (batch axes first), like ``MatMul`` with a ``[f_in, n_out]`` weight.
+Facts behind the choices (checked by ``tests/test_ort_forms.py`` and measured by
+``benchmarks/inference.py``):
+
+- MatMulNBits has fast (prepacked) CPU kernels only for 4-bit weights and, with
+  ``accuracy_level=4``, 8-bit weights, with ``block_size`` in 16..256; 2-bit weights and 8-bit
+  weights at ``accuracy_level`` 0/1 fall back to dequantizing the whole weight on every run, and
+  2-bit weights give wrong results when ``N`` is not a multiple of 4 (refused here). Codes of 1-4
+  bits therefore go to the 4-bit kernel, which stores them exactly (``u = q + 8``).
+- A scale per row or per tensor is a MatMulNBits block scale repeated over the row's blocks: the
+  dequantized weights are identical. So is a block of ``b`` inputs split into sub-blocks.
+- With quantized activations, onnxruntime fuses ``DequantizeLinear`` pairs into a
+  ``MatMul`` only when no ``Add`` follows (its MatMul+Add -> Gemm rewrite runs first, and a
+  ``Gemm`` is only fused when its weight has a zero-point input and a ``QuantizeLinear`` follows,
+  re-quantizing a float bias to INT32). Writing ``MatMulIntegerToFloat`` directly needs no fusion,
+  keeps the bias float, and is as fast as the fused kernels. Its int8 x int8 kernel is slow on
+  x86, so int8 activations are written as the identical uint8 quantization (zero point + 128).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+NBITS_FAST_BLOCKS = (16, 32, 64, 128, 256)  # MLAS's prepacked MatMulNBits kernels
+Names = Callable[[str], str]  # hands out a fresh tensor/node name from a base name
+
+
+@dataclass(frozen=True, eq=False)
+class LayerCodes:
+    """One dense layer ``y = x @ W^T + bias`` as stored integer codes.
+
+    ``W = (integers - zero_point) * scale``, with ``scale`` per tensor (shape ``()``), per output
+    row (``[n]``) or per block of ``block_size`` inputs within a row (``[n, ceil(f / block_size)]``,
+    the last block of a row may be shorter). Without ``zero_point`` the codes are on the signed
+    grid ``[-2^(bits-1), 2^(bits-1) - 1]``; with one (the shape of ``scale``) both are on the
+    unsigned grid ``[0, 2^bits - 1]``.
+    """
+
+    integers: np.ndarray  # [n, f] int64
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    bits: int
+    block_size: int = 0
+    bias: np.ndarray | None = None  # [n] float
+
+    def __post_init__(self) -> None:
+        n, f = self.integers.shape
+        groups = {0: (), 1: (n,), 2: (n, -(-f // self.block_size) if self.block_size else -1)}
+        if self.scale.ndim not in groups or self.scale.shape != groups[self.scale.ndim]:
+            raise ValueError(f"scale shape {self.scale.shape} does not fit weights {n}x{f} "
+                             f"(block_size {self.block_size})")
+        if self.zero_point is not None and self.zero_point.shape != self.scale.shape:
+            raise ValueError("zero_point must have the shape of scale")
+        low, high = self.grid
+        for name, values in (("integers", self.integers), ("zero_point", self.zero_point)):
+            if values is not None and values.size and (values.min() < low or values.max() > high):
+                raise ValueError(f"{name} outside the {self.bits}-bit grid [{low}, {high}]")
+        if self.bias is not None and self.bias.shape != (n,):
+            raise ValueError(f"bias shape {self.bias.shape} is not ({n},)")
+
+    @property
+    def signed(self) -> bool:
+        return self.zero_point is None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        if self.signed:
+            return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        return 0, (1 << self.bits) - 1
+
+    def per_weight(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (one per scale group) spread to one per weight, [n, f]."""
+        n, f = self.integers.shape
+        if values.ndim == 2:
+            return np.repeat(values, self.block_size, axis=1)[:, :f]
+        return np.broadcast_to(values.reshape(-1, 1) if values.ndim else values, (n, f))
+
+    def dequantized(self) -> np.ndarray:
+        """The float weights [n, f] the codes stand for, in float64."""
+        zero = 0 if self.zero_point is None else self.per_weight(self.zero_point)
+        return (self.integers - zero) * self.per_weight(self.scale.astype(np.float64))
+
+
+@dataclass(frozen=True)
+class ActivationCodes:
+    """Per-tensor 8-bit quantization of the layer's input: ``QuantizeLinear(x, scale, zero_point)``."""
+
+    scale: float
+    zero_point: int
+    signed: bool  # int8 (True) or uint8
+
+    def quantized(self, x: np.ndarray) -> np.ndarray:
+        """What the layer sees after ``QuantizeLinear -> DequantizeLinear``, float64."""
+        low, high = (-128, 127) if self.signed else (0, 255)
+        q = np.clip(np.rint(x / np.float32(self.scale)) + self.zero_point, low, high)
+        return (q - self.zero_point) * np.float64(np.float32(self.scale))
+
+
+@dataclass(frozen=True, eq=False)
+class OrtForm:
+    """Nodes reading the activation and writing the output, their initializers, and the least
+    opset version each domain needs."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+    opsets: dict[str, int]
+
+
+def reference(codes: LayerCodes, x: np.ndarray, activation: ActivationCodes | None = None,
+              int8_blocks: int = 0) -> np.ndarray:
+    """What every form computes, in float64 numpy: ``q(x) @ W^T + bias``.
+
+    ``q`` is ``activation``'s quantization, or with ``int8_blocks`` what MatMulNBits does at
+    accuracy_level 4: each run of ``int8_blocks`` inputs of a row is rounded (half to even) to
+    int8 with scale ``max|x| / 127``.
+    """
+    if activation is not None:
+        x = activation.quantized(x)
+    if int8_blocks:
+        f = x.shape[-1]
+        padded = np.zeros((*x.shape[:-1], -(-f // int8_blocks) * int8_blocks))
+        padded[..., :f] = x
+        runs = padded.reshape(*x.shape[:-1], -1, int8_blocks)
+        step = np.abs(runs).max(axis=-1, keepdims=True) / 127
+        step[step == 0] = 1
+        x = (np.rint(runs / step) * step).reshape(padded.shape)[..., :f]
+    y = np.asarray(x, np.float64) @ codes.dequantized().T
+    return y if codes.bias is None else y + codes.bias
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``bits``-bit values along the last axis into bytes, first value in the lowest
+    bits (MatMulNBits' layout); the last axis times ``bits`` must be a multiple of 8."""
+    per_byte = 8 // bits
+    grouped = values.astype(np.uint8).reshape(*values.shape[:-1], -1, per_byte)
+    shifts = (np.arange(per_byte) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
+
+
+def matmul_nbits(codes: LayerCodes, activation: str, output: str, fresh: Names, *,
+                 accuracy_level: int = 0, kernel_bits: int | None = None,
+                 block_size: int | None = None, allow_slow: bool = False) -> OrtForm | str:
+    """``com.microsoft.MatMulNBits(activation)`` computing ``x @ W^T + bias`` in float.
+
+    Numpy meaning: ``reference(codes, x)``; the kernel stores ``u = q + 2^(kernel_bits-1)`` for
+    signed codes (no zero-point input: it defaults to ``2^(kernel_bits-1)``) and ``u = q`` with
+    packed uint8 zero points for unsigned ones, so ``(u - zp) * scale`` is exactly ``W``.
+
+    ``kernel_bits`` (default: 4 for codes of 1-4 bits, 8 above) must hold the codes. The kernel's
+    ``block_size`` (default: the layer's block, else 32) must be a power of two >= 16 and divide
+    the layer's block; per-row and per-tensor scales are repeated over the blocks.
+    ``accuracy_level`` 0 (or 1) computes in float32 (output error of float rounding only);
+    4 quantizes the activations to int8 per block of ``block_size`` inputs inside the kernel
+    (``reference(codes, x, int8_blocks=block)``; fast also for 8-bit weights; about 0.5%
+    relative output error on random layers).
+    Kernels without a prepacked CPU implementation (2-bit; 8-bit below accuracy_level 4; blocks
+    above 256) dequantize the whole weight on every run, slower than float: refused unless
+    ``allow_slow`` (they compute correctly, N not a multiple of 4 included).
+    """
+    n, f = codes.integers.shape
+    bits = kernel_bits if kernel_bits is not None else (4 if codes.bits <= 4 else 8)
+    if bits not in (2, 4, 8):
+        return f"MatMulNBits takes 2, 4 or 8-bit weights, not {bits}"
+    if codes.bits > bits:
+        return f"{codes.bits}-bit codes do not fit MatMulNBits' {bits}-bit weights"
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        return f"accuracy_level {accuracy_level} is not one of 0-4"
+    block = block_size if block_size is not None else (_largest_power_dividing(codes.block_size)
+                                                      if codes.block_size else 32)
+    if block < 16 or block & (block - 1):
+        return f"MatMulNBits' block_size must be a power of two >= 16, not {block}"
+    if codes.block_size and codes.block_size % block:
+        return (f"the layer's blocks of {codes.block_size} inputs cannot be split into "
+                f"MatMulNBits blocks of {block} (a power of two >= 16)")
+    fast = bits == 4 or (bits == 8 and accuracy_level == 4)
+    if not allow_slow and (not fast or block not in NBITS_FAST_BLOCKS):
+        return (f"onnxruntime 1.32 has no prepacked CPU kernel for {bits}-bit MatMulNBits with block "
+                f"{block} at accuracy_level {accuracy_level}: it would dequantize on every run")
+    k_blocks = -(-f // block)
+    padded = k_blocks * block
+    offset = 1 << (bits - 1) if codes.signed else 0
+    per_block = codes.block_size // block if codes.block_size else 0
+
+    def blocks(values: np.ndarray) -> np.ndarray:  # one per scale group -> one per kernel block [n, k_blocks]
+        if values.ndim == 2:
+            return np.repeat(values, per_block, axis=1)[:, :k_blocks]
+        return np.broadcast_to(values.reshape(-1, 1) if values.ndim else values, (n, k_blocks))
+
+    zero_blocks = None if codes.zero_point is None else blocks(codes.zero_point).astype(np.int64)
+    unsigned = np.empty((n, padded), np.int64)  # the tail of the last block reads as 0
+    unsigned[:, :f] = codes.integers + offset
+    unsigned[:, f:] = offset if zero_blocks is None else zero_blocks[:, -1:]
+    names = [fresh(f"{output}_{suffix}") for suffix in ("B", "scales", "zero_points", "bias")]
+    initializers = [
+        numpy_helper.from_array(pack_bits(unsigned, bits).reshape(n, k_blocks, block * bits // 8), names[0]),
+        numpy_helper.from_array(np.ascontiguousarray(blocks(codes.scale), np.float32), names[1]),
+    ]
+    inputs = [activation, names[0], names[1], "", "", ""]
+    if zero_blocks is not None:
+        row_bytes = -(-k_blocks * bits // 8)
+        padded_zero = np.zeros((n, row_bytes * 8 // bits), np.int64)
+        padded_zero[:, :k_blocks] = zero_blocks
+        initializers.append(numpy_helper.from_array(pack_bits(padded_zero, bits), names[2]))
+        inputs[3] = names[2]
+    if codes.bias is not None:
+        initializers.append(numpy_helper.from_array(codes.bias.astype(np.float32), names[3]))
+        inputs[5] = names[3]
+    node = helper.make_node("MatMulNBits", _trim(inputs), [output], name=fresh(f"{output}_MatMulNBits"),
+                            domain=MS_DOMAIN, K=f, N=n, bits=bits, block_size=block,
+                            accuracy_level=accuracy_level)
+    return OrtForm([node], initializers, {MS_DOMAIN: 1})
+
+
+def matmul_integer_to_float(codes: LayerCodes, quant: ActivationCodes, activation: str, output: str,
+                            fresh: Names) -> OrtForm | str:
+    """``QuantizeLinear(activation) -> com.microsoft.MatMulIntegerToFloat`` with a float bias.
+
+    Numpy meaning: ``reference(codes, x, quant)``: ``y = a_scale * b_scale[n] * sum_k (xq - xz)
+    (wq[n, k] - wz[n]) + bias[n]`` with exact int32 accumulation. Signed activations are written
+    as uint8 with zero point + 128 (the same numbers; onnxruntime's s8s8 kernel is slow on x86).
+    Weights: codes of up to 8 bits per tensor or per row, stored as INT8 (UINT8 with zero points).
+    Caveat: on x86 CPUs without VNNI, onnxruntime's u8s8 kernel can saturate int16 pair sums for
+    large activation and weight codes (VNNI CPUs are exact).
+    """
+    if codes.bits > 8:
+        return f"MatMulIntegerToFloat takes 8-bit weights, not {codes.bits}-bit codes"
+    if codes.scale.ndim == 2:
+        return "MatMulIntegerToFloat takes a weight scale per tensor or per output, not per block"
+    storage = np.int8 if codes.signed else np.uint8
+    a_zero = quant.zero_point + (128 if quant.signed else 0)
+    if not 0 <= a_zero <= 255:
+        raise ValueError(f"activation zero point {quant.zero_point} is outside its 8-bit type")
+    names = [fresh(f"{output}_{suffix}") for suffix in
+             ("a_scale", "a_zero_point", "a_quantized", "B", "b_scale", "b_zero_point", "bias")]
+    initializers = [
+        numpy_helper.from_array(np.array(quant.scale, np.float32), names[0]),
+        numpy_helper.from_array(np.array(a_zero, np.uint8), names[1]),
+        numpy_helper.from_array(np.ascontiguousarray(codes.integers.T.astype(storage)), names[3]),
+        numpy_helper.from_array(np.asarray(codes.scale, np.float32), names[4]),
+    ]
+    inputs = [names[2], names[3], names[0], names[4], names[1], "", ""]
+    if codes.zero_point is not None:
+        initializers.append(numpy_helper.from_array(codes.zero_point.astype(np.uint8), names[5]))
+        inputs[5] = names[5]
+    if codes.bias is not None:
+        initializers.append(numpy_helper.from_array(codes.bias.astype(np.float32), names[6]))
+        inputs[6] = names[6]
+    nodes = [
+        helper.make_node("QuantizeLinear", [activation, names[0], names[1]], [names[2]],
+                         name=fresh(f"{output}_QuantizeLinear")),
+        helper.make_node("MatMulIntegerToFloat", _trim(inputs), [output],
+                         name=fresh(f"{output}_MatMulIntegerToFloat"), domain=MS_DOMAIN),
+    ]
+    return OrtForm(nodes, initializers, {"": 10, MS_DOMAIN: 1})
+
+
+def _largest_power_dividing(block: int) -> int:
+    """The largest power of two in 16..256 dividing ``block`` (the fastest MatMulNBits block that
+    splits the layer's blocks exactly), else ``block`` itself, which is then refused."""
+    return next((c for c in reversed(NBITS_FAST_BLOCKS) if block % c == 0), block)
+
+
+def _trim(inputs: list[str]) -> list[str]:
+    """Drop trailing empty (omitted) optional inputs."""
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    return inputs
+
+

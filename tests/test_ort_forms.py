@@ -1,0 +1,228 @@
+"""The onnxruntime-specific forms compute what the integer codes say, at every optimization level.
+
+Each case builds a one-layer model from codes drawn here and compares its output with numpy
+(dequantize in float64, matmul) and across onnxruntime's disabled, basic and default levels.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_qubo.ort_forms import (
+    ActivationCodes,
+    LayerCodes,
+    OrtForm,
+    matmul_integer_to_float,
+    matmul_nbits,
+    pack_bits,
+    reference,
+)
+
+LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+# Relative to max |y|: float32 accumulation error is ~1e-7; an int8 activation code rounded the
+# other way at a tie moves one product by one step, far below this.
+TOLERANCE = 1e-3
+
+
+class Fresh:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, base: str) -> str:
+        self.count += 1
+        return f"{base}_{self.count}"
+
+
+def make_codes(rng: np.random.Generator, n: int, f: int, bits: int, granularity: str, symmetric: bool,
+               bias: bool, block: int = 0) -> LayerCodes:
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)
+    shape = {"tensor": (), "channel": (n,), "block": (n, -(-f // block) if block else 0)}[granularity]
+    return LayerCodes(
+        integers=rng.integers(low, high + 1, size=(n, f)),
+        scale=np.asarray(rng.uniform(0.01, 0.1, size=shape), np.float32),
+        zero_point=None if symmetric else np.asarray(rng.integers(low, high + 1, size=shape)),
+        bits=bits,
+        block_size=block if granularity == "block" else 0,
+        bias=rng.normal(size=n).astype(np.float32) if bias else None,
+    )
+
+
+def model_of(form: OrtForm, rank: int) -> onnx.ModelProto:
+    batch = [f"batch_{i}" for i in range(rank - 1)]
+    graph = helper.make_graph(form.nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, batch + ["f"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, batch + ["n"])],
+                              form.initializers)
+    opsets = {"": 21, **form.opsets}
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    onnx.checker.check_model(model)
+    return model
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, level: ort.GraphOptimizationLevel) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+def relative_errors(form: OrtForm, expected: np.ndarray, x: np.ndarray) -> list[float]:
+    model = model_of(form, x.ndim)
+    outputs = [run(model, x, level) for level in LEVELS]
+    assert all(out.shape == expected.shape for out in outputs)
+    return [float(np.abs(out - expected).max() / np.abs(expected).max()) for out in outputs]
+
+
+def kernel_block(form: OrtForm) -> int:
+    return next(a.i for a in form.nodes[-1].attribute if a.name == "block_size")
+
+
+def activations(rng: np.random.Generator, rank: int, f: int) -> np.ndarray:
+    return rng.normal(size=(3, f) if rank == 2 else (2, 3, f)).astype(np.float32)
+
+
+GRANULARITIES = [("tensor", 0), ("channel", 0), ("block", 16), ("block", 32), ("block", 48)]
+
+
+@pytest.mark.parametrize("n,f,bits,granularity,symmetric,bias,rank", [
+    (n, f, bits, granularity, symmetric, bias, rank)
+    for n, f, bits, granularity, symmetric, bias, rank in itertools.product(
+        (8, 37), (64, 70), (2, 3, 4, 8), GRANULARITIES, (True, False), (True, False), (2, 3))
+    if bias == (rank == 3) or n == 37  # every axis varies; all combinations at the odd width
+])
+def test_matmul_nbits_computes_the_codes(n: int, f: int, bits: int, granularity: tuple[str, int],
+                                         symmetric: bool, bias: bool, rank: int) -> None:
+    rng = np.random.default_rng([n, f, bits, symmetric, bias, rank, granularity[1]])
+    codes = make_codes(rng, n, f, bits, granularity[0], symmetric, bias, granularity[1])
+    x = activations(rng, rank, f)
+    accuracy = 4 if bits == 8 else 0  # 8-bit weights are only fast with int8 compute
+    form = matmul_nbits(codes, "x", "y", Fresh(), accuracy_level=accuracy)
+    assert isinstance(form, OrtForm), form
+    if accuracy == 0:
+        assert max(relative_errors(form, reference(codes, x), x)) < TOLERANCE
+    else:
+        expected = reference(codes, x, int8_blocks=kernel_block(form))
+        # At int8 compute one activation code may round the other way (seen once in this grid):
+        # that moves an output by up to one activation step times the largest weight.
+        slack = np.abs(x).max() / 127 * np.abs(codes.dequantized()).max() / np.abs(expected).max()
+        assert max(relative_errors(form, expected, x)) < TOLERANCE + slack
+
+
+@pytest.mark.parametrize("n,kernel_bits,block", [(5, 2, 16), (37, 2, 32), (6, 8, 16), (37, 4, 512)])
+def test_matmul_nbits_slow_kernels_are_correct_but_refused(n: int, kernel_bits: int, block: int) -> None:
+    """2-bit weights (N not a multiple of 4 included), 8-bit at fp32 compute and blocks above 256
+    have no prepacked kernel: refused by default, correct when allowed."""
+    rng = np.random.default_rng(n)
+    codes = make_codes(rng, n, 70, 2, "channel", False, True)
+    refusal = matmul_nbits(codes, "x", "y", Fresh(), kernel_bits=kernel_bits, block_size=block)
+    assert isinstance(refusal, str) and "prepacked" in refusal
+    form = matmul_nbits(codes, "x", "y", Fresh(), kernel_bits=kernel_bits, block_size=block, allow_slow=True)
+    assert isinstance(form, OrtForm)
+    x = activations(rng, 3, 70)
+    assert max(relative_errors(form, reference(codes, x), x)) < TOLERANCE
+
+
+def test_onnxruntime_fuses_int2_dequantize_matmul_wrongly_for_odd_widths() -> None:
+    """Why no form goes through onnxruntime's own DequantizeLinear -> MatMulNBits rewrite: for
+    INT2 weights [K, N] with N not a multiple of 4 it computes something else (the 2-bit
+    kernel itself, fed directly, is right: test above)."""
+    rng = np.random.default_rng(0)
+    k, n = 64, 6
+    q = rng.integers(-2, 2, size=(k, n))
+    s = rng.uniform(0.01, 0.1, size=(k // 32, n)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=0, block_size=32),
+         helper.make_node("MatMul", ["x", "wd"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(q.astype(ml_dtypes.int2), "w"), numpy_helper.from_array(s, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)])
+    x = rng.normal(size=(3, k)).astype(np.float32)
+    expected = x @ (q * np.repeat(s, 32, axis=0))
+    error = [np.abs(run(model, x, level) - expected).max() / np.abs(expected).max() for level in LEVELS]
+    assert error[0] < TOLERANCE and error[2] > 0.1
+
+
+@pytest.mark.parametrize("block", [16, 64, 256])
+def test_matmul_nbits_int8_compute_quantizes_activation_blocks(block: int) -> None:
+    """accuracy_level 4 is exactly "round each block of a row's inputs to int8, max-abs scale":
+    far from the float result, equal to that model of it."""
+    rng = np.random.default_rng(block)
+    codes = make_codes(rng, 37, 300, 4, "channel", True, True)
+    form = matmul_nbits(codes, "x", "y", Fresh(), accuracy_level=4, block_size=block)
+    assert isinstance(form, OrtForm)
+    x = activations(rng, 3, 300)
+    assert min(relative_errors(form, reference(codes, x), x)) > 1e-4
+    assert max(relative_errors(form, reference(codes, x, int8_blocks=block), x)) < TOLERANCE
+
+
+@pytest.mark.parametrize("n,f,bits,granularity,symmetric,signed_input,bias,rank", [
+    case for case in itertools.product((8, 37), (64, 70), (4, 8), ("tensor", "channel"), (True, False),
+                                       (True, False), (True, False), (2, 3))
+    if case[6] == (case[7] == 3) or case[0] == 37
+])
+def test_matmul_integer_to_float_computes_the_codes(n: int, f: int, bits: int, granularity: str, symmetric: bool,
+                                                    signed_input: bool, bias: bool, rank: int) -> None:
+    """Exact int32 accumulation; the tolerance covers float32 scaling and an activation landing
+    one step away from numpy's rounding (one code of ``x/scale`` off by one moves y by
+    ``scale * |w|``, under 1e-3 of max |y| here)."""
+    rng = np.random.default_rng([n, f, bits, symmetric, signed_input, bias, rank])
+    codes = make_codes(rng, n, f, bits, granularity, symmetric, bias)
+    quant = ActivationCodes(scale=float(rng.uniform(0.01, 0.03)), zero_point=int(rng.integers(-20, 20)) +
+                            (0 if signed_input else 128), signed=signed_input)
+    x = activations(rng, rank, f)
+    form = matmul_integer_to_float(codes, quant, "x", "y", Fresh())
+    assert isinstance(form, OrtForm), form
+    assert max(relative_errors(form, reference(codes, x, quant), x)) < TOLERANCE
+
+
+def test_matmul_integer_to_float_keeps_the_bias_float() -> None:
+    """Zero weights: the output is the float bias itself, bit for bit, at every level (an INT32
+    re-quantization at scale a_scale * w_scale would round it)."""
+    rng = np.random.default_rng(3)
+    bias = rng.normal(size=8).astype(np.float32)
+    codes = LayerCodes(np.zeros((8, 32), np.int64), np.full(8, 0.01, np.float32), None, 8, bias=bias)
+    form = matmul_integer_to_float(codes, ActivationCodes(0.02, 0, True), "x", "y", Fresh())
+    assert isinstance(form, OrtForm)
+    model = model_of(form, 2)
+    x = rng.normal(size=(4, 32)).astype(np.float32)
+    for level in LEVELS:
+        np.testing.assert_array_equal(run(model, x, level), np.broadcast_to(bias, (4, 8)))
+
+
+def test_refusals() -> None:
+    rng = np.random.default_rng(0)
+    fresh = Fresh()
+    blocked = make_codes(rng, 8, 64, 4, "block", True, False, 24)
+    assert "power of two" in str(matmul_nbits(blocked, "x", "y", fresh))
+    assert "power of two" in str(matmul_nbits(make_codes(rng, 8, 64, 4, "channel", True, False), "x", "y",
+                                              fresh, block_size=24))
+    assert "cannot be split" in str(matmul_nbits(make_codes(rng, 8, 64, 4, "block", True, False, 32), "x",
+                                                 "y", fresh, block_size=64))
+    assert "do not fit" in str(matmul_nbits(make_codes(rng, 8, 64, 8, "channel", True, False), "x", "y",
+                                            fresh, kernel_bits=4))
+    assert "per block" in str(matmul_integer_to_float(make_codes(rng, 8, 64, 8, "block", True, False, 32),
+                                                      ActivationCodes(0.1, 0, True), "x", "y", fresh))
+
+
+def test_pack_bits_puts_the_first_value_in_the_low_bits() -> None:
+    np.testing.assert_array_equal(pack_bits(np.array([[1, 2, 3, 15]]), 4), [[0x21, 0xF3]])
+    np.testing.assert_array_equal(pack_bits(np.array([1, 2, 3, 0]), 2), [0b00111001])
+    np.testing.assert_array_equal(pack_bits(np.array([7, 200]), 8), [7, 200])
+
+
+def test_layer_codes_reject_what_they_cannot_mean() -> None:
+    with pytest.raises(ValueError, match="grid"):
+        LayerCodes(np.array([[8]]), np.array(1.0, np.float32), None, 4)
+    with pytest.raises(ValueError, match="scale shape"):
+        LayerCodes(np.zeros((2, 40), np.int64), np.ones((2, 2), np.float32), None, 4, block_size=16)
+    with pytest.raises(ValueError, match="zero_point"):
+        LayerCodes(np.zeros((2, 4), np.int64), np.ones(2, np.float32), np.zeros(3, np.int64), 4)
