@@ -20,7 +20,7 @@ from onnx_qubo.passes import (
 )
 from onnx_qubo.passes.opset import default_opset
 
-from graphs import gemm_model, matmul_model
+from graphs import gemm_model, matmul_model, mlp_model
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC]
 STORAGE = {2: (TensorProto.INT2, 25), 4: (TensorProto.INT4, 21), 8: (TensorProto.INT8, 13)}
@@ -232,3 +232,22 @@ def test_every_pass_leaves_its_input_alone(graph_pass):
     before = model.SerializeToString()
     graph_pass.call(model)
     assert model.SerializeToString() == before
+
+
+def test_a_float_gemm_bias_stays_float_with_quantized_inputs():
+    """compat.py rule 4: onnxruntime re-quantizes the float C of a Gemm whose inputs are
+    quantized and whose output (through a Relu) is quantized again to INT32 at the basic level
+    and above; the bias is added after the Gemm instead."""
+    model = mlp_model(widths=(12, 9, 7), seed=3)
+    rng = np.random.default_rng(3)
+    records = []
+    for name, (n, f) in (("W0", (9, 12)), ("W1", (7, 9))):
+        weight = QuantizedTensor(rng.integers(-128, 128, size=(n, f)), rng.random(n) * 0.01 + 0.01, None,
+                                 TensorProto.INT8)
+        records.append(QuantizedWeight(name, weight, DENSE_FORMS["Gemm"], 2,
+                                       activation=ActivationQuantization(0.03, 3, TensorProto.UINT8)))
+    quantized = run_passes(model, [RaiseOpset(13), InsertDequantize(records), CheckModel()]).model
+    x = (rng.standard_normal((64, 12)) * 2).astype(np.float32)
+    reference = run(quantized, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    for level in LEVELS:
+        np.testing.assert_allclose(run(quantized, x, level), reference, rtol=1e-6, atol=1e-6)
