@@ -239,7 +239,7 @@ def measure(paths: list[tuple[str, Path]], reps: int, seed: int = 1) -> list[Row
     return rows
 
 
-def table(rows: list[Row], reps: int, command: str, elapsed: float) -> str:
+def table(rows: list[Row], reps: int, command: str, elapsed: float, load: tuple[float, float]) -> str:
     def med(row: Row, key: str) -> float:
         return float(np.median(row.times[key])) * 1e3
 
@@ -250,7 +250,9 @@ def table(rows: list[Row], reps: int, command: str, elapsed: float) -> str:
         "# Inference: 4 x (MatMul 2048x2048 + Add), Relu between",
         "",
         (f"Machine: {cpu}, {os.cpu_count()} cores (shared), {platform.system()} {platform.release()}; "
-         f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, default optimization level, default threads."),
+         f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, default optimization level, default threads; "
+         f"load average {load[0]:.1f} before, {load[1]:.1f} after (above the core count, single-token "
+         "times are dominated by other processes; 512-token times are steadier)."),
         (f"Command: `{command}` ({elapsed:.0f} s). Latency: median of {reps} runs, repetitions interleaved "
          "across rows; 1 token = input [1, 1, 2048], 512 tokens = [8, 64, 2048]. Memory: RSS growth while "
          "creating the session. Error: relative L2 distance to the float model's output on the 512-token input."),
@@ -276,13 +278,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "inference.md")
     args = parser.parse_args()
     reps = 5 if args.quick else args.reps
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[0]
     calib = np.random.default_rng(2).normal(size=(args.calib, 16, WIDTH)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         paths = build(Path(tmp), calib)
         rows = measure(paths, reps)
         command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-        text = table(rows, reps, command, time.perf_counter() - start)
+        text = table(rows, reps, command, time.perf_counter() - start, (load, os.getloadavg()[0]))
     args.out.write_text(text)
     print(text)
 
