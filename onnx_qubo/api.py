@@ -34,7 +34,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              layer_bits: Mapping[str, int] | None = None, bias_correction: bool = False,
              granularity: str = "channel", block_size: int = 0, symmetric: bool = True, bias: str = "float",
              activations: str = "none", activation_range: str = "minmax", sequential: bool = False,
-             speed: bool = True, progress: bool = False) -> Report:
+             format: str = "qdq", ort_accuracy_level: int = 0, speed: bool = True, progress: bool = False) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -54,7 +54,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     "int32": input scale x weight scale, needs quantized activations), ``activations``
     ("none", "int8", "uint8": per-tensor QDQ on each layer's input, ranges by
     ``activation_range`` "minmax" or "percentile"), ``sequential`` (calibrate each layer on
-    the outputs of the already quantized earlier layers). ``speed``: time the float and the
+    the outputs of the already quantized earlier layers). ``format``: "qdq" (standard ONNX,
+    DequantizeLinear) or "ort" (onnxruntime's fast kernels from the same codes: MatMulNBits,
+    MatMulIntegerToFloat; a layer they cannot run correctly keeps the portable form, and the
+    report says why); ``ort_accuracy_level`` 4 lets MatMulNBits quantize activations to int8
+    inside the kernel (faster, at the output error the report states). ``speed``: time the float and the
     quantized model (batch 1 and one evaluation batch) for the report. Raises a ``QuboInputError`` (errors.py:
     ``ModelError``, ``DataError``, ``OptionError``, ``OutputError``) on bad input, before any output
     is written; the input model is never modified.
@@ -65,7 +69,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         symmetric=symmetric, bias=bias, activations=activations, activation_range=activation_range,
         sequential=sequential, bias_correction=bias_correction, layer_bits=dict(layer_bits or {}),
         exclude=tuple(exclude), dump_dir=None if dump_qubo is None else Path(dump_qubo),
-        solution_dir=None if load_solution is None else Path(load_solution))
+        solution_dir=None if load_solution is None else Path(load_solution), format=format,
+        ort_accuracy_level=ort_accuracy_level)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     output_path = check_output_path(output_path, input_path, "output")
     if report_path is not None:
@@ -78,15 +83,17 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         raise OptionError(f"{{load_solution}} '{load_solution}' is not a directory", "load_solution")
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
-    quantized, layers, skipped = quantize_model(float_model, calib_data, options, bar)
+    result = quantize_model(float_model, calib_data, options, bar)
+    quantized = result.model
     data = quantized.SerializeToString()
     write_atomically(output_path, data)
 
     report = Report(
         input_path=None if input_path is None else str(input_path), output_path=str(output_path),
         bits=options.bits, scale=str(options.scale), solver="loaded" if load_solution else options.solver.name,
-        calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=layers, skipped=skipped,
-        evaluation=evaluate(reference_scores(float_model, eval_data, bar), quantized, bar),
+        calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=result.layers,
+        skipped=result.skipped,
+        evaluation=evaluate(reference_scores(float_model, eval_data, bar), quantized, bar, portable=result.reference),
         speed=measure_speed(float_model, quantized, eval_data) if speed else None,
         input_bytes=float_model.ByteSize(), output_bytes=len(data),
         seconds=time.perf_counter() - started, scheme=options.describe())

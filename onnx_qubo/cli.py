@@ -20,6 +20,7 @@ from .discovery import find_dense_layers
 from .errors import OptionError, QuboError
 from .files import check_output_path, load_model, write_atomically
 from .grid import MAX_BITS, MIN_BITS
+from .kernels import Format
 from .options import Activations, BiasMode, Granularity, RangeMethod, ScaleMethod
 from .pipeline import prepare
 from .solvers import SOLVERS, NealSolver
@@ -168,13 +169,20 @@ def main():
               help="Bit width for one layer, overriding --bits (repeatable): mixed precision.")
 @click.option("--bias-correction", is_flag=True,
               help="Add to each layer's output the mean error its rounding leaves (an Add after it).")
+@click.option("--format", "output_format", type=choices(Format), default="qdq", show_default=True,
+              help="qdq: standard ONNX (integers -> DequantizeLinear), runs anywhere; ort: onnxruntime's fast CPU "
+                   "kernels from the same codes (MatMulNBits, MatMulIntegerToFloat).")
+@click.option("--ort-accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="With --format ort, weight-only: 4 lets MatMulNBits quantize activations to int8 inside the kernel "
+                   "(faster; the report states the output error it costs).")
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Time the float and the quantized model (batch 1 and one evaluation batch) for the report.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
 def quantize(input_model, output_model, bits, calib, eval_path, scale, granularity, block_size, symmetric,
              bias_mode, activations, activation_range, sequential, solver, neal_reads, neal_sweeps, seed,
-             batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, speed, quiet):
+             batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, output_format,
+             ort_accuracy_level, speed, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
@@ -185,7 +193,8 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
                               evaluation=eval_path, scale=scale, solver=chosen, seed=seed,
                               batch_size=batch_size, report_path=report_path, dump_qubo=dump_qubo,
                               load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
-                              bias_correction=bias_correction, speed=speed, progress=not quiet, **scheme)
+                              bias_correction=bias_correction, format=output_format,
+                              ort_accuracy_level=ort_accuracy_level, speed=speed, progress=not quiet, **scheme)
     click.echo(report.to_text())
 
 

@@ -117,7 +117,7 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
                 start = time.perf_counter()
                 options = replace(scheme, bits=bits, scale=scale, solver=solver, seed=seed, lower_bound=False)
                 solved = list(solve_layers(calibrated, make_plan(options, calibrated.layers), progress))
-                model = rewrite(calibrated.model, [s.quantized() for s in solved])
+                model = rewrite(calibrated.model, [s.quantized() for s in solved]).model
                 accuracy = score(model)
                 cost = sum(s.report.cost_solved for s in solved)
                 result.rows.append(Row(bits, str(scale), solver.name, accuracy, float_accuracy - accuracy, cost,
@@ -141,5 +141,5 @@ def _cost_accuracy_samples(model, solved: list[SolvedLayer], bits, count, seed, 
             choice = s.choice ^ flips
             cost += s.problem.energy(choice)
             quantized.append(s.quantized(choice))
-        out.append(CostSample(bits, rate, cost, score(rewrite(model, quantized))))
+        out.append(CostSample(bits, rate, cost, score(rewrite(model, quantized).model)))
     return out

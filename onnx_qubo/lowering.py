@@ -1,44 +1,63 @@
 """From each layer's integers to the graph: the pass records, and the passes that write them.
 
-``rewrite`` raises the opset as the integer types and the scheme require, inserts the
-DequantizeLinear form of every layer (each layer's form rewrites its own node: forms/), and
-checks the result with onnx's full checker.
+``rewrite`` raises the opset as the integer types and the scheme require, lowers every layer
+(each layer's form rewrites its own node: forms/; with format ``ort`` through the kernel
+kernels.py chooses), and checks the result with onnx's full checker.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from .grid import Granularity
+from .kernels import Format, KernelChoice, choose_kernel
 from .passes import (
     ActivationQuantization,
     CheckModel,
+    GraphPass,
     InsertDequantize,
     QuantizedTensor,
     QuantizedWeight,
     RaiseOpset,
     run_passes,
 )
+from .passes.insert_dequantize import dequantized
 from .types import QuantizedLayer
 
 log = logging.getLogger(__name__)
 
 
-def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer]) -> onnx.ModelProto:
-    """Integer initializers + DequantizeLinear in place of the float weights, checked."""
-    weights = [quantized_weight(q) for q in quantized]
+@dataclass(frozen=True, eq=False)
+class Rewritten:
+    model: onnx.ModelProto
+    kernels: list[KernelChoice]  # per layer, the kernel that runs it (and why not a faster one)
+
+
+def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: Format = Format.QDQ,
+            accuracy_level: int = 0) -> Rewritten:
+    """Integer initializers (DequantizeLinear, or onnxruntime kernels with format ``ort``) in place
+    of the float weights, checked."""
+    weights, kernels = [], []
     for q in quantized:
-        log.info("layer '%s' (%s): %s weights, lowered by %s", q.layer.name, q.layer.label,
-                 onnx.TensorProto.DataType.Name(q.scheme.grid.storage[0]), type(q.layer.form).__name__)
+        weight, kernel = quantized_weight(q, format, accuracy_level)
+        weights.append(weight)
+        kernels.append(kernel)
+        log.info("layer '%s' (%s): %s weights, %s%s", q.layer.name, q.layer.label,
+                 onnx.TensorProto.DataType.Name(q.scheme.grid.storage[0]), kernel.kernel,
+                 f" (not faster: {kernel.fallback})" if kernel.fallback else "")
     target_opset = max(q.scheme.opset for q in quantized)
-    return run_passes(model, [RaiseOpset(target_opset), InsertDequantize(weights), CheckModel()]).model
+    passes: list[GraphPass] = [RaiseOpset(target_opset), InsertDequantize(weights), CheckModel()]
+    return Rewritten(run_passes(model, passes).model, kernels)
 
 
-def quantized_weight(q: QuantizedLayer) -> QuantizedWeight:
-    """The graph pass's view of a layer: scales shaped as DequantizeLinear takes them."""
+def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
+                     accuracy_level: int = 0) -> tuple[QuantizedWeight, KernelChoice]:
+    """The graph pass's view of a layer (scales shaped as DequantizeLinear takes them), and the
+    kernel that will run it."""
     scales, scheme = q.scales, q.scheme
     if scheme.granularity == Granularity.TENSOR:
         scale, zero_point = scales.scale[0, 0], scales.zero_point[0, 0]
@@ -57,5 +76,15 @@ def quantized_weight(q: QuantizedLayer) -> QuantizedWeight:
     if q.input_quantizer is not None:
         activation = ActivationQuantization(q.input_quantizer.scale, q.input_quantizer.zero_point,
                                             q.input_quantizer.storage)
+    kernel_bias, other_bias = None, False  # what a fast kernel must add itself (Gemm's C)
+    if q.layer.bias_in_node:
+        if bias is not None:
+            kernel_bias = dequantized(bias)
+        elif q.layer.bias is not None:
+            kernel_bias = q.layer.bias.astype(np.float32)
+        else:
+            other_bias = True
+    fast, kernel = choose_kernel(q, weight, kernel_bias, other_bias, format, accuracy_level)
+    replaced_bias = bias is not None or (fast is not None and kernel_bias is not None)
     return QuantizedWeight(q.layer.weight_name, weight, q.layer.form, q.layer.input_rank, q.bias_shift,
-                           q.layer.bias_name if bias is not None else None, bias, activation)
+                           q.layer.bias_name if replaced_bias else None, bias, activation, fast), kernel

@@ -18,6 +18,7 @@ from . import compat
 from .choice import Choice, parse_choice
 from .errors import OptionError
 from .grid import MAX_BITS, MIN_BITS, Granularity, Scheme
+from .kernels import Format
 from .solvers import SOLVERS, FastSolver, Solver
 
 
@@ -92,6 +93,8 @@ class QuantizeOptions:
     lower_bound: bool = True  # certify a lower bound per layer
     dump_dir: Path | None = None  # write each layer's QUBOs here (exchange.py's format)
     solution_dir: Path | None = None  # take the roundings from here instead of solving
+    format: Format = Format.QDQ  # portable DequantizeLinear, or onnxruntime's fast kernels
+    ort_accuracy_level: int = 0  # MatMulNBits: 0 float compute; 4 int8 activations in the kernel
 
     @classmethod
     def parse(cls, *, bits: object = 2, scale: object = ScaleMethod.MSE, solver: str | Solver = "fast",
@@ -99,7 +102,8 @@ class QuantizeOptions:
               symmetric: bool = True, bias: object = BiasMode.FLOAT, activations: object = Activations.NONE,
               activation_range: object = RangeMethod.MINMAX, sequential: bool = False, bias_correction: bool = False,
               layer_bits: Mapping[str, object] | None = None, exclude: Sequence[str] = (), lower_bound: bool = True,
-              dump_dir: Path | None = None, solution_dir: Path | None = None) -> "QuantizeOptions":
+              dump_dir: Path | None = None, solution_dir: Path | None = None, format: object = Format.QDQ,
+              ort_accuracy_level: object = 0) -> "QuantizeOptions":
         """Options from the API's arguments: each value checked and named in the error if wrong."""
         return cls(bits=check_bits(bits), scale=parse_choice(ScaleMethod, scale, "scale"), solver=solver_for(solver),
                    seed=check_integer(seed, "seed"), granularity=parse_choice(Granularity, granularity, "granularity"),
@@ -109,7 +113,9 @@ class QuantizeOptions:
                    activation_range=parse_choice(RangeMethod, activation_range, "activation_range"),
                    sequential=bool(sequential), bias_correction=bool(bias_correction),
                    layer_bits={name: check_bits(b, "layer_bits") for name, b in dict(layer_bits or {}).items()},
-                   exclude=tuple(exclude), lower_bound=lower_bound, dump_dir=dump_dir, solution_dir=solution_dir)
+                   exclude=tuple(exclude), lower_bound=lower_bound, dump_dir=dump_dir, solution_dir=solution_dir,
+                   format=parse_choice(Format, format, "format"),
+                   ort_accuracy_level=check_integer(ort_accuracy_level, "ort_accuracy_level"))
 
     def __post_init__(self) -> None:
         if self.bias == BiasMode.INT32 and self.activations == Activations.NONE:
@@ -126,6 +132,32 @@ class QuantizeOptions:
             reason = compat.scheme_refusal(self.scheme(bits), self.activations != Activations.NONE)
             if reason:
                 raise OptionError(reason, "symmetric", "granularity", "activations")
+        self._check_format()
+
+    def _check_format(self) -> None:
+        """Refuse what format ort cannot serve for any layer (single layers fall back, reported)."""
+        if self.ort_accuracy_level not in (0, 1, 2, 3, 4):
+            raise OptionError(f"{{ort_accuracy_level}} must be 0-4, got {self.ort_accuracy_level}",
+                              "ort_accuracy_level")
+        if self.ort_accuracy_level and (self.format != Format.ORT or self.activations != Activations.NONE):
+            raise OptionError("{ort_accuracy_level} applies to {format} ort weight-only layers (MatMulNBits), "
+                              "not with {activations}", "ort_accuracy_level", "format", "activations")
+        if self.format != Format.ORT:
+            return
+        if self.activations != Activations.NONE and self.granularity == Granularity.BLOCK:
+            raise OptionError("{format} ort with quantized inputs runs MatMulIntegerToFloat, which takes one weight "
+                              "scale per output or per tensor, not blocks: use {granularity} channel or tensor, "
+                              "or {format} qdq", "format", "granularity")
+        if self.activations == Activations.NONE:
+            if min([self.bits, *self.layer_bits.values()]) > 4 and self.ort_accuracy_level != 4:
+                raise OptionError("{format} ort weight-only: onnxruntime 1.32's MatMulNBits has a fast float kernel "
+                                  "for 1-4 bit weights only; use {bits} 4 or less, {ort_accuracy_level} 4 (int8 "
+                                  "activations inside the kernel), {activations} int8/uint8, or {format} qdq",
+                                  "format", "bits", "ort_accuracy_level", "activations")
+            if self.granularity == Granularity.BLOCK and self.block_size % 16:
+                raise OptionError(f"{{format}} ort weight-only needs blocks that split into MatMulNBits blocks (a "
+                                  f"power of two >= 16), not {{block_size}} {self.block_size}: use a multiple of "
+                                  "16, or {format} qdq", "format", "block_size")
 
     def scheme(self, bits: int) -> Scheme:
         return Scheme(bits, self.granularity, self.block_size, self.symmetric)
@@ -140,4 +172,7 @@ class QuantizeOptions:
         text = f"weights {groups}, {zero_point}; bias {self.bias}; activations {self.activations}"
         if self.activations != Activations.NONE:
             text += f" ({self.activation_range} ranges)"
-        return text + ("; sequential calibration" if self.sequential else "")
+        text += "; sequential calibration" if self.sequential else ""
+        if self.format == Format.ORT:
+            text += "; format ort" + (f" (accuracy level {self.ort_accuracy_level})" if self.ort_accuracy_level else "")
+        return text

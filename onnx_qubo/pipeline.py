@@ -12,7 +12,7 @@ layers are already quantized (their inputs as deployed), against the float model
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Collection, Iterator
 
 import numpy as np
@@ -24,6 +24,7 @@ from .calibration import InputStatistics, collect_statistics
 from .data import Dataset
 from .errors import ModelError, OptionError
 from .grid import InputQuantizer
+from .kernels import Format
 from .layer import SolvedLayer, prepare_layer
 from .lowering import rewrite
 from .options import Activations, QuantizeOptions, RangeMethod
@@ -53,15 +54,29 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     return run_passes(model, [FoldConstantWeights()]).model
 
 
+@dataclass(frozen=True, eq=False)
+class Quantized:
+    """A quantization run's result: the model, what was done per layer, and the portable
+    (DequantizeLinear) model of the same codes as the reference to check a fast format against."""
+
+    model: onnx.ModelProto
+    layers: list[LayerReport]
+    skipped: list[SkippedNode]
+    reference: onnx.ModelProto
+
+
 def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: QuantizeOptions,
-                   progress: Progress) -> tuple[onnx.ModelProto, list[LayerReport], list[SkippedNode]]:
-    """Quantize every dense layer of ``model`` but the excluded ones; return the new model and
-    what was done."""
+                   progress: Progress) -> Quantized:
+    """Quantize every dense layer of ``model`` but the excluded ones."""
     calibrated = calibrate(model, calibration, progress, options.exclude, options.activations,
                            options.activation_range)
     plan = make_plan(options, calibrated.layers)
     solved = list(solve_layers(calibrated, plan, progress))
-    return rewrite(model, [s.quantized() for s in solved]), [s.report for s in solved], calibrated.skipped
+    integers = [s.quantized() for s in solved]
+    written = rewrite(model, integers, plan.format, plan.accuracy_level)
+    portable = written.model if plan.format == Format.QDQ else rewrite(model, integers).model
+    reports = [replace(s.report, kernel=k.kernel, kernel_fallback=k.fallback) for s, k in zip(solved, written.kernels)]
+    return Quantized(written.model, reports, calibrated.skipped, portable)
 
 
 def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, exclude: Collection[str] = (),
@@ -93,7 +108,7 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iter
             choice = work.solve(progress)
         solved = work.finish(choice, time.perf_counter() - start)
         if plan.sequential and k + 1 < len(plan.layers):
-            deployed = rewrite(calibrated.model if deployed is None else deployed, [solved.quantized()])
+            deployed = rewrite(calibrated.model if deployed is None else deployed, [solved.quantized()]).model
         yield solved
     if plan.dump_dir is not None:
         exchange.write_index(plan.dump_dir, [

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import exchange
 from .errors import OptionError
 from .grid import Scheme
+from .kernels import Format
 from .options import Activations, BiasMode, QuantizeOptions, RangeMethod, ScaleMethod
 from .solvers import Solver
 from .types import DenseLayer
@@ -51,6 +52,8 @@ class Plan:
     dump_dir: Path | None
     solution_dir: Path | None
     description: str  # the scheme in words, for reports
+    format: Format
+    accuracy_level: int
 
 
 def make_plan(options: QuantizeOptions, layers: list[DenseLayer]) -> Plan:
@@ -67,4 +70,4 @@ def make_plan(options: QuantizeOptions, layers: list[DenseLayer]) -> Plan:
                   solver=options.solver, seed=options.seed, stem=stem)
         for layer, stem in zip(layers, stems)]
     return Plan(planned, options.activations, options.activation_range, options.sequential,
-                options.dump_dir, options.solution_dir, options.describe())
+                options.dump_dir, options.solution_dir, options.describe(), options.format, options.ort_accuracy_level)

@@ -25,6 +25,8 @@ class LayerReport:
     solve_seconds: float
     cost_bias_corrected: float | None = None  # cost_solved less the mean error the new bias removes
     bias: str = "float"  # how the layer's bias is stored: float, the weights' type, or INT32
+    kernel: str = "DequantizeLinear"  # what runs it: DequantizeLinear (portable), MatMulNBits...
+    kernel_fallback: str | None = None  # format ort: why the layer kept the portable form
 
     @property
     def gap(self) -> float | None:
@@ -47,7 +49,8 @@ class Evaluation:
     relative_output_error: float  # ||y_q - y_f|| / ||y_f|| over the first output
     default_matches_basic: bool  # same predictions at ORT's default and basic optimization
     default_vs_basic_max_diff: float
-    default_vs_unoptimized: float  # max |y_default - y_unoptimized| / max |y_unoptimized|
+    default_vs_unoptimized: float  # ||y_default - y_ref|| / ||y_ref||, y_ref: the DequantizeLinear
+    # model of the same codes with graph optimizations disabled
     basic_vs_unoptimized: float  # the same at the basic level (0 when levels are not checked)
 
 
@@ -104,6 +107,10 @@ class Report:
                 f"{layer.free_fraction:>7.0%}{layer.cost_rtn:>12.4g}{layer.cost_solved:>12.4g}"
                 f"{ratio:>7.3f}{_or_dash(layer.lower_bound, '.4g'):>11}{_or_dash(layer.gap, '.0%'):>6}"
                 f"{layer.solve_seconds:>7.1f}s")
+        if any(layer.kernel != "DequantizeLinear" or layer.kernel_fallback for layer in self.layers):
+            lines.append("kernels: " + ", ".join(f"{layer.name} {layer.kernel}" for layer in self.layers))
+            lines += [f"layer '{layer.name}' keeps DequantizeLinear: {layer.kernel_fallback}"
+                      for layer in self.layers if layer.kernel_fallback]
         corrected = [layer.cost_bias_corrected for layer in self.layers if layer.cost_bias_corrected is not None]
         if corrected:
             lines.append(f"bias correction: total cost {sum(layer.cost_solved for layer in self.layers):.4g} "
@@ -121,9 +128,9 @@ class Report:
         check = "same predictions" if ev.default_matches_basic else "DIFFERENT predictions"
         lines.append(f"onnxruntime default vs basic optimization: {check} "
                      f"(max |diff| {ev.default_vs_basic_max_diff:.3g})")
-        lines.append(f"against optimizations disabled (no graph rewrites): default level "
-                     f"{ev.default_vs_unoptimized:.2g}, basic level {ev.basic_vs_unoptimized:.2g} "
-                     "(max |diff| / max |output|)")
+        lines.append(f"against the DequantizeLinear model with optimizations disabled (no graph rewrites, no fused "
+                     f"kernels): default level {ev.default_vs_unoptimized:.2g}, basic level "
+                     f"{ev.basic_vs_unoptimized:.2g} (relative output difference)")
         if self.speed is not None:
             s = self.speed
             lines.append(f"latency (ms, default level): batch 1 float {s.float_single:.3g}, quantized "

@@ -46,6 +46,7 @@ class DenseLayer:
     gain: float
     bias: np.ndarray | None = None  # [n_out], float64
     bias_name: str | None = None
+    bias_in_node: bool = False  # the node itself adds a bias (Gemm's C), not a following Add
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -14,13 +14,16 @@ scale per tensor (scalar), per output row (``axis=0``) or per block of inputs wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .base import PassResult, copy_model
+
+if TYPE_CHECKING:
+    from ..kernels import FastLayer
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,6 +44,13 @@ class QuantizedTensor:
         return {"axis": 1, "block_size": self.block_size}
 
 
+def dequantized(tensor: QuantizedTensor) -> np.ndarray:
+    """What DequantizeLinear computes from a per-tensor or per-axis-0 tensor, in float32."""
+    zero = 0 if tensor.zero_point is None else np.asarray(tensor.zero_point)
+    scale = np.asarray(tensor.scale, np.float32)
+    return (np.asarray(tensor.integers - zero).astype(np.float32) * scale).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class ActivationQuantization:
     """Per-tensor 8-bit quantization of a layer's activation input."""
@@ -52,11 +62,13 @@ class ActivationQuantization:
 
 @dataclass(frozen=True)
 class Lowered:
-    """The nodes that replace a layer's node, and tensors other readers must now read instead
-    (e.g. the bias operand of the Add after a MatMul, replaced by its dequantized form)."""
+    """The nodes that replace a layer's node, tensors other readers must now read instead (e.g.
+    the bias operand of the Add after a MatMul, replaced by its dequantized form), and the opset
+    each non-default domain the nodes use needs."""
 
     nodes: list[onnx.NodeProto]
     renames: dict[str, str] = field(default_factory=dict)
+    opsets: dict[str, int] = field(default_factory=dict)
 
 
 class DenseLowering(Protocol):
@@ -79,6 +91,7 @@ class QuantizedWeight:
     bias_name: str | None = None  # the bias initializer that ``bias`` replaces
     bias: QuantizedTensor | None = None  # [n_out]
     activation: ActivationQuantization | None = None
+    fast: "FastLayer | None" = None  # an onnxruntime kernel to write instead (kernels.py)
 
 
 class InsertDequantize:
@@ -102,6 +115,7 @@ class InsertDequantize:
             lowered = weight.form.lower(graph.node[index], weight, edit)
             nodes = lowered.nodes
             renames.update(lowered.renames)
+            _import_opsets(out, lowered.opsets)
             if weight.output_shift is not None:
                 shift = edit.constant(f"{nodes[-1].output[0]}_shift", weight.output_shift.astype(np.float32))
                 nodes += edit.add_to_output(nodes, shift, "bias_correction")
@@ -137,6 +151,15 @@ class GraphEdit:
             name, k = f"{base}_{k}", k + 1
         self.used.add(name)
         return name
+
+    def fast(self, weight: QuantizedWeight, activation: str, output: str) -> Lowered:
+        """``weight.fast``'s kernel nodes reading ``activation`` and writing ``output``."""
+        assert weight.fast is not None
+        form = weight.fast.build(activation, output, self.fresh)
+        if isinstance(form, str):  # kernels.choose_kernel already accepted this layer
+            raise ValueError(f"layer weight '{weight.name}': {form}")
+        self.graph.initializer.extend(form.initializers)
+        return Lowered(form.nodes, opsets={d: v for d, v in form.opsets.items() if d not in ("", "ai.onnx")})
 
     def constant(self, base: str, value: np.ndarray) -> str:
         """A new initializer holding ``value``; returns its name."""
@@ -179,6 +202,15 @@ class GraphEdit:
         before = self.fresh(f"{output}_before_{label}")
         nodes[-1].output[0] = before
         return [helper.make_node("Add", [before, addend], [output], name=self.fresh(f"{output}_{label}"))]
+
+
+def _import_opsets(model: onnx.ModelProto, opsets: dict[str, int]) -> None:
+    for domain, version in opsets.items():
+        present = next((o for o in model.opset_import if o.domain == domain), None)
+        if present is None:
+            model.opset_import.append(helper.make_opsetid(domain, version))
+        else:
+            present.version = max(present.version, version)
 
 
 def _only_reader(graph: onnx.GraphProto, weight: QuantizedWeight) -> int:

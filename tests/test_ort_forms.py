@@ -57,7 +57,8 @@ def make_codes(rng: np.random.Generator, n: int, f: int, bits: int, granularity:
 
 def model_of(form: OrtForm, rank: int) -> onnx.ModelProto:
     batch = [f"batch_{i}" for i in range(rank - 1)]
-    graph = helper.make_graph(form.nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, batch + ["f"])],
+    graph = helper.make_graph(form.nodes, "layer",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, batch + ["f"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, batch + ["n"])],
                               form.initializers)
     opsets = {"": 21, **form.opsets}

@@ -38,9 +38,11 @@ class GemmForm:
         bias = index.bias_vector(bias_name, len(weight))
         return DenseLayer(name, self, f"Gemm(transB={trans_b})", activation, index.ranks.get(activation),
                           weight_name, weight, gain, None if bias is None else float(attrs.get("beta", 1.0)) * bias,
-                          bias_name if bias is not None else None)
+                          bias_name if bias is not None else None, bias_in_node=bool(bias_name))
 
     def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
+        if weight.fast is not None:  # alpha and the bias are in the kernel (kernels.py)
+            return edit.fast(weight, node.input[0], node.output[0])
         nodes, deq = edit.dequantize(weight.name, weight.weight)
         bias_input, bias_after = None, None
         if weight.bias is not None and weight.bias_name is not None:

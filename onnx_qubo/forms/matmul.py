@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
+from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight, dequantized
 from ..types import DenseLayer
 from .base import GraphIndex, Skip
 
@@ -40,6 +40,12 @@ class MatMulForm:
                           bias, bias_name if bias is not None else None)
 
     def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
+        if weight.fast is not None:  # any activation rank; a quantized bias stays in the Add, as floats
+            lowered = edit.fast(weight, node.input[0], node.output[0])
+            if weight.bias is not None and weight.bias_name is not None:
+                lowered.renames[weight.bias_name] = edit.constant(f"{weight.bias_name}_dequantized",
+                                                                  dequantized(weight.bias))
+            return lowered
         nodes, deq = edit.dequantize(weight.name, weight.weight)
         renames = {}
         if weight.bias is not None and weight.bias_name is not None:

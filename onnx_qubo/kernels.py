@@ -1,0 +1,76 @@
+"""Which kernel runs each layer: the portable DequantizeLinear form, or (format ``ort``) one of
+onnxruntime's fast kernels built from the very same codes (ort_forms.py).
+
+``choose_kernel`` decides per layer, correct first (ort_forms refuses shapes and bit widths its
+kernels compute wrongly or slowly), and says why a layer falls back to the portable form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .choice import Choice
+from .ort_forms import ActivationCodes, LayerCodes, OrtForm, matmul_integer_to_float, matmul_nbits
+from .passes.insert_dequantize import QuantizedTensor
+from .types import QuantizedLayer
+
+PORTABLE = "DequantizeLinear"
+
+
+class Format(Choice):
+    QDQ = "qdq"  # standard ONNX: integers -> DequantizeLinear -> Gemm, runs anywhere
+    ORT = "ort"  # onnxruntime's CPU kernels (com.microsoft MatMulNBits / MatMulIntegerToFloat)
+
+
+@dataclass(frozen=True, eq=False)
+class FastLayer:
+    """A layer's codes as one of onnxruntime's kernels takes them; ``build`` writes the nodes."""
+
+    codes: LayerCodes  # Gemm's alpha folded into the scales; bias as the kernel adds it (or None)
+    activation: ActivationCodes | None  # quantized inputs: MatMulIntegerToFloat
+    accuracy_level: int  # MatMulNBits: 0 float compute, 4 int8 activations inside the kernel
+
+    @property
+    def kernel(self) -> str:
+        return "MatMulNBits" if self.activation is None else "MatMulIntegerToFloat"
+
+    def build(self, activation: str, output: str, fresh) -> OrtForm | str:
+        if self.activation is None:
+            return matmul_nbits(self.codes, activation, output, fresh, accuracy_level=self.accuracy_level)
+        return matmul_integer_to_float(self.codes, self.activation, activation, output, fresh)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    layer: str
+    kernel: str
+    fallback: str | None = None  # why the fast kernel was not used (format ort only)
+
+
+def choose_kernel(q: QuantizedLayer, weight: QuantizedTensor, bias: np.ndarray | None, has_other_bias: bool,
+                  format: Format, accuracy_level: int) -> tuple[FastLayer | None, KernelChoice]:
+    """The fast kernel for layer ``q`` (DequantizeLinear form ``weight``), or None and why not.
+    ``bias``: the [n] bias the kernel must add (None: none, or it stays in a following Add);
+    ``has_other_bias``: the node has a bias the kernel cannot take (e.g. a Gemm's C that is not
+    one value per output)."""
+    name = q.layer.name
+    if format == Format.QDQ:
+        return None, KernelChoice(name, PORTABLE)
+    if has_other_bias:
+        return None, KernelChoice(name, PORTABLE, "its bias is not one value per output")
+    scale, zero_point, block_size = np.asarray(weight.scale, np.float64), weight.zero_point, weight.block_size
+    if scale.ndim == 2 and scale.shape[1] == 1:  # one block spans each row: per channel
+        scale, zero_point, block_size = scale[:, 0], None if zero_point is None else zero_point[:, 0], 0
+    codes = LayerCodes(q.integers, scale * q.layer.gain, None if zero_point is None else np.asarray(zero_point),
+                       q.scheme.bits, block_size, bias)
+    activation = None
+    if q.input_quantizer is not None:
+        activation = ActivationCodes(q.input_quantizer.scale, q.input_quantizer.zero_point,
+                                     q.input_quantizer.signed)
+    fast = FastLayer(codes, activation, accuracy_level)
+    refusal = fast.build("x", "y", lambda base: base)  # a dry run: only checks, names do not matter
+    if isinstance(refusal, str):
+        return None, KernelChoice(name, PORTABLE, refusal)
+    return fast, KernelChoice(name, fast.kernel)

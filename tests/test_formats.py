@@ -1,0 +1,95 @@
+"""Format ort: the same codes as the portable output, run by onnxruntime's fast kernels. Each
+case must compute what the DequantizeLinear model of the same flags computes, at onnxruntime's
+default and basic levels and with optimizations disabled; layers the kernels cannot run fall
+back to the portable form with the reason in the report; impossible combinations are refused
+before anything is written."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from graphs import gemm_model, matmul_model, mlp_model
+from onnx_qubo import OptionError, quantize
+
+LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          ort.GraphOptimizationLevel.ORT_DISABLE_ALL]
+MODELS = {
+    "gemm-transB1-alpha": lambda: gemm_model(f=40, n=12, trans_b=1, alpha=0.7, beta=0.5),
+    "gemm-transB0": lambda: gemm_model(f=40, n=12, trans_b=0, relu=False),
+    "matmul-add": lambda: matmul_model(f=40, n=12, bias=True),
+    "matmul-3d": lambda: matmul_model(f=40, n=12, bias=True, leading=(3,)),
+    "mlp": lambda: mlp_model(widths=(40, 24, 12)),
+}
+SCHEMES = {
+    "int4-channel": dict(bits=4),
+    "int2-channel": dict(bits=2),
+    "uint4-block32": dict(bits=4, granularity="block", block_size=32, symmetric=False),
+    "int3-tensor-bias-quantize": dict(bits=3, granularity="tensor", bias="quantize"),
+    "int4-bias-correction": dict(bits=4, bias_correction=True),
+    "w8a8-uint8": dict(bits=8, activations="uint8"),
+    "w8a8-int8-int32-bias": dict(bits=8, activations="int8", bias="int32"),
+    "w4a8-asymmetric-sequential": dict(bits=4, activations="uint8", symmetric=False, sequential=True),
+}
+
+
+def run(model, x, level):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0].astype(np.float64)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_ort_format_computes_what_the_portable_format_computes(model_name, scheme, tmp_path):
+    model = MODELS[model_name]()
+    shape = [d.dim_value or 64 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = (np.random.default_rng(1).standard_normal(shape) + 0.2).astype(np.float32)
+    common = dict(calibration={"x": x}, solver="fast", speed=False, **SCHEMES[scheme])
+    portable = quantize(model, tmp_path / "qdq.onnx", **common)
+    fast = quantize(model, tmp_path / "ort.onnx", format="ort", **common)
+    kernel = "MatMulIntegerToFloat" if "activations" in SCHEMES[scheme] else "MatMulNBits"
+    assert [layer.kernel for layer in fast.layers] == [kernel] * len(fast.layers)
+    assert [layer.cost_solved for layer in fast.layers] == [layer.cost_solved for layer in portable.layers]
+    written = onnx.load(tmp_path / "ort.onnx")
+    assert kernel in {n.op_type for n in written.graph.node}
+    assert "DequantizeLinear" not in {n.op_type for n in written.graph.node}
+    reference = run(onnx.load(tmp_path / "qdq.onnx"), x, LEVELS[-1])
+    for level in LEVELS:
+        y = run(written, x, level)
+        assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 1e-3, level
+    assert fast.evaluation.default_vs_unoptimized < 1e-3 and fast.evaluation.basic_vs_unoptimized < 1e-3
+
+
+def test_a_layer_the_kernel_cannot_run_keeps_the_portable_form_and_says_why(tmp_path):
+    model = gemm_model(f=40, n=12)
+    model.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(np.ones((1, 12), np.float32), "C"))
+    model.graph.input.append(onnx.helper.make_tensor_value_info("C", onnx.TensorProto.FLOAT, [1, 12]))
+    x = np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32)
+    report = quantize(model, tmp_path / "q.onnx", bits=4, calibration={"x": x}, format="ort", speed=False)
+    assert report.layers[0].kernel == "DequantizeLinear"
+    assert report.layers[0].kernel_fallback == "its bias is not one value per output"
+    assert "layer 'dense' keeps DequantizeLinear: its bias is not one value per output" in report.to_text()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(bits=8), "MatMulNBits has a fast float kernel for 1-4 bit weights only"),
+    (dict(bits=4, granularity="block", block_size=24), "not block_size 24"),
+    (dict(bits=8, activations="uint8", granularity="block", block_size=32), "not blocks"),
+    (dict(bits=4, activations="uint8", ort_accuracy_level=4), "ort_accuracy_level applies to format ort weight-only"),
+])
+def test_combinations_format_ort_cannot_serve_are_refused_before_writing(arguments, message, tmp_path):
+    x = np.random.default_rng(0).standard_normal((16, 40)).astype(np.float32)
+    with pytest.raises(OptionError, match=message):
+        quantize(gemm_model(f=40, n=12), tmp_path / "q.onnx", calibration={"x": x}, format="ort", **arguments)
+    assert not list(tmp_path.iterdir())
+
+
+def test_accuracy_level_4_states_its_output_error(tmp_path):
+    x = np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32)
+    report = quantize(mlp_model(widths=(40, 24, 12)), tmp_path / "q.onnx", bits=4, calibration={"x": x},
+                      format="ort", ort_accuracy_level=4, speed=False)
+    assert all(layer.kernel == "MatMulNBits" for layer in report.layers)
+    assert 0 < report.evaluation.default_vs_unoptimized < 0.05  # int8 activations inside the kernel
+    assert "format ort (accuracy level 4)" in report.to_text()
