@@ -8,10 +8,9 @@ default level at 1 token ([1, 1, 2048]) and 512 tokens ([8, 64, 2048]), repetiti
 across rows (the machine is shared; compare ratios within one run):
 
 - ``float``;
-- onnx-qubo today (``QUBO_ROWS``: ``onnx_qubo.quantize`` with rtn/minmax, its portable
-  DequantizeLinear -> Gemm output); a ``format="ort"`` row is one more entry there;
-- the same integer codes rebuilt per layer in ``onnx_qubo.ort_forms``' forms (``LOWERED_ROWS``:
-  a prototype of the lowering, reading the codes back from the portable file);
+- onnx-qubo (``QUBO_ROWS``: ``onnx_qubo.quantize`` with rtn/minmax scales, so the file is quick to
+  make; the solver changes the codes, not the kernels), in the portable ``qdq`` format
+  (DequantizeLinear -> Gemm) and in the ``ort`` format (MatMulNBits / MatMulIntegerToFloat);
 - onnxruntime's own tools: ``MatMulNBitsQuantizer`` and ``quantize_static`` (QDQ, per channel).
 """
 
@@ -40,13 +39,6 @@ from onnxruntime.quantization.matmul_nbits_quantizer import (
 )
 
 import onnx_qubo
-from onnx_qubo.ort_forms import (
-    ActivationCodes,
-    LayerCodes,
-    OrtForm,
-    matmul_integer_to_float,
-    matmul_nbits,
-)
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTH, LAYERS = 2048, 4
@@ -57,16 +49,14 @@ QUBO_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("onnx-qubo qdq w4 block 32", {"bits": 4, "granularity": "block", "block_size": 32}),
     ("onnx-qubo qdq w8a8 per channel", {"bits": 8, "activations": "int8"}),
     ("onnx-qubo qdq w2 per channel", {"bits": 2}),
-]
-# label -> (the QUBO_ROWS file whose codes are rebuilt, form options)
-LOWERED_ROWS: list[tuple[str, str, dict[str, Any]]] = [
-    ("ort form w4 per channel (MatMulNBits b32)", "onnx-qubo qdq w4 per channel", {}),
-    ("ort form w4 per channel (MatMulNBits b128, acc 4)", "onnx-qubo qdq w4 per channel",
-     {"block_size": 128, "accuracy_level": 4}),
-    ("ort form w4 block 32 (MatMulNBits)", "onnx-qubo qdq w4 block 32", {}),
-    ("ort form w4 block 32 (MatMulNBits, acc 4)", "onnx-qubo qdq w4 block 32", {"accuracy_level": 4}),
-    ("ort form w8a8 (MatMulIntegerToFloat)", "onnx-qubo qdq w8a8 per channel", {}),
-    ("ort form w2 per channel (4-bit MatMulNBits)", "onnx-qubo qdq w2 per channel", {}),
+    ("onnx-qubo ort w4 per channel (MatMulNBits)", {"bits": 4, "format": "ort"}),
+    ("onnx-qubo ort w4 per channel, accuracy level 4", {"bits": 4, "format": "ort", "ort_accuracy_level": 4}),
+    ("onnx-qubo ort w4 block 32 (MatMulNBits)", {"bits": 4, "granularity": "block", "block_size": 32,
+                                                  "format": "ort"}),
+    ("onnx-qubo ort w4 block 32, accuracy level 4", {"bits": 4, "granularity": "block", "block_size": 32,
+                                                      "format": "ort", "ort_accuracy_level": 4}),
+    ("onnx-qubo ort w8a8 per channel (MatMulIntegerToFloat)", {"bits": 8, "activations": "int8", "format": "ort"}),
+    ("onnx-qubo ort w2 per channel (4-bit MatMulNBits)", {"bits": 2, "format": "ort"}),
 ]
 NBITS_BASELINE = "ORT MatMulNBitsQuantizer w4 block 32"
 
@@ -97,57 +87,6 @@ class Reader(CalibrationDataReader):
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.items, None)
-
-
-def lower(model: onnx.ModelProto, bits: int, options: dict[str, Any]) -> onnx.ModelProto:
-    """Rebuild every ``[QuantizeLinear -> DequantizeLinear ->] Gemm(transB=1) <- DequantizeLinear``
-    of an onnx-qubo file in the ort form for its codes (prototype of the lowering)."""
-    graph = model.graph
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    position = {id(node): i for i, node in enumerate(graph.node)}
-    dropped: set[int] = set()
-    replaced: dict[int, list[onnx.NodeProto]] = {}
-    new_inits: list[onnx.TensorProto] = []
-    count = iter(range(10**9))
-
-    def fresh(base: str) -> str:
-        return f"{base}_ort{next(count)}"
-
-    for index, node in enumerate(graph.node):
-        if node.op_type != "Gemm":
-            continue
-        weight_dq = producer[node.input[1]]
-        attrs = {a.name: helper.get_attribute_value(a) for a in weight_dq.attribute}
-        zero = inits[weight_dq.input[2]].astype(np.int64) if len(weight_dq.input) > 2 else None
-        bias = inits[node.input[2]] if len(node.input) > 2 and node.input[2] else None
-        codes = LayerCodes(inits[weight_dq.input[0]].astype(np.int64), inits[weight_dq.input[1]], zero, bits,
-                           int(attrs.get("block_size", 0)), bias)
-        source = producer.get(node.input[0])
-        form: OrtForm | str
-        if source is not None and source.op_type == "DequantizeLinear":
-            quantize = producer[source.input[0]]
-            zp = inits[quantize.input[2]]
-            quant = ActivationCodes(float(inits[quantize.input[1]]), int(zp), zp.dtype == np.int8)
-            form = matmul_integer_to_float(codes, quant, quantize.input[0], node.output[0], fresh)
-            dropped |= {position[id(source)], position[id(quantize)]}
-        else:
-            form = matmul_nbits(codes, node.input[0], node.output[0], fresh, **options)
-        if isinstance(form, str):
-            raise SystemExit(f"layer {node.name}: {form}")
-        dropped.add(position[id(weight_dq)])
-        replaced[index] = form.nodes
-        new_inits += form.initializers
-    nodes = [n for i, node in enumerate(graph.node) if i not in dropped for n in replaced.get(i, [node])]
-    used = {name for node in nodes for name in node.input}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:], out.graph.initializer[:]
-    out.graph.node.extend(nodes)
-    out.graph.initializer.extend([t for t in graph.initializer if t.name in used] + new_inits)
-    if not any(o.domain == "com.microsoft" for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return out
 
 
 @dataclass
@@ -187,16 +126,10 @@ def build(workdir: Path, calib: np.ndarray) -> list[tuple[str, Path]]:
     model = float_model()
     paths = [("float", workdir / "float.onnx")]
     onnx.save(model, paths[0][1])
-    bits_of: dict[str, int] = {}
     for label, kwargs in QUBO_ROWS:
         path = workdir / f"qubo_{len(paths)}.onnx"
         onnx_qubo.quantize(paths[0][1], path, calibration={"input": calib}, evaluation={"input": calib[:2]},
-                           **QUBO, **kwargs)
-        paths.append((label, path))
-        bits_of[label] = kwargs["bits"]
-    for label, source, options in LOWERED_ROWS:
-        path = workdir / f"lowered_{len(paths)}.onnx"
-        onnx.save(lower(onnx.load(dict(paths)[source]), bits_of[source], options), path)
+                           speed=False, **QUBO, **kwargs)
         paths.append((label, path))
     for label, bits, block in ((NBITS_BASELINE, 4, 32), ("ORT MatMulNBitsQuantizer w2 block 128", 2, 128)):
         quantizer = MatMulNBitsQuantizer(onnx.load(paths[0][1]), algo_config=DefaultWeightOnlyQuantConfig(

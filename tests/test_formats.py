@@ -9,8 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from graphs import gemm_model, matmul_model, mlp_model
 from onnx_qubo import OptionError, quantize
+
+from graphs import gemm_model, matmul_model, mlp_model
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_DISABLE_ALL]

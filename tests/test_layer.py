@@ -78,8 +78,9 @@ def test_lowering_shapes_scales_as_dequantize_linear_reads_them(granularity, sca
     options = QuantizeOptions.parse(bits=4, granularity=granularity, block_size=4 if granularity == "block" else 0,
                                     solver="rtn", symmetric=False)
     work = prepare_layer(make_plan(options, [layer]).layers[0], statistics(x), None)
-    record = quantized_weight(work.finish(work.solve(Progress()), 0.0).quantized())
+    record, kernel = quantized_weight(work.finish(work.solve(Progress()), 0.0).quantized())
     assert record.weight.scale.shape == scale_shape and record.weight.attributes() == axis
     assert record.weight.zero_point is not None and record.weight.zero_point.shape == scale_shape
     assert record.weight.storage_type == TensorProto.UINT4 and record.form is layer.form
     assert record.weight.integers.min() >= 0 and record.weight.integers.max() <= 15
+    assert kernel.kernel == "DequantizeLinear" and kernel.fallback is None and record.fast is None
