@@ -142,7 +142,8 @@ def unflatten_weight(flat: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
 def iter_patches(x: np.ndarray, geometry: ConvGeometry, max_bytes: float = np.inf) -> Iterator[np.ndarray]:
     """The patches of ``x [B, C, *spatial]`` as float64 blocks ``[groups, rows, f]``, each at most
     ``max_bytes`` (by samples, then by ranges of the first output axis, at least one output
-    line per block); concatenated along axis 1 they are ``patches(x, geometry)``."""
+    line per block; besides a block, only the padded float64 copy of its samples is held);
+    concatenated along axis 1 they are ``patches(x, geometry)``."""
     if x.ndim != len(geometry.kernel) + 2 or x.shape[1] != geometry.in_channels:
         raise ValueError(f"input shape {x.shape} does not fit a Conv over {geometry.in_channels} channels "
                          f"and {len(geometry.kernel)} spatial axes")
@@ -170,18 +171,18 @@ def patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
 def _patch_block(padded: np.ndarray, geometry: ConvGeometry, out: tuple[int, ...], first: int,
                  stop: int) -> np.ndarray:
     """Patches of already padded samples for output lines ``first:stop`` of the first axis."""
-    b = len(padded)
+    b, d = len(padded), len(out)
     span = (stop - first,) + out[1:]
-    starts = (first,) + (0,) * (len(out) - 1)
-    taps = []  # one [b, C, *span] view per kernel offset, in the weight's row-major order
-    for offset in product(*(range(k) for k in geometry.kernel)):
+    starts = (first,) + (0,) * (d - 1)
+    c_group = geometry.in_channels // geometry.groups
+    offsets = list(product(*(range(k) for k in geometry.kernel)))  # the weight's row-major order
+    block = np.empty((geometry.groups, b, *span, c_group, len(offsets)))  # the only allocation
+    for t, offset in enumerate(offsets):
         index = tuple(slice(o * dil + s0 * s, o * dil + (s0 + n - 1) * s + 1, s)
                       for o, dil, s, s0, n in zip(offset, geometry.dilations, geometry.strides, starts, span))
-        taps.append(padded[(slice(None), slice(None)) + index])
-    stacked = np.stack(taps, axis=2)  # [b, C, K, *span]
-    c_group = geometry.in_channels // geometry.groups
-    grouped = stacked.reshape(b, geometry.groups, c_group, len(taps), -1)  # [b, g, C/g, K, P]
-    return grouped.transpose(1, 0, 4, 2, 3).reshape(geometry.groups, -1, geometry.features)
+        tap = padded[(slice(None), slice(None)) + index].reshape(b, geometry.groups, c_group, *span)
+        block[..., t] = np.moveaxis(tap, (1, 2), (0, -1))  # [groups, b, *span, C/g]
+    return block.reshape(geometry.groups, -1, geometry.features)
 
 
 @dataclass(frozen=True, eq=False)
