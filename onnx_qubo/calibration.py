@@ -1,9 +1,10 @@
 """Run calibration data through the model and stream each dense layer's input statistics.
 
 One onnxruntime session (graph optimizations off, so no fusion hides a tensor) exposes every
-layer input as an extra output. Per distinct input tensor we accumulate, in float64,
-``G = E[z z^T]`` with ``z = [x; 1]``: memory O(f^2) whatever the number of samples (the
-running sum of IST-DASLab/gptq's ``add_batch``).
+layer input as an extra output. Per input view (a tensor's last axis for the dense forms,
+shared by layers reading the same tensor; a Conv's im2col patches, patches.py) we accumulate,
+in float64, ``G = E[z z^T]`` with ``z = [x; 1]``: memory O(f^2) whatever the number of samples
+(the running sum of IST-DASLab/gptq's ``add_batch``).
 
 When the quantized layer will see other inputs ``x~`` than the float model's ``x`` (its input
 is quantized, or earlier layers are: ``--sequential``), z is built from x~, the target stays
@@ -13,8 +14,7 @@ in another form): ``E[z d^T]`` and ``E[d d^T]`` with ``d = x - x~``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 import onnx
@@ -22,80 +22,107 @@ import onnx
 from .data import Dataset
 from .errors import DataError
 from .grid import InputQuantizer
+from .patches import PatchGram
 from .progress import Progress
 from .runtime import NONE, make_session
-from .types import DenseLayer
+from .types import DenseLayer, InputStatistics
 
 
-@dataclass(frozen=True, eq=False)
-class InputStatistics:
-    """Second moments of one dense-layer input (f features), bias column appended."""
-
-    gram: np.ndarray  # [f+1, f+1] = E[z z^T], z = [x~; 1]
-    count: int  # number of input vectors (rows after flattening leading axes)
-    cross: np.ndarray | None = None  # [f+1, f] = E[z d^T], d = x - x~ (None: x~ = x)
-    drift: np.ndarray | None = None  # [f, f] = E[d d^T]
-
-    @property
-    def x_gram(self) -> np.ndarray:
-        """E[x~ x~^T], the block that weights the rounding error while the bias stays float."""
-        return self.gram[:-1, :-1]
-
-
-def stream_inputs(model: onnx.ModelProto, widths: Mapping[str, int], dataset: Dataset,
+def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset,
                   what: str) -> Iterator[dict[str, np.ndarray]]:
-    """Per batch of ``dataset``, each named tensor of ``model`` as [rows, f] float64."""
+    """Per batch of ``dataset``, each named tensor of ``model`` as onnxruntime gives it."""
+    names = list(dict.fromkeys(names))
     fed = set(dataset.batches[0])  # graph inputs: read from the feed, not captured
-    captured = [name for name in widths if name not in fed]
+    captured = [name for name in names if name not in fed]
     session = make_session(_expose(model, captured), NONE, f"{what} with layer inputs exposed")
     for batch in dataset.batches:
         outputs = dict(zip(captured, session.run(captured, batch) if captured else []))
         inputs = {}
-        for name, f in widths.items():
-            x = (batch[name] if name in batch else outputs[name]).reshape(-1, f)
+        for name in names:
+            x = batch[name] if name in batch else outputs[name]
             if not np.isfinite(x).all():
                 raise DataError(f"the input '{name}' of a dense layer holds NaN or Inf in {what} "
-                                     f"on the calibration data ({dataset.origin})")
-            inputs[name] = x.astype(np.float64)
+                                f"on the calibration data ({dataset.origin})")
+            inputs[name] = x
         yield inputs
+
+
+class Accumulator(Protocol):
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None: ...
+
+    def statistics(self) -> InputStatistics: ...
+
+
+class DenseGram:
+    """Running sums over a dense layer's input vectors (the last axis, f wide): ``sum z z^T``
+    and, when the layer sees other inputs than the float model's, ``sum z d^T``, ``sum d d^T``."""
+
+    def __init__(self, f: int, with_drift: bool):
+        self.f = f
+        self.zz = np.zeros((f + 1, f + 1))
+        self.zd = np.zeros((f + 1, f)) if with_drift else None
+        self.dd = np.zeros((f, f)) if with_drift else None
+        self.count = 0
+
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
+        x = x.reshape(-1, self.f).astype(np.float64)
+        x_seen = x if seen is None else seen.reshape(-1, self.f).astype(np.float64)
+        z = np.hstack([x_seen, np.ones((len(x), 1))])
+        self.zz += z.T @ z
+        if self.zd is not None and self.dd is not None:
+            d = x - x_seen
+            self.zd += z.T @ d
+            self.dd += d.T @ d
+        self.count += len(x)
+
+    def statistics(self) -> InputStatistics:
+        n = self.count
+        return InputStatistics(self.zz / n, n, None if self.zd is None else self.zd / n,
+                               None if self.dd is None else self.dd / n)
+
+
+class ConvGram:
+    """The same over a Conv's patches (patches.py), one group."""
+
+    def __init__(self, layer: DenseLayer, with_drift: bool):
+        assert layer.geometry is not None and layer.geometry.groups == 1
+        self.gram = PatchGram(layer.geometry, with_drift)
+
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
+        self.gram.update(x, seen)
+
+    def statistics(self) -> InputStatistics:
+        return self.gram.result().group(0)
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset,
                        progress: Progress, deployed: onnx.ModelProto | None = None,
                        quantizers: Mapping[str, InputQuantizer] | None = None) -> dict[str, InputStatistics]:
-    """Map each layer input tensor name to its statistics over ``dataset``.
+    """Map each layer's ``statistics_key`` to the statistics of its input vectors over ``dataset``.
 
     ``deployed``: a model computing the inputs the quantized layers will see (the float model
     with earlier layers quantized), run beside ``model`` on the same batches; ``quantizers``:
     input tensor name -> the quantization applied to that input in the deployed graph.
     """
-    widths = {layer.input_name: layer.shape[1] for layer in layers}
+    views = {layer.statistics_key: layer for layer in layers}
     quantizers = dict(quantizers or {})
-    mismatch = deployed is not None or bool(quantizers.keys() & widths.keys())
-    sums = {name: np.zeros((f + 1, f + 1)) for name, f in widths.items()}
-    cross = {name: np.zeros((f + 1, f)) for name, f in widths.items()} if mismatch else {}
-    drift = {name: np.zeros((f, f)) for name, f in widths.items()} if mismatch else {}
-    counts = dict.fromkeys(widths, 0)
-    streams = [stream_inputs(model, widths, dataset, "the float model")]
+    tensors = {layer.input_name for layer in layers}
+    mismatch = deployed is not None or bool(quantizers.keys() & tensors)
+    sums: dict[str, Accumulator] = {
+        key: DenseGram(layer.shape[1], mismatch) if layer.geometry is None else ConvGram(layer, mismatch)
+        for key, layer in views.items()}
+    streams = [stream_inputs(model, tensors, dataset, "the float model")]
     if deployed is not None:
-        streams.append(stream_inputs(deployed, widths, dataset, "the partly quantized model"))
+        streams.append(stream_inputs(deployed, tensors, dataset, "the partly quantized model"))
     with progress.bar(len(dataset.batches), "calibrating") as bar:
         for batches in zip(*streams):
             floats, seen = batches[0], batches[-1]
-            for name in widths:
-                x = floats[name]
+            for key, layer in views.items():
+                name = layer.input_name
                 x_seen = seen[name] if name not in quantizers else quantizers[name].fake_quantize(seen[name])
-                z = np.hstack([x_seen.astype(np.float64), np.ones((len(x), 1))])
-                sums[name] += z.T @ z
-                if mismatch:
-                    d = x - x_seen
-                    cross[name] += z.T @ d
-                    drift[name] += d.T @ d
-                counts[name] += len(x)
+                sums[key].update(floats[name], x_seen if mismatch else None)
             bar.update(1)
-    return {name: InputStatistics(sums[name] / counts[name], counts[name],
-                                  cross[name] / counts[name] if mismatch else None,
-                                  drift[name] / counts[name] if mismatch else None) for name in widths}
+    return {key: total.statistics() for key, total in sums.items()}
 
 
 def _expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

@@ -58,6 +58,8 @@ def choose_kernel(q: QuantizedLayer, weight: QuantizedTensor, bias: np.ndarray |
     name = q.layer.name
     if format == Format.QDQ:
         return None, KernelChoice(name, PORTABLE)
+    if not q.layer.form.fast_kernels:
+        return None, KernelChoice(name, PORTABLE, f"no faster onnxruntime kernel for a {q.layer.op_type} layer yet")
     if has_other_bias:
         return None, KernelChoice(name, PORTABLE, "its bias is not one value per output")
     scale, zero_point, block_size = np.asarray(weight.scale, np.float64), weight.zero_point, weight.block_size

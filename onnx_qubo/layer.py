@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 
 from .bounds import lower_bounds
-from .calibration import InputStatistics
 from .errors import OptionError
 from .grid import Granularity, GroupScales, InputQuantizer, Scheme
 from .options import BiasMode, ScaleMethod
@@ -26,7 +25,7 @@ from .qubo import LayerProblem, build_problem
 from .report import LayerReport
 from .scales import QUBO_CANDIDATES, candidate_scales, choose_scales, tensor_scales
 from .solvers import FastSolver, RoundToNearest
-from .types import DenseLayer, QuantizedBias, QuantizedLayer
+from .types import DenseLayer, InputStatistics, QuantizedBias, QuantizedLayer
 
 INT32_MAX = 2 ** 31 - 1
 

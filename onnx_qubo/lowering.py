@@ -86,5 +86,8 @@ def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
             other_bias = True
     fast, kernel = choose_kernel(q, weight, kernel_bias, other_bias, format, accuracy_level)
     replaced_bias = bias is not None or (fast is not None and kernel_bias is not None)
-    return QuantizedWeight(q.layer.weight_name, weight, q.layer.form, q.layer.input_rank, q.bias_shift,
+    shift = q.bias_shift
+    if shift is not None:  # one value per output channel, broadcast over the axes after it
+        shift = shift.reshape(-1, *[1] * q.layer.output_axes_after_channel)
+    return QuantizedWeight(q.layer.weight_name, weight, q.layer.form, q.layer.input_rank, shift,
                            q.layer.bias_name if replaced_bias else None, bias, activation, fast), kernel

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import InputStatistics
+from .types import InputStatistics
 
 AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
 CHUNK_BYTES = 64 * 2 ** 20  # patches held at once by PatchGram (float64)

@@ -20,7 +20,7 @@ import onnx
 
 from . import discovery, exchange
 from .activations import input_quantizers
-from .calibration import InputStatistics, collect_statistics
+from .calibration import collect_statistics
 from .data import Dataset
 from .errors import ModelError, OptionError
 from .grid import InputQuantizer
@@ -32,7 +32,7 @@ from .passes import FoldConstantWeights, run_passes
 from .plan import Plan, make_plan
 from .progress import Progress
 from .report import LayerReport
-from .types import DenseLayer, SkippedNode
+from .types import DenseLayer, InputStatistics, SkippedNode
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,7 +44,7 @@ class Calibrated:
     dataset: Dataset
     layers: list[DenseLayer]
     skipped: list[SkippedNode]
-    statistics: dict[str, InputStatistics]  # layer input tensor -> statistics
+    statistics: dict[str, InputStatistics]  # layer statistics_key -> statistics
     quantizers: dict[str, InputQuantizer]  # layer input tensor -> its quantizer (quantized inputs only)
 
 
@@ -93,12 +93,12 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iter
     frees each QUBO)."""
     deployed = None  # with ``sequential``: the model with the layers solved so far quantized
     for k, layer_plan in enumerate(plan.layers):
-        name = layer_plan.layer.input_name
-        statistics = calibrated.statistics[name]
+        key = layer_plan.layer.statistics_key
+        statistics = calibrated.statistics[key]
         if deployed is not None:
             statistics = collect_statistics(calibrated.model, [layer_plan.layer], calibrated.dataset, progress,
-                                            deployed, calibrated.quantizers)[name]
-        work = prepare_layer(layer_plan, statistics, calibrated.quantizers.get(name))
+                                            deployed, calibrated.quantizers)[key]
+        work = prepare_layer(layer_plan, statistics, calibrated.quantizers.get(layer_plan.layer.input_name))
         if plan.dump_dir is not None:
             exchange.write_problem(plan.dump_dir, layer_plan.stem, work.problem)
         start = time.perf_counter()

@@ -13,12 +13,14 @@ from .grid import GroupScales, InputQuantizer, Scheme
 if TYPE_CHECKING:
     from .forms.base import GraphIndex, Skip
     from .passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
+    from .patches import ConvGeometry
 
 
 class DenseForm(Protocol):
     """One graph pattern of a dense layer (forms/): how to find it and how to rewrite it."""
 
     op_type: str
+    fast_kernels: bool  # whether format ort may run it with onnxruntime's kernels (kernels.py)
 
     def match(self, node: onnx.NodeProto, name: str, index: "GraphIndex") -> "DenseLayer | Skip": ...
 
@@ -47,6 +49,18 @@ class DenseLayer:
     bias: np.ndarray | None = None  # [n_out], float64
     bias_name: str | None = None
     bias_in_node: bool = False  # the node itself adds a bias (Gemm's C), not a following Add
+    geometry: "ConvGeometry | None" = None  # a Conv's: its input vectors are patches (patches.py)
+
+    @property
+    def statistics_key(self) -> str:
+        """What its input statistics are stored under: dense layers reading one tensor share them;
+        a Conv's patches are its own."""
+        return self.input_name if self.geometry is None else f"{self.input_name}#patches:{self.name}"
+
+    @property
+    def output_axes_after_channel(self) -> int:
+        """Axes after the output channel: a per-channel vector added to the output is [n, 1...]."""
+        return 0 if self.geometry is None else len(self.geometry.kernel)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -56,6 +70,21 @@ class DenseLayer:
     @property
     def op_type(self) -> str:
         return self.form.op_type
+
+
+@dataclass(frozen=True, eq=False)
+class InputStatistics:
+    """Second moments of one dense-layer input (f features), bias column appended."""
+
+    gram: np.ndarray  # [f+1, f+1] = E[z z^T], z = [x~; 1]
+    count: int  # number of input vectors (rows after flattening leading axes)
+    cross: np.ndarray | None = None  # [f+1, f] = E[z d^T], d = x - x~ (None: x~ = x)
+    drift: np.ndarray | None = None  # [f, f] = E[d d^T]
+
+    @property
+    def x_gram(self) -> np.ndarray:
+        """E[x~ x~^T], the block that weights the rounding error while the bias stays float."""
+        return self.gram[:-1, :-1]
 
 
 @dataclass(frozen=True)

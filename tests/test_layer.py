@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from onnx_qubo.calibration import InputStatistics
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.grid import InputQuantizer
 from onnx_qubo.layer import prepare_layer
@@ -13,6 +12,7 @@ from onnx_qubo.lowering import quantized_weight
 from onnx_qubo.options import QuantizeOptions
 from onnx_qubo.plan import make_plan
 from onnx_qubo.progress import Progress
+from onnx_qubo.types import InputStatistics
 
 from graphs import gemm_model
 

@@ -301,14 +301,16 @@ def dq_conv_model(q: np.ndarray, storage: int, scale: np.ndarray, bias: np.ndarr
     nodes = [helper.make_node("DequantizeLinear", ["q", "scale"], ["w"], **dq_attrs),
              helper.make_node("Conv", ["x", "w", "bias"], ["y"], group=group, pads=[1, 1, 1, 1])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", len(q), *x_shape[1:]])], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", len(q), *x_shape[1:]])],
+                              inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     onnx.checker.check_model(model)
     return model
 
 
 STORAGE = [pytest.param(bits, storage, opset, id=f"INT{bits}-opset{opset}")
-           for bits, storage, opset in [(2, TensorProto.INT2, 25), (4, TensorProto.INT4, 21), (8, TensorProto.INT8, 13)]]
+           for bits, storage, opset in [(2, TensorProto.INT2, 25), (4, TensorProto.INT4, 21),
+                                        (8, TensorProto.INT8, 13)]]
 
 
 @pytest.mark.parametrize("bits,storage,opset", STORAGE)

@@ -4,10 +4,12 @@ To add a form: a module here with a class holding ``op_type``, ``match`` (node -
 or Skip with its reason) and ``lower`` (node + integers -> nodes), and one entry in ``FORMS``.
 """
 
+from ..types import DenseForm
 from .base import GraphIndex, Skip
+from .conv import ConvForm
 from .gemm import GemmForm
 from .matmul import MatMulForm
 
-FORMS = {form.op_type: form for form in (GemmForm(), MatMulForm())}  # op type -> its form
+FORMS: dict[str, DenseForm] = {form.op_type: form for form in (GemmForm(), MatMulForm(), ConvForm())}
 
-__all__ = ["FORMS", "GemmForm", "GraphIndex", "MatMulForm", "Skip"]
+__all__ = ["FORMS", "ConvForm", "GemmForm", "GraphIndex", "MatMulForm", "Skip"]

@@ -39,9 +39,9 @@ class GraphIndex:
                 self.consumers.setdefault(name, []).append(node)
         self.ranks = tensor_ranks(model)
 
-    def constant_weight(self, activation: str, weight: str) -> onnx.TensorProto | Skip:
+    def constant_weight(self, activation: str, weight: str, rank: int | None = 2) -> onnx.TensorProto | Skip:
         """The initializer ``weight`` when the node may be quantized through it: a FLOAT constant
-        that only this node reads and that no caller can override."""
+        that only this node reads and that no caller can override (of ``rank``, when given)."""
         if weight not in self.initializers:
             return Skip(f"weight '{weight}' is not a constant initializer")
         if activation in self.initializers:
@@ -54,7 +54,7 @@ class GraphIndex:
         if init.data_type not in SUPPORTED_WEIGHT_TYPES:
             type_name = onnx.TensorProto.DataType.Name(init.data_type)
             return Skip(f"weight '{weight}' is {type_name}; only FLOAT weights are supported")
-        if len(init.dims) != 2:
+        if rank is not None and len(init.dims) != rank:
             return Skip(f"weight '{weight}' has rank {len(init.dims)}; a dense layer needs a 2-D weight")
         return init
 

@@ -19,6 +19,7 @@ from .base import GraphIndex, Skip, attributes
 
 class GemmForm:
     op_type = "Gemm"
+    fast_kernels = True  # format ort: MatMulNBits / MatMulIntegerToFloat (kernels.py)
 
     def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
         attrs = attributes(node)

@@ -21,6 +21,7 @@ from .base import GraphIndex, Skip
 
 class MatMulForm:
     op_type = "MatMul"
+    fast_kernels = True  # format ort: MatMulNBits / MatMulIntegerToFloat (kernels.py)
 
     def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
         activation, weight_name = node.input[0], node.input[1]

@@ -1,0 +1,62 @@
+"""``Conv(x, W, B)`` with a constant weight ``W [M, C, k1..kd]`` (1-3 spatial axes, any strides,
+pads, dilations, auto_pad; one group): a dense layer over the im2col patches of its input.
+
+The weight maps to [n_out, f_in] = [M, C * k1..kd] (patches.py: channel, then kernel offsets
+row-major); calibration streams the patch Gram (one input vector per output position); the
+bias is ``B``. Lowered to ``DequantizeLinear`` on the [M, f] integers (any granularity, as for
+the dense forms) -> ``Reshape`` to the weight's shape -> ``Conv``: exact at every onnxruntime
+level (tests/test_conv.py). Grouped and depthwise Convs are skipped for now: each group has its
+own Gram matrix, which one layer problem cannot hold yet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
+from ..patches import ConvGeometry, flatten_weight
+from ..types import DenseLayer
+from .base import GraphIndex, Skip, attributes
+
+
+class ConvForm:
+    op_type = "Conv"
+    fast_kernels = False  # format ort: no faster onnxruntime kernel for a weight-only Conv
+
+    def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
+        activation, weight_name = node.input[0], node.input[1]
+        init = index.constant_weight(activation, weight_name, rank=None)
+        if isinstance(init, Skip):
+            return init
+        if not 3 <= len(init.dims) <= 5:
+            return Skip(f"weight '{weight_name}' has rank {len(init.dims)}; a Conv over 1-3 spatial axes has 3-5")
+        try:
+            geometry = ConvGeometry.from_attributes(attributes(node), tuple(init.dims))
+        except ValueError as exc:
+            return Skip(f"Conv attributes: {exc}")
+        if geometry.groups != 1:
+            return Skip(f"grouped Conv (group={geometry.groups}): each group has its own input statistics, "
+                        "not quantized yet")
+        weight = flatten_weight(numpy_helper.to_array(init).astype(np.float64), geometry)
+        bias_name = node.input[2] if len(node.input) > 2 else ""
+        bias = index.bias_vector(bias_name, geometry.out_channels)
+        return DenseLayer(name, self, f"Conv {'x'.join(map(str, geometry.kernel))}", activation,
+                          index.ranks.get(activation), weight_name, weight, 1.0, bias,
+                          bias_name if bias is not None else None, bias_in_node=bool(bias_name), geometry=geometry)
+
+    def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
+        nodes, deq = edit.dequantize(weight.name, weight.weight)
+        stored = next(init for init in edit.graph.initializer if init.name == weight.name)
+        shape = edit.constant(f"{weight.name}_shape", np.array(stored.dims, np.int64))
+        reshaped = edit.fresh(f"{weight.name}_reshaped")
+        nodes.append(helper.make_node("Reshape", [deq, shape], [reshaped], name=edit.fresh(f"{weight.name}_Reshape")))
+        qdq, activation = edit.quantize_activation(node.input[0], weight.activation)
+        conv = onnx.NodeProto()
+        conv.CopyFrom(node)
+        conv.input[0], conv.input[1] = activation, reshaped
+        if weight.bias is not None and weight.bias_name is not None:
+            bias_nodes, conv.input[2] = edit.dequantize(weight.bias_name, weight.bias)
+            nodes += bias_nodes
+        return Lowered(nodes + qdq + [conv])

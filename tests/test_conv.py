@@ -1,0 +1,101 @@
+"""Conv layers end to end: the cost the report states (the QUBO energy over the streamed patch
+Gram) equals the Conv's output error measured in onnxruntime (squared error summed over
+channels, averaged over every output position of every sample), for 1-3 spatial axes, strides,
+pads, dilations and every scheme; the written model is the same at onnxruntime's default and
+basic levels as with optimizations disabled."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_qubo import quantize
+from onnx_qubo.discovery import find_dense_layers
+
+LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          ort.GraphOptimizationLevel.ORT_DISABLE_ALL]
+
+
+def conv_model(spatial=(9, 8), channels=(3, 5), kernel=(3, 3), bias=True, second=False, seed=0, **attributes):
+    """x [B, C, *spatial] -> Conv (-> Relu -> Conv 1x1...) with random weights."""
+    rng = np.random.default_rng(seed)
+    c, m = channels
+    inits = [numpy_helper.from_array(rng.standard_normal((m, c, *kernel)).astype(np.float32) / 3, "W")]
+    inputs = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(m).astype(np.float32), "B"))
+        inputs.append("B")
+    nodes = [helper.make_node("Conv", inputs, ["h" if second else "y"], name="conv", **attributes)]
+    if second:
+        inits.append(numpy_helper.from_array(rng.standard_normal((4, m, *[1] * len(kernel))).astype(np.float32),
+                                             "W2"))
+        nodes += [helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Conv", ["r", "W2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", c, *spatial])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", *[None] * (1 + len(kernel))])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+MODELS = {
+    "2d-stride-pad": lambda: conv_model(strides=[2, 1], pads=[1, 0, 1, 2]),
+    "2d-dilation-same": lambda: conv_model(dilations=[2, 1], pads=[2, 1, 2, 1]),
+    "2d-auto-pad": lambda: conv_model(auto_pad="SAME_UPPER", strides=[2, 2]),
+    "1d": lambda: conv_model(spatial=(20,), kernel=(5,), strides=[3], pads=[2, 2]),
+    "3d": lambda: conv_model(spatial=(5, 6, 4), kernel=(3, 2, 2), pads=[1, 0, 1, 1, 1, 0], bias=False),
+}
+SCHEMES = {
+    "int2-channel": dict(bits=2),
+    "int4-block-asymmetric": dict(bits=4, granularity="block", block_size=4, symmetric=False),
+    "int3-tensor": dict(bits=3, granularity="tensor"),
+    "bias-quantize": dict(bits=4, bias="quantize"),
+    "inputs-uint8": dict(bits=4, activations="uint8"),
+}
+
+
+def run(model, x, level=LEVELS[0]):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].astype(np.float64)
+
+
+def measured_error(float_model, quantized, x):
+    y_float, y_quant = run(float_model, x), run(quantized, x)
+    return float(((y_quant - y_float) ** 2).sum(axis=1).mean())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_conv_cost_is_the_output_error_measured_in_onnxruntime(model_name, scheme, tmp_path):
+    model = MODELS[model_name]()
+    shape = [d.dim_value or 24 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    report = quantize(model, tmp_path / "q.onnx", calibration={"x": x}, batch_size=7, speed=False, **SCHEMES[scheme])
+    assert [layer.form for layer in report.layers] == [find_dense_layers(model)[0][0].label]
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert report.layers[0].cost_solved == pytest.approx(measured_error(model, quantized, x), rel=1e-3)
+    assert report.layers[0].cost_solved <= report.layers[0].cost_rtn * (1 + 1e-9)
+    reference = run(quantized, x, LEVELS[-1])
+    for level in LEVELS[:2]:
+        np.testing.assert_allclose(run(quantized, x, level), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_sequential_conv_layers_cost_is_the_whole_model_error(tmp_path):
+    model = conv_model(second=True, pads=[1, 1, 1, 1])
+    x = np.random.default_rng(2).standard_normal((24, 3, 9, 8)).astype(np.float32)
+    report = quantize(model, tmp_path / "q.onnx", bits=2, calibration={"x": x}, sequential=True,
+                      bias_correction=True, speed=False)
+    assert [layer.name for layer in report.layers] == ["conv", "conv2"]
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert report.layers[-1].cost_bias_corrected == pytest.approx(measured_error(model, quantized, x), rel=1e-3)
+
+
+def test_grouped_conv_is_skipped_with_its_reason():
+    model = conv_model(channels=(4, 6), group=2)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((6, 2, 3, 3), np.float32), "W"))
+    layers, skipped = find_dense_layers(model)
+    assert not layers and "grouped Conv (group=2)" in skipped[0].reason
