@@ -32,8 +32,8 @@ def conv_model(spatial=(9, 8), channels=(3, 5), kernel=(3, 3), bias=True, second
                                              "W2"))
         nodes += [helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Conv", ["r", "W2"], ["y"], name="conv2")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", c, *spatial])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", *[None] * (1 + len(kernel))])],
-                              inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                             ["B", *[None] * (1 + len(kernel))])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
