@@ -95,8 +95,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         skipped=result.skipped,
         evaluation=evaluate(reference_scores(float_model, eval_data, bar), quantized, bar, portable=result.reference),
         speed=measure_speed(float_model, quantized, eval_data) if speed else None,
-        input_bytes=float_model.ByteSize(), output_bytes=len(data),
-        seconds=time.perf_counter() - started, scheme=options.describe())
+        input_bytes=model.ByteSize() if isinstance(model, onnx.ModelProto) else Path(model).stat().st_size,
+        output_bytes=len(data),
+        seconds=time.perf_counter() - started, scheme=options.describe(), notes=result.notes)
     if report_path is not None:
         write_atomically(report_path, report.to_json().encode())
     return report

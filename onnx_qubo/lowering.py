@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .errors import RuntimeFailure
 from .grid import Granularity
 from .kernels import Format, KernelChoice, choose_kernel
 from .passes import (
@@ -23,6 +24,7 @@ from .passes import (
     QuantizedTensor,
     QuantizedWeight,
     RaiseOpset,
+    ReinferDeclaredShapes,
     run_passes,
 )
 from .passes.insert_dequantize import dequantized
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 class Rewritten:
     model: onnx.ModelProto
     kernels: list[KernelChoice]  # per layer, the kernel that runs it (and why not a faster one)
+    notes: list[str]  # what else was changed in the graph, and why
 
 
 def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: Format = Format.QDQ,
@@ -50,8 +53,18 @@ def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: For
                  onnx.TensorProto.DataType.Name(q.scheme.grid.storage[0]), kernel.kernel,
                  f" (not faster: {kernel.fallback})" if kernel.fallback else "")
     target_opset = max(q.scheme.opset for q in quantized)
-    passes: list[GraphPass] = [RaiseOpset(target_opset), InsertDequantize(weights), CheckModel()]
-    return Rewritten(run_passes(model, passes).model, kernels)
+    passes: list[GraphPass] = [RaiseOpset(target_opset), InsertDequantize(weights)]
+    rewritten = run_passes(model, passes).model
+    try:
+        return Rewritten(run_passes(rewritten, [CheckModel()]).model, kernels, [])
+    except RuntimeFailure as failure:
+        if not isinstance(failure.__cause__, onnx.shape_inference.InferenceError):
+            raise
+    checked = run_passes(rewritten, [ReinferDeclaredShapes(), CheckModel()]).model
+    note = ("the model's declared tensor shapes contradict shape inference at the raised opset (an exporter's "
+            "mistake): outputs now declare the inferred shapes")
+    log.info(note)
+    return Rewritten(checked, kernels, [note])
 
 
 def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,

@@ -63,6 +63,7 @@ class Quantized:
     layers: list[LayerReport]
     skipped: list[SkippedNode]
     reference: onnx.ModelProto
+    notes: list[str]
 
 
 def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: QuantizeOptions,
@@ -76,7 +77,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
     written = rewrite(model, integers, plan.format, plan.accuracy_level)
     portable = written.model if plan.format == Format.QDQ else rewrite(model, integers).model
     reports = [replace(s.report, kernel=k.kernel, kernel_fallback=k.fallback) for s, k in zip(solved, written.kernels)]
-    return Quantized(written.model, reports, calibrated.skipped, portable)
+    return Quantized(written.model, reports, calibrated.skipped, portable, written.notes)
 
 
 def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, exclude: Collection[str] = (),

@@ -6,6 +6,7 @@ from .check import CheckModel
 from .fold_weights import FoldConstantWeights
 from .insert_dequantize import ActivationQuantization, InsertDequantize, QuantizedTensor, QuantizedWeight
 from .opset import RaiseOpset
+from .shapes import ReinferDeclaredShapes
 
 __all__ = ["GraphPass", "PassResult", "run_passes", "CheckModel", "FoldConstantWeights", "InsertDequantize",
-           "QuantizedWeight", "QuantizedTensor", "ActivationQuantization", "RaiseOpset"]
+           "QuantizedWeight", "QuantizedTensor", "ActivationQuantization", "RaiseOpset", "ReinferDeclaredShapes"]

@@ -108,3 +108,20 @@ def test_layers_inside_subgraphs_and_recurrent_cells_are_listed_as_skipped():
                             ("cell", "GRU")}
     assert "inside the then_branch subgraph of If 'branch'" in reasons["branch/then_branch/inner", "MatMul"]
     assert "recurrent cell" in reasons["cell", "GRU"]
+
+
+def test_an_output_shape_the_exporter_declared_wrongly_is_reinferred_with_a_note(tmp_path):
+    """ddddocr's CRNN declares a rank-2 output that is rank 3; the full check of the rewritten
+    model then fails on shape inference: the outputs get the inferred shapes and the report says so."""
+    model = constant_weights()
+    del model.graph.output[0].type.tensor_type.shape.dim[:]
+    for dim in (1, "B", 5):  # rank 3, the real output is rank 2
+        model.graph.output[0].type.tensor_type.shape.dim.add().CopyFrom(
+            helper.make_tensor_type_proto(TensorProto.FLOAT, [dim]).tensor_type.shape.dim[0])
+    x = RNG.standard_normal((32, 6)).astype(np.float32)
+    report = quantize(model, tmp_path / "q.onnx", bits=4, calibration={"x": x}, speed=False)
+    assert any("declared tensor shapes contradict shape inference" in note for note in report.notes)
+    written = onnx.load(tmp_path / "q.onnx")
+    onnx.checker.check_model(written, full_check=True)
+    dims = written.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["B", 5]
