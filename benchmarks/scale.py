@@ -177,7 +177,7 @@ def part_fit(widths: list[int], samples: int, bits: int) -> None:
 
 def part_workers(width: int, samples: int, bits: int, workers: int) -> None:
     """Solve time of one layer on 1 and on ``workers`` local processes (the same rounding)."""
-    from onnx_qubo.workers import solve_layer_chunks
+    from onnx_qubo.workers import solve_layer
 
     from onnx_qubo.grid import Scheme
     from onnx_qubo.qubo import build_problem
@@ -192,7 +192,7 @@ def part_workers(width: int, samples: int, bits: int, workers: int) -> None:
     results = {}
     for count in (1, workers):
         start = time.perf_counter()
-        results[count] = solve_layer_chunks(problem, "fast", {}, 0, workers=count)
+        results[count] = solve_layer(problem, "fast", 0, workers=count)
         print(f"| {count} | {time.perf_counter() - start:.1f} |", flush=True)
     print(f"identical: {np.array_equal(results[1], results[workers])}; load after: {os.getloadavg()}")
 
