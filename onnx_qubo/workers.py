@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from multiprocessing import get_context
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -127,7 +128,7 @@ def _run_task(task: SolveTask, threads: int) -> np.ndarray:
 def _limit_threads(threads: int) -> None:
     """Worker start: cap BLAS threads (the environment already did, unless BLAS was loaded)."""
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped,import-not-found,unused-ignore]
     except ImportError:
         return
     threadpool_limits(threads)
@@ -158,7 +159,7 @@ def _connect_ray(address: str) -> Any:
     try:
         ray.init(address=None if address == "local" else address, logging_level="ERROR",
                  log_to_driver=False, include_dashboard=False, configure_logging=False)
-    except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError...
+    except Exception as error:  # noqa: BLE001 (Ray raises ConnectionError, RuntimeError, ValueError...)
         raise RuntimeFailure(f"cannot start Ray at '{address}': {error}") from None
     return ray
 

@@ -58,7 +58,7 @@ def test_fast_result_does_not_depend_on_threads():
 def test_wide_layer_blocks_and_inverse_give_the_same_bits():
     """Descent blocks of a few rows, and the blocked triangular inverse past its leaf size."""
     problem = layer(48, 300)
-    import onnx_qubo.solvers.fast as fast
+    from onnx_qubo.solvers import fast
 
     lower = np.linalg.cholesky(problem.gram[::-1, ::-1] + np.eye(300))
     assert np.allclose(fast.lower_inverse(lower, leaf=64) @ lower, np.eye(300), atol=1e-9)
