@@ -22,7 +22,12 @@ WORK = 1 << 32  # multiply-adds spent per layer; iterations = WORK / (n m^2), wi
 
 
 def lower_bounds(problem: LayerProblem, chunk_bytes: int = 256 << 20) -> np.ndarray:
-    """Per-neuron lower bound [n] on the minimal energy (same units as ``neuron_energies``)."""
+    """Per-neuron lower bound [n] on the minimal energy (same units as ``neuron_energies``).
+
+    Cost: ``iterations + 1`` float64 products of the [n, m] iterate with G (at least 4, i.e.
+    about twice the cost of reporting the solved and round-to-nearest energies) plus 50
+    matrix-vector products; on wide real layers it certifies little (see the module note), so
+    callers should make it opt-in."""
     n, m = problem.shape
     gram = problem.gram
     iterations = int(np.clip(WORK // max(n * m * m, 1), 3, 200))

@@ -19,6 +19,9 @@ SCALE_METHODS = ("mse", "minmax", "qubo")
 COARSE_RATIOS = np.linspace(0.05, 1.0, 10)
 FINE_STEPS = np.array([-0.06, -0.04, -0.02, 0.02, 0.04, 0.06])
 QUBO_CANDIDATES = 4  # ratios per group that ``--scale qubo`` solves
+EXACT_WORK = 1 << 35  # multiply-adds of exact costs for all candidates, above which a sketch ranks them
+SKETCH_RANK = 256  # rank of the sketch of G
+CONFIRMED = 3  # candidates per group that the sketch shortlists for their exact cost
 
 
 def choose_scales(method: str, weight: np.ndarray, scheme: Scheme, gram: np.ndarray,
@@ -39,17 +42,32 @@ def candidate_scales(weight: np.ndarray, scheme: Scheme, gram: np.ndarray, cross
                      count: int) -> list[GroupScales]:
     """The ``count`` best scale sets by round-to-nearest cost (the k-th holds every group's
     k-th best ratio): a coarse common grid of 10 ratios, then 6 finer ones around each
-    group's best."""
+    group's best.
+
+    Each candidate's exact cost is an O(n f^2) product with the Gram matrix. Past
+    ``EXACT_WORK`` multiply-adds for all candidates (row or tensor scales on wide layers), the
+    search ranks candidates on a sketch of G instead (``_SketchCosts``: O(n f k) each) and
+    ranks the ``CONFIRMED`` best of each group again by their exact cost: that many exact
+    products instead of 16."""
     ranges = GroupRanges(weight, scheme)
-    costs = _RtnCosts(weight, ranges, gram, cross)
+    exact = _RtnCosts(weight, ranges, gram, cross)
+    n, f = weight.shape
+    candidates = len(COARSE_RATIOS) + len(FINE_STEPS)
+    sketched = ranges.width == f and candidates * n * f * f > EXACT_WORK
+    costs = _SketchCosts(exact, SKETCH_RANK) if sketched else exact
     shape = ranges.shape
     coarse = np.broadcast_to(COARSE_RATIOS[:, None, None], (len(COARSE_RATIOS), *shape))
     coarse_costs = costs.of(coarse)
     best = np.take_along_axis(coarse, coarse_costs.argmin(axis=0)[None], axis=0)[0]
     fine = np.clip(best[None] + FINE_STEPS[:, None, None], 0.01, 1.0)
     ratios = np.concatenate([coarse, fine])
-    order = np.argsort(np.concatenate([coarse_costs, costs.of(fine)]), axis=0, kind="stable")[:count]
-    return [ranges.scales(r) for r in np.take_along_axis(ratios, order, axis=0)]
+    order = np.argsort(np.concatenate([coarse_costs, costs.of(fine)]), axis=0, kind="stable")
+    if sketched:  # the sketch's best few, ranked by their exact cost
+        order = order[:max(CONFIRMED, count)]
+        shortlist = np.take_along_axis(ratios, order, axis=0)
+        order = np.argsort(exact.of(shortlist), axis=0, kind="stable")
+        ratios = shortlist
+    return [ranges.scales(r) for r in np.take_along_axis(ratios, order[:count], axis=0)]
 
 
 class GroupRanges:
@@ -105,12 +123,26 @@ class _RtnCosts:
         """Costs [m, n, g] for ratios [m, n, g]; a tensor-wide group gets the layer's total."""
         return np.stack([self._costs(r) for r in ratios])
 
-    def _costs(self, ratio: np.ndarray) -> np.ndarray:
+    def deltas(self, ratio: np.ndarray) -> np.ndarray:
+        """Weight errors [n, f] of round-to-nearest with the scales of ``ratio`` [n, g]."""
         scales = self.ranges.scales(ratio)
-        n, f = self.weight.shape
+        f = self.weight.shape[1]
+        grid = self.ranges.grid
         step = scales.per_column(scales.scale, f).astype(np.float32)
-        scaled = self.weight / step + scales.per_column(scales.zero_point, f)
-        delta = step * (scaled - self.ranges.grid.round_nearest(scaled))
+        scaled = self.weight / step
+        if scales.zero_point.any():
+            scaled += scales.per_column(scales.zero_point, f)
+        # grid.round_nearest, in place: these [n, f] passes are most of a candidate's time
+        nearest = np.add(scaled, 0.5)
+        np.floor(nearest, out=nearest)
+        np.clip(nearest, grid.qmin, grid.qmax, out=nearest)
+        np.subtract(scaled, nearest, out=scaled)
+        scaled *= step
+        return scaled
+
+    def _costs(self, ratio: np.ndarray) -> np.ndarray:
+        delta = self.deltas(ratio)
+        f = self.weight.shape[1]
         width = self.ranges.width
         costs = np.empty(ratio.shape)
         for b in range(ratio.shape[1]):
@@ -122,3 +154,45 @@ class _RtnCosts:
         if self.ranges.tensor:  # one ratio for the layer: rank it by the layer's total
             costs[:] = costs.sum()
         return costs
+
+
+class _SketchCosts:
+    """Approximate round-to-nearest costs on a sketch of G: ``G ~ F F^T + diag(rest)``, F [f, k]
+    spanning G's dominant range (a randomized range finder with one power iteration, seeded:
+    the same layer gets the same sketch), ``rest`` the diagonal F misses. A candidate costs
+    ``|d F|^2 + rest . d^2 + 2 d . cross``: O(n f k) instead of O(n f^2). The cross term is exact."""
+
+    def __init__(self, exact: _RtnCosts, rank: int):
+        self.exact = exact
+        gram = exact.gram
+        f = len(gram)
+        k = min(rank, f)
+        probe = np.random.default_rng(0).standard_normal((f, k)).astype(np.float32)
+        basis = _orthonormal(gram @ _orthonormal(gram @ probe))
+        values, vectors = np.linalg.eigh((basis.T @ gram @ basis).astype(np.float64))
+        self.factor = (basis @ vectors.astype(np.float32)) * np.sqrt(np.maximum(values, 0.0)).astype(np.float32)
+        self.rest = np.maximum(np.diag(gram) - np.einsum("fk,fk->f", self.factor, self.factor), 0.0)
+
+    def of(self, ratios: np.ndarray) -> np.ndarray:
+        """Costs [m, n, 1] for ratios [m, n, 1] (row or tensor scales)."""
+        return np.stack([self._costs(r) for r in ratios])
+
+    def _costs(self, ratio: np.ndarray) -> np.ndarray:
+        exact = self.exact
+        d = exact.deltas(ratio)
+        low = d @ self.factor
+        costs = np.einsum("ik,ik->i", low, low) + (d * d) @ self.rest
+        if exact.cross is not None:
+            costs += 2.0 * np.einsum("if,if->i", d, exact.cross)
+        costs = costs[:, None].astype(np.float64)
+        if exact.ranges.tensor:
+            costs[:] = costs.sum()
+        return costs
+
+
+def _orthonormal(y: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the columns of y [f, k] (from the eigenvectors of y^T y: k^3
+    work instead of a QR's f k^2 Householder steps; columns of negligible weight dropped)."""
+    values, vectors = np.linalg.eigh((y.T @ y).astype(np.float64))
+    keep = values > values.max() * 1e-6
+    return y @ (vectors[:, keep] / np.sqrt(values[keep])).astype(y.dtype)

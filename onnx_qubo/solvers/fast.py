@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -33,18 +34,22 @@ from ..qubo import LayerProblem
 TOLERANCE = 1e-12  # relative to the neuron's energy scale: smaller gains are noise
 MIN_TABU_STEPS = 16  # a shorter tabu round cannot climb out of a minimum: skip the stage
 MIN_ROWS_PER_WORKER = 32  # below this, a thread's overhead outweighs its share of the work
+CHUNK_SPLIT = 2  # a layer is cut in (at least) 2 chunks, whatever the machine: results do not depend on it
 REPLICA_ELEMENTS, MAX_REPLICAS = 1 << 14, 8  # layers under 2^14 weights are searched in replicas
 KICK_FLIPS = 8  # a restart flips a fifth of a neuron's free weights, but about 8 at most
+DESCENT_ELEMENTS = 1 << 16  # variables per descent block: a step's float64 arrays fit in a core's L2 cache
 
 
 class FastSolver:
     """Batched start + descent + tabu; deterministic for a given ``seed`` (tabu tenures).
 
-    Neurons are solved in chunks (at most ``chunk_bytes`` of working memory each, and at least
-    one chunk per worker thread once there are ``MIN_ROWS_PER_WORKER`` neurons per worker), in
-    parallel threads: numpy releases the GIL in its array loops, so the element-wise work of
-    the descent and the tabu search uses every core, not only the BLAS calls. Chunk k draws
-    its random numbers from ``default_rng([seed, k])``, so results do not depend on timing.
+    Neurons are solved in chunks (at most ``chunk_bytes`` of working memory each, and
+    ``CHUNK_SPLIT`` chunks once there are ``MIN_ROWS_PER_WORKER`` neurons per chunk), in
+    ``workers`` parallel threads: numpy releases the GIL in its array loops, so the element-wise
+    work of the descent and the tabu search uses every core, not only the BLAS calls. Chunk k
+    draws its random numbers from ``default_rng([seed, k])`` and the chunks do not depend on
+    ``workers``, so results depend on neither timing nor the machine; ``split`` and
+    ``solve_part`` solve runs of chunks apart (onnx_qubo/workers.py) with the same result.
     ``pair_candidates`` is how many of each neuron's best single flips are paired. A tabu round
     lasts ``tabu_work / (neurons * inputs)`` steps (at most 1024), so small layers search long
     and wide ones stay fast; a layer too wide for 16 steps skips the tabu stage.
@@ -64,45 +69,88 @@ class FastSolver:
         self.tabu_patience = tabu_patience
         self.workers = workers or os.cpu_count() or 1
 
-    def solve(self, problem: LayerProblem, seed: int = 0, progress: Progress = Progress()) -> np.ndarray:
-        n, f = problem.shape
-        gram = problem.gram
-        upper = feedback_factor(gram)
-        step, frac, free, cross = (np.broadcast_to(problem.step, (n, f)), problem.rounding.frac,
-                                   problem.rounding.free, problem.cross)
+    def plan(self, n: int, f: int) -> FastPlan:
+        """How a layer of n neurons with f variables is searched: replicas, tabu round length,
+        and its chunks of (replicated) rows."""
         # Small layers cost numpy's per-call overhead, not arithmetic: search each neuron from
         # several replicas at once (their random tenures and kicks differ), keep the best.
-        replicas = int(np.clip(REPLICA_ELEMENTS // (n * f), 1, MAX_REPLICAS))
-        tabu_steps = min(1024, self.tabu_work // (n * replicas * f))
+        replicas = int(np.clip(REPLICA_ELEMENTS // max(n * f, 1), 1, MAX_REPLICAS))
+        tabu_steps = min(1024, self.tabu_work // max(n * replicas * f, 1))
+        rows = n * replicas
+        by_memory = max(1, int(self.chunk_bytes // (8 * f * 8)))
+        size = min(by_memory, max(MIN_ROWS_PER_WORKER, -(-rows // CHUNK_SPLIT)))
+        return FastPlan(replicas, tabu_steps, tuple(slice(start, min(start + size, rows))
+                                                    for start in range(0, rows, size)))
+
+    def solve(self, problem: LayerProblem, seed: int = 0, progress: Progress = Progress()) -> np.ndarray:
+        return self.solve_part(problem, seed, problem.shape[0], 0, progress)
+
+    def solve_part(self, part: LayerProblem, seed: int, layer_rows: int, first_chunk: int,
+                   progress: Progress = Progress(), upper: np.ndarray | None = None) -> np.ndarray:
+        """Solve the neurons of consecutive chunks ``first_chunk, ...`` of ``plan(layer_rows, f)``:
+        ``part`` holds exactly their rows (the whole layer when first_chunk is 0 and part has
+        ``layer_rows`` rows). Gives those rows' choice, the same bits as solving the whole layer.
+        ``upper``: ``feedback_factor(part.gram)`` when the caller has it already."""
+        n, f = part.shape
+        gram = part.gram
+        plan = self.plan(layer_rows, f)
+        replicas = plan.replicas
+        if replicas > 1 and (first_chunk or n != layer_rows):
+            raise ValueError("a layer searched in replicas is solved whole")
+        upper = feedback_factor(gram) if upper is None else upper
+        step, frac, free, cross = (np.broadcast_to(part.step, (n, f)), part.rounding.frac,
+                                   part.rounding.free, part.cross)
         if replicas > 1:
             step, frac, free, cross = (np.repeat(a, replicas, axis=0) for a in (step, frac, free, cross))
-        chunks = self._chunks(n * replicas, f)
+        origin = plan.chunks[first_chunk].start
+        chunks = []
+        for k in range(first_chunk, len(plan.chunks)):
+            if plan.chunks[k].start - origin >= n * replicas:
+                break
+            chunks.append((k, slice(plan.chunks[k].start - origin, plan.chunks[k].stop - origin)))
+        if chunks[-1][1].stop != n * replicas:
+            raise ValueError(f"rows {origin}..{origin + n} of the layer do not end on a chunk boundary")
         choice = np.zeros((n * replicas, f), dtype=bool)
 
-        def solve_chunk(k: int) -> None:
-            rows = chunks[k]
+        def solve_chunk(index: int) -> None:
+            k, rows = chunks[index]
             terms = _Terms(gram, step[rows], frac[rows], free[rows], cross[rows])
-            state = _State(terms, best_start(terms, upper))
+            state = best_start(terms, upper)
             state.descend(self.pair_candidates)
-            if tabu_steps >= MIN_TABU_STEPS:
+            if plan.tabu_steps >= MIN_TABU_STEPS:
                 rng = np.random.default_rng([seed, k])
-                state.reset(tabu_search(state, tabu_steps, self.tabu_rounds, rng, self.tabu_patience))
+                state.reset(tabu_search(state, plan.tabu_steps, self.tabu_rounds, rng, self.tabu_patience))
                 state.descend(self.pair_candidates)
             choice[rows] = state.v
 
         with progress.bar(n, "fast") as bar, ThreadPoolExecutor(self.workers) as pool:
-            for k, _ in enumerate(pool.map(solve_chunk, range(len(chunks)))):
-                bar.update((chunks[k].stop - chunks[k].start) // replicas)
+            for index, _ in enumerate(pool.map(solve_chunk, range(len(chunks)))):
+                rows = chunks[index][1]
+                bar.update((rows.stop - rows.start) // replicas)
         if replicas == 1:
             return choice
         best = _Terms(gram, step, frac, free, cross).energies(choice).reshape(n, replicas).argmin(axis=1)
         return choice.reshape(n, replicas, f)[np.arange(n), best]
 
-    def _chunks(self, n: int, f: int) -> list[slice]:
-        by_memory = max(1, int(self.chunk_bytes // (8 * f * 8)))
-        by_workers = max(MIN_ROWS_PER_WORKER, -(-n // self.workers))
-        size = min(by_memory, by_workers)
-        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+    def split(self, n: int, f: int, parts: int) -> list[tuple[slice, int]]:
+        """Up to ``parts`` runs of whole chunks covering a layer's n neurons, as (neuron rows,
+        first chunk) for ``solve_part``; one run when the layer is searched in replicas."""
+        plan = self.plan(n, f)
+        if plan.replicas > 1:
+            return [(slice(0, n), 0)]
+        bounds = np.linspace(0, len(plan.chunks), min(parts, len(plan.chunks)) + 1).round().astype(int)
+        return [(slice(plan.chunks[a].start, plan.chunks[b - 1].stop), int(a)) for a, b in pairwise(bounds)]
+
+
+@dataclass(frozen=True)
+class FastPlan:
+    """A layer's search: neurons searched ``replicas`` times each, tabu rounds of ``tabu_steps``
+    (none under MIN_TABU_STEPS), and chunks of replicated rows; chunk k draws its random
+    numbers from ``default_rng([seed, k])``."""
+
+    replicas: int
+    tabu_steps: int
+    chunks: tuple[slice, ...]
 
 
 def feedback_factor(gram: np.ndarray) -> np.ndarray:
@@ -116,7 +164,22 @@ def feedback_factor(gram: np.ndarray) -> np.ndarray:
     damp = 0.01 * np.mean(np.diag(gram))
     h = gram + (damp if damp > 0 else 1.0) * np.eye(f)
     lower = np.linalg.cholesky(h[::-1, ::-1])
-    return np.linalg.inv(lower)[::-1, ::-1].copy()
+    return lower_inverse(lower)[::-1, ::-1].copy()
+
+
+def lower_inverse(lower: np.ndarray, leaf: int = 1024) -> np.ndarray:
+    """Inverse of a lower triangular matrix: LAPACK's general inverse up to ``leaf`` rows, above
+    by halves, ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``: about f^3 / 3
+    multiply-adds in matrix products instead of the general inverse's 2 f^3."""
+    f = len(lower)
+    if f <= leaf:
+        return np.linalg.inv(lower)
+    h = f // 2
+    top, bottom = lower_inverse(lower[:h, :h], leaf), lower_inverse(lower[h:, h:], leaf)
+    out = np.zeros_like(lower)
+    out[:h, :h], out[h:, h:] = top, bottom
+    out[h:, :h] = -(bottom @ (lower[h:, :h] @ top))
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,7 +192,7 @@ class _Terms:
     free: np.ndarray
     cross: np.ndarray
 
-    def rows(self, rows) -> "_Terms":
+    def rows(self, rows) -> _Terms:
         return _Terms(self.gram, self.step[rows], self.frac[rows], self.free[rows], self.cross[rows])
 
     def energies(self, v: np.ndarray) -> np.ndarray:
@@ -161,55 +224,74 @@ def sequential_start(terms: _Terms, upper: np.ndarray, block: int = 128) -> np.n
     return v
 
 
-def best_start(terms: _Terms, upper: np.ndarray) -> np.ndarray:
-    """Per neuron, the better of sequential rounding and round-to-nearest."""
-    nearest = terms.free & (terms.frac >= 0.5)
-    sequential = sequential_start(terms, upper)
-    better = terms.energies(sequential) < terms.energies(nearest)
-    return np.where(better[:, None], sequential, nearest)
+def best_start(terms: _Terms, upper: np.ndarray) -> _State:
+    """Per neuron, the better of sequential rounding and round-to-nearest, as a search state
+    (which reuses the two ``e G`` products of the comparison)."""
+    starts = [sequential_start(terms, upper), terms.free & (terms.frac >= 0.5)]
+    errors = [terms.step * (terms.frac - v) for v in starts]
+    products = [e @ terms.gram for e in errors]
+    sequential, nearest = (np.einsum("if,if->i", p + 2.0 * terms.cross, e) for p, e in zip(products, errors))
+    better = (sequential < nearest)[:, None]
+    return _State(terms, np.where(better, *starts), np.where(better, *products))
 
 
 class _State:
     """Current choice of a chunk of neurons, as signs ``d = 1 - 2 v`` (the direction of each
     variable's next flip), with the residual ``r = G e + c`` and the energies."""
 
-    def __init__(self, terms: _Terms, v: np.ndarray):
+    ARRAYS = ("step", "free", "flip_cost", "half_cost", "sign", "signed_step", "r", "energy", "scale")
+
+    def __init__(self, terms: _Terms, v: np.ndarray, product: np.ndarray | None = None):
         self.terms = terms
         self.gram, self.step, self.free = terms.gram, terms.step, terms.free
-        self.diag = np.diag(self.gram)
-        self.flip_cost = self.step ** 2 * self.diag  # p_j^2 G_jj
+        self.flip_cost = self.step ** 2 * np.diag(self.gram)  # p_j^2 G_jj
         # gain = 2 (half_cost - sign * p * r): half_cost is +inf where the variable is fixed
         self.half_cost = np.where(self.free, 0.5 * self.flip_cost, np.inf)
-        self.reset(v)
+        self.reset(v, product)
         self.scale = (np.abs(self.energy) + self.flip_cost.max(axis=1, initial=0.0)) * TOLERANCE + 1e-300
 
     @property
     def v(self) -> np.ndarray:
         return self.sign < 0
 
-    def reset(self, v: np.ndarray) -> None:
+    def reset(self, v: np.ndarray, product: np.ndarray | None = None) -> None:
+        """Move to choice v (``product``: its ``e G`` when already computed)."""
         self.sign = 1.0 - 2.0 * v
+        self.signed_step = self.sign * self.step  # d p, kept beside sign: one pass less per gain
         e = self.step * (self.terms.frac - v)
-        self.r = e @ self.gram + self.terms.cross
+        self.r = (e @ self.gram if product is None else product) + self.terms.cross
         self.energy = np.einsum("if,if->i", self.r + self.terms.cross, e)
+
+    def block(self, rows: slice) -> _State:
+        """The state of a contiguous run of neurons, as views: moves on it update this state."""
+        part = object.__new__(_State)
+        part.terms, part.gram = self.terms.rows(rows), self.gram
+        for name in self.ARRAYS:
+            setattr(part, name, getattr(self, name)[rows])
+        return part
 
     def gains(self, rows=slice(None)) -> np.ndarray:
         """Energy change of flipping each variable of the given neurons (+inf where not free)."""
-        gain = self.sign[rows] * self.step[rows]
-        gain *= self.r[rows]
-        np.subtract(self.half_cost[rows], gain, out=gain)
+        gain = self.half_gains(rows)
         gain *= 2.0
+        return gain
+
+    def half_gains(self, rows=slice(None)) -> np.ndarray:
+        """Half the gains (exactly: doubling is exact, so minima and signs are the same)."""
+        gain = self.signed_step[rows] * self.r[rows]
+        np.subtract(self.half_cost[rows], gain, out=gain)
         return gain
 
     def gain_of(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Energy change of flipping variable cols[k] of neuron rows[k]."""
-        return self.flip_cost[rows, cols] - 2.0 * self.sign[rows, cols] * self.step[rows, cols] * self.r[rows, cols]
+        return self.flip_cost[rows, cols] - 2.0 * self.signed_step[rows, cols] * self.r[rows, cols]
 
     def flip(self, rows: np.ndarray, cols: np.ndarray, gain: np.ndarray) -> None:
-        d = self.sign[rows, cols]
-        self.sign[rows, cols] = -d
+        d_step = self.signed_step[rows, cols]
+        self.sign[rows, cols] *= -1.0
+        self.signed_step[rows, cols] = -d_step
         update = self.gram[cols]
-        update *= (d * self.step[rows, cols])[:, None]
+        update *= d_step[:, None]
         if len(rows) == len(self.r):  # every neuron moves (rows is then 0..n-1): no gather
             self.r -= update
         else:
@@ -217,18 +299,28 @@ class _State:
         self.energy[rows] += gain
 
     def descend(self, pair_candidates: int) -> None:
-        """Best single flip per neuron until none improves, then its best pair; until stuck."""
+        """Best single flip per neuron until none improves, then its best pair; until stuck.
+
+        Neurons descend independently, so they go in blocks of about ``DESCENT_ELEMENTS``
+        variables: a step's arrays then stay in the core's cache (several times faster per
+        element than streaming a whole chunk from memory), and a block stops with its last
+        neuron. The moves, and so the result, are those of the whole chunk at once."""
+        size = max(1, DESCENT_ELEMENTS // max(self.sign.shape[1], 1))
+        for start in range(0, len(self.sign), size):
+            self.block(slice(start, start + size))._descend_block(pair_candidates)
+
+    def _descend_block(self, pair_candidates: int) -> None:
         active = np.ones(len(self.sign), dtype=bool)
         while active.any():
             rows = np.flatnonzero(active)
-            gain = self.gains(slice(None) if active.all() else rows)
-            cols = np.argmin(gain, axis=1)
-            best = gain[np.arange(len(rows)), cols]
+            half = self.half_gains(slice(None) if active.all() else rows)
+            cols = np.argmin(half, axis=1)
+            best = 2.0 * half[np.arange(len(rows)), cols]
             improving = best < -self.scale[rows]
             self.flip(rows[improving], cols[improving], best[improving])
             stuck = rows[~improving]
             if len(stuck):
-                moved = self._pair_step(stuck, gain[~improving], pair_candidates)
+                moved = self._pair_step(stuck, 2.0 * half[~improving], pair_candidates)
                 active[stuck[~moved]] = False
 
     def _pair_step(self, rows, gain, k) -> np.ndarray:
@@ -238,7 +330,7 @@ class _State:
             return np.zeros(len(rows), dtype=bool)
         cand = np.argpartition(gain, k - 1, axis=1)[:, :k]
         g = np.take_along_axis(gain, cand, axis=1)
-        d = np.take_along_axis(self.sign[rows] * self.step[rows], cand, axis=1)
+        d = np.take_along_axis(self.signed_step[rows], cand, axis=1)
         pair = g[:, :, None] + g[:, None, :] + 2.0 * d[:, :, None] * d[:, None, :] * \
             self.gram[cand[:, :, None], cand[:, None, :]]
         pair[:, np.arange(k), np.arange(k)] = np.inf

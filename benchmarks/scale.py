@@ -1,0 +1,226 @@
+"""How onnx-qubo scales with layer width: one big layer end to end, and per-stage cost fits.
+
+    python benchmarks/scale.py run                  # one Gemm 4096x4096, 1,536 samples, bits 2 and 4
+    python benchmarks/scale.py run --width 2048 --bits 2
+    python benchmarks/scale.py fit                  # one layer at f = 256..4096: log-log slopes per stage
+    python benchmarks/scale.py workers              # the fast solve on 1 vs 2 local worker processes
+
+``run`` writes a Gemm model (seeded random weights) and correlated calibration inputs
+``x = z @ L`` (z standard normal, L a random mixing: the Gram matrix is far from the identity)
+to a temporary folder, then runs ``onnx_qubo.quantize`` with default flags in a fresh process
+per configuration under cProfile: wall time, the time inside each stage (cumulative, main
+thread) and the process's peak resident memory.
+
+``fit`` times the stages of one layer directly (no ONNX) for n = f in a range of widths and
+fits ``time ~ f^k`` between consecutive widths and over the whole range: a stage whose work is
+O(n f^2) = O(f^3) shows k near 3, one that is O(n f) near 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import platform
+import pstats
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# (label, file suffix, function name): cumulative main-thread time in each. Matched on the
+# function name and the tail of its file, so the stages are found wherever the pipeline calls them.
+STAGES = [
+    ("calibration", "calibration.py", "collect_statistics"),
+    ("scale search", "scales.py", "choose_scales"),
+    ("build QUBO", "qubo.py", "build_problem"),
+    ("fast solve", "fast.py", "solve"),
+    ("lower bound", "bounds.py", "lower_bounds"),
+    ("energies", "qubo.py", "energy"),
+    ("evaluation", "verify.py", "evaluate"),
+]
+
+
+def gemm_model(width: int, seed: int = 0) -> onnx.ModelProto:
+    """x [B, f] -> Gemm(W [n, f], transB=1, bias) with n = f, weights ~ N(0, 1/f)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(width)).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=1, name="dense")
+    graph = helper.make_graph([node], "scale", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", width])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def correlated_inputs(samples: int, width: int, seed: int = 1) -> np.ndarray:
+    """x = z @ L: z standard normal, L a random mixing scaled to keep x of order 1 (float32)."""
+    rng = np.random.default_rng(seed)
+    mixing = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    mixing += np.eye(width, dtype=np.float32)  # a well-spread but far from diagonal Gram
+    return rng.standard_normal((samples, width)).astype(np.float32) @ mixing
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def stage_seconds(profile: cProfile.Profile) -> dict[str, float]:
+    """Cumulative seconds per stage from a profile (0 for a stage that did not run)."""
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    out = dict.fromkeys((label for label, _, _ in STAGES), 0.0)
+    for (filename, _, name), (_, _, _, cumulative, _) in stats.items():
+        for label, suffix, function in STAGES:
+            if name == function and filename.endswith(suffix):
+                out[label] += cumulative
+    return out
+
+
+def one_run(folder: Path, bits: int) -> dict:
+    """Quantize the model in ``folder`` at ``bits`` with default flags; in a fresh process."""
+    import onnx_qubo
+
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.enable()
+    report = onnx_qubo.quantize(folder / "model.onnx", folder / f"out{bits}.onnx", bits=bits,
+                                calibration=folder / "model.calib.npz", evaluation=folder / "model.calib.npz")
+    profile.disable()
+    seconds = time.perf_counter() - start
+    layer = report.layers[0]
+    return {"bits": bits, "seconds": seconds, "stages": stage_seconds(profile), "peak_mb": peak_mb(),
+            "cost_rtn": layer.cost_rtn, "cost_solved": layer.cost_solved, "lower_bound": layer.lower_bound}
+
+
+def part_run(width: int, samples: int, bits_list: list[int]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        onnx.save(gemm_model(width), folder / "model.onnx")
+        np.savez(folder / "model.calib.npz", x=correlated_inputs(samples, width))
+        print(f"One Gemm {width}x{width}, {samples:,} correlated calibration samples, default flags "
+              f"(--scale mse --solver fast); one fresh process per row.\n")
+        labels = [label for label, _, _ in STAGES]
+        print("| bits | wall (s) | " + " | ".join(f"{label} (s)" for label in labels)
+              + " | peak memory (MB) | rtn cost | solved cost | solved / rtn |")
+        print("|---" * (len(labels) + 6) + "|")
+        for bits in bits_list:
+            out = subprocess.run([sys.executable, __file__, "_one", str(folder), str(bits)],
+                                 check=True, capture_output=True, text=True).stdout
+            r = json.loads(out.splitlines()[-1])
+            print(f"| {bits} | {r['seconds']:.1f} | " + " | ".join(f"{r['stages'][label]:.1f}" for label in labels)
+                  + f" | {r['peak_mb']:.0f} | {r['cost_rtn']:.4g} | {r['cost_solved']:.4g} | "
+                  f"{r['cost_solved'] / r['cost_rtn']:.3f} |", flush=True)
+
+
+def layer_stages(width: int, samples: int, bits: int) -> dict[str, float]:
+    """Seconds of each stage of one n = f = width layer, from the Gram matrix on (no ONNX)."""
+    from onnx_qubo.bounds import lower_bounds
+    from onnx_qubo.grid import Scheme
+    from onnx_qubo.qubo import build_problem
+    from onnx_qubo.scales import choose_scales
+    from onnx_qubo.solvers import FastSolver, RoundToNearest
+
+    x = correlated_inputs(samples, width).astype(np.float64)
+    w = np.random.default_rng(0).standard_normal((width, width)) / np.sqrt(width)
+    times: dict[str, float] = {}
+
+    def timed(label, call):
+        start = time.perf_counter()
+        result = call()
+        times[label] = time.perf_counter() - start
+        return result
+
+    gram = timed("gram", lambda: x.T @ x / samples)
+    scheme = Scheme(bits)
+    scales = timed("scale search", lambda: choose_scales("mse", w, scheme, gram))
+    problem = timed("build QUBO", lambda: build_problem(w, scales.scale, 0, 1.0, scheme.grid, gram))
+    choice = timed("fast solve", lambda: FastSolver().solve(problem, 0))
+    timed("energies", lambda: (problem.energy(choice), problem.energy(RoundToNearest().solve(problem))))
+    timed("lower bound", lambda: lower_bounds(problem))
+    return times
+
+
+def part_fit(widths: list[int], samples: int, bits: int) -> None:
+    rows = []
+    for width in widths:
+        out = subprocess.run([sys.executable, __file__, "_stages", str(width), str(samples), str(bits)],
+                             check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.splitlines()[-1]))
+    labels = list(rows[0])
+    print(f"One n = f layer, {bits} bits, {samples:,} samples, stages from the Gram matrix on (seconds); "
+          "slope = d log t / d log f from the previous width.\n")
+    print("| f | " + " | ".join(labels) + " |")
+    print("|---" * (len(labels) + 1) + "|")
+    for k, (width, row) in enumerate(zip(widths, rows)):
+        cells = []
+        for label in labels:
+            cell = f"{row[label]:.3f}"
+            if k:
+                cell += f" ({np.log(row[label] / rows[k - 1][label]) / np.log(width / widths[k - 1]):.1f})"
+            cells.append(cell)
+        print(f"| {width} | " + " | ".join(cells) + " |")
+    last = [r for w, r in zip(widths, rows) if w >= 1024]
+    if len(last) >= 2:
+        big = [w for w in widths if w >= 1024]
+        print("\nLeast-squares slope over f >= 1024: " + ", ".join(
+            f"{label} {np.polyfit(np.log(big), np.log([r[label] for r in last]), 1)[0]:.2f}" for label in labels))
+
+
+def part_workers(width: int, samples: int, bits: int, workers: int) -> None:
+    """Solve time of one layer on 1 and on ``workers`` local processes (the same rounding)."""
+    from onnx_qubo.workers import solve_layer
+
+    from onnx_qubo.grid import Scheme
+    from onnx_qubo.qubo import build_problem
+    from onnx_qubo.scales import choose_scales
+
+    x = correlated_inputs(samples, width).astype(np.float64)
+    w = np.random.default_rng(0).standard_normal((width, width)) / np.sqrt(width)
+    gram = x.T @ x / samples
+    scheme = Scheme(bits)
+    problem = build_problem(w, choose_scales("mse", w, scheme, gram).scale, 0, 1.0, scheme.grid, gram)
+    print(f"load before: {os.getloadavg()}")
+    results = {}
+    for count in (1, workers):
+        start = time.perf_counter()
+        results[count] = solve_layer(problem, "fast", 0, workers=count)
+        print(f"| {count} | {time.perf_counter() - start:.1f} |", flush=True)
+    print(f"identical: {np.array_equal(results[1], results[workers])}; load after: {os.getloadavg()}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_one":
+        print(json.dumps(one_run(Path(sys.argv[2]), int(sys.argv[3]))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_stages":
+        print(json.dumps(layer_stages(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["run", "fit", "workers"])
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--samples", type=int, default=1536)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"numpy {np.__version__}; load average {os.getloadavg()[0]:.2f}\n")
+    if args.mode == "run":
+        part_run(args.width, args.samples, args.bits)
+    elif args.mode == "fit":
+        part_fit(args.widths, args.samples, args.bits[0])
+    else:
+        part_workers(args.width, args.samples, args.bits[0], args.workers)
+
+
+if __name__ == "__main__":
+    main()

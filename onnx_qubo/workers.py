@@ -1,0 +1,187 @@
+"""Solve layers, or runs of neurons of one layer, on local worker processes or a Ray cluster.
+
+Neurons are independent problems that share the layer's Gram matrix (qubo.py), so a layer
+splits by rows: ``split_layer`` cuts it into ``SolveTask``s that each hold only their rows
+(the Gram matrix once), at boundaries where the solver gives the same bits as on the whole
+layer (the fast solver's chunks, which fix its random streams; the seed of neal's neuron i is
+``seed + i``). ``solve_many`` runs tasks in order on ``workers`` processes, or on Ray when
+given an address; ``solve_layer`` does both for one layer and stitches the rows back.
+
+Each local process gets ``cores / workers`` BLAS and solver threads, so that N processes do
+not oversubscribe the cores N times over.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from itertools import pairwise
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+
+from .errors import OptionError, RuntimeFailure
+from .grid import Rounding
+from .progress import Progress
+from .qubo import LayerProblem
+from .solvers import SOLVERS, FastSolver, NealSolver, RoundToNearest
+
+RAY_CONNECT_TIMEOUT = 5.0  # seconds to reach a Ray head before giving up with a clear error
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True, eq=False)
+class SolveTask:
+    """One solve: the rows ``rows`` of a layer of ``layer_rows`` neurons (``problem`` holds
+    only those rows, and the layer's whole Gram matrix), by solver ``solver`` (a name in
+    ``SOLVERS``) built with ``params``. ``first_chunk``: for ``fast``, the index of the
+    layer's chunk the rows start at."""
+
+    problem: LayerProblem
+    solver: str
+    seed: int
+    rows: slice
+    layer_rows: int
+    first_chunk: int = 0
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def run(self, threads: int | None = None) -> np.ndarray:
+        """The rows' rounding choice (bool [rows, m]); ``threads``: the fast solver's threads."""
+        if self.solver == FastSolver.name:
+            params = dict(self.params)
+            if threads is not None:
+                params["workers"] = threads
+            return FastSolver(**params).solve_part(self.problem, self.seed, self.layer_rows, self.first_chunk)
+        if self.solver == NealSolver.name:  # neuron i is sampled with seed + i
+            return NealSolver(**self.params).solve(self.problem, self.seed + self.rows.start, Progress())
+        return SOLVERS[self.solver](**self.params).solve(self.problem, self.seed, Progress())
+
+
+def rows_of(problem: LayerProblem, rows: slice) -> LayerProblem:
+    """The problem of some of a layer's neurons (the Gram matrix is shared, not copied)."""
+    r = problem.rounding
+    step = problem.step if problem.step.shape[0] == 1 else problem.step[rows]
+    return LayerProblem(problem.gram, step, Rounding(r.base[rows], r.frac[rows], r.free[rows]),
+                        problem.cross[rows], problem.offset[rows])
+
+
+def split_layer(problem: LayerProblem, solver: str, seed: int, parts: int,
+                params: Mapping[str, Any] | None = None) -> list[SolveTask]:
+    """Cut a layer into at most ``parts`` tasks whose results, stacked, are the whole layer's
+    solve, bit for bit. Solvers without such boundaries (``exact``) give one task."""
+    if solver not in SOLVERS:
+        raise OptionError(f"unknown solver '{solver}'; choose one of {', '.join(SOLVERS)}", "solver")
+    params = dict(params or {})
+    n, f = problem.shape
+    if solver == FastSolver.name:
+        runs = FastSolver(**params).split(n, f, parts)
+    elif solver in (NealSolver.name, RoundToNearest.name):
+        bounds = np.linspace(0, n, min(parts, n) + 1).round().astype(int)
+        runs = [(slice(int(a), int(b)), 0) for a, b in pairwise(bounds)]
+    else:
+        runs = [(slice(0, n), 0)]
+    return [SolveTask(rows_of(problem, rows), solver, seed, rows, n, first, params) for rows, first in runs]
+
+
+def solve_many(tasks: Sequence[SolveTask], workers: int = 1, ray_address: str | None = None) -> list[np.ndarray]:
+    """Each task's choice, in order: in this process (``workers`` 1), on ``workers`` local
+    processes, or on the Ray cluster at ``ray_address`` ("local" starts one on this machine)."""
+    if workers < 1:
+        raise OptionError(f"workers must be 1 or more, got {workers}", "workers")
+    if ray_address is not None:
+        return _solve_on_ray(tasks, ray_address)
+    if workers == 1 or len(tasks) <= 1:
+        return [task.run() for task in tasks]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update({name: str(threads) for name in THREAD_VARIABLES})  # inherited by the new processes
+    try:
+        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=get_context("spawn"),
+                                 initializer=_limit_threads, initargs=(threads,)) as pool:
+            return list(pool.map(_run_task, tasks, [threads] * len(tasks)))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def solve_layer(problem: LayerProblem, solver: str, seed: int = 0, workers: int = 1,
+                ray_address: str | None = None, params: Mapping[str, Any] | None = None,
+                parts: int | None = None) -> np.ndarray:
+    """One layer's choice (bool [n, m]), its rows solved as ``parts`` tasks (default: one per
+    worker, or one per CPU of the Ray cluster) by ``solve_many``: the same bits as one solve."""
+    count = parts or (workers if ray_address is None else _ray_cpus(ray_address))
+    tasks = split_layer(problem, solver, seed, max(1, count), params)
+    return np.concatenate(solve_many(tasks, workers, ray_address))
+
+
+def _run_task(task: SolveTask, threads: int) -> np.ndarray:
+    return task.run(threads)
+
+
+def _limit_threads(threads: int) -> None:
+    """Worker start: cap BLAS threads (the environment already did, unless BLAS was loaded)."""
+    try:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError:
+        return
+    threadpool_limits(threads)
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise OptionError("solving on Ray needs the ray package: pip install 'onnx-qubo[ray]'",
+                          "ray_address") from None
+    return ray
+
+
+def _connect_ray(address: str) -> Any:
+    """``ray.init`` for ``address`` ("local": a new local cluster), after checking within
+    ``RAY_CONNECT_TIMEOUT`` that a remote head answers (Ray itself retries for minutes)."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return ray
+    if address != "local":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=RAY_CONNECT_TIMEOUT).close()
+        except (OSError, ValueError) as error:
+            raise RuntimeFailure(f"cannot reach the Ray cluster at '{address}' within "
+                                 f"{RAY_CONNECT_TIMEOUT:.0f} s ({error})") from None
+    try:
+        ray.init(address=None if address == "local" else address, logging_level="ERROR",
+                 log_to_driver=False, include_dashboard=False, configure_logging=False)
+    except Exception as error:  # noqa: BLE001 (Ray raises ConnectionError, RuntimeError, ValueError...)
+        raise RuntimeFailure(f"cannot start Ray at '{address}': {error}") from None
+    return ray
+
+
+def _ray_cpus(address: str) -> int:
+    return max(1, int(_connect_ray(address).cluster_resources().get("CPU", 1)))
+
+
+def _solve_on_ray(tasks: Sequence[SolveTask], address: str) -> list[np.ndarray]:
+    """One Ray task per SolveTask; each distinct Gram matrix is put in the object store once."""
+    ray = _connect_ray(address)
+    remote = ray.remote(_run_ray_task)
+    grams: dict[int, Any] = {}
+    futures = []
+    for task in tasks:
+        gram = task.problem.gram
+        if id(gram) not in grams:
+            grams[id(gram)] = ray.put(gram)
+        futures.append(remote.remote(replace(task, problem=replace(task.problem, gram=np.empty((0, 0)))),
+                                     grams[id(gram)]))
+    return ray.get(futures)
+
+
+def _run_ray_task(task: SolveTask, gram: np.ndarray) -> np.ndarray:
+    return replace(task, problem=replace(task.problem, gram=gram)).run(threads=1)

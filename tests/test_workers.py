@@ -1,0 +1,135 @@
+"""Layers split into row tasks, solved in this process, on worker processes and on Ray: the
+same bits as one solve of the whole layer."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from onnx_qubo.errors import OptionError, RuntimeFailure
+from onnx_qubo.grid import IntegerGrid
+from onnx_qubo.qubo import build_problem
+from onnx_qubo.solvers import FastSolver, NealSolver
+from onnx_qubo.workers import SolveTask, rows_of, solve_layer, solve_many, split_layer
+
+# 4 chunks of 32 neurons, wide enough for one replica, small enough for tabu rounds
+FAST = {"chunk_bytes": 32 * 64 * 160}
+
+
+def layer(n: int, f: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((4 * f, f)) @ rng.standard_normal((f, f))
+    gram = x.T @ x / len(x)
+    w = rng.standard_normal((n, f))
+    scale = np.abs(w).max(axis=1, keepdims=True) / 2.0
+    return build_problem(w, scale, 0, 1.0, IntegerGrid(2), gram)
+
+
+def test_fast_plan_has_chunks_and_tabu():
+    plan = FastSolver(**FAST).plan(128, 160)
+    assert plan.replicas == 1 and len(plan.chunks) == 4 and plan.tabu_steps >= 16
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4])
+def test_fast_split_equals_whole(parts):
+    problem = layer(128, 160)
+    whole = FastSolver(**FAST).solve(problem, seed=3)
+    tasks = split_layer(problem, "fast", 3, parts, FAST)
+    assert len(tasks) == parts
+    assert np.array_equal(np.concatenate(solve_many(tasks)), whole)
+
+
+def test_fast_chunk_seeds_matter():
+    """The split is only exact because each run keeps its chunks' random streams."""
+    problem = layer(128, 160)
+    task = split_layer(problem, "fast", 3, 2, FAST)[1]
+    assert task.first_chunk == 2
+    shifted = FastSolver(**FAST).solve_part(task.problem, 3, task.layer_rows, 0)
+    assert not np.array_equal(shifted, task.run())
+
+
+def test_fast_result_does_not_depend_on_threads():
+    problem = layer(128, 160)
+    assert np.array_equal(FastSolver(workers=1).solve(problem, 1), FastSolver(workers=3).solve(problem, 1))
+
+
+def test_wide_layer_blocks_and_inverse_give_the_same_bits():
+    """Descent blocks of a few rows, and the blocked triangular inverse past its leaf size."""
+    problem = layer(48, 300)
+    from onnx_qubo.solvers import fast
+
+    lower = np.linalg.cholesky(problem.gram[::-1, ::-1] + np.eye(300))
+    assert np.allclose(fast.lower_inverse(lower, leaf=64) @ lower, np.eye(300), atol=1e-9)
+    whole = FastSolver(tabu_work=0).solve(problem, 0)
+    saved = fast.DESCENT_ELEMENTS
+    fast.DESCENT_ELEMENTS = 300 * 5
+    try:
+        assert np.array_equal(FastSolver(tabu_work=0).solve(problem, 0), whole)
+    finally:
+        fast.DESCENT_ELEMENTS = saved
+
+
+def test_two_processes_equal_one():
+    problem = layer(128, 160)
+    whole = FastSolver(**FAST).solve(problem, seed=5)
+    assert np.array_equal(solve_layer(problem, "fast", 5, workers=2, params=FAST), whole)
+
+
+def test_neal_rows_keep_their_seeds():
+    problem = layer(6, 12)
+    params = {"num_reads": 2, "num_sweeps": 50}
+    whole = NealSolver(**params).solve(problem, 7)
+    tasks = split_layer(problem, "neal", 7, 3, params)
+    assert [t.rows.start for t in tasks] == [0, 2, 4]
+    assert np.array_equal(np.concatenate(solve_many(tasks)), whole)
+
+
+def test_rows_of_keeps_per_variable_steps():
+    problem = layer(8, 10)
+    wide = type(problem)(problem.gram, np.broadcast_to(problem.step, (8, 10)) * np.arange(1, 11),
+                         problem.rounding, problem.cross, problem.offset)
+    part = rows_of(wide, slice(2, 5))
+    choice = np.ones((8, 10), dtype=bool)
+    assert np.allclose(part.neuron_energies(choice[2:5]), wide.neuron_energies(choice)[2:5])
+
+
+def test_exact_is_one_task():
+    assert len(split_layer(layer(8, 10), "exact", 0, 4)) == 1
+
+
+def test_bad_options():
+    with pytest.raises(OptionError, match="unknown solver"):
+        split_layer(layer(4, 6), "annealer", 0, 2)
+    with pytest.raises(OptionError, match="workers"):
+        solve_many([], workers=0)
+
+
+def test_ray_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(OptionError, match="pip install"):
+        solve_many(split_layer(layer(4, 6), "rtn", 0, 1), ray_address="127.0.0.1:1")
+
+
+def test_ray_unreachable(monkeypatch):
+    pytest.importorskip("ray")
+    with pytest.raises(RuntimeFailure, match="cannot reach the Ray cluster at '127.0.0.1:1'"):
+        solve_many(split_layer(layer(4, 6), "rtn", 0, 1), ray_address="127.0.0.1:1")
+
+
+@pytest.mark.ray
+def test_ray_local_equals_whole():
+    ray = pytest.importorskip("ray")
+    problem = layer(128, 160)
+    whole = FastSolver(**FAST).solve(problem, seed=2)
+    try:
+        assert np.array_equal(solve_layer(problem, "fast", 2, ray_address="local", params=FAST, parts=3), whole)
+    finally:
+        ray.shutdown()
+
+
+def test_task_is_what_a_solve_needs():
+    problem = layer(8, 10)
+    task = SolveTask(problem, "rtn", 0, slice(0, 8), 8)
+    assert np.array_equal(task.run(), problem.rounding.free & (problem.rounding.frac >= 0.5))
