@@ -177,11 +177,10 @@ def part_fit(widths: list[int], samples: int, bits: int) -> None:
 
 def part_workers(width: int, samples: int, bits: int, workers: int) -> None:
     """Solve time of one layer on 1 and on ``workers`` local processes (the same rounding)."""
-    from onnx_qubo.workers import solve_layer
-
     from onnx_qubo.grid import Scheme
     from onnx_qubo.qubo import build_problem
     from onnx_qubo.scales import choose_scales
+    from onnx_qubo.workers import solve_layer
 
     x = correlated_inputs(samples, width).astype(np.float64)
     w = np.random.default_rng(0).standard_normal((width, width)) / np.sqrt(width)

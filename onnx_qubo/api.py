@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
+from . import workers as distributed
 from .choice import parse_choice
 from .compare import Comparison
 from .compare import compare as run_comparison
@@ -34,7 +35,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              layer_bits: Mapping[str, int] | None = None, bias_correction: bool = False,
              granularity: str = "channel", block_size: int = 0, symmetric: bool = True, bias: str = "float",
              activations: str = "none", activation_range: str = "minmax", sequential: bool = False,
-             format: str = "qdq", ort_accuracy_level: int = 0, speed: bool = True, progress: bool = False) -> Report:
+             format: str = "qdq", ort_accuracy_level: int = 0, lower_bound: bool = False, workers: int = 1,
+             ray_address: str | None = None, speed: bool = True, progress: bool = False) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -58,10 +60,13 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     DequantizeLinear) or "ort" (onnxruntime's fast kernels from the same codes: MatMulNBits,
     MatMulIntegerToFloat; a layer they cannot run correctly keeps the portable form, and the
     report says why); ``ort_accuracy_level`` 4 lets MatMulNBits quantize activations to int8
-    inside the kernel (faster, at the output error the report states). ``speed``: time the float and the
-    quantized model (batch 1 and one evaluation batch) for the report. Raises a ``QuboInputError`` (errors.py:
-    ``ModelError``, ``DataError``, ``OptionError``, ``OutputError``) on bad input, before any output
-    is written; the input model is never modified.
+    inside the kernel (faster, at the output error the report states). ``lower_bound``: certify a
+    lower bound on each layer's optimal cost (costs about as much as a solve). ``workers``: solve
+    each layer's rows on that many local processes; ``ray_address``: on a Ray cluster ("local"
+    starts one here; needs ``pip install 'onnx-qubo[ray]'``): the same bits either way. ``speed``:
+    time the float and the quantized model (batch 1 and one evaluation batch) for the report.
+    Raises a ``QuboInputError`` (errors.py: ``ModelError``, ``DataError``, ``OptionError``,
+    ``OutputError``) on bad input, before any output is written; the input model is never modified.
     """
     started = time.perf_counter()
     options = QuantizeOptions.parse(
@@ -70,9 +75,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         sequential=sequential, bias_correction=bias_correction, layer_bits=dict(layer_bits or {}),
         exclude=tuple(exclude), dump_dir=None if dump_qubo is None else Path(dump_qubo),
         solution_dir=None if load_solution is None else Path(load_solution), format=format,
-        ort_accuracy_level=ort_accuracy_level)
+        ort_accuracy_level=ort_accuracy_level, lower_bound=lower_bound, workers=workers, ray_address=ray_address)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     output_path = check_output_path(output_path, input_path, "output")
+    if options.ray_address is not None:
+        distributed.connect(options.ray_address)
     if report_path is not None:
         report_path = check_output_path(report_path, input_path, "report")
         if report_path.resolve() == output_path.resolve():

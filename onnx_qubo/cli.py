@@ -25,8 +25,8 @@ from .options import Activations, BiasMode, Granularity, RangeMethod, ScaleMetho
 from .pipeline import prepare
 from .solvers import SOLVERS, NealSolver
 
-FLAGS = {"calibration": "--calib", "evaluation": "--eval", "report_path": "--report",
-         "symmetric": "--symmetric/--asymmetric", "bias": "--bias"}  # API name -> flag, where not --api-name
+FLAGS = {"calibration": "--calib", "evaluation": "--eval", "report_path": "--report",  # API name -> flag,
+         "symmetric": "--symmetric/--asymmetric", "ray_address": "--ray", "lower_bound": "--bound"}  # where not --name
 
 
 def flag(option: str) -> str:
@@ -175,6 +175,13 @@ def main():
 @click.option("--ort-accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="With --format ort, weight-only: 4 lets MatMulNBits quantize activations to int8 inside the kernel "
                    "(faster; the report states the output error it costs).")
+@click.option("--bound", is_flag=True,
+              help="Certify a lower bound on each layer's optimal cost (the report's bound and gap columns).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Solve each layer's rows on N local processes (1: this process, whose solver already uses "
+                   "every core through threads). Same bits for any N.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Solve on a Ray cluster at ADDRESS ('local' starts one here; pip install 'onnx-qubo[ray]').")
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Time the float and the quantized model (batch 1 and one evaluation batch) for the report.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -182,7 +189,7 @@ def main():
 def quantize(input_model, output_model, bits, calib, eval_path, scale, granularity, block_size, symmetric,
              bias_mode, activations, activation_range, sequential, solver, neal_reads, neal_sweeps, seed,
              batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, output_format,
-             ort_accuracy_level, speed, quiet):
+             ort_accuracy_level, bound, workers, ray_address, speed, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
@@ -194,7 +201,8 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
                               batch_size=batch_size, report_path=report_path, dump_qubo=dump_qubo,
                               load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
                               bias_correction=bias_correction, format=output_format,
-                              ort_accuracy_level=ort_accuracy_level, speed=speed, progress=not quiet, **scheme)
+                              ort_accuracy_level=ort_accuracy_level, lower_bound=bound, workers=workers,
+                              ray_address=ray_address, speed=speed, progress=not quiet, **scheme)
     click.echo(report.to_text())
 
 

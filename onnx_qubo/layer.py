@@ -15,6 +15,7 @@ from functools import cached_property
 import numpy as np
 import onnx
 
+from . import workers
 from .bounds import lower_bounds
 from .errors import OptionError
 from .grid import Granularity, GroupScales, InputQuantizer, Scheme
@@ -125,9 +126,13 @@ class LayerWork:
 
     def solve(self, progress: Progress) -> np.ndarray:
         """The plan's solver's rounding (the scale search's own when it already solved with it)."""
-        if self.presolved is not None and self.plan.solver.name == FastSolver.name:
+        plan = self.plan
+        if self.presolved is not None and plan.solver.name == FastSolver.name:
             return self.presolved
-        return self.plan.solver.solve(self.problem, self.plan.seed, progress)
+        if plan.workers > 1 or plan.ray_address is not None:  # the same bits, rows on other processes
+            return workers.solve_layer(self.problem, plan.solver.name, plan.seed, plan.workers, plan.ray_address,
+                                       getattr(plan.solver, "params", None))
+        return plan.solver.solve(self.problem, plan.seed, progress)
 
     def finish(self, choice: np.ndarray, seconds: float) -> SolvedLayer:
         """Bias policy and report for the rounding ``choice`` (found in ``seconds``)."""

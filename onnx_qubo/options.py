@@ -90,20 +90,23 @@ class QuantizeOptions:
     bias_correction: bool = False  # shift each output by the mean error the rounding leaves
     layer_bits: Mapping[str, int] = field(default_factory=dict)  # layer name -> bits, overriding ``bits``
     exclude: tuple[str, ...] = ()  # layers left in float
-    lower_bound: bool = True  # certify a lower bound per layer
+    lower_bound: bool = False  # certify a lower bound per layer (O(n f^2) per iteration: opt-in)
     dump_dir: Path | None = None  # write each layer's QUBOs here (exchange.py's format)
     solution_dir: Path | None = None  # take the roundings from here instead of solving
     format: Format = Format.QDQ  # portable DequantizeLinear, or onnxruntime's fast kernels
     ort_accuracy_level: int = 0  # MatMulNBits: 0 float compute; 4 int8 activations in the kernel
+    workers: int = 1  # local processes solving a layer's rows (1: in this process, its threads)
+    ray_address: str | None = None  # solve on this Ray cluster ("local": start one here)
 
     @classmethod
     def parse(cls, *, bits: object = 2, scale: object = ScaleMethod.MSE, solver: str | Solver = "fast",
               seed: object = 0, granularity: object = Granularity.CHANNEL, block_size: object = 0,
               symmetric: bool = True, bias: object = BiasMode.FLOAT, activations: object = Activations.NONE,
               activation_range: object = RangeMethod.MINMAX, sequential: bool = False, bias_correction: bool = False,
-              layer_bits: Mapping[str, object] | None = None, exclude: Sequence[str] = (), lower_bound: bool = True,
+              layer_bits: Mapping[str, object] | None = None, exclude: Sequence[str] = (), lower_bound: bool = False,
               dump_dir: Path | None = None, solution_dir: Path | None = None, format: object = Format.QDQ,
-              ort_accuracy_level: object = 0) -> "QuantizeOptions":
+              ort_accuracy_level: object = 0, workers: object = 1,
+              ray_address: str | None = None) -> "QuantizeOptions":
         """Options from the API's arguments: each value checked and named in the error if wrong."""
         return cls(bits=check_bits(bits), scale=parse_choice(ScaleMethod, scale, "scale"), solver=solver_for(solver),
                    seed=check_integer(seed, "seed"), granularity=parse_choice(Granularity, granularity, "granularity"),
@@ -115,7 +118,8 @@ class QuantizeOptions:
                    layer_bits={name: check_bits(b, "layer_bits") for name, b in dict(layer_bits or {}).items()},
                    exclude=tuple(exclude), lower_bound=lower_bound, dump_dir=dump_dir, solution_dir=solution_dir,
                    format=parse_choice(Format, format, "format"),
-                   ort_accuracy_level=check_integer(ort_accuracy_level, "ort_accuracy_level"))
+                   ort_accuracy_level=check_integer(ort_accuracy_level, "ort_accuracy_level"),
+                   workers=check_integer(workers, "workers", minimum=1), ray_address=ray_address)
 
     def __post_init__(self) -> None:
         if self.bias == BiasMode.INT32 and self.activations == Activations.NONE:
@@ -133,6 +137,10 @@ class QuantizeOptions:
             if reason:
                 raise OptionError(reason, "symmetric", "granularity", "activations")
         self._check_format()
+        distributed = self.workers > 1 or self.ray_address is not None
+        if distributed and not isinstance(self.solver, tuple(SOLVERS.values())):
+            raise OptionError("{workers}/{ray_address}: only the solvers onnx-qubo names (" + ", ".join(SOLVERS)
+                              + ") can be shipped to other processes", "workers", "ray_address")
 
     def _check_format(self) -> None:
         """Refuse what format ort cannot serve for any layer (single layers fall back, reported)."""

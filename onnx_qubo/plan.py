@@ -32,6 +32,8 @@ class LayerPlan:
     solver: Solver
     seed: int
     stem: str  # file-system-safe name of its exchange files
+    workers: int  # local processes for its rows (1: in this process)
+    ray_address: str | None  # or a Ray cluster
 
     @property
     def bias_is_variable(self) -> bool:
@@ -67,7 +69,8 @@ def make_plan(options: QuantizeOptions, layers: list[DenseLayer]) -> Plan:
         LayerPlan(layer=layer, scheme=options.scheme(options.layer_bits.get(layer.name, options.bits)),
                   scale=options.scale, bias=options.bias if layer.bias is not None else BiasMode.FLOAT,
                   bias_correction=options.bias_correction, lower_bound=options.lower_bound,
-                  solver=options.solver, seed=options.seed, stem=stem)
+                  solver=options.solver, seed=options.seed, stem=stem, workers=options.workers,
+                  ray_address=options.ray_address)
         for layer, stem in zip(layers, stems)]
     return Plan(planned, options.activations, options.activation_range, options.sequential,
                 options.dump_dir, options.solution_dir, options.describe(), options.format, options.ort_accuracy_level)

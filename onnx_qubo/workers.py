@@ -143,19 +143,25 @@ def _import_ray() -> Any:
     return ray
 
 
+def connect(address: str) -> None:
+    """Reach (or, for "local", start) the Ray cluster now, so that a wrong address fails before
+    any long work."""
+    _connect_ray(address)
+
+
 def _connect_ray(address: str) -> Any:
     """``ray.init`` for ``address`` ("local": a new local cluster), after checking within
     ``RAY_CONNECT_TIMEOUT`` that a remote head answers (Ray itself retries for minutes)."""
-    ray = _import_ray()
-    if ray.is_initialized():
-        return ray
-    if address != "local":
+    if address != "local":  # checked first: a wrong address is the likelier mistake
         host, _, port = address.removeprefix("ray://").rpartition(":")
         try:
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=RAY_CONNECT_TIMEOUT).close()
         except (OSError, ValueError) as error:
-            raise RuntimeFailure(f"cannot reach the Ray cluster at '{address}' within "
-                                 f"{RAY_CONNECT_TIMEOUT:.0f} s ({error})") from None
+            raise OptionError(f"{{ray_address}} '{address}': cannot reach the Ray cluster within "
+                              f"{RAY_CONNECT_TIMEOUT:.0f} s ({error})", "ray_address") from None
+    ray = _import_ray()
+    if ray.is_initialized():
+        return ray
     try:
         ray.init(address=None if address == "local" else address, logging_level="ERROR",
                  log_to_driver=False, include_dashboard=False, configure_logging=False)

@@ -224,3 +224,8 @@ def test_scheme_flags_reach_the_graph_and_the_report(model_dir):
     weight_dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W0_quantized")
     assert {a.name: helper.get_attribute_value(a) for a in weight_dq.attribute} == {"axis": 1, "block_size": 4}
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 2  # one per layer input
+
+
+def test_an_unreachable_ray_cluster_is_one_line_before_any_work(model_dir):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--ray", "127.0.0.1:1"],
+                 "--ray '127.0.0.1:1': cannot reach the Ray cluster within 5 s")

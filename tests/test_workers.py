@@ -8,11 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from onnx_qubo.errors import OptionError, RuntimeFailure
+from onnx_qubo import quantize
+from onnx_qubo.errors import OptionError
 from onnx_qubo.grid import IntegerGrid
 from onnx_qubo.qubo import build_problem
 from onnx_qubo.solvers import FastSolver, NealSolver
 from onnx_qubo.workers import SolveTask, rows_of, solve_layer, solve_many, split_layer
+
+from graphs import mlp_model
 
 # 4 chunks of 32 neurons, wide enough for one replica, small enough for tabu rounds
 FAST = {"chunk_bytes": 32 * 64 * 160}
@@ -109,12 +112,11 @@ def test_bad_options():
 def test_ray_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(OptionError, match="pip install"):
-        solve_many(split_layer(layer(4, 6), "rtn", 0, 1), ray_address="127.0.0.1:1")
+        solve_many(split_layer(layer(4, 6), "rtn", 0, 1), ray_address="local")
 
 
-def test_ray_unreachable(monkeypatch):
-    pytest.importorskip("ray")
-    with pytest.raises(RuntimeFailure, match="cannot reach the Ray cluster at '127.0.0.1:1'"):
+def test_ray_unreachable():
+    with pytest.raises(OptionError, match="ray_address '127.0.0.1:1': cannot reach the Ray cluster"):
         solve_many(split_layer(layer(4, 6), "rtn", 0, 1), ray_address="127.0.0.1:1")
 
 
@@ -133,3 +135,24 @@ def test_task_is_what_a_solve_needs():
     problem = layer(8, 10)
     task = SolveTask(problem, "rtn", 0, slice(0, 8), 8)
     assert np.array_equal(task.run(), problem.rounding.free & (problem.rounding.frac >= 0.5))
+
+
+def quantized_bytes(path, **distribution):
+    model = mlp_model(widths=(40, 70, 12))
+    x = np.random.default_rng(0).standard_normal((200, 40)).astype(np.float32)
+    quantize(model, path, bits=2, calibration={"x": x}, speed=False, **distribution)
+    return path.read_bytes()
+
+
+def test_quantize_writes_the_same_model_with_one_or_two_worker_processes(tmp_path):
+    assert quantized_bytes(tmp_path / "w1.onnx") == quantized_bytes(tmp_path / "w2.onnx", workers=2)
+
+
+@pytest.mark.ray
+def test_quantize_on_a_local_ray_cluster_writes_the_same_model(tmp_path):
+    ray = pytest.importorskip("ray")
+    try:
+        assert quantized_bytes(tmp_path / "w1.onnx") == quantized_bytes(tmp_path / "ray.onnx", workers=2,
+                                                                        ray_address="local")
+    finally:
+        ray.shutdown()
