@@ -14,13 +14,13 @@ from .compare import Comparison
 from .compare import compare as run_comparison
 from .data import load_dataset
 from .errors import QuboInputError
-from .files import check_output_path, load_model, write_atomically
-from .grid import MAX_BITS, MIN_BITS
+from .files import dump_directory, inputs_read, load_model, writable_path, write_atomically
 from .pipeline import QuantizeOptions, calibrate, quantize_model
 from .progress import Progress
 from .report import Report
 from .scales import SCALE_METHODS
 from .solvers import SOLVERS, Solver
+from .validate import check_bits
 from .verify import evaluate, reference_scores
 
 CALIB_SUFFIX, EVAL_SUFFIX = ".calib.npz", ".eval.npz"
@@ -64,13 +64,14 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     _check_scale(scale)
     solver = _solver(solver)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
-    output_path = check_output_path(output_path, input_path, "output")
+    reads = inputs_read(model, calibration, evaluation)
+    output_path = writable_path(output_path, reads=reads, what="output")
     if report_path is not None:
-        report_path = check_output_path(report_path, input_path, "report")
+        report_path = writable_path(report_path, reads=reads, what="report")
         if report_path.resolve() == output_path.resolve():
             raise QuboInputError(f"report '{report_path}' is the output model's path; choose another")
-    if dump_qubo is not None and Path(dump_qubo).exists() and not Path(dump_qubo).is_dir():
-        raise QuboInputError(f"--dump-qubo '{dump_qubo}' exists and is not a directory")
+    if dump_qubo is not None:
+        dump_directory(dump_qubo, reads=reads)
     if load_solution is not None and not Path(load_solution).is_dir():
         raise QuboInputError(f"--load-solution '{load_solution}' is not a directory")
     options = QuantizeOptions(bits=bits, scale=scale, solver=solver, seed=seed,
@@ -84,17 +85,18 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     bar = Progress(enabled=progress)
     quantized, layers, skipped = quantize_model(float_model, calib_data, options, bar, exclude)
     data = quantized.SerializeToString()
+    evaluation = evaluate(reference_scores(float_model, eval_data, bar), quantized, bar)  # before any output
     write_atomically(output_path, data)
 
     report = Report(
         input_path=None if input_path is None else str(input_path), output_path=str(output_path),
         bits=bits, scale=scale, solver="loaded" if load_solution else solver.name, calibration=calib_data.origin,
         calibration_samples=calib_data.num_samples, layers=layers, skipped=skipped,
-        evaluation=evaluate(reference_scores(float_model, eval_data, bar), quantized, bar),
+        evaluation=evaluation,
         input_bytes=float_model.ByteSize(), output_bytes=len(data),
         seconds=time.perf_counter() - started, scheme=options.describe())
     if report_path is not None:
-        write_atomically(report_path, report.to_json().encode())
+        write_atomically(report_path, report.to_json().encode(), "report")
     return report
 
 
@@ -128,8 +130,7 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
 
 
 def _check_bits(bits: int) -> None:
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise QuboInputError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+    check_bits(bits)
 
 
 def _check_scale(scale: str) -> None:

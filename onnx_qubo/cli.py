@@ -12,8 +12,8 @@ import click
 
 from . import api
 from .discovery import find_dense_layers
-from .errors import QuboInputError
-from .files import check_output_path, load_model, write_atomically
+from .errors import QuboError
+from .files import inputs_read, load_model, writable_path, write_atomically
 from .activations import ACTIVATION_TYPES, PERCENTILE, RANGE_METHODS
 from .grid import GRANULARITIES, MAX_BITS, MIN_BITS
 from .pipeline import BIAS_MODES
@@ -89,8 +89,8 @@ def main():
 
 
 @main.command()
-@click.argument("input_model", type=click.Path(dir_okay=False))
-@click.argument("output_model", type=click.Path(dir_okay=False))
+@click.argument("input_model", type=click.Path())
+@click.argument("output_model", type=click.Path())
 @click.option("--bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=2, show_default=True,
               help="Weight bit width (INT2/UINT2 storage for 1-2, INT4/UINT4 for 3-4, INT8/UINT8 for 5-8).")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
@@ -138,8 +138,9 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
                               batch_size=batch_size, report_path=report_path, dump_qubo=dump_qubo,
                               load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
                               bias_correction=bias_correction, progress=not quiet, **scheme)
-    except QuboInputError as exc:
-        raise click.ClickException(str(exc)) from None
+    except QuboError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.exit_code)
     click.echo(report.to_text())
 
 
@@ -161,7 +162,7 @@ def _name_list(choices):
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
               help="Calibration .npz [default: <model stem>.calib.npz beside it].")
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), default=None,
@@ -191,7 +192,7 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, bl
     try:
         for flag, path in (("--json", json_path), ("--markdown", markdown_path)):
             if path is not None:
-                check_output_path(path, model, flag)
+                writable_path(path, reads=inputs_read(model, calib, eval_path), what=flag)
         if plots_dir is not None:
             from .plots import require_matplotlib
             require_matplotlib()
@@ -199,20 +200,21 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, bl
                              solvers=solvers, samples=samples, seed=seed, batch_size=batch_size,
                              progress=not quiet, **scheme)
         if json_path is not None:
-            write_atomically(Path(json_path), result.to_json().encode())
+            write_atomically(Path(json_path), result.to_json().encode(), "--json")
         if markdown_path is not None:
-            write_atomically(Path(markdown_path), (result.to_markdown() + "\n").encode())
+            write_atomically(Path(markdown_path), (result.to_markdown() + "\n").encode(), "--markdown")
         if plots_dir is not None:
             from .plots import write_plots
             for path in write_plots(result, Path(plots_dir)):
                 click.echo(f"wrote {path}", err=True)
-    except QuboInputError as exc:
-        raise click.ClickException(str(exc)) from None
+    except QuboError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.exit_code)
     click.echo(result.to_markdown())
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 def inspect(model):
     """List the dense layers found in MODEL and the Gemm/MatMul nodes skipped, with reasons.
 
@@ -220,8 +222,9 @@ def inspect(model):
     this layer alone reads)."""
     try:
         layers, skipped = find_dense_layers(load_model(model))
-    except QuboInputError as exc:
-        raise click.ClickException(str(exc)) from None
+    except QuboError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.exit_code)
     click.echo(f"{len(layers)} dense layer(s) in {model}:")
     for layer in layers:
         n, f = layer.shape

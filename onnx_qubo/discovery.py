@@ -24,6 +24,7 @@ def find_dense_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[Sk
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     overridable = {inp.name for inp in graph.input} & initializers.keys()
+    graph_outputs = {out.name for out in graph.output}
     uses = _count_uses(graph)
     consumers = _consumers(graph)
     names = node_names(graph)
@@ -54,6 +55,9 @@ def find_dense_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[Sk
             continue
         if weight_name in overridable:
             skip(f"weight '{weight_name}' is also a graph input, so callers can override it")
+            continue
+        if weight_name in graph_outputs:
+            skip(f"weight '{weight_name}' is also a graph output, which must keep its float values")
             continue
         if uses[weight_name] > 1:
             skip(f"weight '{weight_name}' is shared by {uses[weight_name]} nodes")
@@ -86,7 +90,11 @@ def find_dense_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[Sk
                 form += " (N-D)"
             bias_name = next((name for name in add.input if name != node.output[0]), "") if add else ""
             bias_gain = 1.0
-        bias = _bias_vector(bias_name, len(weight), initializers, uses, overridable)
+        bias = _bias_vector(bias_name, len(weight), initializers, uses, overridable | graph_outputs,
+                            2 if node.op_type == "Gemm" else ranks.get(activation))
+        if bias is not None and not np.isfinite(bias).all():
+            skip(f"bias '{bias_name}' holds NaN or Inf")
+            continue
         layers.append(DenseLayer(name, node.op_type, form, activation, ranks.get(activation),
                                  weight_name, weight, gain, None if bias is None else bias_gain * bias,
                                  bias_name if bias is not None else None))
@@ -139,13 +147,14 @@ def _constant_add(output: str, consumers, initializers) -> onnx.NodeProto | None
     return readers[0] if len(other) == 1 and other[0] in initializers else None
 
 
-def _bias_vector(name: str, n: int, initializers, uses, overridable) -> np.ndarray | None:
+def _bias_vector(name: str, n: int, initializers, uses, overridable, rank: int | None) -> np.ndarray | None:
     """The bias as an [n] vector when it can be replaced by a quantized one: a FLOAT
-    initializer of n values along its last axis, read by this layer alone."""
+    initializer of n values along its last axis, read by this layer alone, of rank at most the
+    layer output's ``rank`` (1 when unknown), so that an [n] vector broadcasts the same."""
     init = initializers.get(name)
     if init is None or name in overridable or uses[name] != 1 or init.data_type != onnx.TensorProto.FLOAT:
         return None
     dims = list(init.dims)
-    if not dims or dims[-1] != n or int(np.prod(dims)) != n:
+    if not dims or dims[-1] != n or int(np.prod(dims)) != n or len(dims) > (rank or 1):
         return None
     return numpy_helper.to_array(init).astype(np.float64).reshape(n)

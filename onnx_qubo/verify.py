@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 
 from .data import Dataset
+from .errors import ModelError
 from .progress import Progress
 from .report import Evaluation
 from .runtime import BASIC, DEFAULT, make_session
@@ -51,6 +52,11 @@ def run_scores(model, level, dataset: Dataset, name: str, progress: Progress, wh
         outputs = []
         for batch in dataset.batches:
             outputs.append(session.run([name], batch)[0])
+            samples = len(next(iter(batch.values())))
+            if len(dataset.batches) > 1 and outputs[-1].shape[:1] != (samples,):
+                raise ModelError(f"output '{name}' of the {what} has shape {outputs[-1].shape} for a batch of "
+                                 f"{samples} samples: its first axis is not the batch, so batches cannot be "
+                                 "joined; evaluate all samples in one batch (batch_size)")
             bar.update(1)
     return np.concatenate(outputs).astype(np.float64)
 
