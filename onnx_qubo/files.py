@@ -139,7 +139,13 @@ def writable_path(path: PathLike, *, reads: Collection[Path], what: str) -> Path
     """``path`` as a Path if this run may write ``what`` there, else an OutputError: not a file
     the run reads, not a directory (or a name ending in a separator), not a device, FIFO or
     socket (nor a symlink to one), in an existing, writable folder."""
-    text = os.fspath(path)
+    try:
+        return _check_writable(os.fspath(path), reads, what)
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise OutputError(f"{what} '{os.fspath(path)}' cannot be written: {exc.strerror or exc}") from None
+
+
+def _check_writable(text: str, reads: Collection[Path], what: str) -> Path:
     target = Path(text)
     shown = f"{what} '{text}'"
     if text.endswith(("/", os.sep)) or target.is_dir():

@@ -35,6 +35,8 @@ class RaiseOpset:
             except Exception as exc:  # the converter raises bare RuntimeErrors
                 raise ValueError(f"cannot raise the model's opset from {current} to {self.target} "
                                  f"(needed by the integer weight type): {exc}") from None
+            if not raised.functions:  # the converter drops the model's local functions
+                raised.functions.extend(model.functions)
         _raise_functions(raised, self.target)
         raised.ir_version = max(raised.ir_version, helper.find_min_ir_version_for(
             list(raised.opset_import), ignore_unknown=True))
