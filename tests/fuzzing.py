@@ -140,8 +140,20 @@ def integer_ranges_fit(model: onnx.ModelProto, bits: int) -> list[str]:
     return problems
 
 
-def evaluate(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The model's outputs, computed in float64 by numpy from the operators' definitions."""
+NEAR_TIE = 1e-3  # a QuantizeLinear input this close to a rounding tie (in grid steps) may round either way
+
+
+def float_gemm_bias(model: onnx.ModelProto) -> bool:
+    """Whether a Gemm of ``model`` reads a float initializer as its bias C."""
+    floats = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    return any(n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] in floats for n in model.graph.node)
+
+
+def evaluate(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray], int]:
+    """The model's outputs, computed in float64 by numpy from the operators' definitions, and
+    the number of QuantizeLinear inputs within NEAR_TIE of a rounding tie: there float32
+    (onnxruntime) and float64 (here) may honestly round to neighbouring integers."""
+    ties = 0
     env: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feed.items()}
     for init in model.graph.initializer:
         env[init.name] = _array(init)
@@ -149,7 +161,10 @@ def evaluate(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.nda
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         inputs = [env[name] if name else None for name in node.input]
         env[node.output[0]] = _OPS[node.op_type](inputs, attrs)
-    return [env[out.name] for out in model.graph.output]
+        if node.op_type == "QuantizeLinear":
+            steps = inputs[0].astype(np.float64) / np.float64(inputs[1])
+            ties += int((np.abs(steps - np.floor(steps) - 0.5) < NEAR_TIE).sum())
+    return [env[out.name] for out in model.graph.output], ties
 
 
 def _array(tensor: onnx.TensorProto) -> np.ndarray:

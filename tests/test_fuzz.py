@@ -65,12 +65,20 @@ def test_quantize_random_models(case: fuzzing.Case):
 
         expected = make_session(model, NONE).run(None, feed)
         results = {level: make_session(written, level).run(None, feed) for level in (DEFAULT, BASIC, NONE)}
-        oracle = fuzzing.evaluate(written, feed)
+        oracle, ties = fuzzing.evaluate(written, feed)
+        tolerance = 2e-5 if not ties else 5e-2  # a rounding tie of an input may flip one grid step
+        # DESIGN.md section 5: with quantized inputs, onnxruntime (basic level and up) rounds a float
+        # Gemm bias to INT32 on its own, so those levels differ from the graph by that rounding
+        rounded_bias = options["activations"] != "none" and fuzzing.float_gemm_bias(written)
         for k, reference in enumerate(oracle):
             assert results[NONE][k].shape == expected[k].shape == reference.shape
             scale = max(1.0, float(np.abs(reference).max(initial=0)))
-            for level, outputs in results.items():
-                np.testing.assert_allclose(outputs[k], reference, rtol=0, atol=2e-5 * scale,
-                                           err_msg=f"level {level} vs numpy oracle")
+            np.testing.assert_allclose(results[NONE][k], reference, rtol=0, atol=tolerance * scale,
+                                       err_msg="onnxruntime (optimizations disabled) vs numpy oracle")
+            for level in (DEFAULT, BASIC):
+                np.testing.assert_allclose(results[level][k], results[NONE][k], rtol=0,
+                                           atol=(5e-2 if rounded_bias else 2e-5) * scale,
+                                           err_msg=f"level {level} vs optimizations disabled")
         assert fuzzing.integer_ranges_fit(written, options["bits"]) == []
-        OUTCOMES["quantized"] += 1
+        OUTCOMES["quantized" + (" (activation rounding tie: loose oracle check)" if ties else "")
+                 + (" (float Gemm bias with quantized inputs: loose level check)" if rounded_bias else "")] += 1
