@@ -140,7 +140,8 @@ def integer_ranges_fit(model: onnx.ModelProto, bits: int) -> list[str]:
     return problems
 
 
-NEAR_TIE = 1e-4  # a QuantizeLinear input this close to a rounding tie (in grid steps) may round either way
+NEAR_TIE = 1e-3  # a QuantizeLinear input this close to a rounding tie (in grid steps) may round either way:
+# float32 kernels differ by a few 1e-6 relative between optimization levels, and from float64
 
 
 def float_gemm_bias(model: onnx.ModelProto) -> bool:

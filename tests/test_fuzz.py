@@ -77,7 +77,7 @@ def test_quantize_random_models(case: fuzzing.Case):
                                        err_msg="onnxruntime (optimizations disabled) vs numpy oracle")
             for level in (DEFAULT, BASIC):
                 np.testing.assert_allclose(results[level][k], results[NONE][k], rtol=0,
-                                           atol=(5e-2 if rounded_bias else 2e-5) * scale,
+                                           atol=(5e-2 if rounded_bias or ties else 2e-5) * scale,
                                            err_msg=f"level {level} vs optimizations disabled")
         assert fuzzing.integer_ranges_fit(written, options["bits"]) == []
         OUTCOMES["quantized" + (" (activation rounding tie: loose oracle check)" if ties else "")
