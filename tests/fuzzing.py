@@ -150,11 +150,12 @@ def float_gemm_bias(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] in floats for n in model.graph.node)
 
 
-def evaluate(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray], int]:
-    """The model's outputs, computed in float64 by numpy from the operators' definitions, and
-    the number of QuantizeLinear inputs within NEAR_TIE of a rounding tie: there float32
-    (onnxruntime) and float64 (here) may honestly round to neighbouring integers."""
-    ties = 0
+def evaluate(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray], int, float]:
+    """The model's outputs, computed in float64 by numpy from the operators' definitions; the
+    number of QuantizeLinear inputs within NEAR_TIE of a rounding tie (there float32, as in
+    onnxruntime, and float64 may honestly round to neighbouring integers); and the largest
+    magnitude of any float tensor computed (float32 rounding noise scales with it)."""
+    ties, peak = 0, 1.0
     env: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feed.items()}
     for init in model.graph.initializer:
         env[init.name] = _array(init)
@@ -162,10 +163,12 @@ def evaluate(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[list[
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         inputs = [env[name] if name else None for name in node.input]
         env[node.output[0]] = _OPS[node.op_type](inputs, attrs)
+        if env[node.output[0]].dtype.kind == "f" and env[node.output[0]].size:
+            peak = max(peak, float(np.abs(env[node.output[0]]).max()))
         if node.op_type == "QuantizeLinear":
             steps = inputs[0].astype(np.float64) / np.float64(inputs[1])
             ties += int((np.abs(steps - np.floor(steps) - 0.5) < NEAR_TIE).sum())
-    return [env[out.name] for out in model.graph.output], ties
+    return [env[out.name] for out in model.graph.output], ties, peak
 
 
 def _array(tensor: onnx.TensorProto) -> np.ndarray:
