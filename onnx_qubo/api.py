@@ -16,7 +16,7 @@ from .compare import Comparison
 from .compare import compare as run_comparison
 from .data import Dataset, load_dataset
 from .errors import OptionError, OutputError
-from .files import check_output_path, load_model, write_atomically
+from .files import dump_directory, inputs_read, load_model, writable_path, write_atomically
 from .options import QuantizeOptions, ScaleMethod, check_bits, check_integer, solver_for
 from .pipeline import calibrate, prepare, quantize_model
 from .progress import Progress
@@ -77,36 +77,38 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         solution_dir=None if load_solution is None else Path(load_solution), format=format,
         ort_accuracy_level=ort_accuracy_level, lower_bound=lower_bound, workers=workers, ray_address=ray_address)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
-    output_path = check_output_path(output_path, input_path, "output")
-    if options.ray_address is not None:
-        distributed.connect(options.ray_address)
+    reads = inputs_read(model, calibration, evaluation)  # never written: the model, its data, the data files
+    output_path = writable_path(output_path, reads=reads, what="output")
     if report_path is not None:
-        report_path = check_output_path(report_path, input_path, "report")
+        report_path = writable_path(report_path, reads=reads, what="report")
         if report_path.resolve() == output_path.resolve():
             raise OutputError(f"report '{report_path}' is the output model's path; choose another")
-    if options.dump_dir is not None and options.dump_dir.exists() and not options.dump_dir.is_dir():
-        raise OptionError(f"{{dump_qubo}} '{dump_qubo}' exists and is not a directory", "dump_qubo")
+    if dump_qubo is not None:
+        dump_directory(dump_qubo, reads=reads)
     if options.solution_dir is not None and not options.solution_dir.is_dir():
         raise OptionError(f"{{load_solution}} '{load_solution}' is not a directory", "load_solution")
+    if options.ray_address is not None:
+        distributed.connect(options.ray_address)
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
     result = quantize_model(float_model, calib_data, options, bar)
     quantized = result.model
     data = quantized.SerializeToString()
-    write_atomically(output_path, data)
+    evaluation = evaluate(reference_scores(float_model, eval_data, bar), quantized, bar, portable=result.reference)
+    timing = measure_speed(float_model, quantized, eval_data) if speed else None
+    write_atomically(output_path, data)  # after every check: an error or Ctrl-C leaves no output
 
     report = Report(
         input_path=None if input_path is None else str(input_path), output_path=str(output_path),
         bits=options.bits, scale=str(options.scale), solver="loaded" if load_solution else options.solver.name,
         calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=result.layers,
         skipped=result.skipped,
-        evaluation=evaluate(reference_scores(float_model, eval_data, bar), quantized, bar, portable=result.reference),
-        speed=measure_speed(float_model, quantized, eval_data) if speed else None,
+        evaluation=evaluation, speed=timing,
         input_bytes=model.ByteSize() if isinstance(model, onnx.ModelProto) else Path(model).stat().st_size,
         output_bytes=len(data),
         seconds=time.perf_counter() - started, scheme=options.describe(), notes=result.notes)
     if report_path is not None:
-        write_atomically(report_path, report.to_json().encode())
+        write_atomically(report_path, report.to_json().encode(), "report")
     return report
 
 

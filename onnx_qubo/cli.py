@@ -18,7 +18,7 @@ from . import api
 from .activations import PERCENTILE
 from .discovery import find_dense_layers
 from .errors import OptionError, QuboError
-from .files import check_output_path, load_model, write_atomically
+from .files import inputs_read, load_model, writable_path, write_atomically
 from .grid import MAX_BITS, MIN_BITS
 from .kernels import Format
 from .options import Activations, BiasMode, Granularity, RangeMethod, ScaleMethod
@@ -135,8 +135,8 @@ def main():
 
 
 @main.command()
-@click.argument("input_model", type=click.Path(dir_okay=False))
-@click.argument("output_model", type=click.Path(dir_okay=False))
+@click.argument("input_model", type=click.Path())
+@click.argument("output_model", type=click.Path())
 @click.option("--bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=2, show_default=True,
               help="Weight bit width (INT2/UINT2 storage for 1-2, INT4/UINT4 for 3-4, INT8/UINT8 for 5-8).")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
@@ -224,7 +224,7 @@ def _name_list(choices):
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
               help="Calibration .npz [default: <model stem>.calib.npz beside it].")
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), default=None,
@@ -253,9 +253,9 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, bl
     """Quantize MODEL at several bit widths, scales and solvers (one scheme); print a comparison table."""
     scheme = _scheme(granularity, block_size, symmetric, bias_mode, activations, activation_range, sequential)
     with failures_as_exit():
-        for name, path in (("json", json_path), ("markdown", markdown_path)):
+        for name, path in (("--json", json_path), ("--markdown", markdown_path)):
             if path is not None:
-                check_output_path(path, model, name)
+                writable_path(path, reads=inputs_read(model, calib, eval_path), what=name)
         if plots_dir is not None:
             from .plots import require_matplotlib
             require_matplotlib()
@@ -263,9 +263,9 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, bl
                              solvers=solvers, samples=samples, seed=seed, batch_size=batch_size,
                              progress=not quiet, **scheme)
         if json_path is not None:
-            write_atomically(Path(json_path), result.to_json().encode())
+            write_atomically(Path(json_path), result.to_json().encode(), "--json")
         if markdown_path is not None:
-            write_atomically(Path(markdown_path), (result.to_markdown() + "\n").encode())
+            write_atomically(Path(markdown_path), (result.to_markdown() + "\n").encode(), "--markdown")
         if plots_dir is not None:
             from .plots import write_plots
             for path in write_plots(result, Path(plots_dir)):
@@ -274,7 +274,7 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, bl
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @verbose_option
 def inspect(model):
     """List the dense layers found in MODEL and the Gemm/MatMul nodes skipped, with reasons.

@@ -3,12 +3,15 @@
 Sources: an ``.npz`` path (arrays keyed by input name, optional ``labels``; a single unnamed
 array is accepted for a single-input model), a dict of arrays, or an object with onnxruntime's
 ``CalibrationDataReader`` interface (``get_next()`` returning a feed dict, then None).
-The result is a list of feed batches ready for ``InferenceSession.run``.
+The result is a list of feed batches ready for ``InferenceSession.run``. A model whose inputs
+have a fixed first axis B (``[1, f]``, as torch.onnx.export writes without dynamic axes) is fed
+batches of exactly B samples, whatever ``batch_size`` says.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import QuboInputError
+from .errors import DataError
 
 LABELS_KEY = "labels"
 
@@ -70,7 +73,7 @@ def load_dataset(source: Any, model: onnx.ModelProto, batch_size: int = 256) -> 
     elif hasattr(source, "get_next"):
         return _from_reader(source, specs)
     else:
-        raise QuboInputError(
+        raise DataError(
             f"calibration data must be an .npz path, a dict of arrays or a CalibrationDataReader, "
             f"not {type(source).__name__}")
 
@@ -82,35 +85,58 @@ def load_dataset(source: Any, model: onnx.ModelProto, batch_size: int = 256) -> 
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape[:1] != (count,) or not np.issubdtype(labels.dtype, np.integer):
-            raise QuboInputError(
+            raise DataError(
                 f"{origin}: '{LABELS_KEY}' must hold one integer class per sample "
                 f"({count}), got dtype {labels.dtype} shape {labels.shape}")
-    batches = [{name: a[start:start + batch_size] for name, a in feed.items()}
-               for start in range(0, count, batch_size)]
+    step = _fixed_batch(specs, count, origin) or batch_size
+    batches = [{name: a[start:start + step] for name, a in feed.items()}
+               for start in range(0, count, step)]
     return Dataset(batches, labels, origin)
 
 
+def _fixed_batch(specs: list[InputSpec], count: int, origin: str) -> int | None:
+    """The fixed first-axis size the model's inputs declare (None when any is symbolic);
+    a DataError when ``count`` samples do not split into such batches."""
+    sizes = {spec.shape[0] if spec.shape else None for spec in specs}
+    if len(sizes) != 1 or None in sizes:
+        return None
+    size = sizes.pop()
+    if size and count % size:
+        raise DataError(f"{origin}: the model takes batches of exactly {size} samples (its inputs' first "
+                        f"axis is fixed), and {count} samples are not a multiple of {size}")
+    return size or None
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if path.is_dir():
+        raise DataError(f"data file '{path}' is a directory; give an .npz file")
     if not path.is_file():
-        raise QuboInputError(f"data file '{path}' does not exist")
+        raise DataError(f"data file '{path}' does not exist")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as exc:
-        raise QuboInputError(f"data file '{path}' is not a readable .npz archive: {exc}") from None
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {key: loaded[key] for key in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"data file '{path}' is not a readable .npz archive: {exc}") from None
+    raise DataError(f"data file '{path}' holds a single array (.npy), not an .npz archive; "
+                    "save it with numpy.savez(path, <input name>=array)")
 
 
 def _from_reader(reader, specs: list[InputSpec]) -> Dataset:
     batches = []
     for i, feed in enumerate(iter(reader.get_next, None)):
-        batches.append(_check_feed(dict(feed), specs, f"CalibrationDataReader batch {i}"))
+        batches.append(_check_feed(dict(feed), specs, f"CalibrationDataReader batch {i}", whole=False))
     if not batches:
-        raise QuboInputError("the CalibrationDataReader returned no data")
+        raise DataError("the CalibrationDataReader returned no data")
     return Dataset(batches, None, type(reader).__name__)
 
 
-def _check_feed(arrays: dict[str, Any], specs: list[InputSpec], origin: str) -> dict[str, np.ndarray]:
-    """Check names, shapes, dtypes and finiteness; cast where no value can change."""
+def _check_feed(arrays: dict[str, Any], specs: list[InputSpec], origin: str,
+                whole: bool = True) -> dict[str, np.ndarray]:
+    """Check names, shapes, dtypes and finiteness; cast where no value can change. ``whole``:
+    the arrays hold all samples (their first axis is split into batches later, so it need not
+    match a fixed batch size), else they are one batch as fed."""
     expected = {spec.name for spec in specs}
     missing, extra = expected - arrays.keys(), arrays.keys() - expected
     if missing or extra:
@@ -119,7 +145,7 @@ def _check_feed(arrays: dict[str, Any], specs: list[InputSpec], origin: str) -> 
             parts.append(f"missing {sorted(missing)}")
         if extra:
             parts.append(f"unexpected {sorted(extra)}")
-        raise QuboInputError(
+        raise DataError(
             f"{origin}: keys do not match the model inputs {sorted(expected)}: {', '.join(parts)}")
 
     feed = {}
@@ -129,31 +155,31 @@ def _check_feed(arrays: dict[str, Any], specs: list[InputSpec], origin: str) -> 
         where = f"{origin}: input '{spec.name}'"
         if spec.shape is not None:
             if array.ndim != len(spec.shape):
-                raise QuboInputError(f"{where} has shape {array.shape}; the model expects rank "
+                raise DataError(f"{where} has shape {array.shape}; the model expects rank "
                                      f"{len(spec.shape)} {_show_shape(spec.shape)}")
             for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
-                if want is not None and got != want:
-                    raise QuboInputError(f"{where} has shape {array.shape}; the model expects "
+                if want is not None and got != want and not (axis == 0 and whole):
+                    raise DataError(f"{where} has shape {array.shape}; the model expects "
                                          f"{_show_shape(spec.shape)} (axis {axis} differs)")
         feed[spec.name] = _cast(array, spec.dtype, where)
         counts.add(array.shape[0] if array.ndim else None)
     if len(counts) != 1 or None in counts or 0 in counts:
-        raise QuboInputError(f"{origin}: inputs must share a non-empty first (batch) axis, "
-                             f"got sizes {sorted(map(str, counts))}")
+        raise DataError(f"{origin}: inputs must share a non-empty first (batch) axis, "
+                        f"got sizes {sorted(map(str, counts))}")
     return feed
 
 
 def _cast(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise QuboInputError(f"{where} contains NaN or Inf")
+        raise DataError(f"{where} contains NaN or Inf")
     if array.dtype == dtype:
         return array
     same_family = array.dtype.kind in "fiub" and dtype.kind in "fiub"
     if not same_family or not np.can_cast(array.dtype, dtype, casting="same_kind"):
-        raise QuboInputError(f"{where} has dtype {array.dtype}; the model expects {dtype}")
+        raise DataError(f"{where} has dtype {array.dtype}; the model expects {dtype}")
     cast = array.astype(dtype)
     if dtype.kind in "iu" and not np.array_equal(cast, array):
-        raise QuboInputError(f"{where} has values that do not fit the model's dtype {dtype}")
+        raise DataError(f"{where} has values that do not fit the model's dtype {dtype}")
     return cast
 
 

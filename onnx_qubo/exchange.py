@@ -27,24 +27,34 @@ checked against the dump.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .errors import QuboInputError
+from .errors import DataError, OutputError
+from .files import writable_path, write_atomically
 from .grid import Rounding
 from .qubo import LayerProblem
 
 INDEX = "index.json"
+PROBLEM_SUFFIX, SOLUTION_SUFFIX = ".qubo.npz", ".solution.npy"
+MAX_STEM = 100  # with the suffixes and a temporary name, far below the usual 255-byte name limit
 
 
 def file_stems(layer_names: list[str]) -> list[str]:
-    """File-system-safe, unique stems for layer names (exporters use '/' and ':' in names)."""
+    """File-system-safe, unique stems of at most MAX_STEM characters for layer names (exporters
+    use '/' and ':' in names; a longer name keeps its start and a hash of the whole)."""
     stems: list[str] = []
     for name in layer_names:
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "layer"
+        if len(stem) > MAX_STEM:
+            stem = f"{stem[:MAX_STEM - 9]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
         candidate, k = stem, 1
         while candidate in stems:
             candidate, k = f"{stem}_{k}", k + 1
@@ -53,53 +63,88 @@ def file_stems(layer_names: list[str]) -> list[str]:
 
 
 def write_problem(directory: Path, stem: str, problem: LayerProblem) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    np.savez(directory / f"{stem}.qubo.npz", gram=problem.gram,
-             step=np.broadcast_to(problem.step, problem.shape), frac=problem.rounding.frac,
-             free=problem.rounding.free, base=problem.rounding.base, cross=problem.cross,
-             offset=problem.offset)
+    """``<stem>.qubo.npz`` in ``directory``, written atomically (never through a symlink)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, gram=problem.gram, step=np.broadcast_to(problem.step, problem.shape),
+             frac=problem.rounding.frac, free=problem.rounding.free, base=problem.rounding.base,
+             cross=problem.cross, offset=problem.offset)
+    _write(directory, stem + PROBLEM_SUFFIX, buffer.getvalue())
 
 
 def write_index(directory: Path, entries: list[dict]) -> None:
     """``entries``: one {"layer", "file", "n_out", "f_in", "variables", "bits"} per written layer."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / INDEX).write_text(json.dumps(entries, indent=2))
+    _write(directory, INDEX, json.dumps(entries, indent=2).encode())
+
+
+def _write(directory: Path, name: str, data: bytes) -> None:
+    """One dump file, replaced atomically; a symlink planted in the directory is refused."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"dump_qubo '{directory}' cannot be created: {exc.strerror}") from None
+    path = directory / name
+    if path.is_symlink():
+        raise OutputError(f"dump_qubo: '{path}' is a symbolic link; refusing to write through it")
+    write_atomically(writable_path(path, reads=(), what="dump_qubo file"), data, "dump_qubo file")
 
 
 def read_problem(path: Path) -> LayerProblem:
-    with np.load(path) as npz:
-        return LayerProblem(npz["gram"], npz["step"], Rounding(npz["base"], npz["frac"], npz["free"]),
-                            npz["cross"], npz["offset"])
+    """The layer problem stored at ``path`` (a ``.qubo.npz`` this module wrote)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return LayerProblem(npz["gram"], npz["step"], Rounding(npz["base"], npz["frac"], npz["free"]),
+                                npz["cross"], npz["offset"])
+    except (OSError, ValueError, KeyError, EOFError, AttributeError, TypeError, zipfile.BadZipFile) as exc:
+        raise DataError(f"'{path}' is not a QUBO dump (.qubo.npz with gram, step, base, frac, free, "
+                        f"cross, offset): {exc}") from None
 
 
 def read_solution(directory: Path, name: str, problem: LayerProblem) -> np.ndarray:
-    """The rounding choice [n, f] (bool) for layer ``name``, checked against ``problem``."""
-    index = _read_index(directory)
-    entry = next((e for e in index if e["layer"] == name), None)
+    """The rounding choice [n, f] (bool) for layer ``name``, checked against ``problem``. Only
+    files directly inside ``directory`` are read, whatever its index says."""
+    entry = next((e for e in _read_index(directory) if e["layer"] == name), None)
     if entry is None:
-        raise QuboInputError(f"--load-solution: layer '{name}' is not in {directory / INDEX}")
+        raise DataError(f"load_solution: layer '{name}' is not in {directory / INDEX}")
     dumped = directory / entry["file"]
-    solution = dumped.with_name(dumped.name.replace(".qubo.npz", ".solution.npy"))
+    solution = directory / (entry["file"][:-len(PROBLEM_SUFFIX)] + SOLUTION_SUFFIX)
     if not solution.is_file():
-        raise QuboInputError(f"--load-solution: no solution file '{solution}' for layer '{name}'")
+        raise DataError(f"load_solution: no solution file '{solution}' for layer '{name}'")
+    for path in (dumped, solution):
+        if path.is_symlink():
+            raise DataError(f"load_solution: '{path}' is a symbolic link; only plain files in the directory are read")
     try:
-        with np.load(dumped) as npz:
+        with np.load(dumped, allow_pickle=False) as npz:
             step = npz["step"]
         choice = np.load(solution, allow_pickle=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise QuboInputError(f"--load-solution: cannot read the files of layer '{name}': {exc}") from None
+    except (OSError, ValueError, KeyError, EOFError, AttributeError, TypeError, zipfile.BadZipFile) as exc:
+        raise DataError(f"load_solution: cannot read the files of layer '{name}': {exc}") from None
+    if not isinstance(choice, np.ndarray):
+        raise DataError(f"load_solution: '{solution}' must be a .npy array")
     expected = np.broadcast_to(problem.step, problem.shape)
     if step.shape != expected.shape or not np.allclose(step, expected, rtol=1e-6):
-        raise QuboInputError(f"--load-solution: layer '{name}' was dumped with other scales; rerun "
-                             "with the model, data and flags used for --dump-qubo")
+        raise DataError(f"load_solution: layer '{name}' was dumped with other scales; rerun "
+                        "with the model, data and options used for dump_qubo")
     if choice.shape != problem.shape or not np.isin(choice, (0, 1)).all():
-        raise QuboInputError(f"--load-solution: '{solution}' must be a {problem.shape} array of 0/1, "
-                             f"got shape {choice.shape}")
+        raise DataError(f"load_solution: '{solution}' must be a {problem.shape} array of 0/1, "
+                        f"got shape {choice.shape}")
     return choice.astype(bool)
 
 
-def _read_index(directory: Path) -> list[dict]:
+def _read_index(directory: Path) -> list[dict[str, Any]]:
+    """The index entries, each with a string ``layer`` and a plain ``<stem>.qubo.npz`` file name
+    (no folder, no '..', no absolute path: the index cannot point outside ``directory``)."""
+    path = directory / INDEX
     try:
-        return json.loads((directory / INDEX).read_text())
+        index = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise QuboInputError(f"--load-solution: cannot read '{directory / INDEX}': {exc}") from None
+        raise DataError(f"load_solution: cannot read '{path}': {exc}") from None
+    if not isinstance(index, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("layer"), str) and isinstance(e.get("file"), str)
+            for e in index):
+        raise DataError(f"load_solution: '{path}' must be a list of {{\"layer\": ..., \"file\": ...}} entries")
+    for entry in index:
+        file = entry["file"]
+        if Path(file).name != file or file in ("", ".", "..") or "\\" in file or not file.endswith(PROBLEM_SUFFIX):
+            raise DataError(f"load_solution: '{path}' names '{file}' for layer '{entry['layer']}'; only plain "
+                            f"<name>{PROBLEM_SUFFIX} file names inside the directory are accepted")
+    return index

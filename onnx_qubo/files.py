@@ -1,56 +1,225 @@
-"""Reading models and writing outputs without ever leaving a partial file or touching the input."""
+"""Reading models and writing outputs without ever leaving a partial file or touching an input.
+
+One place decides what a run may write (``writable_path``): never the input model, its external
+data files or the data files being read, and never anything that is not a regular file or a new
+path (directories, FIFOs, devices, and symlinks to any of those). Writes go to a short-named
+temporary file beside the target, renamed over it (``write_atomically``), so a failure or an
+interruption (Ctrl-C, SIGTERM) leaves no partial output. SIGKILL cannot be handled: it can leave
+a ``.oq-*.tmp`` file behind, never a partial output.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+import stat
 import tempfile
+import threading
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from .errors import QuboInputError
+from .errors import ModelError, OutputError
+
+PathLike = str | os.PathLike
+TEMP_PREFIX, TEMP_SUFFIX = ".oq-", ".tmp"  # short: a 255-character output name must still fit
+SPECIAL_TREES = ("/dev", "/proc", "/sys")  # paths there are streams or kernel files, never outputs
+DATA_SUFFIXES = (".calib.npz", ".eval.npz")  # the data files found beside a model by default
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+def load_model(path: PathLike) -> onnx.ModelProto:
+    """The model at ``path`` with its external data loaded, after checking that every external
+    data file is a plain file inside the model's folder (never absolute, ``..`` or a symlink)."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"model '{path}' is a directory; give an .onnx file")
     if not path.is_file():
-        raise QuboInputError(f"model file '{path}' does not exist")
+        raise ModelError(f"model file '{path}' does not exist")
     try:
-        model = onnx.load(path)
+        model = onnx.load(path, load_external_data=False)
     except (DecodeError, ValueError, OSError, RuntimeError) as exc:
-        raise QuboInputError(f"'{path}' is not a readable ONNX model: {exc}") from None
+        raise ModelError(f"'{path}' is not a readable ONNX model: {exc}") from None
     if not model.graph.node:
-        raise QuboInputError(f"'{path}' is not an ONNX model (its graph has no nodes)")
+        raise ModelError(f"'{path}' is not an ONNX model (its graph has no nodes)")
+    if any(True for _ in _external_tensors(model)):
+        external_data_files(model, path)  # validates every location first
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+            raise ModelError(f"cannot read the external data of '{path}': {exc}") from None
     return model
 
 
-def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None, flag: str) -> Path:
-    """Fail early, before any long work, if ``output`` cannot be written or is the input."""
-    output = Path(output)
-    if input_path is not None and output.resolve() == Path(input_path).resolve():
-        raise QuboInputError(f"{flag} '{output}' is the input model; choose another path "
-                             "(the input is never overwritten)")
-    if output.is_dir():
-        raise QuboInputError(f"{flag} '{output}' is a directory; give a file path")
-    parent = output.resolve().parent
-    if not parent.is_dir():
-        raise QuboInputError(f"{flag} '{output}': directory '{parent}' does not exist")
-    if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
-        raise QuboInputError(f"{flag} '{output}' is not writable")
-    return output
+def external_data_files(model: onnx.ModelProto, path: PathLike) -> list[Path]:
+    """The external data files of ``model`` (loaded from ``path`` without its external data),
+    resolved against the model's folder; a ModelError for a location that is absolute, leaves
+    the folder, is a symlink or does not exist."""
+    folder = Path(path).parent.resolve()
+    files: dict[Path, None] = {}
+    for tensor in _external_tensors(model):
+        location = ExternalDataInfo(tensor).location
+        where = f"'{path}': tensor '{tensor.name}' has its data in '{location}'"
+        if not location or Path(location).is_absolute() or Path(location).drive:
+            raise ModelError(f"{where}, which is not a path relative to the model's folder")
+        candidate = folder / location
+        if ".." in Path(location).parts or not candidate.resolve().is_relative_to(folder):
+            raise ModelError(f"{where}, outside the model's folder")
+        if candidate.is_symlink():
+            raise ModelError(f"{where}, a symbolic link; external data must be a plain file")
+        if not candidate.is_file():
+            raise ModelError(f"{where}, which does not exist or is not a file")
+        files[candidate.resolve()] = None
+    return list(files)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path``."""
-    handle, temp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model stored as external data: initializers and tensor attributes,
+    in the main graph, its subgraphs and the model's local functions."""
+    def of_graph(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from graph.initializer
+        yield from (sparse.values for sparse in graph.sparse_initializer)
+        yield from of_nodes(graph.node)
+
+    def of_nodes(nodes: Any) -> Iterator[onnx.TensorProto]:
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from of_graph(attr.g)
+                for sub in attr.graphs:
+                    yield from of_graph(sub)
+
+    tensors = list(of_graph(model.graph))
+    for function in model.functions:
+        tensors += of_nodes(function.node)
+    yield from (t for t in tensors if uses_external_data(t))
+
+
+def inputs_read(model: Any, *data: Any) -> dict[Path, str]:
+    """The files a run reads or may read, resolved, each with what it is: the model (when a
+    path), its external data files, the ``<stem>.calib.npz`` / ``<stem>.eval.npz`` beside it,
+    and the data sources that are paths (other sources, and paths that do not exist, are
+    skipped)."""
+    reads: dict[Path, str] = {}
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_file():
+        model = Path(model)
+        reads[model.resolve()] = "the input model"
+        try:
+            for path in external_data_files(onnx.load(model, load_external_data=False), model):
+                reads[path] = "external data of the input model"
+        except (DecodeError, ValueError, OSError, RuntimeError, ModelError):
+            pass  # load_model gives the clear error when the run loads it
+        data += tuple(model.with_name(model.stem + suffix) for suffix in DATA_SUFFIXES)
+    for path in (Path(d) for d in data if isinstance(d, (str, os.PathLike))):
+        if path.exists():
+            reads.setdefault(path.resolve(), "a data file")
+    return reads
+
+
+def dump_directory(path: PathLike, *, reads: Collection[Path]) -> Path:
+    """``path`` as a directory the QUBO dump may write ``index.json`` and ``*.qubo.npz`` into:
+    a new or existing directory holding none of the files this run reads under those names."""
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"dump_qubo '{path}' exists and is not a directory")
+    for read in reads:
+        if read.parent == directory.resolve() and (read.name == "index.json" or read.name.endswith(".qubo.npz")):
+            raise OutputError(f"dump_qubo '{path}' holds '{read.name}', a file this run reads, which the "
+                              "dump would replace; choose another directory")
+    return directory
+
+
+def writable_path(path: PathLike, *, reads: Collection[Path], what: str) -> Path:
+    """``path`` as a Path if this run may write ``what`` there, else an OutputError: not a file
+    the run reads, not a directory (or a name ending in a separator), not a device, FIFO or
+    socket (nor a symlink to one), in an existing, writable folder."""
     try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp's 0600 would surprise; use the usual mode
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        return _check_writable(os.fspath(path), reads, what)
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise OutputError(f"{what} '{os.fspath(path)}' cannot be written: {exc.strerror or exc}") from None
+
+
+def _check_writable(text: str, reads: Collection[Path], what: str) -> Path:
+    target = Path(text)
+    shown = f"{what} '{text}'"
+    if text.endswith(("/", os.sep)) or target.is_dir():
+        raise OutputError(f"{shown} is a directory; give a file path")
+    absolute = Path(os.path.abspath(text))
+    if any(absolute.is_relative_to(tree) or target.resolve().is_relative_to(tree) for tree in SPECIAL_TREES):
+        raise OutputError(f"{shown} is a device or kernel file, not a regular file")
+    resolved = target.resolve()
+    for read in reads:
+        if resolved == Path(read).resolve() or _same_file(target, Path(read)):
+            role = reads[read] if isinstance(reads, Mapping) else "a file"
+            raise OutputError(f"{shown} is {role} this run reads; choose another path "
+                              "(inputs are never overwritten)")
+    if target.is_symlink() or target.exists():
+        try:
+            mode = os.stat(target).st_mode
+        except OSError as exc:
+            raise OutputError(f"{shown}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise OutputError(f"{shown} exists and is not a regular file (a device, FIFO or socket)")
+    parent = absolute.parent
+    if not parent.is_dir():
+        raise OutputError(f"{shown}: directory '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise OutputError(f"{shown} is not writable")
+    return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two existing paths are one file (hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def write_atomically(path: Path, data: bytes, what: str = "output") -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path`` (a
+    symlink at ``path`` is replaced, never written through). SIGTERM during the write raises
+    KeyboardInterrupt, so the temporary file is removed as for Ctrl-C."""
+    folder = Path(os.path.abspath(path)).parent
+    with _sigterm_raises():
+        try:
+            handle, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+        except OSError as exc:
+            raise OutputError(f"{what} '{path}': cannot create a file in '{folder}': {exc.strerror}") from None
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temp, 0o666 & ~umask)  # mkstemp's 0600 would surprise; use the usual mode
+            os.replace(temp, path)
+        except OSError as exc:
+            Path(temp).unlink(missing_ok=True)
+            raise OutputError(f"{what} '{path}' cannot be written: {exc.strerror or exc}") from None
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+
+class _sigterm_raises:
+    """While active (main thread only), SIGTERM raises KeyboardInterrupt instead of ending the
+    process at once, so ``finally``/``except`` cleanups run."""
+
+    def __enter__(self) -> None:
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.installed:  # None: a handler not set from Python; the default is the closest
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

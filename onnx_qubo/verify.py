@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .data import Dataset
+from .data import Dataset, model_inputs
+from .errors import ModelError
 from .progress import Progress
 from .report import Evaluation, Speed
 from .runtime import BASIC, DEFAULT, NONE, make_session
@@ -61,6 +62,11 @@ def run_scores(model, level, dataset: Dataset, name: str, progress: Progress, wh
         outputs = []
         for batch in dataset.batches:
             outputs.append(session.run([name], batch)[0])
+            samples = len(next(iter(batch.values())))
+            if len(dataset.batches) > 1 and outputs[-1].shape[:1] != (samples,):
+                raise ModelError(f"output '{name}' of the {what} has shape {outputs[-1].shape} for a batch of "
+                                 f"{samples} samples: its first axis is not the batch, so batches cannot be "
+                                 "joined; evaluate all samples in one batch (batch_size)")
             bar.update(1)
     return np.concatenate(outputs).astype(np.float64)
 
@@ -103,14 +109,18 @@ def _relative(y: np.ndarray, reference: np.ndarray) -> float:
 
 
 def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, dataset: Dataset) -> Speed:
-    """Median latency of both models at onnxruntime's default level, at batch 1 and at the
-    evaluation batch size, their runs interleaved so that load on the machine hits both alike."""
+    """Median latency of both models at onnxruntime's default level, at batch 1 (or the model's
+    fixed batch size) and at the evaluation batch size, their runs interleaved so that load on
+    the machine hits both alike."""
     batch = dataset.batches[0]
-    single = {name: array[:1] for name, array in batch.items()}
+    fixed = {spec.shape[0] for spec in model_inputs(float_model) if spec.shape and spec.shape[0] is not None}
+    small = min(fixed, default=1)
+    single = {name: array[:small] for name, array in batch.items()}
     sessions = [make_session(m, DEFAULT, what) for m, what in ((float_model, "the float model"),
                                                                 (quantized_model, "the quantized model"))]
     float_single, float_batch, quantized_single, quantized_batch = _interleaved(sessions, (single, batch))
-    return Speed(len(next(iter(batch.values()))), float_single, float_batch, quantized_single, quantized_batch)
+    return Speed(len(next(iter(batch.values()))), float_single, float_batch, quantized_single, quantized_batch,
+                 small)
 
 
 def _interleaved(sessions: list[ort.InferenceSession],

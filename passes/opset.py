@@ -40,10 +40,30 @@ class RaiseOpset:
             except Exception as exc:  # the converter raises bare RuntimeErrors
                 raise ModelError(f"cannot raise the model's opset from {current} to {self.target} "
                                  f"(needed by the integer weight type): {exc}") from None
+            if not raised.functions:  # the converter drops the model's local functions
+                raised.functions.extend(model.functions)
+        _raise_functions(raised, self.target)
         log.info("raised the default-domain opset from %d to %d", current, self.target)
         raised.ir_version = max(raised.ir_version, helper.find_min_ir_version_for(
             list(raised.opset_import), ignore_unknown=True))
         return PassResult(raised, modified=True)
+
+
+def _raise_functions(model: onnx.ModelProto, target: int) -> None:
+    """Bring each local function's default-domain import up to ``target`` (onnx requires it to
+    match the model's); a ModelError naming the function when one of its ops changed meaning."""
+    for function in model.functions:
+        for opset in function.opset_import:
+            if opset.domain not in DEFAULT_DOMAINS or opset.version >= target:
+                continue
+            ops = {node.op_type for node in function.node if node.domain in DEFAULT_DOMAINS}
+            changed = sorted(op for op in ops if not _same_definition(op, opset.version, target))
+            if changed:
+                raise ModelError(f"local function '{function.domain}.{function.name}' uses {', '.join(changed)} "
+                                 f"as defined at opset {opset.version}, changed before opset {target}, which the "
+                                 "integer weight type needs; onnx cannot convert functions: inline the function "
+                                 "or use more bits (INT8 weights need opset 13)")
+            opset.version = target
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -32,6 +32,7 @@ class GraphIndex:
         graph = model.graph
         self.initializers = {init.name: init for init in graph.initializer}
         self.overridable = {inp.name for inp in graph.input} & self.initializers.keys()
+        self.outputs = {out.name for out in graph.output}
         self.uses = count_uses(graph)
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
@@ -48,6 +49,8 @@ class GraphIndex:
             return Skip(f"both operands are constants ('{activation}', '{weight}')")
         if weight in self.overridable:
             return Skip(f"weight '{weight}' is also a graph input, so callers can override it")
+        if weight in self.outputs:
+            return Skip(f"weight '{weight}' is also a graph output, which must keep its float values")
         if self.uses[weight] > 1:
             return Skip(f"weight '{weight}' is shared by {self.uses[weight]} nodes")
         init = self.initializers[weight]
@@ -58,16 +61,22 @@ class GraphIndex:
             return Skip(f"weight '{weight}' has rank {len(init.dims)}; a dense layer needs a 2-D weight")
         return init
 
-    def bias_vector(self, name: str, n: int) -> np.ndarray | None:
+    def bias_vector(self, name: str, n: int, rank: int | None, axis: int = -1) -> np.ndarray | Skip | None:
         """The bias as an [n] vector when it can be replaced by a quantized one: a FLOAT
-        initializer of n values along its last axis, read by this layer alone."""
+        initializer of n values along ``axis`` (its last, or its first for a Conv's [M]), read by
+        this layer alone, of rank at most the layer output's ``rank`` (1 when unknown), so that
+        an [n] vector broadcasts the same; a Skip when it holds NaN or Inf."""
         init = self.initializers.get(name)
-        if init is None or name in self.overridable or self.uses[name] != 1:
+        if init is None or name in self.overridable | self.outputs or self.uses[name] != 1:
             return None
         dims = list(init.dims)
-        if init.data_type != onnx.TensorProto.FLOAT or not dims or dims[-1] != n or int(np.prod(dims)) != n:
+        if (init.data_type != onnx.TensorProto.FLOAT or not dims or dims[axis] != n or int(np.prod(dims)) != n
+                or len(dims) > (rank or 1)):
             return None
-        return numpy_helper.to_array(init).astype(np.float64).reshape(n)
+        bias = numpy_helper.to_array(init).astype(np.float64).reshape(n)
+        if not np.isfinite(bias).all():
+            return Skip(f"bias '{name}' holds NaN or Inf")
+        return bias
 
     def only_reader(self, tensor: str) -> onnx.NodeProto | None:
         readers = self.consumers.get(tensor, [])

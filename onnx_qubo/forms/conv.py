@@ -41,7 +41,9 @@ class ConvForm:
                         "not quantized yet")
         weight = flatten_weight(numpy_helper.to_array(init).astype(np.float64), geometry)
         bias_name = node.input[2] if len(node.input) > 2 else ""
-        bias = index.bias_vector(bias_name, geometry.out_channels)
+        bias = index.bias_vector(bias_name, geometry.out_channels, rank=1)  # Conv's B is [M]
+        if isinstance(bias, Skip):
+            return bias
         return DenseLayer(name, self, f"Conv {'x'.join(map(str, geometry.kernel))}", activation,
                           index.ranks.get(activation), weight_name, weight, 1.0, bias,
                           bias_name if bias is not None else None, bias_in_node=bool(bias_name), geometry=geometry)

@@ -36,7 +36,9 @@ class GemmForm:
         trans_b = attrs.get("transB", 0)
         weight = stored if trans_b else stored.T
         bias_name = node.input[2] if len(node.input) > 2 else ""
-        bias = index.bias_vector(bias_name, len(weight))
+        bias = index.bias_vector(bias_name, len(weight), rank=2)
+        if isinstance(bias, Skip):
+            return bias
         return DenseLayer(name, self, f"Gemm(transB={trans_b})", activation, index.ranks.get(activation),
                           weight_name, weight, gain, None if bias is None else float(attrs.get("beta", 1.0)) * bias,
                           bias_name if bias is not None else None, bias_in_node=bool(bias_name))

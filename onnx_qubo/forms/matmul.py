@@ -36,7 +36,9 @@ class MatMulForm:
         if index.ranks.get(activation) != 2:
             label += " (N-D)"
         bias_name = next((t for t in add.input if t != node.output[0]), "") if add else ""
-        bias = index.bias_vector(bias_name, len(weight))
+        bias = index.bias_vector(bias_name, len(weight), rank=index.ranks.get(activation))
+        if isinstance(bias, Skip):
+            return bias
         return DenseLayer(name, self, label, activation, index.ranks.get(activation), weight_name, weight, 1.0,
                           bias, bias_name if bias is not None else None)
 
