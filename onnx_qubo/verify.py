@@ -53,11 +53,14 @@ class Reference:
 
 def reference_scores(float_model: onnx.ModelProto, dataset: Dataset, progress: Progress) -> Reference:
     name = scores_output(float_model)
-    return Reference(dataset, name, run_scores(float_model, DEFAULT, dataset, name, progress, "float model"))
+    scores = run_scores(float_model, DEFAULT, dataset, name, progress, "float model", built=False)
+    return Reference(dataset, name, scores)
 
 
-def run_scores(model, level, dataset: Dataset, name: str, progress: Progress, what: str) -> np.ndarray:
-    session = make_session(model, level, f"the {what}")
+def run_scores(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, dataset: Dataset, name: str,
+               progress: Progress, what: str, built: bool = True) -> np.ndarray:
+    """The output ``name`` of ``model`` over ``dataset`` (``built``: a model this library wrote)."""
+    session = make_session(model, level, f"the {what}", built)
     with progress.bar(len(dataset.batches), f"running the {what}") as bar:
         outputs = []
         for batch in dataset.batches:
@@ -116,8 +119,8 @@ def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto
     fixed = {spec.shape[0] for spec in model_inputs(float_model) if spec.shape and spec.shape[0] is not None}
     small = min(fixed, default=1)
     single = {name: array[:small] for name, array in batch.items()}
-    sessions = [make_session(m, DEFAULT, what) for m, what in ((float_model, "the float model"),
-                                                                (quantized_model, "the quantized model"))]
+    sessions = [make_session(float_model, DEFAULT, "the float model"),
+                make_session(quantized_model, DEFAULT, "the quantized model", built=True)]
     float_single, float_batch, quantized_single, quantized_batch = _interleaved(sessions, (single, batch))
     return Speed(len(next(iter(batch.values()))), float_single, float_batch, quantized_single, quantized_batch,
                  small)
