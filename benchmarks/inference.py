@@ -1,5 +1,6 @@
 """Inference speed, memory, size and error of each deployment form on a transformer-shaped model.
 
+    pip install onnx-ir   # onnxruntime's MatMulNBitsQuantizer imports it
     python benchmarks/inference.py [--quick] [--reps 20] [--out benchmarks/results/inference.md]
 
 The model: 4 x (MatMul 2048x2048 + Add), Relu between, input [batch, seq, 2048], seeded random
