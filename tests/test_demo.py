@@ -39,3 +39,18 @@ def test_demo_qubo_rounding_rescues_max_abs_scales(tmp_path):
     rtn = onnx_qubo.quantize(MODEL, tmp_path / "rtn.onnx", bits=2, scale="minmax", solver="rtn")
     fast = onnx_qubo.quantize(MODEL, tmp_path / "fast.onnx", bits=2, scale="minmax", solver="fast")
     assert fast.evaluation.quantized_accuracy - rtn.evaluation.quantized_accuracy >= 0.30
+
+
+@pytest.mark.parametrize("model_name, arguments", [
+    ("mnist_mlp", dict(bits=2)),
+    ("mnist_mlp", dict(bits=4, granularity="block", block_size=32)),
+    ("digits_mlp", dict(bits=4)),
+    ("digits_mlp", dict(bits=8, activations="uint8")),
+])
+def test_demo_accuracy_is_the_same_in_both_formats(model_name, arguments, default_int2, tmp_path):
+    model = MODEL.with_name(f"{model_name}.onnx")
+    qdq = default_int2[0] if (model_name, arguments) == ("mnist_mlp", {"bits": 2}) else \
+        onnx_qubo.quantize(model, tmp_path / "qdq.onnx", speed=False, **arguments)
+    ort = onnx_qubo.quantize(model, tmp_path / "ort.onnx", format="ort", speed=False, **arguments)
+    assert {layer.kernel for layer in ort.layers} <= {"MatMulNBits", "MatMulIntegerToFloat"}
+    assert abs(ort.evaluation.quantized_accuracy - qdq.evaluation.quantized_accuracy) <= 0.0005
