@@ -99,11 +99,30 @@ def count_uses(graph: onnx.GraphProto) -> Counter:
     return uses
 
 
+SHAPE_VALUES = 1 << 10  # initializers up to this many elements keep their values for shape inference
+
+
 def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """The rank of every main-graph tensor that shape inference can tell."""
-    graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    """The rank of every main-graph tensor that shape inference can tell, inferred on a copy
+    whose large initializers keep their type and dims but not their values (inference reads the
+    values of small ones only, e.g. a Reshape's target shape): a model of any size, one over
+    protobuf's 2 GB limit included, costs only its graph."""
+    graph = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False).graph
     return {
         info.name: len(info.type.tensor_type.shape.dim)
         for info in list(graph.input) + list(graph.value_info) + list(graph.output)
         if info.type.tensor_type.HasField("shape")
     }
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without the values of initializers over SHAPE_VALUES elements."""
+    source = model.graph
+    graph = onnx.GraphProto(name=source.name, node=source.node, input=source.input, output=source.output,
+                            value_info=source.value_info)
+    for init in source.initializer:
+        small = int(np.prod(init.dims)) <= SHAPE_VALUES
+        graph.initializer.append(init if small else onnx.TensorProto(name=init.name, data_type=init.data_type,
+                                                                     dims=init.dims))
+    return onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions,
+                           graph=graph)
