@@ -72,11 +72,13 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
     calibrated = calibrate(model, calibration, progress, options.exclude, options.activations,
                            options.activation_range)
     plan = make_plan(options, calibrated.layers)
-    solved = list(solve_layers(calibrated, plan, progress))
-    integers = [s.quantized() for s in solved]
+    integers, reports = [], []
+    for solved in solve_layers(calibrated, plan, progress):  # keeps each layer's integers, frees its QUBO
+        integers.append(solved.quantized())
+        reports.append(solved.report)
     written = rewrite(model, integers, plan.format, plan.accuracy_level)
     portable = written.model if plan.format == Format.QDQ else rewrite(model, integers).model
-    reports = [replace(s.report, kernel=k.kernel, kernel_fallback=k.fallback) for s, k in zip(solved, written.kernels)]
+    reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback) for r, k in zip(reports, written.kernels)]
     return Quantized(written.model, reports, calibrated.skipped, portable, written.notes)
 
 
