@@ -889,13 +889,13 @@ def rel_error(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
 
 
 def quantized_share(src: Path, dst: Path) -> float:
-    """Share of the float parameters (initializers and Constant-node tensors) that no longer exist
-    as float tensors of the same name and size in the quantized model."""
-    a = float_tensors(onnx.load(str(src)))
-    b = float_tensors(onnx.load(str(dst)))
-    total = sum(n for n, _ in a.values())
-    kept = sum(n for k, (n, _) in a.items() if k in b and b[k][0] == n)
-    return (total - kept) / total if total else 0.0
+    """Share of the float parameters (initializers and Constant-node tensors, subgraphs included)
+    that are gone from the quantized model: 1 - float parameters left / float parameters before.
+    Scales and other new float tensors count as left, so a tensor that is only renamed or
+    transposed (e.g. Gemm -> MatMul) counts as not quantized."""
+    a = sum(n for n, _ in float_tensors(onnx.load(str(src))).values())
+    b = sum(n for n, _ in float_tensors(onnx.load(str(dst))).values())
+    return max(0.0, 1.0 - b / a) if a else 0.0
 
 
 def benchmark_model(spec: ModelSpec, configs: list[str], n_calib: int, n_eval: int, cache: Path, work: Path) -> dict:
@@ -1001,7 +1001,7 @@ def write_markdown(results: list[dict], path: Path, argv: list[str], elapsed: fl
          "Columns: `fidelity` the task metric against the float model on the evaluation set (named per model), "
          "`rel. err.` ||y_q - y_f|| / ||y_f|| over all evaluation outputs, `yes (reader)`: onnx-qubo refused the .npz "
          "calibration file and ran with a CalibrationDataReader giving one sample per feed instead, `share` the share of float parameters "
-         "(initializers and Constant-node tensors) that the quantizer replaced, `time`/`peak RSS` of the quantizer "
+         "(initializers and Constant-node tensors, subgraphs included) gone from the quantized model (1 - float parameters left / before; new scales count as left), `time`/`peak RSS` of the quantizer "
          "process (onnx-qubo's time includes its own check on the calibration set), `size` of the written model.",
          ""]
     for res in results:
