@@ -951,6 +951,8 @@ def benchmark_model(spec: ModelSpec, configs: list[str], n_calib: int, n_eval: i
                 except Exception as e:  # noqa: BLE001
                     row.update(ok=False, error=f"evaluation in onnxruntime failed: {type(e).__name__}: {e}")
         res["rows"].append(row)
+        with open(work / "rows.jsonl", "a") as f:
+            f.write(json.dumps({"model": spec.name, **row}, default=str) + "\n")
         status = "ok" if row.get("ok") else f"FAILED: {str(row.get('error'))[:300]}"
         print(f"[{spec.name}] {cfg:20s} {row.get('wall', 0):7.1f}s  {status}"
               + (f"  fid={row['fidelity']:.4f} rel={row['rel_err']:.4g} share={row['share']:.1%}" if row.get("ok") else ""),
@@ -1005,6 +1007,8 @@ def write_markdown(results: list[dict], path: Path, argv: list[str], elapsed: fl
          "process (onnx-qubo's time includes its own check on the calibration set), `size` of the written model.",
          ""]
     for res in results:
+        if res.get("extra"):
+            continue
         spec = res["spec"]
         L.append(f"## {spec.name}: {spec.task}")
         L.append("")
