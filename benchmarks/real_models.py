@@ -232,12 +232,13 @@ def generated_files(rng: random.Random, n: int) -> list[bytes]:
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
             for i in range(rng.randint(1, 5)):
-                z.writestr(f"dir/file{i}.txt", txt())
+                z.writestr(zipfile.ZipInfo(f"dir/file{i}.txt", date_time=(2024, 1, 1, 0, 0, 0)), txt(),
+                           compress_type=zipfile.ZIP_DEFLATED)  # fixed time: the same bytes every run
         return buf.getvalue()
 
     def gz():
         import gzip
-        return gzip.compress(txt())
+        return gzip.compress(txt(), mtime=0)
 
     def pdf():
         text = sentence(rng)
@@ -846,8 +847,23 @@ def worker(args) -> int:
         info["traceback"] = traceback.format_exc()
         info["exit_status"] = getattr(e, "exit_status", None)
     info["time"] = time.perf_counter() - t0
+    info["peak_rss_mb"] = own_peak_rss_mb()
     Path(args.info).write_text(json.dumps(info, default=str))
     return 0
+
+
+def own_peak_rss_mb() -> float | None:
+    """This process's peak RSS (VmHWM: per address space, reset by exec). The rusage that
+    wait4 returns for a child is not usable here: Linux carries the parent's peak RSS at fork
+    into the child's ru_maxrss across exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_config(cfg: str, src: Path, dst: Path, calib_path: Path, n_calib: int, batch_size: int | None) -> dict:
@@ -866,7 +882,8 @@ def run_config(cfg: str, src: Path, dst: Path, calib_path: Path, n_calib: int, b
     info = json.loads(info_path.read_text()) if info_path.exists() else {
         "ok": False, "error": f"worker died (exit status {p.returncode}): {log.read_text()[-500:]}"}
     info["wall"] = wall
-    info["peak_rss_mb"] = ru.ru_maxrss / 1024
+    if info.get("peak_rss_mb") is None:  # the worker died before measuring: rusage (includes the parent's RSS at fork)
+        info["peak_rss_mb"] = ru.ru_maxrss / 1024
     return info
 
 
@@ -1003,7 +1020,7 @@ def write_markdown(results: list[dict], path: Path, argv: list[str], elapsed: fl
          "Columns: `fidelity` the task metric against the float model on the evaluation set (named per model), "
          "`rel. err.` ||y_q - y_f|| / ||y_f|| over all evaluation outputs, `yes (reader)`: onnx-qubo refused the .npz "
          "calibration file and ran with a CalibrationDataReader giving one sample per feed instead, `share` the share of float parameters "
-         "(initializers and Constant-node tensors, subgraphs included) gone from the quantized model (1 - float parameters left / before; new scales count as left), `time`/`peak RSS` of the quantizer "
+         "(initializers and Constant-node tensors, subgraphs included) gone from the quantized model (1 - float parameters left / before; new scales count as left), `time`/`peak RSS` (VmHWM) of the quantizer "
          "process (onnx-qubo's time includes its own check on the calibration set), `size` of the written model.",
          ""]
     for res in results:
