@@ -59,18 +59,27 @@ def reference_scores(float_model: onnx.ModelProto, dataset: Dataset, progress: P
 
 def run_scores(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, dataset: Dataset, name: str,
                progress: Progress, what: str, built: bool = True) -> np.ndarray:
-    """The output ``name`` of ``model`` over ``dataset`` (``built``: a model this library wrote)."""
+    """The output ``name`` of ``model`` over ``dataset`` (``built``: a model this library wrote).
+    An output whose first axis is not the batch (a CRNN's [time, batch, classes]) is joined as
+    rows of its last axis: the measures compare the two models row by row."""
     session = make_session(model, level, f"the {what}", built)
+    rows_of_last_axis = False
     with progress.bar(len(dataset.batches), f"running the {what}") as bar:
         outputs = []
         for batch in dataset.batches:
-            outputs.append(session.run([name], batch)[0])
+            output = session.run([name], batch)[0]
             samples = len(next(iter(batch.values())))
-            if len(dataset.batches) > 1 and outputs[-1].shape[:1] != (samples,):
-                raise ModelError(f"output '{name}' of the {what} has shape {outputs[-1].shape} for a batch of "
-                                 f"{samples} samples: its first axis is not the batch, so batches cannot be "
-                                 "joined; evaluate all samples in one batch (batch_size)")
+            rows_of_last_axis = rows_of_last_axis or (len(dataset.batches) > 1 and output.shape[:1] != (samples,))
+            outputs.append(output)
             bar.update(1)
+    if rows_of_last_axis:
+        widths = {output.shape[-1] if output.ndim else 1 for output in outputs}
+        if len(widths) > 1:
+            raise ModelError(f"output '{name}' of the {what} has shape {outputs[-1].shape} for a batch of {samples} "
+                             "samples: its first axis is not the batch and its last axis changes with the batch, "
+                             "so batches cannot be joined; evaluate all samples in one batch (batch_size)")
+        width = widths.pop()
+        outputs = [output.reshape(-1, width) for output in outputs]
     return np.concatenate(outputs).astype(np.float64)
 
 

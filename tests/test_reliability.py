@@ -415,3 +415,23 @@ def test_missing_external_data_is_a_model_error(tmp_path):
     model = _external(tmp_path, "gone.data")
     with pytest.raises(ModelError, match="gone.data"):
         files.load_model(model)
+
+
+def test_a_time_major_output_is_evaluated_row_by_row(tmp_path):
+    """A CRNN's output is [time, batch, classes]: over several batches it is joined as rows of its
+    last axis, so every row of every sample is compared, not refused."""
+    w = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1, name="fc"),
+         helper.make_node("Unsqueeze", ["h", "axes"], ["h3"]),
+         helper.make_node("Tile", ["h3", "repeats"], ["y"])], "crnn-like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, "B", 4])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([0], np.int64), "axes"),
+         numpy_helper.from_array(np.array([3, 1, 1], np.int64), "repeats")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", calibration={"x": X}, batch_size=16, solver="rtn",
+                                speed=False)
+    assert report.evaluation.samples == 3 * len(X)  # rows: time steps x samples
+    assert 0 < report.evaluation.relative_output_error < 0.5
