@@ -20,8 +20,8 @@ from .progress import Progress
 from .report import Evaluation, Speed
 from .runtime import BASIC, DEFAULT, NONE, make_session
 
-SPEED_REPEATS = 20  # timed runs per model and batch (median), within SPEED_BUDGET seconds
-SPEED_BUDGET = 10.0
+SPEED_REPEATS = 10  # timed runs per model and batch (median), within SPEED_BUDGET seconds
+SPEED_BUDGET = 3.0
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
