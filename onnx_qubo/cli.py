@@ -256,6 +256,9 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, bl
         for name, path in (("--json", json_path), ("--markdown", markdown_path)):
             if path is not None:
                 writable_path(path, reads=inputs_read(model, calib, eval_path), what=name)
+        if json_path is not None and markdown_path is not None and Path(json_path).resolve() == Path(
+                markdown_path).resolve():
+            raise click.UsageError("--json and --markdown name the same file; give each its own")
         if plots_dir is not None:
             from .plots import require_matplotlib
             require_matplotlib()

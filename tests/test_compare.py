@@ -96,3 +96,12 @@ def test_compare_under_a_scheme_and_its_flag_errors(tmp_path):
     assert len(result.rows) == 4 and "blocks of 4 inputs, asymmetric" in result.to_markdown()  # 2 bits x 2 solvers
     with pytest.raises(QuboInputError, match="onnxruntime 1.32 fuses"):
         onnx_qubo.compare(model, calibration={"x": data()}, bits=(4, 2), symmetric=False, activations="uint8")
+
+
+def test_json_and_markdown_may_not_be_the_same_file(tmp_path):
+    onnx.save(mlp_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "m.calib.npz", x=np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "m.onnx"), "--json", str(tmp_path / "r.txt"),
+                                       "--markdown", str(tmp_path / "r.txt"), "--quiet"])
+    assert result.exit_code == 2 and "name the same file" in result.output
+    assert not (tmp_path / "r.txt").exists()
