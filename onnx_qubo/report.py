@@ -49,6 +49,9 @@ class Evaluation:
     relative_output_error: float  # ||y_q - y_f|| / ||y_f|| over the first output
     default_matches_basic: bool  # same predictions at ORT's default and basic optimization
     default_vs_basic_max_diff: float
+    mean_cosine: float  # mean over rows of cos(y_float, y_quant): the measure for embeddings
+    max_abs_error: float  # largest |y_quant - y_float|
+    decision_flips: float | None  # one score per row: share of rows whose side of 0.5 changes
     default_vs_unoptimized: float  # ||y_default - y_ref|| / ||y_ref||, y_ref: the DequantizeLinear
     # model of the same codes with graph optimizations disabled
     basic_vs_unoptimized: float  # the same at the basic level (0 when levels are not checked)
@@ -124,8 +127,12 @@ class Report:
             lines.append(f"accuracy on {ev.samples} samples ({ev.data}, output '{ev.output}'): "
                          f"float {ev.float_accuracy:.2%}, quantized {ev.quantized_accuracy:.2%} "
                          f"({(ev.quantized_accuracy - ev.float_accuracy) * 100:+.2f} points)")
-        lines.append(f"top-1 agreement with float: {ev.top1_agreement:.2%}; relative output error "
-                     f"{ev.relative_output_error:.3g}")
+        if ev.decision_flips is None:
+            lines.append(f"top-1 agreement with float: {ev.top1_agreement:.2%}; relative output error "
+                         f"{ev.relative_output_error:.3g}; mean cosine {ev.mean_cosine:.4f}")
+        else:  # one score per row: top-1 agreement is always 100%
+            lines.append(f"one score per row: decisions at 0.5 flipped on {ev.decision_flips:.2%} of rows; largest "
+                         f"change {ev.max_abs_error:.3g}; relative output error {ev.relative_output_error:.3g}")
         check = "same predictions" if ev.default_matches_basic else "DIFFERENT predictions"
         lines.append(f"onnxruntime default vs basic optimization: {check} "
                      f"(max |diff| {ev.default_vs_basic_max_diff:.3g})")

@@ -111,7 +111,26 @@ def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: P
         default_vs_basic_max_diff=float(np.abs(y_basic - y_quant).max()),
         default_vs_unoptimized=_relative(y_quant, y_plain),
         basic_vs_unoptimized=_relative(y_basic, y_plain),
+        mean_cosine=_mean_cosine(y_float, y_quant),
+        max_abs_error=float(np.abs(y_quant - y_float).max()),
+        decision_flips=_decision_flips(y_float, y_quant),
     )
+
+
+def _mean_cosine(y_float: np.ndarray, y_quant: np.ndarray) -> float:
+    """Mean over rows of the cosine between the two models' outputs: the fidelity of embeddings,
+    which top-1 agreement says nothing about."""
+    rows_float, rows_quant = y_float.reshape(len(y_float), -1), y_quant.reshape(len(y_quant), -1)
+    norms = np.linalg.norm(rows_float, axis=1) * np.linalg.norm(rows_quant, axis=1)
+    return float((np.einsum("ij,ij->i", rows_float, rows_quant) / np.maximum(norms, 1e-30)).mean())
+
+
+def _decision_flips(y_float: np.ndarray, y_quant: np.ndarray) -> float | None:
+    """With one score per row (a probability, a wake word), the share of rows whose side of 0.5
+    changes; None for other outputs."""
+    if y_float.ndim > 1 and y_float.shape[-1] != 1:
+        return None
+    return float(((y_float > 0.5) != (y_quant > 0.5)).mean())
 
 
 def _relative(y: np.ndarray, reference: np.ndarray) -> float:

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnx_qubo
 from onnx_qubo.solvers import ExactSolver
@@ -123,3 +123,26 @@ def test_bias_correction_cancels_the_mean_output_error(tmp_path, make, x_shape):
     layer = corrected.layers[0]
     assert layer.cost_bias_corrected == pytest.approx((err_corrected ** 2).sum(axis=1).mean(), rel=1e-3)
     assert layer.cost_bias_corrected <= layer.cost_solved == pytest.approx(plain.layers[0].cost_solved)
+
+
+def test_a_single_score_output_reports_decision_flips_not_top1(tmp_path):
+    """A one-probability output always has 100% top-1 agreement: the report gives the largest
+    change and the share of decisions at 0.5 that flip instead, and the mean cosine for others."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((1, 8)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["h"], transB=1, name="fc"),
+                               helper.make_node("Sigmoid", ["h"], ["p"])], "score",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["B", 1])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", bits=1, calibration={"x": x}, speed=False)
+    ev = report.evaluation
+    y_float = 1 / (1 + np.exp(-(x.astype(np.float64) @ numpy_helper.to_array(w).T.astype(np.float64))))
+    y_quant = ort_run(onnx.load(tmp_path / "q.onnx"), {"x": x})
+    assert ev.top1_agreement == 1.0 and ev.decision_flips is not None
+    assert ev.decision_flips == pytest.approx(((y_float > 0.5) != (y_quant > 0.5)).mean())
+    assert ev.max_abs_error == pytest.approx(np.abs(y_quant - y_float).max(), rel=1e-4)
+    assert "decisions at 0.5 flipped on" in report.to_text() and "top-1 agreement" not in report.to_text()
+    plain = onnx_qubo.quantize(mlp_model(), tmp_path / "m.onnx", calibration={"x": x}, speed=False)
+    assert plain.evaluation.decision_flips is None and 0.5 < plain.evaluation.mean_cosine <= 1.0
