@@ -68,3 +68,27 @@ def node_names(graph: onnx.GraphProto) -> list[str]:
     names = [node.name or f"{node.op_type}_{i}" for i, node in enumerate(graph.node)]
     counts = Counter(names)
     return [f"{n}_{i}" if counts[n] > 1 else n for i, n in enumerate(names)]
+
+
+def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[bool]:
+    """For each layer (graph order), whether its input depends on an earlier layer's output: only
+    then can quantizing the earlier ones (``sequential``) change what it sees."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    readers = {name: node for node in graph.node for name in node.input[1:2]}  # a layer's node reads its weight
+    earlier: set[str] = set()
+    fed = []
+    for layer in layers:
+        seen, stack = set(), [layer.input_name]
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            node = producers.get(tensor)
+            if node is not None:
+                stack.extend(name for name in node.input if name)
+        fed.append(bool(seen & earlier))
+        node = readers.get(layer.weight_name)
+        earlier.update(node.output if node is not None else ())
+    return fed

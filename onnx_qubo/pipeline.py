@@ -79,7 +79,11 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
     written = rewrite(model, integers, plan.format, plan.accuracy_level)
     portable = written.model if plan.format == Format.QDQ else rewrite(model, integers).model
     reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback) for r, k in zip(reports, written.kernels)]
-    return Quantized(written.model, reports, calibrated.skipped, portable, written.notes)
+    notes = written.notes
+    if plan.sequential and not any(discovery.fed_by_earlier(model, calibrated.layers)):
+        notes = [*notes, "sequential calibration changes nothing here: no quantized layer feeds another, so each "
+                         "was calibrated once on the float model's inputs"]
+    return Quantized(written.model, reports, calibrated.skipped, portable, notes)
 
 
 def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, exclude: Collection[str] = (),
@@ -95,10 +99,11 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iter
     """Solve the layers one at a time, in graph order (a caller that keeps only the integers
     frees each QUBO)."""
     deployed = None  # with ``sequential``: the model with the layers solved so far quantized
+    fed = discovery.fed_by_earlier(calibrated.model, [p.layer for p in plan.layers])
     for k, layer_plan in enumerate(plan.layers):
         key = layer_plan.layer.statistics_key
         statistics = calibrated.statistics[key]
-        if deployed is not None:
+        if deployed is not None and fed[k]:  # earlier quantized layers change what this one sees
             statistics = collect_statistics(calibrated.model, [layer_plan.layer], calibrated.dataset, progress,
                                             deployed, calibrated.quantizers)[key]
         work = prepare_layer(layer_plan, statistics, calibrated.quantizers.get(layer_plan.layer.input_name))

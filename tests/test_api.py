@@ -146,3 +146,25 @@ def test_a_single_score_output_reports_decision_flips_not_top1(tmp_path):
     assert "decisions at 0.5 flipped on" in report.to_text() and "top-1 agreement" not in report.to_text()
     plain = onnx_qubo.quantize(mlp_model(), tmp_path / "m.onnx", calibration={"x": x}, speed=False)
     assert plain.evaluation.decision_flips is None and 0.5 < plain.evaluation.mean_cosine <= 1.0
+
+
+def test_sequential_says_when_no_layer_feeds_another(tmp_path):
+    """Two heads on the same input: quantizing one cannot change what the other sees, so
+    --sequential gives the same file as without it and the report says why."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), name) for name in ("Wa", "Wb")]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "Wa"], ["a"], name="head_a"),
+                               helper.make_node("MatMul", ["x", "Wb"], ["b"], name="head_b"),
+                               helper.make_node("Add", ["a", "b"], ["y"])], "heads",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((100, 8)).astype(np.float32)
+    common = dict(bits=2, calibration={"x": x}, activations="uint8", speed=False)
+    plain = onnx_qubo.quantize(model, tmp_path / "plain.onnx", **common)
+    sequential = onnx_qubo.quantize(model, tmp_path / "seq.onnx", sequential=True, **common)
+    assert (tmp_path / "plain.onnx").read_bytes() == (tmp_path / "seq.onnx").read_bytes()
+    assert any("sequential calibration changes nothing here" in note for note in sequential.notes)
+    chained = onnx_qubo.quantize(mlp_model(), tmp_path / "mlp.onnx", calibration={"x": x}, sequential=True,
+                                 speed=False)
+    assert not any("changes nothing" in note for note in chained.notes)
