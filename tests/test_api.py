@@ -161,7 +161,7 @@ def test_sequential_says_when_no_layer_feeds_another(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     x = rng.standard_normal((100, 8)).astype(np.float32)
     common = dict(bits=2, calibration={"x": x}, activations="uint8", speed=False)
-    plain = onnx_qubo.quantize(model, tmp_path / "plain.onnx", **common)
+    onnx_qubo.quantize(model, tmp_path / "plain.onnx", **common)
     sequential = onnx_qubo.quantize(model, tmp_path / "seq.onnx", sequential=True, **common)
     assert (tmp_path / "plain.onnx").read_bytes() == (tmp_path / "seq.onnx").read_bytes()
     assert any("sequential calibration changes nothing here" in note for note in sequential.notes)
