@@ -16,7 +16,15 @@ from .compare import Comparison
 from .compare import compare as run_comparison
 from .data import Dataset, load_dataset
 from .errors import OptionError, OutputError
-from .files import dump_directory, inputs_read, load_model, writable_path, write_atomically
+from .files import (
+    dump_directory,
+    external_data_path,
+    inputs_read,
+    load_model,
+    writable_path,
+    write_atomically,
+    write_model,
+)
 from .options import QuantizeOptions, ScaleMethod, check_bits, check_integer, solver_for
 from .pipeline import calibrate, prepare, quantize_model
 from .progress import Progress
@@ -36,7 +44,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              granularity: str = "channel", block_size: int = 0, symmetric: bool = True, bias: str = "float",
              activations: str = "none", activation_range: str = "minmax", sequential: bool = False,
              format: str = "qdq", ort_accuracy_level: int = 0, lower_bound: bool = False, workers: int = 1,
-             ray_address: str | None = None, speed: bool = True, progress: bool = False) -> Report:
+             ray_address: str | None = None, external_data: bool = False, speed: bool = True,
+             progress: bool = False) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -63,7 +72,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     inside the kernel (faster, at the output error the report states). ``lower_bound``: certify a
     lower bound on each layer's optimal cost (costs about as much as a solve). ``workers``: solve
     each layer's rows on that many local processes; ``ray_address``: on a Ray cluster ("local"
-    starts one here; needs ``pip install 'onnx-qubo[ray]'``): the same bits either way. ``speed``:
+    starts one here; needs ``pip install 'onnx-qubo[ray]'``): the same bits either way.
+    ``external_data``: write the tensors to ``<output>.data`` beside the model (always done when
+    the model would pass protobuf's 2 GB limit). ``speed``:
     time the float and the quantized model (batch 1 and one evaluation batch) for the report.
     Raises a ``QuboInputError`` (errors.py: ``ModelError``, ``DataError``, ``OptionError``,
     ``OutputError``) on bad input, before any output is written; the input model is never modified.
@@ -79,6 +90,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     reads = inputs_read(model, calibration, evaluation)  # never written: the model, its data, the data files
     output_path = writable_path(output_path, reads=reads, what="output")
+    if external_data:
+        writable_path(external_data_path(output_path), reads=reads, what="external data")
     if report_path is not None:
         report_path = writable_path(report_path, reads=reads, what="report")
         if report_path.resolve() == output_path.resolve():
@@ -93,10 +106,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     bar = Progress(enabled=progress)
     result = quantize_model(float_model, calib_data, options, bar)
     quantized = result.model
-    data = quantized.SerializeToString()
     evaluation = evaluate(reference_scores(float_model, eval_data, bar), quantized, bar, portable=result.reference)
     timing = measure_speed(float_model, quantized, eval_data) if speed else None
-    write_atomically(output_path, data)  # after every check: an error or Ctrl-C leaves no output
+    # after every check: an error or Ctrl-C leaves no output
+    written = write_model(output_path, quantized, external_data=external_data, reads=reads)
 
     report = Report(
         input_path=None if input_path is None else str(input_path), output_path=str(output_path),
@@ -105,7 +118,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         skipped=result.skipped,
         evaluation=evaluation, speed=timing,
         input_bytes=model.ByteSize() if isinstance(model, onnx.ModelProto) else Path(model).stat().st_size,
-        output_bytes=len(data),
+        output_bytes=sum(path.stat().st_size for path in written),
         seconds=time.perf_counter() - started, scheme=options.describe(), notes=result.notes)
     if report_path is not None:
         write_atomically(report_path, report.to_json().encode(), "report")

@@ -182,6 +182,8 @@ def main():
                    "every core through threads). Same bits for any N.")
 @click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
               help="Solve on a Ray cluster at ADDRESS ('local' starts one here; pip install 'onnx-qubo[ray]').")
+@click.option("--external-data", is_flag=True,
+              help="Write the tensors to OUTPUT.data beside the model (always done over protobuf's 2 GB limit).")
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Time the float and the quantized model (batch 1 and one evaluation batch) for the report.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -189,7 +191,7 @@ def main():
 def quantize(input_model, output_model, bits, calib, eval_path, scale, granularity, block_size, symmetric,
              bias_mode, activations, activation_range, sequential, solver, neal_reads, neal_sweeps, seed,
              batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, output_format,
-             ort_accuracy_level, bound, workers, ray_address, speed, quiet):
+             ort_accuracy_level, bound, workers, ray_address, external_data, speed, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
@@ -202,7 +204,8 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
                               load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
                               bias_correction=bias_correction, format=output_format,
                               ort_accuracy_level=ort_accuracy_level, lower_bound=bound, workers=workers,
-                              ray_address=ray_address, speed=speed, progress=not quiet, **scheme)
+                              ray_address=ray_address, external_data=external_data, speed=speed,
+                              progress=not quiet, **scheme)
     click.echo(report.to_text())
 
 

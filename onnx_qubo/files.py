@@ -11,6 +11,7 @@ a ``.oq-*.tmp`` file behind, never a partial output.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import tempfile
@@ -205,6 +206,42 @@ def write_atomically(path: Path, data: bytes, what: str = "output") -> None:
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
+
+
+PROTOBUF_LIMIT = 2 ** 31 - 2 ** 24  # a serialized model must stay under 2 GB; keep a margin
+
+
+def external_data_path(path: Path) -> Path:
+    """Where a written model's external data goes: ``<name>.data`` beside it."""
+    return path.with_name(path.name + ".data")
+
+
+def write_model(path: Path, model: onnx.ModelProto, *, external_data: bool, reads: Collection[Path]) -> list[Path]:
+    """Write ``model`` to ``path`` atomically, its tensors to ``<name>.data`` beside it when asked
+    or when the model would pass protobuf's 2 GB limit; returns the files written. Both files are
+    written in a temporary folder beside ``path`` and renamed into place, the data first, so a
+    failure leaves neither. With external data the model's tensors are moved out of ``model``:
+    write it last."""
+    if not external_data and model.ByteSize() < PROTOBUF_LIMIT:
+        write_atomically(path, model.SerializeToString())
+        return [path]
+    data_path = writable_path(external_data_path(path), reads=reads, what="external data")
+    folder = Path(os.path.abspath(path)).parent
+    with _sigterm_raises():
+        try:
+            staging = Path(tempfile.mkdtemp(dir=folder, prefix=TEMP_PREFIX))
+        except OSError as exc:
+            raise OutputError(f"output '{path}': cannot create a folder in '{folder}': {exc.strerror}") from None
+        try:
+            onnx.save_model(model, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_path.name, size_threshold=0)
+            os.replace(staging / data_path.name, data_path)
+            os.replace(staging / path.name, path)
+        except OSError as exc:
+            raise OutputError(f"output '{path}' cannot be written: {exc.strerror or exc}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return [path, data_path]
 
 
 class _sigterm_raises:

@@ -435,3 +435,30 @@ def test_a_time_major_output_is_evaluated_row_by_row(tmp_path):
                                 speed=False)
     assert report.evaluation.samples == 3 * len(X)  # rows: time steps x samples
     assert 0 < report.evaluation.relative_output_error < 0.5
+
+
+def test_external_data_output_is_written_beside_the_model_and_loads(tmp_path):
+    """--external-data: the tensors go to OUTPUT.data beside the model, both renamed into place
+    from a temporary folder; the model loads in onnxruntime from its path and computes what the
+    same quantization written in one file computes; the data file may not be a file the run reads."""
+    import onnxruntime as ort
+
+    model_path = Path(mlp_dir(tmp_path))
+    one = onnx_qubo.quantize(model_path, tmp_path / "one.onnx", solver="rtn", speed=False)
+    two = onnx_qubo.quantize(model_path, tmp_path / "ext.onnx", solver="rtn", speed=False, external_data=True)
+    data = tmp_path / "ext.onnx.data"
+    assert data.is_file() and two.output_bytes == (tmp_path / "ext.onnx").stat().st_size + data.stat().st_size
+    session = ort.InferenceSession(str(tmp_path / "ext.onnx"), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(tmp_path / "one.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"x": X})[0], reference.run(None, {"x": X})[0])
+    assert one.evaluation.top1_agreement == two.evaluation.top1_agreement
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".oq-")]
+
+    evaluation = tmp_path / "q.onnx.data"  # an evaluation file that the external data would replace
+    with open(evaluation, "wb") as out:
+        np.savez(out, x=X)
+    before = evaluation.read_bytes()
+    with pytest.raises(OutputError, match="external data '.*q.onnx.data' is a data file this run reads"):
+        onnx_qubo.quantize(model_path, tmp_path / "q.onnx", solver="rtn", speed=False, external_data=True,
+                           evaluation=evaluation)
+    assert evaluation.read_bytes() == before and not (tmp_path / "q.onnx").exists()
