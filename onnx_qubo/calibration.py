@@ -50,7 +50,7 @@ def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset
 class Accumulator(Protocol):
     def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None: ...
 
-    def statistics(self) -> InputStatistics: ...
+    def statistics(self, group: int | None) -> InputStatistics: ...
 
 
 class DenseGram:
@@ -75,24 +75,24 @@ class DenseGram:
             self.dd += d.T @ d
         self.count += len(x)
 
-    def statistics(self) -> InputStatistics:
+    def statistics(self, group: int | None = None) -> InputStatistics:
         n = self.count
         return InputStatistics(self.zz / n, n, None if self.zd is None else self.zd / n,
                                None if self.dd is None else self.dd / n)
 
 
 class ConvGram:
-    """The same over a Conv's patches (patches.py), one group."""
+    """The same over a Conv's patches (patches.py), per group."""
 
     def __init__(self, layer: DenseLayer, with_drift: bool):
-        assert layer.geometry is not None and layer.geometry.groups == 1
+        assert layer.geometry is not None
         self.gram = PatchGram(layer.geometry, with_drift)
 
     def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
         self.gram.update(x, seen)
 
-    def statistics(self) -> InputStatistics:
-        return self.gram.result().group(0)
+    def statistics(self, group: int | None = None) -> InputStatistics:
+        return self.gram.result().group(group or 0)
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset,
@@ -104,7 +104,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
     with earlier layers quantized), run beside ``model`` on the same batches; ``quantizers``:
     input tensor name -> the quantization applied to that input in the deployed graph.
     """
-    views = {layer.statistics_key: layer for layer in layers}
+    views = {layer.source_key: layer for layer in layers}
     quantizers = dict(quantizers or {})
     tensors = {layer.input_name for layer in layers}
     mismatch = deployed is not None or bool(quantizers.keys() & tensors)
@@ -122,7 +122,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
                 x_seen = seen[name] if name not in quantizers else quantizers[name].fake_quantize(seen[name])
                 sums[key].update(floats[name], x_seen if mismatch else None)
             bar.update(1)
-    return {key: total.statistics() for key, total in sums.items()}
+    return {layer.statistics_key: sums[layer.source_key].statistics(layer.group) for layer in layers}
 
 
 def _expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

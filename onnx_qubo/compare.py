@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import onnx
 
+from .groups import merge_groups
 from .layer import SolvedLayer
 from .lowering import rewrite
 from .options import QuantizeOptions, ScaleMethod
@@ -117,7 +118,7 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
                 start = time.perf_counter()
                 options = replace(scheme, bits=bits, scale=scale, solver=solver, seed=seed, lower_bound=False)
                 solved = list(solve_layers(calibrated, make_plan(options, calibrated.layers), progress))
-                model = rewrite(calibrated.model, [s.quantized() for s in solved]).model
+                model = rewrite(calibrated.model, merge_groups([s.quantized() for s in solved])).model
                 accuracy = score(model)
                 cost = sum(s.report.cost_solved for s in solved)
                 result.rows.append(Row(bits, str(scale), solver.name, accuracy, float_accuracy - accuracy, cost,
@@ -141,5 +142,5 @@ def _cost_accuracy_samples(model, solved: list[SolvedLayer], bits, count, seed, 
             choice = s.choice ^ flips
             cost += s.problem.energy(choice)
             quantized.append(s.quantized(choice))
-        out.append(CostSample(bits, rate, cost, score(rewrite(model, quantized).model)))
+        out.append(CostSample(bits, rate, cost, score(rewrite(model, merge_groups(quantized)).model)))
     return out

@@ -83,7 +83,8 @@ def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
     bias = None
     if q.bias is not None:
         bias = QuantizedTensor(q.bias.integers, q.bias.scale,
-                               np.full(q.bias.scale.shape, q.bias.zero_point) if q.bias.zero_point else None,
+                               np.broadcast_to(q.bias.zero_point, q.bias.scale.shape) if np.any(q.bias.zero_point)
+                               else None,
                                q.bias.storage)
     activation = None
     if q.input_quantizer is not None:

@@ -24,6 +24,7 @@ from .calibration import collect_statistics
 from .data import Dataset
 from .errors import ModelError, OptionError
 from .grid import InputQuantizer
+from .groups import merge_groups, merge_reports, split_groups
 from .kernels import Format
 from .layer import SolvedLayer, prepare_layer
 from .lowering import rewrite
@@ -76,6 +77,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
     for solved in solve_layers(calibrated, plan, progress):  # keeps each layer's integers, frees its QUBO
         integers.append(solved.quantized())
         reports.append(solved.report)
+    integers, reports = merge_groups(integers), merge_reports(calibrated.layers, reports)
     written = rewrite(model, integers, plan.format, plan.accuracy_level)
     portable = written.model if plan.format == Format.QDQ else rewrite(model, integers).model
     reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback) for r, k in zip(reports, written.kernels)]
@@ -89,7 +91,8 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
 def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, exclude: Collection[str] = (),
               activations: Activations = Activations.NONE,
               activation_range: RangeMethod = RangeMethod.MINMAX) -> Calibrated:
-    layers, skipped = find_layers(model, exclude)
+    found, skipped = find_layers(model, exclude)
+    layers = split_groups(found)  # a grouped Conv: one layer per group, each with its own Gram matrix
     quantizers = input_quantizers(model, layers, calibration, activations, activation_range, progress)
     statistics = collect_statistics(model, layers, calibration, progress, quantizers=quantizers)
     return Calibrated(model, calibration, layers, skipped, statistics, quantizers)
@@ -99,6 +102,7 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iter
     """Solve the layers one at a time, in graph order (a caller that keeps only the integers
     frees each QUBO)."""
     deployed = None  # with ``sequential``: the model with the layers solved so far quantized
+    pending = []  # the groups of a grouped Conv solved so far: deployed once the Conv is complete
     fed = discovery.fed_by_earlier(calibrated.model, [p.layer for p in plan.layers])
     for k, layer_plan in enumerate(plan.layers):
         key = layer_plan.layer.statistics_key
@@ -115,8 +119,13 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iter
         else:
             choice = work.solve(progress)
         solved = work.finish(choice, time.perf_counter() - start)
-        if plan.sequential and k + 1 < len(plan.layers):
-            deployed = rewrite(calibrated.model if deployed is None else deployed, [solved.quantized()]).model
+        pending.append(solved.quantized())
+        layer = layer_plan.layer
+        complete = layer.group is None or layer.geometry is None or layer.group + 1 == layer.geometry.groups
+        if plan.sequential and k + 1 < len(plan.layers) and complete:
+            deployed = rewrite(calibrated.model if deployed is None else deployed, merge_groups(pending)).model
+        if complete:
+            pending = []
         yield solved
     if plan.dump_dir is not None:
         exchange.write_index(plan.dump_dir, [

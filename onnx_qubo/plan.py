@@ -60,13 +60,13 @@ class Plan:
 
 def make_plan(options: QuantizeOptions, layers: list[DenseLayer]) -> Plan:
     """Resolve ``options`` for each of ``layers`` (graph order)."""
-    unknown = set(options.layer_bits) - {layer.name for layer in layers}
+    unknown = set(options.layer_bits) - {layer.parent or layer.name for layer in layers}
     if unknown:
         raise OptionError(f"{{layer_bits}} names no quantized dense layer: {', '.join(sorted(unknown))} "
                           "(onnx-qubo inspect lists the layers)", "layer_bits")
     stems = exchange.file_stems([layer.name for layer in layers])
     planned = [
-        LayerPlan(layer=layer, scheme=options.scheme(options.layer_bits.get(layer.name, options.bits)),
+        LayerPlan(layer=layer, scheme=options.scheme(options.layer_bits.get(layer.parent or layer.name, options.bits)),
                   scale=options.scale, bias=options.bias if layer.bias is not None else BiasMode.FLOAT,
                   bias_correction=options.bias_correction, lower_bound=options.lower_bound,
                   solver=options.solver, seed=options.seed, stem=stem, workers=options.workers,

@@ -50,12 +50,19 @@ class DenseLayer:
     bias_name: str | None = None
     bias_in_node: bool = False  # the node itself adds a bias (Gemm's C), not a following Add
     geometry: "ConvGeometry | None" = None  # a Conv's: its input vectors are patches (patches.py)
+    group: int | None = None  # one group of a grouped Conv: its rows of ``parent``'s weight
+    parent: str | None = None  # the grouped Conv this group belongs to
+
+    @property
+    def source_key(self) -> str:
+        """The input view its statistics are accumulated from: dense layers reading one tensor
+        share it; a Conv's patches are its own (all groups of one Conv share one pass)."""
+        return self.input_name if self.geometry is None else f"{self.input_name}#patches:{self.parent or self.name}"
 
     @property
     def statistics_key(self) -> str:
-        """What its input statistics are stored under: dense layers reading one tensor share them;
-        a Conv's patches are its own."""
-        return self.input_name if self.geometry is None else f"{self.input_name}#patches:{self.name}"
+        """What its input statistics are stored under (a group's own Gram matrix for a group)."""
+        return self.source_key if self.group is None else f"{self.source_key}[{self.group}]"
 
     @property
     def output_axes_after_channel(self) -> int:
@@ -102,7 +109,7 @@ class QuantizedBias:
 
     integers: np.ndarray  # int64 [n_out]
     scale: np.ndarray  # () for one scale, or [n_out]
-    zero_point: int
+    zero_point: int | np.ndarray  # one, or [n_out] (the groups of a grouped Conv)
     storage: int  # ONNX integer type
 
 

@@ -4,6 +4,8 @@ channels, averaged over every output position of every sample), for 1-3 spatial 
 pads, dilations and every scheme; the written model is the same at onnxruntime's default and
 basic levels as with optimizations disabled."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,11 +19,14 @@ LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.
           ort.GraphOptimizationLevel.ORT_DISABLE_ALL]
 
 
-def conv_model(spatial=(9, 8), channels=(3, 5), kernel=(3, 3), bias=True, second=False, seed=0, **attributes):
+def conv_model(spatial=(9, 8), channels=(3, 5), kernel=(3, 3), bias=True, second=False, seed=0, group=1,
+               **attributes):
     """x [B, C, *spatial] -> Conv (-> Relu -> Conv 1x1...) with random weights."""
     rng = np.random.default_rng(seed)
     c, m = channels
-    inits = [numpy_helper.from_array(rng.standard_normal((m, c, *kernel)).astype(np.float32) / 3, "W")]
+    inits = [numpy_helper.from_array(rng.standard_normal((m, c // group, *kernel)).astype(np.float32) / 3, "W")]
+    if group > 1:
+        attributes["group"] = group
     inputs = ["x", "W"]
     if bias:
         inits.append(numpy_helper.from_array(rng.standard_normal(m).astype(np.float32), "B"))
@@ -46,6 +51,9 @@ MODELS = {
     "2d-auto-pad": lambda: conv_model(auto_pad="SAME_UPPER", strides=[2, 2]),
     "1d": lambda: conv_model(spatial=(20,), kernel=(5,), strides=[3], pads=[2, 2]),
     "3d": lambda: conv_model(spatial=(5, 6, 4), kernel=(3, 2, 2), pads=[1, 0, 1, 1, 1, 0], bias=False),
+    "2d-groups": lambda: conv_model(channels=(4, 6), group=2, pads=[1, 1, 1, 1]),
+    "2d-depthwise": lambda: conv_model(channels=(4, 8), group=4, strides=[2, 1], dilations=[1, 2],
+                                       pads=[1, 2, 1, 2]),
 }
 SCHEMES = {
     "int2-channel": dict(bits=2),
@@ -75,7 +83,7 @@ def test_conv_cost_is_the_output_error_measured_in_onnxruntime(model_name, schem
     shape = [d.dim_value or 24 for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     report = quantize(model, tmp_path / "q.onnx", calibration={"x": x}, batch_size=7, speed=False, **SCHEMES[scheme])
-    assert [layer.form for layer in report.layers] == [find_dense_layers(model)[0][0].label]
+    assert [(layer.name, layer.form) for layer in report.layers] == [("conv", find_dense_layers(model)[0][0].label)]
     quantized = onnx.load(tmp_path / "q.onnx")
     assert report.layers[0].cost_solved == pytest.approx(measured_error(model, quantized, x), rel=1e-3)
     assert report.layers[0].cost_solved <= report.layers[0].cost_rtn * (1 + 1e-9)
@@ -84,9 +92,10 @@ def test_conv_cost_is_the_output_error_measured_in_onnxruntime(model_name, schem
         np.testing.assert_allclose(run(quantized, x, level), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_sequential_conv_layers_cost_is_the_whole_model_error(tmp_path):
-    model = conv_model(second=True, pads=[1, 1, 1, 1])
-    x = np.random.default_rng(2).standard_normal((24, 3, 9, 8)).astype(np.float32)
+@pytest.mark.parametrize("channels, group", [((3, 5), 1), ((4, 8), 4)])
+def test_sequential_conv_layers_cost_is_the_whole_model_error(channels, group, tmp_path):
+    model = conv_model(channels=channels, group=group, second=True, pads=[1, 1, 1, 1])
+    x = np.random.default_rng(2).standard_normal((24, channels[0], 9, 8)).astype(np.float32)
     report = quantize(model, tmp_path / "q.onnx", bits=2, calibration={"x": x}, sequential=True,
                       bias_correction=True, speed=False)
     assert [layer.name for layer in report.layers] == ["conv", "conv2"]
@@ -94,8 +103,15 @@ def test_sequential_conv_layers_cost_is_the_whole_model_error(tmp_path):
     assert report.layers[-1].cost_bias_corrected == pytest.approx(measured_error(model, quantized, x), rel=1e-3)
 
 
-def test_grouped_conv_is_skipped_with_its_reason():
-    model = conv_model(channels=(4, 6), group=2)
-    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((6, 2, 3, 3), np.float32), "W"))
-    layers, skipped = find_dense_layers(model)
-    assert not layers and "grouped Conv (group=2)" in skipped[0].reason
+def test_a_grouped_conv_is_one_problem_per_group_written_as_one_conv(tmp_path):
+    model = conv_model(channels=(4, 8), group=4, pads=[1, 1, 1, 1])
+    x = np.random.default_rng(3).standard_normal((20, 4, 9, 8)).astype(np.float32)
+    report = quantize(model, tmp_path / "q.onnx", bits=3, calibration={"x": x}, layer_bits={"conv": 4},
+                      dump_qubo=tmp_path / "dump", speed=False)
+    assert [(layer.name, layer.n_out, layer.f_in, layer.bits) for layer in report.layers] == [("conv", 8, 9, 4)]
+    index = json.loads((tmp_path / "dump" / "index.json").read_text())
+    assert [entry["layer"] for entry in index] == [f"conv[{g}]" for g in range(4)]  # a QUBO file per group
+    written = onnx.load(tmp_path / "q.onnx")
+    assert [n.op_type for n in written.graph.node].count("Conv") == 1
+    quantized = next(i for i in written.graph.initializer if i.name == "W_quantized")
+    assert list(quantized.dims) == [8, 9]

@@ -5,8 +5,8 @@ The weight maps to [n_out, f_in] = [M, C * k1..kd] (patches.py: channel, then ke
 row-major); calibration streams the patch Gram (one input vector per output position); the
 bias is ``B``. Lowered to ``DequantizeLinear`` on the [M, f] integers (any granularity, as for
 the dense forms) -> ``Reshape`` to the weight's shape -> ``Conv``: exact at every onnxruntime
-level (tests/test_conv.py). Grouped and depthwise Convs are skipped for now: each group has its
-own Gram matrix, which one layer problem cannot hold yet.
+level (tests/test_conv.py). A grouped or depthwise Conv is solved as one layer per group (each
+group has its own Gram matrix; pipeline.split_groups), its groups merged again for the rewrite.
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ class ConvForm:
             geometry = ConvGeometry.from_attributes(attributes(node), tuple(init.dims))
         except ValueError as exc:
             return Skip(f"Conv attributes: {exc}")
-        if geometry.groups != 1:
-            return Skip(f"grouped Conv (group={geometry.groups}): each group has its own input statistics, "
-                        "not quantized yet")
         weight = flatten_weight(numpy_helper.to_array(init).astype(np.float64), geometry)
         bias_name = node.input[2] if len(node.input) > 2 else ""
         bias = index.bias_vector(bias_name, geometry.out_channels, rank=1)  # Conv's B is [M]
