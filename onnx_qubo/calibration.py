@@ -22,7 +22,7 @@ import onnx
 from .data import Dataset
 from .errors import DataError
 from .grid import InputQuantizer
-from .patches import PatchGram
+from .patches import ConvStatistics, PatchGram
 from .progress import Progress
 from .runtime import NONE, make_session
 from .types import DenseLayer, InputStatistics
@@ -87,12 +87,15 @@ class ConvGram:
     def __init__(self, layer: DenseLayer, with_drift: bool):
         assert layer.geometry is not None
         self.gram = PatchGram(layer.geometry, with_drift)
+        self.result: ConvStatistics | None = None  # the means, computed once for all groups
 
     def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
         self.gram.update(x, seen)
 
     def statistics(self, group: int | None = None) -> InputStatistics:
-        return self.gram.result().group(group or 0)
+        if self.result is None:
+            self.result = self.gram.result()
+        return self.result.group(group or 0)
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset,

@@ -78,17 +78,20 @@ def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[boo
     readers = {name: node for node in graph.node for name in node.input[1:2]}  # a layer's node reads its weight
     earlier: set[str] = set()
     fed = []
+    ancestors: dict[str, set[str]] = {}  # per input tensor (the groups of a Conv share one)
     for layer in layers:
-        seen, stack = set(), [layer.input_name]
-        while stack:
-            tensor = stack.pop()
-            if tensor in seen:
-                continue
-            seen.add(tensor)
-            node = producers.get(tensor)
-            if node is not None:
-                stack.extend(name for name in node.input if name)
-        fed.append(bool(seen & earlier))
+        if layer.input_name not in ancestors:
+            seen, stack = set(), [layer.input_name]
+            while stack:
+                tensor = stack.pop()
+                if tensor in seen:
+                    continue
+                seen.add(tensor)
+                node = producers.get(tensor)
+                if node is not None:
+                    stack.extend(name for name in node.input if name)
+            ancestors[layer.input_name] = seen
+        fed.append(bool(ancestors[layer.input_name] & earlier))
         node = readers.get(layer.weight_name)
         earlier.update(node.output if node is not None else ())
     return fed

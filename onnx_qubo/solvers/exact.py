@@ -34,16 +34,22 @@ class ExactSolver:
             raise SolverLimitError(
                 f"the exact solver handles at most {self.max_free} free weights per neuron; this "
                 f"layer has up to {free_counts.max()} (choose another solver)")
-        incumbent = FastSolver().solve(problem, seed)
-        choice = np.zeros(problem.shape, dtype=bool)
-        with progress.bar(problem.shape[0], "exact") as bar:
-            for i in range(problem.shape[0]):
-                qubo = problem.neuron_qubo(i)
-                if len(qubo.variables):
-                    choice[i, qubo.variables] = minimize_binary_quadratic(
-                        qubo.quadratic, qubo.linear, incumbent[i, qubo.variables], self.chunk)
-                bar.update(1)
-        return choice
+        return optimal_rounding(problem, FastSolver().solve(problem, seed), self.chunk, progress)
+
+
+def optimal_rounding(problem: LayerProblem, incumbent: np.ndarray, chunk: int = 1 << 16,
+                     progress: Progress = Progress()) -> np.ndarray:
+    """Each neuron's proven optimum by branch and bound from ``incumbent`` (exponential in its
+    free weights: for neurons of a few dozen at most)."""
+    choice = np.zeros(problem.shape, dtype=bool)
+    with progress.bar(problem.shape[0], "exact") as bar:
+        for i in range(problem.shape[0]):
+            qubo = problem.neuron_qubo(i)
+            if len(qubo.variables):
+                choice[i, qubo.variables] = minimize_binary_quadratic(
+                    qubo.quadratic, qubo.linear, incumbent[i, qubo.variables], chunk)
+            bar.update(1)
+    return choice
 
 
 def minimize_binary_quadratic(quadratic: np.ndarray, linear: np.ndarray, start: np.ndarray,
