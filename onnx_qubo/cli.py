@@ -263,8 +263,10 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, bl
                 markdown_path).resolve():
             raise click.UsageError("--json and --markdown name the same file; give each its own")
         if plots_dir is not None:
-            from .plots import require_matplotlib
+            from .plots import PLOT_FILES, require_matplotlib
             require_matplotlib()
+            for name in PLOT_FILES if Path(plots_dir).is_dir() else ():  # checked before the long run
+                writable_path(Path(plots_dir) / name, reads=inputs_read(model, calib, eval_path), what="--plots")
         result = api.compare(model, calibration=calib, evaluation=eval_path, bits=bits_list, scales=scales,
                              solvers=solvers, samples=samples, seed=seed, batch_size=batch_size,
                              progress=not quiet, **scheme)
@@ -274,7 +276,7 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, bl
             write_atomically(Path(markdown_path), (result.to_markdown() + "\n").encode(), "--markdown")
         if plots_dir is not None:
             from .plots import write_plots
-            for path in write_plots(result, Path(plots_dir)):
+            for path in write_plots(result, Path(plots_dir), inputs_read(model, calib, eval_path)):
                 click.echo(f"wrote {path}", err=True)
     click.echo(result.to_markdown())
 

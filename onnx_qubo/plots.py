@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Collection
 from pathlib import Path
 
 from .compare import Comparison
 from .errors import OptionError
+from .files import writable_path, write_atomically
+
+PLOT_FILES = ("accuracy_vs_bits.png", "cost_vs_accuracy.png")
 
 
 def require_matplotlib():
@@ -20,7 +25,7 @@ def require_matplotlib():
     return plt
 
 
-def write_plots(comparison: Comparison, directory: Path) -> list[Path]:
+def write_plots(comparison: Comparison, directory: Path, reads: Collection[Path] = ()) -> list[Path]:
     """accuracy_vs_bits.png, and cost_vs_accuracy.png when the comparison has samples."""
     plt = require_matplotlib()
     directory.mkdir(parents=True, exist_ok=True)
@@ -34,8 +39,8 @@ def write_plots(comparison: Comparison, directory: Path) -> list[Path]:
     ax.set(xlabel="weight bits", ylabel=f"{comparison.metric} (%)", title=comparison.model)
     ax.legend()
     fig.tight_layout()
-    written.append(directory / "accuracy_vs_bits.png")
-    fig.savefig(written[-1], dpi=120)
+    written.append(directory / PLOT_FILES[0])
+    _save(fig, written[-1], reads)
     plt.close(fig)
 
     correlations = comparison.correlations()
@@ -47,7 +52,14 @@ def write_plots(comparison: Comparison, directory: Path) -> list[Path]:
             ax.set(xlabel="total QUBO cost", ylabel=f"{comparison.metric} (%)",
                    title=f"int{bits}: r = {'n/a' if r is None else f'{r:+.2f}'}")
         fig.tight_layout()
-        written.append(directory / "cost_vs_accuracy.png")
-        fig.savefig(written[-1], dpi=120)
+        written.append(directory / PLOT_FILES[1])
+        _save(fig, written[-1], reads)
         plt.close(fig)
     return written
+
+
+def _save(fig, path: Path, reads: Collection[Path]) -> None:
+    """A figure as PNG, written like every output: never over a file the run reads, atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    write_atomically(writable_path(path, reads=reads, what="plot"), buffer.getvalue(), "plot")

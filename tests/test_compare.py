@@ -105,3 +105,15 @@ def test_json_and_markdown_may_not_be_the_same_file(tmp_path):
                                        "--markdown", str(tmp_path / "r.txt"), "--quiet"])
     assert result.exit_code == 2 and "name the same file" in result.output
     assert not (tmp_path / "r.txt").exists()
+
+
+def test_plots_may_not_replace_a_file_the_run_reads(tmp_path):
+    onnx.save(mlp_model(), tmp_path / "m.onnx")
+    calibration = tmp_path / "accuracy_vs_bits.png"  # an .npz archive under a plot's name
+    with open(calibration, "wb") as out:
+        np.savez(out, x=np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
+    before = calibration.read_bytes()
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "m.onnx"), "--calib", str(calibration),
+                                       "--plots", str(tmp_path), "--json", str(tmp_path / "r.json"), "--quiet"])
+    assert result.exit_code == 1 and "is a data file this run reads" in result.output
+    assert calibration.read_bytes() == before and not (tmp_path / "r.json").exists()
