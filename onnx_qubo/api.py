@@ -94,8 +94,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         writable_path(external_data_path(output_path), reads=reads, what="external data")
     if report_path is not None:
         report_path = writable_path(report_path, reads=reads, what="report")
-        if report_path.resolve() == output_path.resolve():
-            raise OutputError(f"report '{report_path}' is the output model's path; choose another")
+        written_here = [output_path] + ([external_data_path(output_path)] if external_data else [])
+        if report_path.resolve() in [path.resolve() for path in written_here]:
+            raise OutputError(f"report '{report_path}' is a file the output model is written to; choose another")
     if dump_qubo is not None:
         dump_directory(dump_qubo, reads=reads)
     if options.solution_dir is not None and not options.solution_dir.is_dir():

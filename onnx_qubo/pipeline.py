@@ -103,7 +103,8 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iter
     frees each QUBO)."""
     deployed = None  # with ``sequential``: the model with the layers solved so far quantized
     pending = []  # the groups of a grouped Conv solved so far: deployed once the Conv is complete
-    fed = discovery.fed_by_earlier(calibrated.model, [p.layer for p in plan.layers])
+    layers = [p.layer for p in plan.layers]
+    fed = discovery.fed_by_earlier(calibrated.model, layers) if plan.sequential else [False] * len(layers)
     for k, layer_plan in enumerate(plan.layers):
         key = layer_plan.layer.statistics_key
         statistics = calibrated.statistics[key]

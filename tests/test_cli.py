@@ -189,7 +189,7 @@ def test_bad_per_layer_flags(model_dir, args, message, status):
 
 def test_report_on_the_output_path_and_dump_onto_a_file_are_refused(model_dir):
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--report", model_dir / "out.onnx"],
-                 "is the output model's path")
+                 "is a file the output model is written to")
     (model_dir / "afile").write_text("x")
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--dump-qubo", model_dir / "afile"],
                  "is a file", status=2)

@@ -462,3 +462,11 @@ def test_external_data_output_is_written_beside_the_model_and_loads(tmp_path):
         onnx_qubo.quantize(model_path, tmp_path / "q.onnx", solver="rtn", speed=False, external_data=True,
                            evaluation=evaluation)
     assert evaluation.read_bytes() == before and not (tmp_path / "q.onnx").exists()
+
+
+def test_report_may_not_be_the_external_data_file(tmp_path):
+    model_path = Path(mlp_dir(tmp_path))
+    with pytest.raises(OutputError, match="is a file the output model is written to"):
+        onnx_qubo.quantize(model_path, tmp_path / "o.onnx", solver="rtn", speed=False, external_data=True,
+                           report_path=tmp_path / "o.onnx.data")
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "o.onnx.data").exists()
