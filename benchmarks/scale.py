@@ -4,12 +4,19 @@
     python benchmarks/scale.py run --width 2048 --bits 2
     python benchmarks/scale.py fit                  # one layer at f = 256..4096: log-log slopes per stage
     python benchmarks/scale.py workers              # the fast solve on 1 vs 2 local worker processes
+    python benchmarks/scale.py big                  # 36 x (MatMul 4096x4096 + Add), 2.4 GB of external data
 
 ``run`` writes a Gemm model (seeded random weights) and correlated calibration inputs
 ``x = z @ L`` (z standard normal, L a random mixing: the Gram matrix is far from the identity)
 to a temporary folder, then runs ``onnx_qubo.quantize`` with default flags in a fresh process
 per configuration under cProfile: wall time, the time inside each stage (cumulative, main
 thread) and the process's peak resident memory.
+
+``big`` writes a 2.4 GB model (a residual stack ``x + x @ W_k``, k = 1..36, W_k 4096x4096, weights
+in one external data file, written tensor by tensor), runs the CLI on it in a fresh process
+(``--bits 4 --solver rtn --scale minmax`` unless ``--flags`` says otherwise) and reports its wall
+time and peak resident memory (os.wait4), then loads the written model by path in onnxruntime
+and measures how far its output is from the float model's on held-out inputs.
 
 ``fit`` times the stages of one layer directly (no ONNX) for n = f in a range of widths and
 fits ``time ~ f^k`` between consecutive widths and over the whole range: a stage whose work is
@@ -196,6 +203,74 @@ def part_workers(width: int, samples: int, bits: int, workers: int) -> None:
     print(f"identical: {np.array_equal(results[1], results[workers])}; load after: {os.getloadavg()}")
 
 
+def write_residual_stack(folder: Path, blocks: int, width: int, seed: int = 0) -> Path:
+    """``blocks`` x (MatMul W_k [width, width] + Add of the block's input), weights ~ N(0, 1/(blocks
+    width)) so the stream keeps its scale; the weights go to ``model.onnx.data`` one at a time."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers = [], []
+    data = folder / "model.onnx.data"
+    x = "x"
+    with open(data, "wb") as out:
+        for k in range(blocks):
+            w = (rng.standard_normal((width, width), dtype=np.float32) / np.sqrt(blocks * width)).astype(np.float32)
+            tensor = onnx.TensorProto(name=f"W{k}", data_type=TensorProto.FLOAT, dims=[width, width])
+            for key, value in (("location", data.name), ("offset", out.tell()), ("length", w.nbytes)):
+                tensor.external_data.add(key=key, value=str(value))
+            tensor.data_location = TensorProto.EXTERNAL
+            out.write(w.tobytes())
+            initializers.append(tensor)
+            nodes += [helper.make_node("MatMul", [x, f"W{k}"], [f"h{k}"], name=f"matmul{k}"),
+                      helper.make_node("Add", [x, f"h{k}"], [f"x{k}"], name=f"residual{k}")]
+            x = f"x{k}"
+    graph = helper.make_graph(nodes, "residual_stack",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", width])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["B", width])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def part_big(folder: Path, blocks: int, width: int, samples: int, flags: list[str]) -> None:
+    """Quantize the residual stack with the CLI; time, peak memory and output error."""
+    import onnxruntime as ort
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / "model.onnx"
+    if not model.exists():
+        start = time.perf_counter()
+        write_residual_stack(folder, blocks, width)
+        print(f"wrote {model} in {time.perf_counter() - start:.0f} s")
+    np.savez(folder / "model.calib.npz", x=correlated_inputs(samples, width, seed=1))
+    held_out = correlated_inputs(64, width, seed=2)
+    sizes = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    output = folder / "out.onnx"
+    command = [sys.executable, "-m", "onnx_qubo", "quantize", str(model), str(output), "--quiet", *flags]
+    print(f"{blocks} x (MatMul {width}x{width} + Add), {sizes / 1e9:.2f} GB; {samples} calibration samples\n"
+          f"$ onnx-qubo quantize model.onnx out.onnx {' '.join(flags)}")
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stdout = child.stdout.read() if child.stdout else ""
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    if status:
+        print(stdout)
+        raise SystemExit(f"onnx-qubo failed with status {status}")
+    report = [line for line in stdout.splitlines() if "GB" in line or "output" in line.lower()][:6]
+    print("\n".join(report))
+    written = sum(p.stat().st_size for p in folder.glob("out.onnx*"))
+    sessions = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in (model, output)]
+    y_float, y_quant = (session.run(None, {"x": held_out})[0] for session in sessions)
+    error = float(np.linalg.norm(y_quant - y_float) / np.linalg.norm(y_float))
+    cosine = float(np.mean(np.sum(y_float * y_quant, axis=1)
+                           / (np.linalg.norm(y_float, axis=1) * np.linalg.norm(y_quant, axis=1))))
+    print(f"\n| model | output | wall (s) | peak memory (GB) | relative output error (64 held-out) | mean cosine |\n"
+          f"|---|---|---|---|---|---|\n"
+          f"| {sizes / 1e9:.2f} GB | {written / 1e9:.2f} GB | {seconds:.0f} | {usage.ru_maxrss / 1e6:.2f} | "
+          f"{error:.4f} | {cosine:.5f} |")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_one":
         print(json.dumps(one_run(Path(sys.argv[2]), int(sys.argv[3]))))
@@ -204,17 +279,26 @@ def main() -> None:
         print(json.dumps(layer_stages(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["run", "fit", "workers"])
+    parser.add_argument("mode", choices=["run", "fit", "workers", "big"])
+    parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "onnx-qubo-big",
+                        help="big: where the model is written (kept, reused when present)")
+    parser.add_argument("--blocks", type=int, default=36)
+    parser.add_argument("--flags", default="--bits 4 --solver rtn --scale minmax",
+                        help="big: the CLI's flags")
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
-    parser.add_argument("--samples", type=int, default=1536)
+    parser.add_argument("--samples", type=int, default=None, help="calibration samples (1536; big: 512)")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    if args.samples is None:
+        args.samples = 512 if args.mode == "big" else 1536
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"numpy {np.__version__}; load average {os.getloadavg()[0]:.2f}\n")
     if args.mode == "run":
         part_run(args.width, args.samples, args.bits)
+    elif args.mode == "big":
+        part_big(args.folder, args.blocks, args.width, args.samples, args.flags.split())
     elif args.mode == "fit":
         part_fit(args.widths, args.samples, args.bits[0])
     else:

@@ -44,8 +44,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              granularity: str = "channel", block_size: int = 0, symmetric: bool = True, bias: str = "float",
              activations: str = "none", activation_range: str = "minmax", sequential: bool = False,
              format: str = "qdq", ort_accuracy_level: int = 0, lower_bound: bool = False, workers: int = 1,
-             ray_address: str | None = None, external_data: bool = False, speed: bool = True,
-             progress: bool = False) -> Report:
+             ray_address: str | None = None, external_data: bool = False, max_memory: float | None = None,
+             speed: bool = True, progress: bool = False) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -74,7 +74,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     each layer's rows on that many local processes; ``ray_address``: on a Ray cluster ("local"
     starts one here; needs ``pip install 'onnx-qubo[ray]'``): the same bits either way.
     ``external_data``: write the tensors to ``<output>.data`` beside the model (always done when
-    the model would pass protobuf's 2 GB limit). ``speed``:
+    the model would pass protobuf's 2 GB limit). ``max_memory``: GB the run may hold (default 60% of
+    the machine's memory): the model's weights, the layer statistics of one calibration pass and
+    one layer's solve; statistics that do not fit are gathered in several passes. ``speed``:
     time the float and the quantized model (batch 1 and one evaluation batch) for the report.
     Raises a ``QuboInputError`` (errors.py: ``ModelError``, ``DataError``, ``OptionError``,
     ``OutputError``) on bad input, before any output is written; the input model is never modified.
@@ -86,7 +88,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         sequential=sequential, bias_correction=bias_correction, layer_bits=dict(layer_bits or {}),
         exclude=tuple(exclude), dump_dir=None if dump_qubo is None else Path(dump_qubo),
         solution_dir=None if load_solution is None else Path(load_solution), format=format,
-        ort_accuracy_level=ort_accuracy_level, lower_bound=lower_bound, workers=workers, ray_address=ray_address)
+        ort_accuracy_level=ort_accuracy_level, lower_bound=lower_bound, workers=workers, ray_address=ray_address,
+        max_memory=max_memory)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     reads = inputs_read(model, calibration, evaluation)  # never written: the model, its data, the data files
     output_path = writable_path(output_path, reads=reads, what="output")

@@ -34,7 +34,7 @@ def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset
     names = list(dict.fromkeys(names))
     fed = set(dataset.batches[0])  # graph inputs: read from the feed, not captured
     captured = [name for name in names if name not in fed]
-    session = make_session(_expose(model, captured), NONE, f"{what} with layer inputs exposed")
+    session = make_session(_expose(model, captured), NONE, f"{what} with layer inputs exposed", lean=True)
     for batch in dataset.batches:
         outputs = dict(zip(captured, session.run(captured, batch) if captured else []))
         inputs = {}
@@ -63,6 +63,7 @@ class DenseGram:
         self.zd = np.zeros((f + 1, f)) if with_drift else None
         self.dd = np.zeros((f, f)) if with_drift else None
         self.count = 0
+        self.result: InputStatistics | None = None
 
     def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
         x = x.reshape(-1, self.f).astype(np.float64)
@@ -76,9 +77,14 @@ class DenseGram:
         self.count += len(x)
 
     def statistics(self, group: int | None = None) -> InputStatistics:
-        n = self.count
-        return InputStatistics(self.zz / n, n, None if self.zd is None else self.zd / n,
-                               None if self.dd is None else self.dd / n)
+        """The means, computed once (in place: the sums are not held twice)."""
+        if self.result is None:
+            n = self.count
+            for total in (self.zz, self.zd, self.dd):
+                if total is not None:
+                    total /= n
+            self.result = InputStatistics(self.zz, n, self.zd, self.dd)
+        return self.result
 
 
 class ConvGram:
@@ -135,3 +141,33 @@ def _expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     present = {out.name for out in exposed.graph.output}
     exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
     return exposed
+
+
+class LayerStatistics(Mapping[str, InputStatistics]):
+    """Each layer's input statistics by ``statistics_key``, gathered in as few passes over the
+    data as the memory budget allows (memory.calibration_groups): a group's pass runs when one of
+    its layers is first asked for, and only one group is held at a time. With one group (the
+    statistics fit), everything is gathered in one pass and kept."""
+
+    def __init__(self, model: onnx.ModelProto, groups: list[list[DenseLayer]], dataset: Dataset,
+                 progress: Progress, quantizers: Mapping[str, InputQuantizer]):
+        self.model, self.groups, self.dataset = model, groups, dataset
+        self.progress, self.quantizers = progress, quantizers
+        self.group_of = {layer.statistics_key: g for g, group in enumerate(groups) for layer in group}
+        self.held: dict[str, InputStatistics] = {}
+        self.passes = 0  # passes over the calibration data so far
+
+    def __getitem__(self, key: str) -> InputStatistics:
+        if key not in self.held:
+            group = self.groups[self.group_of[key]]
+            self.held = {}  # freed before the next group's sums are allocated
+            self.held = collect_statistics(self.model, group, self.dataset, self.progress,
+                                           quantizers=self.quantizers)
+            self.passes += 1
+        return self.held[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.group_of)
+
+    def __len__(self) -> int:
+        return len(self.group_of)

@@ -184,6 +184,10 @@ def main():
               help="Solve on a Ray cluster at ADDRESS ('local' starts one here; pip install 'onnx-qubo[ray]').")
 @click.option("--external-data", is_flag=True,
               help="Write the tensors to OUTPUT.data beside the model (always done over protobuf's 2 GB limit).")
+@click.option("--max-memory", type=float, default=None, metavar="GB",
+              help="Memory the run may hold (default: 60% of this machine's): the model's weights, one calibration "
+                   "pass's layer statistics and one layer's solve. Statistics that do not fit are gathered in "
+                   "several passes over the data.")
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Time the float and the quantized model (batch 1 and one evaluation batch) for the report.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -191,7 +195,7 @@ def main():
 def quantize(input_model, output_model, bits, calib, eval_path, scale, granularity, block_size, symmetric,
              bias_mode, activations, activation_range, sequential, solver, neal_reads, neal_sweeps, seed,
              batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, output_format,
-             ort_accuracy_level, bound, workers, ray_address, external_data, speed, quiet):
+             ort_accuracy_level, bound, workers, ray_address, external_data, max_memory, speed, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
@@ -204,8 +208,8 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
                               load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
                               bias_correction=bias_correction, format=output_format,
                               ort_accuracy_level=ort_accuracy_level, lower_bound=bound, workers=workers,
-                              ray_address=ray_address, external_data=external_data, speed=speed,
-                              progress=not quiet, **scheme)
+                              ray_address=ray_address, external_data=external_data, max_memory=max_memory,
+                              speed=speed, progress=not quiet, **scheme)
     click.echo(report.to_text())
 
 

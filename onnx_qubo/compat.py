@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .grid import Granularity, Scheme
 from .passes.insert_dequantize import GraphEdit
@@ -67,4 +67,4 @@ def float_bias_after_quantized_gemm(gemm: onnx.NodeProto, edit: GraphEdit) -> st
     initializer = next((i for i in edit.graph.initializer if i.name == bias), None)
     if initializer is None:
         return None
-    return edit.constant(f"{bias}_times_beta", (beta * numpy_helper.to_array(initializer)).astype(np.float32))
+    return edit.constant(f"{bias}_times_beta", (beta * edit.read(initializer)).astype(np.float32))

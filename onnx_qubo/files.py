@@ -16,15 +16,19 @@ import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnx.external_data_helper import ExternalDataInfo
 
+from . import external
 from .errors import ModelError, OutputError
+from .external import external_tensors
+from .memory import tensor_bytes
+from .runtime import PROTOBUF_LIMIT
 
 PathLike = str | os.PathLike
 TEMP_PREFIX, TEMP_SUFFIX = ".oq-", ".tmp"  # short: a 255-character output name must still fit
@@ -33,8 +37,9 @@ DATA_SUFFIXES = (".calib.npz", ".eval.npz")  # the data files found beside a mod
 
 
 def load_model(path: PathLike) -> onnx.ModelProto:
-    """The model at ``path`` with its external data loaded, after checking that every external
-    data file is a plain file inside the model's folder (never absolute, ``..`` or a symlink)."""
+    """The model at ``path``, after checking that every external data file is a plain file inside
+    the model's folder (never absolute, ``..`` or a symlink). External data stays in its files,
+    read when a stage needs it (external.py): memory follows the layer at hand, not the model."""
     path = Path(path)
     if path.is_dir():
         raise ModelError(f"model '{path}' is a directory; give an .onnx file")
@@ -46,23 +51,21 @@ def load_model(path: PathLike) -> onnx.ModelProto:
         raise ModelError(f"'{path}' is not a readable ONNX model: {exc}") from None
     if not model.graph.node:
         raise ModelError(f"'{path}' is not an ONNX model (its graph has no nodes)")
-    if any(True for _ in _external_tensors(model)):
+    if any(True for _ in external_tensors(model)):
         external_data_files(model, path)  # validates every location first
-        try:
-            onnx.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
-            raise ModelError(f"cannot read the external data of '{path}': {exc}") from None
+        external.keep_references(model, path.parent)
     return model
 
 
 def external_data_files(model: onnx.ModelProto, path: PathLike) -> list[Path]:
     """The external data files of ``model`` (loaded from ``path`` without its external data),
     resolved against the model's folder; a ModelError for a location that is absolute, leaves
-    the folder, is a symlink or does not exist."""
+    the folder, is a symlink, does not exist or is too short for a tensor's data."""
     folder = Path(path).parent.resolve()
     files: dict[Path, None] = {}
-    for tensor in _external_tensors(model):
-        location = ExternalDataInfo(tensor).location
+    for tensor in external_tensors(model):
+        info = ExternalDataInfo(tensor)
+        location = info.location
         where = f"'{path}': tensor '{tensor.name}' has its data in '{location}'"
         if not location or Path(location).is_absolute() or Path(location).drive:
             raise ModelError(f"{where}, which is not a path relative to the model's folder")
@@ -73,33 +76,12 @@ def external_data_files(model: onnx.ModelProto, path: PathLike) -> list[Path]:
             raise ModelError(f"{where}, a symbolic link; external data must be a plain file")
         if not candidate.is_file():
             raise ModelError(f"{where}, which does not exist or is not a file")
+        needed = max(info.offset or 0, 0) + (info.length or tensor_bytes(tensor))
+        if needed > candidate.stat().st_size:
+            raise ModelError(f"{where} up to byte {needed}, past the end of that file "
+                             f"({candidate.stat().st_size} bytes)")
         files[candidate.resolve()] = None
     return list(files)
-
-
-def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of the model stored as external data: initializers and tensor attributes,
-    in the main graph, its subgraphs and the model's local functions."""
-    def of_graph(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-        yield from graph.initializer
-        yield from (sparse.values for sparse in graph.sparse_initializer)
-        yield from of_nodes(graph.node)
-
-    def of_nodes(nodes: Any) -> Iterator[onnx.TensorProto]:
-        for node in nodes:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                if attr.HasField("g"):
-                    yield from of_graph(attr.g)
-                for sub in attr.graphs:
-                    yield from of_graph(sub)
-
-    tensors = list(of_graph(model.graph))
-    for function in model.functions:
-        tensors += of_nodes(function.node)
-    yield from (t for t in tensors if uses_external_data(t))
 
 
 def inputs_read(model: Any, *data: Any) -> dict[Path, str]:
@@ -208,9 +190,6 @@ def write_atomically(path: Path, data: bytes, what: str = "output") -> None:
             raise
 
 
-PROTOBUF_LIMIT = 2 ** 31 - 2 ** 24  # a serialized model must stay under 2 GB; keep a margin
-
-
 def external_data_path(path: Path) -> Path:
     """Where a written model's external data goes: ``<name>.data`` beside it."""
     return path.with_name(path.name + ".data")
@@ -221,7 +200,8 @@ def write_model(path: Path, model: onnx.ModelProto, *, external_data: bool, read
     or when the model would pass protobuf's 2 GB limit; returns the files written. Both files are
     written in a temporary folder beside ``path`` and renamed into place, the data first, so a
     failure leaves neither. With external data the model's tensors are moved out of ``model``:
-    write it last."""
+    write it last. Tensors ``model`` still reads from the input's external data are copied in."""
+    external.materialize(model)
     if not external_data and model.ByteSize() < PROTOBUF_LIMIT:
         write_atomically(path, model.SerializeToString())
         return [path]

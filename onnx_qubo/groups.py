@@ -13,7 +13,7 @@ import numpy as np
 
 from .grid import Granularity, GroupScales
 from .report import LayerReport
-from .types import DenseLayer, QuantizedBias, QuantizedLayer
+from .types import DenseLayer, InMemory, QuantizedBias, QuantizedLayer, RowsOf, WeightValues
 
 
 def split_groups(layers: list[DenseLayer]) -> list[DenseLayer]:
@@ -27,7 +27,7 @@ def split_groups(layers: list[DenseLayer]) -> list[DenseLayer]:
         size = layer.shape[0] // groups
         for g in range(groups):
             rows = slice(g * size, (g + 1) * size)
-            split.append(replace(layer, name=f"{layer.name}[{g}]", weight=layer.weight[rows],
+            split.append(replace(layer, name=f"{layer.name}[{g}]", values=RowsOf(layer.values, rows),
                                  bias=None if layer.bias is None else layer.bias[rows], group=g, parent=layer.name))
     return split
 
@@ -76,7 +76,7 @@ def _join(a: QuantizedLayer, b: QuantizedLayer) -> QuantizedLayer:
                              np.concatenate([np.broadcast_to(p.zero_point, p.integers.shape) for p in parts]),
                              a.bias.storage)
     shift = None if a.bias_shift is None or b.bias_shift is None else np.concatenate([a.bias_shift, b.bias_shift])
-    layer = replace(a.layer, weight=np.vstack([a.layer.weight, b.layer.weight]),
+    layer = replace(a.layer, values=_joined(a.layer.values, b.layer.values),
                     bias=None if a.layer.bias is None or b.layer.bias is None
                     else np.concatenate([a.layer.bias, b.layer.bias]))
     scales = GroupScales(np.vstack([a.scales.scale, b.scales.scale]),
@@ -91,3 +91,10 @@ def _as_conv(q: QuantizedLayer) -> QuantizedLayer:
         scheme = replace(scheme, granularity=Granularity.CHANNEL)
     return replace(q, layer=replace(q.layer, name=q.layer.parent or q.layer.name, group=None, parent=None),
                    scheme=scheme)
+
+
+def _joined(a: WeightValues, b: WeightValues) -> WeightValues:
+    """Two consecutive row runs of one weight as one run."""
+    if isinstance(a, RowsOf) and isinstance(b, RowsOf) and a.values is b.values and a.rows.stop == b.rows.start:
+        return RowsOf(a.values, slice(a.rows.start, b.rows.stop))
+    return InMemory(np.vstack([a.read(), b.read()]))

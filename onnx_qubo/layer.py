@@ -40,6 +40,7 @@ class LayerTerms:
     layer: DenseLayer
     statistics: InputStatistics
     with_bias: bool  # the bias is the last variable of each neuron
+    weight: np.ndarray  # the layer's weight, read once for all the terms
 
     @property
     def gram(self) -> np.ndarray:
@@ -51,26 +52,26 @@ class LayerTerms:
         if self.statistics.cross is None:
             return None
         m = len(self.gram)
-        return self.layer.gain * self.layer.weight @ self.statistics.cross[:m].T
+        return self.layer.gain * self.weight @ self.statistics.cross[:m].T
 
     @cached_property
     def weight_cross(self) -> np.ndarray | None:
         """The same for the weight columns, in weight units (for the scale search)."""
         f = self.layer.shape[1]
-        return None if self.statistics.cross is None else self.layer.weight @ self.statistics.cross[:f].T
+        return None if self.statistics.cross is None else self.weight @ self.statistics.cross[:f].T
 
     @cached_property
     def offset(self) -> np.ndarray | None:
         if self.statistics.drift is None:
             return None
-        w = self.layer.weight
+        w = self.weight
         return self.layer.gain ** 2 * np.einsum("if,if->i", w @ self.statistics.drift, w)
 
     def problem(self, scheme: Scheme, scales: GroupScales, bias_scales: GroupScales | None) -> LayerProblem:
         n, f = self.layer.shape
         scale = scales.per_column(scales.scale, f)
         zero_point = scales.per_column(scales.zero_point, f)
-        values, gain = self.layer.weight, self.layer.gain
+        values, gain = self.weight, self.layer.gain
         if bias_scales is not None and self.layer.bias is not None:
             values = np.hstack([values, self.layer.bias[:, None]])
             scale = np.hstack([np.broadcast_to(scale, (n, f)), bias_scales.scale])
@@ -82,7 +83,7 @@ class LayerTerms:
         """E[y - y_q] per output: cancelled by adding it to the output (bias correction)."""
         shift = problem.errors(choice) @ self.statistics.gram[-1, :problem.shape[1]]  # E[z~]
         if self.statistics.cross is not None:
-            shift = shift + self.layer.gain * self.layer.weight @ self.statistics.cross[-1]
+            shift = shift + self.layer.gain * self.weight @ self.statistics.cross[-1]
         return shift
 
 
@@ -109,8 +110,18 @@ class SolvedLayer:
         if self.bias_scales is not None:
             bias = QuantizedBias(integers[:, f], np.asarray(self.bias_scales.scale[0, 0]),
                                  int(self.bias_scales.zero_point[0, 0]), scheme.grid.storage[0])
-        return QuantizedLayer(self.plan.layer, scheme, integers[:, :f], self.scales, bias, self.input_quantizer,
-                              self.bias_shift if choice is None else None)
+        return QuantizedLayer(self.plan.layer, scheme, compact(integers[:, :f]), self.scales, bias,
+                              self.input_quantizer, self.bias_shift if choice is None else None)
+
+
+def compact(codes: np.ndarray) -> np.ndarray:
+    """Weight codes in the smallest integer type holding them (int8 or uint8 for 2-8 bits): a
+    run keeps every layer's codes until the rewrite, an eighth of the memory of int64."""
+    low, high = int(codes.min(initial=0)), int(codes.max(initial=0))
+    for kind in (np.int8, np.uint8, np.int16, np.int32):
+        if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
+            return codes.astype(kind)
+    return codes
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,7 +183,7 @@ class LayerWork:
 def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: InputQuantizer | None) -> LayerWork:
     """Scales and QUBO of one layer from the statistics of the inputs it will see."""
     layer, scheme = plan.layer, plan.scheme
-    terms = LayerTerms(layer, statistics, plan.bias_is_variable)
+    terms = LayerTerms(layer, statistics, plan.bias_is_variable, layer.weight)
     bias_scales = tensor_scales(layer.bias, scheme.grid) if plan.bias_is_variable and layer.bias is not None else None
     presolved, search_seconds = None, 0.0
     if plan.scale == ScaleMethod.QUBO:
@@ -180,7 +191,7 @@ def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: Input
         scales, presolved = _solved_best_scales(terms, scheme, bias_scales, plan.seed)
         search_seconds = time.perf_counter() - start
     else:
-        scales = choose_scales(plan.scale, layer.weight, scheme, statistics.x_gram, terms.weight_cross)
+        scales = choose_scales(plan.scale, terms.weight, scheme, statistics.x_gram, terms.weight_cross)
     return LayerWork(plan, terms, scales, bias_scales, terms.problem(scheme, scales, bias_scales), quantizer,
                      presolved, search_seconds)
 
@@ -192,7 +203,7 @@ def _solved_best_scales(terms: LayerTerms, scheme: Scheme, bias_scales: GroupSca
     Rows are independent problems, so the chosen rows' roundings are returned too. The first
     candidate is ``scale mse``'s choice: no row costs more than with it."""
     layer = terms.layer
-    candidates = candidate_scales(layer.weight, scheme, terms.statistics.x_gram, terms.weight_cross,
+    candidates = candidate_scales(terms.weight, scheme, terms.statistics.x_gram, terms.weight_cross,
                                   QUBO_CANDIDATES)
     costs, choices = [], []
     for scales in candidates:

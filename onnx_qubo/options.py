@@ -54,6 +54,13 @@ def check_integer(value: object, option: str, minimum: int | None = None) -> int
     return int(value)
 
 
+def check_gigabytes(value: object, option: str) -> int:
+    """A positive amount of memory in GB (10^9 bytes) as bytes."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
+        raise OptionError(f"{{{option}}} must be a positive number of GB, got {value!r}", option)
+    return int(float(value) * 1e9)
+
+
 def check_bits(bits: object, option: str = "bits") -> int:
     """An integer bit width in [MIN_BITS, MAX_BITS]."""
     value = check_integer(bits, option)
@@ -97,6 +104,7 @@ class QuantizeOptions:
     ort_accuracy_level: int = 0  # MatMulNBits: 0 float compute; 4 int8 activations in the kernel
     workers: int = 1  # local processes solving a layer's rows (1: in this process, its threads)
     ray_address: str | None = None  # solve on this Ray cluster ("local": start one here)
+    max_memory: int | None = None  # bytes a run may hold (memory.py); None: a share of physical memory
 
     @classmethod
     def parse(cls, *, bits: object = 2, scale: object = ScaleMethod.MSE, solver: str | Solver = "fast",
@@ -106,8 +114,9 @@ class QuantizeOptions:
               layer_bits: Mapping[str, object] | None = None, exclude: Sequence[str] = (), lower_bound: bool = False,
               dump_dir: Path | None = None, solution_dir: Path | None = None, format: object = Format.QDQ,
               ort_accuracy_level: object = 0, workers: object = 1,
-              ray_address: str | None = None) -> "QuantizeOptions":
-        """Options from the API's arguments: each value checked and named in the error if wrong."""
+              ray_address: str | None = None, max_memory: object = None) -> "QuantizeOptions":
+        """Options from the API's arguments: each value checked and named in the error if wrong
+        (``max_memory`` in GB)."""
         return cls(bits=check_bits(bits), scale=parse_choice(ScaleMethod, scale, "scale"), solver=solver_for(solver),
                    seed=check_integer(seed, "seed"), granularity=parse_choice(Granularity, granularity, "granularity"),
                    block_size=check_integer(block_size, "block_size"), symmetric=bool(symmetric),
@@ -119,7 +128,8 @@ class QuantizeOptions:
                    exclude=tuple(exclude), lower_bound=lower_bound, dump_dir=dump_dir, solution_dir=solution_dir,
                    format=parse_choice(Format, format, "format"),
                    ort_accuracy_level=check_integer(ort_accuracy_level, "ort_accuracy_level"),
-                   workers=check_integer(workers, "workers", minimum=1), ray_address=ray_address)
+                   workers=check_integer(workers, "workers", minimum=1), ray_address=ray_address,
+                   max_memory=None if max_memory is None else check_gigabytes(max_memory, "max_memory"))
 
     def __post_init__(self) -> None:
         if self.bias == BiasMode.INT32 and self.activations == Activations.NONE:

@@ -206,7 +206,8 @@ def matmul_nbits(codes: LayerCodes, activation: str, output: str, fresh: Names, 
 
     zero_blocks = None if codes.zero_point is None else blocks(codes.zero_point).astype(np.int64)
     unsigned = np.empty((n, padded), np.int64)  # the tail of the last block reads as 0
-    unsigned[:, :f] = codes.integers + offset
+    unsigned[:, :f] = codes.integers  # codes may be int8: widen before the offset
+    unsigned[:, :f] += offset
     unsigned[:, f:] = offset if zero_blocks is None else zero_blocks[:, -1:]
     names = [fresh(f"{output}_{suffix}") for suffix in ("B", "scales", "zero_points", "bias")]
     initializers = [

@@ -11,16 +11,17 @@ layers are already quantized (their inputs as deployed), against the float model
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Collection, Iterator
+from typing import Collection, Iterator, Mapping
 
 import numpy as np
 import onnx
 
-from . import discovery, exchange
+from . import discovery, exchange, memory
 from .activations import input_quantizers
-from .calibration import collect_statistics
+from .calibration import LayerStatistics, collect_statistics
 from .data import Dataset
 from .errors import ModelError, OptionError
 from .grid import InputQuantizer
@@ -35,6 +36,8 @@ from .progress import Progress
 from .report import LayerReport
 from .types import DenseLayer, InputStatistics, SkippedNode
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, eq=False)
 class Calibrated:
@@ -45,7 +48,7 @@ class Calibrated:
     dataset: Dataset
     layers: list[DenseLayer]
     skipped: list[SkippedNode]
-    statistics: dict[str, InputStatistics]  # layer statistics_key -> statistics
+    statistics: Mapping[str, InputStatistics]  # layer statistics_key -> statistics (gathered when first read)
     quantizers: dict[str, InputQuantizer]  # layer input tensor -> its quantizer (quantized inputs only)
 
 
@@ -71,7 +74,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
                    progress: Progress) -> Quantized:
     """Quantize every dense layer of ``model`` but the excluded ones."""
     calibrated = calibrate(model, calibration, progress, options.exclude, options.activations,
-                           options.activation_range)
+                           options.activation_range, options.max_memory)
     plan = make_plan(options, calibrated.layers)
     integers, reports = [], []
     for solved in solve_layers(calibrated, plan, progress):  # keeps each layer's integers, frees its QUBO
@@ -90,11 +93,17 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
 
 def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, exclude: Collection[str] = (),
               activations: Activations = Activations.NONE,
-              activation_range: RangeMethod = RangeMethod.MINMAX) -> Calibrated:
+              activation_range: RangeMethod = RangeMethod.MINMAX, max_memory: int | None = None) -> Calibrated:
+    """The model's layers and their input statistics, in as many passes over the data as
+    ``max_memory`` (bytes; default: memory.py's) needs."""
     found, skipped = find_layers(model, exclude)
     layers = split_groups(found)  # a grouped Conv: one layer per group, each with its own Gram matrix
     quantizers = input_quantizers(model, layers, calibration, activations, activation_range, progress)
-    statistics = collect_statistics(model, layers, calibration, progress, quantizers=quantizers)
+    groups = memory.calibration_groups(layers, max_memory, memory.weights_bytes(model), drift=bool(quantizers))
+    if len(groups) > 1:
+        log.info("calibrating in %d passes over the data: the statistics of all %d layers do not fit the memory "
+                 "budget at once", len(groups), len(layers))
+    statistics = LayerStatistics(model, groups, calibration, progress, quantizers)
     return Calibrated(model, calibration, layers, skipped, statistics, quantizers)
 
 

@@ -1,12 +1,20 @@
 """Create onnxruntime CPU sessions for in-memory models, with a clear error when one fails: a
-ModelError for the caller's model, a RuntimeFailure for one this library built."""
+ModelError for the caller's model, a RuntimeFailure for one this library built. Weights may be in
+the proto, left in the input's external data files (external.py), or past protobuf's 2 GB limit
+(then saved to a temporary folder with external data and loaded by path)."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
 from .errors import ModelError, QuboError, RuntimeFailure
+from .external import materialize, session_folder
+
+PROTOBUF_LIMIT = 2 ** 31 - 2 ** 24  # a serialized model must stay under 2 GB; keep a margin
 
 DEFAULT = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what users get without options
 BASIC = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -14,15 +22,32 @@ NONE = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
 
 def make_session(model: onnx.ModelProto, level: ort.GraphOptimizationLevel = DEFAULT,
-                 what: str = "the model", built: bool = False) -> ort.InferenceSession:
+                 what: str = "the model", built: bool = False, lean: bool = False) -> ort.InferenceSession:
     """An InferenceSession on the CPU provider at the given graph optimization level; ``built``:
-    the model is one this library wrote (a failure is then a RuntimeFailure, exit 4)."""
+    the model is one this library wrote (a failure is then a RuntimeFailure, exit 4); ``lean``:
+    without onnxruntime's memory arena and memory patterns, which otherwise keep every buffer of a
+    run (a DequantizeLinear model's float weights included) for the session's lifetime: for the
+    runs that calibrate and check, where memory matters more than the last millisecond."""
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     options.log_severity_level = 3
+    if lean:
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+    folder = session_folder(model)
+    if folder is not None:  # weights left in the input's external data files (external.py)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     try:
-        return ort.InferenceSession(model.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="onnx-qubo-") as folder_name:  # over protobuf's limit: by path
+            path = Path(folder_name) / "model.onnx"
+            whole = onnx.ModelProto()
+            whole.CopyFrom(model)
+            materialize(whole)
+            onnx.save_model(whole, path, save_as_external_data=True, location="model.onnx.data")
+            del whole
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types
         error: type[QuboError] = RuntimeFailure if built else ModelError
         raise error(f"onnxruntime cannot load {what}: {exc}") from None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import onnx
 
+from . import external
 from .grid import GroupScales, InputQuantizer, Scheme
 
 if TYPE_CHECKING:
@@ -27,6 +28,58 @@ class DenseForm(Protocol):
     def lower(self, node: onnx.NodeProto, weight: "QuantizedWeight", edit: "GraphEdit") -> "Lowered": ...
 
 
+class WeightValues(Protocol):
+    """A layer's weight as [n_out, f_in] float64: held in memory, or read from the model's
+    external data each time it is asked for (a model over 2 GB holds one layer's at a time)."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def read(self) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, eq=False)
+class InMemory:
+    array: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, f = self.array.shape
+        return n, f
+
+    def read(self) -> np.ndarray:
+        return self.array
+
+
+@dataclass(frozen=True, eq=False)
+class FromFile:
+    """An initializer left in its external data file; ``canonical`` maps its stored layout to
+    [n_out, f_in] float64."""
+
+    tensor: onnx.TensorProto
+    model: onnx.ModelProto
+    canonical: Callable[[np.ndarray], np.ndarray]
+    shape: tuple[int, int]
+
+    def read(self) -> np.ndarray:
+        return self.canonical(external.read_array(self.tensor, self.model))
+
+
+@dataclass(frozen=True, eq=False)
+class RowsOf:
+    """Some rows of another layer's weight (one group of a grouped Conv)."""
+
+    values: WeightValues
+    rows: slice
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(range(*self.rows.indices(self.values.shape[0]))), self.values.shape[1]
+
+    def read(self) -> np.ndarray:
+        return self.values.read()[self.rows]
+
+
 @dataclass(frozen=True, eq=False)
 class DenseLayer:
     """One dense layer found in the graph: ``y = gain * weight @ x (+ bias)``.
@@ -44,7 +97,7 @@ class DenseLayer:
     input_name: str  # activation tensor feeding the layer
     input_rank: int | None  # its rank when shape inference knows it
     weight_name: str  # initializer holding the weight
-    weight: np.ndarray  # [n_out, f_in], float64
+    values: WeightValues  # the weight, read by ``weight``
     gain: float
     bias: np.ndarray | None = None  # [n_out], float64
     bias_name: str | None = None
@@ -70,9 +123,14 @@ class DenseLayer:
         return 0 if self.geometry is None else len(self.geometry.kernel)
 
     @property
+    def weight(self) -> np.ndarray:
+        """[n_out, f_in], float64 (read from the external data file each time when it lives there:
+        callers keep it only while they work on this layer)."""
+        return self.values.read()
+
+    @property
     def shape(self) -> tuple[int, int]:
-        n, f = self.weight.shape
-        return n, f
+        return self.values.shape
 
     @property
     def op_type(self) -> str:
@@ -122,7 +180,7 @@ class QuantizedLayer:
 
     layer: DenseLayer
     scheme: Scheme
-    integers: np.ndarray  # int64 [n_out, f_in], on scheme.grid
+    integers: np.ndarray  # [n_out, f_in], on scheme.grid, in the smallest integer type (layer.compact)
     scales: GroupScales
     bias: QuantizedBias | None = None
     input_quantizer: InputQuantizer | None = None

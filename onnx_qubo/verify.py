@@ -16,12 +16,14 @@ import onnxruntime as ort
 
 from .data import Dataset, model_inputs
 from .errors import ModelError
+from .memory import weights_bytes
 from .progress import Progress
 from .report import Evaluation, Speed
 from .runtime import BASIC, DEFAULT, NONE, make_session
 
 SPEED_REPEATS = 10  # timed runs per model and batch (median), within SPEED_BUDGET seconds
 SPEED_BUDGET = 3.0
+INTERLEAVE_BYTES = 10 ** 9  # float weights above which the two models are timed one after the other
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
@@ -62,7 +64,7 @@ def run_scores(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, datase
     """The output ``name`` of ``model`` over ``dataset`` (``built``: a model this library wrote).
     An output whose first axis is not the batch (a CRNN's [time, batch, classes]) is joined as
     rows of its last axis: the measures compare the two models row by row."""
-    session = make_session(model, level, f"the {what}", built)
+    session = make_session(model, level, f"the {what}", built, lean=True)
     rows_of_last_axis = False
     with progress.bar(len(dataset.batches), f"running the {what}") as bar:
         outputs = []
@@ -142,22 +144,26 @@ def _relative(y: np.ndarray, reference: np.ndarray) -> float:
 def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, dataset: Dataset) -> Speed:
     """Median latency of both models at onnxruntime's default level, at batch 1 (or the model's
     fixed batch size) and at the evaluation batch size, their runs interleaved so that load on
-    the machine hits both alike."""
+    the machine hits both alike; one after the other when the float weights pass
+    INTERLEAVE_BYTES (two sessions would double the run's peak memory)."""
     batch = dataset.batches[0]
     fixed = {spec.shape[0] for spec in model_inputs(float_model) if spec.shape and spec.shape[0] is not None}
     small = min(fixed, default=1)
     single = {name: array[:small] for name, array in batch.items()}
-    sessions = [make_session(float_model, DEFAULT, "the float model"),
-                make_session(quantized_model, DEFAULT, "the quantized model", built=True)]
-    float_single, float_batch, quantized_single, quantized_batch = _interleaved(sessions, (single, batch))
+    feeds = (single, batch)
+    models = [(float_model, "the float model", False), (quantized_model, "the quantized model", True)]
+    if weights_bytes(float_model) <= INTERLEAVE_BYTES:
+        times = _interleaved([make_session(m, DEFAULT, what, built) for m, what, built in models], feeds)
+    else:
+        times = [t for m, what, built in models for t in _interleaved([make_session(m, DEFAULT, what, built)], feeds)]
+    float_single, float_batch, quantized_single, quantized_batch = times
     return Speed(len(next(iter(batch.values()))), float_single, float_batch, quantized_single, quantized_batch,
                  small)
 
 
-def _interleaved(sessions: list[ort.InferenceSession],
-                 feeds: tuple[dict, dict]) -> tuple[float, float, float, float]:
-    """(float batch 1, float batch, quantized batch 1, quantized batch) median milliseconds."""
-    times: dict[tuple[int, int], list[float]] = {(m, f): [] for m in range(2) for f in range(2)}
+def _interleaved(sessions: list[ort.InferenceSession], feeds: tuple[dict, dict]) -> list[float]:
+    """Median milliseconds per session and feed, in that order, the runs interleaved."""
+    times: dict[tuple[int, int], list[float]] = {(m, f): [] for m in range(len(sessions)) for f in range(2)}
     for session in sessions:
         for feed in feeds:
             session.run(None, feed)  # warm up: first runs allocate and prepack
@@ -169,6 +175,4 @@ def _interleaved(sessions: list[ort.InferenceSession],
             samples.append(1000 * (time.perf_counter() - start))
         if time.perf_counter() - started > SPEED_BUDGET:
             break
-    float_single, float_batch, quantized_single, quantized_batch = (
-        float(np.median(times[key])) for key in ((0, 0), (0, 1), (1, 0), (1, 1)))
-    return float_single, float_batch, quantized_single, quantized_batch
+    return [float(np.median(samples)) for samples in times.values()]

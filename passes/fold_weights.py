@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from .. import external
 from .base import PassResult, copy_model
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def _weight_chains(graph: onnx.GraphProto, constants: set[str]) -> list[list[int
 def _evaluate(chain: list[onnx.NodeProto], initializers: dict[str, onnx.TensorProto],
               model: onnx.ModelProto) -> np.ndarray:
     """The chain's output, computed by onnx's reference evaluator on the chain alone."""
-    inputs = [initializers[name] for n in chain for name in n.input if name in initializers]
+    inputs = [external.loaded(initializers[name], model) for n in chain for name in n.input if name in initializers]
     graph = helper.make_graph(chain, "chain", [], [onnx.ValueInfoProto(name=chain[-1].output[0])],
                               list({i.name: i for i in inputs}.values()))
     sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)

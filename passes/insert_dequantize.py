@@ -14,12 +14,14 @@ scale per tensor (scalar), per output row (``axis=0``) or per block of inputs wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .. import external
 from .base import PassResult, copy_model
 
 if TYPE_CHECKING:
@@ -106,7 +108,7 @@ class InsertDequantize:
             return PassResult(model, modified=False)
         out = copy_model(model)
         graph = out.graph
-        edit = GraphEdit(graph)
+        edit = GraphEdit(graph, partial(external.read_array, model=out))
         replacements: dict[int, list[onnx.NodeProto]] = {}
         renames: dict[str, str] = {}
         dropped = {w.name for w in self.weights} | {w.bias_name for w in self.weights if w.bias_name}
@@ -138,8 +140,10 @@ class InsertDequantize:
 class GraphEdit:
     """Adds initializers and nodes to a graph under names that clash with none already there."""
 
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto,
+                 read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array):
         self.graph = graph
+        self.read = read  # an initializer's values (external.read_array where they may be external)
         self.used = {init.name for init in graph.initializer}
         self.used |= {v.name for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
         for node in graph.node:

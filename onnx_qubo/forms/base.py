@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
+
+from .. import external
+from ..types import FromFile, InMemory, WeightValues
 
 SUPPORTED_WEIGHT_TYPES = (onnx.TensorProto.FLOAT,)
 
@@ -30,6 +35,7 @@ class GraphIndex:
 
     def __init__(self, model: onnx.ModelProto):
         graph = model.graph
+        self.model = model
         self.initializers = {init.name: init for init in graph.initializer}
         self.overridable = {inp.name for inp in graph.input} & self.initializers.keys()
         self.outputs = {out.name for out in graph.output}
@@ -73,10 +79,22 @@ class GraphIndex:
         if (init.data_type != onnx.TensorProto.FLOAT or not dims or dims[axis] != n or int(np.prod(dims)) != n
                 or len(dims) > (rank or 1)):
             return None
-        bias = numpy_helper.to_array(init).astype(np.float64).reshape(n)
+        bias = self.array(init).astype(np.float64).reshape(n)
         if not np.isfinite(bias).all():
             return Skip(f"bias '{name}' holds NaN or Inf")
         return bias
+
+    def array(self, init: onnx.TensorProto) -> np.ndarray:
+        """An initializer's values, from the proto or the model's external data."""
+        return external.read_array(init, self.model)
+
+    def weight_values(self, init: onnx.TensorProto, canonical: Callable[[np.ndarray], np.ndarray],
+                      shape: tuple[int, int]) -> WeightValues:
+        """A weight as a layer holds it: in memory (``canonical`` of the stored array), or, when it
+        lives in external data, read again each time a stage needs it."""
+        if uses_external_data(init):
+            return FromFile(init, self.model, canonical, shape)
+        return InMemory(canonical(numpy_helper.to_array(init)))
 
     def only_reader(self, tensor: str) -> onnx.NodeProto | None:
         readers = self.consumers.get(tensor, [])
@@ -126,3 +144,12 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
                                                                      dims=init.dims))
     return onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions,
                            graph=graph)
+
+
+def transposed(stored: np.ndarray) -> np.ndarray:
+    """A [f_in, n_out] weight (MatMul's, Gemm's with transB=0) as [n_out, f_in] float64."""
+    return stored.astype(np.float64).T
+
+
+def as_float64(stored: np.ndarray) -> np.ndarray:
+    return stored.astype(np.float64)

@@ -11,14 +11,21 @@ group has its own Gram matrix; pipeline.split_groups), its groups merged again f
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
 from ..patches import ConvGeometry, flatten_weight
 from ..types import DenseLayer
 from .base import GraphIndex, Skip, attributes
+
+
+def flat_float64(stored: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """A Conv's stored weight as [M, f] float64."""
+    return flatten_weight(stored.astype(np.float64), geometry)
 
 
 class ConvForm:
@@ -36,7 +43,8 @@ class ConvForm:
             geometry = ConvGeometry.from_attributes(attributes(node), tuple(init.dims))
         except ValueError as exc:
             return Skip(f"Conv attributes: {exc}")
-        weight = flatten_weight(numpy_helper.to_array(init).astype(np.float64), geometry)
+        weight = index.weight_values(init, partial(flat_float64, geometry=geometry),
+                                     (geometry.out_channels, geometry.features))
         bias_name = node.input[2] if len(node.input) > 2 else ""
         bias = index.bias_vector(bias_name, geometry.out_channels, rank=1)  # Conv's B is [M]
         if isinstance(bias, Skip):

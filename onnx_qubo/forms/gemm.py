@@ -9,12 +9,12 @@ dequantized bias (if any) as C with beta 1, or added after the Gemm where compat
 from __future__ import annotations
 
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .. import compat
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
 from ..types import DenseLayer
-from .base import GraphIndex, Skip, attributes
+from .base import GraphIndex, Skip, as_float64, attributes, transposed
 
 
 class GemmForm:
@@ -32,11 +32,12 @@ class GemmForm:
         gain = float(attrs.get("alpha", 1.0))
         if gain == 0.0:
             return Skip("alpha=0: the weight does not contribute to the output")
-        stored = numpy_helper.to_array(init).astype("float64")
         trans_b = attrs.get("transB", 0)
-        weight = stored if trans_b else stored.T
+        rows, columns = init.dims
+        n, f = (rows, columns) if trans_b else (columns, rows)
+        weight = index.weight_values(init, as_float64 if trans_b else transposed, (n, f))
         bias_name = node.input[2] if len(node.input) > 2 else ""
-        bias = index.bias_vector(bias_name, len(weight), rank=2)
+        bias = index.bias_vector(bias_name, n, rank=2)
         if isinstance(bias, Skip):
             return bias
         return DenseLayer(name, self, f"Gemm(transB={trans_b})", activation, index.ranks.get(activation),

@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight, dequantized
 from ..types import DenseLayer
-from .base import GraphIndex, Skip
+from .base import GraphIndex, Skip, transposed
 
 
 class MatMulForm:
@@ -30,13 +30,14 @@ class MatMulForm:
         init = index.constant_weight(activation, weight_name)
         if isinstance(init, Skip):
             return init
-        weight = numpy_helper.to_array(init).astype(np.float64).T
+        n, f = init.dims[1], init.dims[0]
+        weight = index.weight_values(init, transposed, (n, f))
         add = _constant_add(node.output[0], index)
         label = "MatMul+Add" if add else "MatMul"
         if index.ranks.get(activation) != 2:
             label += " (N-D)"
         bias_name = next((t for t in add.input if t != node.output[0]), "") if add else ""
-        bias = index.bias_vector(bias_name, len(weight), rank=index.ranks.get(activation))
+        bias = index.bias_vector(bias_name, n, rank=index.ranks.get(activation))
         if isinstance(bias, Skip):
             return bias
         return DenseLayer(name, self, label, activation, index.ranks.get(activation), weight_name, weight, 1.0,

@@ -1,0 +1,99 @@
+"""Models whose weights stay in their external data files until a stage needs them.
+
+A model loaded from a path with external data (``files.load_model``) keeps its tensors as
+references: its protobuf then holds only the graph, so a model of any size (one over protobuf's
+2 GB limit included) can be copied, inferred, checked and handed to onnxruntime, and its weights
+are read one layer at a time. The folder the references are relative to travels with the model
+as a metadata entry (copies of the model keep it), which this module alone reads and writes:
+
+- ``read_array``: one tensor's values, from the proto or its file;
+- ``session_folder``: what onnxruntime needs to resolve the references (runtime.py);
+- ``materialize``: every reference replaced by its values, the entry removed (before a write).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+FOLDER_KEY = "onnx_qubo.external_data_folder"
+
+
+def keep_references(model: onnx.ModelProto, folder: Path) -> None:
+    """Record that ``model``'s external data references are relative to ``folder``."""
+    _remove_key(model)
+    model.metadata_props.add(key=FOLDER_KEY, value=str(folder.resolve()))
+
+
+def session_folder(model: onnx.ModelProto) -> Path | None:
+    """The folder ``model``'s external references are relative to (None: all data in the proto)."""
+    for prop in model.metadata_props:
+        if prop.key == FOLDER_KEY:
+            return Path(prop.value)
+    return None
+
+
+def read_array(tensor: onnx.TensorProto, model: onnx.ModelProto) -> np.ndarray:
+    """The values of ``tensor``, an initializer of ``model``, wherever they are stored."""
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    folder = session_folder(model)
+    if folder is None:
+        raise ValueError(f"tensor '{tensor.name}' refers to external data, and the model was not loaded from a path")
+    return numpy_helper.to_array(tensor, base_dir=str(folder))
+
+
+def loaded(tensor: onnx.TensorProto, model: onnx.ModelProto) -> onnx.TensorProto:
+    """``tensor`` with its values in the proto (itself when they already are)."""
+    if not uses_external_data(tensor):
+        return tensor
+    return numpy_helper.from_array(read_array(tensor, model), tensor.name)
+
+
+def materialize(model: onnx.ModelProto) -> None:
+    """Load every external tensor of ``model`` into it and drop the folder entry: the model is then
+    self-contained, as writing it elsewhere needs."""
+    folder = session_folder(model)
+    if folder is None:
+        return
+    for tensor in external_tensors(model):
+        load_external_data_for_tensor(tensor, str(folder))
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    _remove_key(model)
+
+
+def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model stored as external data: initializers and tensor attributes,
+    in the main graph, its subgraphs and the model's local functions."""
+    def of_graph(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from graph.initializer
+        yield from (sparse.values for sparse in graph.sparse_initializer)
+        yield from of_nodes(graph.node)
+
+    def of_nodes(nodes: object) -> Iterator[onnx.TensorProto]:
+        for node in nodes:  # type: ignore[attr-defined]
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from of_graph(attr.g)
+                for sub in attr.graphs:
+                    yield from of_graph(sub)
+
+    tensors = list(of_graph(model.graph))
+    for function in model.functions:
+        tensors += of_nodes(function.node)
+    yield from (t for t in tensors if uses_external_data(t))
+
+
+def _remove_key(model: onnx.ModelProto) -> None:
+    kept = [prop for prop in model.metadata_props if prop.key != FOLDER_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)

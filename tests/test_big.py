@@ -1,0 +1,132 @@
+"""Issue 13: models whose weights live in external data files are read a layer at a time, and
+calibration fits a memory budget by making several passes over the data."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
+
+import onnx_qubo
+from onnx_qubo import external, memory
+from onnx_qubo.cli import main
+from onnx_qubo.data import load_dataset
+from onnx_qubo.errors import OptionError
+from onnx_qubo.files import load_model
+from onnx_qubo.forms import GraphIndex
+from onnx_qubo.pipeline import calibrate, find_layers, prepare
+from onnx_qubo.progress import Progress
+from onnx_qubo.runtime import make_session
+from onnx_qubo.types import FromFile, InMemory
+
+from graphs import mlp_model
+
+X = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+
+
+def external_model(folder, model=None):
+    path = folder / "m.onnx"
+    onnx.save(model or mlp_model(), path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.data", size_threshold=0)
+    return path
+
+
+def initializer_values(path):
+    model = onnx.load(path)
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def test_weights_stay_in_their_file_until_read(tmp_path):
+    model = load_model(external_model(tmp_path))
+    assert all(uses_external_data(init) for init in model.graph.initializer)
+    assert model.ByteSize() < 2000  # the graph only
+    layers, _ = find_layers(prepare(model))
+    assert all(isinstance(layer.values, FromFile) for layer in layers)
+    in_memory, _ = find_layers(mlp_model())
+    assert all(isinstance(layer.values, InMemory) for layer in in_memory)
+    for lazy, loaded in zip(layers, in_memory):
+        assert np.array_equal(lazy.weight, loaded.weight) and lazy.shape == loaded.shape
+
+
+def test_sessions_read_the_input_folder_from_anywhere(tmp_path, monkeypatch):
+    model = load_model(external_model(tmp_path))
+    monkeypatch.chdir("/")  # references are relative to the model's folder, not the working directory
+    expected = make_session(mlp_model()).run(None, {"x": X})[0]
+    assert np.array_equal(make_session(model).run(None, {"x": X})[0], expected)
+    index = GraphIndex(model)
+    expected_weight = numpy_helper.to_array(mlp_model().graph.initializer[0])
+    assert np.array_equal(index.array(index.initializers["W0"]), expected_weight)
+
+
+def test_external_input_quantizes_like_the_same_model_in_memory(tmp_path):
+    """Same integers and scales either way; the output holds every tensor itself (no reference
+    to the input's data file) and loads from another folder."""
+    path = external_model(tmp_path)
+    onnx_qubo.quantize(path, tmp_path / "lazy.onnx", calibration={"x": X}, bits=3, speed=False)
+    onnx_qubo.quantize(mlp_model(), tmp_path / "memory.onnx", calibration={"x": X}, bits=3, speed=False)
+    lazy, eager = initializer_values(tmp_path / "lazy.onnx"), initializer_values(tmp_path / "memory.onnx")
+    assert lazy.keys() == eager.keys()
+    assert all(np.array_equal(lazy[name], eager[name]) for name in lazy)
+    written = onnx.load(tmp_path / "lazy.onnx", load_external_data=False)
+    assert not any(uses_external_data(init) for init in written.graph.initializer)
+    assert not any(prop.key == external.FOLDER_KEY for prop in written.metadata_props)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(tmp_path / "lazy.onnx", elsewhere / "lazy.onnx")
+    make_session(onnx.load(elsewhere / "lazy.onnx")).run(None, {"x": X})
+
+
+def test_external_output_of_external_input(tmp_path):
+    path = external_model(tmp_path)
+    onnx_qubo.quantize(path, tmp_path / "out.onnx", calibration={"x": X}, external_data=True, speed=False)
+    written = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    locations = {entry.value for init in written.graph.initializer for entry in init.external_data
+                 if entry.key == "location"}
+    assert locations == {"out.onnx.data"}
+    onnx_qubo.quantize(mlp_model(), tmp_path / "ref.onnx", calibration={"x": X}, speed=False)
+    expected = initializer_values(tmp_path / "ref.onnx")
+    assert all(np.array_equal(v, expected[k]) for k, v in initializer_values(tmp_path / "out.onnx").items())
+
+
+def test_a_budget_too_small_for_all_statistics_takes_more_passes_and_the_same_bits(tmp_path, caplog):
+    model = mlp_model(widths=(8, 16, 16, 4))
+    layers, _ = find_layers(model)
+    dataset = load_dataset({"x": X}, model)
+    weights = memory.weights_bytes(model)
+    solving = max(memory.solve_bytes(layer) for layer in layers)
+    one_view = max(memory.statistics_bytes(layer, drift=False) for layer in layers)
+    budget = weights + solving + one_view  # room for one layer's statistics at a time
+    groups = memory.calibration_groups(layers, budget, weights, drift=False)
+    assert len(groups) == len(layers)
+    assert [layer.name for group in groups for layer in group] == [layer.name for layer in layers]
+    calibrated = calibrate(model, dataset, Progress(), max_memory=budget)
+    assert calibrated.statistics.passes == 0  # nothing gathered before a layer asks
+    onnx_qubo.quantize(model, tmp_path / "one.onnx", calibration={"x": X}, speed=False)
+    with caplog.at_level(logging.INFO, logger="onnx_qubo.pipeline"):
+        onnx_qubo.quantize(model, tmp_path / "passes.onnx", calibration={"x": X}, speed=False,
+                           max_memory=budget / 1e9)
+    assert "calibrating in 3 passes over the data" in caplog.text
+    assert (tmp_path / "one.onnx").read_bytes() == (tmp_path / "passes.onnx").read_bytes()
+
+
+def test_a_budget_too_small_for_one_layer_is_a_clear_error(tmp_path):
+    path = external_model(tmp_path)
+    np.savez(tmp_path / "m.calib.npz", x=X)
+    with pytest.raises(OptionError, match=r"too small: the model's weights take .* give at least"):
+        onnx_qubo.quantize(path, tmp_path / "out.onnx", max_memory=1e-6)
+    result = CliRunner().invoke(main, ["quantize", str(path), str(tmp_path / "out.onnx"), "--max-memory", "0.000001"])
+    assert result.exit_code == 1
+    assert "--max-memory 0.00 GB is too small" in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), "4GB", True])
+def test_max_memory_must_be_a_positive_number(tmp_path, value):
+    with pytest.raises(OptionError, match="max_memory must be a positive number of GB"):
+        onnx_qubo.quantize(mlp_model(), tmp_path / "out.onnx", calibration={"x": X}, max_memory=value)
