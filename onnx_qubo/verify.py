@@ -68,7 +68,7 @@ def run_scores(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, datase
         outputs = []
         for batch in dataset.batches:
             output = session.run([name], batch)[0]
-            samples = len(next(iter(batch.values())))
+            samples = dataset.samples(batch)
             rows_of_last_axis = rows_of_last_axis or (len(dataset.batches) > 1 and output.shape[:1] != (samples,))
             outputs.append(output)
             bar.update(1)
@@ -144,13 +144,14 @@ def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto
     fixed batch size) and at the evaluation batch size, their runs interleaved so that load on
     the machine hits both alike."""
     batch = dataset.batches[0]
-    fixed = {spec.shape[0] for spec in model_inputs(float_model) if spec.shape and spec.shape[0] is not None}
+    fixed = {spec.shape[axis] for spec in model_inputs(float_model)
+             if spec.shape and (axis := dataset.axes.get(spec.name, 0)) is not None and spec.shape[axis] is not None}
     small = min(fixed, default=1)
-    single = {name: array[:small] for name, array in batch.items()}
+    single = dataset.head(batch, small)
     sessions = [make_session(float_model, DEFAULT, "the float model"),
                 make_session(quantized_model, DEFAULT, "the quantized model", built=True)]
     float_single, float_batch, quantized_single, quantized_batch = _interleaved(sessions, (single, batch))
-    return Speed(len(next(iter(batch.values()))), float_single, float_batch, quantized_single, quantized_batch,
+    return Speed(dataset.samples(batch), float_single, float_batch, quantized_single, quantized_batch,
                  small)
 
 
