@@ -1,7 +1,8 @@
 """Replace float dense weights by integer initializers feeding DequantizeLinear.
 
-The pass owns what every layer shares: finding the one node that reads each weight, fresh
-names, integer initializers and their ``DequantizeLinear`` (``GraphEdit``), the optional
+The pass owns what every layer shares: finding the one node that reads each weight (in the
+main graph or an If/Loop/Scan body: the layer is rewritten where it lives, its DequantizeLinear
+beside it in the body, the integer initializers in the main graph), fresh names, integer initializers and their ``DequantizeLinear`` (``GraphEdit``), the optional
 bias-correction ``Add`` after the layer, and dropping the float initializers. How one node is
 rewritten around its dequantized weight belongs to the node's form (onnx_qubo/forms/: Gemm,
 MatMul...), handed in with each weight as a ``DenseLowering``.
@@ -20,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..subgraphs import all_graphs, fresh_name, names_used
 from .base import PassResult, copy_model
 
 if TYPE_CHECKING:
@@ -106,31 +108,34 @@ class InsertDequantize:
             return PassResult(model, modified=False)
         out = copy_model(model)
         graph = out.graph
-        edit = GraphEdit(graph)
-        replacements: dict[int, list[onnx.NodeProto]] = {}
+        graphs = all_graphs(graph)  # a layer inside an If/Loop/Scan body is rewritten in its body
+        edit = GraphEdit(graph)  # integer initializers in the main graph, read from the body
+        replacements: dict[tuple[int, int], list[onnx.NodeProto]] = {}
         renames: dict[str, str] = {}
         dropped = {w.name for w in self.weights} | {w.bias_name for w in self.weights if w.bias_name}
         for weight in self.weights:
-            index = _only_reader(graph, weight)
-            lowered = weight.form.lower(graph.node[index], weight, edit)
+            where = _only_reader(graphs, weight)
+            lowered = weight.form.lower(graphs[where[0]].node[where[1]], weight, edit)
             nodes = lowered.nodes
             renames.update(lowered.renames)
             _import_opsets(out, lowered.opsets)
             if weight.output_shift is not None:
                 shift = edit.constant(f"{nodes[-1].output[0]}_shift", weight.output_shift.astype(np.float32))
                 nodes += edit.add_to_output(nodes, shift, "bias_correction")
-            replacements[index] = nodes
+            replacements[where] = nodes
 
-        nodes = []
-        for i, node in enumerate(graph.node):
-            nodes.extend(replacements.get(i, [node]))
-        for node in nodes:
-            for k, name in enumerate(node.input):
-                if name in renames:
-                    node.input[k] = renames[name]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        for container in (graph.initializer, graph.input, graph.value_info):
+        for g, body in reversed(list(enumerate(graphs))):  # bodies before the nodes holding them are copied
+            nodes = []
+            for i, node in enumerate(body.node):
+                nodes.extend(replacements.get((g, i), [node]))
+            for node in nodes:
+                for k, name in enumerate(node.input):
+                    if name in renames:
+                        node.input[k] = renames[name]
+            del body.node[:]
+            body.node.extend(nodes)
+            _remove(body.value_info, dropped)
+        for container in (graph.initializer, graph.input):
             _remove(container, dropped)
         return PassResult(out, modified=True)
 
@@ -140,17 +145,10 @@ class GraphEdit:
 
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
-        self.used = {init.name for init in graph.initializer}
-        self.used |= {v.name for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
-        for node in graph.node:
-            self.used |= set(node.input) | set(node.output) | {node.name}
+        self.used = names_used(graph)  # subgraphs too: a body may not shadow an outer name
 
     def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
+        return fresh_name(self.used, base)
 
     def fast(self, weight: QuantizedWeight, activation: str, output: str) -> Lowered:
         """``weight.fast``'s kernel nodes reading ``activation`` and writing ``output``."""
@@ -213,11 +211,12 @@ def _import_opsets(model: onnx.ModelProto, opsets: dict[str, int]) -> None:
             present.version = max(present.version, version)
 
 
-def _only_reader(graph: onnx.GraphProto, weight: QuantizedWeight) -> int:
-    readers = [i for i, node in enumerate(graph.node) if weight.name in node.input]
+def _only_reader(graphs: list[onnx.GraphProto], weight: QuantizedWeight) -> tuple[int, int]:
+    """(graph, node) positions of the one node, in any graph, that reads the weight."""
+    readers = [(g, i) for g, body in enumerate(graphs) for i, node in enumerate(body.node) if weight.name in node.input]
     if len(readers) != 1:
         raise ValueError(f"initializer '{weight.name}' is read by {len(readers)} nodes; expected exactly one")
-    node = graph.node[readers[0]]
+    node = graphs[readers[0][0]].node[readers[0][1]]
     if node.op_type != weight.form.op_type or list(node.input).index(weight.name) != 1:
         raise ValueError(f"initializer '{weight.name}' is not the weight (input B) of a {weight.form.op_type}")
     return readers[0]
