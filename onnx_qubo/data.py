@@ -12,7 +12,9 @@ declared shapes): a scalar, or an input whose fixed-size shape has no batch axis
 inputs have a symbolic one, is fed whole to every batch (a sample rate, a configuration
 vector); an input whose first axis is fixed but another axis carries the symbolic name of the
 other inputs' first axis is a batch along that axis (a recurrent state ``[2, batch, 128]``
-beside ``input [batch, 512]``) and is sliced there. What the shapes cannot settle is a DataError.
+beside ``input [batch, 512]``) and is sliced there; with unnamed symbolic axes (``[2, ?, 128]``)
+the data decides, when its one symbolic axis holds as many slices as there are samples. What
+neither settles is a DataError.
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ class Dataset:
 
     def samples(self, batch: dict[str, np.ndarray]) -> int:
         """How many samples ``batch`` holds (read off its first input that has a batch axis)."""
-        name, axis = next((n, self.axes.get(n, 0)) for n in batch if self.axes.get(n, 0) is not None)
-        return batch[name].shape[axis]
+        for name, array in batch.items():
+            axis = self.axes.get(name, 0)
+            if axis is not None:
+                return array.shape[axis]
+        raise ValueError("no input of the batch has a batch axis")  # load_dataset refuses such data
 
     def head(self, batch: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
         """The first ``count`` samples of ``batch``; inputs fed whole stay whole."""
@@ -88,25 +93,43 @@ def batch_axes(specs: list[InputSpec], arrays: dict[str, np.ndarray] | None = No
     """Each input's batch axis, None for an input fed whole to every batch (module docstring).
 
     Axis 0, except: a scalar input (declared rank 0, or no declared shape and a 0-d array in
-    ``arrays``) has none; an input with a fixed first axis has its batch on the one other axis
-    named like another input's symbolic first axis, else none when another input's first axis is
-    symbolic (else the model takes batches of a fixed size on axis 0)."""
+    ``arrays``) has none. An input with a fixed first axis beside inputs whose first axis is
+    symbolic has its batch on the one other axis named like their first axis; failing a name, on
+    its one unnamed symbolic axis when that axis holds as many samples in ``arrays`` as the
+    inputs batched on axis 0 (else a DataError: the model cannot tell); with neither, it is fed
+    whole. When every input's first axis is fixed, the model takes batches of that size."""
     arrays = arrays or {}
     firsts = {spec.dim_names[0] for spec in specs if spec.dim_names and spec.dim_names[0]}
     symbolic = any(spec.shape is None or (spec.shape and spec.shape[0] is None) for spec in specs)
+    count = next((np.shape(arrays[spec.name])[0] for spec in specs if spec.name in arrays and np.ndim(arrays[spec.name])
+                  and (spec.shape is None or (spec.shape and spec.shape[0] is None))), None)
     axes: dict[str, int | None] = {}
     for spec in specs:
         if spec.shape is None:
             axes[spec.name] = None if spec.name in arrays and np.ndim(arrays[spec.name]) == 0 else 0
             continue
-        if not spec.shape or spec.shape[0] is None:
+        if not spec.shape or spec.shape[0] is None or not symbolic:
             axes[spec.name] = 0 if spec.shape else None
             continue
-        named = [k for k, name in enumerate(spec.dim_names or ()) if k and name in firsts]
+        names = spec.dim_names or (None,) * len(spec.shape)
+        named = [k for k, name in enumerate(names) if k and name in firsts]
+        unnamed = [k for k, (size, name) in enumerate(zip(spec.shape, names)) if k and size is None and not name]
+        shown = _show_shape(spec.shape, spec.dim_names)
         if len(named) > 1:
-            raise DataError(f"input '{spec.name}' {_show_shape(spec.shape, spec.dim_names)}: several axes carry the "
-                            f"batch dimension's name, so which one holds the samples is ambiguous")
-        axes[spec.name] = named[0] if named else (None if symbolic else 0)
+            raise DataError(f"input '{spec.name}' {shown}: several axes carry the batch dimension's name, so "
+                            "which one holds the samples is ambiguous")
+        if named:
+            axes[spec.name] = named[0]
+        elif not unnamed:
+            axes[spec.name] = None
+        elif len(unnamed) == 1 and spec.name in arrays and count is not None \
+                and np.ndim(arrays[spec.name]) > unnamed[0] and np.shape(arrays[spec.name])[unnamed[0]] == count:
+            axes[spec.name] = unnamed[0]
+        else:
+            raise DataError(f"input '{spec.name}' {shown}: its first axis is fixed and its symbolic axes are unnamed, "
+                            "so the model does not say whether it holds one slice per sample; give it with as many "
+                            f"slices as samples ({count}) on its one symbolic axis, or name that axis like the other "
+                            "inputs' batch axis (dim_param)")
     if all(axis is None for axis in axes.values()):
         raise DataError("no model input has a batch axis (all are scalars or fixed-size tensors fed whole), so the "
                         "data cannot be split into samples")

@@ -144,8 +144,12 @@ def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto
     fixed batch size) and at the evaluation batch size, their runs interleaved so that load on
     the machine hits both alike."""
     batch = dataset.batches[0]
-    fixed = {spec.shape[axis] for spec in model_inputs(float_model)
-             if spec.shape and (axis := dataset.axes.get(spec.name, 0)) is not None and spec.shape[axis] is not None}
+    fixed = set()
+    for spec in model_inputs(float_model):
+        axis = dataset.axes.get(spec.name, 0)
+        size = spec.shape[axis] if spec.shape and axis is not None else None
+        if size is not None:
+            fixed.add(size)
     small = min(fixed, default=1)
     single = dataset.head(batch, small)
     sessions = [make_session(float_model, DEFAULT, "the float model"),

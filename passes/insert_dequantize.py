@@ -1,9 +1,12 @@
 """Replace float dense weights by integer initializers feeding DequantizeLinear.
 
-The pass owns what every layer shares: finding the one node that reads each weight (in the
-main graph or an If/Loop/Scan body: the layer is rewritten where it lives, its DequantizeLinear
-beside it in the body, the integer initializers in the main graph), fresh names, integer initializers and their ``DequantizeLinear`` (``GraphEdit``), the optional
-bias-correction ``Add`` after the layer, and dropping the float initializers. How one node is
+The pass owns what every layer shares: finding the one node that reads each weight, fresh
+names, integer initializers and their ``DequantizeLinear`` (``GraphEdit``), the optional
+bias-correction ``Add`` after the layer, and dropping the float initializers. A layer inside an
+If/Loop/Scan body is rewritten where it lives, its DequantizeLinear beside it in the body (a
+branch that does not run dequantizes nothing, and onnxruntime's fusions, which stay within one
+graph, see DequantizeLinear -> Gemm together), its integer initializers in the main graph, read
+from the body as its float weight was. How one node is
 rewritten around its dequantized weight belongs to the node's form (onnx_qubo/forms/: Gemm,
 MatMul...), handed in with each weight as a ``DenseLowering``.
 

@@ -61,6 +61,13 @@ def test_ambiguous_or_batchless_inputs_are_refused():
     whole.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 5  # x [5, 4]: nothing symbolic is left
     whole.graph.input[1].type.tensor_type.shape.dim[1].dim_value = 5
     assert batch_axes(model_inputs(whole)) == {"x": 0, "state": 0, "gain": None, "offset": 0}
+    unnamed = state_model()
+    for value in unnamed.graph.input[:2]:
+        for dim in value.type.tensor_type.shape.dim:
+            dim.ClearField("dim_param")  # x [?, 4], state [2, ?, 4], as exporters without names write them
+    assert batch_axes(model_inputs(unnamed), arrays(10))["state"] == 1  # its symbolic axis holds 10 slices
+    with pytest.raises(DataError, match=r"'state' \[2, \?, 4\]: .*unnamed.*as many slices as samples \(10\)"):
+        batch_axes(model_inputs(unnamed), {**arrays(10), "state": np.zeros((2, 3, F), np.float32)})
     only_scalars = helper.make_model(helper.make_graph(
         [helper.make_node("Identity", ["s"], ["t"])], "g", [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
         [helper.make_tensor_value_info("t", TensorProto.FLOAT, [])]))
