@@ -41,16 +41,17 @@ def _min_max(model: onnx.ModelProto, widths: dict[str, int], dataset: Dataset,
     with progress.bar(len(dataset.batches), "input ranges") as bar:
         for inputs in stream_inputs(model, widths, dataset, "the float model"):
             for name, x in inputs.items():
-                lo[name], hi[name] = min(lo[name], float(x.min())), max(hi[name], float(x.max()))
+                if x.size:  # empty: an If branch that did not run on this batch
+                    lo[name], hi[name] = min(lo[name], float(x.min())), max(hi[name], float(x.max()))
             bar.update(1)
-    return {name: (lo[name], hi[name]) for name in widths}
+    return {name: (lo[name], hi[name]) for name in widths if lo[name] <= hi[name]}  # a tensor never seen: none
 
 
 def _percentiles(model: onnx.ModelProto, widths: dict[str, int], dataset: Dataset,
                  ranges: dict[str, tuple[float, float]], progress: Progress) -> dict[str, tuple[float, float]]:
-    counts = {name: np.zeros(HISTOGRAM_BINS, dtype=np.int64) for name in widths}
+    counts = {name: np.zeros(HISTOGRAM_BINS, dtype=np.int64) for name in ranges}
     with progress.bar(len(dataset.batches), "input histograms") as bar:
-        for inputs in stream_inputs(model, widths, dataset, "the float model"):
+        for inputs in stream_inputs(model, ranges, dataset, "the float model"):
             for name, x in inputs.items():
                 counts[name] += np.histogram(x, HISTOGRAM_BINS, ranges[name])[0]
             bar.update(1)

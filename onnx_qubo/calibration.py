@@ -25,21 +25,27 @@ from .grid import InputQuantizer
 from .patches import ConvStatistics, PatchGram
 from .progress import Progress
 from .runtime import NONE, make_session
+from .subgraphs import expose
 from .types import DenseLayer, InputStatistics
 
 
 def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset,
                   what: str) -> Iterator[dict[str, np.ndarray]]:
-    """Per batch of ``dataset``, each named tensor of ``model`` as onnxruntime gives it."""
+    """Per batch of ``dataset``, each named tensor of ``model`` as onnxruntime gives it; a tensor
+    inside a Loop/Scan body with the rows of every iteration, one inside an If branch empty when
+    the branch did not run (subgraphs.expose)."""
     names = list(dict.fromkeys(names))
     fed = set(dataset.batches[0])  # graph inputs: read from the feed, not captured
     captured = [name for name in names if name not in fed]
-    session = make_session(_expose(model, captured), NONE, f"{what} with layer inputs exposed", lean=True)
+    exposed_model, exposed = expose(model, captured)
+    session = make_session(exposed_model, NONE, f"{what} with layer inputs exposed", lean=True)
+    outputs = [exposed[name].output for name in captured]
     for batch in dataset.batches:
-        outputs = dict(zip(captured, session.run(captured, batch) if captured else []))
+        values = session.run(outputs, batch) if captured else []
+        found = {name: exposed[name].rows(value) for name, value in zip(captured, values)}
         inputs = {}
         for name in names:
-            x = batch[name] if name in batch else outputs[name]
+            x = batch[name] if name in batch else found[name]
             if not np.isfinite(x).all():
                 raise DataError(f"the input '{name}' of a dense layer holds NaN or Inf in {what} "
                                 f"on the calibration data ({dataset.origin})")
@@ -79,11 +85,11 @@ class DenseGram:
     def statistics(self, group: int | None = None) -> InputStatistics:
         """The means, computed once (in place: the sums are not held twice)."""
         if self.result is None:
-            n = self.count
+            n = max(self.count, 1)  # count 0: a layer that never ran (the pipeline skips it)
             for total in (self.zz, self.zd, self.dd):
                 if total is not None:
                     total /= n
-            self.result = InputStatistics(self.zz, n, self.zd, self.dd)
+            self.result = InputStatistics(self.zz, self.count, self.zd, self.dd)
         return self.result
 
 
@@ -96,9 +102,12 @@ class ConvGram:
         self.result: ConvStatistics | None = None  # the means, computed once for all groups
 
     def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
-        self.gram.update(x, seen)
+        if x.size:  # empty: the If branch holding the Conv did not run on this batch
+            self.gram.update(x, seen)
 
     def statistics(self, group: int | None = None) -> InputStatistics:
+        if not self.gram.count:  # never ran (the pipeline skips it)
+            return DenseGram(self.gram.geometry.features, False).statistics()
         if self.result is None:
             self.result = self.gram.result()
         return self.result.group(group or 0)
@@ -132,15 +141,6 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
                 sums[key].update(floats[name], x_seen if mismatch else None)
             bar.update(1)
     return {layer.statistics_key: sums[layer.source_key].statistics(layer.group) for layer in layers}
-
-
-def _expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs the given intermediate tensors."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {out.name for out in exposed.graph.output}
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
-    return exposed
 
 
 class LayerStatistics(Mapping[str, InputStatistics]):

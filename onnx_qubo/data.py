@@ -6,13 +6,22 @@ array is accepted for a single-input model), a dict of arrays, or an object with
 The result is a list of feed batches ready for ``InferenceSession.run``. A model whose inputs
 have a fixed first axis B (``[1, f]``, as torch.onnx.export writes without dynamic axes) is fed
 batches of exactly B samples, whatever ``batch_size`` says.
+
+Inputs that are not a batch of samples along axis 0 (``batch_axes``, read off the model's
+declared shapes): a scalar, or an input whose fixed-size shape has no batch axis while other
+inputs have a symbolic one, is fed whole to every batch (a sample rate, a configuration
+vector); an input whose first axis is fixed but another axis carries the symbolic name of the
+other inputs' first axis is a batch along that axis (a recurrent state ``[2, batch, 128]``
+beside ``input [batch, 512]``) and is sliced there; with unnamed symbolic axes (``[2, ?, 128]``)
+the data decides, when its one symbolic axis holds as many slices as there are samples. What
+neither settles is a DataError.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +36,40 @@ LABELS_KEY = "labels"
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Feed batches for a model, plus optional integer class labels (one per sample)."""
+    """Feed batches for a model, plus optional integer class labels (one per sample).
+    ``axes``: each input's batch axis (None: fed whole to every batch; absent: axis 0)."""
 
     batches: list[dict[str, np.ndarray]]
     labels: np.ndarray | None
     origin: str  # where it came from, for messages and reports
+    axes: dict[str, int | None] = field(default_factory=dict)
+
+    def samples(self, batch: dict[str, np.ndarray]) -> int:
+        """How many samples ``batch`` holds (read off its first input that has a batch axis)."""
+        for name, array in batch.items():
+            axis = self.axes.get(name, 0)
+            if axis is not None:
+                return array.shape[axis]
+        raise ValueError("no input of the batch has a batch axis")  # load_dataset refuses such data
+
+    def head(self, batch: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+        """The first ``count`` samples of ``batch``; inputs fed whole stay whole."""
+        return {name: _take(array, self.axes.get(name, 0), 0, count) for name, array in batch.items()}
 
     @property
     def num_samples(self) -> int:
-        return sum(len(next(iter(batch.values()))) for batch in self.batches)
+        return sum(self.samples(batch) for batch in self.batches)
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A model input: name, numpy dtype and shape (None for a symbolic dimension)."""
+    """A model input: name, numpy dtype, shape (None for a symbolic dimension) and the
+    symbolic dimension names (``dim_param``, None where a dimension has none)."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...] | None
+    dim_names: tuple[str | None, ...] | None = None
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -56,11 +81,59 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tensor_type = inp.type.tensor_type
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        shape = None
+        shape, names = None, None
         if tensor_type.HasField("shape"):
             shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
-        specs.append(InputSpec(inp.name, dtype, shape))
+            names = tuple(d.dim_param or None for d in tensor_type.shape.dim)
+        specs.append(InputSpec(inp.name, dtype, shape, names))
     return specs
+
+
+def batch_axes(specs: list[InputSpec], arrays: dict[str, np.ndarray] | None = None) -> dict[str, int | None]:
+    """Each input's batch axis, None for an input fed whole to every batch (module docstring).
+
+    Axis 0, except: a scalar input (declared rank 0, or no declared shape and a 0-d array in
+    ``arrays``) has none. An input with a fixed first axis beside inputs whose first axis is
+    symbolic has its batch on the one other axis named like their first axis; failing a name, on
+    its one unnamed symbolic axis when that axis holds as many samples in ``arrays`` as the
+    inputs batched on axis 0 (else a DataError: the model cannot tell); with neither, it is fed
+    whole. When every input's first axis is fixed, the model takes batches of that size."""
+    arrays = arrays or {}
+    firsts = {spec.dim_names[0] for spec in specs if spec.dim_names and spec.dim_names[0]}
+    symbolic = any(spec.shape is None or (spec.shape and spec.shape[0] is None) for spec in specs)
+    count = next((np.shape(arrays[spec.name])[0] for spec in specs if spec.name in arrays and np.ndim(arrays[spec.name])
+                  and (spec.shape is None or (spec.shape and spec.shape[0] is None))), None)
+    axes: dict[str, int | None] = {}
+    for spec in specs:
+        if spec.shape is None:
+            axes[spec.name] = None if spec.name in arrays and np.ndim(arrays[spec.name]) == 0 else 0
+            continue
+        if not spec.shape or spec.shape[0] is None or not symbolic:
+            axes[spec.name] = 0 if spec.shape else None
+            continue
+        names = spec.dim_names or (None,) * len(spec.shape)
+        named = [k for k, name in enumerate(names) if k and name in firsts]
+        unnamed = [k for k, (size, name) in enumerate(zip(spec.shape, names)) if k and size is None and not name]
+        shown = _show_shape(spec.shape, spec.dim_names)
+        if len(named) > 1:
+            raise DataError(f"input '{spec.name}' {shown}: several axes carry the batch dimension's name, so "
+                            "which one holds the samples is ambiguous")
+        if named:
+            axes[spec.name] = named[0]
+        elif not unnamed:
+            axes[spec.name] = None
+        elif len(unnamed) == 1 and spec.name in arrays and count is not None \
+                and np.ndim(arrays[spec.name]) > unnamed[0] and np.shape(arrays[spec.name])[unnamed[0]] == count:
+            axes[spec.name] = unnamed[0]
+        else:
+            raise DataError(f"input '{spec.name}' {shown}: its first axis is fixed and its symbolic axes are unnamed, "
+                            "so the model does not say whether it holds one slice per sample; give it with as many "
+                            f"slices as samples ({count}) on its one symbolic axis, or name that axis like the other "
+                            "inputs' batch axis (dim_param)")
+    if all(axis is None for axis in axes.values()):
+        raise DataError("no model input has a batch axis (all are scalars or fixed-size tensors fed whole), so the "
+                        "data cannot be split into samples")
+    return axes
 
 
 def load_dataset(source: Any, model: onnx.ModelProto, batch_size: int = 256) -> Dataset:
@@ -80,24 +153,31 @@ def load_dataset(source: Any, model: onnx.ModelProto, batch_size: int = 256) -> 
     labels = arrays.pop(LABELS_KEY, None)
     if len(specs) == 1 and len(arrays) == 1 and specs[0].name not in arrays:
         arrays = {specs[0].name: next(iter(arrays.values()))}
-    feed = _check_feed(arrays, specs, origin)
-    count = len(next(iter(feed.values())))
+    axes = batch_axes(specs, arrays)
+    feed, count = _check_feed(arrays, specs, axes, origin)
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape[:1] != (count,) or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(
                 f"{origin}: '{LABELS_KEY}' must hold one integer class per sample "
                 f"({count}), got dtype {labels.dtype} shape {labels.shape}")
-    step = _fixed_batch(specs, count, origin) or batch_size
-    batches = [{name: a[start:start + step] for name, a in feed.items()}
+    step = _fixed_batch(specs, axes, count, origin) or batch_size
+    batches = [{name: _take(a, axes[name], start, start + step) for name, a in feed.items()}
                for start in range(0, count, step)]
-    return Dataset(batches, labels, origin)
+    return Dataset(batches, labels, origin, axes)
 
 
-def _fixed_batch(specs: list[InputSpec], count: int, origin: str) -> int | None:
-    """The fixed first-axis size the model's inputs declare (None when any is symbolic);
-    a DataError when ``count`` samples do not split into such batches."""
-    sizes = {spec.shape[0] if spec.shape else None for spec in specs}
+def _take(array: np.ndarray, axis: int | None, start: int, stop: int) -> np.ndarray:
+    """Samples ``start:stop`` of ``array`` along its batch ``axis`` (all of it when None)."""
+    if axis is None:
+        return array
+    return array[(slice(None),) * axis + (slice(start, stop),)]
+
+
+def _fixed_batch(specs: list[InputSpec], axes: dict[str, int | None], count: int, origin: str) -> int | None:
+    """The fixed batch size the model's inputs declare on their batch axes (None when any is
+    symbolic); a DataError when ``count`` samples do not split into such batches."""
+    sizes = {spec.shape[axis] if spec.shape else None for spec in specs if (axis := axes[spec.name]) is not None}
     if len(sizes) != 1 or None in sizes:
         return None
     size = sizes.pop()
@@ -124,19 +204,22 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _from_reader(reader, specs: list[InputSpec]) -> Dataset:
-    batches = []
+    batches: list[dict[str, np.ndarray]] = []
+    axes: dict[str, int | None] = {}
     for i, feed in enumerate(iter(reader.get_next, None)):
-        batches.append(_check_feed(dict(feed), specs, f"CalibrationDataReader batch {i}", whole=False))
+        feed = dict(feed)
+        axes = axes or batch_axes(specs, feed)
+        batches.append(_check_feed(feed, specs, axes, f"CalibrationDataReader batch {i}", whole=False)[0])
     if not batches:
         raise DataError("the CalibrationDataReader returned no data")
-    return Dataset(batches, None, type(reader).__name__)
+    return Dataset(batches, None, type(reader).__name__, axes)
 
 
-def _check_feed(arrays: dict[str, Any], specs: list[InputSpec], origin: str,
-                whole: bool = True) -> dict[str, np.ndarray]:
-    """Check names, shapes, dtypes and finiteness; cast where no value can change. ``whole``:
-    the arrays hold all samples (their first axis is split into batches later, so it need not
-    match a fixed batch size), else they are one batch as fed."""
+def _check_feed(arrays: dict[str, Any], specs: list[InputSpec], axes: dict[str, int | None], origin: str,
+                whole: bool = True) -> tuple[dict[str, np.ndarray], int]:
+    """Check names, shapes, dtypes and finiteness; cast where no value can change; return the
+    feed and its number of samples. ``whole``: the arrays hold all samples (split along their
+    batch axes later, so those need not match a fixed batch size), else one batch as fed."""
     expected = {spec.name for spec in specs}
     missing, extra = expected - arrays.keys(), arrays.keys() - expected
     if missing or extra:
@@ -149,24 +232,31 @@ def _check_feed(arrays: dict[str, Any], specs: list[InputSpec], origin: str,
             f"{origin}: keys do not match the model inputs {sorted(expected)}: {', '.join(parts)}")
 
     feed = {}
-    counts = set()
+    counts: dict[str, int] = {}
     for spec in specs:
         array = np.asarray(arrays[spec.name])
         where = f"{origin}: input '{spec.name}'"
+        batch = axes.get(spec.name, 0)
+        fed_whole = " (it has no batch axis: it is fed whole to every batch)" if batch is None else ""
         if spec.shape is not None:
+            shown = _show_shape(spec.shape, spec.dim_names)
             if array.ndim != len(spec.shape):
                 raise DataError(f"{where} has shape {array.shape}; the model expects rank "
-                                     f"{len(spec.shape)} {_show_shape(spec.shape)}")
+                                f"{len(spec.shape)} {shown}{fed_whole}")
             for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
-                if want is not None and got != want and not (axis == 0 and whole):
+                if want is not None and got != want and not (axis == batch and whole):
                     raise DataError(f"{where} has shape {array.shape}; the model expects "
-                                         f"{_show_shape(spec.shape)} (axis {axis} differs)")
+                                    f"{shown} (axis {axis} differs){fed_whole}")
         feed[spec.name] = _cast(array, spec.dtype, where)
-        counts.add(array.shape[0] if array.ndim else None)
-    if len(counts) != 1 or None in counts or 0 in counts:
-        raise DataError(f"{origin}: inputs must share a non-empty first (batch) axis, "
-                        f"got sizes {sorted(map(str, counts))}")
-    return feed
+        if batch is not None:
+            if array.ndim <= batch:
+                raise DataError(f"{where} has shape {array.shape}: it has no axis {batch} to hold the samples")
+            counts[spec.name] = array.shape[batch]
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        sizes = ", ".join(f"'{name}' {count} (axis {axes.get(name, 0)})" for name, count in counts.items())
+        raise DataError(f"{origin}: inputs must hold the same non-empty number of samples along their batch "
+                        f"axes, got {sizes}")
+    return feed, next(iter(counts.values()))
 
 
 def _cast(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
@@ -183,5 +273,6 @@ def _cast(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     return cast
 
 
-def _show_shape(shape: tuple[int | None, ...]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+def _show_shape(shape: tuple[int | None, ...], names: tuple[str | None, ...] | None = None) -> str:
+    names = names or (None,) * len(shape)
+    return "[" + ", ".join(name or ("?" if d is None else str(d)) for d, name in zip(shape, names)) + "]"

@@ -1,9 +1,11 @@
 """Find the dense layers of an ONNX graph, and say why every other candidate node was skipped.
 
 Each node whose op type has a form (forms/) is matched by that form: the result is a layer to
-quantize or a reason it cannot be quantized exactly. Weight-bearing nodes no form handles
-(recurrent cells) and dense nodes inside subgraphs (If/Loop/Scan bodies) are listed as skipped
-with the reason, never silently invisible.
+quantize or a reason it cannot be quantized exactly. Dense nodes inside If branches and Loop/Scan
+bodies are matched too (named ``<holder>/<attribute>/<node>``, e.g. ``If_0/then_branch/fc``);
+calibration captures their inputs through subgraphs.expose. Weight-bearing nodes no form handles
+(recurrent cells) and dense nodes in the bodies of other ops are listed as skipped with the
+reason, never silently invisible.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import Counter
 import onnx
 
 from .forms import FORMS, GraphIndex, Skip
+from .subgraphs import all_graphs, is_routed, subgraphs
 from .types import DenseLayer, SkippedNode
 
 log = logging.getLogger(__name__)
@@ -27,40 +30,39 @@ UNSUPPORTED = {  # op type -> why its weights stay float
 
 
 def find_dense_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[SkippedNode]]:
-    """Return the quantizable dense layers of the main graph and the skipped candidate nodes."""
-    graph = model.graph
-    index = GraphIndex(model)
+    """Return the quantizable dense layers (main graph and If/Loop/Scan bodies, in graph
+    order, a body's layers after the nodes before its holder) and the skipped candidate nodes."""
     layers: list[DenseLayer] = []
     skipped: list[SkippedNode] = []
-    for node, name in zip(graph.node, node_names(graph)):
-        default_domain = node.domain in ("", "ai.onnx")
-        form = FORMS.get(node.op_type) if default_domain else None
-        found = form.match(node, name, index) if form is not None else None
-        if default_domain and node.op_type in UNSUPPORTED:
-            found = Skip(UNSUPPORTED[node.op_type])
-        if isinstance(found, Skip):
-            skipped.append(SkippedNode(name, node.op_type, found.reason))
-        elif found is not None:
-            layers.append(found)
-        skipped += _in_subgraphs(node, name)
+    _visit(model.graph, "", GraphIndex(model), layers, skipped, None)
     for node in skipped:
         log.info("skipped %s '%s': %s", node.op_type, node.name, node.reason)
     return layers, skipped
 
 
-def _in_subgraphs(node: onnx.NodeProto, name: str) -> list[SkippedNode]:
-    """Dense and recurrent nodes inside the subgraphs of ``node`` (If/Loop/Scan bodies): not
-    quantized, since onnxruntime cannot expose a subgraph's tensors for calibration."""
-    found = []
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for inner, inner_name in zip(sub.node, node_names(sub)):
-                if inner.op_type in FORMS or inner.op_type in UNSUPPORTED:
-                    found.append(SkippedNode(f"{name}/{attr.name}/{inner_name}", inner.op_type,
-                                             f"inside the {attr.name} subgraph of {node.op_type} '{name}': layers "
-                                             "in subgraphs are not quantized yet"))
-                found += _in_subgraphs(inner, f"{name}/{attr.name}/{inner_name}")
-    return found
+def _visit(graph: onnx.GraphProto, prefix: str, index: GraphIndex, layers: list[DenseLayer],
+           skipped: list[SkippedNode], unroutable: str | None) -> None:
+    """Match the nodes of ``graph`` (names prefixed by ``prefix``); ``unroutable``: why a layer
+    found here cannot be calibrated (inside the body of an op other than If/Loop/Scan)."""
+    for node, name in zip(graph.node, node_names(graph)):
+        name = prefix + name
+        default_domain = node.domain in ("", "ai.onnx")
+        form = FORMS.get(node.op_type) if default_domain else None
+        found = form.match(node, name, index) if form is not None else None
+        if default_domain and node.op_type in UNSUPPORTED:
+            found = Skip(UNSUPPORTED[node.op_type])
+        if unroutable is not None and found is not None:
+            found = Skip(unroutable)
+        if isinstance(found, Skip):
+            skipped.append(SkippedNode(name, node.op_type, found.reason))
+        elif found is not None:
+            layers.append(found)
+        for attr, body in subgraphs(node):
+            why = unroutable
+            if why is None and not is_routed(node):
+                why = (f"inside the {attr} subgraph of {node.op_type} '{name}': only If, Loop and Scan bodies "
+                       "are quantized")
+            _visit(body, f"{name}/{attr}/", index.scoped(body), layers, skipped, why)
 
 
 def node_names(graph: onnx.GraphProto) -> list[str]:
@@ -72,10 +74,20 @@ def node_names(graph: onnx.GraphProto) -> list[str]:
 
 def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[bool]:
     """For each layer (graph order), whether its input depends on an earlier layer's output: only
-    then can quantizing the earlier ones (``sequential``) change what it sees."""
-    graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    readers = {name: node for node in graph.node for name in node.input[1:2]}  # a layer's node reads its weight
+    then can quantizing the earlier ones (``sequential``) change what it sees. Across bodies, a
+    node holding a body depends on everything inside it, and a body's inputs on its holder."""
+    graphs = all_graphs(model.graph)
+    producers: dict[str, onnx.NodeProto] = {}
+    inner: dict[int, list[str]] = {}  # id(holder) -> every name its bodies read or write
+    readers: dict[str, onnx.NodeProto] = {}  # a layer's node reads its weight
+    for graph in graphs:
+        for node in graph.node:
+            producers.update((out, node) for out in node.output)
+            readers.update((name, node) for name in node.input[1:2])
+            for _, body in subgraphs(node):
+                producers.update((v.name, node) for v in body.input)
+                inner.setdefault(id(node), []).extend(
+                    name for g in all_graphs(body) for n in g.node for name in [*n.input, *n.output] if name)
     earlier: set[str] = set()
     fed = []
     ancestors: dict[str, set[str]] = {}  # per input tensor (the groups of a Conv share one)
@@ -89,7 +101,7 @@ def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[boo
                 seen.add(tensor)
                 node = producers.get(tensor)
                 if node is not None:
-                    stack.extend(name for name in node.input if name)
+                    stack.extend(name for name in [*node.input, *inner.get(id(node), [])] if name)
             ancestors[layer.input_name] = seen
         fed.append(bool(ancestors[layer.input_name] & earlier))
         node = readers.get(layer.weight_name)

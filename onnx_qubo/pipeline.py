@@ -30,7 +30,7 @@ from .kernels import Format
 from .layer import SolvedLayer, prepare_layer
 from .lowering import rewrite
 from .options import Activations, QuantizeOptions, RangeMethod
-from .passes import FoldConstantWeights, run_passes
+from .passes import FoldConstantWeights, PrepareSubgraphs, run_passes
 from .plan import Plan, make_plan
 from .progress import Progress
 from .report import LayerReport
@@ -54,8 +54,9 @@ class Calibrated:
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with weights that exporters hide behind Constant nodes or Transpose/Cast/...
-    chains as plain initializers (same outputs): what discovery and the rewrite work on."""
-    return run_passes(model, [FoldConstantWeights()]).model
+    chains, or inside If/Loop/Scan bodies, as plain main-graph initializers (same outputs):
+    what discovery and the rewrite work on."""
+    return run_passes(model, [PrepareSubgraphs(), FoldConstantWeights()]).model
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,7 +105,31 @@ def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, 
         log.info("calibrating in %d passes over the data: the statistics of all %d layers do not fit the memory "
                  "budget at once", len(groups), len(layers))
     statistics = LayerStatistics(model, groups, calibration, progress, quantizers)
+    main_graph = {out for node in model.graph.node for out in node.output} | {inp.name for inp in model.graph.input}
+    in_bodies = {layer.statistics_key for layer in layers if layer.input_name not in main_graph}
+    layers, skipped = _drop_never_run(layers, skipped, {key: statistics[key] for key in in_bodies})
     return Calibrated(model, calibration, layers, skipped, statistics, quantizers)
+
+
+def _drop_never_run(layers: list[DenseLayer], skipped: list[SkippedNode], statistics: dict[str, InputStatistics]
+                    ) -> tuple[list[DenseLayer], list[SkippedNode]]:
+    """Layers that saw no input on the calibration data (in an If branch never taken, a Loop that
+    ran no iteration) join the skipped ones: there is nothing to fit their rounding to.
+    ``statistics``: those of the layers inside subgraphs (a main-graph layer sees every batch)."""
+    idle = [layer for layer in layers
+            if layer.statistics_key in statistics and statistics[layer.statistics_key].count == 0]
+    if not idle:
+        return layers, skipped
+    names = list(dict.fromkeys(layer.parent or layer.name for layer in idle))
+    skipped = skipped + [SkippedNode(name, next(x.op_type for x in idle if (x.parent or x.name) == name),
+                                     "never ran on the calibration data (its If branch was not taken, or its "
+                                     "Loop/Scan ran no iteration), so there is nothing to fit its rounding to")
+                         for name in names]
+    layers = [layer for layer in layers if (layer.parent or layer.name) not in names]
+    if not layers:
+        raise ModelError("no dense layer ran on the calibration data: "
+                         + "; ".join(f"{s.name}: {s.reason}" for s in skipped))
+    return layers, skipped
 
 
 def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iterator[SolvedLayer]:

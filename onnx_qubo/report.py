@@ -95,19 +95,20 @@ class Report:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_text(self) -> str:
+        wide = max([28] + [len(layer.name) + 2 for layer in self.layers])  # e.g. If/then_branch/... names
         lines = [
             f"{self.input_path or 'model'} -> {self.output_path}",
             f"bits={self.bits} scale={self.scale} solver={self.solver}, calibrated on "
             f"{self.calibration_samples} samples ({self.calibration})",
             *([self.scheme] if self.scheme else []),
             "",
-            f"{'layer':<28}{'form':<22}{'shape':>12}{'bits':>5}{'type':>6}{'bias':>6}{'free':>7}"
+            f"{'layer':<{wide}}{'form':<22}{'shape':>12}{'bits':>5}{'type':>6}{'bias':>6}{'free':>7}"
             f"{'cost rtn':>12}{'cost ' + self.solver:>12}{'ratio':>7}{'bound':>11}{'gap':>6}{'time':>8}",
         ]
         for layer in self.layers:
             ratio = layer.cost_solved / layer.cost_rtn if layer.cost_rtn > 0 else 1.0
             lines.append(
-                f"{layer.name:<28}{layer.form:<22}{f'{layer.n_out}x{layer.f_in}':>12}{layer.bits:>5}{layer.storage:>6}{layer.bias:>6}"
+                f"{layer.name:<{wide}}{layer.form:<22}{f'{layer.n_out}x{layer.f_in}':>12}{layer.bits:>5}{layer.storage:>6}{layer.bias:>6}"
                 f"{layer.free_fraction:>7.0%}{layer.cost_rtn:>12.4g}{layer.cost_solved:>12.4g}"
                 f"{ratio:>7.3f}{_or_dash(layer.lower_bound, '.4g'):>11}{_or_dash(layer.gap, '.0%'):>6}"
                 f"{layer.solve_seconds:>7.1f}s")

@@ -70,7 +70,7 @@ def run_scores(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, datase
         outputs = []
         for batch in dataset.batches:
             output = session.run([name], batch)[0]
-            samples = len(next(iter(batch.values())))
+            samples = dataset.samples(batch)
             rows_of_last_axis = rows_of_last_axis or (len(dataset.batches) > 1 and output.shape[:1] != (samples,))
             outputs.append(output)
             bar.update(1)
@@ -147,9 +147,14 @@ def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto
     the machine hits both alike; one after the other when the float weights pass
     INTERLEAVE_BYTES (two sessions would double the run's peak memory)."""
     batch = dataset.batches[0]
-    fixed = {spec.shape[0] for spec in model_inputs(float_model) if spec.shape and spec.shape[0] is not None}
+    fixed = set()
+    for spec in model_inputs(float_model):
+        axis = dataset.axes.get(spec.name, 0)
+        size = spec.shape[axis] if spec.shape and axis is not None else None
+        if size is not None:
+            fixed.add(size)
     small = min(fixed, default=1)
-    single = {name: array[:small] for name, array in batch.items()}
+    single = dataset.head(batch, small)
     feeds = (single, batch)
     models = [(float_model, "the float model", False), (quantized_model, "the quantized model", True)]
     if weights_bytes(float_model) <= INTERLEAVE_BYTES:
@@ -157,7 +162,7 @@ def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto
     else:
         times = [t for m, what, built in models for t in _interleaved([make_session(m, DEFAULT, what, built)], feeds)]
     float_single, float_batch, quantized_single, quantized_batch = times
-    return Speed(len(next(iter(batch.values()))), float_single, float_batch, quantized_single, quantized_batch,
+    return Speed(dataset.samples(batch), float_single, float_batch, quantized_single, quantized_batch,
                  small)
 
 

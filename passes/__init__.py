@@ -7,6 +7,8 @@ from .fold_weights import FoldConstantWeights
 from .insert_dequantize import ActivationQuantization, InsertDequantize, QuantizedTensor, QuantizedWeight
 from .opset import RaiseOpset
 from .shapes import ReinferDeclaredShapes
+from .subgraph_weights import PrepareSubgraphs
 
 __all__ = ["GraphPass", "PassResult", "run_passes", "CheckModel", "FoldConstantWeights", "InsertDequantize",
-           "QuantizedWeight", "QuantizedTensor", "ActivationQuantization", "RaiseOpset", "ReinferDeclaredShapes"]
+           "QuantizedWeight", "QuantizedTensor", "ActivationQuantization", "RaiseOpset", "ReinferDeclaredShapes",
+           "PrepareSubgraphs"]

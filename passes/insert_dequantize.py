@@ -2,7 +2,11 @@
 
 The pass owns what every layer shares: finding the one node that reads each weight, fresh
 names, integer initializers and their ``DequantizeLinear`` (``GraphEdit``), the optional
-bias-correction ``Add`` after the layer, and dropping the float initializers. How one node is
+bias-correction ``Add`` after the layer, and dropping the float initializers. A layer inside an
+If/Loop/Scan body is rewritten where it lives, its DequantizeLinear beside it in the body (a
+branch that does not run dequantizes nothing, and onnxruntime's fusions, which stay within one
+graph, see DequantizeLinear -> Gemm together), its integer initializers in the main graph, read
+from the body as its float weight was. How one node is
 rewritten around its dequantized weight belongs to the node's form (onnx_qubo/forms/: Gemm,
 MatMul...), handed in with each weight as a ``DenseLowering``.
 
@@ -22,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import external
+from ..subgraphs import all_graphs, fresh_name, names_used
 from .base import PassResult, copy_model
 
 if TYPE_CHECKING:
@@ -108,31 +113,35 @@ class InsertDequantize:
             return PassResult(model, modified=False)
         out = copy_model(model)
         graph = out.graph
+        graphs = all_graphs(graph)  # a layer inside an If/Loop/Scan body is rewritten in its body
+        # integer initializers in the main graph, read from the body
         edit = GraphEdit(graph, partial(external.read_array, model=out))
-        replacements: dict[int, list[onnx.NodeProto]] = {}
+        replacements: dict[tuple[int, int], list[onnx.NodeProto]] = {}
         renames: dict[str, str] = {}
         dropped = {w.name for w in self.weights} | {w.bias_name for w in self.weights if w.bias_name}
         for weight in self.weights:
-            index = _only_reader(graph, weight)
-            lowered = weight.form.lower(graph.node[index], weight, edit)
+            where = _only_reader(graphs, weight)
+            lowered = weight.form.lower(graphs[where[0]].node[where[1]], weight, edit)
             nodes = lowered.nodes
             renames.update(lowered.renames)
             _import_opsets(out, lowered.opsets)
             if weight.output_shift is not None:
                 shift = edit.constant(f"{nodes[-1].output[0]}_shift", weight.output_shift.astype(np.float32))
                 nodes += edit.add_to_output(nodes, shift, "bias_correction")
-            replacements[index] = nodes
+            replacements[where] = nodes
 
-        nodes = []
-        for i, node in enumerate(graph.node):
-            nodes.extend(replacements.get(i, [node]))
-        for node in nodes:
-            for k, name in enumerate(node.input):
-                if name in renames:
-                    node.input[k] = renames[name]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        for container in (graph.initializer, graph.input, graph.value_info):
+        for g, body in reversed(list(enumerate(graphs))):  # bodies before the nodes holding them are copied
+            nodes = []
+            for i, node in enumerate(body.node):
+                nodes.extend(replacements.get((g, i), [node]))
+            for node in nodes:
+                for k, name in enumerate(node.input):
+                    if name in renames:
+                        node.input[k] = renames[name]
+            del body.node[:]
+            body.node.extend(nodes)
+            _remove(body.value_info, dropped)
+        for container in (graph.initializer, graph.input):
             _remove(container, dropped)
         return PassResult(out, modified=True)
 
@@ -144,17 +153,10 @@ class GraphEdit:
                  read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array):
         self.graph = graph
         self.read = read  # an initializer's values (external.read_array where they may be external)
-        self.used = {init.name for init in graph.initializer}
-        self.used |= {v.name for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
-        for node in graph.node:
-            self.used |= set(node.input) | set(node.output) | {node.name}
+        self.used = names_used(graph)  # subgraphs too: a body may not shadow an outer name
 
     def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
+        return fresh_name(self.used, base)
 
     def fast(self, weight: QuantizedWeight, activation: str, output: str) -> Lowered:
         """``weight.fast``'s kernel nodes reading ``activation`` and writing ``output``."""
@@ -217,11 +219,12 @@ def _import_opsets(model: onnx.ModelProto, opsets: dict[str, int]) -> None:
             present.version = max(present.version, version)
 
 
-def _only_reader(graph: onnx.GraphProto, weight: QuantizedWeight) -> int:
-    readers = [i for i, node in enumerate(graph.node) if weight.name in node.input]
+def _only_reader(graphs: list[onnx.GraphProto], weight: QuantizedWeight) -> tuple[int, int]:
+    """(graph, node) positions of the one node, in any graph, that reads the weight."""
+    readers = [(g, i) for g, body in enumerate(graphs) for i, node in enumerate(body.node) if weight.name in node.input]
     if len(readers) != 1:
         raise ValueError(f"initializer '{weight.name}' is read by {len(readers)} nodes; expected exactly one")
-    node = graph.node[readers[0]]
+    node = graphs[readers[0][0]].node[readers[0][1]]
     if node.op_type != weight.form.op_type or list(node.input).index(weight.name) != 1:
         raise ValueError(f"initializer '{weight.name}' is not the weight (input B) of a {weight.form.op_type}")
     return readers[0]

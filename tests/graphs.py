@@ -66,3 +66,64 @@ def mlp_model(widths=(8, 6, 4), seed=0) -> onnx.ModelProto:
 
 def weight_of(model: onnx.ModelProto, name: str = "W") -> np.ndarray:
     return next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
+
+
+def if_model(f=6, n=5, seed=0) -> onnx.ModelProto:
+    """x_in [B, f] -> Gemm 'pre' -> Tanh -> x; If(cond): then Gemm 'fc_then'(x, W1, C1) (main-graph
+    initializers read from the branch), else MatMul 'fc_else'(x, W2) + b2 with W2 a Constant node
+    of the branch. Both branches read x from the main graph."""
+    rng = np.random.default_rng(seed)
+    w2 = rng.standard_normal((f, n)).astype(np.float32)
+    then = helper.make_graph([helper.make_node("Gemm", ["x", "W1", "C1"], ["y_then"], transB=1, name="fc_then")],
+                             "then", [], [_floats("y_then", ["B", n])])
+    other = helper.make_graph([
+        helper.make_node("Constant", [], ["W2"], value=numpy_helper.from_array(w2), name="w2_constant"),
+        helper.make_node("MatMul", ["x", "W2"], ["h_else"], name="fc_else"),
+        helper.make_node("Add", ["h_else", "b2"], ["y_else"], name="bias_else")], "else", [],
+        [_floats("y_else", ["B", n])])
+    inits = [numpy_helper.from_array(rng.standard_normal((f, f)).astype(np.float32), "W0"),
+             numpy_helper.from_array(rng.standard_normal((n, f)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "C1"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Gemm", ["x_in", "W0"], ["pre_out"], transB=1, name="pre"),
+             helper.make_node("Tanh", ["pre_out"], ["x"], name="tanh"),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other, name="branch")]
+    return _model(nodes, [_floats("x_in", ["B", f]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                  [_floats("y", ["B", n])], inits)
+
+
+def loop_model(f=6, n=5, trips=3, seed=0) -> onnx.ModelProto:
+    """x [B, f]; Loop of ``trips`` iterations, iteration i: h_i = x * (i + 1) -> Gemm 'fc_loop'
+    (W, C: main-graph initializers) -> y_i, stacked as the scan output ys [trips, B, n]; a carried
+    sum of the h_i is the loop's other output."""
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph([
+        helper.make_node("Cast", ["i"], ["i_float"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["i_float", "one"], ["factor"]),
+        helper.make_node("Mul", ["x", "factor"], ["h"]),
+        helper.make_node("Gemm", ["h", "W", "C"], ["y_i"], transB=1, name="fc_loop"),
+        helper.make_node("Add", ["total_in", "h"], ["total_out"]),
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+    ], "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), _floats("total_in", ["B", f])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _floats("total_out", ["B", f]),
+         _floats("y_i", ["B", n])])
+    inits = [numpy_helper.from_array(rng.standard_normal((n, f)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "C"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+             numpy_helper.from_array(np.array(True), "true")]
+    nodes = [helper.make_node("Sub", ["x", "x"], ["zero_total"]),
+             helper.make_node("Loop", ["trips", "true", "zero_total"], ["total", "ys"], body=body, name="loop")]
+    return _model(nodes, [_floats("x", ["B", f])], [_floats("ys", [trips, "B", n]), _floats("total", ["B", f])],
+                  inits)
+
+
+def scan_model(f=6, n=5, seed=0) -> onnx.ModelProto:
+    """xs [T, B, f] -> Scan over T: Gemm 'fc_scan'(x_t, W) -> y_t, stacked ys [T, B, n]."""
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph([helper.make_node("Gemm", ["x_t", "W"], ["y_t"], transB=1, name="fc_scan")], "body",
+                             [_floats("x_t", ["B", f])], [_floats("y_t", ["B", n])])
+    inits = [numpy_helper.from_array(rng.standard_normal((n, f)).astype(np.float32), "W")]
+    nodes = [helper.make_node("Scan", ["xs"], ["ys"], body=body, num_scan_inputs=1, name="scan")]
+    return _model(nodes, [_floats("xs", ["T", "B", f])], [_floats("ys", ["T", "B", n])], inits)

@@ -84,7 +84,7 @@ def test_hidden_weights_are_quantized_end_to_end(make, tmp_path):
     assert report.evaluation.relative_output_error < 0.1
 
 
-def test_layers_inside_subgraphs_and_recurrent_cells_are_listed_as_skipped():
+def test_layers_inside_subgraphs_are_matched_like_the_main_graph_and_recurrent_cells_skipped():
     body = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["then_out"], name="inner")], "then", [],
         [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, ["B", 5])])
@@ -106,7 +106,7 @@ def test_layers_inside_subgraphs_and_recurrent_cells_are_listed_as_skipped():
     reasons = {(s.name, s.op_type): s.reason for s in skipped}
     assert set(reasons) == {("branch/then_branch/inner", "MatMul"), ("branch/else_branch/inner2", "MatMul"),
                             ("cell", "GRU")}
-    assert "inside the then_branch subgraph of If 'branch'" in reasons["branch/then_branch/inner", "MatMul"]
+    assert reasons["branch/then_branch/inner", "MatMul"] == "weight 'W' is shared by 2 nodes"  # one W, two branches
     assert "recurrent cell" in reasons["cell", "GRU"]
 
 

@@ -8,6 +8,7 @@ passes/insert_dequantize.py).
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +19,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from .. import external
+from ..subgraphs import all_graphs, outer_reads, subgraphs
 from ..types import FromFile, InMemory, WeightValues
 
 SUPPORTED_WEIGHT_TYPES = (onnx.TensorProto.FLOAT,)
@@ -31,7 +33,10 @@ class Skip:
 
 
 class GraphIndex:
-    """The main graph's initializers, who reads what, and tensor ranks, computed once."""
+    """The main graph's initializers, who reads what, and tensor ranks, computed once; a node
+    of a subgraph (If/Loop/Scan body) is matched with ``scoped(body)``: weights are still the
+    main graph's initializers (pipeline.prepare hoists a body's constants there), readers are
+    the body's nodes."""
 
     def __init__(self, model: onnx.ModelProto):
         graph = model.graph
@@ -40,11 +45,15 @@ class GraphIndex:
         self.overridable = {inp.name for inp in graph.input} & self.initializers.keys()
         self.outputs = {out.name for out in graph.output}
         self.uses = count_uses(graph)
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        self.consumers = _consumers(graph)
         self.ranks = tensor_ranks(model)
+
+    def scoped(self, body: onnx.GraphProto) -> GraphIndex:
+        """This index for the nodes of ``body``: its readers, and its outputs kept float too."""
+        index = copy.copy(self)
+        index.outputs = self.outputs | {out.name for out in body.output}
+        index.consumers = _consumers(body)
+        return index
 
     def constant_weight(self, activation: str, weight: str, rank: int | None = 2) -> onnx.TensorProto | Skip:
         """The initializer ``weight`` when the node may be quantized through it: a FLOAT constant
@@ -101,6 +110,16 @@ class GraphIndex:
         return readers[0] if len(readers) == 1 else None
 
 
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor -> the nodes of ``graph`` reading it (a node holding a body reads what it reads)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        inner = {name for _, sub in subgraphs(node) for name in outer_reads(sub)}
+        for name in [*node.input, *sorted(inner - set(node.input))]:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def attributes(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -125,9 +144,10 @@ def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     whose large initializers keep their type and dims but not their values (inference reads the
     values of small ones only, e.g. a Reshape's target shape): a model of any size, one over
     protobuf's 2 GB limit included, costs only its graph."""
-    graph = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False).graph
+    inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False).graph
     return {
         info.name: len(info.type.tensor_type.shape.dim)
+        for graph in all_graphs(inferred)  # If/Loop/Scan bodies too
         for info in list(graph.input) + list(graph.value_info) + list(graph.output)
         if info.type.tensor_type.HasField("shape")
     }
