@@ -54,6 +54,8 @@ CONFIGS = {
     "qubo-b4": "onnx-qubo 4 bits per channel",
     "qubo-b2": "onnx-qubo 2 bits per channel",
     "qubo-b4-blk32": "onnx-qubo 4 bits, blocks of 32",
+    "qubo-b8-emb": "onnx-qubo 8 bits per channel, embedding tables per row (--embeddings)",
+    "qubo-b4-emb": "onnx-qubo 4 bits per channel, embedding tables per row (--embeddings)",
     "ort-rtn-b4-blk32": "MatMulNBitsQuantizer RTN (DefaultWeightOnlyQuantConfig) 4 bits, block 32",
     "ort-hqq-b4-blk32": "MatMulNBitsQuantizer HQQ 4 bits, block 32",
     "ort-gptq-b4-blk32": "MatMulNBitsQuantizer GPTQ 4 bits, block 32",
@@ -809,6 +811,8 @@ def worker(args) -> int:
             kw: dict[str, Any] = {"bits": int(cfg.split("-b")[1].split("-")[0])}
             if "blk32" in cfg:
                 kw.update(granularity="block", block_size=32)
+            if cfg.endswith("-emb"):
+                kw["embeddings"] = True
             if args.batch_size:
                 kw["batch_size"] = int(args.batch_size)
             try:

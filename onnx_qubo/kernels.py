@@ -12,11 +12,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from .choice import Choice
-from .ort_forms import ActivationCodes, LayerCodes, OrtForm, matmul_integer_to_float, matmul_nbits
+from .ort_forms import (
+    ActivationCodes,
+    LayerCodes,
+    OrtForm,
+    gather_block_quantized,
+    matmul_integer_to_float,
+    matmul_nbits,
+)
 from .passes.insert_dequantize import QuantizedTensor
 from .types import QuantizedLayer
 
 PORTABLE = "DequantizeLinear"
+PORTABLE_TABLE = "Gather+Mul"  # an embedding table's portable lookup (forms/gather.py)
 
 
 class Format(Choice):
@@ -76,3 +84,14 @@ def choose_kernel(q: QuantizedLayer, weight: QuantizedTensor, bias: np.ndarray |
     if isinstance(refusal, str):
         return None, KernelChoice(name, PORTABLE, refusal)
     return fast, KernelChoice(name, fast.kernel)
+
+
+def choose_table_kernel(name: str, codes: LayerCodes, format: Format) -> tuple[bool, KernelChoice]:
+    """Whether embedding table ``name`` runs as onnxruntime's GatherBlockQuantized (format ort),
+    or keeps the portable lookup and why."""
+    if format == Format.QDQ:
+        return False, KernelChoice(name, PORTABLE_TABLE)
+    refusal = gather_block_quantized(codes, "indices", "y", lambda base: base)  # a dry run: only checks
+    if isinstance(refusal, str):
+        return False, KernelChoice(name, PORTABLE_TABLE, refusal)
+    return True, KernelChoice(name, "GatherBlockQuantized")
