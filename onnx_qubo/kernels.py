@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import compat
 from .choice import Choice
 from .ort_forms import (
     ActivationCodes,
@@ -67,7 +68,9 @@ def choose_kernel(q: QuantizedLayer, weight: QuantizedTensor, bias: np.ndarray |
     if format == Format.QDQ:
         return None, KernelChoice(name, PORTABLE)
     if not q.layer.form.fast_kernels:
-        return None, KernelChoice(name, PORTABLE, f"no faster onnxruntime kernel for a {q.layer.op_type} layer yet")
+        reason = (compat.conv_fast_kernel_refusal(q.input_quantizer is not None) if q.layer.op_type == "Conv"
+                  else f"no faster onnxruntime kernel for a {q.layer.op_type} layer yet")
+        return None, KernelChoice(name, PORTABLE, reason)
     if has_other_bias:
         return None, KernelChoice(name, PORTABLE, "its bias is not one value per output")
     scale, zero_point, block_size = np.asarray(weight.scale, np.float64), weight.zero_point, weight.block_size

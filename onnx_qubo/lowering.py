@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 
 from .errors import RuntimeFailure
-from .grid import Granularity
 from .forms.gather import TABLE_OPSET, LowerTables, QuantizedTable, TableLowering
+from .grid import Granularity
 from .kernels import Format, KernelChoice, choose_kernel, choose_table_kernel
 from .passes import (
     ActivationQuantization,
