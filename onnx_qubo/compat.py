@@ -27,8 +27,10 @@ The forms (forms/) and the options (options.py) ask this module instead of knowi
    weight-only integer Conv kernel; with int8 activations its fast kernel, QLinearConv (written
    directly, or fused from DequantizeLinear -> Conv -> QuantizeLinear), also quantizes the Conv's
    output, which needs that output's calibrated range; ConvInteger keeps a float output but runs
-   slower than float (benchmarks/conv_forms.py: 2.2-2.9x float's time where QLinearConv takes
-   0.64-0.70x on dense Convs and the fused QDQ pattern 0.58x on a depthwise one).
+   slower than float (benchmarks/conv_forms.py, two runs on the shared machine: ConvInteger
+   1.3-5x float's time; QLinearConv 0.35-0.9x on Convs of 16-64 input channels, slower than float
+   on MNIST's 1-channel first Conv; on a depthwise Conv QLinearConv and the fused pattern swapped
+   places between the runs).
 6. ``Gather`` does not take INT4/INT2 tensors, so a portable table lookup reads codes packed in
    bytes (forms/gather.py); ``GatherBlockQuantized`` returns a row of zeros for an index outside
    the table where ``Gather`` fails (tests/test_embeddings.py).
