@@ -54,6 +54,8 @@ CONFIGS = {
     "qubo-b4": "onnx-qubo 4 bits per channel",
     "qubo-b2": "onnx-qubo 2 bits per channel",
     "qubo-b4-blk32": "onnx-qubo 4 bits, blocks of 32",
+    "qubo-b8-emb": "onnx-qubo 8 bits per channel, embedding tables per row (--embeddings)",
+    "qubo-b4-emb": "onnx-qubo 4 bits per channel, embedding tables per row (--embeddings)",
     "ort-rtn-b4-blk32": "MatMulNBitsQuantizer RTN (DefaultWeightOnlyQuantConfig) 4 bits, block 32",
     "ort-hqq-b4-blk32": "MatMulNBitsQuantizer HQQ 4 bits, block 32",
     "ort-gptq-b4-blk32": "MatMulNBitsQuantizer GPTQ 4 bits, block 32",
@@ -513,6 +515,9 @@ def export_minilm(target: Path, work: Path) -> tuple[Path, Any]:
     with zipfile.ZipFile(zpath) as z:
         if not tok_path.exists():
             tok_path.write_bytes(z.read("tokenizer.json"))
+        if out.exists() and "input_ids" not in {t for n in onnx.load(str(out), load_external_data=False).graph.node
+                                                for t in n.input}:
+            out.unlink()  # an export from before the fix in _export_bert: its word embedding ignored input_ids
         if not out.exists():
             try:
                 import torch
@@ -591,10 +596,13 @@ def _export_bert(torch, cfg, weights, out: Path):
             for mod, key in ((layer.ln1, "attention.output.LayerNorm"), (layer.ln2, "output.LayerNorm")):
                 mod.weight.copy_(t(p + key + ".weight"))
                 mod.bias.copy_(t(p + key + ".bias"))
-    ids = torch.ones(2, 16, dtype=torch.int64)
+    # three distinct example tensors: torch.export aliases one tensor passed twice, and the word
+    # embedding then read attention_mask instead of input_ids (the first exports did)
+    ids = torch.randint(1000, 2000, (2, 16), dtype=torch.int64)
+    mask, types = torch.ones(2, 16, dtype=torch.int64), torch.zeros(2, 16, dtype=torch.int64)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=512)
     tmp = out.with_suffix(".tmp.onnx")
-    torch.onnx.export(model, (ids, ids, torch.zeros_like(ids)), str(tmp),
+    torch.onnx.export(model, (ids, mask, types), str(tmp),
                       input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["sentence_embedding"],
                       dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}), external_data=False)
     tmp.rename(out)
@@ -803,6 +811,8 @@ def worker(args) -> int:
             kw: dict[str, Any] = {"bits": int(cfg.split("-b")[1].split("-")[0])}
             if "blk32" in cfg:
                 kw.update(granularity="block", block_size=32)
+            if cfg.endswith("-emb"):
+                kw["embeddings"] = True
             if args.batch_size:
                 kw["batch_size"] = int(args.batch_size)
             try:

@@ -45,7 +45,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              activations: str = "none", activation_range: str = "minmax", sequential: bool = False,
              format: str = "qdq", ort_accuracy_level: int = 0, lower_bound: bool = False, workers: int = 1,
              ray_address: str | None = None, external_data: bool = False, max_memory: float | None = None,
-             speed: bool = True, progress: bool = False) -> Report:
+             speed: bool = True, progress: bool = False, embeddings: bool = False) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -78,6 +78,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     the machine's memory): the model's weights, the layer statistics of one calibration pass and
     one layer's solve; statistics that do not fit are gathered in several passes. ``speed``:
     time the float and the quantized model (batch 1 and one evaluation batch) for the report.
+    ``embeddings``: also quantize the constant tables that ``Gather`` nodes read rows of (word
+    embeddings), at ``bits`` with a scale per row (or per block), by least squared error per row
+    (forms/gather.py; with ``format`` "ort" as GatherBlockQuantized where it fits).
     Raises a ``QuboInputError`` (errors.py: ``ModelError``, ``DataError``, ``OptionError``,
     ``OutputError``) on bad input, before any output is written; the input model is never modified.
     """
@@ -89,7 +92,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         exclude=tuple(exclude), dump_dir=None if dump_qubo is None else Path(dump_qubo),
         solution_dir=None if load_solution is None else Path(load_solution), format=format,
         ort_accuracy_level=ort_accuracy_level, lower_bound=lower_bound, workers=workers, ray_address=ray_address,
-        max_memory=max_memory)
+        max_memory=max_memory, embeddings=embeddings)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     reads = inputs_read(model, calibration, evaluation)  # never written: the model, its data, the data files
     output_path = writable_path(output_path, reads=reads, what="output")

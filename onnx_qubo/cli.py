@@ -175,6 +175,9 @@ def main():
 @click.option("--ort-accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="With --format ort, weight-only: 4 lets MatMulNBits quantize activations to int8 inside the kernel "
                    "(faster; the report states the output error it costs).")
+@click.option("--embeddings", is_flag=True,
+              help="Also quantize embedding tables (constant tables Gather reads rows of) at --bits, a scale per row "
+                   "(or per --block-size block) by least squared error; with --format ort as GatherBlockQuantized.")
 @click.option("--bound", is_flag=True,
               help="Certify a lower bound on each layer's optimal cost (the report's bound and gap columns).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -195,7 +198,7 @@ def main():
 def quantize(input_model, output_model, bits, calib, eval_path, scale, granularity, block_size, symmetric,
              bias_mode, activations, activation_range, sequential, solver, neal_reads, neal_sweeps, seed,
              batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, output_format,
-             ort_accuracy_level, bound, workers, ray_address, external_data, max_memory, speed, quiet):
+             ort_accuracy_level, embeddings, bound, workers, ray_address, external_data, max_memory, speed, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
@@ -209,7 +212,7 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
                               bias_correction=bias_correction, format=output_format,
                               ort_accuracy_level=ort_accuracy_level, lower_bound=bound, workers=workers,
                               ray_address=ray_address, external_data=external_data, max_memory=max_memory,
-                              speed=speed, progress=not quiet, **scheme)
+                              speed=speed, progress=not quiet, embeddings=embeddings, **scheme)
     click.echo(report.to_text())
 
 

@@ -11,12 +11,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import compat
 from .choice import Choice
-from .ort_forms import ActivationCodes, LayerCodes, OrtForm, matmul_integer_to_float, matmul_nbits
+from .ort_forms import (
+    ActivationCodes,
+    LayerCodes,
+    OrtForm,
+    gather_block_quantized,
+    matmul_integer_to_float,
+    matmul_nbits,
+)
 from .passes.insert_dequantize import QuantizedTensor
 from .types import QuantizedLayer
 
 PORTABLE = "DequantizeLinear"
+PORTABLE_TABLE = "Gather+Mul"  # an embedding table's portable lookup (forms/gather.py)
 
 
 class Format(Choice):
@@ -59,7 +68,9 @@ def choose_kernel(q: QuantizedLayer, weight: QuantizedTensor, bias: np.ndarray |
     if format == Format.QDQ:
         return None, KernelChoice(name, PORTABLE)
     if not q.layer.form.fast_kernels:
-        return None, KernelChoice(name, PORTABLE, f"no faster onnxruntime kernel for a {q.layer.op_type} layer yet")
+        reason = (compat.conv_fast_kernel_refusal(q.input_quantizer is not None) if q.layer.op_type == "Conv"
+                  else f"no faster onnxruntime kernel for a {q.layer.op_type} layer yet")
+        return None, KernelChoice(name, PORTABLE, reason)
     if has_other_bias:
         return None, KernelChoice(name, PORTABLE, "its bias is not one value per output")
     scale, zero_point, block_size = np.asarray(weight.scale, np.float64), weight.zero_point, weight.block_size
@@ -76,3 +87,14 @@ def choose_kernel(q: QuantizedLayer, weight: QuantizedTensor, bias: np.ndarray |
     if isinstance(refusal, str):
         return None, KernelChoice(name, PORTABLE, refusal)
     return fast, KernelChoice(name, fast.kernel)
+
+
+def choose_table_kernel(name: str, codes: LayerCodes, format: Format) -> tuple[bool, KernelChoice]:
+    """Whether embedding table ``name`` runs as onnxruntime's GatherBlockQuantized (format ort),
+    or keeps the portable lookup and why."""
+    if format == Format.QDQ:
+        return False, KernelChoice(name, PORTABLE_TABLE)
+    refusal = gather_block_quantized(codes, "indices", "y", lambda base: base)  # a dry run: only checks
+    if isinstance(refusal, str):
+        return False, KernelChoice(name, PORTABLE_TABLE, refusal)
+    return True, KernelChoice(name, "GatherBlockQuantized")

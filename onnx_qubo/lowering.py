@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx
 
 from .errors import RuntimeFailure
+from .forms.gather import TABLE_OPSET, LowerTables, QuantizedTable, TableLowering
 from .grid import Granularity
-from .kernels import Format, KernelChoice, choose_kernel
+from .kernels import Format, KernelChoice, choose_kernel, choose_table_kernel
 from .passes import (
     ActivationQuantization,
     CheckModel,
@@ -36,14 +38,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, eq=False)
 class Rewritten:
     model: onnx.ModelProto
-    kernels: list[KernelChoice]  # per layer, the kernel that runs it (and why not a faster one)
+    kernels: list[KernelChoice]  # per layer, then per table: the kernel that runs it (and why not a faster one)
     notes: list[str]  # what else was changed in the graph, and why
 
 
 def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: Format = Format.QDQ,
-            accuracy_level: int = 0) -> Rewritten:
+            accuracy_level: int = 0, tables: Sequence[QuantizedTable] = ()) -> Rewritten:
     """Integer initializers (DequantizeLinear, or onnxruntime kernels with format ``ort``) in place
-    of the float weights, checked."""
+    of the float weights and of the embedding ``tables``, checked."""
     weights, kernels = [], []
     for q in quantized:
         weight, kernel = quantized_weight(q, format, accuracy_level)
@@ -52,8 +54,15 @@ def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: For
         log.info("layer '%s' (%s): %s weights, %s%s", q.layer.name, q.layer.label,
                  onnx.TensorProto.DataType.Name(q.scheme.grid.storage[0]), kernel.kernel,
                  f" (not faster: {kernel.fallback})" if kernel.fallback else "")
-    target_opset = max(q.scheme.opset for q in quantized)
-    passes: list[GraphPass] = [RaiseOpset(target_opset), InsertDequantize(weights)]
+    lowerings = []
+    for table in tables:
+        fast, kernel = choose_table_kernel(table.table.name, table.codes(), format)
+        lowerings.append(TableLowering(table, fast))
+        kernels.append(kernel)
+        log.info("table '%s': %d-bit rows, %s%s", table.table.name, table.scheme.bits, kernel.kernel,
+                 f" (not faster: {kernel.fallback})" if kernel.fallback else "")
+    target_opset = max([q.scheme.opset for q in quantized] + [TABLE_OPSET] * bool(tables))
+    passes: list[GraphPass] = [RaiseOpset(target_opset), InsertDequantize(weights), LowerTables(lowerings)]
     rewritten = run_passes(model, passes).model
     try:
         return Rewritten(run_passes(rewritten, [CheckModel()]).model, kernels, [])

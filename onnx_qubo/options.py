@@ -105,6 +105,7 @@ class QuantizeOptions:
     workers: int = 1  # local processes solving a layer's rows (1: in this process, its threads)
     ray_address: str | None = None  # solve on this Ray cluster ("local": start one here)
     max_memory: int | None = None  # bytes a run may hold (memory.py); None: a share of physical memory
+    embeddings: bool = False  # also quantize constant Gather tables (embeddings) per row, at ``bits``
 
     @classmethod
     def parse(cls, *, bits: object = 2, scale: object = ScaleMethod.MSE, solver: str | Solver = "fast",
@@ -114,7 +115,8 @@ class QuantizeOptions:
               layer_bits: Mapping[str, object] | None = None, exclude: Sequence[str] = (), lower_bound: bool = False,
               dump_dir: Path | None = None, solution_dir: Path | None = None, format: object = Format.QDQ,
               ort_accuracy_level: object = 0, workers: object = 1,
-              ray_address: str | None = None, max_memory: object = None) -> "QuantizeOptions":
+              ray_address: str | None = None, max_memory: object = None,
+              embeddings: bool = False) -> "QuantizeOptions":
         """Options from the API's arguments: each value checked and named in the error if wrong
         (``max_memory`` in GB)."""
         return cls(bits=check_bits(bits), scale=parse_choice(ScaleMethod, scale, "scale"), solver=solver_for(solver),
@@ -129,7 +131,8 @@ class QuantizeOptions:
                    format=parse_choice(Format, format, "format"),
                    ort_accuracy_level=check_integer(ort_accuracy_level, "ort_accuracy_level"),
                    workers=check_integer(workers, "workers", minimum=1), ray_address=ray_address,
-                   max_memory=None if max_memory is None else check_gigabytes(max_memory, "max_memory"))
+                   max_memory=None if max_memory is None else check_gigabytes(max_memory, "max_memory"),
+                   embeddings=bool(embeddings))
 
     def __post_init__(self) -> None:
         if self.bias == BiasMode.INT32 and self.activations == Activations.NONE:
@@ -191,6 +194,7 @@ class QuantizeOptions:
         if self.activations != Activations.NONE:
             text += f" ({self.activation_range} ranges)"
         text += "; sequential calibration" if self.sequential else ""
+        text += "; embedding tables per row" if self.embeddings else ""
         if self.format == Format.ORT:
             text += "; format ort" + (f" (accuracy level {self.ort_accuracy_level})" if self.ort_accuracy_level else "")
         return text

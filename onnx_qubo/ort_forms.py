@@ -7,7 +7,9 @@ initializers of the form, or a string saying why the layer cannot use it:
 
 - :func:`matmul_nbits`: weight-only, ``com.microsoft.MatMulNBits`` (float activations);
 - :func:`matmul_integer_to_float`: weights of up to 8 bits with 8-bit quantized activations,
-  ``QuantizeLinear -> com.microsoft.MatMulIntegerToFloat`` (float output, float bias).
+  ``QuantizeLinear -> com.microsoft.MatMulIntegerToFloat`` (float output, float bias);
+- :func:`gather_block_quantized`: an embedding table's row lookups (forms/gather.py),
+  ``com.microsoft.GatherBlockQuantized``.
 
 Both read the weight as the layer's ``[n_out, f_in]`` codes and compute ``x @ W^T + bias`` on
 activations of any rank >= 2 (batch axes first), like ``MatMul`` with a ``[f_in, n_out]`` weight.
@@ -271,6 +273,59 @@ def matmul_integer_to_float(codes: LayerCodes, quant: ActivationCodes, activatio
                          name=fresh(f"{output}_MatMulIntegerToFloat"), domain=MS_DOMAIN),
     ]
     return OrtForm(nodes, initializers, {"": 10, MS_DOMAIN: 1})
+
+
+def gather_block_quantized(codes: LayerCodes, indices: str, output: str, fresh: Names) -> OrtForm | str:
+    """``com.microsoft.GatherBlockQuantized``: rows ``indices`` of the table ``codes`` ([V, d],
+    a scale per row or per block of a row), dequantized: ``codes.dequantized()[indices]`` in
+    float32, ``indices.shape + [d]``.
+
+    The table is stored as uint8 (``bits`` 2, 4 or 8: codes of 1-2, 3-4, 5-8 bits; first code in
+    the low bits), signed codes as ``u = q + 2^(bits-1)`` with no zero-point input (the kernel's
+    default is ``2^(bits-1)``), unsigned ones with packed uint8 zero points. The kernel's
+    ``block_size`` (a power of two >= 16) spans a whole row for row scales; a table's blocks of
+    ``b`` are split into kernel blocks of the largest power of two in 16..256 dividing ``b``, each
+    with its block's scale. Refused: rows that do not fill whole bytes (the kernel widens the
+    packed last axis to whole bytes), blocks no power of two >= 16 divides.
+    Caveat (onnxruntime 1.32): an index outside ``[-V, V)`` yields a row of zeros where ``Gather``
+    fails (tests/test_embeddings.py)."""
+    v, d = codes.integers.shape
+    bits = 2 if codes.bits <= 2 else 4 if codes.bits <= 4 else 8
+    per_byte = 8 // bits
+    if d % per_byte:
+        return (f"GatherBlockQuantized stores {bits}-bit codes {per_byte} per byte and widens each row to whole "
+                f"bytes: a row of {d} does not fill them")
+    if codes.block_size:
+        block = _largest_power_dividing(codes.block_size)
+        if block < 16 or codes.block_size % block:
+            return (f"the table's blocks of {codes.block_size} cannot be split into GatherBlockQuantized blocks "
+                    "(a power of two >= 16)")
+    else:
+        block = max(16, 1 << (d - 1).bit_length())  # one kernel block spans the row
+    k_blocks = -(-d // block)
+    per_block = codes.block_size // block if codes.block_size else 0
+
+    def blocks(values: np.ndarray) -> np.ndarray:  # one per scale group -> one per kernel block [V, k_blocks]
+        if values.ndim == 2:
+            return np.repeat(values, per_block, axis=1)[:, :k_blocks]
+        return np.broadcast_to(values.reshape(-1, 1), (v, k_blocks))
+
+    offset = 1 << (bits - 1) if codes.signed else 0
+    unsigned = codes.integers + offset
+    data = unsigned.astype(np.uint8) if bits == 8 else pack_bits(unsigned, bits)
+    names = [fresh(f"{output}_{suffix}") for suffix in ("table", "scales", "zero_points")]
+    initializers = [numpy_helper.from_array(data, names[0]),
+                    numpy_helper.from_array(np.ascontiguousarray(blocks(codes.scale), np.float32), names[1])]
+    inputs = [names[0], indices, names[1]]
+    if codes.zero_point is not None:
+        zero = np.zeros((v, -(-k_blocks // per_byte) * per_byte), np.int64)
+        zero[:, :k_blocks] = blocks(codes.zero_point)
+        initializers.append(numpy_helper.from_array(zero.astype(np.uint8) if bits == 8 else pack_bits(zero, bits),
+                                                    names[2]))
+        inputs.append(names[2])
+    node = helper.make_node("GatherBlockQuantized", inputs, [output], name=fresh(f"{output}_GatherBlockQuantized"),
+                            domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=block, bits=bits)
+    return OrtForm([node], initializers, {MS_DOMAIN: 1})
 
 
 def _largest_power_dividing(block: int) -> int:

@@ -24,6 +24,7 @@ from .activations import input_quantizers
 from .calibration import LayerStatistics, collect_statistics
 from .data import Dataset
 from .errors import ModelError, OptionError
+from .forms.gather import find_tables, quantize_table
 from .grid import InputQuantizer
 from .groups import merge_groups, merge_reports, split_groups
 from .kernels import Format
@@ -82,14 +83,21 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
         integers.append(solved.quantized())
         reports.append(solved.report)
     integers, reports = merge_groups(integers), merge_reports(calibrated.layers, reports)
-    written = rewrite(model, integers, plan.format, plan.accuracy_level)
-    portable = written.model if plan.format == Format.QDQ else rewrite(model, integers).model
+    tables, skipped = [], calibrated.skipped
+    if options.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
+        found, table_skips = find_tables(model)
+        tables = [quantize_table(table, options.scheme(options.bits)) for table in found]
+        reports, skipped = reports + [table.report() for table in tables], skipped + table_skips
+    written = rewrite(model, integers, plan.format, plan.accuracy_level, tables)
+    portable = written.model if plan.format == Format.QDQ else rewrite(model, integers, tables=tables).model
     reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback) for r, k in zip(reports, written.kernels)]
     notes = written.notes
+    if options.embeddings and not tables:
+        notes = [*notes, "embeddings: no Gather reads rows of a constant float table that only it reads"]
     if plan.sequential and not any(discovery.fed_by_earlier(model, calibrated.layers)):
         notes = [*notes, "sequential calibration changes nothing here: no quantized layer feeds another, so each "
                          "was calibrated once on the float model's inputs"]
-    return Quantized(written.model, reports, calibrated.skipped, portable, notes)
+    return Quantized(written.model, reports, skipped, portable, notes)
 
 
 def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, exclude: Collection[str] = (),
