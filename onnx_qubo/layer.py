@@ -167,11 +167,14 @@ class LayerWork:
             shift, bias_storage = None, "INT32"  # the correction is folded into the integer bias
         n, f = layer.shape
         cost = problem.energy(choice)
+        nearest = RoundToNearest().solve(problem)
+        free = problem.rounding.free  # an energy is O(n f^2): not computed twice for the same rounding
+        cost_rtn = cost if np.array_equal(nearest & free, choice & free) else problem.energy(nearest)
         report = LayerReport(
             name=layer.name, form=layer.label, n_out=n, f_in=f, bits=plan.scheme.bits,
             storage=onnx.TensorProto.DataType.Name(grid.storage[0]),
             free_fraction=float(problem.rounding.free.mean()),
-            cost_rtn=problem.energy(RoundToNearest().solve(problem)),
+            cost_rtn=cost_rtn,
             cost_solved=cost,
             lower_bound=float(lower_bounds(problem).sum()) if plan.lower_bound else None,
             solve_seconds=seconds + self.search_seconds,

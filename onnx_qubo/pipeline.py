@@ -82,6 +82,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
     for solved in solve_layers(calibrated, plan, progress):  # keeps each layer's integers, frees its QUBO
         integers.append(solved.quantized())
         reports.append(solved.report)
+        del solved  # before the next layer's calibration pass and solve
     integers, reports = merge_groups(integers), merge_reports(calibrated.layers, reports)
     tables, skipped = [], calibrated.skipped
     if options.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
@@ -170,6 +171,7 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iter
         if complete:
             pending = []
         yield solved
+        del work, solved, statistics  # the next layer may start a calibration pass: hold nothing of this one
     if plan.dump_dir is not None:
         exchange.write_index(plan.dump_dir, [
             {"layer": p.layer.name, "file": f"{p.stem}.qubo.npz", "n_out": p.layer.shape[0],

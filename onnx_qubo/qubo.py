@@ -97,5 +97,5 @@ def build_problem(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray 
     rounding = split_rounding(values / scale + zero_point, grid)
     n, m = values.shape
     return LayerProblem(gram, gain * scale, rounding,
-                        np.zeros((n, m)) if cross is None else cross,
+                        np.broadcast_to(0.0, (n, m)) if cross is None else cross,  # read-only zeros: no n x m array
                         np.zeros(n) if offset is None else offset)
