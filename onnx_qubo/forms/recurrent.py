@@ -107,8 +107,8 @@ class RecurrentForm:
 
     def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
         if self.op_type not in GATES:
-            return Skip(f"{self.op_type}: its candidate gate reads r_t * h_(t-1), another input than "
-                        "[x_t; h_(t-1)]; not quantized yet")
+            return Skip(f"{self.op_type} recurrent cell: its candidate gate reads r_t * h_(t-1) (or scales R's "
+                        "error by r_t), another input than [x_t; h_(t-1)]; not quantized yet")
         attrs = attributes(node)
         direction = attrs.get("direction", b"forward")
         direction = direction.decode() if isinstance(direction, bytes) else str(direction)
