@@ -276,12 +276,17 @@ def test_sequential_after_a_quantized_layer_targets_the_float_gates(tmp_path):
 
 
 def test_a_node_without_y_is_calibrated_through_a_named_copy(tmp_path):
+    """... and, sequential, the layer after the cell is tuned on the quantized cell's output: its
+    cost is the whole model's output error."""
     model = recurrent_model(named_y=False, after=True)
     feed = feeds(model)
-    report = quantize(model, tmp_path / "q.onnx", bits=3, calibration=feed, batch_size=BATCH, speed=False)
+    report = quantize(model, tmp_path / "q.onnx", bits=3, calibration=feed, batch_size=BATCH, sequential=True,
+                      speed=False)
     assert [row.name for row in report.layers] == ["cell", "after"]
-    assert cell_node(model).output[0] == ""  # the input model untouched
     quantized = onnx.load(tmp_path / "q.onnx")
+    y_float, y_quant = (session(m).run(None, feed)[0].astype(np.float64) for m in (model, quantized))
+    assert report.layers[1].cost_solved == pytest.approx(((y_quant - y_float) ** 2).sum(axis=-1).mean(), rel=1e-4)
+    assert cell_node(model).output[0] == ""  # the input model untouched
     assert cell_node(quantized).output[0] == ""  # nor is Y added to the written model
     w, r, b = cell_weights(model)
     w_q, r_q, _ = cell_weights(quantized)
