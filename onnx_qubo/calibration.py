@@ -21,6 +21,7 @@ import onnx
 
 from .data import Dataset
 from .errors import DataError
+from .forms.recurrent import expose_outputs
 from .grid import InputQuantizer
 from .patches import ConvStatistics, PatchGram
 from .progress import Progress
@@ -113,6 +114,21 @@ class ConvGram:
         return self.result.group(group or 0)
 
 
+class RecurrentGram:
+    """The same over a recurrent node's gate inputs ``[x_t; h_(t-1)]`` (forms/recurrent.py), one
+    Gram matrix per direction (each has its own hidden states)."""
+
+    def __init__(self, layer: DenseLayer, with_drift: bool):
+        self.grams = [DenseGram(layer.shape[1], with_drift) for _ in range(layer.groups)]
+
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
+        for d, gram in enumerate(self.grams):  # x, seen: [directions, rows, f]
+            gram.update(x[d], None if seen is None else seen[d])
+
+    def statistics(self, group: int | None = None) -> InputStatistics:
+        return self.grams[group or 0].statistics()
+
+
 def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset,
                        progress: Progress, deployed: onnx.ModelProto | None = None,
                        quantizers: Mapping[str, InputQuantizer] | None = None) -> dict[str, InputStatistics]:
@@ -124,21 +140,26 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
     """
     views = {layer.source_key: layer for layer in layers}
     quantizers = dict(quantizers or {})
-    tensors = {layer.input_name for layer in layers}
+    tensors = {name for layer in layers for name in layer.input_tensors}
     mismatch = deployed is not None or bool(quantizers.keys() & tensors)
     sums: dict[str, Accumulator] = {
-        key: DenseGram(layer.shape[1], mismatch) if layer.geometry is None else ConvGram(layer, mismatch)
+        key: RecurrentGram(layer, mismatch) if layer.cell is not None else
+        DenseGram(layer.shape[1], mismatch) if layer.geometry is None else ConvGram(layer, mismatch)
         for key, layer in views.items()}
-    streams = [stream_inputs(model, tensors, dataset, "the float model")]
+    streams = [stream_inputs(expose_outputs(model, layers), tensors, dataset, "the float model")]
     if deployed is not None:
-        streams.append(stream_inputs(deployed, tensors, dataset, "the partly quantized model"))
+        streams.append(stream_inputs(expose_outputs(deployed, layers), tensors, dataset, "the partly quantized model"))
     with progress.bar(len(dataset.batches), "calibrating") as bar:
         for batches in zip(*streams):
             floats, seen = batches[0], batches[-1]
             for key, layer in views.items():
                 name = layer.input_name
+                x = floats[name]
                 x_seen = seen[name] if name not in quantizers else quantizers[name].fake_quantize(seen[name])
-                sums[key].update(floats[name], x_seen if mismatch else None)
+                if layer.cell is not None:  # its input vectors: [x_t; h_(t-1)] per direction
+                    x_seen = layer.cell.gate_inputs(x_seen, seen) if mismatch else None
+                    x = layer.cell.gate_inputs(x, floats)
+                sums[key].update(x, x_seen if mismatch else None)
             bar.update(1)
     return {layer.statistics_key: sums[layer.source_key].statistics(layer.group) for layer in layers}
 

@@ -4,7 +4,7 @@ Each node whose op type has a form (forms/) is matched by that form: the result 
 quantize or a reason it cannot be quantized exactly. Dense nodes inside If branches and Loop/Scan
 bodies are matched too (named ``<holder>/<attribute>/<node>``, e.g. ``If_0/then_branch/fc``);
 calibration captures their inputs through subgraphs.expose. Weight-bearing nodes no form handles
-(recurrent cells) and dense nodes in the bodies of other ops are listed as skipped with the
+(ConvTranspose) and dense nodes in the bodies of other ops are listed as skipped with the
 reason, never silently invisible.
 """
 
@@ -22,9 +22,6 @@ from .types import DenseLayer, SkippedNode
 log = logging.getLogger(__name__)
 
 UNSUPPORTED = {  # op type -> why its weights stay float
-    "LSTM": "recurrent cell: its gates are not quantized yet",
-    "GRU": "recurrent cell: its gates are not quantized yet",
-    "RNN": "recurrent cell: its gates are not quantized yet",
     "ConvTranspose": "transposed convolution: not quantized yet",
 }
 
@@ -90,10 +87,10 @@ def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[boo
                     name for g in all_graphs(body) for n in g.node for name in [*n.input, *n.output] if name)
     earlier: set[str] = set()
     fed = []
-    ancestors: dict[str, set[str]] = {}  # per input tensor (the groups of a Conv share one)
+    ancestors: dict[tuple[str, ...], set[str]] = {}  # per input tensors (the groups of a Conv share them)
     for layer in layers:
-        if layer.input_name not in ancestors:
-            seen, stack = set(), [layer.input_name]
+        if layer.input_tensors not in ancestors:
+            seen, stack = set(), list(layer.input_tensors)  # a recurrent node's: X, Y, initial_h...
             while stack:
                 tensor = stack.pop()
                 if tensor in seen:
@@ -102,8 +99,8 @@ def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[boo
                 node = producers.get(tensor)
                 if node is not None:
                     stack.extend(name for name in [*node.input, *inner.get(id(node), [])] if name)
-            ancestors[layer.input_name] = seen
-        fed.append(bool(ancestors[layer.input_name] & earlier))
+            ancestors[layer.input_tensors] = seen
+        fed.append(bool(ancestors[layer.input_tensors] & earlier))
         node = readers.get(layer.weight_name)
         earlier.update(node.output if node is not None else ())
     return fed

@@ -2,7 +2,8 @@
 
 Each group of a Conv reads its own slice of the input channels, so each has its own patch Gram
 matrix: one layer problem per group (the QUBO machinery unchanged), named ``conv[g]``. For the
-graph and the report the groups are merged again into the one Conv they came from.
+graph and the report the groups are merged again into the one Conv they came from. The
+directions of a bidirectional LSTM/RNN are split the same way (each has its own hidden states).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from .types import DenseLayer, InMemory, QuantizedBias, QuantizedLayer, RowsOf, 
 
 
 def split_groups(layers: list[DenseLayer]) -> list[DenseLayer]:
-    """Each grouped Conv replaced by one layer per group (its rows of the weight and bias)."""
+    """Each grouped Conv (recurrent node) replaced by one layer per group (direction): its rows
+    of the weight and bias."""
     split = []
     for layer in layers:
-        groups = layer.geometry.groups if layer.geometry is not None else 1
+        groups = layer.groups
         if groups == 1:
             split.append(layer)
             continue

@@ -165,7 +165,7 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iter
         solved = work.finish(choice, time.perf_counter() - start)
         pending.append(solved.quantized())
         layer = layer_plan.layer
-        complete = layer.group is None or layer.geometry is None or layer.group + 1 == layer.geometry.groups
+        complete = layer.group is None or layer.group + 1 == layer.groups
         if plan.sequential and k + 1 < len(plan.layers) and complete:
             deployed = rewrite(calibrated.model if deployed is None else deployed, merge_groups(pending)).model
         if complete:

@@ -13,6 +13,7 @@ from .grid import GroupScales, InputQuantizer, Scheme
 
 if TYPE_CHECKING:
     from .forms.base import GraphIndex, Skip
+    from .forms.recurrent import RecurrentCell
     from .passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
     from .patches import ConvGeometry
 
@@ -104,13 +105,30 @@ class DenseLayer:
     bias_in_node: bool = False  # the node itself adds a bias (Gemm's C), not a following Add
     geometry: "ConvGeometry | None" = None  # a Conv's: its input vectors are patches (patches.py)
     group: int | None = None  # one group of a grouped Conv: its rows of ``parent``'s weight
-    parent: str | None = None  # the grouped Conv this group belongs to
+    parent: str | None = None  # the grouped Conv (or recurrent node) this group belongs to
+    cell: "RecurrentCell | None" = None  # an LSTM/RNN's: its input vectors are [x_t; h_(t-1)] (forms/recurrent.py)
 
     @property
     def source_key(self) -> str:
         """The input view its statistics are accumulated from: dense layers reading one tensor
-        share it; a Conv's patches are its own (all groups of one Conv share one pass)."""
+        share it; a Conv's patches are its own (all groups of one Conv share one pass), and so
+        are a recurrent node's gate inputs (all its directions)."""
+        if self.cell is not None:
+            return f"{self.input_name}#gates:{self.parent or self.name}"
         return self.input_name if self.geometry is None else f"{self.input_name}#patches:{self.parent or self.name}"
+
+    @property
+    def input_tensors(self) -> tuple[str, ...]:
+        """The tensors its input vectors are built from (a recurrent node's also need Y...)."""
+        return (self.input_name,) + (self.cell.tensors if self.cell is not None else ())
+
+    @property
+    def groups(self) -> int:
+        """Separate layer problems it is solved as (groups.split_groups): a grouped Conv's
+        groups, a recurrent node's directions."""
+        if self.cell is not None:
+            return self.cell.directions
+        return 1 if self.geometry is None else self.geometry.groups
 
     @property
     def statistics_key(self) -> str:

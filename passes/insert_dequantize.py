@@ -70,12 +70,16 @@ class ActivationQuantization:
 @dataclass(frozen=True)
 class Lowered:
     """The nodes that replace a layer's node, tensors other readers must now read instead (e.g.
-    the bias operand of the Add after a MatMul, replaced by its dequantized form), and the opset
-    each non-default domain the nodes use needs."""
+    the bias operand of the Add after a MatMul, replaced by its dequantized form), the opset
+    each non-default domain the nodes use needs, initializers it replaced besides the weight
+    (a recurrent node's R), and whether it applied the weight's ``output_shift`` itself (a
+    recurrent node's bias correction goes into its B, not after its output)."""
 
     nodes: list[onnx.NodeProto]
     renames: dict[str, str] = field(default_factory=dict)
     opsets: dict[str, int] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
+    shift_folded: bool = False
 
 
 class DenseLowering(Protocol):
@@ -124,8 +128,9 @@ class InsertDequantize:
             lowered = weight.form.lower(graphs[where[0]].node[where[1]], weight, edit)
             nodes = lowered.nodes
             renames.update(lowered.renames)
+            dropped |= lowered.dropped
             _import_opsets(out, lowered.opsets)
-            if weight.output_shift is not None:
+            if weight.output_shift is not None and not lowered.shift_folded:
                 shift = edit.constant(f"{nodes[-1].output[0]}_shift", weight.output_shift.astype(np.float32))
                 nodes += edit.add_to_output(nodes, shift, "bias_correction")
             replacements[where] = nodes

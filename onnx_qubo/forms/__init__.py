@@ -9,7 +9,9 @@ from .base import GraphIndex, Skip
 from .conv import ConvForm
 from .gemm import GemmForm
 from .matmul import MatMulForm
+from .recurrent import RecurrentForm
 
-FORMS: dict[str, DenseForm] = {form.op_type: form for form in (GemmForm(), MatMulForm(), ConvForm())}
+_FORMS: list[DenseForm] = [GemmForm(), MatMulForm(), ConvForm(), *(RecurrentForm(op) for op in ("LSTM", "GRU", "RNN"))]
+FORMS: dict[str, DenseForm] = {form.op_type: form for form in _FORMS}
 
-__all__ = ["FORMS", "ConvForm", "GemmForm", "GraphIndex", "MatMulForm", "Skip"]
+__all__ = ["FORMS", "ConvForm", "GemmForm", "GraphIndex", "MatMulForm", "RecurrentForm", "Skip"]

@@ -1,0 +1,193 @@
+"""``LSTM`` and ``RNN`` with constant ``W [D, G*H, I]`` and ``R [D, G*H, H]``: each gate row is a
+dense neuron over the gate input ``z_t = [x_t; h_(t-1)]``.
+
+Direction ``d``'s gate pre-activations at step t are ``W[d] x_t + R[d] h_(t-1) + Wb[d] + Rb[d]``
+(G gates: LSTM 4, RNN 1), so its weight as [n_out, f_in] is ``[W[d] | R[d]]``, [G*H, I+H], and
+the rounding QUBO of qubo.py applies unchanged with ``G_d = E[z z^T]``, the mean over every step
+each sample runs (``sequence_lens``) of every sample: the QUBO energy is the gate pre-activation
+error summed over gates, averaged over steps, with ``h_(t-1)`` the float model's hidden state
+(read from the node's output Y, shifted by one step in the direction's time order, ``initial_h``
+or zeros first). Activations, clip, peepholes and ``input_forget`` act after the pre-activation:
+they change h (read, not recomputed) but not the objective. Each direction has its own hidden
+states, hence its own Gram matrix: one layer problem per direction (groups.split_groups, like a
+grouped Conv's groups), merged again into one [D*G*H, I+H] matrix for the rewrite. W and R rows
+are one neuron: one scale per row over both (blocks run along I+H and may span the W|R
+boundary). The bias B stays float; bias correction is added to B's W half.
+
+Lowered to one ``DequantizeLinear`` of the [D*G*H, I+H] integers -> ``Slice`` columns ``:I`` and
+``I:`` -> ``Reshape`` to W's and R's shapes -> the same node: exact at every onnxruntime level
+(tests/test_recurrent.py). ``GRU`` is found and skipped: its candidate gate reads ``r_t * h_(t-1)``
+(or scales R's error by ``r_t``), another input per gate row than ``z_t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
+from ..types import DenseLayer, InMemory
+from .base import GraphIndex, Skip, attributes
+
+GATES = {"LSTM": 4, "RNN": 1}
+DIRECTIONS = {"forward": (False,), "reverse": (True,), "bidirectional": (False, True)}
+SEQUENCE_LENS, INITIAL_H = 4, 5  # input positions, the same for LSTM, GRU and RNN
+
+
+@dataclass(frozen=True, eq=False)
+class RecurrentCell:
+    """What calibration needs to build one recurrent node's gate inputs from its tensors."""
+
+    op_type: str
+    reverse: tuple[bool, ...]  # per direction (W's first axis): whether it runs backwards in time
+    input_size: int  # I
+    hidden: int  # H
+    layout: int  # 0: X [T, B, I], Y [T, D, B, H]; 1: X [B, T, I], Y [B, T, D, H]
+    output: str  # Y (a name of our own when the node does not write Y: ``named`` False)
+    named: bool
+    initial_h: str | np.ndarray | None  # a tensor to read, a constant, or zeros
+    sequence_lens: str | np.ndarray | None  # a tensor to read, a constant, or every step
+
+    @property
+    def directions(self) -> int:
+        return len(self.reverse)
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The tensors besides X to read on every calibration batch."""
+        return (self.output,) + tuple(t for t in (self.initial_h, self.sequence_lens) if isinstance(t, str))
+
+    def gate_inputs(self, x: np.ndarray, tensors: dict[str, np.ndarray]) -> np.ndarray:
+        """``[x_t; h_(t-1)]`` of every step each sample runs, per direction: [D, rows, I+H]
+        (rows ordered by step, then sample). ``x``: X as the node sees it; ``tensors``: Y (and
+        initial_h, sequence_lens when they are tensors) from the same run."""
+        x = np.asarray(x, np.float64)
+        y = np.asarray(tensors[self.output], np.float64)
+        if self.layout:
+            x, y = x.transpose(1, 0, 2), y.transpose(1, 2, 0, 3)  # -> [T, B, I], [T, D, B, H]
+        steps, batch = x.shape[:2]
+        if x.shape[2] != self.input_size or y.shape != (steps, self.directions, batch, self.hidden):
+            raise ValueError(f"{self.op_type} input {x.shape} and output {y.shape} do not fit I={self.input_size}, "
+                             f"H={self.hidden}, {self.directions} direction(s)")
+        h0: np.ndarray = np.zeros((self.directions, batch, self.hidden))
+        if self.initial_h is not None:
+            given = np.asarray(self._value(self.initial_h, tensors), np.float64)
+            h0 = given.reshape(batch, self.directions, self.hidden).transpose(1, 0, 2) if self.layout else \
+                given.reshape(h0.shape)
+        lengths = np.full(batch, steps)
+        if self.sequence_lens is not None:
+            lengths = np.asarray(self._value(self.sequence_lens, tensors), np.int64).reshape(batch)
+        run = np.arange(steps)[:, None] < lengths[None, :]  # [T, B]: the steps each sample runs
+        started = np.nonzero(lengths > 0)[0]
+        out = []
+        for d, backwards in enumerate(self.reverse):
+            previous = np.empty((steps, batch, self.hidden))
+            if backwards:  # step t follows step t+1; the sample's last step starts from initial_h
+                previous[:-1] = y[1:, d]
+                previous[lengths[started] - 1, started] = h0[d, started]
+            else:
+                previous[0] = h0[d]
+                previous[1:] = y[:-1, d]
+            out.append(np.hstack([x[run], previous[run]]))
+        return np.stack(out)
+
+    @staticmethod
+    def _value(tensor: str | np.ndarray, tensors: dict[str, np.ndarray]) -> np.ndarray:
+        return tensors[tensor] if isinstance(tensor, str) else tensor
+
+
+class RecurrentForm:
+    fast_kernels = False  # format ort: no faster onnxruntime kernel for a weight-only recurrent cell
+
+    def __init__(self, op_type: str):
+        self.op_type = op_type
+
+    def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
+        if self.op_type not in GATES:
+            return Skip(f"{self.op_type} recurrent cell: its candidate gate reads r_t * h_(t-1) (or scales R's "
+                        "error by r_t), another input than [x_t; h_(t-1)]; not quantized yet")
+        attrs = attributes(node)
+        direction = attrs.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else str(direction)
+        if direction not in DIRECTIONS:
+            return Skip(f"direction '{direction}' is not one of {', '.join(DIRECTIONS)}")
+        activation = node.input[0]
+        weights = []
+        for position in (1, 2):
+            init = index.constant_weight(activation, node.input[position], rank=None)
+            if isinstance(init, Skip):
+                return init
+            weights.append(index.array(init).astype(np.float64))
+        w, r = weights
+        d, rows = len(DIRECTIONS[direction]), GATES[self.op_type] * r.shape[-1] if r.ndim == 3 else 0
+        if w.ndim != 3 or r.ndim != 3 or w.shape[:2] != (d, rows) or r.shape != (d, rows, r.shape[-1]):
+            return Skip(f"W {list(w.shape)} and R {list(r.shape)} are not [{d}, {GATES[self.op_type]}*H, I] and "
+                        f"[{d}, {GATES[self.op_type]}*H, H] ({direction})")
+        hidden = r.shape[-1]
+        if attrs.get("hidden_size", hidden) != hidden:
+            return Skip(f"hidden_size={attrs['hidden_size']} differs from R's {hidden}")
+        extra = {}
+        for position in (SEQUENCE_LENS, INITIAL_H):
+            tensor = node.input[position] if len(node.input) > position else ""
+            if tensor in index.overridable:
+                return Skip(f"'{tensor}' is an initializer callers can override")
+            constant = index.initializers.get(tensor)
+            extra[position] = index.array(constant) if constant is not None else tensor or None
+        named = bool(node.output) and bool(node.output[0])
+        cell = RecurrentCell(self.op_type, DIRECTIONS[direction], w.shape[2], hidden, int(attrs.get("layout", 0)),
+                             node.output[0] if named else f"{name}/Y (calibration)", named, extra[INITIAL_H],
+                             extra[SEQUENCE_LENS])
+        weight = np.hstack([w.reshape(d * rows, -1), r.reshape(d * rows, hidden)])
+        return DenseLayer(name, self, f"{self.op_type} {direction}", activation, index.ranks.get(activation),
+                          node.input[1], InMemory(weight), 1.0, cell=cell)
+
+    def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
+        nodes, deq = edit.dequantize(weight.name, weight.weight)
+        dims = {init.name: list(init.dims) for init in edit.graph.initializer if init.name in node.input[1:3]}
+        w_dims, r_dims = dims[node.input[1]], dims[node.input[2]]
+        split = w_dims[2]
+        cell = onnx.NodeProto()
+        cell.CopyFrom(node)
+        for position, (start, end), shape in ((1, (0, split), w_dims), (2, (split, split + r_dims[2]), r_dims)):
+            base = node.input[position]
+            starts, ends, axes, target = (edit.constant(f"{base}_{what}", np.array(v, np.int64)) for what, v in
+                                          (("starts", [start]), ("ends", [end]), ("axes", [1]), ("shape", shape)))
+            columns, reshaped = edit.fresh(f"{base}_columns"), edit.fresh(f"{base}_dequantized")
+            nodes += [helper.make_node("Slice", [deq, starts, ends, axes], [columns], name=edit.fresh(f"{base}_Slice")),
+                      helper.make_node("Reshape", [columns, target], [reshaped], name=edit.fresh(f"{base}_Reshape"))]
+            cell.input[position] = reshaped
+        if weight.output_shift is not None:  # bias correction: added to B's W half, per gate row
+            d, rows = w_dims[0], w_dims[1]
+            shift = np.zeros((d, 2 * rows), np.float32)
+            shift[:, :rows] = weight.output_shift.reshape(d, rows)
+            while len(cell.input) < 4:
+                cell.input.append("")
+            bias = cell.input[3]
+            cell.input[3] = edit.constant(f"{weight.name}_bias_correction", shift)
+            if bias:
+                corrected = edit.fresh(f"{bias}_corrected")
+                nodes.append(helper.make_node("Add", [bias, cell.input[3]], [corrected],
+                                              name=edit.fresh(f"{bias}_bias_correction")))
+                cell.input[3] = corrected
+        qdq, cell.input[0] = edit.quantize_activation(node.input[0], weight.activation)
+        return Lowered(nodes + qdq + [cell], dropped={node.input[2]}, shift_folded=True)
+
+
+def expose_outputs(model: onnx.ModelProto, layers: list[DenseLayer]) -> onnx.ModelProto:
+    """``model``, or a copy whose recurrent nodes that write no Y write it under the name
+    calibration reads it by (``RecurrentCell.output``)."""
+    unnamed = {layer.weight_name: layer.cell.output for layer in layers if layer.cell is not None
+               and not layer.cell.named}
+    if not unnamed:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if len(node.input) > 1 and node.input[1] in unnamed:
+            if not node.output:
+                node.output.append("")
+            node.output[0] = unnamed[node.input[1]]
+    return copy
