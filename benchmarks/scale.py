@@ -5,6 +5,7 @@
     python benchmarks/scale.py fit                  # one layer at f = 256..4096: log-log slopes per stage
     python benchmarks/scale.py workers              # the fast solve on 1 vs 2 local worker processes
     python benchmarks/scale.py big                  # 36 x (MatMul 4096x4096 + Add), 2.4 GB of external data
+    python benchmarks/scale.py decoder --blocks 12  # an LLM-shaped decoder, 2.5 GB: bits x workers x Ray
 
 ``run`` writes a Gemm model (seeded random weights) and correlated calibration inputs
 ``x = z @ L`` (z standard normal, L a random mixing: the Gram matrix is far from the identity)
@@ -17,6 +18,14 @@ in one external data file, written tensor by tensor), runs the CLI on it in a fr
 (``--bits 4 --solver rtn --scale minmax`` unless ``--flags`` says otherwise) and reports its wall
 time and peak resident memory (os.wait4), then loads the written model by path in onnxruntime
 and measures how far its output is from the float model's on held-out inputs.
+
+``decoder`` writes an LLM-shaped decoder (``--blocks`` blocks of single-head attention with q, k,
+v, o projections d x d and a SiLU-gated FFN d -> ffn -> d, all 3-D MatMuls on [B, T, d], residual
+adds; d = 2048, ffn = 5632: 12 blocks are 2.5 GB of external data) and quantizes it with default
+flags for each ``--bits`` x (1 worker, ``--workers`` local processes, ``--ray local`` with that many
+workers): wall time, peak memory, whether the outputs are byte-identical, and the solve seconds of
+each layer shape (the report's per-layer times) against f. Peak memory is the CLI process's
+(os.wait4): local workers are its children and Ray's are not, so Ray rows count the driver only.
 
 ``fit`` times the stages of one layer directly (no ONNX) for n = f in a range of widths and
 fits ``time ~ f^k`` between consecutive widths and over the whole range: a stage whose work is
@@ -246,17 +255,9 @@ def part_big(folder: Path, blocks: int, width: int, samples: int, flags: list[st
     held_out = correlated_inputs(64, width, seed=2)
     sizes = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     output = folder / "out.onnx"
-    command = [sys.executable, "-m", "onnx_qubo", "quantize", str(model), str(output), "--quiet", *flags]
     print(f"{blocks} x (MatMul {width}x{width} + Add), {sizes / 1e9:.2f} GB; {samples} calibration samples\n"
           f"$ onnx-qubo quantize model.onnx out.onnx {' '.join(flags)}")
-    start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stdout = child.stdout.read() if child.stdout else ""
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    if status:
-        print(stdout)
-        raise SystemExit(f"onnx-qubo failed with status {status}")
+    seconds, peak, stdout = run_cli(model, output, flags)
     report = [line for line in stdout.splitlines() if "GB" in line or "output" in line.lower()][:6]
     print("\n".join(report))
     written = sum(p.stat().st_size for p in folder.glob("out.onnx*"))
@@ -267,8 +268,103 @@ def part_big(folder: Path, blocks: int, width: int, samples: int, flags: list[st
                            / (np.linalg.norm(y_float, axis=1) * np.linalg.norm(y_quant, axis=1))))
     print(f"\n| model | output | wall (s) | peak memory (GB) | relative output error (64 held-out) | mean cosine |\n"
           f"|---|---|---|---|---|---|\n"
-          f"| {sizes / 1e9:.2f} GB | {written / 1e9:.2f} GB | {seconds:.0f} | {usage.ru_maxrss / 1e6:.2f} | "
+          f"| {sizes / 1e9:.2f} GB | {written / 1e9:.2f} GB | {seconds:.0f} | {peak:.2f} | "
           f"{error:.4f} | {cosine:.5f} |")
+
+
+def write_decoder(folder: Path, blocks: int, width: int, ffn: int, seed: int = 0) -> Path:
+    """The decoder of the module docstring; weights ~ N(0, 1/(fan_in * blocks)) written one at a time."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers = [], []
+    data = folder / "model.onnx.data"
+
+    def weight(name: str, rows: int, columns: int, out) -> str:
+        w = (rng.standard_normal((rows, columns), dtype=np.float32) / np.sqrt(rows * blocks)).astype(np.float32)
+        tensor = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[rows, columns])
+        for key, value in (("location", data.name), ("offset", out.tell()), ("length", w.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))
+        tensor.data_location = TensorProto.EXTERNAL
+        out.write(w.tobytes())
+        initializers.append(tensor)
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    x = "x"
+    initializers.append(numpy_helper.from_array(np.array(1 / np.sqrt(width), np.float32), "inv_sqrt_d"))
+    with open(data, "wb") as out:
+        for k in range(blocks):
+            q, key, v = (node("MatMul", [x, weight(f"b{k}.{p}", width, width, out)], f"b{k}.{p}_out")
+                         for p in ("q", "k", "v"))
+            scores = node("Mul", [node("MatMul", [q, node("Transpose", [key], f"b{k}.kT", perm=[0, 2, 1])],
+                                       f"b{k}.qk"), "inv_sqrt_d"], f"b{k}.scores")
+            attended = node("MatMul", [node("Softmax", [scores], f"b{k}.probs", axis=-1), v], f"b{k}.attended")
+            o = node("MatMul", [attended, weight(f"b{k}.o", width, width, out)], f"b{k}.o_out")
+            x = node("Add", [x, o], f"b{k}.h")
+            gate = node("MatMul", [x, weight(f"b{k}.gate", width, ffn, out)], f"b{k}.gate_out")
+            up = node("MatMul", [x, weight(f"b{k}.up", width, ffn, out)], f"b{k}.up_out")
+            silu = node("Mul", [gate, node("Sigmoid", [gate], f"b{k}.sigmoid")], f"b{k}.silu")
+            down = node("MatMul", [node("Mul", [silu, up], f"b{k}.gated"), weight(f"b{k}.down", ffn, width, out)],
+                        f"b{k}.down_out")
+            x = node("Add", [x, down], f"b{k}.out")
+    shape = ["B", "T", width]
+    graph = helper.make_graph(nodes, "decoder", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def run_cli(model: Path, output: Path, flags: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak resident GB and stdout of the CLI on ``model`` in a fresh process."""
+    command = [sys.executable, "-m", "onnx_qubo", "quantize", str(model), str(output), "--quiet", *flags]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stdout = child.stdout.read() if child.stdout else ""
+    _, status, usage = os.wait4(child.pid, 0)
+    if status:
+        print(stdout)
+        raise SystemExit(f"onnx-qubo {' '.join(flags)} failed with status {status}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1e6, stdout
+
+
+def part_decoder(folder: Path, blocks: int, width: int, ffn: int, samples: int, tokens: int, bits_list: list[int],
+                 workers: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / "model.onnx"
+    if not model.exists():
+        write_decoder(folder, blocks, width, ffn)
+    x = correlated_inputs(samples * tokens, width, seed=1).reshape(samples, tokens, width)
+    np.savez(folder / "model.calib.npz", x=x)
+    size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    print(f"decoder: {blocks} blocks, d={width}, ffn={ffn}, {size / 1e9:.2f} GB; {samples} calibration sequences "
+          f"of {tokens} tokens; default flags\n")
+    print("| bits | solve on | wall (s) | peak memory (GB) | output identical to 1 worker |")
+    print("|---|---|---|---|---|")
+    shapes: dict[tuple[int, int, str], list[float]] = {}
+    for bits in bits_list:
+        first = None
+        for label, flags in (("1 process", []), (f"{workers} workers", ["--workers", str(workers)]),
+                             (f"Ray local, {workers} workers", ["--ray", "local", "--workers", str(workers)])):
+            output = folder / f"out{bits}_{len(flags)}.onnx"
+            report_path = folder / f"report{bits}_{len(flags)}.json"
+            seconds, peak, _ = run_cli(model, output, ["--bits", str(bits), "--no-speed", "--report",
+                                                       str(report_path), *flags])
+            same = "-" if first is None else str(output.read_bytes() == first.read_bytes())
+            first = first or output
+            print(f"| {bits} | {label} | {seconds:.0f} | {peak:.2f} | {same} |", flush=True)
+            if not flags:
+                for layer in json.loads(report_path.read_text())["layers"]:
+                    key = (layer["n_out"], layer["f_in"], f"{bits} bits")
+                    shapes.setdefault(key, []).append(layer["solve_seconds"])
+    print("\nPer-layer solve seconds (1 process; mean over the layers of that shape):\n")
+    print("| n_out | f_in | bits | layers | solve (s) |\n|---|---|---|---|---|")
+    for (n, f, bits_label), times in sorted(shapes.items()):
+        print(f"| {n} | {f} | {bits_label} | {len(times)} | {np.mean(times):.1f} |")
 
 
 def main() -> None:
@@ -279,7 +375,9 @@ def main() -> None:
         print(json.dumps(layer_stages(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["run", "fit", "workers", "big"])
+    parser.add_argument("mode", choices=["run", "fit", "workers", "big", "decoder"])
+    parser.add_argument("--ffn", type=int, default=5632, help="decoder: FFN width")
+    parser.add_argument("--tokens", type=int, default=16, help="decoder: tokens per calibration sequence")
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "onnx-qubo-big",
                         help="big: where the model is written (kept, reused when present)")
     parser.add_argument("--blocks", type=int, default=36)
@@ -292,11 +390,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     if args.samples is None:
-        args.samples = 512 if args.mode == "big" else 1536
+        args.samples = {"big": 512, "decoder": 96}.get(args.mode, 1536)
+    if args.mode == "decoder" and args.width == 4096 and "--width" not in sys.argv:
+        args.width = 2048
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"numpy {np.__version__}; load average {os.getloadavg()[0]:.2f}\n")
     if args.mode == "run":
         part_run(args.width, args.samples, args.bits)
+    elif args.mode == "decoder":
+        part_decoder(args.folder, args.blocks, args.width, args.ffn, args.samples, args.tokens, args.bits, args.workers)
     elif args.mode == "big":
         part_big(args.folder, args.blocks, args.width, args.samples, args.flags.split())
     elif args.mode == "fit":
