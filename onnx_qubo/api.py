@@ -124,7 +124,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=result.layers,
         skipped=result.skipped,
         evaluation=evaluation, speed=timing,
-        input_bytes=model.ByteSize() if isinstance(model, onnx.ModelProto) else Path(model).stat().st_size,
+        input_bytes=model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(
+            path.stat().st_size for path, role in reads.items() if role != "a data file"),
         output_bytes=sum(path.stat().st_size for path in written),
         seconds=time.perf_counter() - started, scheme=options.describe(), notes=result.notes)
     if report_path is not None:

@@ -67,6 +67,7 @@ class Speed:
     quantized_single: float
     quantized_batch: float
     single_size: int = 1  # the small batch: 1, or the model's fixed batch size
+    lean: bool = False  # big model: timed one after the other, without onnxruntime's memory arena
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ class Report:
                      f"{ev.basic_vs_unoptimized:.2g} (relative output difference)")
         if self.speed is not None:
             s = self.speed
-            lines.append(f"latency (ms, default level): batch {s.single_size} float {s.float_single:.3g}, quantized "
+            how = "default level" + (", one model after the other, no memory arena" if s.lean else "")
+            lines.append(f"latency (ms, {how}): batch {s.single_size} float {s.float_single:.3g}, quantized "
                          f"{s.quantized_single:.3g} ({s.quantized_single / s.float_single:.2f}x); batch "
                          f"{s.batch_size} float {s.float_batch:.3g}, quantized {s.quantized_batch:.3g} "
                          f"({s.quantized_batch / s.float_batch:.2f}x)")

@@ -68,7 +68,8 @@ def test_external_input_quantizes_like_the_same_model_in_memory(tmp_path):
     """Same integers and scales either way; the output holds every tensor itself (no reference
     to the input's data file) and loads from another folder."""
     path = external_model(tmp_path)
-    onnx_qubo.quantize(path, tmp_path / "lazy.onnx", calibration={"x": X}, bits=3, speed=False)
+    report = onnx_qubo.quantize(path, tmp_path / "lazy.onnx", calibration={"x": X}, bits=3, speed=False)
+    assert report.input_bytes == path.stat().st_size + (tmp_path / "m.data").stat().st_size
     onnx_qubo.quantize(mlp_model(), tmp_path / "memory.onnx", calibration={"x": X}, bits=3, speed=False)
     lazy, eager = initializer_values(tmp_path / "lazy.onnx"), initializer_values(tmp_path / "memory.onnx")
     assert lazy.keys() == eager.keys()
