@@ -161,7 +161,12 @@ def load_dataset(source: Any, model: onnx.ModelProto, batch_size: int = 256) -> 
             raise DataError(
                 f"{origin}: '{LABELS_KEY}' must hold one integer class per sample "
                 f"({count}), got dtype {labels.dtype} shape {labels.shape}")
-    step = _fixed_batch(specs, axes, count, origin) or batch_size
+    fixed = _fixed_batch(specs, axes, count, origin)
+    step = fixed or batch_size
+    if fixed and count % fixed:  # whole batches only, and say so
+        used = count - count % fixed
+        origin = f"{origin} (its first {used} of {count} samples: the model takes batches of exactly {fixed})"
+        count, labels = used, None if labels is None else labels[:used]
     batches = [{name: _take(a, axes[name], start, start + step) for name, a in feed.items()}
                for start in range(0, count, step)]
     return Dataset(batches, labels, origin, axes)
@@ -176,14 +181,15 @@ def _take(array: np.ndarray, axis: int | None, start: int, stop: int) -> np.ndar
 
 def _fixed_batch(specs: list[InputSpec], axes: dict[str, int | None], count: int, origin: str) -> int | None:
     """The fixed batch size the model's inputs declare on their batch axes (None when any is
-    symbolic); a DataError when ``count`` samples do not split into such batches."""
+    symbolic); a DataError when ``count`` samples do not fill one such batch (a remainder past whole
+    batches is left out by the caller, which says so)."""
     sizes = {spec.shape[axis] if spec.shape else None for spec in specs if (axis := axes[spec.name]) is not None}
     if len(sizes) != 1 or None in sizes:
         return None
     size = sizes.pop()
-    if size and count % size:
+    if size and count < size:
         raise DataError(f"{origin}: the model takes batches of exactly {size} samples (its inputs' first "
-                        f"axis is fixed), and {count} samples are not a multiple of {size}")
+                        f"axis is fixed), and there are only {count}")
     return size or None
 
 

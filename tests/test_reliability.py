@@ -134,8 +134,8 @@ def _planted_symlink(folder: Path) -> list[str]:
 
 
 def _fixed_batch(folder: Path) -> list[str]:
-    model = mlp_dir(folder, fixed_batch_model(2))
-    np.savez(folder / "m.calib.npz", x=X[:39])
+    model = mlp_dir(folder, fixed_batch_model(4))
+    np.savez(folder / "m.calib.npz", x=X[:3])
     return [model, folder / "out.onnx", "--solver", "rtn"]
 
 
@@ -180,7 +180,9 @@ BAD_INPUTS = [
     BadInput("`inspect` with external data missing", lambda d: ["inspect", _external(d, "gone.data")],
              "which does not exist"),
     BadInput("`--calib` is a `.npy` file", _npy_calibration, "holds a single array (.npy)"),
-    BadInput("fixed-batch model ([2, f]), 39 samples", _fixed_batch, "not a multiple of 2"),
+    BadInput("fixed-batch model ([4, f]), 3 samples", _fixed_batch, "there are only 3"),
+    BadInput("`--max-memory` too small for one layer",
+             lambda d: [mlp_dir(d), d / "out.onnx", "--max-memory", "0.000001"], "give at least"),
     BadInput("output not batch-first, several batches", _not_batch_first, "its first axis is not the batch"),
     BadInput("only layer's bias holds NaN", lambda d: [mlp_dir(d, nan_bias_model()), d / "out.onnx"],
              "bias 'b0' holds NaN or Inf"),
@@ -300,14 +302,19 @@ def test_output_and_report_may_not_be_the_calibration_or_evaluation_file(tmp_pat
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_fixed_batch_model_calibrates_on_any_multiple_of_its_batch(tmp_path):
+def test_fixed_batch_model_calibrates_on_any_number_of_samples(tmp_path):
     model = fixed_batch_model(2)
     report = onnx_qubo.quantize(model, tmp_path / "o.onnx", calibration={"x": X}, solver="rtn", batch_size=1)
     assert report.calibration_samples == 40 and report.evaluation.samples == 40
     one = fixed_batch_model(1)
     assert onnx_qubo.quantize(one, tmp_path / "o1.onnx", calibration={"x": X[:7]}, solver="rtn").evaluation.samples == 7
-    with pytest.raises(DataError, match="exactly 2 samples.*39 samples are not a multiple of 2"):
-        onnx_qubo.quantize(model, tmp_path / "o.onnx", calibration={"x": X[:39]}, solver="rtn")
+    labels = np.arange(39) % 4
+    report = onnx_qubo.quantize(model, tmp_path / "o.onnx", calibration={"x": X[:39], "labels": labels},
+                                solver="rtn")
+    assert report.calibration_samples == 38 and report.evaluation.samples == 38
+    assert "its first 38 of 39 samples: the model takes batches of exactly 2" in report.calibration
+    with pytest.raises(DataError, match="exactly 2 samples.*there are only 1"):
+        onnx_qubo.quantize(model, tmp_path / "o.onnx", calibration={"x": X[:1]}, solver="rtn")
 
 
 def test_output_name_of_255_characters_works(tmp_path):
