@@ -34,6 +34,14 @@ def physical_share() -> int:
         return int(DEFAULT_SHARE * 8 * GB)
 
 
+def readable(count: float) -> str:
+    """A byte count in GB, MB or KB (decimal, as --max-memory takes GB)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{int(count)} bytes"
+
+
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
     """The size of a tensor's values, wherever they are stored."""
     count = int(np.prod(tensor.dims, dtype=np.int64))
@@ -85,10 +93,9 @@ def calibration_groups(layers: list[DenseLayer], max_memory: int | None, model_b
         needed = model_bytes + solving + view_bytes[largest]
         owner = views[largest][0].parent or views[largest][0].name
         raise OptionError(
-            f"{{max_memory}} {budget / GB:.2f} GB is too small: the model's weights take "
-            f"{model_bytes / GB:.2f} GB, solving its largest layer {solving / GB:.2f} GB, and the input "
-            f"statistics of layer '{owner}' alone {view_bytes[largest] / GB:.2f} GB; give at least "
-            f"{needed / GB:.2f} GB", "max_memory")
+            f"{{max_memory}} {readable(budget)} is too small: the model's weights take {readable(model_bytes)}, "
+            f"solving its largest layer {readable(solving)}, and the input statistics of layer '{owner}' alone "
+            f"{readable(view_bytes[largest])}; give at least {readable(needed)}", "max_memory")
     groups: list[list[DenseLayer]] = []
     held = room + 1  # start a new group at the first view
     for key, members in views.items():

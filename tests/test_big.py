@@ -123,7 +123,7 @@ def test_a_budget_too_small_for_one_layer_is_a_clear_error(tmp_path):
         onnx_qubo.quantize(path, tmp_path / "out.onnx", max_memory=1e-6)
     result = CliRunner().invoke(main, ["quantize", str(path), str(tmp_path / "out.onnx"), "--max-memory", "0.000001"])
     assert result.exit_code == 1
-    assert "--max-memory 0.00 GB is too small" in result.output
+    assert "--max-memory 1 KB is too small" in result.output
     assert not (tmp_path / "out.onnx").exists()
 
 
