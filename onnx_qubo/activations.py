@@ -38,23 +38,23 @@ def input_quantizers(model: onnx.ModelProto, layers: list[DenseLayer], dataset: 
 def _min_max(model: onnx.ModelProto, widths: dict[str, int], dataset: Dataset,
              progress: Progress) -> dict[str, tuple[float, float]]:
     lo, hi = dict.fromkeys(widths, np.inf), dict.fromkeys(widths, -np.inf)
-    with progress.bar(len(dataset.batches), "input ranges") as bar:
-        for inputs in stream_inputs(model, widths, dataset, "the float model"):
+    with progress.bar(dataset.num_samples, "input ranges") as bar:
+        for samples, inputs in stream_inputs(model, widths, dataset, "the float model"):
             for name, x in inputs.items():
                 if x.size:  # empty: an If branch that did not run on this batch
                     lo[name], hi[name] = min(lo[name], float(x.min())), max(hi[name], float(x.max()))
-            bar.update(1)
+            bar.update(samples)
     return {name: (lo[name], hi[name]) for name in widths if lo[name] <= hi[name]}  # a tensor never seen: none
 
 
 def _percentiles(model: onnx.ModelProto, widths: dict[str, int], dataset: Dataset,
                  ranges: dict[str, tuple[float, float]], progress: Progress) -> dict[str, tuple[float, float]]:
     counts = {name: np.zeros(HISTOGRAM_BINS, dtype=np.int64) for name in ranges}
-    with progress.bar(len(dataset.batches), "input histograms") as bar:
-        for inputs in stream_inputs(model, ranges, dataset, "the float model"):
+    with progress.bar(dataset.num_samples, "input histograms") as bar:
+        for samples, inputs in stream_inputs(model, ranges, dataset, "the float model"):
             for name, x in inputs.items():
                 counts[name] += np.histogram(x, HISTOGRAM_BINS, ranges[name])[0]
-            bar.update(1)
+            bar.update(samples)
     result = {}
     for name, (lo, hi) in ranges.items():
         edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1)

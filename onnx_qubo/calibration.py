@@ -29,29 +29,53 @@ from .runtime import NONE, make_session
 from .subgraphs import expose
 from .types import DenseLayer, InputStatistics
 
+CAPTURE_BYTES = 256 * 2 ** 20  # captured layer inputs one calibration run may hold
+PROBE_SAMPLES = 8  # the first run's samples, from which the pieces are sized
+
 
 def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset,
-                  what: str) -> Iterator[dict[str, np.ndarray]]:
-    """Per batch of ``dataset``, each named tensor of ``model`` as onnxruntime gives it; a tensor
-    inside a Loop/Scan body with the rows of every iteration, one inside an If branch empty when
-    the branch did not run (subgraphs.expose)."""
+                  what: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Per batch of ``dataset`` (or piece of one), its number of samples and each named tensor of
+    ``model`` as onnxruntime gives it; a tensor inside a Loop/Scan body with the rows of every
+    iteration, one inside an If branch empty when the branch did not run (subgraphs.expose).
+
+    A run holds every captured tensor of its samples at once (a CNN's feature maps: gigabytes
+    for a batch of 256 images), so batches are run in pieces whose captured tensors stay within
+    CAPTURE_BYTES, sized from a first run of PROBE_SAMPLES samples (when the data allows, and the
+    graph runs on that many: a constant state may fix the batch size without the inputs saying so)."""
     names = list(dict.fromkeys(names))
     fed = set(dataset.batches[0])  # graph inputs: read from the feed, not captured
     captured = [name for name in names if name not in fed]
     exposed_model, exposed = expose(model, captured)
     session = make_session(exposed_model, NONE, f"{what} with layer inputs exposed", lean=True)
     outputs = [exposed[name].output for name in captured]
+    size = None if captured and dataset.splittable else 0  # samples per run; 0: whole batches
     for batch in dataset.batches:
-        values = session.run(outputs, batch) if captured else []
-        found = {name: exposed[name].rows(value) for name, value in zip(captured, values)}
-        inputs = {}
-        for name in names:
-            x = batch[name] if name in batch else found[name]
-            if not np.isfinite(x).all():
-                raise DataError(f"the input '{name}' of a dense layer holds NaN or Inf in {what} "
-                                f"on the calibration data ({dataset.origin})")
-            inputs[name] = x
-        yield inputs
+        count, start = dataset.samples(batch), 0
+        while start < count:
+            stop = count if size == 0 else min(count, start + (size or PROBE_SAMPLES))
+            piece = batch if (start, stop) == (0, count) else dataset.piece(batch, start, stop)
+            if size is None:
+                try:
+                    values = session.run(outputs, piece)
+                except Exception:  # a batch size the graph fixes elsewhere (a constant initial state): whole batches
+                    size, stop, piece = 0, count, batch
+                    values = session.run(outputs, piece)
+                else:
+                    per_sample = sum(value.nbytes for value in values) / (stop - start)
+                    size = max(1, int(CAPTURE_BYTES // max(per_sample, 1.0)))
+            else:
+                values = session.run(outputs, piece) if captured else []
+            found = {name: exposed[name].rows(value) for name, value in zip(captured, values)}
+            inputs = {}
+            for name in names:
+                x = piece[name] if name in piece else found[name]
+                if not np.isfinite(x).all():
+                    raise DataError(f"the input '{name}' of a dense layer holds NaN or Inf in {what} "
+                                    f"on the calibration data ({dataset.origin})")
+                inputs[name] = x
+            yield stop - start, inputs
+            start = stop
 
 
 class Accumulator(Protocol):
@@ -149,9 +173,9 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
     streams = [stream_inputs(expose_outputs(model, layers), tensors, dataset, "the float model")]
     if deployed is not None:
         streams.append(stream_inputs(expose_outputs(deployed, layers), tensors, dataset, "the partly quantized model"))
-    with progress.bar(len(dataset.batches), "calibrating") as bar:
-        for batches in zip(*streams):
-            floats, seen = batches[0], batches[-1]
+    with progress.bar(dataset.num_samples, "calibrating") as bar:
+        for pieces in zip(*streams):
+            (samples, floats), (_, seen) = pieces[0], pieces[-1]
             for key, layer in views.items():
                 name = layer.input_name
                 x = floats[name]
@@ -160,7 +184,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
                     x_seen = layer.cell.gate_inputs(x_seen, seen) if mismatch else None
                     x = layer.cell.gate_inputs(x, floats)
                 sums[key].update(x, x_seen if mismatch else None)
-            bar.update(1)
+            bar.update(samples)
     return {layer.statistics_key: sums[layer.source_key].statistics(layer.group) for layer in layers}
 
 

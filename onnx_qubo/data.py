@@ -43,6 +43,7 @@ class Dataset:
     labels: np.ndarray | None
     origin: str  # where it came from, for messages and reports
     axes: dict[str, int | None] = field(default_factory=dict)
+    splittable: bool = True  # a batch may be run in pieces (False: a fixed batch size, or a reader's batches)
 
     def samples(self, batch: dict[str, np.ndarray]) -> int:
         """How many samples ``batch`` holds (read off its first input that has a batch axis)."""
@@ -54,7 +55,11 @@ class Dataset:
 
     def head(self, batch: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
         """The first ``count`` samples of ``batch``; inputs fed whole stay whole."""
-        return {name: _take(array, self.axes.get(name, 0), 0, count) for name, array in batch.items()}
+        return self.piece(batch, 0, count)
+
+    def piece(self, batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+        """Samples ``start:stop`` of ``batch``; inputs fed whole stay whole."""
+        return {name: _take(array, self.axes.get(name, 0), start, stop) for name, array in batch.items()}
 
     @property
     def num_samples(self) -> int:
@@ -169,7 +174,7 @@ def load_dataset(source: Any, model: onnx.ModelProto, batch_size: int = 256) -> 
         count, labels = used, None if labels is None else labels[:used]
     batches = [{name: _take(a, axes[name], start, start + step) for name, a in feed.items()}
                for start in range(0, count, step)]
-    return Dataset(batches, labels, origin, axes)
+    return Dataset(batches, labels, origin, axes, splittable=fixed is None)
 
 
 def _take(array: np.ndarray, axis: int | None, start: int, stop: int) -> np.ndarray:
@@ -218,7 +223,7 @@ def _from_reader(reader, specs: list[InputSpec]) -> Dataset:
         batches.append(_check_feed(feed, specs, axes, f"CalibrationDataReader batch {i}", whole=False)[0])
     if not batches:
         raise DataError("the CalibrationDataReader returned no data")
-    return Dataset(batches, None, type(reader).__name__, axes)
+    return Dataset(batches, None, type(reader).__name__, axes, splittable=False)
 
 
 def _check_feed(arrays: dict[str, Any], specs: list[InputSpec], axes: dict[str, int | None], origin: str,

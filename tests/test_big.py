@@ -131,3 +131,29 @@ def test_a_budget_too_small_for_one_layer_is_a_clear_error(tmp_path):
 def test_max_memory_must_be_a_positive_number(tmp_path, value):
     with pytest.raises(OptionError, match="max_memory must be a positive number of GB"):
         onnx_qubo.quantize(mlp_model(), tmp_path / "out.onnx", calibration={"x": X}, max_memory=value)
+
+
+def test_batches_run_in_pieces_give_the_same_statistics(monkeypatch):
+    """Captured tensors past CAPTURE_BYTES: each batch runs in pieces of fewer samples, and the
+    sums are those of whole batches (up to float rounding)."""
+    from onnx_qubo import calibration
+
+    model = mlp_model(widths=(8, 16, 4))
+    layers, _ = find_layers(model)
+    dataset = load_dataset({"x": X}, model, batch_size=32)
+    whole = calibration.collect_statistics(model, layers, dataset, Progress())
+    seen = []
+    original = calibration.stream_inputs
+
+    def counting(*args, **kwargs):
+        for samples, inputs in original(*args, **kwargs):
+            seen.append(samples)
+            yield samples, inputs
+
+    monkeypatch.setattr(calibration, "CAPTURE_BYTES", 16 * 4 * 3)  # three samples of the 16-wide hidden layer
+    monkeypatch.setattr(calibration, "stream_inputs", counting)
+    pieces = calibration.collect_statistics(model, layers, dataset, Progress())
+    assert seen[0] == calibration.PROBE_SAMPLES and set(seen[1:]) <= {3, 2, 1} and sum(seen) == len(X)
+    for key, statistics in whole.items():
+        assert pieces[key].count == statistics.count == len(X)
+        np.testing.assert_allclose(pieces[key].gram, statistics.gram, rtol=1e-12, atol=1e-12)
