@@ -82,7 +82,8 @@ def run_scores(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, datase
                              "so batches cannot be joined; evaluate all samples in one batch (batch_size)")
         width = widths.pop()
         outputs = [output.reshape(-1, width) for output in outputs]
-    return np.concatenate(outputs).astype(np.float64)
+    joined = np.concatenate(outputs)  # kept in the output's type (float32: half the memory of float64)
+    return joined.astype(np.promote_types(joined.dtype, np.float32), copy=False)
 
 
 def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: Progress,
@@ -94,12 +95,18 @@ def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: P
     data, name = reference.dataset, reference.output
     y_float = reference.scores
     y_quant = run_scores(quantized_model, DEFAULT, data, name, progress, "quantized model")
-    y_basic, y_plain = y_quant, y_quant
-    if check_levels:
-        y_basic = run_scores(quantized_model, BASIC, data, name, progress, "quantized model (basic)")
+    default_matches_basic, default_vs_basic, default_vs_plain, basic_vs_plain = True, 0.0, 0.0, 0.0
+    pred_float, pred_quant = y_float.argmax(axis=-1), y_quant.argmax(axis=-1)
+    if check_levels:  # one more output held at a time
         y_plain = run_scores(quantized_model if portable is None else portable, NONE, data, name, progress,
                              "portable model (no optimization)")
-    pred_float, pred_quant = y_float.argmax(axis=-1), y_quant.argmax(axis=-1)
+        default_vs_plain = _relative(y_quant, y_plain)
+        y_basic = run_scores(quantized_model, BASIC, data, name, progress, "quantized model (basic)")
+        basic_vs_plain = _relative(y_basic, y_plain)
+        del y_plain
+        default_matches_basic = bool((y_basic.argmax(axis=-1) == pred_quant).all())
+        default_vs_basic = _max_abs(y_basic, y_quant)
+        del y_basic
     labels, has_labels = data.labels, reference.has_labels
     return Evaluation(
         data=data.origin,
@@ -108,23 +115,39 @@ def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: P
         float_accuracy=float((pred_float == labels).mean()) if has_labels else None,
         quantized_accuracy=float((pred_quant == labels).mean()) if has_labels else None,
         top1_agreement=float((pred_float == pred_quant).mean()),
-        relative_output_error=float(np.linalg.norm(y_quant - y_float) / max(np.linalg.norm(y_float), 1e-30)),
-        default_matches_basic=bool((y_basic.argmax(axis=-1) == pred_quant).all()),
-        default_vs_basic_max_diff=float(np.abs(y_basic - y_quant).max()),
-        default_vs_unoptimized=_relative(y_quant, y_plain),
-        basic_vs_unoptimized=_relative(y_basic, y_plain),
+        relative_output_error=_relative(y_quant, y_float),
+        default_matches_basic=default_matches_basic,
+        default_vs_basic_max_diff=default_vs_basic,
+        default_vs_unoptimized=default_vs_plain,
+        basic_vs_unoptimized=basic_vs_plain,
         mean_cosine=_mean_cosine(y_float, y_quant),
-        max_abs_error=float(np.abs(y_quant - y_float).max()),
+        max_abs_error=_max_abs(y_quant, y_float),
         decision_flips=_decision_flips(y_float, y_quant),
     )
+
+
+ROWS_PER_CHUNK = 1024  # the measures run over this many rows at a time, in float64
+
+
+def _chunks(y: np.ndarray) -> list[slice]:
+    return [slice(start, start + ROWS_PER_CHUNK) for start in range(0, max(len(y), 1), ROWS_PER_CHUNK)]
 
 
 def _mean_cosine(y_float: np.ndarray, y_quant: np.ndarray) -> float:
     """Mean over rows of the cosine between the two models' outputs: the fidelity of embeddings,
     which top-1 agreement says nothing about."""
-    rows_float, rows_quant = y_float.reshape(len(y_float), -1), y_quant.reshape(len(y_quant), -1)
-    norms = np.linalg.norm(rows_float, axis=1) * np.linalg.norm(rows_quant, axis=1)
-    return float((np.einsum("ij,ij->i", rows_float, rows_quant) / np.maximum(norms, 1e-30)).mean())
+    cosines = []
+    for rows in _chunks(y_float):
+        a = y_float[rows].reshape(len(y_float[rows]), -1).astype(np.float64)
+        b = y_quant[rows].reshape(len(y_quant[rows]), -1).astype(np.float64)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cosines.append(np.einsum("ij,ij->i", a, b) / np.maximum(norms, 1e-30))
+    return float(np.concatenate(cosines).mean())
+
+
+def _max_abs(y: np.ndarray, reference: np.ndarray) -> float:
+    """max |y - reference| (NaN when either holds one)."""
+    return float(np.max([np.abs(y[rows].astype(np.float64) - reference[rows]).max(initial=0.0) for rows in _chunks(y)]))
 
 
 def _decision_flips(y_float: np.ndarray, y_quant: np.ndarray) -> float | None:
@@ -136,9 +159,14 @@ def _decision_flips(y_float: np.ndarray, y_quant: np.ndarray) -> float | None:
 
 
 def _relative(y: np.ndarray, reference: np.ndarray) -> float:
-    """||y - reference|| / ||reference||: robust to the odd input code that float rounding moves
-    across a quantization step between two correct kernels."""
-    return float(np.linalg.norm(y - reference) / max(float(np.linalg.norm(reference)), 1e-30))
+    """||y - reference|| / ||reference|| (in float64, a chunk of rows at a time): robust to the odd
+    input code that float rounding moves across a quantization step between two correct kernels."""
+    error = total = 0.0
+    for rows in _chunks(y):
+        a, b = y[rows].astype(np.float64), reference[rows].astype(np.float64)
+        error += float(np.sum((a - b) ** 2))
+        total += float(np.sum(b ** 2))
+    return float(np.sqrt(error) / max(np.sqrt(total), 1e-30))
 
 
 def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, dataset: Dataset) -> Speed:
