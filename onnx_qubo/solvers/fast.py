@@ -100,7 +100,9 @@ class FastSolver:
         replicas = plan.replicas
         if replicas > 1 and (first_chunk or n != layer_rows):
             raise ValueError("a layer searched in replicas is solved whole")
-        upper = feedback_factor(gram) if upper is None else upper
+        # float32 for the start and the descent's first stage: they guide the search, and the
+        # float64 stage that ends it decides
+        rough_upper = (feedback_factor(gram) if upper is None else upper).astype(np.float32)
         rough_gram = gram.astype(np.float32)
         step, frac, free, cross = (np.broadcast_to(part.step, (n, f)), part.rounding.frac,
                                    part.rounding.free, part.cross)
@@ -119,13 +121,14 @@ class FastSolver:
         def solve_chunk(index: int) -> None:
             k, rows = chunks[index]
             terms = _Terms(gram, rough_gram, step[rows], frac[rows], free[rows], cross[rows])
-            state = best_start(terms, upper)
+            state, nearest, nearest_energy = best_start(terms, rough_upper)
             state.descend(self.pair_candidates)
             if plan.tabu_steps >= MIN_TABU_STEPS:
                 rng = np.random.default_rng([seed, k])
                 state.reset(tabu_search(state, plan.tabu_steps, self.tabu_rounds, rng, self.tabu_patience))
                 state.descend(self.pair_candidates)
-            choice[rows] = state.v
+            # never worse than round-to-nearest, exactly (the start was chosen in float32)
+            choice[rows] = np.where((state.energy <= nearest_energy)[:, None], state.v, nearest)
 
         with progress.bar(n, "fast") as bar, ThreadPoolExecutor(self.workers) as pool:
             for index, _ in enumerate(pool.map(solve_chunk, range(len(chunks)))):
@@ -209,21 +212,23 @@ class _Terms:
 
 def sequential_start(terms: _Terms, upper: np.ndarray, block: int = 128, inner: int = 16) -> np.ndarray:
     """Round variables in input order, each to floor or ceiling, feeding its error forward
-    (GPTQ's lazy-batch update restricted to the binary choice), in output units. The target
-    is the unconstrained optimum ``e = -c H^-1``, i.e. ``p v = p u + c H^-1``.
+    (GPTQ's lazy-batch update restricted to the binary choice), in output units, in the
+    precision of ``upper``. The target is the unconstrained optimum ``e = -c H^-1``, i.e.
+    ``p v = p u + c H^-1``.
 
     Two levels of lazy batches: the error of a variable reaches the rest of its ``inner`` run
     at once, that run's errors the rest of its ``block`` in one product, the block's the
     remaining inputs in one more. A block is worked on transposed (a variable's values over
     the neurons are then contiguous)."""
-    target = terms.step * terms.frac
+    target = (terms.step * terms.frac).astype(upper.dtype)
     if terms.cross.any():
-        target += (terms.cross @ upper.T) @ upper
+        target += (terms.cross.astype(upper.dtype) @ upper.T) @ upper
     n, f = target.shape
     v = np.zeros((n, f), dtype=bool)
     for b0 in range(0, f, block):
         b1 = min(b0 + block, f)
-        local, step, free = (a[:, b0:b1].T.copy() for a in (target, terms.step, terms.free))
+        local, step, free = (a[:, b0:b1].T.astype(dtype, order="C") for a, dtype in
+                             ((target, upper.dtype), (terms.step, upper.dtype), (terms.free, bool)))
         chosen, errors = np.zeros(local.shape, dtype=bool), np.empty_like(local)
         diagonal = upper[b0:b1, b0:b1]
         for i0 in range(0, b1 - b0, inner):
@@ -238,15 +243,20 @@ def sequential_start(terms: _Terms, upper: np.ndarray, block: int = 128, inner: 
     return v
 
 
-def best_start(terms: _Terms, upper: np.ndarray) -> _State:
+def best_start(terms: _Terms, upper: np.ndarray) -> tuple[_State, np.ndarray, np.ndarray]:
     """Per neuron, the better of sequential rounding and round-to-nearest, as a search state
-    (which reuses the two ``e G`` products of the comparison)."""
-    starts = [sequential_start(terms, upper), terms.free & (terms.frac >= 0.5)]
-    errors = [terms.step * (terms.frac - v) for v in starts]
-    products = [e @ terms.gram for e in errors]
-    sequential, nearest = (np.einsum("if,if->i", p + 2.0 * terms.cross, e) for p, e in zip(products, errors))
-    better = (sequential < nearest)[:, None]
-    return _State(terms, np.where(better, *starts), np.where(better, *products))
+    (which reuses the two ``e G`` products of the comparison); and round-to-nearest's choice
+    with its exact energies. The sequential start is rounded and compared in float32."""
+    sequential, nearest = sequential_start(terms, upper), terms.free & (terms.frac >= 0.5)
+    rough_error = (terms.step * (terms.frac - sequential)).astype(np.float32)
+    rough_product = rough_error @ terms.rough_gram
+    rough_energy = np.einsum("if,if->i", rough_product + 2.0 * terms.cross.astype(np.float32), rough_error)
+    error = terms.step * (terms.frac - nearest)
+    product = error @ terms.gram
+    nearest_energy = np.einsum("if,if->i", product + 2.0 * terms.cross, error)
+    better = (rough_energy < nearest_energy)[:, None]
+    return (_State(terms, np.where(better, sequential, nearest), np.where(better, rough_product, product)),
+            nearest, nearest_energy)
 
 
 class _State:
@@ -330,9 +340,9 @@ class _State:
         """Best single flip per neuron until none improves, then its best pair; until stuck.
 
         First in float32 (``rough``), then from the exact residual in float64: the result is a
-        float64 local minimum, as good as the float64 descent alone, in about half the time. A
-        neuron whose float32 moves (exact only to float32's precision) left it above its
-        energy on entry restarts from its entry state, so that descending never loses.
+        float64 local minimum, as good as the float64 descent alone, in about half the time
+        (the float32 stage's moves are improvements up to float32's precision; the float64
+        stage's exactly).
 
         Neurons descend independently, so they go in blocks of about ``DESCENT_ELEMENTS``
         variables: a step's arrays then stay in the core's cache (several times faster per
@@ -340,7 +350,6 @@ class _State:
         neuron. The moves, and so the result, are those of the whole chunk at once."""
         size = max(1, DESCENT_ELEMENTS // max(self.sign.shape[1], 1))
         blocks = [slice(start, start + size) for start in range(0, len(self.sign), size)]
-        entry, entry_energy = self.v, self.energy.copy()
         for rows in blocks:
             part = self.block(rows)
             rough = part.rough()
@@ -349,9 +358,6 @@ class _State:
             part.sign[moved] *= -1.0
             part.signed_step[moved] *= -1.0
         self.reset(self.v)
-        worse = self.energy > entry_energy
-        if worse.any():
-            self.reset(np.where(worse[:, None], entry, self.v))
         for rows in blocks:
             self.block(rows)._descend_block(pair_candidates)
 
@@ -390,25 +396,25 @@ class _State:
         return part
 
     def _pair_step(self, rows, gain, k) -> np.ndarray:
-        """Apply each neuron's best improving pair among its k best single flips."""
+        """Apply each neuron's best improving pair among its k best single flips (each pair
+        once: reading G's entries at random is most of a step's cost)."""
         k = min(k, gain.shape[1])
         if k < 2:
             return np.zeros(len(rows), dtype=bool)
         cand = np.argpartition(gain, k - 1, axis=1)[:, :k]
-        g = np.take_along_axis(gain, cand, axis=1)
-        d = np.take_along_axis(self.signed_step[rows], cand, axis=1)
-        pair = g[:, :, None] + g[:, None, :] + 2.0 * d[:, :, None] * d[:, None, :] * \
-            self.gram[cand[:, :, None], cand[:, None, :]]
-        pair[:, np.arange(k), np.arange(k)] = np.inf
-        flat = pair.reshape(len(rows), -1).argmin(axis=1)
-        a, b = np.divmod(flat, k)
-        idx = np.arange(len(rows))
-        total = pair[idx, a, b]
+        at = np.arange(len(rows))
+        g, d = gain[at[:, None], cand], self.signed_step[rows[:, None], cand]
+        first, second = np.triu_indices(k, 1)
+        pair = g[:, first] + g[:, second] + 2.0 * d[:, first] * d[:, second] * \
+            self.gram[cand[:, first], cand[:, second]]
+        best = pair.argmin(axis=1)
+        total = pair[at, best]
         moved = np.isfinite(total) & (total < -self.scale[rows])
-        ja, jb = cand[idx, a][moved], cand[idx, b][moved]
-        sel = rows[moved]
-        self.flip(sel, ja, g[idx, a][moved])
+        a, b = first[best][moved], second[best][moved]
+        sel, kept = rows[moved], at[moved]
+        self.flip(sel, cand[kept, a], g[kept, a])
         # the second flip's gain changed with the first: recompute it on the updated state
+        jb = cand[kept, b]
         self.flip(sel, jb, self.gain_of(sel, jb))
         return moved
 
