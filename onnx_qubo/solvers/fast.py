@@ -116,24 +116,29 @@ class FastSolver:
             chunks.append((k, slice(plan.chunks[k].start - origin, plan.chunks[k].stop - origin)))
         if chunks[-1][1].stop != n * replicas:
             raise ValueError(f"rows {origin}..{origin + n} of the layer do not end on a chunk boundary")
-        choice = np.zeros((n * replicas, f), dtype=bool)
-
-        def solve_chunk(index: int) -> None:
-            k, rows = chunks[index]
-            terms = _Terms(gram, rough_gram, step[rows], frac[rows], free[rows], cross[rows])
-            state, nearest, nearest_energy = best_start(terms, rough_upper)
-            state.descend(self.pair_candidates)
-            if plan.tabu_steps >= MIN_TABU_STEPS:
-                rng = np.random.default_rng([seed, k])
-                state.reset(tabu_search(state, plan.tabu_steps, self.tabu_rounds, rng, self.tabu_patience))
-                state.descend(self.pair_candidates)
-            # never worse than round-to-nearest, exactly (the start was chosen in float32)
-            choice[rows] = np.where((state.energy <= nearest_energy)[:, None], state.v, nearest)
-
+        terms = [_Terms(gram, rough_gram, step[rows], frac[rows], free[rows], cross[rows]) for _, rows in chunks]
+        pairs = self.pair_candidates
         with progress.bar(n, "fast") as bar, ThreadPoolExecutor(self.workers) as pool:
-            for index, _ in enumerate(pool.map(solve_chunk, range(len(chunks)))):
-                rows = chunks[index][1]
-                bar.update((rows.stop - rows.start) // replicas)
+            # The stages that are matrix products run here, one chunk at a time, and the moves
+            # on the chunk threads: BLAS's own threads spinning beside the chunk threads would
+            # starve them.
+            starts = [best_start(chunk, sequential_start(chunk, rough_upper)) for chunk in terms]
+            states = [state for state, _, _ in starts]
+            list(pool.map(lambda state: state.descend_rough(pairs), states))
+            for state in states:
+                state.reset(state.choice)
+            list(pool.map(lambda state: state.descend_exact(pairs), states))
+            if plan.tabu_steps >= MIN_TABU_STEPS:
+                def search(index: int) -> None:
+                    state, rng = states[index], np.random.default_rng([seed, chunks[index][0]])
+                    state.reset(tabu_search(state, plan.tabu_steps, self.tabu_rounds, rng, self.tabu_patience))
+                    state.descend(pairs)
+
+                list(pool.map(search, range(len(chunks))))
+            bar.update(n)
+        # never worse than round-to-nearest, exactly (the start was chosen in float32)
+        choice = np.concatenate([np.where((state.energy <= nearest_energy)[:, None], state.choice, nearest)
+                                 for state, nearest, nearest_energy in starts])
         if replicas == 1:
             return choice
         best = _Terms(gram, rough_gram, step, frac, free, cross).energies(choice).reshape(n, replicas).argmin(axis=1)
@@ -243,11 +248,11 @@ def sequential_start(terms: _Terms, upper: np.ndarray, block: int = 128, inner: 
     return v
 
 
-def best_start(terms: _Terms, upper: np.ndarray) -> tuple[_State, np.ndarray, np.ndarray]:
-    """Per neuron, the better of sequential rounding and round-to-nearest, as a search state
-    (which reuses the two ``e G`` products of the comparison); and round-to-nearest's choice
-    with its exact energies. The sequential start is rounded and compared in float32."""
-    sequential, nearest = sequential_start(terms, upper), terms.free & (terms.frac >= 0.5)
+def best_start(terms: _Terms, sequential: np.ndarray) -> tuple[_State, np.ndarray, np.ndarray]:
+    """Per neuron, the better of the ``sequential`` start and round-to-nearest, as a search
+    state (which reuses the two ``e G`` products of the comparison); and round-to-nearest's
+    choice with its exact energies. The sequential start is compared in float32."""
+    nearest = terms.free & (terms.frac >= 0.5)
     rough_error = (terms.step * (terms.frac - sequential)).astype(np.float32)
     rough_product = rough_error @ terms.rough_gram
     rough_energy = np.einsum("if,if->i", rough_product + 2.0 * terms.cross.astype(np.float32), rough_error)
@@ -260,39 +265,41 @@ def best_start(terms: _Terms, upper: np.ndarray) -> tuple[_State, np.ndarray, np
 
 
 class _State:
-    """Current choice of a chunk of neurons, as signs ``d = 1 - 2 v`` (the direction of each
-    variable's next flip), with half the energy change of each flip (``half``) and the energies.
+    """Current choice of a chunk of neurons (``choice``, with ``signed_step = d p``, where
+    ``d = 1 - 2 v`` is the direction of each variable's next flip), half the energy change of
+    each flip (``half``) and the energies.
 
     With ``r = G e + c``, flipping v_j changes E by ``2 h_j``, ``h_j = p_j^2 G_jj / 2 - d_j p_j r_j``
     (+inf where the variable is fixed). Flipping v_c moves r by ``-d_c p_c G[:, c]``, so every
     other h_j by ``d_j p_j d_c p_c G_jc``, and turns h_c into ``-h_c``: moves update the gains
     themselves, which saves recomputing them from r before every move."""
 
-    ARRAYS = ("step", "free", "half_cost", "sign", "signed_step", "half", "energy", "scale")
-    MOVED = ("sign", "signed_step", "half", "energy", "scale")  # what moves read
-    WRITTEN = ("sign", "signed_step", "half", "energy")  # and what they change
+    ARRAYS = ("step", "free", "choice", "signed_step", "half", "energy", "scale")
+    MOVED = ("choice", "signed_step", "half", "energy", "scale")  # what moves read
+    WRITTEN = ("choice", "signed_step", "half", "energy")  # and what they change
 
     def __init__(self, terms: _Terms, v: np.ndarray, product: np.ndarray | None = None):
         self.terms = terms
         self.gram, self.step, self.free = terms.gram, terms.step, terms.free
-        flip_cost = self.step ** 2 * np.diag(self.gram)  # p_j^2 G_jj
-        self.half_cost = np.where(self.free, 0.5 * flip_cost, np.inf)
         self.reset(v, product)
-        self.scale = (np.abs(self.energy) + flip_cost.max(axis=1, initial=0.0)) * TOLERANCE + 1e-300
+        flip_cost = np.max(self.step ** 2 * np.diag(self.gram), axis=1, initial=0.0)
+        self.scale = (np.abs(self.energy) + flip_cost) * TOLERANCE + 1e-300
 
     @property
     def v(self) -> np.ndarray:
-        return self.sign < 0
+        return self.choice.copy()
 
     def reset(self, v: np.ndarray, product: np.ndarray | None = None) -> None:
         """Move to choice v (``product``: its ``e G`` when already computed)."""
-        self.sign = 1.0 - 2.0 * v
-        self.signed_step = self.sign * self.step  # d p, kept beside sign: one pass less per move
-        e = self.step * (self.terms.frac - v)
+        step = self.step
+        self.choice = v.copy()
+        self.signed_step = np.where(v, -step, step)
+        e = step * (self.terms.frac - v)
         r = (e @ self.gram if product is None else product) + self.terms.cross
         self.energy = np.einsum("if,if->i", r + self.terms.cross, e)
         r *= self.signed_step
-        self.half = np.subtract(self.half_cost, r, out=r)
+        half_cost = np.where(self.free, 0.5 * step ** 2 * np.diag(self.gram), np.inf)
+        self.half = np.subtract(half_cost, r, out=half_cost)
 
     def block(self, rows: slice) -> _State:
         """The state of a contiguous run of neurons, as views: moves on it update this state."""
@@ -322,7 +329,7 @@ class _State:
             update *= self.signed_step[rows]
             self.half[rows] += update
         self.half[rows, cols] = -0.5 * gain
-        self.sign[rows, cols] *= -1.0
+        self.choice[rows, cols] ^= True
         self.signed_step[rows, cols] = -d_step
         self.energy[rows] += gain
 
@@ -330,42 +337,51 @@ class _State:
         """A float32 copy of this state (energies stay float64), with float32's tolerance."""
         part = object.__new__(_State)
         part.terms, part.gram = self.terms, self.terms.rough_gram
-        part.step, part.free, part.energy = self.step, self.free, self.energy.copy()
-        for name in ("sign", "signed_step", "half"):
-            setattr(part, name, getattr(self, name).astype(np.float32))
+        part.step, part.free, part.choice, part.energy = self.step, self.free, self.choice.copy(), self.energy.copy()
+        part.signed_step, part.half = self.signed_step.astype(np.float32), self.half.astype(np.float32)
         part.scale = self.scale * (ROUGH_TOLERANCE / TOLERANCE)
         return part
 
     def descend(self, pair_candidates: int) -> None:
         """Best single flip per neuron until none improves, then its best pair; until stuck.
 
-        First in float32 (``rough``), then from the exact residual in float64: the result is a
-        float64 local minimum, as good as the float64 descent alone, in about half the time
-        (the float32 stage's moves are improvements up to float32's precision; the float64
-        stage's exactly).
+        First in float32 (``descend_rough``), then from the exact residual in float64
+        (``descend_exact``): the result is a float64 local minimum, as good as the float64
+        descent alone, in about half the time (the float32 stage's moves are improvements up
+        to float32's precision; the float64 stage's exactly)."""
+        self.descend_rough(pair_candidates)
+        self.reset(self.choice)
+        self.descend_exact(pair_candidates)
+
+    def descend_rough(self, pair_candidates: int) -> None:
+        """The float32 descent: moves the choice only (``reset`` then makes the state exact).
 
         Neurons descend independently, so they go in blocks of about ``DESCENT_ELEMENTS``
         variables: a step's arrays then stay in the core's cache (several times faster per
         element than streaming a whole chunk from memory), and a block stops with its last
         neuron. The moves, and so the result, are those of the whole chunk at once."""
-        size = max(1, DESCENT_ELEMENTS // max(self.sign.shape[1], 1))
-        blocks = [slice(start, start + size) for start in range(0, len(self.sign), size)]
-        for rows in blocks:
+        for rows in self.blocks():
             part = self.block(rows)
             rough = part.rough()
             rough._descend_block(pair_candidates)
-            moved = rough.sign != part.sign
-            part.sign[moved] *= -1.0
+            moved = rough.choice != part.choice
+            part.choice[moved] ^= True
             part.signed_step[moved] *= -1.0
-        self.reset(self.v)
-        for rows in blocks:
+
+    def descend_exact(self, pair_candidates: int) -> None:
+        """The float64 descent, in the same blocks."""
+        for rows in self.blocks():
             self.block(rows)._descend_block(pair_candidates)
+
+    def blocks(self) -> list[slice]:
+        size = max(1, DESCENT_ELEMENTS // max(self.half.shape[1], 1))
+        return [slice(start, start + size) for start in range(0, len(self.half), size)]
 
     def _descend_block(self, pair_candidates: int) -> None:
         """Descend every neuron of this state until stuck. A neuron that stops leaves the
         working arrays (a compacted copy, its final state written back here), so that the
         moves of the others stay whole-array operations, without gathers and scatters."""
-        work, ids = self, np.arange(len(self.sign))
+        work, ids = self, np.arange(len(self.half))
         while len(ids):
             half = work.half
             rows = np.arange(len(ids))
@@ -431,11 +447,11 @@ def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random
     (about ``KICK_FLIPS`` at most: on wide neurons a larger kick only undoes the descent);
     after ``patience`` such rounds in a row it stops.
     """
-    n, f = state.sign.shape
+    n, f = state.half.shape
     free_count = state.free.sum(axis=1)
     max_tenure = np.clip(free_count, 1, 20)
     tabu_until = np.zeros((n, f), dtype=np.int64)
-    current, best_v, best_energy = state.v.copy(), state.v.copy(), state.energy.copy()
+    current, best_v, best_energy = state.v, state.v, state.energy.copy()
     idle_rounds = np.zeros(n, dtype=np.int64)
     active = np.arange(n)
     step = 0
@@ -459,9 +475,9 @@ def tabu_search(state: _State, steps_per_round: int, rounds: int, rng: np.random
             if better.any():
                 improved |= better
                 sub_best[better] = sub.energy[better]
-                best_v[active[better]] = sub.sign[better] < 0
+                best_v[active[better]] = sub.choice[better]
         best_energy[active], tabu_until[active] = sub_best, sub_tabu
-        current[active] = sub.v
+        current[active] = sub.choice
         idle_rounds[active] = np.where(improved, 0, idle_rounds[active] + 1)
         stalled = active[~improved]
         kick_rate = np.minimum(0.2, KICK_FLIPS / np.maximum(free_count[stalled], 1))[:, None]
