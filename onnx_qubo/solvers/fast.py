@@ -242,7 +242,7 @@ def sequential_start(terms: _Terms, upper: np.ndarray, block: int = 128, inner: 
                 chosen[j] = free[j] & (local[j] / step[j] >= 0.5)
                 errors[j] = (local[j] - step[j] * chosen[j]) / diagonal[j, j]
                 local[j + 1:i1] -= np.outer(diagonal[j, j + 1:i1], errors[j])
-            local[i1:] -= diagonal[i0:i1, i1:].T @ errors[i0:i1]
+            local[i1:] -= np.einsum("ir,in->rn", diagonal[i0:i1, i1:], errors[i0:i1])  # no BLAS call: see below
         v[:, b0:b1] = chosen.T
         target[:, b1:] -= errors.T @ upper[b0:b1, b1:]
     return v
