@@ -6,8 +6,8 @@ see qubo.py; the constant offset does not change the minimizer). Three stages, a
 over neurons:
 
 1. Start: sequential rounding with error feedback (GPTQ's Cholesky form of the nearest-plane
-   algorithm), each weight restricted to its floor or ceiling; kept per neuron where it beats
-   round-to-nearest.
+   algorithm), each weight restricted to its floor or ceiling, in float32; kept per neuron
+   where it beats round-to-nearest (and the final choice is never worse than it, exactly).
 2. Descent: best-improvement single flips; when none pays, the best pair among each neuron's
    most promising flips. A move costs a row of G read from memory and a few passes over the
    neuron's variables, so the bulk of the moves is made in float32 (half the bytes); then the
@@ -19,6 +19,11 @@ over neurons:
 
 For ``r = G e + c``, flipping v_j by d = 1 - 2 v_j changes E by ``p_j^2 G_jj - 2 d p_j r_j`` and
 r by ``-d p_j G[:, j]``: a move costs O(m) per neuron, a step over all neurons O(n m).
+
+The matrix products (starts, exact residuals) run on the calling thread, one chunk at a time,
+and the moves on ``workers`` threads: BLAS's own threads, spinning beside the chunk threads on
+a busy machine, would starve them (and small multithreaded products are slow there: the
+start's inner batches use einsum, which does not call BLAS).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ MIN_ROWS_PER_WORKER = 32  # below this, a thread's overhead outweighs its share 
 CHUNK_SPLIT = 2  # a layer is cut in (at least) 2 chunks, whatever the machine: results do not depend on it
 REPLICA_ELEMENTS, MAX_REPLICAS = 1 << 14, 8  # layers under 2^14 weights are searched in replicas
 KICK_FLIPS = 8  # a restart flips a fifth of a neuron's free weights, but about 8 at most
-DESCENT_ELEMENTS = 1 << 16  # variables per descent block: a step's float64 arrays fit in a core's L2 cache
+DESCENT_ELEMENTS = 1 << 16  # variables per descent block: a step's arrays fit in a core's L2 cache
 
 
 class FastSolver:
@@ -49,7 +54,8 @@ class FastSolver:
     Neurons are solved in chunks (at most ``chunk_bytes`` of working memory each, and
     ``CHUNK_SPLIT`` chunks once there are ``MIN_ROWS_PER_WORKER`` neurons per chunk), in
     ``workers`` parallel threads: numpy releases the GIL in its array loops, so the element-wise
-    work of the descent and the tabu search uses every core, not only the BLAS calls. Chunk k
+    work of the descent and the tabu search uses every core (the matrix products run on the
+    calling thread, one chunk at a time: see the module's docstring). Chunk k
     draws its random numbers from ``default_rng([seed, k])`` and the chunks do not depend on
     ``workers``, so results depend on neither timing nor the machine; ``split`` and
     ``solve_part`` solve runs of chunks apart (onnx_qubo/workers.py) with the same result.
@@ -242,7 +248,7 @@ def sequential_start(terms: _Terms, upper: np.ndarray, block: int = 128, inner: 
                 chosen[j] = free[j] & (local[j] / step[j] >= 0.5)
                 errors[j] = (local[j] - step[j] * chosen[j]) / diagonal[j, j]
                 local[j + 1:i1] -= np.outer(diagonal[j, j + 1:i1], errors[j])
-            local[i1:] -= np.einsum("ir,in->rn", diagonal[i0:i1, i1:], errors[i0:i1])  # no BLAS call: see below
+            local[i1:] -= np.einsum("ir,in->rn", diagonal[i0:i1, i1:], errors[i0:i1])  # no BLAS call
         v[:, b0:b1] = chosen.T
         target[:, b1:] -= errors.T @ upper[b0:b1, b1:]
     return v
