@@ -11,9 +11,11 @@ from typing import Any, Mapping, Sequence
 import onnx
 
 from . import workers as distributed
+from .autoscheme import quantize_auto
 from .choice import parse_choice
 from .compare import Comparison
 from .compare import compare as run_comparison
+from .contribution import Sensitivity, measure
 from .data import Dataset, load_dataset
 from .errors import OptionError, OutputError
 from .files import (
@@ -27,6 +29,7 @@ from .files import (
 )
 from .options import QuantizeOptions, ScaleMethod, check_bits, check_integer, solver_for
 from .pipeline import calibrate, prepare, quantize_model
+from .plan import make_plan
 from .progress import Progress
 from .report import Report
 from .solvers import Solver
@@ -45,7 +48,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              activations: str = "none", activation_range: str = "minmax", sequential: bool = False,
              format: str = "qdq", ort_accuracy_level: int = 0, lower_bound: bool = False, workers: int = 1,
              ray_address: str | None = None, external_data: bool = False, speed: bool = True,
-             progress: bool = False) -> Report:
+             progress: bool = False, auto_scheme: bool = False, size_budget: float | None = None,
+             max_error: float | None = None) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -76,6 +80,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     ``external_data``: write the tensors to ``<output>.data`` beside the model (always done when
     the model would pass protobuf's 2 GB limit). ``speed``:
     time the float and the quantized model (batch 1 and one evaluation batch) for the report.
+    Automatic per-layer choices, from each layer's model-output error measured alone on the
+    calibration data (autoscheme.py; costs one solve per scheme tried and one onnxruntime run of
+    the calibration data per layer and scheme): ``auto_scheme`` tries per channel and blocks of
+    32, symmetric and asymmetric, per layer; ``size_budget`` (MB, the whole model) keeps the
+    layers that damage the output most per byte at 8 bits or float while the model fits;
+    ``max_error`` does so until the estimated relative output error is reached.
     Raises a ``QuboInputError`` (errors.py: ``ModelError``, ``DataError``, ``OptionError``,
     ``OutputError``) on bad input, before any output is written; the input model is never modified.
     """
@@ -86,7 +96,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         sequential=sequential, bias_correction=bias_correction, layer_bits=dict(layer_bits or {}),
         exclude=tuple(exclude), dump_dir=None if dump_qubo is None else Path(dump_qubo),
         solution_dir=None if load_solution is None else Path(load_solution), format=format,
-        ort_accuracy_level=ort_accuracy_level, lower_bound=lower_bound, workers=workers, ray_address=ray_address)
+        ort_accuracy_level=ort_accuracy_level, lower_bound=lower_bound, workers=workers, ray_address=ray_address,
+        auto_scheme=auto_scheme, size_budget=size_budget, max_error=max_error)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     reads = inputs_read(model, calibration, evaluation)  # never written: the model, its data, the data files
     output_path = writable_path(output_path, reads=reads, what="output")
@@ -105,7 +116,13 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         distributed.connect(options.ray_address)
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
-    result = quantize_model(float_model, calib_data, options, bar)
+    input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else Path(model).stat().st_size
+    if options.automatic:
+        calibrated = calibrate(float_model, calib_data, bar, options.exclude, options.activations,
+                               options.activation_range)
+        result = quantize_auto(calibrated, options, bar, input_bytes=input_bytes)
+    else:
+        result = quantize_model(float_model, calib_data, options, bar)
     quantized = result.model
     evaluation = evaluate(reference_scores(float_model, eval_data, bar), quantized, bar, portable=result.reference)
     timing = measure_speed(float_model, quantized, eval_data) if speed else None
@@ -118,7 +135,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=result.layers,
         skipped=result.skipped,
         evaluation=evaluation, speed=timing,
-        input_bytes=model.ByteSize() if isinstance(model, onnx.ModelProto) else Path(model).stat().st_size,
+        input_bytes=input_bytes,
         output_bytes=sum(path.stat().st_size for path in written),
         seconds=time.perf_counter() - started, scheme=options.describe(), notes=result.notes)
     if report_path is not None:
@@ -150,6 +167,31 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
     reference = reference_scores(float_model, eval_data, bar)
     name = input_path.name if input_path else float_model.graph.name
     return run_comparison(calibrated, reference, bits, scale_methods, chosen, samples, seed, bar, name, scheme)
+
+
+def sensitivity(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = None, evaluation: Any = None,
+                bits: int = 4, scale: str = "mse", solver: str | Solver = "fast", seed: int = 0,
+                batch_size: int = 256, exclude: Sequence[str] = (), granularity: str = "channel",
+                block_size: int = 0, symmetric: bool = True, bias: str = "float", activations: str = "none",
+                activation_range: str = "minmax", progress: bool = False) -> Sensitivity:
+    """Each layer's contribution to the model's output error: the float model with only that
+    layer quantized (the integers ``quantize`` would write with these options), run in
+    onnxruntime on the evaluation data (the calibration data if none). Costs one solve of
+    every layer and one onnxruntime run of the data per layer; nothing is written."""
+    options = QuantizeOptions.parse(bits=bits, scale=scale, solver=solver, seed=seed, granularity=granularity,
+                                    block_size=block_size, symmetric=symmetric, bias=bias, activations=activations,
+                                    activation_range=activation_range, exclude=tuple(exclude))
+    input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
+    bar = Progress(enabled=progress)
+    started = time.perf_counter()
+    calibrated = calibrate(float_model, calib_data, bar, options.exclude, options.activations,
+                           options.activation_range)
+    reference = reference_scores(float_model, eval_data, bar)
+    measured = measure(calibrated, make_plan(options, calibrated.layers), reference, bar)
+    return Sensitivity(input_path.name if input_path else float_model.graph.name, options.bits, options.describe(),
+                       eval_data.origin, eval_data.num_samples, measured.sensitivities,
+                       time.perf_counter() - started)
 
 
 def _load_inputs(model: str | os.PathLike | onnx.ModelProto, input_path: Path | None, calibration: Any,
