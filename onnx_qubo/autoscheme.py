@@ -2,7 +2,8 @@
 or in float, from the model's output error each one causes alone (contribution.py).
 
 Candidates per layer: the requested scheme at ``bits`` (with ``auto_scheme``: per channel and
-blocks of 32 inputs, each symmetric and asymmetric), the same at 8 bits, and float. Each
+blocks of 32 inputs, each symmetric and asymmetric); with a budget or an error target also the
+requested scheme at 8 bits, and float. Each
 scheme is solved once for all layers; every candidate's contribution is measured alone in
 onnxruntime. Contributions of different layers are taken to add in squares (independent
 perturbations of the output), so the model's error is estimated as ``sqrt(sum e_i^2)``. The
@@ -76,16 +77,18 @@ class Choice:
                 f"estimated output error {self.estimated_error:.3g}, weights {self.weight_bytes:,} bytes")
 
 
-def candidate_options(options: QuantizeOptions, auto_scheme: bool) -> list[QuantizeOptions]:
-    """The option sets solved for all layers: the schemes at ``bits``, then the promoted width."""
+def candidate_options(options: QuantizeOptions, auto_scheme: bool, promote: bool) -> list[QuantizeOptions]:
+    """The option sets solved for all layers: the schemes at ``bits``, then (``promote``) the
+    requested scheme at 8 bits."""
     base = replace(options, layer_bits={}, exclude=())
     schemes = [base]
     if auto_scheme:
         schemes = [replace(base, granularity=granularity, block_size=size, symmetric=symmetric)
                    for granularity, size in ((Granularity.CHANNEL, 0), (Granularity.BLOCK, AUTO_BLOCK))
                    for symmetric in (True, False)]
-    promoted = [] if options.bits >= PROMOTED_BITS else [replace(base, bits=PROMOTED_BITS)]
-    return schemes + promoted
+    if not promote or options.bits >= PROMOTED_BITS:
+        return schemes
+    return schemes + [replace(base, bits=PROMOTED_BITS)]
 
 
 def choose(calibrated: Calibrated, options: QuantizeOptions, reference: Reference, progress: Progress, *,
@@ -93,7 +96,7 @@ def choose(calibrated: Calibrated, options: QuantizeOptions, reference: Referenc
     """Measure every candidate of every layer and choose (``size_budget``: bytes of the whole
     model, ``base_bytes`` being what is not a quantizable weight)."""
     measured = [measure(calibrated, make_plan(o, calibrated.layers), reference, progress)
-                for o in candidate_options(options, auto_scheme)]
+                for o in candidate_options(options, auto_scheme, size_budget is not None or max_error is not None)]
     candidates = []
     for k in range(len(measured[0].layers)):
         per_layer = [Candidate(m.layers[k], m.reports[k], m.sensitivities[k], m.sensitivities[k].output_error,
@@ -110,8 +113,7 @@ def greedy(candidates: list[list[Candidate]], size_budget: int | None, max_error
     """From each layer's cheapest candidate (least error among equals), upgrade by error removed per byte."""
     chosen = [min(cands, key=lambda c: (c.bytes, c.error)) for cands in candidates]
     if size_budget is None and max_error is None:  # --auto-scheme alone: the least error at --bits
-        quantized = [[c for c in cands[:-1] if c.quantized is not None and c.quantized.scheme.bits
-                      == cands[0].quantized.scheme.bits] for cands in candidates]
+        quantized = [[c for c in cands if c.sensitivity.bits == cands[0].sensitivity.bits] for cands in candidates]
         chosen = [min(cands, key=lambda c: (c.error, c.bytes)) for cands in quantized]
         return _choice(chosen, candidates, base_bytes)
     total = base_bytes + sum(c.bytes for c in chosen)
