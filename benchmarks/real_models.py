@@ -55,8 +55,9 @@ CONFIGS = {
     "qubo-b2": "onnx-qubo 2 bits per channel",
     "qubo-b4-blk32": "onnx-qubo 4 bits, blocks of 32",
     "qubo-b4-blk32-bc": "onnx-qubo 4 bits, blocks of 32, --bias-correction",
-    "qubo-b4-blk32-ortlayers": "onnx-qubo 4 bits, blocks of 32, only the layers MatMulNBitsQuantizer quantizes "
-                               "(MatMul with a constant weight; the others --exclude'd)",
+    "qubo-b4-blk32-ortlayers": "onnx-qubo 4 bits, blocks of 32, asymmetric like onnxruntime's RTN, --bias-correction, "
+                               "only the layers MatMulNBitsQuantizer quantizes (MatMul with a constant weight; the "
+                               "others --exclude'd)",
     "qubo-b4-budget": "onnx-qubo blocks of 32 at 4 bits, --bias-correction --size-budget 20% of the float model: "
                       "the layers that damage the output most per byte at 8 bits or float",
     "ort-rtn-b4-blk32": "MatMulNBitsQuantizer RTN (DefaultWeightOnlyQuantConfig) 4 bits, block 32",
@@ -808,8 +809,10 @@ def worker(args) -> int:
             kw: dict[str, Any] = {"bits": int(cfg.split("-b")[1].split("-")[0])}
             if "blk32" in cfg or "budget" in cfg:
                 kw.update(granularity="block", block_size=32)
-            if cfg.endswith("-bc") or "budget" in cfg:
+            if cfg.endswith("-bc") or "budget" in cfg or cfg.endswith("-ortlayers"):
                 kw["bias_correction"] = True
+            if cfg.endswith("-ortlayers"):
+                kw["symmetric"] = False
             if "budget" in cfg:
                 kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
             if cfg.endswith("-ortlayers"):
