@@ -60,10 +60,12 @@ def scheme_label(q: QuantizedLayer) -> str:
 
 
 def stored_bytes(q: QuantizedLayer) -> int:
-    """Bytes of a quantized weight as written: packed integers, float scales, packed zero points."""
-    width = {2: 2, 4: 4, 8: 8}[_storage_bits(q)]
+    """Bytes of a quantized weight as written: packed integers, float scales, packed zero points,
+    and the float output shift of bias correction."""
+    width = _storage_bits(q)
     zero_points = 0 if q.scheme.symmetric else q.scales.zero_point.size * width
-    return int(np.ceil((q.integers.size * width + zero_points) / 8)) + q.scales.scale.size * FLOAT_BYTES
+    shift = 0 if q.bias_shift is None else q.bias_shift.size * FLOAT_BYTES
+    return int(np.ceil((q.integers.size * width + zero_points) / 8)) + q.scales.scale.size * FLOAT_BYTES + shift
 
 
 def _storage_bits(q: QuantizedLayer) -> int:
