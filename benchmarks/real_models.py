@@ -56,6 +56,12 @@ CONFIGS = {
     "qubo-b4-blk32": "onnx-qubo 4 bits, blocks of 32",
     "qubo-b8-emb": "onnx-qubo 8 bits per channel, embedding tables per row (--embeddings)",
     "qubo-b4-emb": "onnx-qubo 4 bits per channel, embedding tables per row (--embeddings)",
+    "qubo-b4-blk32-bc": "onnx-qubo 4 bits, blocks of 32, --bias-correction",
+    "qubo-b4-blk32-ortlayers": "onnx-qubo 4 bits, blocks of 32, asymmetric like onnxruntime's RTN, --bias-correction, "
+                               "only the layers MatMulNBitsQuantizer quantizes (MatMul with a constant weight; the "
+                               "others --exclude'd)",
+    "qubo-b4-budget": "onnx-qubo blocks of 32 at 4 bits, --bias-correction --size-budget 20% of the float model: "
+                      "the layers that damage the output most per byte at 8 bits or float",
     "ort-rtn-b4-blk32": "MatMulNBitsQuantizer RTN (DefaultWeightOnlyQuantConfig) 4 bits, block 32",
     "ort-hqq-b4-blk32": "MatMulNBitsQuantizer HQQ 4 bits, block 32",
     "ort-gptq-b4-blk32": "MatMulNBitsQuantizer GPTQ 4 bits, block 32",
@@ -809,10 +815,18 @@ def worker(args) -> int:
         if cfg.startswith("qubo-"):
             import onnx_qubo
             kw: dict[str, Any] = {"bits": int(cfg.split("-b")[1].split("-")[0])}
-            if "blk32" in cfg:
+            if "blk32" in cfg or "budget" in cfg:
                 kw.update(granularity="block", block_size=32)
             if cfg.endswith("-emb"):
                 kw["embeddings"] = True
+            if cfg.endswith("-bc") or "budget" in cfg or cfg.endswith("-ortlayers"):
+                kw["bias_correction"] = True
+            if cfg.endswith("-ortlayers"):
+                kw["symmetric"] = False
+            if "budget" in cfg:
+                kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
+            if cfg.endswith("-ortlayers"):
+                kw["exclude"] = not_matmul_layers(src)
             if args.batch_size:
                 kw["batch_size"] = int(args.batch_size)
             try:
@@ -838,7 +852,7 @@ def worker(args) -> int:
                 algo = mnq.HQQWeightOnlyQuantConfig(block_size=32, bits=4)
             else:
                 algo = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=NpzReader(calib, n), block_size=32)
-            model = onnx.load(str(src))
+            model = ort_input(src)
             q = mnq.MatMulNBitsQuantizer(model, bits=4, block_size=32, algo_config=algo)
             q.process()
             q.model.save_model_to_file(str(dst), use_external_data_format=False)
@@ -860,6 +874,24 @@ def worker(args) -> int:
     info["peak_rss_mb"] = own_peak_rss_mb()
     Path(args.info).write_text(json.dumps(info, default=str))
     return 0
+
+
+def ort_input(src: Path) -> onnx.ModelProto:
+    """The model onnxruntime's weight-only quantizers get: with weights in Constant nodes folded into
+    initializers by onnx-qubo's own first step (same outputs), as MatMulNBitsQuantizer only takes
+    initializers: the comparison is then on the same layers, not on a file format."""
+    from onnx_qubo.files import load_model
+    from onnx_qubo.pipeline import prepare
+    return prepare(load_model(src))
+
+
+def not_matmul_layers(src: Path) -> list[str]:
+    """onnx-qubo's layers that MatMulNBitsQuantizer does not quantize (all but MatMul)."""
+    from onnx_qubo.discovery import find_dense_layers
+    from onnx_qubo.files import load_model
+    from onnx_qubo.pipeline import prepare
+    layers, _ = find_dense_layers(prepare(load_model(src)))
+    return [layer.name for layer in layers if layer.op_type != "MatMul"]
 
 
 def own_peak_rss_mb() -> float | None:

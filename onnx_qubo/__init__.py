@@ -1,6 +1,6 @@
 """onnx-qubo: post-training quantization of ONNX dense layers by QUBO rounding."""
 
-from .api import compare, quantize
+from .api import compare, quantize, sensitivity
 from .errors import (
                      DataError,
                      ModelError,
@@ -13,6 +13,6 @@ from .errors import (
 )
 from .report import Report
 
-__all__ = ["compare", "quantize", "DataError", "ModelError", "OptionError", "OutputError", "QuboError",
+__all__ = ["compare", "quantize", "sensitivity", "DataError", "ModelError", "OptionError", "OutputError", "QuboError",
            "QuboInputError", "Report", "RuntimeFailure", "SolverLimitError"]
 __version__ = "0.1.0"

@@ -11,9 +11,11 @@ from typing import Any, Mapping, Sequence
 import onnx
 
 from . import workers as distributed
+from .autoscheme import quantize_auto
 from .choice import parse_choice
 from .compare import Comparison
 from .compare import compare as run_comparison
+from .contribution import Sensitivity, measure
 from .data import Dataset, load_dataset
 from .errors import OptionError, OutputError
 from .files import (
@@ -27,6 +29,7 @@ from .files import (
 )
 from .options import QuantizeOptions, ScaleMethod, check_bits, check_integer, solver_for
 from .pipeline import calibrate, prepare, quantize_model
+from .plan import make_plan
 from .progress import Progress
 from .report import Report
 from .solvers import Solver
@@ -45,7 +48,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              activations: str = "none", activation_range: str = "minmax", sequential: bool = False,
              format: str = "qdq", ort_accuracy_level: int = 0, lower_bound: bool = False, workers: int = 1,
              ray_address: str | None = None, external_data: bool = False, max_memory: float | None = None,
-             speed: bool = True, progress: bool = False, embeddings: bool = False) -> Report:
+             speed: bool = True, progress: bool = False, embeddings: bool = False, auto_scheme: bool = False,
+             size_budget: float | None = None, max_error: float | None = None) -> Report:
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -81,6 +85,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     ``embeddings``: also quantize the constant tables that ``Gather`` nodes read rows of (word
     embeddings), at ``bits`` with a scale per row (or per block), by least squared error per row
     (forms/gather.py; with ``format`` "ort" as GatherBlockQuantized where it fits).
+    Automatic per-layer choices, from each layer's model-output error measured alone on the
+    calibration data (autoscheme.py; costs one solve per scheme tried and one onnxruntime run of
+    the calibration data per layer and scheme): ``auto_scheme`` tries per channel and blocks of
+    32, symmetric and asymmetric, per layer; ``size_budget`` (MB, the whole model) keeps the
+    layers that damage the output most per byte at 8 bits or float while the model fits;
+    ``max_error`` does so until the estimated relative output error is reached.
     Raises a ``QuboInputError`` (errors.py: ``ModelError``, ``DataError``, ``OptionError``,
     ``OutputError``) on bad input, before any output is written; the input model is never modified.
     """
@@ -92,7 +102,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         exclude=tuple(exclude), dump_dir=None if dump_qubo is None else Path(dump_qubo),
         solution_dir=None if load_solution is None else Path(load_solution), format=format,
         ort_accuracy_level=ort_accuracy_level, lower_bound=lower_bound, workers=workers, ray_address=ray_address,
-        max_memory=max_memory, embeddings=embeddings)
+        max_memory=max_memory, embeddings=embeddings, auto_scheme=auto_scheme, size_budget=size_budget,
+        max_error=max_error)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     reads = inputs_read(model, calibration, evaluation)  # never written: the model, its data, the data files
     output_path = writable_path(output_path, reads=reads, what="output")
@@ -111,7 +122,14 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         distributed.connect(options.ray_address)
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
-    result = quantize_model(float_model, calib_data, options, bar)
+    input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(  # external data files included
+        path.stat().st_size for path, role in reads.items() if role != "a data file")
+    if options.automatic:
+        calibrated = calibrate(float_model, calib_data, bar, options.exclude, options.activations,
+                               options.activation_range, options.max_memory)
+        result = quantize_auto(calibrated, options, bar, input_bytes=input_bytes)
+    else:
+        result = quantize_model(float_model, calib_data, options, bar)
     quantized = result.model
     evaluation = evaluate(reference_scores(float_model, eval_data, bar), quantized, bar, portable=result.reference)
     timing = measure_speed(float_model, quantized, eval_data) if speed else None
@@ -124,8 +142,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=result.layers,
         skipped=result.skipped,
         evaluation=evaluation, speed=timing,
-        input_bytes=model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(
-            path.stat().st_size for path, role in reads.items() if role != "a data file"),
+        input_bytes=input_bytes,
         output_bytes=sum(path.stat().st_size for path in written),
         seconds=time.perf_counter() - started, scheme=options.describe(), notes=result.notes)
     if report_path is not None:
@@ -157,6 +174,31 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
     reference = reference_scores(float_model, eval_data, bar)
     name = input_path.name if input_path else float_model.graph.name
     return run_comparison(calibrated, reference, bits, scale_methods, chosen, samples, seed, bar, name, scheme)
+
+
+def sensitivity(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = None, evaluation: Any = None,
+                bits: int = 4, scale: str = "mse", solver: str | Solver = "fast", seed: int = 0,
+                batch_size: int = 256, exclude: Sequence[str] = (), granularity: str = "channel",
+                block_size: int = 0, symmetric: bool = True, bias: str = "float", activations: str = "none",
+                activation_range: str = "minmax", progress: bool = False) -> Sensitivity:
+    """Each layer's contribution to the model's output error: the float model with only that
+    layer quantized (the integers ``quantize`` would write with these options), run in
+    onnxruntime on the evaluation data (the calibration data if none). Costs one solve of
+    every layer and one onnxruntime run of the data per layer; nothing is written."""
+    options = QuantizeOptions.parse(bits=bits, scale=scale, solver=solver, seed=seed, granularity=granularity,
+                                    block_size=block_size, symmetric=symmetric, bias=bias, activations=activations,
+                                    activation_range=activation_range, exclude=tuple(exclude))
+    input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
+    bar = Progress(enabled=progress)
+    started = time.perf_counter()
+    calibrated = calibrate(float_model, calib_data, bar, options.exclude, options.activations,
+                           options.activation_range)
+    reference = reference_scores(float_model, eval_data, bar)
+    measured = measure(calibrated, make_plan(options, calibrated.layers), reference, bar)
+    return Sensitivity(input_path.name if input_path else float_model.graph.name, options.bits, options.describe(),
+                       eval_data.origin, eval_data.num_samples, measured.sensitivities,
+                       time.perf_counter() - started)
 
 
 def _load_inputs(model: str | os.PathLike | onnx.ModelProto, input_path: Path | None, calibration: Any,

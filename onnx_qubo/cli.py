@@ -191,6 +191,15 @@ def main():
               help="Memory the run may hold (default: 60% of this machine's): the model's weights, one calibration "
                    "pass's layer statistics and one layer's solve. Statistics that do not fit are gathered in "
                    "several passes over the data.")
+@click.option("--auto-scheme", is_flag=True,
+              help="Per layer, the scheme with the least model-output error alone: per channel or blocks of 32, "
+                   "symmetric or asymmetric (each solved once; see `onnx-qubo sensitivity`).")
+@click.option("--size-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MB",
+              help="Model size to fit: the layers that damage the output most per byte stay at 8 bits or float "
+                   "while it fits (measured alone on the calibration data).")
+@click.option("--max-error", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Relative output error to reach: the most damaging layers per byte go to 8 bits or float "
+                   "until the estimate (per-layer errors added in squares) is below it.")
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Time the float and the quantized model (batch 1 and one evaluation batch) for the report.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -198,7 +207,8 @@ def main():
 def quantize(input_model, output_model, bits, calib, eval_path, scale, granularity, block_size, symmetric,
              bias_mode, activations, activation_range, sequential, solver, neal_reads, neal_sweeps, seed,
              batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, output_format,
-             ort_accuracy_level, embeddings, bound, workers, ray_address, external_data, max_memory, speed, quiet):
+             ort_accuracy_level, embeddings, bound, workers, ray_address, external_data, max_memory, auto_scheme,
+             size_budget, max_error, speed, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
@@ -212,7 +222,8 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
                               bias_correction=bias_correction, format=output_format,
                               ort_accuracy_level=ort_accuracy_level, lower_bound=bound, workers=workers,
                               ray_address=ray_address, external_data=external_data, max_memory=max_memory,
-                              speed=speed, progress=not quiet, embeddings=embeddings, **scheme)
+                              speed=speed, progress=not quiet, embeddings=embeddings, auto_scheme=auto_scheme,
+                              size_budget=size_budget, max_error=max_error, **scheme)
     click.echo(report.to_text())
 
 
@@ -285,6 +296,41 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, bl
             from .plots import write_plots
             for path in write_plots(result, Path(plots_dir), inputs_read(model, calib, eval_path)):
                 click.echo(f"wrote {path}", err=True)
+    click.echo(result.to_markdown())
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help="Calibration .npz [default: <model stem>.calib.npz beside it].")
+@click.option("--eval", "eval_path", type=click.Path(dir_okay=False), default=None,
+              help="Held-out .npz the output error is measured on [default: <model stem>.eval.npz, else calibration].")
+@click.option("--bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=4, show_default=True)
+@click.option("--scale", type=choices(ScaleMethod), default="mse", show_default=True)
+@scheme_options
+@click.option("--solver", type=click.Choice(list(SOLVERS)), default="fast", show_default=True)
+@click.option("--exclude", multiple=True, metavar="LAYER", help="Leave this layer out (repeatable).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@verbose_option
+def sensitivity(model, calib, eval_path, bits, scale, granularity, block_size, symmetric, bias_mode, activations,
+                activation_range, sequential, solver, exclude, json_path, seed, batch_size, quiet):
+    """Each layer's contribution: MODEL's output error with only that layer quantized (one onnxruntime run
+    of the evaluation data per layer), largest first; for --exclude / --layer-bits, or see --size-budget."""
+    if sequential:
+        raise click.UsageError("--sequential does not apply: each layer is measured alone on the float model")
+    scheme = _scheme(granularity, block_size, symmetric, bias_mode, activations, activation_range, False)
+    scheme.pop("sequential")
+    with failures_as_exit():
+        if json_path is not None:
+            writable_path(json_path, reads=inputs_read(model, calib, eval_path), what="--json")
+        result = api.sensitivity(model, calibration=calib, evaluation=eval_path, bits=bits, scale=scale,
+                                 solver=solver, seed=seed, batch_size=batch_size, exclude=exclude,
+                                 progress=not quiet, **scheme)
+        if json_path is not None:
+            write_atomically(Path(json_path), result.to_json().encode(), "--json")
     click.echo(result.to_markdown())
 
 

@@ -41,31 +41,57 @@ class LayerTerms:
     statistics: InputStatistics
     with_bias: bool  # the bias is the last variable of each neuron
     weight: np.ndarray  # the layer's weight, read once for all the terms
+    centered: bool = False  # bias correction follows: the error it leaves, i.e. the moments about the means
 
-    @property
+    @cached_property
     def gram(self) -> np.ndarray:
-        return self.statistics.gram if self.with_bias else self.statistics.x_gram
+        if self.with_bias:
+            return self.statistics.gram
+        x_gram = self.statistics.x_gram
+        if not self.centered:
+            return x_gram
+        mean = self.statistics.gram[-1, :-1]  # E[x~]
+        return x_gram - np.outer(mean, mean)
+
+    @cached_property
+    def _input_cross(self) -> np.ndarray | None:
+        """E[z d^T] for the weight (and bias) rows, about the means when ``centered``."""
+        cross = self.statistics.cross
+        if cross is None:
+            return None
+        m = len(self.gram)
+        if not self.centered:
+            return cross[:m]
+        return cross[:m] - np.outer(self.statistics.gram[-1, :m], cross[-1])  # E[x~ d^T] - E[x~] E[d]^T
 
     @cached_property  # computed once however many scale candidates are tried
     def cross(self) -> np.ndarray | None:
         """[n, m] in output units: alpha * E[z d^T] w_i (None when the inputs are the float ones)."""
-        if self.statistics.cross is None:
+        if self._input_cross is None:
             return None
-        m = len(self.gram)
-        return self.layer.gain * self.weight @ self.statistics.cross[:m].T
+        return self.layer.gain * self.weight @ self._input_cross.T
 
     @cached_property
     def weight_cross(self) -> np.ndarray | None:
         """The same for the weight columns, in weight units (for the scale search)."""
         f = self.layer.shape[1]
-        return None if self.statistics.cross is None else self.weight @ self.statistics.cross[:f].T
+        return None if self._input_cross is None else self.weight @ self._input_cross[:f].T
+
+    @property
+    def weight_gram(self) -> np.ndarray:
+        """The Gram block of the weight columns (for the scale search)."""
+        return self.gram[:self.layer.shape[1], :self.layer.shape[1]]
 
     @cached_property
     def offset(self) -> np.ndarray | None:
-        if self.statistics.drift is None:
+        drift = self.statistics.drift
+        if drift is None:
             return None
+        if self.centered:
+            assert self.statistics.cross is not None  # drift comes with cross
+            drift = drift - np.outer(self.statistics.cross[-1], self.statistics.cross[-1])  # Cov(d)
         w = self.weight
-        return self.layer.gain ** 2 * np.einsum("if,if->i", w @ self.statistics.drift, w)
+        return self.layer.gain ** 2 * np.einsum("if,if->i", w @ drift, w)
 
     def problem(self, scheme: Scheme, scales: GroupScales, bias_scales: GroupScales | None) -> LayerProblem:
         n, f = self.layer.shape
@@ -159,6 +185,7 @@ class LayerWork:
         plan, problem, layer = self.plan, self.problem, self.plan.layer
         grid = plan.scheme.grid
         mean_error = self.terms.mean_error(problem, choice) if plan.bias_correction else None
+        rtn = RoundToNearest().solve(problem)
         shift, bias, bias_storage = mean_error, None, "float"
         if plan.bias == BiasMode.QUANTIZE:
             bias_storage = onnx.TensorProto.DataType.Name(grid.storage[0])
@@ -166,10 +193,13 @@ class LayerWork:
             bias = _int32_bias(layer, plan.scheme, self.scales, self.quantizer, mean_error)
             shift, bias_storage = None, "INT32"  # the correction is folded into the integer bias
         n, f = layer.shape
-        cost = problem.energy(choice)
-        nearest = RoundToNearest().solve(problem)
         free = problem.rounding.free  # an energy is O(n f^2): not computed twice for the same rounding
-        cost_rtn = cost if np.array_equal(nearest & free, choice & free) else problem.energy(nearest)
+        cost = problem.energy(choice)
+        cost_rtn, corrected = cost if np.array_equal(rtn & free, choice & free) else problem.energy(rtn), None
+        if mean_error is not None:  # the problem is centered: its energy is what the correction leaves
+            rtn_mean = self.terms.mean_error(problem, rtn)
+            corrected = cost
+            cost, cost_rtn = cost + float(mean_error @ mean_error), cost_rtn + float(rtn_mean @ rtn_mean)
         report = LayerReport(
             name=layer.name, form=layer.label, n_out=n, f_in=f, bits=plan.scheme.bits,
             storage=onnx.TensorProto.DataType.Name(grid.storage[0]),
@@ -178,7 +208,7 @@ class LayerWork:
             cost_solved=cost,
             lower_bound=float(lower_bounds(problem).sum()) if plan.lower_bound else None,
             solve_seconds=seconds + self.search_seconds,
-            cost_bias_corrected=None if mean_error is None else cost - float(mean_error @ mean_error),
+            cost_bias_corrected=corrected,
             bias=bias_storage)
         return SolvedLayer(plan, self.scales, problem, choice, report, self.bias_scales, bias, self.quantizer, shift)
 
@@ -186,7 +216,8 @@ class LayerWork:
 def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: InputQuantizer | None) -> LayerWork:
     """Scales and QUBO of one layer from the statistics of the inputs it will see."""
     layer, scheme = plan.layer, plan.scheme
-    terms = LayerTerms(layer, statistics, plan.bias_is_variable, layer.weight)
+    # with bias correction the mean error is removed afterwards: solve (and choose scales) for what is left
+    terms = LayerTerms(layer, statistics, plan.bias_is_variable, layer.weight, centered=plan.bias_correction)
     bias_scales = tensor_scales(layer.bias, scheme.grid) if plan.bias_is_variable and layer.bias is not None else None
     presolved, search_seconds = None, 0.0
     if plan.scale == ScaleMethod.QUBO:
@@ -194,7 +225,7 @@ def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: Input
         scales, presolved = _solved_best_scales(terms, scheme, bias_scales, plan.seed)
         search_seconds = time.perf_counter() - start
     else:
-        scales = choose_scales(plan.scale, terms.weight, scheme, statistics.x_gram, terms.weight_cross)
+        scales = choose_scales(plan.scale, terms.weight, scheme, terms.weight_gram, terms.weight_cross)
     return LayerWork(plan, terms, scales, bias_scales, terms.problem(scheme, scales, bias_scales), quantizer,
                      presolved, search_seconds)
 
@@ -206,7 +237,7 @@ def _solved_best_scales(terms: LayerTerms, scheme: Scheme, bias_scales: GroupSca
     Rows are independent problems, so the chosen rows' roundings are returned too. The first
     candidate is ``scale mse``'s choice: no row costs more than with it."""
     layer = terms.layer
-    candidates = candidate_scales(terms.weight, scheme, terms.statistics.x_gram, terms.weight_cross,
+    candidates = candidate_scales(terms.weight, scheme, terms.weight_gram, terms.weight_cross,
                                   QUBO_CANDIDATES)
     costs, choices = [], []
     for scales in candidates:

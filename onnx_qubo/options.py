@@ -69,6 +69,15 @@ def check_bits(bits: object, option: str = "bits") -> int:
     return value
 
 
+def check_positive(value: object, option: str) -> float | None:
+    """None, or a finite number above 0 (bools refused)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
+        raise OptionError(f"{{{option}}} must be a number above 0, got {value!r}", option)
+    return float(value)
+
+
 def solver_for(solver: str | Solver) -> Solver:
     """A solver object from its name (``SOLVERS``), or the object itself."""
     if not isinstance(solver, str):
@@ -106,6 +115,10 @@ class QuantizeOptions:
     ray_address: str | None = None  # solve on this Ray cluster ("local": start one here)
     max_memory: int | None = None  # bytes a run may hold (memory.py); None: a share of physical memory
     embeddings: bool = False  # also quantize constant Gather tables (embeddings) per row, at ``bits``
+    # automatic per-layer choices (autoscheme.py): from each layer's output error measured alone
+    auto_scheme: bool = False  # per layer: channel or blocks of 32, symmetric or not
+    size_budget: float | None = None  # MB of the whole model: layers kept at 8 bits or float while it fits
+    max_error: float | None = None  # estimated relative output error to reach (most damaging layers first)
 
     @classmethod
     def parse(cls, *, bits: object = 2, scale: object = ScaleMethod.MSE, solver: str | Solver = "fast",
@@ -115,8 +128,8 @@ class QuantizeOptions:
               layer_bits: Mapping[str, object] | None = None, exclude: Sequence[str] = (), lower_bound: bool = False,
               dump_dir: Path | None = None, solution_dir: Path | None = None, format: object = Format.QDQ,
               ort_accuracy_level: object = 0, workers: object = 1,
-              ray_address: str | None = None, max_memory: object = None,
-              embeddings: bool = False) -> "QuantizeOptions":
+              ray_address: str | None = None, max_memory: object = None, embeddings: bool = False,
+              auto_scheme: bool = False, size_budget: object = None, max_error: object = None) -> "QuantizeOptions":
         """Options from the API's arguments: each value checked and named in the error if wrong
         (``max_memory`` in GB)."""
         return cls(bits=check_bits(bits), scale=parse_choice(ScaleMethod, scale, "scale"), solver=solver_for(solver),
@@ -132,7 +145,9 @@ class QuantizeOptions:
                    ort_accuracy_level=check_integer(ort_accuracy_level, "ort_accuracy_level"),
                    workers=check_integer(workers, "workers", minimum=1), ray_address=ray_address,
                    max_memory=None if max_memory is None else check_gigabytes(max_memory, "max_memory"),
-                   embeddings=bool(embeddings))
+                   embeddings=bool(embeddings), auto_scheme=bool(auto_scheme),
+                   size_budget=check_positive(size_budget, "size_budget"),
+                   max_error=check_positive(max_error, "max_error"))
 
     def __post_init__(self) -> None:
         if self.bias == BiasMode.INT32 and self.activations == Activations.NONE:
@@ -150,6 +165,7 @@ class QuantizeOptions:
             if reason:
                 raise OptionError(reason, "symmetric", "granularity", "activations")
         self._check_format()
+        self._check_automatic()
         distributed = self.workers > 1 or self.ray_address is not None
         if distributed and not isinstance(self.solver, tuple(SOLVERS.values())):
             raise OptionError("{workers}/{ray_address}: only the solvers onnx-qubo names (" + ", ".join(SOLVERS)
@@ -180,6 +196,32 @@ class QuantizeOptions:
                                   f"power of two >= 16), not {{block_size}} {self.block_size}: use a multiple of "
                                   "16, or {format} qdq", "format", "block_size")
 
+    @property
+    def automatic(self) -> bool:
+        """Whether layers' schemes are chosen by measuring them (autoscheme.py)."""
+        return self.auto_scheme or self.size_budget is not None or self.max_error is not None
+
+    def _check_automatic(self) -> None:
+        """The automatic choice measures every layer alone on the float model, with its own schemes."""
+        if not self.automatic:
+            return
+        names = ["auto_scheme", "size_budget", "max_error"]
+        if self.sequential:
+            raise OptionError("{auto_scheme}/{size_budget}/{max_error} measure each layer alone on the float model; "
+                              "they do not combine with {sequential}", *names, "sequential")
+        if self.layer_bits:
+            raise OptionError("{layer_bits} sets bit widths by hand, {auto_scheme}/{size_budget}/{max_error} "
+                              "choose them: give one or the other", "layer_bits", *names)
+        if self.dump_dir is not None or self.solution_dir is not None:
+            raise OptionError("{dump_qubo}/{load_solution} exchange one scheme's QUBOs; {auto_scheme}/{size_budget}/"
+                              "{max_error} solve several", "dump_qubo", "load_solution", *names)
+        if self.auto_scheme and self.format == Format.ORT:
+            raise OptionError("{auto_scheme} tries blocks of 32 and per channel, symmetric and not; {format} ort "
+                              "serves only some of them: use {format} qdq", "auto_scheme", "format")
+        if self.embeddings:
+            raise OptionError("{embeddings} tables are not measured by {auto_scheme}/{size_budget}/{max_error} yet: "
+                              "give one or the other", "embeddings", *names)
+
     def scheme(self, bits: int) -> Scheme:
         return Scheme(bits, self.granularity, self.block_size, self.symmetric)
 
@@ -195,6 +237,11 @@ class QuantizeOptions:
             text += f" ({self.activation_range} ranges)"
         text += "; sequential calibration" if self.sequential else ""
         text += "; embedding tables per row" if self.embeddings else ""
+        if self.automatic:
+            chosen = ["scheme chosen"] if self.auto_scheme else []
+            chosen += [] if self.size_budget is None else [f"within {self.size_budget:g} MB"]
+            chosen += [] if self.max_error is None else [f"to output error {self.max_error:g}"]
+            text += "; per layer: " + ", ".join(chosen)
         if self.format == Format.ORT:
             text += "; format ort" + (f" (accuracy level {self.ort_accuracy_level})" if self.ort_accuracy_level else "")
         return text

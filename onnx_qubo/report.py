@@ -30,10 +30,12 @@ class LayerReport:
 
     @property
     def gap(self) -> float | None:
-        """The most by which cost_solved can exceed the optimum, as a share of cost_solved."""
+        """The most by which the cost solved for can exceed the optimum, as a share of it (with bias
+        correction the layer is solved for the error the correction leaves, and bounded on it)."""
         if self.lower_bound is None:
             return None
-        return 1.0 - self.lower_bound / self.cost_solved if self.cost_solved > 0 else 0.0
+        cost = self.cost_solved if self.cost_bias_corrected is None else self.cost_bias_corrected
+        return 1.0 - self.lower_bound / cost if cost > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,20 @@ def test_sequential_cost_of_the_last_layer_is_the_whole_model_error(scheme, tmp_
     assert report.layers[0].cost_solved == pytest.approx(plain.layers[0].cost_solved, rel=1e-9)
 
 
+@pytest.mark.parametrize("scheme", [dict(), dict(activations="uint8")])
+def test_sequential_bias_correction_cost_is_the_whole_model_error_after_correction(scheme, tmp_path):
+    """With --sequential and --bias-correction the last layer is solved about the means (the
+    inputs' drift and cross terms centered too): its corrected cost is the model's measured error,
+    and its uncorrected cost that error plus the squared mean the correction removes."""
+    model = mlp_model(widths=(10, 8, 6))
+    x = (np.random.default_rng(0).standard_normal((400, 10)) + 0.5).astype(np.float32)
+    out = tmp_path / "q.onnx"
+    report = quantize(model, out, bits=2, calibration={"x": x}, sequential=True, bias_correction=True, **scheme)
+    last = report.layers[-1]
+    assert last.cost_bias_corrected == pytest.approx(measured_error(model, out, x), rel=1e-3)
+    assert last.cost_bias_corrected < last.cost_solved
+
+
 @pytest.mark.parametrize("granularity", [dict(), dict(granularity="tensor"), dict(granularity="block", block_size=4)])
 def test_scale_search_on_the_solved_cost_never_costs_more_than_mse(granularity, tmp_path):
     model = mlp_model(widths=(12, 10, 6))
