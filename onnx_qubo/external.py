@@ -21,6 +21,8 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
+from .errors import ModelError
+
 FOLDER_KEY = "onnx_qubo.external_data_folder"
 
 
@@ -44,7 +46,8 @@ def read_array(tensor: onnx.TensorProto, model: onnx.ModelProto) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     folder = session_folder(model)
     if folder is None:
-        raise ValueError(f"tensor '{tensor.name}' refers to external data, and the model was not loaded from a path")
+        raise ModelError(f"tensor '{tensor.name}' refers to external data that was not loaded: give the model's path, "
+                         "or load it with onnx.load(path) (external data included)")
     return numpy_helper.to_array(tensor, base_dir=str(folder))
 
 

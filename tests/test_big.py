@@ -157,3 +157,10 @@ def test_batches_run_in_pieces_give_the_same_statistics(monkeypatch):
     for key, statistics in whole.items():
         assert pieces[key].count == statistics.count == len(X)
         np.testing.assert_allclose(pieces[key].gram, statistics.gram, rtol=1e-12, atol=1e-12)
+
+
+def test_a_model_object_with_unloaded_external_data_is_a_clear_error(tmp_path):
+    model = onnx.load(external_model(tmp_path), load_external_data=False)
+    with pytest.raises(onnx_qubo.QuboInputError, match="refers to external data that was not loaded"):
+        onnx_qubo.quantize(model, tmp_path / "out.onnx", calibration={"x": X}, speed=False)
+    assert not (tmp_path / "out.onnx").exists()
