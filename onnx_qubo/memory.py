@@ -97,9 +97,9 @@ def calibration_groups(layers: list[DenseLayer], max_memory: int | None, model_b
             f"solving its largest layer {readable(solving)}, and the input statistics of layer '{owner}' alone "
             f"{readable(view_bytes[largest])}; give at least {readable(needed)}", "max_memory")
     groups: list[list[DenseLayer]] = []
-    held = room + 1  # start a new group at the first view
+    held = 0
     for key, members in views.items():
-        if held + view_bytes[key] > room:
+        if not groups or held + view_bytes[key] > room:
             groups.append([])
             held = 0
         groups[-1].extend(members)
