@@ -1,4 +1,5 @@
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -123,3 +124,48 @@ def test_feedback_factor_is_the_upper_cholesky_factor_of_the_damped_inverse_gram
     damped = gram + 0.01 * np.mean(np.diag(gram)) * np.eye(30)
     np.testing.assert_allclose(upper, np.triu(upper))
     np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(damped), atol=1e-9)
+
+
+def reference_sequential(problem, upper):
+    """GPTQ restricted to floor/ceil, one variable at a time, every error fed forward at once."""
+    target = problem.step * problem.rounding.frac
+    step = np.broadcast_to(problem.step, target.shape)
+    v = np.zeros(target.shape, dtype=bool)
+    for col in range(target.shape[1]):
+        v[:, col] = problem.rounding.free[:, col] & (target[:, col] / step[:, col] >= 0.5)
+        error = (target[:, col] - step[:, col] * v[:, col]) / upper[col, col]
+        target[:, col + 1:] -= np.outer(error, upper[col, col + 1:])
+    return v
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_sequential_start_in_lazy_batches_equals_one_variable_at_a_time(general):
+    from onnx_qubo.solvers import fast
+
+    problem = random_problem(n=9, f=75, clip=0.7, seed=4, general=general)
+    problem = replace(problem, cross=np.zeros_like(problem.cross))  # the start's target is then step * frac
+    upper = feedback_factor(problem.gram)
+    n, f = problem.shape
+    terms = fast._Terms(problem.gram, problem.gram.astype(np.float32), np.broadcast_to(problem.step, (n, f)),
+                        problem.rounding.frac, problem.rounding.free, problem.cross)
+    expected = reference_sequential(problem, upper)
+    # blocks of 32 in runs of 8 (and a short last block, and a short last run)
+    np.testing.assert_array_equal(fast.sequential_start(terms, upper, block=32, inner=8), expected)
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_fast_ends_in_an_exact_local_minimum_even_from_a_float32_stage_that_stops_at_once(general, monkeypatch):
+    """The float64 stage finishes what the float32 one leaves: no single flip lowers any neuron's
+    exact energy, even when the float32 stage's tolerance lets it make no move at all."""
+    from onnx_qubo.solvers import fast
+
+    problem = random_problem(n=12, f=40, clip=0.7, seed=8, general=general)
+    for tolerance in (fast.ROUGH_TOLERANCE, 1e6):
+        monkeypatch.setattr(fast, "ROUGH_TOLERANCE", tolerance)
+        choice = FastSolver(tabu_work=0).solve(problem, 0, Progress())
+        energies = problem.neuron_energies(choice)
+        for j in range(problem.shape[1]):
+            flipped = choice.copy()
+            flipped[:, j] ^= True
+            lower = problem.neuron_energies(flipped) < energies - 1e-9 * np.abs(energies)
+            assert not (lower & problem.rounding.free[:, j]).any(), (tolerance, j)
