@@ -40,6 +40,8 @@ from ..qubo import LayerProblem
 
 TOLERANCE = 1e-12  # relative to the neuron's energy scale: smaller gains are noise
 ROUGH_TOLERANCE = 1e-5  # the same in float32, well above its rounding (~1e-7 per move, over hundreds of moves)
+ROUGH_FLOOR = 1e-30  # float32 stops resolving gains near 1e-38: a neuron on a smaller scale waits for float64
+ROUGH_STEPS = 4  # the float32 stage stops after this many steps per variable (float64 then ends the descent)
 MIN_TABU_STEPS = 16  # a shorter tabu round cannot climb out of a minimum: skip the stage
 MIN_ROWS_PER_WORKER = 32  # below this, a thread's overhead outweighs its share of the work
 CHUNK_SPLIT = 2  # a layer is cut in (at least) 2 chunks, whatever the machine: results do not depend on it
@@ -345,7 +347,7 @@ class _State:
         part.terms, part.gram = self.terms, self.terms.rough_gram
         part.step, part.free, part.choice, part.energy = self.step, self.free, self.choice.copy(), self.energy.copy()
         part.signed_step, part.half = self.signed_step.astype(np.float32), self.half.astype(np.float32)
-        part.scale = self.scale * (ROUGH_TOLERANCE / TOLERANCE)
+        part.scale = np.maximum(self.scale * (ROUGH_TOLERANCE / TOLERANCE), ROUGH_FLOOR)
         return part
 
     def descend(self, pair_candidates: int) -> None:
@@ -369,7 +371,7 @@ class _State:
         for rows in self.blocks():
             part = self.block(rows)
             rough = part.rough()
-            rough._descend_block(pair_candidates)
+            rough._descend_block(pair_candidates, ROUGH_STEPS * part.half.shape[1])
             moved = rough.choice != part.choice
             part.choice[moved] ^= True
             part.signed_step[moved] *= -1.0
@@ -383,12 +385,16 @@ class _State:
         size = max(1, DESCENT_ELEMENTS // max(self.half.shape[1], 1))
         return [slice(start, start + size) for start in range(0, len(self.half), size)]
 
-    def _descend_block(self, pair_candidates: int) -> None:
-        """Descend every neuron of this state until stuck. A neuron that stops leaves the
-        working arrays (a compacted copy, its final state written back here), so that the
-        moves of the others stay whole-array operations, without gathers and scatters."""
+    def _descend_block(self, pair_candidates: int, max_steps: int | None = None) -> None:
+        """Descend every neuron of this state until stuck (or for ``max_steps`` steps: the
+        float32 stage's gains drift with its rounding, so that near ties could cycle there). A
+        neuron that stops leaves the working arrays (a compacted copy, its final state written
+        back here), so that the moves of the others stay whole-array operations, without
+        gathers and scatters."""
         work, ids = self, np.arange(len(self.half))
-        while len(ids):
+        steps = 0
+        while len(ids) and (max_steps is None or steps < max_steps):
+            steps += 1
             half = work.half
             rows = np.arange(len(ids))
             cols = np.argmin(half, axis=1)
@@ -402,12 +408,17 @@ class _State:
             moved = work._pair_step(stuck, 2.0 * half[~improving], pair_candidates)
             done = stuck[~moved]
             if len(done):
-                if work is not self:
-                    for name in self.WRITTEN:
-                        getattr(self, name)[ids[done]] = getattr(work, name)[done]
+                self._write_back(work, ids, done)
                 keep = np.ones(len(ids), dtype=bool)
                 keep[done] = False
                 work, ids = work.moving(keep), ids[keep]
+        self._write_back(work, ids, np.arange(len(ids)))  # those still moving at max_steps
+
+    def _write_back(self, work: _State, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Copy rows ``rows`` of ``work`` (a compacted copy holding this state's rows ``ids``) here."""
+        if work is not self and len(rows):
+            for name in self.WRITTEN:
+                getattr(self, name)[ids[rows]] = getattr(work, name)[rows]
 
     def moving(self, keep: np.ndarray) -> _State:
         """A copy of the arrays that moves use, for the neurons ``keep`` (bool)."""
