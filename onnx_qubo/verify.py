@@ -23,6 +23,7 @@ from .runtime import BASIC, DEFAULT, NONE, make_session
 
 SPEED_REPEATS = 10  # timed runs per model and batch (median), within SPEED_BUDGET seconds
 SPEED_BUDGET = 3.0
+RUN_SAMPLES = 32  # samples per onnxruntime run in evaluation and in the speed check's larger batch
 INTERLEAVE_BYTES = 10 ** 9  # float weights above which the two models are timed one after the other
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -69,11 +70,13 @@ def run_scores(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, datase
     with progress.bar(len(dataset.batches), f"running the {what}") as bar:
         outputs = []
         for batch in dataset.batches:
-            output = session.run([name], batch)[0]
-            samples = dataset.samples(batch)
-            rows_of_last_axis = rows_of_last_axis or (len(dataset.batches) > 1 and output.shape[:1] != (samples,))
-            outputs.append(output)
+            for piece in run_pieces(dataset, batch):
+                output = session.run([name], piece)[0]
+                samples = dataset.samples(piece)
+                rows_of_last_axis = rows_of_last_axis or output.shape[:1] != (samples,)
+                outputs.append(output)
             bar.update(1)
+    rows_of_last_axis = rows_of_last_axis and len(outputs) > 1
     if rows_of_last_axis:
         widths = {output.shape[-1] if output.ndim else 1 for output in outputs}
         if len(widths) > 1:
@@ -84,6 +87,15 @@ def run_scores(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, datase
         outputs = [output.reshape(-1, width) for output in outputs]
     joined = np.concatenate(outputs)  # kept in the output's type (float32: half the memory of float64)
     return joined.astype(np.promote_types(joined.dtype, np.float32), copy=False)
+
+
+def run_pieces(dataset: Dataset, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """``batch`` in runs of at most RUN_SAMPLES samples where the data allows: onnxruntime's working
+    memory (every intermediate tensor of a run) grows with the samples of a run, not the scores."""
+    count = dataset.samples(batch)
+    if not dataset.splittable or count <= RUN_SAMPLES:
+        return [batch]
+    return [dataset.piece(batch, start, min(count, start + RUN_SAMPLES)) for start in range(0, count, RUN_SAMPLES)]
 
 
 def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: Progress,
@@ -126,11 +138,14 @@ def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: P
     )
 
 
-ROWS_PER_CHUNK = 1024  # the measures run over this many rows at a time, in float64
+CHUNK_VALUES = 1 << 22  # the measures run over rows holding about this many values at a time, in float64
 
 
 def _chunks(y: np.ndarray) -> list[slice]:
-    return [slice(start, start + ROWS_PER_CHUNK) for start in range(0, max(len(y), 1), ROWS_PER_CHUNK)]
+    """Runs of rows of ``y`` with about CHUNK_VALUES values each (at least one row)."""
+    per_row = max(1, y[:1].size)
+    rows = max(1, CHUNK_VALUES // per_row)
+    return [slice(start, start + rows) for start in range(0, max(len(y), 1), rows)]
 
 
 def _mean_cosine(y_float: np.ndarray, y_quant: np.ndarray) -> float:
@@ -171,12 +186,12 @@ def _relative(y: np.ndarray, reference: np.ndarray) -> float:
 
 def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, dataset: Dataset) -> Speed:
     """Median latency of both models at onnxruntime's default level, at batch 1 (or the model's
-    fixed batch size) and at the evaluation batch size, their runs interleaved so that load on
+    fixed batch size) and at the evaluation batch size (at most RUN_SAMPLES), their runs interleaved so that load on
     the machine hits both alike. When the float weights pass INTERLEAVE_BYTES, one after the
     other and without onnxruntime's memory arena: two sessions would double the run's peak, and a
     DequantizeLinear model's arena keeps every layer's float weights per input shape (measured:
     5 GB for a 0.3 GB 4-bit model of a 2.4 GB one)."""
-    batch = dataset.batches[0]
+    batch = run_pieces(dataset, dataset.batches[0])[0]
     fixed = set()
     for spec in model_inputs(float_model):
         axis = dataset.axes.get(spec.name, 0)

@@ -12,6 +12,8 @@ from onnx_qubo.data import batch_axes, load_dataset, model_inputs
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.errors import DataError
 from onnx_qubo.progress import Progress
+from onnx_qubo.runtime import NONE, make_session
+from onnx_qubo.verify import RUN_SAMPLES, run_pieces, run_scores
 
 F, N_OUT = 4, 3
 
@@ -83,6 +85,19 @@ def test_batches_slice_the_state_on_axis_1_and_feed_scalars_whole():
     np.testing.assert_array_equal(np.concatenate([b["state"] for b in dataset.batches], axis=1), data["state"])
     assert dataset.num_samples == 10 and [dataset.samples(b) for b in dataset.batches] == [4, 4, 2]
     assert dataset.head(dataset.batches[0], 1)["state"].shape == (2, 1, F)
+
+
+def test_evaluation_runs_a_large_batch_in_pieces_with_the_outputs_of_one_run():
+    """onnxruntime's working memory follows the samples of a run: a batch of 100 runs in pieces
+    of RUN_SAMPLES (the state cut on its axis 1, the scalar fed whole to each), joined in order."""
+    data, model = arrays(100), state_model()
+    dataset = load_dataset(data, model, batch_size=256)
+    pieces = run_pieces(dataset, dataset.batches[0])
+    assert [dataset.samples(piece) for piece in pieces] == [RUN_SAMPLES] * (100 // RUN_SAMPLES) + [100 % RUN_SAMPLES]
+    assert all(piece["gain"].shape == () for piece in pieces)
+    whole = make_session(model, NONE).run(["y"], data)[0]
+    np.testing.assert_allclose(run_scores(model, NONE, dataset, "y", Progress(), "model", built=False), whole,
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("change, message", [
