@@ -23,7 +23,7 @@ from .runtime import BASIC, DEFAULT, NONE, make_session
 
 SPEED_REPEATS = 10  # timed runs per model and batch (median), within SPEED_BUDGET seconds
 SPEED_BUDGET = 3.0
-RUN_SAMPLES = 32  # samples per onnxruntime run in evaluation and in the speed check's larger batch
+RUN_INPUT_BYTES = 4 << 20  # fed to one onnxruntime run in evaluation and in the speed check's larger batch
 INTERLEAVE_BYTES = 10 ** 9  # float weights above which the two models are timed one after the other
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -90,12 +90,16 @@ def run_scores(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, datase
 
 
 def run_pieces(dataset: Dataset, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """``batch`` in runs of at most RUN_SAMPLES samples where the data allows: onnxruntime's working
-    memory (every intermediate tensor of a run) grows with the samples of a run, not the scores."""
+    """``batch`` in runs fed at most RUN_INPUT_BYTES of samples (at least one) where the data
+    allows: onnxruntime's working memory (a run's intermediate tensors: a CNN's feature maps, tens
+    of times its input) grows with the samples of a run. Runs stay as large as that allows, since
+    every run of a DequantizeLinear model dequantizes all its weights again."""
     count = dataset.samples(batch)
-    if not dataset.splittable or count <= RUN_SAMPLES:
+    per_sample = sum(array.nbytes for name, array in batch.items() if dataset.axes.get(name, 0) is not None) / count
+    size = max(1, int(RUN_INPUT_BYTES // max(per_sample, 1.0)))
+    if not dataset.splittable or count <= size:
         return [batch]
-    return [dataset.piece(batch, start, min(count, start + RUN_SAMPLES)) for start in range(0, count, RUN_SAMPLES)]
+    return [dataset.piece(batch, start, min(count, start + size)) for start in range(0, count, size)]
 
 
 def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: Progress,
@@ -186,7 +190,7 @@ def _relative(y: np.ndarray, reference: np.ndarray) -> float:
 
 def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, dataset: Dataset) -> Speed:
     """Median latency of both models at onnxruntime's default level, at batch 1 (or the model's
-    fixed batch size) and at the evaluation batch size (at most RUN_SAMPLES), their runs interleaved so that load on
+    fixed batch size) and at the evaluation batch size (its first run: see run_pieces), their runs interleaved so that load on
     the machine hits both alike. When the float weights pass INTERLEAVE_BYTES, one after the
     other and without onnxruntime's memory arena: two sessions would double the run's peak, and a
     DequantizeLinear model's arena keeps every layer's float weights per input shape (measured:

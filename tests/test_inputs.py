@@ -7,13 +7,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_qubo
+from onnx_qubo import verify
 from onnx_qubo.calibration import collect_statistics
 from onnx_qubo.data import batch_axes, load_dataset, model_inputs
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.errors import DataError
 from onnx_qubo.progress import Progress
 from onnx_qubo.runtime import NONE, make_session
-from onnx_qubo.verify import RUN_SAMPLES, run_pieces, run_scores
 
 F, N_OUT = 4, 3
 
@@ -87,17 +87,19 @@ def test_batches_slice_the_state_on_axis_1_and_feed_scalars_whole():
     assert dataset.head(dataset.batches[0], 1)["state"].shape == (2, 1, F)
 
 
-def test_evaluation_runs_a_large_batch_in_pieces_with_the_outputs_of_one_run():
+def test_evaluation_runs_a_large_batch_in_pieces_with_the_outputs_of_one_run(monkeypatch):
     """onnxruntime's working memory follows the samples of a run: a batch of 100 runs in pieces
-    of RUN_SAMPLES (the state cut on its axis 1, the scalar fed whole to each), joined in order."""
+    fed at most RUN_INPUT_BYTES (here 32 samples: x and the state hold 48 bytes a sample; the
+    state cut on its axis 1, the scalar and the offset fed whole to each), joined in order."""
+    monkeypatch.setattr(verify, "RUN_INPUT_BYTES", 32 * 48 + 47)
     data, model = arrays(100), state_model()
     dataset = load_dataset(data, model, batch_size=256)
-    pieces = run_pieces(dataset, dataset.batches[0])
-    assert [dataset.samples(piece) for piece in pieces] == [RUN_SAMPLES] * (100 // RUN_SAMPLES) + [100 % RUN_SAMPLES]
-    assert all(piece["gain"].shape == () for piece in pieces)
+    pieces = verify.run_pieces(dataset, dataset.batches[0])
+    assert [dataset.samples(piece) for piece in pieces] == [32, 32, 32, 4]
+    assert all(piece["gain"].shape == () and piece["offset"].shape == (F,) for piece in pieces)
     whole = make_session(model, NONE).run(["y"], data)[0]
-    np.testing.assert_allclose(run_scores(model, NONE, dataset, "y", Progress(), "model", built=False), whole,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(verify.run_scores(model, NONE, dataset, "y", Progress(), "model", built=False),
+                               whole, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("change, message", [
