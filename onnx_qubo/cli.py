@@ -168,7 +168,8 @@ def main():
 @click.option("--layer-bits", multiple=True, metavar="LAYER=BITS", callback=_layer_bits,
               help="Bit width for one layer, overriding --bits (repeatable): mixed precision.")
 @click.option("--bias-correction", is_flag=True,
-              help="Add to each layer's output the mean error its rounding leaves (an Add after it).")
+              help="Add to each layer's output the mean error its rounding leaves (folded into its bias; "
+                   "an Add after it where the bias cannot take it).")
 @click.option("--format", "output_format", type=choices(Format), default="qdq", show_default=True,
               help="qdq: standard ONNX (integers -> DequantizeLinear), runs anywhere; ort: onnxruntime's fast CPU "
                    "kernels from the same codes (MatMulNBits, MatMulIntegerToFloat).")

@@ -109,8 +109,12 @@ def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
             other_bias = True
     fast, kernel = choose_kernel(q, weight, kernel_bias, other_bias, format, accuracy_level)
     replaced_bias = bias is not None or (fast is not None and kernel_bias is not None)
-    shift = q.bias_shift
+    shift, float_bias = q.bias_shift, None
+    if (shift is not None and not replaced_bias and q.layer.bias is not None and q.layer.bias_name
+            and activation is None):  # the correction folded into the float bias: no Add after the node
+        shift, float_bias = None, (q.layer.bias + q.bias_shift).astype(np.float32)
     if shift is not None:  # one value per output channel, broadcast over the axes after it
         shift = shift.reshape(-1, *[1] * q.layer.output_axes_after_channel)
     return QuantizedWeight(q.layer.weight_name, weight, q.layer.form, q.layer.input_rank, shift,
-                           q.layer.bias_name if replaced_bias else None, bias, activation, fast), kernel
+                           q.layer.bias_name if replaced_bias or float_bias is not None else None, bias, activation,
+                           fast, float_bias), kernel

@@ -190,11 +190,11 @@ def _relative(y: np.ndarray, reference: np.ndarray) -> float:
 
 def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, dataset: Dataset) -> Speed:
     """Median latency of both models at onnxruntime's default level, at batch 1 (or the model's
-    fixed batch size) and at the evaluation batch size (its first run: see run_pieces), their runs interleaved so that load on
-    the machine hits both alike. When the float weights pass INTERLEAVE_BYTES, one after the
-    other and without onnxruntime's memory arena: two sessions would double the run's peak, and a
-    DequantizeLinear model's arena keeps every layer's float weights per input shape (measured:
-    5 GB for a 0.3 GB 4-bit model of a 2.4 GB one)."""
+    fixed batch size) and at the evaluation batch size (its first run: see run_pieces), their runs
+    interleaved so that load on the machine hits both alike. When the float weights pass
+    INTERLEAVE_BYTES, one after the other and without onnxruntime's memory arena: two sessions
+    would double the run's peak, and a DequantizeLinear model's arena keeps every layer's float
+    weights per input shape (measured: 5 GB for a 0.3 GB 4-bit model of a 2.4 GB one)."""
     batch = run_pieces(dataset, dataset.batches[0])[0]
     fixed = set()
     for spec in model_inputs(float_model):

@@ -103,6 +103,7 @@ class QuantizedWeight:
     bias: QuantizedTensor | None = None  # [n_out]
     activation: ActivationQuantization | None = None
     fast: "FastLayer | None" = None  # an onnxruntime kernel to write instead (kernels.py)
+    float_bias: np.ndarray | None = None  # [n_out] float32: replaces ``bias_name`` (a float bias + the bias correction)
 
 
 class InsertDequantize:

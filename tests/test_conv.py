@@ -103,6 +103,28 @@ def test_sequential_conv_layers_cost_is_the_whole_model_error(channels, group, t
     assert report.layers[-1].cost_bias_corrected == pytest.approx(measured_error(model, quantized, x), rel=1e-3)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_bias_correction_goes_into_the_conv_bias_and_cancels_the_mean_error(bias, tmp_path):
+    """The correction is folded into Conv's B (created where the Conv had none), so the corrected
+    model has the plain model's nodes; the mean error per output channel is then zero, at every
+    level."""
+    model = conv_model(bias=bias, pads=[1, 1, 1, 1])
+    x = (np.random.default_rng(4).standard_normal((24, 3, 9, 8)) + 0.5).astype(np.float32)
+    common = dict(bits=2, calibration={"x": x}, solver="rtn", speed=False)
+    quantize(model, tmp_path / "plain.onnx", **common)
+    report = quantize(model, tmp_path / "c.onnx", bias_correction=True, **common)
+    plain, corrected = onnx.load(tmp_path / "plain.onnx"), onnx.load(tmp_path / "c.onnx")
+    assert [n.op_type for n in corrected.graph.node] == [n.op_type for n in plain.graph.node]
+    conv = next(n for n in corrected.graph.node if n.op_type == "Conv")
+    assert len(conv.input) == 3 and conv.input[2] in {i.name for i in corrected.graph.initializer}
+    assert "B" not in {i.name for i in corrected.graph.initializer}  # the replaced bias is gone
+    y = run(model, x)
+    assert np.abs((y - run(plain, x)).mean(axis=(0, 2, 3))).max() > 1e-2
+    for level in LEVELS:
+        np.testing.assert_allclose((y - run(corrected, x, level)).mean(axis=(0, 2, 3)), 0.0, atol=1e-4)
+    assert report.layers[0].cost_bias_corrected == pytest.approx(measured_error(model, corrected, x), rel=1e-3)
+
+
 def test_a_grouped_conv_is_one_problem_per_group_written_as_one_conv(tmp_path):
     model = conv_model(channels=(4, 8), group=4, pads=[1, 1, 1, 1])
     x = np.random.default_rng(3).standard_normal((20, 4, 9, 8)).astype(np.float32)

@@ -66,4 +66,12 @@ class ConvForm:
         if weight.bias is not None and weight.bias_name is not None:
             bias_nodes, conv.input[2] = edit.dequantize(weight.bias_name, weight.bias)
             nodes += bias_nodes
+        elif weight.float_bias is not None and weight.bias_name is not None:
+            conv.input[2] = edit.constant(f"{weight.bias_name}_corrected", weight.float_bias)
+        elif weight.output_shift is not None and (len(conv.input) < 3 or not conv.input[2]):
+            # no bias: the correction becomes Conv's B, not an Add after it
+            del conv.input[2:]
+            conv.input.append(edit.constant(f"{weight.name}_bias_correction",
+                                            weight.output_shift.reshape(-1).astype(np.float32)))
+            return Lowered(nodes + qdq + [conv], shift_folded=True)
         return Lowered(nodes + qdq + [conv])

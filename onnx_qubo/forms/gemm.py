@@ -56,13 +56,15 @@ class GemmForm:
                 bias_after = bias_deq
             else:
                 bias_input = bias_deq
+        elif weight.float_bias is not None and weight.bias_name is not None:  # beta folded in: C' = beta C + shift
+            bias_input = edit.constant(f"{weight.bias_name}_corrected", weight.float_bias)
         elif weight.activation is not None and len(node.input) > 2 and node.input[2]:
             bias_after = compat.float_bias_after_quantized_gemm(node, edit)
         qdq, activation = edit.quantize_activation(node.input[0], weight.activation)
         gemm = onnx.NodeProto()
         gemm.CopyFrom(node)
         gemm.input[0], gemm.input[1] = activation, deq
-        replaced = {"transB"} | ({"beta"} if weight.bias is not None or bias_after is not None else set())
+        replaced = {"transB"} | ({"beta"} if bias_input is not None or bias_after is not None else set())
         kept = [a for a in gemm.attribute if a.name not in replaced]
         del gemm.attribute[:]
         gemm.attribute.extend(kept + [helper.make_attribute("transB", 1)])

@@ -49,12 +49,16 @@ class MatMulForm:
             if weight.bias is not None and weight.bias_name is not None:
                 lowered.renames[weight.bias_name] = edit.constant(f"{weight.bias_name}_dequantized",
                                                                   dequantized(weight.bias))
+            elif weight.float_bias is not None and weight.bias_name is not None:
+                lowered.renames[weight.bias_name] = edit.constant(f"{weight.bias_name}_corrected", weight.float_bias)
             return lowered
         nodes, deq = edit.dequantize(weight.name, weight.weight)
         renames = {}
         if weight.bias is not None and weight.bias_name is not None:
             bias_nodes, renames[weight.bias_name] = edit.dequantize(weight.bias_name, weight.bias)
             nodes += bias_nodes
+        elif weight.float_bias is not None and weight.bias_name is not None:  # the Add reads the corrected bias
+            renames[weight.bias_name] = edit.constant(f"{weight.bias_name}_corrected", weight.float_bias)
         if weight.activation_rank == 2:
             qdq, activation = edit.quantize_activation(node.input[0], weight.activation)
             return Lowered(nodes + qdq + [helper.make_node("Gemm", [activation, deq], [node.output[0]], transB=1,
