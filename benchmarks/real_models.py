@@ -1007,6 +1007,8 @@ def benchmark_model(spec: ModelSpec, configs: list[str], n_calib: int, n_eval: i
                     got = prep.run(session(dst), prep.evaluation)
                     row.update(prep.fidelity(ref, got))
                     row["rel_err"] = rel_error(ref, got)
+                    if hasattr(prep, "truth"):  # the task itself: lines read right, beside float's
+                        row["vs_truth"] = text_fidelity(prep.truth, prep.decode(got))["fidelity"]
                 except Exception as e:  # noqa: BLE001
                     row.update(ok=False, error=f"evaluation in onnxruntime failed: {type(e).__name__}: {e}")
         res["rows"].append(row)
@@ -1085,20 +1087,24 @@ def write_markdown(results: list[dict], path: Path, argv: list[str], elapsed: fl
             L.append(f"Float model against the rendered ground truth: {ft['fidelity']:.1%} exact strings, "
                      f"{ft['fidelity2']:.1%} characters.")
         f1, f2 = res["fidelity_names"]
-        L += ["", f"| config | ok | {f1} | {f2} | rel. err. | share quantized | size (bytes) | time (s) | peak RSS (MB) |",
-              "|---|---|---|---|---|---|---|---|---|",
-              f"| float | | | | | 0% | {st['size']:,} | | |"]
+        truth = "float_vs_truth" in res  # a column for the task itself: strings read right
+        L += ["", f"| config | ok | {f1} | {f2} |{' strings read right |' if truth else ''} rel. err. | "
+                  "share quantized | size (bytes) | time (s) | peak RSS (MB) |",
+              "|---|---|---|---|" + "---|" * truth + "---|---|---|---|---|",
+              f"| float | | | |{' ' + format(res['float_vs_truth']['fidelity'], '.4f') + ' |' if truth else ''} | "
+              f"0% | {st['size']:,} | | |"]
         for r in res["rows"]:
             if r.get("ok"):
                 ok = "yes (reader)" if r.get("via_reader") else "yes"
                 L.append(f"| {r['config']} | {ok} | {fmt(r.get('fidelity'))} | {fmt(r.get('fidelity2'))} | "
-                         f"{fmt(r.get('rel_err'), '{:.4g}')} | {r['share']:.1%} | {r['size']:,} | {r['time']:.1f} | "
+                         + (f"{fmt(r.get('vs_truth'))} | " if truth else "")
+                         + f"{fmt(r.get('rel_err'), '{:.4g}')} | {r['share']:.1%} | {r['size']:,} | {r['time']:.1f} | "
                          f"{r['peak_rss_mb']:.0f} |")
             else:
                 err = str(r.get("error")).replace("|", "\\|").replace("\n", " ")
                 if len(err) > 240:
                     err = err[:240] + "..."
-                L.append(f"| {r['config']} | **no** | {err} | | | | | {fmt(r.get('time'), '{:.1f}')} | "
+                L.append(f"| {r['config']} | **no** | {err} | |{' |' * truth} | | | {fmt(r.get('time'), '{:.1f}')} | "
                          f"{fmt(r.get('peak_rss_mb'), '{:.0f}')} |")
         L += ["", "<details><summary>structure, `onnx-qubo inspect`, failures</summary>", "", "```",
               json.dumps({k: v for k, v in st.items() if k != "size"}, default=str), "", res["inspect"], "```"]

@@ -343,11 +343,11 @@ def part_decoder(folder: Path, blocks: int, width: int, ffn: int, samples: int, 
     size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     print(f"decoder: {blocks} blocks, d={width}, ffn={ffn}, {size / 1e9:.2f} GB; {samples} calibration sequences "
           f"of {tokens} tokens; default flags\n")
-    print("| bits | solve on | wall (s) | peak memory (GB) | output identical to 1 worker |")
-    print("|---|---|---|---|---|")
+    print("| bits | solve on | wall (s) | solve (s) | solve / 1 process | peak memory (GB) "
+          "| output identical to 1 worker |\n|---|---|---|---|---|---|---|")
     shapes: dict[tuple[int, int, str], list[float]] = {}
     for bits in bits_list:
-        first = None
+        first, first_solve = None, None
         for label, flags in (("1 process", []), (f"{workers} workers", ["--workers", str(workers)]),
                              (f"Ray local, {workers} workers", ["--ray", "local", "--workers", str(workers)])):
             output = folder / f"out{bits}_{len(flags)}.onnx"
@@ -356,9 +356,13 @@ def part_decoder(folder: Path, blocks: int, width: int, ffn: int, samples: int, 
                                                        str(report_path), *flags])
             same = "-" if first is None else str(output.read_bytes() == first.read_bytes())
             first = first or output
-            print(f"| {bits} | {label} | {seconds:.0f} | {peak:.2f} | {same} |", flush=True)
+            layers = json.loads(report_path.read_text())["layers"]
+            solve = sum(layer["solve_seconds"] for layer in layers)
+            first_solve = first_solve or solve
+            print(f"| {bits} | {label} | {seconds:.0f} | {solve:.0f} | {solve / first_solve:.2f} | {peak:.2f} "
+                  f"| {same} |", flush=True)
             if not flags:
-                for layer in json.loads(report_path.read_text())["layers"]:
+                for layer in layers:
                     key = (layer["n_out"], layer["f_in"], f"{bits} bits")
                     shapes.setdefault(key, []).append(layer["solve_seconds"])
     print("\nPer-layer solve seconds (1 process; mean over the layers of that shape):\n")
