@@ -27,7 +27,8 @@ HISTOGRAM_BINS = 2048
 
 
 def input_quantizers(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset, activations: Activations,
-                     method: RangeMethod, progress: Progress, outputs: Collection[str] = ()) -> dict[str, InputQuantizer]:
+                     method: RangeMethod, progress: Progress,
+                     outputs: Collection[str] = ()) -> dict[str, InputQuantizer]:
     """Input tensor name (and each of ``outputs``, layer output tensors) -> its quantizer (none
     when ``activations`` is NONE)."""
     if activations == Activations.NONE:

@@ -138,7 +138,8 @@ def split_rounding(scaled: np.ndarray, grid: IntegerGrid) -> Rounding:
 @dataclass(frozen=True)
 class InputQuantizer:
     """Per-tensor 8-bit affine quantization of a layer's input (or of a Conv's output, for
-    QLinearConv), as QuantizeLinear then DequantizeLinear compute it: ``q = clip(round_half_even(x / scale) + zero_point)``."""
+    QLinearConv), as QuantizeLinear then DequantizeLinear compute it:
+    ``q = clip(round_half_even(x / scale) + zero_point)``."""
 
     scale: float
     zero_point: int

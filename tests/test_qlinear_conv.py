@@ -9,18 +9,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
+from test_conv import conv_model, measured_error
 
 from onnx_qubo import quantize
 from onnx_qubo.data import load_dataset
 from onnx_qubo.grid import InputQuantizer
+from onnx_qubo.kernels import Format
 from onnx_qubo.options import Activations, RangeMethod
 from onnx_qubo.ort_forms import ActivationCodes, LayerCodes, qlinear_conv, qlinear_conv_reference
 from onnx_qubo.patches import ConvGeometry
-from onnx_qubo.kernels import Format
 from onnx_qubo.pipeline import calibrate
 from onnx_qubo.progress import Progress
-
-from test_conv import conv_model, measured_error
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_DISABLE_ALL]
