@@ -1,7 +1,8 @@
 # ruff: noqa: E501
 """Conv forms with 8-bit activations in onnxruntime 1.32 (CPU): which one is faster than float.
 
-    python benchmarks/conv_forms.py
+    python benchmarks/conv_forms.py            # every form on four Convs
+    python benchmarks/conv_forms.py --sweep    # QLinearConv vs float by input channels per group
 
 float Conv; the portable form (QuantizeLinear -> DequantizeLinear on the input, DequantizeLinear
 on the int8 weight, float Conv); ConvInteger (uint8 x uint8, scalar weight zero point) -> Cast ->
@@ -10,6 +11,7 @@ here from the float output); and the QDQ pattern with a QuantizeLinear after the
 onnxruntime fuses into QLinearConv itself. One thread, median of repeated runs; each line gives
 the latency ratio to float and the output difference to float relative to its largest value.
 """
+import sys
 import time
 
 import numpy as np
@@ -84,7 +86,25 @@ def time_model(m, x, reps):
     return float(np.median(ts)) * 1e3, y
 
 
+SWEEP = [(1, 16, 3, 1, 28, 64), (2, 16, 3, 1, 28, 64), (4, 16, 3, 1, 28, 64), (8, 16, 3, 1, 28, 64),
+         (16, 16, 3, 1, 28, 64), (3, 16, 3, 1, 48, 16), (4, 32, 3, 1, 28, 64), (16, 4, 3, 1, 28, 64),
+         (8, 16, 1, 1, 28, 64), (64, 64, 1, 1, 28, 16), (32, 32, 3, 32, 28, 16), (32, 64, 3, 16, 28, 16),
+         (32, 64, 3, 8, 28, 16), (32, 32, 3, 4, 28, 16), (32, 32, 3, 2, 28, 16), (64, 64, 3, 4, 28, 16),
+         (64, 64, 3, 2, 28, 16)]  # (cin, cout, k, group, hw, batch): where ort_forms.qlinear_conv_slow draws its line
+
+
+def sweep(reps: int = 15) -> None:
+    for cin, cout, k, group, hw, batch in SWEEP:
+        models, x = conv_models(cin, cout, k, group, hw, batch)
+        base, fast = time_model(models["float"], x, reps)[0], time_model(models["QLinearConv"], x, reps)[0]
+        print(f"{cin:3d}->{cout:3d} {k}x{k} group {group:2d} ({cin // group:2d} in, {cout // group:2d} out per group) "
+              f"{hw}x{hw} b{batch}: float {base:6.2f} ms, QLinearConv {fast:6.2f} ms, x{fast / base:5.2f} float")
+
+
 def main() -> None:
+    if "--sweep" in sys.argv:
+        sweep()
+        return
     cases = [("mnist conv1 1->16 3x3 28x28 b256", (1, 16, 3, 1, 28, 256), 20),
              ("mnist conv2 16->32 3x3 g2 14x14 b256", (16, 32, 3, 2, 14, 256), 20),
              ("64->64 3x3 56x56 b8", (64, 64, 3, 1, 56, 8), 10),

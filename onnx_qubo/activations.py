@@ -1,5 +1,7 @@
 """Activation quantization: calibrate each quantized layer's input range on the float model,
-and give it the per-tensor 8-bit quantizer (QuantizeLinear -> DequantizeLinear) it will run.
+and give it the per-tensor 8-bit quantizer (QuantizeLinear -> DequantizeLinear) it will run;
+the same for the outputs of Convs that QLinearConv may run (it quantizes its output too),
+in the same passes over the data.
 
 ``minmax`` spans the observed range; ``percentile`` clips it to the 0.001% and 99.999%
 quantiles (read off a 2048-bin histogram of a second pass), so rare outliers do not coarsen
@@ -7,6 +9,8 @@ the grid for everything else.
 """
 
 from __future__ import annotations
+
+from typing import Collection
 
 import numpy as np
 import onnx
@@ -23,31 +27,33 @@ HISTOGRAM_BINS = 2048
 
 
 def input_quantizers(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset, activations: Activations,
-                     method: RangeMethod, progress: Progress) -> dict[str, InputQuantizer]:
-    """Input tensor name -> its quantizer (none when ``activations`` is NONE)."""
+                     method: RangeMethod, progress: Progress,
+                     outputs: Collection[str] = ()) -> dict[str, InputQuantizer]:
+    """Input tensor name (and each of ``outputs``, layer output tensors) -> its quantizer (none
+    when ``activations`` is NONE)."""
     if activations == Activations.NONE:
         return {}
-    widths = {layer.input_name: layer.shape[1] for layer in layers}
-    ranges = _min_max(model, widths, dataset, progress)
+    names = list(dict.fromkeys([*(layer.input_name for layer in layers), *outputs]))
+    ranges = _min_max(model, names, dataset, progress)
     if method == RangeMethod.PERCENTILE:
-        ranges = _percentiles(model, widths, dataset, ranges, progress)
+        ranges = _percentiles(model, dataset, ranges, progress)
     return {name: InputQuantizer.for_range(lo, hi, signed=activations == Activations.INT8)
             for name, (lo, hi) in ranges.items()}
 
 
-def _min_max(model: onnx.ModelProto, widths: dict[str, int], dataset: Dataset,
+def _min_max(model: onnx.ModelProto, names: list[str], dataset: Dataset,
              progress: Progress) -> dict[str, tuple[float, float]]:
-    lo, hi = dict.fromkeys(widths, np.inf), dict.fromkeys(widths, -np.inf)
+    lo, hi = dict.fromkeys(names, np.inf), dict.fromkeys(names, -np.inf)
     with progress.bar(dataset.num_samples, "input ranges") as bar:
-        for samples, inputs in stream_inputs(model, widths, dataset, "the float model"):
+        for samples, inputs in stream_inputs(model, names, dataset, "the float model"):
             for name, x in inputs.items():
                 if x.size:  # empty: an If branch that did not run on this batch
                     lo[name], hi[name] = min(lo[name], float(x.min())), max(hi[name], float(x.max()))
             bar.update(samples)
-    return {name: (lo[name], hi[name]) for name in widths if lo[name] <= hi[name]}  # a tensor never seen: none
+    return {name: (lo[name], hi[name]) for name in names if lo[name] <= hi[name]}  # a tensor never seen: none
 
 
-def _percentiles(model: onnx.ModelProto, widths: dict[str, int], dataset: Dataset,
+def _percentiles(model: onnx.ModelProto, dataset: Dataset,
                  ranges: dict[str, tuple[float, float]], progress: Progress) -> dict[str, tuple[float, float]]:
     counts = {name: np.zeros(HISTOGRAM_BINS, dtype=np.int64) for name in ranges}
     with progress.bar(dataset.num_samples, "input histograms") as bar:

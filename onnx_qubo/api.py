@@ -71,12 +71,14 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     ``activation_range`` "minmax" or "percentile"), ``sequential`` (calibrate each layer on
     the outputs of the already quantized earlier layers). ``format``: "qdq" (standard ONNX,
     DequantizeLinear) or "ort" (onnxruntime's fast kernels from the same codes: MatMulNBits,
-    MatMulIntegerToFloat; a layer they cannot run correctly keeps the portable form, and the
-    report says why); ``ort_accuracy_level`` 4 lets MatMulNBits quantize activations to int8
-    inside the kernel (faster, at the output error the report states). ``lower_bound``: certify a
-    lower bound on each layer's optimal cost (costs about as much as a solve). ``workers``: solve
-    each layer's rows on that many local processes; ``ray_address``: on a Ray cluster ("local"
-    starts one here; needs ``pip install 'onnx-qubo[ray]'``): the same bits either way.
+    MatMulIntegerToFloat, and with quantized ``activations`` QLinearConv for a Conv, whose output
+    it rounds to 8 bits over a range calibrated for it; a layer they cannot run correctly or
+    faster keeps the portable form, and the report says why); ``ort_accuracy_level`` 4 lets
+    MatMulNBits quantize activations to int8 inside the kernel (faster, at the output error the
+    report states). ``lower_bound``: certify a lower bound on each layer's optimal cost (costs
+    about as much as a solve). ``workers``: solve each layer's rows on that many local processes;
+    ``ray_address``: on a Ray cluster ("local" starts one here; needs ``pip install
+    'onnx-qubo[ray]'``): the same bits either way.
     ``external_data``: write the tensors to ``<output>.data`` beside the model (always done when
     the model would pass protobuf's 2 GB limit). ``max_memory``: GB the run may hold (default 60% of
     the machine's memory): the model's weights, the layer statistics of one calibration pass and

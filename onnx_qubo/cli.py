@@ -172,7 +172,7 @@ def main():
                    "an Add after it where the bias cannot take it).")
 @click.option("--format", "output_format", type=choices(Format), default="qdq", show_default=True,
               help="qdq: standard ONNX (integers -> DequantizeLinear), runs anywhere; ort: onnxruntime's fast CPU "
-                   "kernels from the same codes (MatMulNBits, MatMulIntegerToFloat).")
+                   "kernels from the same codes (MatMulNBits, MatMulIntegerToFloat; QLinearConv with --activations).")
 @click.option("--ort-accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="With --format ort, weight-only: 4 lets MatMulNBits quantize activations to int8 inside the kernel "
                    "(faster; the report states the output error it costs).")

@@ -23,14 +23,14 @@ The forms (forms/) and the options (options.py) ask this module instead of knowi
    float bias ``C`` to INT32 (0.5% of the largest output on the digits demo, seen by the report's
    comparison with optimizations disabled); so a float bias is added by an ``Add`` after the
    Gemm there (``float_bias_after_quantized_gemm``).
-5. A Conv has no fast form in format ort yet (``conv_fast_kernel_refusal``): onnxruntime has no
-   weight-only integer Conv kernel; with int8 activations its fast kernel, QLinearConv (written
-   directly, or fused from DequantizeLinear -> Conv -> QuantizeLinear), also quantizes the Conv's
-   output, which needs that output's calibrated range; ConvInteger keeps a float output but runs
-   slower than float (benchmarks/conv_forms.py, two runs on the shared machine: ConvInteger
-   1.3-5x float's time; QLinearConv 0.35-0.9x on Convs of 16-64 input channels, slower than float
-   on MNIST's 1-channel first Conv; on a depthwise Conv QLinearConv and the fused pattern swapped
-   places between the runs).
+5. A weight-only Conv has no fast form in format ort (``conv_fast_kernel_refusal``): onnxruntime
+   has no weight-only integer Conv kernel. With quantized inputs its fast kernel is QLinearConv,
+   written directly (ort_forms.qlinear_conv), which also quantizes the Conv's output: that output's
+   range is calibrated for it (kernels.needs_output_range). Its CPU kernel takes one weight zero
+   point for all channels (it refuses to run otherwise) and runs slower than float on few input
+   channels per group (``ort_forms.qlinear_conv_slow``: 4.4x float's time at 1 channel, 1.1x on a
+   depthwise Conv); ConvInteger keeps a float output but runs slower than float
+   (benchmarks/conv_forms.py: 1.3-5x float's time).
 6. ``Gather`` does not take INT4/INT2 tensors, so a portable table lookup reads codes packed in
    bytes (forms/gather.py); ``GatherBlockQuantized`` returns a row of zeros for an index outside
    the table where ``Gather`` fails (tests/test_embeddings.py).
@@ -81,9 +81,6 @@ def float_bias_after_quantized_gemm(gemm: onnx.NodeProto, edit: GraphEdit) -> st
     return edit.constant(f"{bias}_times_beta", (beta * edit.read(initializer)).astype(np.float32))
 
 
-def conv_fast_kernel_refusal(quantized_inputs: bool) -> str:
-    """Why a Conv keeps the portable form with format ort (rule 5)."""
-    if not quantized_inputs:
-        return "onnxruntime has no weight-only integer Conv kernel"
-    return ("onnxruntime's fast Conv kernel (QLinearConv) quantizes the output too, whose range is not calibrated "
-            "yet; ConvInteger keeps a float output but runs slower than float (benchmarks/conv_forms.py)")
+def conv_fast_kernel_refusal() -> str:
+    """Why a Conv keeps the portable form with format ort weight-only (rule 5)."""
+    return "onnxruntime has no weight-only integer Conv kernel"

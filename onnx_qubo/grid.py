@@ -137,8 +137,9 @@ def split_rounding(scaled: np.ndarray, grid: IntegerGrid) -> Rounding:
 
 @dataclass(frozen=True)
 class InputQuantizer:
-    """Per-tensor 8-bit affine quantization of a layer's input, as QuantizeLinear then
-    DequantizeLinear compute it: ``q = clip(round_half_even(x / scale) + zero_point)``."""
+    """Per-tensor 8-bit affine quantization of a layer's input (or of a Conv's output, for
+    QLinearConv), as QuantizeLinear then DequantizeLinear compute it:
+    ``q = clip(round_half_even(x / scale) + zero_point)``."""
 
     scale: float
     zero_point: int

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import compat
 from .choice import Choice
+from .grid import InputQuantizer
 from .ort_forms import (
     ActivationCodes,
     LayerCodes,
@@ -20,9 +21,12 @@ from .ort_forms import (
     gather_block_quantized,
     matmul_integer_to_float,
     matmul_nbits,
+    qlinear_conv,
+    qlinear_conv_slow,
 )
 from .passes.insert_dequantize import QuantizedTensor
-from .types import QuantizedLayer
+from .patches import ConvGeometry
+from .types import DenseLayer, QuantizedLayer
 
 PORTABLE = "DequantizeLinear"
 PORTABLE_TABLE = "Gather+Mul"  # an embedding table's portable lookup (forms/gather.py)
@@ -30,7 +34,7 @@ PORTABLE_TABLE = "Gather+Mul"  # an embedding table's portable lookup (forms/gat
 
 class Format(Choice):
     QDQ = "qdq"  # standard ONNX: integers -> DequantizeLinear -> Gemm, runs anywhere
-    ORT = "ort"  # onnxruntime's CPU kernels (com.microsoft MatMulNBits / MatMulIntegerToFloat)
+    ORT = "ort"  # onnxruntime's CPU kernels (com.microsoft MatMulNBits / MatMulIntegerToFloat, QLinearConv)
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,14 +42,22 @@ class FastLayer:
     """A layer's codes as one of onnxruntime's kernels takes them; ``build`` writes the nodes."""
 
     codes: LayerCodes  # Gemm's alpha folded into the scales; bias as the kernel adds it (or None)
-    activation: ActivationCodes | None  # quantized inputs: MatMulIntegerToFloat
+    activation: ActivationCodes | None  # quantized inputs: MatMulIntegerToFloat (QLinearConv)
     accuracy_level: int  # MatMulNBits: 0 float compute, 4 int8 activations inside the kernel
+    conv: ConvGeometry | None = None  # a Conv: QLinearConv, its bias correction folded into ``codes.bias``
+    output: ActivationCodes | None = None  # QLinearConv's output quantization
 
     @property
     def kernel(self) -> str:
+        if self.conv is not None:
+            return "QLinearConv"
         return "MatMulNBits" if self.activation is None else "MatMulIntegerToFloat"
 
     def build(self, activation: str, output: str, fresh) -> OrtForm | str:
+        if self.conv is not None:
+            if self.activation is None or self.output is None:
+                raise ValueError("QLinearConv needs the input and output quantization")
+            return qlinear_conv(self.codes, self.conv, self.activation, self.output, activation, output, fresh)
         if self.activation is None:
             return matmul_nbits(self.codes, activation, output, fresh, accuracy_level=self.accuracy_level)
         return matmul_integer_to_float(self.codes, self.activation, activation, output, fresh)
@@ -58,35 +70,49 @@ class KernelChoice:
     fallback: str | None = None  # why the fast kernel was not used (format ort only)
 
 
+def needs_output_range(layer: DenseLayer, format: Format, quantized_inputs: bool) -> bool:
+    """Whether ``layer`` may run as QLinearConv, which quantizes its output too: the range of its
+    output is then calibrated (a Conv of a shape the kernel runs faster than float, format ort,
+    quantized inputs)."""
+    return (format == Format.ORT and quantized_inputs and layer.geometry is not None
+            and qlinear_conv_slow(layer.geometry) is None)
+
+
 def choose_kernel(q: QuantizedLayer, weight: QuantizedTensor, bias: np.ndarray | None, has_other_bias: bool,
                   format: Format, accuracy_level: int) -> tuple[FastLayer | None, KernelChoice]:
     """The fast kernel for layer ``q`` (DequantizeLinear form ``weight``), or None and why not.
     ``bias``: the [n] bias the kernel must add (None: none, or it stays in a following Add);
     ``has_other_bias``: the node has a bias the kernel cannot take (e.g. a Gemm's C that is not
-    one value per output)."""
+    one value per output). A Conv's kernel (QLinearConv) also adds the bias correction
+    ``q.bias_shift`` to its bias."""
     name = q.layer.name
     if format == Format.QDQ:
         return None, KernelChoice(name, PORTABLE)
     if not q.layer.form.fast_kernels:
-        reason = (compat.conv_fast_kernel_refusal(q.input_quantizer is not None) if q.layer.op_type == "Conv"
-                  else f"no faster onnxruntime kernel for a {q.layer.op_type} layer yet")
-        return None, KernelChoice(name, PORTABLE, reason)
+        return None, KernelChoice(name, PORTABLE, f"no faster onnxruntime kernel for a {q.layer.op_type} layer yet")
+    geometry = q.layer.geometry
+    if geometry is not None and q.input_quantizer is None:
+        return None, KernelChoice(name, PORTABLE, compat.conv_fast_kernel_refusal())
+    if geometry is not None and q.output_quantizer is None:
+        return None, KernelChoice(name, PORTABLE, qlinear_conv_slow(geometry) or "its output range was not calibrated")
     if has_other_bias:
         return None, KernelChoice(name, PORTABLE, "its bias is not one value per output")
     scale, zero_point, block_size = np.asarray(weight.scale, np.float64), weight.zero_point, weight.block_size
     if scale.ndim == 2 and scale.shape[1] == 1:  # one block spans each row: per channel
         scale, zero_point, block_size = scale[:, 0], None if zero_point is None else zero_point[:, 0], 0
+    if geometry is not None and q.bias_shift is not None:
+        bias = (0.0 if bias is None else np.asarray(bias, np.float64)) + q.bias_shift
     codes = LayerCodes(q.integers, scale * q.layer.gain, None if zero_point is None else np.asarray(zero_point),
                        q.scheme.bits, block_size, bias)
-    activation = None
-    if q.input_quantizer is not None:
-        activation = ActivationCodes(q.input_quantizer.scale, q.input_quantizer.zero_point,
-                                     q.input_quantizer.signed)
-    fast = FastLayer(codes, activation, accuracy_level)
+    fast = FastLayer(codes, _codes(q.input_quantizer), accuracy_level, geometry, _codes(q.output_quantizer))
     refusal = fast.build("x", "y", lambda base: base)  # a dry run: only checks, names do not matter
     if isinstance(refusal, str):
         return None, KernelChoice(name, PORTABLE, refusal)
     return fast, KernelChoice(name, fast.kernel)
+
+
+def _codes(quantizer: InputQuantizer | None) -> ActivationCodes | None:
+    return None if quantizer is None else ActivationCodes(quantizer.scale, quantizer.zero_point, quantizer.signed)
 
 
 def choose_table_kernel(name: str, codes: LayerCodes, format: Format) -> tuple[bool, KernelChoice]:

@@ -2,7 +2,9 @@
 
 ``rewrite`` raises the opset as the integer types and the scheme require, lowers every layer
 (each layer's form rewrites its own node: forms/; with format ``ort`` through the kernel
-kernels.py chooses), and checks the result with onnx's full checker.
+kernels.py chooses), and checks the result with onnx's full checker. A bias correction goes into
+the layer's float bias where it has one, a Conv's new ``B`` where it has none, QLinearConv's INT32
+bias, else an ``Add`` after the node.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
     fast, kernel = choose_kernel(q, weight, kernel_bias, other_bias, format, accuracy_level)
     replaced_bias = bias is not None or (fast is not None and kernel_bias is not None)
     shift, float_bias = q.bias_shift, None
+    if fast is not None and fast.conv is not None:  # QLinearConv adds the correction with its INT32 bias
+        shift = None
     if (shift is not None and not replaced_bias and q.layer.bias is not None and q.layer.bias_name
             and activation is None):  # the correction folded into the float bias: no Add after the node
         shift, float_bias = None, (q.layer.bias + q.bias_shift).astype(np.float32)

@@ -27,7 +27,7 @@ from .errors import ModelError, OptionError
 from .forms.gather import find_tables, quantize_table
 from .grid import InputQuantizer
 from .groups import merge_groups, merge_reports, split_groups
-from .kernels import Format
+from .kernels import Format, needs_output_range
 from .layer import SolvedLayer, prepare_layer
 from .lowering import rewrite
 from .options import Activations, QuantizeOptions, RangeMethod
@@ -51,6 +51,7 @@ class Calibrated:
     skipped: list[SkippedNode]
     statistics: Mapping[str, InputStatistics]  # layer statistics_key -> statistics (gathered when first read)
     quantizers: dict[str, InputQuantizer]  # layer input tensor -> its quantizer (quantized inputs only)
+    output_quantizers: dict[str, InputQuantizer]  # output tensor of a Conv QLinearConv may run -> its quantizer
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -76,7 +77,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
                    progress: Progress) -> Quantized:
     """Quantize every dense layer of ``model`` but the excluded ones."""
     calibrated = calibrate(model, calibration, progress, options.exclude, options.activations,
-                           options.activation_range, options.max_memory)
+                           options.activation_range, options.max_memory, options.format)
     plan = make_plan(options, calibrated.layers)
     integers, reports = [], []
     for solved in solve_layers(calibrated, plan, progress):  # keeps each layer's integers, frees its QUBO
@@ -84,6 +85,8 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
         reports.append(solved.report)
         del solved  # before the next layer's calibration pass and solve
     integers, reports = merge_groups(integers), merge_reports(calibrated.layers, reports)
+    integers = [replace(q, output_quantizer=calibrated.output_quantizers.get(q.layer.output_name or ""))
+                for q in integers]
     tables, skipped = [], calibrated.skipped
     if options.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
         found, table_skips = find_tables(model)
@@ -93,6 +96,10 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
     portable = written.model if plan.format == Format.QDQ else rewrite(model, integers, tables=tables).model
     reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback) for r, k in zip(reports, written.kernels)]
     notes = written.notes
+    if any(k.kernel == "QLinearConv" for k in written.kernels):
+        notes = [*notes, "QLinearConv also rounds each such Conv's output to 8 bits (range calibrated on the float "
+                         "model): the layer costs above leave that rounding out, and the comparison with the "
+                         "DequantizeLinear model includes it"]
     if options.embeddings and not tables:
         notes = [*notes, "embeddings: no Gather reads rows of a constant float table that only it reads"]
     if plan.sequential and not any(discovery.fed_by_earlier(model, calibrated.layers)):
@@ -103,12 +110,18 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
 
 def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, exclude: Collection[str] = (),
               activations: Activations = Activations.NONE,
-              activation_range: RangeMethod = RangeMethod.MINMAX, max_memory: int | None = None) -> Calibrated:
+              activation_range: RangeMethod = RangeMethod.MINMAX, max_memory: int | None = None,
+              format: Format = Format.QDQ) -> Calibrated:
     """The model's layers and their input statistics, in as many passes over the data as
-    ``max_memory`` (bytes; default: memory.py's) needs."""
+    ``max_memory`` (bytes; default: memory.py's) needs; with ``format`` ort and quantized
+    ``activations``, the output ranges of the Convs QLinearConv may run, in the same passes as
+    the input ranges."""
     found, skipped = find_layers(model, exclude)
     layers = split_groups(found)  # a grouped Conv: one layer per group, each with its own Gram matrix
-    quantizers = input_quantizers(model, layers, calibration, activations, activation_range, progress)
+    outputs = [layer.output_name for layer in found if layer.output_name is not None
+               and needs_output_range(layer, format, activations != Activations.NONE)]
+    ranged = input_quantizers(model, layers, calibration, activations, activation_range, progress, outputs)
+    quantizers = {layer.input_name: ranged[layer.input_name] for layer in layers if layer.input_name in ranged}
     groups = memory.calibration_groups(layers, max_memory, memory.weights_bytes(model), drift=bool(quantizers))
     if len(groups) > 1:
         log.info("calibrating in %d passes over the data: the statistics of all %d layers do not fit the memory "
@@ -117,7 +130,8 @@ def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, 
     main_graph = {out for node in model.graph.node for out in node.output} | {inp.name for inp in model.graph.input}
     in_bodies = {layer.statistics_key for layer in layers if layer.input_name not in main_graph}
     layers, skipped = _drop_never_run(layers, skipped, {key: statistics[key] for key in in_bodies})
-    return Calibrated(model, calibration, layers, skipped, statistics, quantizers)
+    return Calibrated(model, calibration, layers, skipped, statistics, quantizers,
+                      {name: ranged[name] for name in outputs if name in ranged})
 
 
 def _drop_never_run(layers: list[DenseLayer], skipped: list[SkippedNode], statistics: dict[str, InputStatistics]

@@ -107,6 +107,7 @@ class DenseLayer:
     group: int | None = None  # one group of a grouped Conv: its rows of ``parent``'s weight
     parent: str | None = None  # the grouped Conv (or recurrent node) this group belongs to
     cell: "RecurrentCell | None" = None  # an LSTM/RNN's: its input vectors are [x_t; h_(t-1)] (forms/recurrent.py)
+    output_name: str | None = None  # a Conv's output tensor: its range is calibrated for QLinearConv (kernels.py)
 
     @property
     def source_key(self) -> str:
@@ -194,7 +195,8 @@ class QuantizedLayer:
     """The result for one layer, ready for the graph rewrite: integer weights [n_out, f_in]
     with their scales and zero points (dequantized: ``scales.dequantize(integers)``, in the
     layer's stored units; Gemm's alpha still applies on top), and optionally a quantized
-    bias, the quantization of its input, and a float shift of its output."""
+    bias, the quantization of its input, a float shift of its output, and the quantization of its
+    output (a Conv that QLinearConv may run: format ort with quantized inputs)."""
 
     layer: DenseLayer
     scheme: Scheme
@@ -203,3 +205,4 @@ class QuantizedLayer:
     bias: QuantizedBias | None = None
     input_quantizer: InputQuantizer | None = None
     bias_shift: np.ndarray | None = None  # [n_out] added to the layer's output (bias correction)
+    output_quantizer: InputQuantizer | None = None

@@ -7,6 +7,8 @@ bias is ``B``. Lowered to ``DequantizeLinear`` on the [M, f] integers (any granu
 the dense forms) -> ``Reshape`` to the weight's shape -> ``Conv``: exact at every onnxruntime
 level (tests/test_conv.py). A grouped or depthwise Conv is solved as one layer per group (each
 group has its own Gram matrix; pipeline.split_groups), its groups merged again for the rewrite.
+With format ort and quantized inputs, onnxruntime's QLinearConv may run it instead
+(ort_forms.qlinear_conv, chosen by kernels.py), which also quantizes its output.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def flat_float64(stored: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
 
 class ConvForm:
     op_type = "Conv"
-    fast_kernels = False  # format ort: no faster onnxruntime kernel for a weight-only Conv
+    fast_kernels = True  # format ort with quantized inputs: QLinearConv (kernels.py); weight-only: none
 
     def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
         activation, weight_name = node.input[0], node.input[1]
@@ -51,9 +53,12 @@ class ConvForm:
             return bias
         return DenseLayer(name, self, f"Conv {'x'.join(map(str, geometry.kernel))}", activation,
                           index.ranks.get(activation), weight_name, weight, 1.0, bias,
-                          bias_name if bias is not None else None, bias_in_node=bool(bias_name), geometry=geometry)
+                          bias_name if bias is not None else None, bias_in_node=bool(bias_name), geometry=geometry,
+                          output_name=node.output[0])
 
     def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
+        if weight.fast is not None:  # QLinearConv: the bias and its correction are in its INT32 B (kernels.py)
+            return edit.fast(weight, node.input[0], node.output[0])
         nodes, deq = edit.dequantize(weight.name, weight.weight)
         stored = next(init for init in edit.graph.initializer if init.name == weight.name)
         shape = edit.constant(f"{weight.name}_shape", np.array(stored.dims, np.int64))
