@@ -57,6 +57,8 @@ CONFIGS = {
     "qubo-b8-emb": "onnx-qubo 8 bits per channel, embedding tables per row (--embeddings)",
     "qubo-b4-emb": "onnx-qubo 4 bits per channel, embedding tables per row (--embeddings)",
     "qubo-b4-blk32-bc": "onnx-qubo 4 bits, blocks of 32, --bias-correction",
+    "qubo-b8-bc": "onnx-qubo 8 bits per channel, --bias-correction",
+    "qubo-b4-blk32-asym-bc": "onnx-qubo 4 bits, blocks of 32, asymmetric, --bias-correction (every layer)",
     "qubo-b4-blk32-ortlayers": "onnx-qubo 4 bits, blocks of 32, asymmetric like onnxruntime's RTN, --bias-correction, "
                                "only the layers MatMulNBitsQuantizer quantizes (MatMul with a constant weight; the "
                                "others --exclude'd)",
@@ -821,7 +823,7 @@ def worker(args) -> int:
                 kw["embeddings"] = True
             if cfg.endswith("-bc") or "budget" in cfg or cfg.endswith("-ortlayers"):
                 kw["bias_correction"] = True
-            if cfg.endswith("-ortlayers"):
+            if cfg.endswith("-ortlayers") or "-asym" in cfg:
                 kw["symmetric"] = False
             if "budget" in cfg:
                 kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
