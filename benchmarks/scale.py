@@ -333,7 +333,7 @@ def run_cli(model: Path, output: Path, flags: list[str]) -> tuple[float, float, 
 
 
 def part_decoder(folder: Path, blocks: int, width: int, ffn: int, samples: int, tokens: int, bits_list: list[int],
-                 workers: int) -> None:
+                 workers: int, placements: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "model.onnx"
     if not model.exists():
@@ -348,8 +348,9 @@ def part_decoder(folder: Path, blocks: int, width: int, ffn: int, samples: int, 
     shapes: dict[tuple[int, int, str], list[float]] = {}
     for bits in bits_list:
         first, first_solve = None, None
-        for label, flags in (("1 process", []), (f"{workers} workers", ["--workers", str(workers)]),
-                             (f"Ray local, {workers} workers", ["--ray", "local", "--workers", str(workers)])):
+        runs = {"process": ("1 process", []), "workers": (f"{workers} workers", ["--workers", str(workers)]),
+                "ray": (f"Ray local, {workers} workers", ["--ray", "local", "--workers", str(workers)])}
+        for label, flags in (runs[name] for name in placements):
             output = folder / f"out{bits}_{len(flags)}.onnx"
             report_path = folder / f"report{bits}_{len(flags)}.json"
             seconds, peak, _ = run_cli(model, output, ["--bits", str(bits), "--no-speed", "--report",
@@ -392,6 +393,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="calibration samples (1536; big: 512)")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--placements", nargs="+", choices=["process", "workers", "ray"],
+                        default=["process", "workers", "ray"], help="decoder: where the layers are solved")
     args = parser.parse_args()
     if args.samples is None:
         args.samples = {"big": 512, "decoder": 96}.get(args.mode, 1536)
@@ -402,7 +405,8 @@ def main() -> None:
     if args.mode == "run":
         part_run(args.width, args.samples, args.bits)
     elif args.mode == "decoder":
-        part_decoder(args.folder, args.blocks, args.width, args.ffn, args.samples, args.tokens, args.bits, args.workers)
+        part_decoder(args.folder, args.blocks, args.width, args.ffn, args.samples, args.tokens, args.bits, args.workers,
+                     args.placements)
     elif args.mode == "big":
         part_big(args.folder, args.blocks, args.width, args.samples, args.flags.split())
     elif args.mode == "fit":
