@@ -1,0 +1,69 @@
+"""Where a quantization run's memory peaks: run ``onnx_qubo.quantize`` in this process while a
+thread samples the resident set every 0.1 s and keeps, per innermost chain of onnx_qubo
+functions on the main thread, the largest RSS it saw.
+
+    python benchmarks/memory_stages.py MODEL.onnx DATA.npz [--bits 4] [--top 12]
+
+DATA.npz serves as calibration and evaluation data (speed check on), as ``real_models.py``'s
+onnx-qubo configs run. Samples, not VmHWM: a peak shorter than 0.1 s can be missed (the
+process's VmHWM is printed too). Linux only (reads /proc/self/status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import onnx_qubo
+
+
+def status_gb(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in GB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1e6
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--top", type=int, default=12, help="stages listed, largest peak first")
+    args = parser.parse_args()
+    peaks: collections.Counter[str] = collections.Counter()
+    main_thread, done = threading.get_ident(), threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            frame = sys._current_frames().get(main_thread)
+            chain = [f.name for f in traceback.extract_stack(frame) if "onnx_qubo" in f.filename][-3:]
+            key = " > ".join(chain) or "(outside onnx_qubo)"
+            peaks[key] = max(peaks[key], status_gb("VmRSS"))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_qubo.quantize(args.model, Path(folder) / "out.onnx", bits=args.bits, calibration=args.data,
+                           evaluation=args.data, progress=False)
+    done.set()
+    sampler.join()
+    print(f"{args.model.name}, {args.bits} bits, data {args.data.name}: {time.perf_counter() - start:.0f} s, "
+          f"VmHWM {status_gb('VmHWM'):.2f} GB\n")
+    print("| peak RSS (GB) | innermost onnx_qubo functions |\n|---|---|")
+    for key, value in peaks.most_common(args.top):
+        print(f"| {value:.2f} | {key} |")
+
+
+if __name__ == "__main__":
+    main()
