@@ -29,7 +29,7 @@ from .runtime import NONE, make_session
 from .subgraphs import expose
 from .types import DenseLayer, InputStatistics
 
-CAPTURE_BYTES = 256 * 2 ** 20  # captured layer inputs one calibration run may hold
+CAPTURE_BYTES = 128 * 2 ** 20  # captured layer inputs one calibration run may hold
 PROBE_SAMPLES = 8  # the first run's samples, from which the pieces are sized
 
 
