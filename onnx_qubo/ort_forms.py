@@ -45,6 +45,7 @@ from onnx import helper, numpy_helper
 from .patches import ConvGeometry, patches
 
 MS_DOMAIN = "com.microsoft"
+SATURATION_FREE = 64  # u8s8 pair sums stay in int16 for stored weights within +-64: 2 * 255 * 64 < 2^15
 NBITS_FAST_BLOCKS = (16, 32, 64, 128, 256)  # MLAS's prepacked MatMulNBits kernels
 # QLinearConv is slower than float Conv below these input channels per group (benchmarks/conv_forms.py):
 QLINEAR_CONV_MIN_CHANNELS = 8  # one group: 4.4x float's time at 1 channel, 1.3x at 4, 0.8x at 8
@@ -239,6 +240,23 @@ def matmul_nbits(codes: LayerCodes, activation: str, output: str, fresh: Names, 
     return OrtForm([node], initializers, {MS_DOMAIN: 1})
 
 
+def int8_weights(codes: LayerCodes) -> tuple[np.ndarray, np.ndarray | None] | str:
+    """8-bit kernels' weights: the codes as INT8 (unsigned ones shifted by ``2^(bits-1)``, their
+    zero point too: the same numbers) and the zero point, or why they cannot be run exactly.
+
+    On x86 CPUs without VNNI, onnxruntime's u8s8 GEMM adds pairs of products in int16
+    (VPMADDUBSW; UINT8 weights are shifted to INT8 first), which saturates once two stored
+    weights' magnitudes pass 128 together: stored codes beyond +-SATURATION_FREE are refused, so
+    a written kernel computes its codes exactly on every CPU."""
+    shift = 0 if codes.signed else 1 << (codes.bits - 1)
+    integers = codes.integers - shift
+    if np.abs(integers).max(initial=0) > SATURATION_FREE:
+        return (f"weight codes beyond +-{SATURATION_FREE} would saturate onnxruntime's 8-bit kernel on CPUs "
+                f"without VNNI (7 bits or fewer run exactly everywhere)")
+    zero_point = None if codes.zero_point is None else (codes.zero_point - shift).astype(np.int8)
+    return integers.astype(np.int8), zero_point
+
+
 def matmul_integer_to_float(codes: LayerCodes, quant: ActivationCodes, activation: str, output: str,
                             fresh: Names) -> OrtForm | str:
     """``QuantizeLinear(activation) -> com.microsoft.MatMulIntegerToFloat`` with a float bias.
@@ -246,15 +264,17 @@ def matmul_integer_to_float(codes: LayerCodes, quant: ActivationCodes, activatio
     Numpy meaning: ``reference(codes, x, quant)``: ``y = a_scale * b_scale[n] * sum_k (xq - xz)
     (wq[n, k] - wz[n]) + bias[n]`` with exact int32 accumulation. Signed activations are written
     as uint8 with zero point + 128 (the same numbers; onnxruntime's s8s8 kernel is slow on x86).
-    Weights: codes of up to 8 bits per tensor or per row, stored as INT8 (UINT8 with zero points).
-    Caveat: on x86 CPUs without VNNI, onnxruntime's u8s8 kernel can saturate int16 pair sums for
-    large activation and weight codes (VNNI CPUs are exact).
+    Weights: codes of up to 8 bits per tensor or per row, as ``int8_weights`` stores them (codes
+    that could saturate the kernel on some CPUs are refused: the layer keeps the portable form).
     """
     if codes.bits > 8:
         return f"MatMulIntegerToFloat takes 8-bit weights, not {codes.bits}-bit codes"
     if codes.scale.ndim == 2:
         return "MatMulIntegerToFloat takes a weight scale per tensor or per output, not per block"
-    storage = np.int8 if codes.signed else np.uint8
+    weights = int8_weights(codes)
+    if isinstance(weights, str):
+        return weights
+    integers, zero_point = weights
     a_zero = quant.zero_point + (128 if quant.signed else 0)
     if not 0 <= a_zero <= 255:
         raise ValueError(f"activation zero point {quant.zero_point} is outside its 8-bit type")
@@ -263,12 +283,12 @@ def matmul_integer_to_float(codes: LayerCodes, quant: ActivationCodes, activatio
     initializers = [
         numpy_helper.from_array(np.array(quant.scale, np.float32), names[0]),
         numpy_helper.from_array(np.array(a_zero, np.uint8), names[1]),
-        numpy_helper.from_array(np.ascontiguousarray(codes.integers.T.astype(storage)), names[3]),
+        numpy_helper.from_array(np.ascontiguousarray(integers.T), names[3]),
         numpy_helper.from_array(np.asarray(codes.scale, np.float32), names[4]),
     ]
     inputs = [names[2], names[3], names[0], names[4], names[1], "", ""]
-    if codes.zero_point is not None:
-        initializers.append(numpy_helper.from_array(codes.zero_point.astype(np.uint8), names[5]))
+    if zero_point is not None:
+        initializers.append(numpy_helper.from_array(zero_point, names[5]))
         inputs[5] = names[5]
     if codes.bias is not None:
         initializers.append(numpy_helper.from_array(codes.bias.astype(np.float32), names[6]))
@@ -360,7 +380,7 @@ def qlinear_conv(codes: LayerCodes, geometry: ConvGeometry, quant: ActivationCod
     float32, rounded half to even, plus ``y_zero_point``, saturated; then dequantized. The float
     bias (with any bias correction already in it) is stored as INT32 at ``x_scale * w_scale[m]``.
     Activations and output are written as uint8 (signed ones with zero point + 128: the same
-    numbers), weights as int8 (uint8 with their zero point). onnxruntime's CPU kernel takes one
+    numbers), weights as ``int8_weights`` stores them. onnxruntime's CPU kernel takes one
     weight zero point for all channels and no block scales; shapes it runs slower than float
     are refused (``qlinear_conv_slow``).
     """
@@ -383,20 +403,23 @@ def qlinear_conv(codes: LayerCodes, geometry: ConvGeometry, quant: ActivationCod
             bias = np.rint(np.asarray(codes.bias, np.float64) / bias_scale)
         if not np.isfinite(bias).all() or np.abs(bias).max() > np.iinfo(np.int32).max:
             return "the bias does not fit INT32 at the input scale times the weight scale"
-    w_zero = 0 if codes.zero_point is None else int(np.asarray(codes.zero_point).reshape(-1)[0])
-    largest = 255 * f * int(np.abs(codes.integers.astype(np.int64) - w_zero).max(initial=0))
+    weights = int8_weights(codes)
+    if isinstance(weights, str):
+        return weights
+    integers, zero_point = weights
+    w_zero = 0 if zero_point is None else int(zero_point.reshape(-1)[0])
+    largest = 255 * f * int(np.abs(integers.astype(np.int64) - w_zero).max(initial=0))
     if largest + (0 if bias is None else np.abs(bias).max()) >= 2 ** 31:
         return f"the int32 accumulator could overflow over {f} weights"
-    storage = np.int8 if codes.signed else np.uint8
     names = [fresh(f"{output}_{suffix}") for suffix in ("x_scale", "x_zero_point", "x_quantized", "W", "w_scale",
                                                          "w_zero_point", "y_scale", "y_zero_point", "y_quantized", "B")]
     weight_shape = (n, geometry.in_channels // geometry.groups, *geometry.kernel)
     initializers = [
         numpy_helper.from_array(np.array(x_scale, np.float32), names[0]),
         numpy_helper.from_array(np.array(quant.zero_point + 128 * quant.signed, np.uint8), names[1]),
-        numpy_helper.from_array(codes.integers.astype(storage).reshape(weight_shape), names[3]),
+        numpy_helper.from_array(integers.reshape(weight_shape), names[3]),
         numpy_helper.from_array(np.asarray(codes.scale, np.float32), names[4]),
-        numpy_helper.from_array(np.array(w_zero, storage), names[5]),
+        numpy_helper.from_array(np.array(w_zero, np.int8), names[5]),
         numpy_helper.from_array(np.array(y_scale, np.float32), names[6]),
         numpy_helper.from_array(np.array(out.zero_point + 128 * out.signed, np.uint8), names[7]),
     ]

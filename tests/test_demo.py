@@ -45,7 +45,7 @@ def test_demo_qubo_rounding_rescues_max_abs_scales(tmp_path):
     ("mnist_mlp", dict(bits=2)),
     ("mnist_mlp", dict(bits=4, granularity="block", block_size=32)),
     ("digits_mlp", dict(bits=4)),
-    ("digits_mlp", dict(bits=8, activations="uint8")),
+    ("digits_mlp", dict(bits=7, activations="uint8")),
 ])
 def test_demo_accuracy_is_the_same_in_both_formats(model_name, arguments, default_int2, tmp_path):
     model = MODEL.with_name(f"{model_name}.onnx")

@@ -166,7 +166,7 @@ def test_matmul_nbits_int8_compute_quantizes_activation_blocks(block: int) -> No
 
 
 @pytest.mark.parametrize("n,f,bits,granularity,symmetric,signed_input,bias,rank", [
-    case for case in itertools.product((8, 37), (64, 70), (4, 8), ("tensor", "channel"), (True, False),
+    case for case in itertools.product((8, 37), (64, 70), (4, 7), ("tensor", "channel"), (True, False),
                                        (True, False), (True, False), (2, 3))
     if case[6] == (case[7] == 3) or case[0] == 37
 ])
@@ -197,6 +197,34 @@ def test_matmul_integer_to_float_keeps_the_bias_float() -> None:
     x = rng.normal(size=(4, 32)).astype(np.float32)
     for level in LEVELS:
         np.testing.assert_array_equal(run(model, x, level), np.broadcast_to(bias, (4, 8)))
+
+
+@pytest.mark.parametrize("bits, symmetric", [(7, True), (4, False), (8, False)])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_matmul_integer_to_float_is_exact_where_int16_pair_sums_would_saturate(bits: int, symmetric: bool,
+                                                                              granularity: str) -> None:
+    """The worst case for the u8s8 kernel of CPUs without VNNI (VPMADDUBSW adds two products in
+    int16): activation codes 255 against rows of the grid's extreme weights. Every CPU must
+    compute the codes' exact products: codes the kernel could saturate on are refused, the
+    others (7-bit symmetric; asymmetric codes, whose UINT8 storage the kernel shifts by 128)
+    are exact at every level."""
+    n, f = 4, 64
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)
+    integers = np.stack([np.full(f, high), np.full(f, low), np.where(np.arange(f) % 4 < 2, high, low),
+                         np.random.default_rng(bits).integers(low, high + 1, f)])
+    scale = np.full((n,) if granularity == "channel" else (), 0.01, np.float32)
+    zero_point = None if symmetric else np.full(scale.shape, (low + high) // 2 + 3)
+    codes = LayerCodes(integers, scale, zero_point, bits)
+    quant = ActivationCodes(scale=1.0, zero_point=0, signed=False)
+    x = np.full((3, f), 255.0, np.float32)
+    form = matmul_integer_to_float(codes, quant, "x", "y", Fresh())
+    if bits == 8:
+        assert isinstance(form, str) and "saturate" in form
+        return
+    assert isinstance(form, OrtForm), form
+    expected = reference(codes, x, quant)
+    for level in LEVELS:
+        np.testing.assert_allclose(run(model_of(form, 2), x, level), expected, rtol=1e-6)
 
 
 def test_refusals() -> None:

@@ -32,9 +32,9 @@ MODELS = {  # shapes QLinearConv runs faster than float: >= 8 input channels, >=
     "2d-groups": lambda: conv_model(channels=(64, 6), group=2, kernel=(1, 1), spatial=(5, 4)),
 }
 SCHEMES = {
-    "w8-int8": dict(bits=8, activations="int8"),
+    "w7-int8": dict(bits=7, activations="int8"),
     "w4-uint8-bias-correction": dict(bits=4, activations="uint8", bias_correction=True),
-    "w8-uint8-asymmetric-tensor-int32-bias": dict(bits=8, activations="uint8", symmetric=False, granularity="tensor",
+    "w7-uint8-asymmetric-tensor-int32-bias": dict(bits=7, activations="uint8", symmetric=False, granularity="tensor",
                                                   bias="int32"),
     "w6-int8-percentile-bias-quantize": dict(bits=6, activations="int8", activation_range="percentile",
                                              bias="quantize"),
