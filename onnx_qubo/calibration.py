@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from .data import Dataset
+from .determinism import one_blas_thread
 from .errors import DataError
 from .forms.recurrent import expose_outputs
 from .grid import InputQuantizer
@@ -153,6 +154,7 @@ class RecurrentGram:
         return self.grams[group or 0].statistics()
 
 
+@one_blas_thread()
 def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset,
                        progress: Progress, deployed: onnx.ModelProto | None = None,
                        quantizers: Mapping[str, InputQuantizer] | None = None) -> dict[str, InputStatistics]:

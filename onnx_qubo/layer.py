@@ -17,6 +17,7 @@ import onnx
 
 from . import workers
 from .bounds import lower_bounds
+from .determinism import one_blas_thread
 from .errors import OptionError
 from .grid import Granularity, GroupScales, InputQuantizer, Scheme
 from .options import BiasMode, ScaleMethod
@@ -163,6 +164,7 @@ class LayerWork:
     presolved: np.ndarray | None  # the fast solver's rounding, when the scale search made it
     search_seconds: float
 
+    @one_blas_thread()
     def solve(self, progress: Progress) -> np.ndarray:
         """The plan's solver's rounding (the scale search's own when it already solved with it)."""
         plan = self.plan
@@ -180,6 +182,7 @@ class LayerWork:
                                        getattr(plan.solver, "params", None))
         return plan.solver.solve(self.problem, plan.seed, progress)
 
+    @one_blas_thread()
     def finish(self, choice: np.ndarray, seconds: float) -> SolvedLayer:
         """Bias policy and report for the rounding ``choice`` (found in ``seconds``)."""
         plan, problem, layer = self.plan, self.problem, self.plan.layer
@@ -213,6 +216,7 @@ class LayerWork:
         return SolvedLayer(plan, self.scales, problem, choice, report, self.bias_scales, bias, self.quantizer, shift)
 
 
+@one_blas_thread()
 def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: InputQuantizer | None) -> LayerWork:
     """Scales and QUBO of one layer from the statistics of the inputs it will see."""
     layer, scheme = plan.layer, plan.scheme

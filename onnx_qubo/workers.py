@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .determinism import one_blas_thread
 from .errors import OptionError, RuntimeFailure
 from .grid import Rounding
 from .progress import Progress
@@ -49,6 +50,7 @@ class SolveTask:
     first_chunk: int = 0
     params: Mapping[str, Any] = field(default_factory=dict)
 
+    @one_blas_thread()
     def run(self, threads: int | None = None) -> np.ndarray:
         """The rows' rounding choice (bool [rows, m]); ``threads``: the fast solver's threads."""
         if self.solver == FastSolver.name:

@@ -20,10 +20,10 @@ over neurons:
 For ``r = G e + c``, flipping v_j by d = 1 - 2 v_j changes E by ``p_j^2 G_jj - 2 d p_j r_j`` and
 r by ``-d p_j G[:, j]``: a move costs O(m) per neuron, a step over all neurons O(n m).
 
-The matrix products (starts, exact residuals) run on the calling thread, one chunk at a time,
-and the moves on ``workers`` threads: BLAS's own threads, spinning beside the chunk threads on
-a busy machine, would starve them (and small multithreaded products are slow there: the
-start's inner batches use einsum, which does not call BLAS).
+Everything, matrix products included, runs on ``workers`` chunk threads, each chunk's BLAS
+calls single-threaded (``determinism.one_blas_thread``): BLAS's result can depend on its thread
+count, which must not decide a rounding, and its own threads spinning beside the chunk threads
+would starve them (the start's inner batches use einsum, which does not call BLAS).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from ..determinism import one_blas_thread
 from ..progress import Progress
 from ..qubo import LayerProblem
 
@@ -56,8 +57,8 @@ class FastSolver:
     Neurons are solved in chunks (at most ``chunk_bytes`` of working memory each, and
     ``CHUNK_SPLIT`` chunks once there are ``MIN_ROWS_PER_WORKER`` neurons per chunk), in
     ``workers`` parallel threads: numpy releases the GIL in its array loops, so the element-wise
-    work of the descent and the tabu search uses every core (the matrix products run on the
-    calling thread, one chunk at a time: see the module's docstring). Chunk k
+    work of the descent and the tabu search uses every core (BLAS on one thread: see the
+    module's docstring). Chunk k
     draws its random numbers from ``default_rng([seed, k])`` and the chunks do not depend on
     ``workers``, so results depend on neither timing nor the machine; ``split`` and
     ``solve_part`` solve runs of chunks apart (onnx_qubo/workers.py) with the same result.
@@ -100,8 +101,14 @@ class FastSolver:
                    progress: Progress = Progress(), upper: np.ndarray | None = None) -> np.ndarray:
         """Solve the neurons of consecutive chunks ``first_chunk, ...`` of ``plan(layer_rows, f)``:
         ``part`` holds exactly their rows (the whole layer when first_chunk is 0 and part has
-        ``layer_rows`` rows). Gives those rows' choice, the same bits as solving the whole layer.
-        ``upper``: ``feedback_factor(part.gram)`` when the caller has it already."""
+        ``layer_rows`` rows). Gives those rows' choice, the same bits as solving the whole layer,
+        whatever this process's BLAS thread count. ``upper``: ``feedback_factor(part.gram)``
+        when the caller has it already."""
+        with one_blas_thread():
+            return self._solve_part(part, seed, layer_rows, first_chunk, progress, upper)
+
+    def _solve_part(self, part: LayerProblem, seed: int, layer_rows: int, first_chunk: int,
+                    progress: Progress, upper: np.ndarray | None) -> np.ndarray:
         n, f = part.shape
         gram = part.gram
         plan = self.plan(layer_rows, f)
@@ -127,15 +134,9 @@ class FastSolver:
         terms = [_Terms(gram, rough_gram, step[rows], frac[rows], free[rows], cross[rows]) for _, rows in chunks]
         pairs = self.pair_candidates
         with progress.bar(n, "fast") as bar, ThreadPoolExecutor(self.workers) as pool:
-            # The stages that are matrix products run here, one chunk at a time, and the moves
-            # on the chunk threads: BLAS's own threads spinning beside the chunk threads would
-            # starve them.
-            starts = [best_start(chunk, sequential_start(chunk, rough_upper)) for chunk in terms]
+            starts = list(pool.map(lambda chunk: best_start(chunk, sequential_start(chunk, rough_upper)), terms))
             states = [state for state, _, _ in starts]
-            list(pool.map(lambda state: state.descend_rough(pairs), states))
-            for state in states:
-                state.reset(state.choice)
-            list(pool.map(lambda state: state.descend_exact(pairs), states))
+            list(pool.map(lambda state: state.descend(pairs), states))
             if plan.tabu_steps >= MIN_TABU_STEPS:
                 def search(index: int) -> None:
                     state, rng = states[index], np.random.default_rng([seed, chunks[index][0]])
