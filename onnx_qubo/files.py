@@ -320,7 +320,7 @@ def _keep(target: Path, kept: Path) -> None:
     """Keep the file at ``target`` (a symlink itself, not what it points to) at ``kept``."""
     try:
         os.link(target, kept, follow_symlinks=False)
-    except OSError:  # no hard links on this file system: move it aside (absent until replaced)
+    except (OSError, NotImplementedError):  # no hard links here: move it aside (absent until replaced)
         os.replace(target, kept)
 
 

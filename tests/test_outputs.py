@@ -231,9 +231,9 @@ def test_a_signal_during_the_renames_is_deferred_then_undoes_them(signum, tmp_pa
     replace = os.replace
 
     def signalled(src, dst):
-        if Path(dst).name == "o.onnx.data":
-            os.kill(os.getpid(), signum)
         replace(src, dst)
+        if Path(dst).name == "o.onnx.data":  # between the data file's rename and the model's
+            os.kill(os.getpid(), signum)
     monkeypatch.setattr(files.os, "replace", signalled)
     with pytest.raises(KeyboardInterrupt):
         quantize_into(out, model)
