@@ -18,15 +18,7 @@ from .compare import compare as run_comparison
 from .contribution import Sensitivity, measure
 from .data import Dataset, load_dataset
 from .errors import OptionError, OutputError
-from .files import (
-    dump_directory,
-    external_data_path,
-    inputs_read,
-    load_model,
-    writable_path,
-    write_atomically,
-    write_model,
-)
+from .files import Outputs, dump_directory, external_data_path, inputs_read, load_model, writable_path
 from .options import QuantizeOptions, ScaleMethod, check_bits, check_integer, solver_for
 from .pipeline import calibrate, prepare, quantize_model
 from .plan import make_plan
@@ -107,17 +99,19 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         max_memory=max_memory, embeddings=embeddings, auto_scheme=auto_scheme, size_budget=size_budget,
         max_error=max_error)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
-    reads = inputs_read(model, calibration, evaluation)  # never written: the model, its data, the data files
+    reads = inputs_read(model, calibration, evaluation, load_solution)  # never written
     output_path = writable_path(output_path, reads=reads, what="output")
+    writes = {output_path: "output"}  # each output once, and the dump apart from them
     if external_data:
-        writable_path(external_data_path(output_path), reads=reads, what="external data")
+        writes[writable_path(external_data_path(output_path), reads=reads, what="external data")] = "external data"
     if report_path is not None:
-        report_path = writable_path(report_path, reads=reads, what="report")
-        written_here = [output_path] + ([external_data_path(output_path)] if external_data else [])
-        if report_path.resolve() in [path.resolve() for path in written_here]:
-            raise OutputError(f"report '{report_path}' is a file the output model is written to; choose another")
+        report_path = writable_path(report_path, reads=reads, what="{report_path}")
+        if any(_same_path(report_path, path) for path in writes):
+            raise OutputError(f"{{report_path}} '{report_path}' is a file the output model is written to; "
+                              "choose another", "report_path")
+        writes[report_path] = "{report_path}"
     if dump_qubo is not None:
-        dump_directory(dump_qubo, reads=reads)
+        dump_directory(dump_qubo, reads=reads, writes=writes)
     if options.solution_dir is not None and not options.solution_dir.is_dir():
         raise OptionError(f"{{load_solution}} '{load_solution}' is not a directory", "load_solution")
     if options.ray_address is not None:
@@ -135,20 +129,19 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     quantized = result.model
     evaluation = evaluate(reference_scores(float_model, eval_data, bar), quantized, bar, portable=result.reference)
     timing = measure_speed(float_model, quantized, eval_data) if speed else None
-    # after every check: an error or Ctrl-C leaves no output
-    written = write_model(output_path, quantized, external_data=external_data, reads=reads)
-
-    report = Report(
-        input_path=None if input_path is None else str(input_path), output_path=str(output_path),
-        bits=options.bits, scale=str(options.scale), solver="loaded" if load_solution else options.solver.name,
-        calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=result.layers,
-        skipped=result.skipped,
-        evaluation=evaluation, speed=timing,
-        input_bytes=input_bytes,
-        output_bytes=sum(path.stat().st_size for path in written),
-        seconds=time.perf_counter() - started, scheme=options.describe(), notes=result.notes)
-    if report_path is not None:
-        write_atomically(report_path, report.to_json().encode(), "report")
+    with Outputs() as outputs:  # after every check: an error or Ctrl-C leaves the outputs as they were
+        written = outputs.add_model(output_path, quantized, external_data=external_data, reads=reads)
+        report = Report(
+            input_path=None if input_path is None else str(input_path), output_path=str(output_path),
+            bits=options.bits, scale=str(options.scale), solver="loaded" if load_solution else options.solver.name,
+            calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=result.layers,
+            skipped=result.skipped,
+            evaluation=evaluation, speed=timing,
+            input_bytes=input_bytes,
+            output_bytes=outputs.size(written),
+            seconds=time.perf_counter() - started, scheme=options.describe(), notes=result.notes)
+        if report_path is not None:
+            outputs.add(report_path, report.to_json().encode(), "{report_path}")
     return report
 
 
@@ -225,3 +218,8 @@ def _beside(model_path: Path | None, suffix: str) -> Path | None:
         return None
     candidate = model_path.with_name(model_path.stem + suffix)
     return candidate if candidate.is_file() else None
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (resolved; hard links included)."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))

@@ -17,7 +17,7 @@ import click
 from . import api
 from .activations import PERCENTILE
 from .discovery import find_dense_layers
-from .errors import OptionError, QuboError
+from .errors import NamesOptions, QuboError
 from .files import inputs_read, load_model, writable_path, write_atomically
 from .grid import MAX_BITS, MIN_BITS
 from .kernels import Format
@@ -39,7 +39,7 @@ class Failure(click.ClickException):
     exit status of its kind (errors.py)."""
 
     def __init__(self, error: QuboError):
-        if isinstance(error, OptionError):
+        if isinstance(error, NamesOptions):
             super().__init__(error.render({option: flag(option) for option in error.options}))
         else:
             super().__init__(str(error))

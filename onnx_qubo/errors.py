@@ -42,10 +42,10 @@ class DataError(QuboInputError):
     """Calibration or evaluation data that does not fit the model."""
 
 
-class OptionError(QuboInputError):
-    """An option value or a combination of options. ``options`` are the API names at fault
-    (``bits``, ``block_size``...); the message writes each as ``{name}``, which the API shows as
-    the name itself and a front end as its own spelling (``render``), e.g. ``--block-size``."""
+class NamesOptions(Exception):
+    """A message that names API options as ``{name}``, which the API shows as the name itself and
+    a front end as its own spelling (``render``), e.g. ``--block-size``; ``options`` are those
+    names."""
 
     def __init__(self, template: str, *options: str):
         self.template, self.options = template, options
@@ -57,9 +57,15 @@ class OptionError(QuboInputError):
                       self.template)
 
 
-class OutputError(QuboInputError):
-    """A path the run was asked to write but may not: never the input model, its external data,
-    the data being read, or anything that is not a regular file or a new path."""
+class OptionError(NamesOptions, QuboInputError):
+    """An option value or a combination of options (``bits``, ``block_size``...)."""
+
+
+class OutputError(NamesOptions, QuboInputError):
+    """A path the run was asked to write but may not: never a file the run reads (the input
+    model, its external data, the data, a solution), nor anything that is not a regular file or
+    a new path. The option that names the path, and the one that names the file read, are
+    ``options``."""
 
 
 class SolverLimitError(QuboError):

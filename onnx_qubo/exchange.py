@@ -81,11 +81,20 @@ def _write(directory: Path, name: str, data: bytes) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"dump_qubo '{directory}' cannot be created: {exc.strerror}") from None
+        raise OutputError(f"{{dump_qubo}} '{directory}' cannot be created: {exc.strerror}", "dump_qubo") from None
     path = directory / name
     if path.is_symlink():
-        raise OutputError(f"dump_qubo: '{path}' is a symbolic link; refusing to write through it")
-    write_atomically(writable_path(path, reads=(), what="dump_qubo file"), data, "dump_qubo file")
+        raise OutputError(f"{{dump_qubo}}: '{path}' is a symbolic link; refusing to write through it", "dump_qubo")
+    write_atomically(writable_path(path, reads=(), what="{dump_qubo} file"), data, "{dump_qubo} file")
+
+
+def files_read(directory: Path) -> list[Path]:
+    """The files a run loading solutions from ``directory`` may read: its index, and every
+    problem and solution in it (whatever the index names, only those can be read)."""
+    if not directory.is_dir():
+        return []
+    return [path for path in directory.iterdir()
+            if path.name == INDEX or path.name.endswith((PROBLEM_SUFFIX, SOLUTION_SUFFIX))]
 
 
 def read_problem(path: Path) -> LayerProblem:

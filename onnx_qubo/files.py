@@ -1,28 +1,35 @@
 """Reading models and writing outputs without ever leaving a partial file or touching an input.
 
-One place decides what a run may write (``writable_path``): never the input model, its external
-data files or the data files being read, and never anything that is not a regular file or a new
-path (directories, FIFOs, devices, and symlinks to any of those). Writes go to a short-named
-temporary file beside the target, renamed over it (``write_atomically``), so a failure or an
-interruption (Ctrl-C, SIGTERM) leaves no partial output. SIGKILL cannot be handled: it can leave
-a ``.oq-*.tmp`` file behind, never a partial output.
+One place knows every file a run reads (``inputs_read``: the model, its external data files, the
+data files, a ``load_solution`` folder's files) and decides what the run may write
+(``writable_path``): never one of those, and never anything that is not a regular file or a new
+path (directories, FIFOs, devices, and symlinks to any of those). Outputs are written as one
+unit (``Outputs``): each file is staged in a temporary folder beside its target, then all are
+renamed into place with SIGINT/SIGTERM deferred, the external data before the model that reads
+it and the report last; a failure or an interruption at any step leaves every target as it was
+(a replaced file is kept as a hard link until the unit is in place) and no temporary file.
+Written files get the mode a newly created file gets under the umask. SIGKILL cannot be handled:
+it can leave a ``.oq-*`` folder behind, never a partial output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo
+from onnx.external_data_helper import ExternalDataInfo, set_external_data
 
 from . import external
 from .errors import ModelError, OutputError
@@ -31,7 +38,7 @@ from .memory import tensor_bytes
 from .runtime import PROTOBUF_LIMIT
 
 PathLike = str | os.PathLike
-TEMP_PREFIX, TEMP_SUFFIX = ".oq-", ".tmp"  # short: a 255-character output name must still fit
+TEMP_PREFIX = ".oq-"  # the temporary folders beside outputs
 SPECIAL_TREES = ("/dev", "/proc", "/sys")  # paths there are streams or kernel files, never outputs
 DATA_SUFFIXES = (".calib.npz", ".eval.npz")  # the data files found beside a model by default
 
@@ -84,12 +91,17 @@ def external_data_files(model: onnx.ModelProto, path: PathLike) -> list[Path]:
     return list(files)
 
 
-def inputs_read(model: Any, *data: Any) -> dict[Path, str]:
+def inputs_read(model: Any, calibration: Any = None, evaluation: Any = None,
+                load_solution: PathLike | None = None) -> dict[Path, str]:
     """The files a run reads or may read, resolved, each with what it is: the model (when a
     path), its external data files, the ``<stem>.calib.npz`` / ``<stem>.eval.npz`` beside it,
-    and the data sources that are paths (other sources, and paths that do not exist, are
-    skipped)."""
+    the data sources that are paths, and the index, problems and solutions in the
+    ``load_solution`` folder (other sources, and paths that do not exist, are skipped). What it
+    is may name an option as ``{name}`` (errors.py)."""
+    from .exchange import files_read  # exchange.py writes through this module
+
     reads: dict[Path, str] = {}
+    data = [calibration, evaluation]
     if isinstance(model, (str, os.PathLike)) and Path(model).is_file():
         model = Path(model)
         reads[model.resolve()] = "the input model"
@@ -98,23 +110,35 @@ def inputs_read(model: Any, *data: Any) -> dict[Path, str]:
                 reads[path] = "external data of the input model"
         except (DecodeError, ValueError, OSError, RuntimeError, ModelError):
             pass  # load_model gives the clear error when the run loads it
-        data += tuple(model.with_name(model.stem + suffix) for suffix in DATA_SUFFIXES)
+        data += [model.with_name(model.stem + suffix) for suffix in DATA_SUFFIXES]
     for path in (Path(d) for d in data if isinstance(d, (str, os.PathLike))):
         if path.exists():
             reads.setdefault(path.resolve(), "a data file")
+    if load_solution is not None:
+        for path in files_read(Path(load_solution)):
+            reads.setdefault(path.resolve(), "a {load_solution} file")
     return reads
 
 
-def dump_directory(path: PathLike, *, reads: Collection[Path]) -> Path:
+def dump_directory(path: PathLike, *, reads: Mapping[Path, str], writes: Mapping[Path, str] | None = None) -> Path:
     """``path`` as a directory the QUBO dump may write ``index.json`` and ``*.qubo.npz`` into:
-    a new or existing directory holding none of the files this run reads under those names."""
+    a new or existing directory holding none of the files this run reads (``reads``) or the
+    run's other outputs (``writes``, each with the option naming it) under those names."""
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
-        raise OutputError(f"dump_qubo '{path}' exists and is not a directory")
-    for read in reads:
-        if read.parent == directory.resolve() and (read.name == "index.json" or read.name.endswith(".qubo.npz")):
-            raise OutputError(f"dump_qubo '{path}' holds '{read.name}', a file this run reads, which the "
-                              "dump would replace; choose another directory")
+        raise OutputError(f"{{dump_qubo}} '{path}' exists and is not a directory", "dump_qubo")
+
+    def dumped(file: Path) -> bool:
+        return (Path(os.path.abspath(file)).parent.resolve() == directory.resolve()
+                and (file.name == "index.json" or file.name.endswith(".qubo.npz")))
+    for read, role in reads.items():
+        if dumped(read):
+            raise _output_error(f"{{dump_qubo}} '{path}' holds '{read.name}', {role} this run reads, which the "
+                                "dump would replace; choose another directory", "{dump_qubo}", role)
+    for written, what in (writes or {}).items():
+        if dumped(written):
+            raise _output_error(f"{{dump_qubo}} '{path}' would also write '{written.name}', the {what}; "
+                                "choose another directory", "{dump_qubo}", what)
     return directory
 
 
@@ -125,35 +149,35 @@ def writable_path(path: PathLike, *, reads: Collection[Path], what: str) -> Path
     try:
         return _check_writable(os.fspath(path), reads, what)
     except OSError as exc:  # e.g. a name too long for the file system
-        raise OutputError(f"{what} '{os.fspath(path)}' cannot be written: {exc.strerror or exc}") from None
+        raise _output_error(f"{what} '{os.fspath(path)}' cannot be written: {exc.strerror or exc}", what) from None
 
 
 def _check_writable(text: str, reads: Collection[Path], what: str) -> Path:
     target = Path(text)
     shown = f"{what} '{text}'"
     if text.endswith(("/", os.sep)) or target.is_dir():
-        raise OutputError(f"{shown} is a directory; give a file path")
+        raise _output_error(f"{shown} is a directory; give a file path", what)
     absolute = Path(os.path.abspath(text))
     if any(absolute.is_relative_to(tree) or target.resolve().is_relative_to(tree) for tree in SPECIAL_TREES):
-        raise OutputError(f"{shown} is a device or kernel file, not a regular file")
+        raise _output_error(f"{shown} is a device or kernel file, not a regular file", what)
     resolved = target.resolve()
     for read in reads:
         if resolved == Path(read).resolve() or _same_file(target, Path(read)):
             role = reads[read] if isinstance(reads, Mapping) else "a file"
-            raise OutputError(f"{shown} is {role} this run reads; choose another path "
-                              "(inputs are never overwritten)")
+            raise _output_error(f"{shown} is {role} this run reads; choose another path "
+                                "(inputs are never overwritten)", what, role)
     if target.is_symlink() or target.exists():
         try:
             mode = os.stat(target).st_mode
         except OSError as exc:
-            raise OutputError(f"{shown}: {exc.strerror}") from None
+            raise _output_error(f"{shown}: {exc.strerror}", what) from None
         if not stat.S_ISREG(mode):
-            raise OutputError(f"{shown} exists and is not a regular file (a device, FIFO or socket)")
+            raise _output_error(f"{shown} exists and is not a regular file (a device, FIFO or socket)", what)
     parent = absolute.parent
     if not parent.is_dir():
-        raise OutputError(f"{shown}: directory '{parent}' does not exist")
+        raise _output_error(f"{shown}: directory '{parent}' does not exist", what)
     if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise OutputError(f"{shown} is not writable")
+        raise _output_error(f"{shown} is not writable", what)
     return target
 
 
@@ -165,29 +189,17 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _output_error(message: str, *named: str) -> OutputError:
+    """An OutputError for ``message``, which holds ``named`` texts (what is written, what a file
+    read is) that may name options as ``{name}``."""
+    return OutputError(message, *dict.fromkeys(m for text in named for m in re.findall(r"\{(\w+)\}", text)))
+
+
 def write_atomically(path: Path, data: bytes, what: str = "output") -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path`` (a
-    symlink at ``path`` is replaced, never written through). SIGTERM during the write raises
-    KeyboardInterrupt, so the temporary file is removed as for Ctrl-C."""
-    folder = Path(os.path.abspath(path)).parent
-    with _sigterm_raises():
-        try:
-            handle, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
-        except OSError as exc:
-            raise OutputError(f"{what} '{path}': cannot create a file in '{folder}': {exc.strerror}") from None
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temp, 0o666 & ~umask)  # mkstemp's 0600 would surprise; use the usual mode
-            os.replace(temp, path)
-        except OSError as exc:
-            Path(temp).unlink(missing_ok=True)
-            raise OutputError(f"{what} '{path}' cannot be written: {exc.strerror or exc}") from None
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+    """Write ``data`` to ``path`` as a unit of one file (``Outputs``): a symlink at ``path`` is
+    replaced, never written through."""
+    with Outputs() as outputs:
+        outputs.add(path, data, what)
 
 
 def external_data_path(path: Path) -> Path:
@@ -195,33 +207,161 @@ def external_data_path(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def write_model(path: Path, model: onnx.ModelProto, *, external_data: bool, reads: Collection[Path]) -> list[Path]:
-    """Write ``model`` to ``path`` atomically, its tensors to ``<name>.data`` beside it when asked
-    or when the model would pass protobuf's 2 GB limit; returns the files written. Both files are
-    written in a temporary folder beside ``path`` and renamed into place, the data first, so a
-    failure leaves neither. With external data the model's tensors are moved out of ``model``:
-    write it last. Tensors ``model`` still reads from the input's external data are copied in."""
-    external.materialize(model)
-    if not external_data and model.ByteSize() < PROTOBUF_LIMIT:
-        write_atomically(path, model.SerializeToString())
-        return [path]
-    data_path = writable_path(external_data_path(path), reads=reads, what="external data")
-    folder = Path(os.path.abspath(path)).parent
-    with _sigterm_raises():
+class Outputs:
+    """Files written as one unit: ``add`` stages each in a temporary folder beside its target;
+    leaving the ``with`` block renames them all into place in the order added (``commit``), or,
+    on an exception, none. While it is open SIGTERM raises KeyboardInterrupt, so the staged
+    files are removed as for Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.staging: dict[Path, Path] = {}  # target folder -> its temporary folder
+        self.files: list[tuple[Path, Path, str]] = []  # (staged, target, what), in rename order
+        self.signals = _sigterm_raises()
+
+    def __enter__(self) -> Outputs:
+        self.signals.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
         try:
-            staging = Path(tempfile.mkdtemp(dir=folder, prefix=TEMP_PREFIX))
-        except OSError as exc:
-            raise OutputError(f"output '{path}': cannot create a folder in '{folder}': {exc.strerror}") from None
-        try:
-            onnx.save_model(model, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_path.name, size_threshold=0)
-            os.replace(staging / data_path.name, data_path)
-            os.replace(staging / path.name, path)
-        except OSError as exc:
-            raise OutputError(f"output '{path}' cannot be written: {exc.strerror or exc}") from None
+            if kind is None:
+                self.commit()
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return [path, data_path]
+            for folder in self.staging.values():
+                shutil.rmtree(folder, ignore_errors=True)
+            self.signals.__exit__(kind, error, traceback)
+
+    def stage(self, path: PathLike, what: str) -> Path:
+        """Where to write the file that becomes ``path`` (``what``, for messages) at commit."""
+        target = Path(path)
+        folder = Path(os.path.abspath(target)).parent
+        for _, other, other_what in self.files:
+            if os.path.abspath(other) == os.path.abspath(target):
+                raise _output_error(f"{what} '{target}' is also the {other_what}; give each its own path",
+                                    what, other_what)
+        if folder not in self.staging:
+            try:
+                self.staging[folder] = Path(tempfile.mkdtemp(dir=folder, prefix=TEMP_PREFIX))
+                (self.staging[folder] / "new").mkdir()
+                (self.staging[folder] / "old").mkdir()
+            except OSError as exc:
+                raise _output_error(f"{what} '{target}': cannot create a folder in '{folder}': {exc.strerror}",
+                                    what) from None
+        staged = self.staging[folder] / "new" / target.name
+        self.files.append((staged, target, what))
+        return staged
+
+    def add(self, path: PathLike, data: bytes, what: str) -> Path:
+        """Stage ``data`` to be written to ``path``."""
+        staged = self.stage(path, what)
+        try:
+            with open(staged, "xb") as out:  # opened as any new file is: mode 0666 less the umask
+                out.write(data)
+        except OSError as exc:
+            raise _output_error(f"{what} '{path}' cannot be written: {exc.strerror or exc}", what) from None
+        return Path(path)
+
+    def add_model(self, path: Path, model: onnx.ModelProto, *, external_data: bool,
+                  reads: Collection[Path]) -> list[Path]:
+        """Stage ``model`` to be written to ``path``, its tensors to ``<name>.data`` beside it when
+        asked or when the model would pass protobuf's 2 GB limit; returns the files. With
+        external data the model's tensors are moved out of ``model``: stage it last. Tensors
+        ``model`` still reads from the input's external data are copied in."""
+        external.materialize(model)
+        if not external_data and model.ByteSize() < PROTOBUF_LIMIT:
+            return [self.add(path, model.SerializeToString(), "output")]
+        data_path = writable_path(external_data_path(path), reads=reads, what="external data")
+        staged_data = self.stage(data_path, "external data")  # renamed first: the model reads it
+        staged = self.stage(path, "output")
+        for tensor in _initializers(model.graph):  # as onnx.save_model(save_as_external_data=True) would,
+            if tensor.HasField("raw_data"):  # without its check for the data file in the working folder
+                set_external_data(tensor, data_path.name)
+        try:
+            onnx.save_model(model, staged)
+            if not staged_data.exists():  # no tensor to move: an empty file replaces an older one
+                staged_data.touch()
+            os.chmod(staged_data, stat.S_IMODE(staged.stat().st_mode))  # onnx creates it 0600
+        except OSError as exc:
+            raise _output_error(f"output '{path}' cannot be written: {exc.strerror or exc}") from None
+        return [path, data_path]
+
+    def size(self, paths: Collection[Path]) -> int:
+        """The bytes staged for ``paths``."""
+        return sum(staged.stat().st_size for staged, target, _ in self.files if target in paths)
+
+    def commit(self) -> None:
+        """Rename every staged file into place, keeping each file replaced (a hard link, or the
+        file itself renamed aside where hard links are not supported) until all are in place: an
+        exception, or SIGINT/SIGTERM (deferred meanwhile), puts every target back as it was."""
+        done: list[tuple[Path, Path | None]] = []  # (target, where the file it replaces is kept)
+        with _signals_deferred() as received:
+            try:
+                for staged, target, what in self.files:
+                    kept = staged.parent.parent / "old" / staged.name if os.path.lexists(target) else None
+                    done.append((target, kept))
+                    try:
+                        if kept is not None:
+                            _keep(target, kept)
+                        os.replace(staged, target)
+                    except OSError as exc:
+                        raise _output_error(f"{what} '{target}' cannot be written: {exc.strerror or exc}",
+                                            what) from None
+            except BaseException:
+                _put_back(done)
+                raise
+            if received:
+                _put_back(done)
+        if received:
+            raise KeyboardInterrupt(f"signal {received[0]}")
+
+
+def _keep(target: Path, kept: Path) -> None:
+    """Keep the file at ``target`` (a symlink itself, not what it points to) at ``kept``."""
+    try:
+        os.link(target, kept, follow_symlinks=False)
+    except (OSError, NotImplementedError):  # no hard links here: move it aside (absent until replaced)
+        os.replace(target, kept)
+
+
+def _put_back(done: list[tuple[Path, Path | None]]) -> None:
+    """Undo renames: each target back to the file it held, or removed when it held none."""
+    for target, kept in reversed(done):
+        try:
+            if kept is None:
+                os.unlink(target)
+            elif os.path.lexists(kept):
+                os.replace(kept, target)
+        except OSError:
+            pass  # nothing better to do: the rest are still put back
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """The initializers of ``graph`` and of its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _initializers(attribute.g)
+            for sub in attribute.graphs:
+                yield from _initializers(sub)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    """While active (main thread only), SIGINT and SIGTERM are recorded in the list it gives
+    instead of acting; signals that are ignored stay ignored."""
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (int(signal.SIGINT), int(signal.SIGTERM)):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 class _sigterm_raises:

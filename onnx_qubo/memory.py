@@ -11,6 +11,7 @@ says how much it needs. Estimates, not measurements: they count the large arrays
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -34,8 +35,13 @@ def physical_share() -> int:
         return int(DEFAULT_SHARE * 8 * GB)
 
 
-def readable(count: float) -> str:
-    """A byte count in GB, MB or KB (decimal, as --max-memory takes GB)."""
+def readable(count: float, *, up: bool = False) -> str:
+    """A byte count in GB, MB or KB (decimal, as --max-memory takes GB), to 3 significant digits;
+    ``up``: rounded up past ``count``, so that the amount said is enough once given back (an
+    amount of GB given back is truncated to whole bytes)."""
+    if count >= 1:
+        digit = 10.0 ** (math.floor(math.log10(count)) - 2)  # the third significant digit's
+        count = (math.floor((count + 1) / digit) + 1) * digit if up else round(count / digit) * digit
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if count >= size:
             return f"{count / size:.3g} {unit}"
@@ -95,7 +101,7 @@ def calibration_groups(layers: list[DenseLayer], max_memory: int | None, model_b
         raise OptionError(
             f"{{max_memory}} {readable(budget)} is too small: the model's weights take {readable(model_bytes)}, "
             f"solving its largest layer {readable(solving)}, and the input statistics of layer '{owner}' alone "
-            f"{readable(view_bytes[largest])}; give at least {readable(needed)}", "max_memory")
+            f"{readable(view_bytes[largest])}; give at least {readable(needed, up=True)}", "max_memory")
     groups: list[list[DenseLayer]] = []
     held = 0
     for key, members in views.items():

@@ -125,6 +125,13 @@ def _escaping_solution(folder: Path) -> list[str]:
     return [mlp_dir(folder), folder / "out.onnx", "--load-solution", dump]
 
 
+def _report_over_solution(folder: Path) -> list[str]:
+    model = mlp_dir(folder)
+    onnx_qubo.quantize(model, folder / "dumped.onnx", solver="rtn", speed=False, dump_qubo=folder / "d")
+    np.save(folder / "d" / "fc0.solution.npy", np.zeros((6, 8), np.int8))
+    return [model, folder / "out.onnx", "--load-solution", folder / "d", "--report", folder / "d" / "fc0.solution.npy"]
+
+
 def _planted_symlink(folder: Path) -> list[str]:
     dump = folder / "d"
     dump.mkdir()
@@ -187,6 +194,8 @@ BAD_INPUTS = [
     BadInput("only layer's bias holds NaN", lambda d: [mlp_dir(d, nan_bias_model()), d / "out.onnx"],
              "bias 'b0' holds NaN or Inf"),
     BadInput("`--load-solution` index names `../` files", _escaping_solution, "only plain"),
+    BadInput("`--report` is a `--load-solution` file", _report_over_solution,
+             "is a --load-solution file this run reads"),
     BadInput("`--dump-qubo` folder holds a planted symlink", _planted_symlink, "is a symbolic link"),
     BadInput("`--bits 9`", lambda d: [mlp_dir(d), d / "out.onnx", "--bits", "9"], "--bits", 2),
 ]
