@@ -20,6 +20,7 @@ always starts a new cluster (never ``RAY_ADDRESS`` or a cluster left running), a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -27,7 +28,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -37,7 +38,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
-from .errors import OptionError, QuboError, RuntimeFailure, WorkerError
+from .errors import Interrupted, OptionError, QuboError, RuntimeFailure, WorkerError
 from .grid import Rounding
 from .progress import Progress
 from .qubo import LayerProblem
@@ -260,8 +261,8 @@ def _connect_ray(address: str) -> Any:
         shutdown_ray()
         raise RuntimeFailure(f"cannot start Ray at '{address}': {error}") from None
     finally:
-        if handler is not None:
-            signal.signal(signal.SIGTERM, handler)
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
     return ray
 
 
@@ -270,29 +271,63 @@ def _ray_cpus(address: str) -> int:
 
 
 def _solve_on_ray(tasks: Sequence[SolveTask], address: str) -> list[np.ndarray]:
-    """One Ray task per SolveTask; each distinct Gram matrix is put in the object store once."""
+    """One Ray task per SolveTask; each distinct Gram matrix is put in the object store once.
+    On any failure or interrupt the tasks are cancelled (the cluster is shut down by
+    ``closing_ray``)."""
     ray = _connect_ray(address)
     remote = ray.remote(_run_ray_task)
     grams: dict[int, Any] = {}
-    futures = []
-    for task in tasks:
-        gram = task.problem.gram
-        if id(gram) not in grams:
-            grams[id(gram)] = ray.put(gram)
-        futures.append(remote.remote(replace(task, problem=replace(task.problem, gram=np.empty((0, 0)))),
-                                     grams[id(gram)]))
+    futures: list[Any] = []
+    with _interrupts_kept() as received:
+        try:
+            for task in tasks:
+                gram = task.problem.gram
+                if id(gram) not in grams:
+                    grams[id(gram)] = ray.put(gram)
+                futures.append(remote.remote(replace(task, problem=replace(task.problem, gram=np.empty((0, 0)))),
+                                             grams[id(gram)]))
+            results = ray.get(futures)
+            if received:  # the Interrupted the handler raised was swallowed in one of Ray's callbacks
+                raise Interrupted(received[0])
+            return results
+        except BaseException as error:
+            for future in futures:  # no task left running on the cluster
+                try:
+                    ray.cancel(future, force=True)
+                except Exception:  # noqa: BLE001 (finished, or the cluster is gone)
+                    pass
+            if received and not isinstance(error, Interrupted):  # Ray re-raises a plain KeyboardInterrupt
+                raise Interrupted(received[0]) from None
+            failure = _ray_error(ray, error)
+            if failure is error:
+                raise
+            raise failure from error
+
+
+@contextlib.contextmanager
+def _interrupts_kept() -> Iterator[list[int]]:
+    """While active (main thread), SIGINT and SIGTERM (unless ignored) raise ``Interrupted`` and
+    are listed in the list it gives: Ray turns an exception raised in its waits into a plain
+    KeyboardInterrupt, and drops one raised inside some of its callbacks, which would let an
+    interrupted run finish and write its output."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise Interrupted(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, interrupt)
     try:
-        return ray.get(futures)
-    except BaseException as error:
-        for future in futures:  # no task left running on the cluster
-            try:
-                ray.cancel(future, force=True)
-            except Exception:  # noqa: BLE001 (finished, or the cluster is gone)
-                pass
-        failure = _ray_error(ray, error)
-        if failure is error:
-            raise
-        raise failure from error
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def _ray_error(ray: Any, error: BaseException) -> BaseException:
