@@ -124,13 +124,13 @@ def solve_many(tasks: Sequence[SolveTask], workers: int = 1, ray_address: str | 
         try:
             futures = [pool.submit(_run_task, task, threads) for task in tasks]  # starts the processes
             results = [future.result() for future in futures]
+            pool.shutdown()
         except BaseException as error:
             _stop(pool)
             failure = _worker_error(error)
             if failure is error:
                 raise
             raise failure from error
-        pool.shutdown()
         return results
     finally:
         for name, value in saved.items():
