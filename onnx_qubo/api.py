@@ -30,6 +30,7 @@ from .verify import evaluate, measure_speed, reference_scores
 CALIB_SUFFIX, EVAL_SUFFIX = ".calib.npz", ".eval.npz"
 
 
+@distributed.closing_ray  # a Ray cluster the run starts ends with it, on every exit path
 def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.PathLike, *,
              bits: int = 2, calibration: Any = None, evaluation: Any = None, scale: str = "mse",
              solver: str | Solver = "fast", seed: int = 0, batch_size: int = 256,

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +19,7 @@ import click
 from . import api
 from .activations import PERCENTILE
 from .discovery import find_dense_layers
-from .errors import NamesOptions, QuboError
+from .errors import Interrupted, NamesOptions, QuboError
 from .files import inputs_read, load_model, writable_path, write_atomically
 from .grid import MAX_BITS, MIN_BITS
 from .kernels import Format
@@ -67,6 +69,30 @@ def verbose_option(command):
                         help="Log decisions (opset raised, layers skipped, forms) on stderr.")(command)
 
 
+@contextlib.contextmanager
+def interrupts_as_exit() -> Iterator[None]:
+    """SIGTERM raises ``Interrupted`` (main thread), so the cleanups Ctrl-C runs run for it too
+    (worker processes, a Ray cluster, temporary files); either interrupt ends the command with one
+    line and exit status 128 + the signal (130 for SIGINT, 143 for SIGTERM)."""
+    received: list[int] = []
+
+    def terminate(signum: int, frame: object) -> None:
+        received.append(signum)  # Ray turns any KeyboardInterrupt in its waits into a plain one
+        raise Interrupted(signum)
+
+    installed = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if installed else None
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else received[-1] if received else signal.SIGINT
+        click.echo(f"Error: interrupted by {signal.Signals(signum).name}", err=True)
+        raise click.exceptions.Exit(128 + signum) from None
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 class _DefaultToQuantize(click.Group):
     """``onnx-qubo IN OUT ...`` means ``onnx-qubo quantize IN OUT ...``."""
 
@@ -74,6 +100,10 @@ class _DefaultToQuantize(click.Group):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["quantize", *args]
         return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        with interrupts_as_exit():
+            return super().invoke(ctx)
 
 
 def _layer_bits(ctx, param, values: tuple[str, ...]) -> dict[str, int]:

@@ -14,6 +14,9 @@ and layer names); the CLI maps each type to an exit status and each option to it
       SolverLimitError             a solver cannot take this problem (exit 3)
       RuntimeFailure               onnxruntime or onnx cannot load, run or check a model we
                                    built (exit 4): a bug or a runtime limit, never the user's
+      WorkerError                  a worker process or Ray task died or failed (exit 5)
+    Interrupted                    SIGINT or SIGTERM (a KeyboardInterrupt, not a QuboError;
+                                   the CLI exits 128 + the signal: 130, 143)
 """
 
 from __future__ import annotations
@@ -78,3 +81,20 @@ class RuntimeFailure(QuboError):
     """onnxruntime or onnx cannot load, run or check a model this library built."""
 
     exit_code = 4
+
+
+class WorkerError(QuboError):
+    """A worker process or a Ray task died (killed, out of memory, its node lost) or failed
+    with an error that is not the library's own."""
+
+    exit_code = 5
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by signal ``signum`` (SIGTERM, or SIGINT where the CLI raises it): a
+    KeyboardInterrupt, so every cleanup that Ctrl-C runs (worker processes, a Ray cluster,
+    temporary files) runs for it too; the CLI exits with 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"signal {signum}")

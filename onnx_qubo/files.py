@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, set_external_data
 
 from . import external
-from .errors import ModelError, OutputError
+from .errors import Interrupted, ModelError, OutputError
 from .external import external_tensors
 from .memory import tensor_bytes
 from .runtime import PROTOBUF_LIMIT
@@ -379,4 +379,4 @@ class _sigterm_raises:
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Interrupted(signum)

@@ -149,10 +149,11 @@ def test_quantize_writes_the_same_model_with_one_or_two_worker_processes(tmp_pat
 
 
 @pytest.mark.ray
-def test_quantize_on_a_local_ray_cluster_writes_the_same_model(tmp_path):
+def test_quantize_on_a_local_ray_cluster_writes_the_same_model_and_shuts_it_down(tmp_path):
     ray = pytest.importorskip("ray")
     try:
         assert quantized_bytes(tmp_path / "w1.onnx") == quantized_bytes(tmp_path / "ray.onnx", workers=2,
                                                                         ray_address="local")
+        assert not ray.is_initialized()  # the cluster quantize started ended with it
     finally:
         ray.shutdown()
