@@ -26,7 +26,7 @@ from .grid import InputQuantizer
 from .patches import ConvStatistics, PatchGram
 from .progress import Progress
 from .runtime import NONE, make_session
-from .subgraphs import expose
+from .subgraphs import Exposed, expose
 from .types import DenseLayer, InputStatistics
 
 CAPTURE_BYTES = 128 * 2 ** 20  # captured layer inputs one calibration run may hold
@@ -48,7 +48,7 @@ def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset
     captured = [name for name in names if name not in fed]
     exposed_model, exposed = expose(model, captured)
     session = make_session(exposed_model, NONE, f"{what} with layer inputs exposed", lean=True)
-    outputs = [exposed[name].output for name in captured]
+    outputs = [output for name in captured for output in exposed[name].outputs]
     size = None if captured and dataset.splittable else 0  # samples per run; 0: whole batches
     for batch in dataset.batches:
         count, start = dataset.samples(batch), 0
@@ -66,7 +66,7 @@ def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset
                     size = max(1, int(CAPTURE_BYTES // max(per_sample, 1.0)))
             else:
                 values = session.run(outputs, piece) if captured else []
-            found = {name: exposed[name].rows(value) for name, value in zip(captured, values)}
+            found = _captured(exposed, dict(zip(outputs, values)), what)
             inputs = {}
             for name in names:
                 x = piece[name] if name in piece else found[name]
@@ -76,6 +76,17 @@ def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset
                 inputs[name] = x
             yield stop - start, inputs
             start = stop
+
+
+def _captured(exposed: Mapping[str, Exposed], values: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """Each captured tensor's rows from the exposed model's ``values`` (by output name)."""
+    found = {}
+    for name, where in exposed.items():
+        try:
+            found[name] = where.rows(*(values[output] for output in where.outputs))
+        except ValueError as exc:
+            raise DataError(f"the input '{name}' of a dense layer cannot be calibrated in {what}: {exc}") from None
+    return found
 
 
 class Accumulator(Protocol):
