@@ -22,7 +22,6 @@ from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo
 
 from . import external
 from .errors import ModelError, OutputError
@@ -64,7 +63,7 @@ def external_data_files(model: onnx.ModelProto, path: PathLike) -> list[Path]:
     folder = Path(path).parent.resolve()
     files: dict[Path, None] = {}
     for tensor in external_tensors(model):
-        info = ExternalDataInfo(tensor)
+        info = external.data_info(tensor)
         location = info.location
         where = f"'{path}': tensor '{tensor.name}' has its data in '{location}'"
         if not location or Path(location).is_absolute() or Path(location).drive:

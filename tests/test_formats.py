@@ -78,7 +78,7 @@ def test_a_layer_the_kernel_cannot_run_keeps_the_portable_form_and_says_why(tmp_
     (dict(bits=8), "MatMulNBits has a fast float kernel for 1-4 bit weights only"),
     (dict(bits=4, granularity="block", block_size=24), "not block_size 24"),
     (dict(bits=8, activations="uint8", granularity="block", block_size=32), "not blocks"),
-    (dict(bits=4, activations="uint8", ort_accuracy_level=4), "ort_accuracy_level applies to format ort weight-only"),
+    (dict(bits=4, activations="uint8", ort_accuracy_level=4), "ort_accuracy_level applies to weight-only layers"),
 ])
 def test_combinations_format_ort_cannot_serve_are_refused_before_writing(arguments, message, tmp_path):
     x = np.random.default_rng(0).standard_normal((16, 40)).astype(np.float32)
