@@ -158,6 +158,9 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
     bits = [check_bits(b) for b in bits]
     scale_methods = [parse_choice(ScaleMethod, scale, "scales") for scale in scales]
     chosen = [solver_for(s) for s in solvers]
+    for option, given in (("bits", bits), ("scales", scale_methods), ("solvers", chosen)):
+        if not given:
+            raise OptionError(f"{{{option}}} names none: give at least one to compare", option)
     samples = check_integer(samples, "samples", minimum=0)
     scheme = QuantizeOptions.parse(bits=min(bits, default=8), granularity=granularity, block_size=block_size,
                              symmetric=symmetric, bias=bias, activations=activations,

@@ -21,13 +21,13 @@ import onnx
 
 from .data import Dataset
 from .determinism import one_blas_thread
-from .errors import DataError
+from .errors import DataError, ModelError
 from .forms.recurrent import expose_outputs
 from .grid import InputQuantizer
 from .patches import ConvStatistics, PatchGram
 from .progress import Progress
-from .runtime import NONE, make_session
-from .subgraphs import expose
+from .runtime import NONE, ORT_ERRORS, make_session, run_session
+from .subgraphs import Exposed, expose
 from .types import DenseLayer, InputStatistics
 
 CAPTURE_BYTES = 128 * 2 ** 20  # captured layer inputs one calibration run may hold
@@ -35,7 +35,7 @@ PROBE_SAMPLES = 8  # the first run's samples, from which the pieces are sized
 
 
 def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset,
-                  what: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+                  what: str, built: bool = False) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Per batch of ``dataset`` (or piece of one), its number of samples and each named tensor of
     ``model`` as onnxruntime gives it; a tensor inside a Loop/Scan body with the rows of every
     iteration, one inside an If branch empty when the branch did not run (subgraphs.expose).
@@ -43,13 +43,15 @@ def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset
     A run holds every captured tensor of its samples at once (a CNN's feature maps: gigabytes
     for a batch of 256 images), so batches are run in pieces whose captured tensors stay within
     CAPTURE_BYTES, sized from a first run of PROBE_SAMPLES samples (when the data allows, and the
-    graph runs on that many: a constant state may fix the batch size without the inputs saying so)."""
+    graph runs on that many: a constant state may fix the batch size without the inputs saying so).
+    A run that fails is one line naming the node (runtime.run_session; ``built``: a model this
+    library built)."""
     names = list(dict.fromkeys(names))
     fed = set(dataset.batches[0])  # graph inputs: read from the feed, not captured
     captured = [name for name in names if name not in fed]
     exposed_model, exposed = expose(model, captured)
     session = make_session(exposed_model, NONE, f"{what} with layer inputs exposed", lean=True)
-    outputs = [exposed[name].output for name in captured]
+    outputs = [output for name in captured for output in exposed[name].outputs]
     size = None if captured and dataset.splittable else 0  # samples per run; 0: whole batches
     for batch in dataset.batches:
         count, start = dataset.samples(batch), 0
@@ -59,15 +61,15 @@ def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset
             if size is None:
                 try:
                     values = session.run(outputs, piece)
-                except Exception:  # a batch size the graph fixes elsewhere (a constant initial state): whole batches
+                except ORT_ERRORS:  # a batch size the graph fixes elsewhere (a constant initial state): whole batches
                     size, stop, piece = 0, count, batch
-                    values = session.run(outputs, piece)
+                    values = run_session(session, outputs, piece, what, dataset.origin, built)
                 else:
                     per_sample = sum(value.nbytes for value in values) / (stop - start)
                     size = max(1, int(CAPTURE_BYTES // max(per_sample, 1.0)))
             else:
-                values = session.run(outputs, piece) if captured else []
-            found = {name: exposed[name].rows(value) for name, value in zip(captured, values)}
+                values = run_session(session, outputs, piece, what, dataset.origin, built) if captured else []
+            found = _captured(exposed, dict(zip(outputs, values)), what)
             inputs = {}
             for name in names:
                 x = piece[name] if name in piece else found[name]
@@ -77,6 +79,17 @@ def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset
                 inputs[name] = x
             yield stop - start, inputs
             start = stop
+
+
+def _captured(exposed: Mapping[str, Exposed], values: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """Each captured tensor's rows from the exposed model's ``values`` (by output name)."""
+    found = {}
+    for name, where in exposed.items():
+        try:
+            found[name] = where.rows(*(values[output] for output in where.outputs))
+        except ValueError as exc:
+            raise DataError(f"the input '{name}' of a dense layer cannot be calibrated in {what}: {exc}") from None
+    return found
 
 
 class Accumulator(Protocol):
@@ -125,10 +138,16 @@ class ConvGram:
     def __init__(self, layer: DenseLayer, with_drift: bool):
         assert layer.geometry is not None
         self.gram = PatchGram(layer.geometry, with_drift)
+        self.name = layer.parent or layer.name
         self.result: ConvStatistics | None = None  # the means, computed once for all groups
 
     def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
+        """Add a batch; a ModelError naming the Conv when its input does not fit it (a group that
+        does not divide the channels, a kernel larger than the input), as onnxruntime would."""
         if x.size:  # empty: the If branch holding the Conv did not run on this batch
+            problem = self.gram.geometry.input_problem(x.shape)
+            if problem is not None:
+                raise ModelError(f"Conv '{self.name}' cannot run on its input: {problem}")
             self.gram.update(x, seen)
 
     def statistics(self, group: int | None = None) -> InputStatistics:
@@ -174,7 +193,8 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
         for key, layer in views.items()}
     streams = [stream_inputs(expose_outputs(model, layers), tensors, dataset, "the float model")]
     if deployed is not None:
-        streams.append(stream_inputs(expose_outputs(deployed, layers), tensors, dataset, "the partly quantized model"))
+        streams.append(stream_inputs(expose_outputs(deployed, layers), tensors, dataset,
+                                     "the partly quantized model", built=True))
     with progress.bar(dataset.num_samples, "calibrating") as bar:
         for pieces in zip(*streams):
             (samples, floats), (_, seen) = pieces[0], pieces[-1]

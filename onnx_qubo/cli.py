@@ -260,9 +260,12 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
 
 def _int_list(ctx, param, value: str) -> list[int]:
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        numbers = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
+        numbers = []
+    if not numbers:  # ',' names none: an empty comparison is no answer
+        raise click.BadParameter(f"expected comma-separated integers, got '{value}'")
+    return numbers
 
 
 def _name_list(choices):

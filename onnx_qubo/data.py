@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,10 @@ def load_dataset(source: Any, model: onnx.ModelProto, batch_size: int = 256) -> 
     feed, count = _check_feed(arrays, specs, axes, origin)
     if labels is not None:
         labels = np.asarray(labels)
-        if labels.shape[:1] != (count,) or not np.issubdtype(labels.dtype, np.integer):
+        if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(
-                f"{origin}: '{LABELS_KEY}' must hold one integer class per sample "
-                f"({count}), got dtype {labels.dtype} shape {labels.shape}")
+                f"{origin}: '{LABELS_KEY}' must hold one integer class per sample, a 1-D array of "
+                f"{count}, got dtype {labels.dtype} shape {labels.shape}")
     fixed = _fixed_batch(specs, axes, count, origin)
     step = fixed or batch_size
     if fixed and count % fixed:  # whole batches only, and say so
@@ -198,20 +199,66 @@ def _fixed_batch(specs: list[InputSpec], axes: dict[str, int | None], count: int
     return size or None
 
 
+DEFLATE_RATIO = 1032  # the most a deflate stream can expand (zlib's bound), with a header's margin below
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive by key; a DataError naming the file (and key) for anything
+    else: a directory, a .npy, a corrupt or unsupported archive, an object array, or an array whose
+    header declares more bytes than its entry holds (checked before anything is allocated, so a
+    1 KB file declaring terabytes is refused, not attempted)."""
     if path.is_dir():
         raise DataError(f"data file '{path}' is a directory; give an .npz file")
     if not path.is_file():
         raise DataError(f"data file '{path}' does not exist")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                return {key: loaded[key] for key in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        with open(path, "rb") as stream:
+            single = stream.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
+        if single:
+            raise DataError(f"data file '{path}' holds a single array (.npy), not an .npz archive; "
+                            "save it with numpy.savez(path, <input name>=array)")
+        with zipfile.ZipFile(path) as archive:
+            return {info.filename[:-len(".npy")]: _read_entry(archive, info, path) for info in archive.infolist()
+                    if not info.is_dir()}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, zlib.error) as exc:
         raise DataError(f"data file '{path}' is not a readable .npz archive: {exc}") from None
-    raise DataError(f"data file '{path}' holds a single array (.npy), not an .npz archive; "
-                    "save it with numpy.savez(path, <input name>=array)")
+
+
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> np.ndarray:
+    """One array of an .npz archive, its declared size checked against what the entry holds."""
+    key = info.filename[:-len(".npy")] if info.filename.endswith(".npy") else info.filename
+    where = f"data file '{path}', array '{key}'"
+    if not info.filename.endswith(".npy"):
+        raise DataError(f"{where}: the archive entry '{info.filename}' is not an array (.npy)")
+    declared = 0
+    try:
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(member)
+            payload = info.file_size - member.tell()
+        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        bound = {zipfile.ZIP_STORED: info.compress_size, zipfile.ZIP_DEFLATED: DEFLATE_RATIO * info.compress_size}
+        if dtype.hasobject:
+            raise DataError(f"{where} holds Python objects ({dtype}); give numeric arrays")
+        if declared != payload or declared > bound.get(info.compress_type, declared):
+            raise DataError(f"{where} declares shape {shape} of {dtype} ({declared:,} bytes), but its entry "
+                            f"holds {max(payload, 0):,} bytes ({info.compress_size:,} compressed): the file is "
+                            "truncated or corrupt")
+        with archive.open(info) as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
+    except DataError:
+        raise
+    except NotImplementedError as exc:  # zipfile: a compression method it cannot read
+        raise DataError(f"{where} cannot be read: {exc} (numpy.savez and savez_compressed write archives "
+                        "that can)") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{where} cannot be read: {exc}") from None
+    except MemoryError:
+        raise DataError(f"{where} ({declared:,} bytes) does not fit in memory") from None
 
 
 def _from_reader(reader, specs: list[InputSpec]) -> Dataset:

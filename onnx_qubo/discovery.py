@@ -16,7 +16,7 @@ from collections import Counter
 import onnx
 
 from .forms import FORMS, GraphIndex, Skip
-from .subgraphs import all_graphs, is_routed, subgraphs
+from .subgraphs import all_graphs, capture_problem, is_routed, subgraphs
 from .types import DenseLayer, SkippedNode
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,10 @@ def find_dense_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[Sk
 
 
 def _visit(graph: onnx.GraphProto, prefix: str, index: GraphIndex, layers: list[DenseLayer],
-           skipped: list[SkippedNode], unroutable: str | None) -> None:
-    """Match the nodes of ``graph`` (names prefixed by ``prefix``); ``unroutable``: why a layer
-    found here cannot be calibrated (inside the body of an op other than If/Loop/Scan)."""
+           skipped: list[SkippedNode], unroutable: str | None, holders: tuple[onnx.NodeProto, ...] = ()) -> None:
+    """Match the nodes of ``graph`` (names prefixed by ``prefix``; ``holders``: the nodes holding
+    it, outer first); ``unroutable``: why a layer found here cannot be calibrated (inside the body
+    of an op other than If/Loop/Scan, or an If branch inside a Scan: subgraphs.capture_problem)."""
     for node, name in zip(graph.node, node_names(graph)):
         name = prefix + name
         default_domain = node.domain in ("", "ai.onnx")
@@ -59,7 +60,9 @@ def _visit(graph: onnx.GraphProto, prefix: str, index: GraphIndex, layers: list[
             if why is None and not is_routed(node):
                 why = (f"inside the {attr} subgraph of {node.op_type} '{name}': only If, Loop and Scan bodies "
                        "are quantized")
-            _visit(body, f"{name}/{attr}/", index.scoped(body), layers, skipped, why)
+            elif why is None and (problem := capture_problem((*holders, node))) is not None:
+                why = f"its input cannot be captured for calibration: {problem}"
+            _visit(body, f"{name}/{attr}/", index.scoped(body), layers, skipped, why, (*holders, node))
 
 
 def node_names(graph: onnx.GraphProto) -> list[str]:

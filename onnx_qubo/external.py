@@ -7,6 +7,7 @@ are read one layer at a time. The folder the references are relative to travels 
 as a metadata entry (copies of the model keep it), which this module alone reads and writes:
 
 - ``read_array``: one tensor's values, from the proto or its file;
+- ``data_info``: a tensor's external data entry, checked (files.py, before anything is read);
 - ``session_folder``: what onnxruntime needs to resolve the references (runtime.py);
 - ``materialize``: every reference replaced by its values, the entry removed (before a write).
 """
@@ -19,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_tensor, uses_external_data
 
 from .errors import ModelError
 
@@ -41,14 +42,35 @@ def session_folder(model: onnx.ModelProto) -> Path | None:
 
 
 def read_array(tensor: onnx.TensorProto, model: onnx.ModelProto) -> np.ndarray:
-    """The values of ``tensor``, an initializer of ``model``, wherever they are stored."""
-    if not uses_external_data(tensor):
-        return numpy_helper.to_array(tensor)
+    """The values of ``tensor``, an initializer of ``model``, wherever they are stored; a
+    ModelError naming it when they do not fill its dims."""
     folder = session_folder(model)
-    if folder is None:
+    if uses_external_data(tensor) and folder is None:
         raise ModelError(f"tensor '{tensor.name}' refers to external data that was not loaded: give the model's path, "
                          "or load it with onnx.load(path) (external data included)")
-    return numpy_helper.to_array(tensor, base_dir=str(folder))
+    try:
+        return numpy_helper.to_array(tensor, base_dir=str(folder or ""))
+    except ValueError as exc:  # numpy: cannot reshape the values to the dims
+        raise ModelError(f"tensor '{tensor.name}' holds values that do not fit its dims {list(tensor.dims)}: "
+                         f"{exc}") from None
+
+
+def data_info(tensor: onnx.TensorProto) -> ExternalDataInfo:
+    """``tensor``'s external data entry, checked: offset and length non-negative integers, and
+    the length, when given, the bytes its dims and type take; a ModelError naming it otherwise."""
+    from .memory import tensor_bytes  # memory.py reads types.py, which reads this module
+
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    for key in ("offset", "length"):
+        if key in entries and not entries[key].isdecimal():  # digits only: no sign, no fraction
+            raise ModelError(f"tensor '{tensor.name}': its external data {key} '{entries[key]}' is not a "
+                             "non-negative integer")
+    info = ExternalDataInfo(tensor)
+    needed = tensor_bytes(tensor)
+    if "length" in entries and info.length != needed:
+        raise ModelError(f"tensor '{tensor.name}': its external data length is {info.length} bytes, but its dims "
+                         f"{list(tensor.dims)} take {needed}")
+    return info
 
 
 def loaded(tensor: onnx.TensorProto, model: onnx.ModelProto) -> onnx.TensorProto:

@@ -29,7 +29,7 @@ from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo, set_external_data
+from onnx.external_data_helper import set_external_data
 
 from . import external
 from .errors import Interrupted, ModelError, OutputError
@@ -71,7 +71,7 @@ def external_data_files(model: onnx.ModelProto, path: PathLike) -> list[Path]:
     folder = Path(path).parent.resolve()
     files: dict[Path, None] = {}
     for tensor in external_tensors(model):
-        info = ExternalDataInfo(tensor)
+        info = external.data_info(tensor)
         location = info.location
         where = f"'{path}': tensor '{tensor.name}' has its data in '{location}'"
         if not location or Path(location).is_absolute() or Path(location).drive:

@@ -54,11 +54,14 @@ def check_integer(value: object, option: str, minimum: int | None = None) -> int
     return int(value)
 
 
+MAX_GB = 1e9  # an exabyte: past any machine, and its bytes still an int64 (numpy, onnxruntime)
+
+
 def check_gigabytes(value: object, option: str) -> int:
-    """A positive amount of memory in GB (10^9 bytes) as bytes."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
-        raise OptionError(f"{{{option}}} must be a positive number of GB, got {value!r}", option)
-    return int(float(value) * 1e9)
+    """A positive amount of memory in GB (10^9 bytes), at most MAX_GB, as bytes."""
+    amount = check_positive(value, option, MAX_GB, "a positive number of GB")
+    assert amount is not None
+    return int(amount * 1e9)
 
 
 def check_bits(bits: object, option: str = "bits") -> int:
@@ -69,13 +72,27 @@ def check_bits(bits: object, option: str = "bits") -> int:
     return value
 
 
-def check_positive(value: object, option: str) -> float | None:
-    """None, or a finite number above 0 (bools refused)."""
+def check_positive(value: object, option: str, maximum: float = float("inf"),
+                   what: str = "a number above 0") -> float | None:
+    """None, or a finite number above 0 and at most ``maximum`` (bools, and integers past any
+    float, refused)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
-        raise OptionError(f"{{{option}}} must be a number above 0, got {value!r}", option)
-    return float(value)
+    try:
+        amount = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    except OverflowError:  # an int past any float (10**400)
+        amount = None
+    if amount is None or not 0 < amount < float("inf"):
+        raise OptionError(f"{{{option}}} must be {what}, got {_short(value)}", option)
+    if amount > maximum:
+        raise OptionError(f"{{{option}}} must be {what} up to {maximum:g}, got {_short(value)}", option)
+    return amount
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, an integer of hundreds of digits written as its magnitude."""
+    text = repr(value)
+    return text if len(text) <= 24 or not isinstance(value, int) else f"an integer of {len(str(abs(value)))} digits"
 
 
 def solver_for(solver: str | Solver) -> Solver:
@@ -146,7 +163,7 @@ class QuantizeOptions:
                    workers=check_integer(workers, "workers", minimum=1), ray_address=ray_address,
                    max_memory=None if max_memory is None else check_gigabytes(max_memory, "max_memory"),
                    embeddings=bool(embeddings), auto_scheme=bool(auto_scheme),
-                   size_budget=check_positive(size_budget, "size_budget"),
+                   size_budget=check_positive(size_budget, "size_budget", MAX_GB * 1e3, "a number of MB above 0"),
                    max_error=check_positive(max_error, "max_error"))
 
     def __post_init__(self) -> None:
@@ -176,9 +193,12 @@ class QuantizeOptions:
         if self.ort_accuracy_level not in (0, 1, 2, 3, 4):
             raise OptionError(f"{{ort_accuracy_level}} must be 0-4, got {self.ort_accuracy_level}",
                               "ort_accuracy_level")
-        if self.ort_accuracy_level and (self.format != Format.ORT or self.activations != Activations.NONE):
-            raise OptionError("{ort_accuracy_level} applies to {format} ort weight-only layers (MatMulNBits), "
-                              "not with {activations}", "ort_accuracy_level", "format", "activations")
+        if self.ort_accuracy_level and self.format != Format.ORT:
+            raise OptionError(f"{{ort_accuracy_level}} applies to {{format}} ort weight-only layers (MatMulNBits), "
+                              f"not to {{format}} {self.format.value}", "ort_accuracy_level", "format")
+        if self.ort_accuracy_level and self.activations != Activations.NONE:
+            raise OptionError(f"{{ort_accuracy_level}} applies to weight-only layers (MatMulNBits), not with "
+                              f"{{activations}} {self.activations.value}", "ort_accuracy_level", "activations")
         if self.format != Format.ORT:
             return
         if self.activations != Activations.NONE and self.granularity == Granularity.BLOCK:

@@ -103,6 +103,19 @@ class ConvGeometry:
             end.append(total - head)
         return tuple(begin), tuple(end)
 
+    def input_problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why an input of ``shape`` ``[B, C, *spatial]`` does not fit this Conv (onnxruntime
+        would refuse to run it too), or None when it fits."""
+        d = len(self.kernel)
+        if len(shape) != d + 2 or shape[1] != self.in_channels:
+            return (f"input shape {tuple(shape)} does not fit a Conv over {self.in_channels} channels (weight "
+                    f"[M, C/group, ...] with group {self.groups}) and {d} spatial axes")
+        begin, end = self.padding(tuple(shape[2:]))
+        dilated = tuple((k - 1) * dil + 1 for k, dil in zip(self.kernel, self.dilations))
+        if any(n + b + e < k for n, b, e, k in zip(shape[2:], begin, end, dilated)):
+            return f"input spatial shape {tuple(shape[2:])} (padded) is smaller than the dilated kernel {dilated}"
+        return None
+
     def output_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         """Output spatial shape for an input of this spatial shape."""
         begin, end = self.padding(spatial)
@@ -144,9 +157,9 @@ def iter_patches(x: np.ndarray, geometry: ConvGeometry, max_bytes: float = np.in
     ``max_bytes`` (by samples, then by ranges of the first output axis, at least one output
     line per block; besides a block, only the padded float64 copy of its samples is held);
     concatenated along axis 1 they are ``patches(x, geometry)``."""
-    if x.ndim != len(geometry.kernel) + 2 or x.shape[1] != geometry.in_channels:
-        raise ValueError(f"input shape {x.shape} does not fit a Conv over {geometry.in_channels} channels "
-                         f"and {len(geometry.kernel)} spatial axes")
+    problem = geometry.input_problem(x.shape)
+    if problem is not None:
+        raise ValueError(problem)
     spatial = tuple(x.shape[2:])
     out = geometry.output_shape(spatial)
     begin, end = geometry.padding(spatial)

@@ -116,6 +116,7 @@ def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, 
     ``max_memory`` (bytes; default: memory.py's) needs; with ``format`` ort and quantized
     ``activations``, the output ranges of the Convs QLinearConv may run, in the same passes as
     the input ranges."""
+    check_declared_shapes(model)
     found, skipped = find_layers(model, exclude)
     layers = split_groups(found)  # a grouped Conv: one layer per group, each with its own Gram matrix
     outputs = [layer.output_name for layer in found if layer.output_name is not None
@@ -190,6 +191,19 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iter
         exchange.write_index(plan.dump_dir, [
             {"layer": p.layer.name, "file": f"{p.stem}.qubo.npz", "n_out": p.layer.shape[0],
              "f_in": p.layer.shape[1], "variables": p.variables, "bits": p.scheme.bits} for p in plan.layers])
+
+
+def check_declared_shapes(model: onnx.ModelProto) -> None:
+    """A ModelError naming a main-graph input or output that declares no shape, not even its rank:
+    onnx's checker refuses such a model, so the quantized one could not be written."""
+    initializers = {init.name for init in model.graph.initializer}
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for value in values:
+            if value.name not in initializers and value.type.HasField("tensor_type") \
+                    and not value.type.tensor_type.HasField("shape"):
+                raise ModelError(f"model {kind} '{value.name}' declares no shape, not even its rank, which onnx's "
+                                 "checker refuses in the quantized model too: declare it (symbolic names such as "
+                                 "'batch' for sizes that vary)")
 
 
 def find_layers(model: onnx.ModelProto, exclude: Collection[str] = ()

@@ -19,7 +19,7 @@ from .errors import ModelError
 from .memory import weights_bytes
 from .progress import Progress
 from .report import Evaluation, Speed
-from .runtime import BASIC, DEFAULT, NONE, make_session
+from .runtime import BASIC, DEFAULT, NONE, make_session, run_session
 
 SPEED_REPEATS = 10  # timed runs per model and batch (median), within SPEED_BUDGET seconds
 SPEED_BUDGET = 3.0
@@ -71,7 +71,7 @@ def run_scores(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, datase
         outputs = []
         for batch in dataset.batches:
             for piece in run_pieces(dataset, batch):
-                output = session.run([name], piece)[0]
+                output = run_session(session, [name], piece, f"the {what}", dataset.origin, built)[0]
                 samples = dataset.samples(piece)
                 rows_of_last_axis = rows_of_last_axis or output.shape[:1] != (samples,)
                 outputs.append(output)

@@ -38,7 +38,10 @@ class Layer:
 
 @dataclass(frozen=True)
 class Case:
-    """A model (input width ``f``, ``lead`` extra axes for N-D MatMul chains), its data and a scheme."""
+    """A model (input width ``f``, ``lead`` extra axes for N-D MatMul chains), its data and a scheme.
+    ``in_loop``: the chain runs in an If branch inside a Loop of LOOP_TRIPS iterations, taken on
+    even iterations (on x * (i + 1)) while odd ones keep the carried value: the branch taken
+    changes between iterations (issue 20)."""
 
     f: int
     lead: tuple[int, ...]
@@ -47,6 +50,10 @@ class Case:
     samples: int
     seed: int
     options: dict[str, Any] = field(default_factory=dict)
+    in_loop: bool = False
+
+
+LOOP_TRIPS = 3
 
 
 @st.composite
@@ -75,7 +82,7 @@ def cases(draw: st.DrawFn) -> Case:
         activations=draw(st.sampled_from(["none", "int8", "uint8"])), sequential=draw(st.booleans()),
         solver=draw(st.sampled_from(["rtn", "fast"])), scale=draw(st.sampled_from(["minmax", "mse"])))
     return Case(f, lead, tuple(layers), draw(st.integers(11, 21)), draw(st.integers(1, 40)),
-                draw(st.integers(0, 2 ** 16)), options)
+                draw(st.integers(0, 2 ** 16)), options, in_loop=draw(st.integers(0, 3)) == 0)
 
 
 def build(case: Case) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -103,16 +110,59 @@ def build(case: Case) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
             nodes.append(helper.make_node(layer.then, [out], [f"a{k}"], name=f"act{k}"))
             out = f"a{k}"
         tensor, width = out, layer.n
+    if case.in_loop:
+        nodes, inits = _in_loop(nodes, tensor, case), inits + _loop_constants()
+        tensor = "y_loop"
     nodes.append(helper.make_node("Identity", [tensor], ["y"], name="out"))
     graph = helper.make_graph(nodes, "fuzz", [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT, ["B", *case.lead, case.f])], [], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
     model.ir_version = 7
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.value_info
-    model.graph.output.append(next(v for v in inferred if v.name == "y"))  # the output's inferred shape
+    if case.in_loop:  # the carried value changes shape (x, then the chain's output): declared by hand
+        model.graph.output.append(helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["B", *case.lead, case.layers[-1].n]))
+    else:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.value_info
+        model.graph.output.append(next(v for v in inferred if v.name == "y"))  # the output's inferred shape
     onnx.checker.check_model(model, full_check=True)
     x = rng.standard_normal((case.samples, *case.lead, case.f)).astype(np.float32)
     return model, {"x": x}
+
+
+def _in_loop(chain: list[onnx.NodeProto], out: str, case: Case) -> list[onnx.NodeProto]:
+    """The main graph's nodes running ``chain`` (reading x, writing ``out``) in the then-branch of
+    an If inside a Loop (``Case.in_loop``): iteration i feeds it x * (i + 1) when i is even, and
+    keeps the carried value (x at first) when odd; the loop's result is ``y_loop``."""
+    rank = 2 + len(case.lead)
+    unknown = [None] * rank
+    for node in chain:  # the chain reads x scaled by the iteration
+        node.input[:] = ["x_scaled" if name == "x" else name for name in node.input]
+    then = helper.make_graph([*chain, helper.make_node("Identity", [out], ["y_then"])], "then", [],
+                             [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, unknown)])
+    other = helper.make_graph([helper.make_node("Identity", ["y_in"], ["y_else"])], "else", [],
+                              [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, unknown)])
+    body = helper.make_graph([
+        helper.make_node("Cast", ["i"], ["i_float"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["i_float", "loop_one"], ["factor"]),
+        helper.make_node("Mul", ["x", "factor"], ["x_scaled"]),
+        helper.make_node("Mod", ["i", "loop_two"], ["parity"]),
+        helper.make_node("Equal", ["parity", "loop_zero"], ["even"]),
+        helper.make_node("If", ["even"], ["y_out"], then_branch=then, else_branch=other, name="branch"),
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+    ], "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("y_in", TensorProto.FLOAT, unknown)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("y_out", TensorProto.FLOAT, unknown)])
+    return [helper.make_node("Loop", ["loop_trips", "loop_true", "x"], ["y_loop"], body=body, name="loop")]
+
+
+def _loop_constants() -> list[onnx.TensorProto]:
+    return [numpy_helper.from_array(np.array(1.0, np.float32), "loop_one"),
+            numpy_helper.from_array(np.array(2, np.int64), "loop_two"),
+            numpy_helper.from_array(np.array(0, np.int64), "loop_zero"),
+            numpy_helper.from_array(np.array(LOOP_TRIPS, np.int64), "loop_trips"),
+            numpy_helper.from_array(np.array(True), "loop_true")]
 
 
 def grid(bits: int, signed: bool) -> tuple[int, int]:
@@ -125,7 +175,7 @@ def integer_ranges_fit(model: onnx.ModelProto, bits: int) -> list[str]:
     points) outside the grid of ``bits`` (INT32 biases and 8-bit activations excepted)."""
     inits = {i.name: i for i in model.graph.initializer}
     problems = []
-    for node in model.graph.node:
+    for node in _all_nodes(model.graph):
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
             continue
         init = inits[node.input[0]]
@@ -147,7 +197,18 @@ NEAR_TIE = 1e-3  # a QuantizeLinear input this close to a rounding tie (in grid 
 def float_gemm_bias(model: onnx.ModelProto) -> bool:
     """Whether a Gemm of ``model`` reads a float initializer as its bias C."""
     floats = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
-    return any(n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] in floats for n in model.graph.node)
+    return any(n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] in floats for n in _all_nodes(model.graph))
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of ``graph`` and of every graph nested in it."""
+    found = []
+    for node in graph.node:
+        found.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found += _all_nodes(attr.g)
+    return found
 
 
 def evaluate(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray], int, float]:
@@ -155,20 +216,46 @@ def evaluate(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[list[
     number of QuantizeLinear inputs within NEAR_TIE of a rounding tie (there float32, as in
     onnxruntime, and float64 may honestly round to neighbouring integers); and the largest
     magnitude of any float tensor computed (float32 rounding noise scales with it)."""
-    ties, peak = 0, 1.0
+    seen = {"ties": 0, "peak": 1.0}
     env: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feed.items()}
     for init in model.graph.initializer:
         env[init.name] = _array(init)
-    for node in model.graph.node:
+    _run_graph(model.graph, env, seen)
+    return [env[out.name] for out in model.graph.output], int(seen["ties"]), seen["peak"]
+
+
+def _run_graph(graph: onnx.GraphProto, env: dict[str, np.ndarray], seen: dict[str, Any]) -> None:
+    """Compute ``graph``'s nodes into ``env`` (which holds its inputs and outer scopes); Loop and
+    If run their bodies in a copy of ``env``, as the specification scopes them."""
+    for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         inputs = [env[name] if name else None for name in node.input]
-        env[node.output[0]] = _OPS[node.op_type](inputs, attrs)
+        if node.op_type == "Loop":
+            env[node.output[0]] = _loop(inputs, attrs["body"], env, seen)
+        elif node.op_type == "If":
+            branch = attrs["then_branch" if bool(inputs[0]) else "else_branch"]
+            scope = dict(env)
+            _run_graph(branch, scope, seen)
+            env[node.output[0]] = scope[branch.output[0].name]
+        else:
+            env[node.output[0]] = _OPS[node.op_type](inputs, attrs)
         if env[node.output[0]].dtype.kind == "f" and env[node.output[0]].size:
-            peak = max(peak, float(np.abs(env[node.output[0]]).max()))
+            seen["peak"] = max(seen["peak"], float(np.abs(env[node.output[0]]).max()))
         if node.op_type == "QuantizeLinear":
             steps = inputs[0].astype(np.float64) / np.float64(inputs[1])
-            ties += int((np.abs(steps - np.floor(steps) - 0.5) < NEAR_TIE).sum())
-    return [env[out.name] for out in model.graph.output], ties, peak
+            seen["ties"] += int((np.abs(steps - np.floor(steps) - 0.5) < NEAR_TIE).sum())
+
+
+def _loop(inputs: list, body: onnx.GraphProto, env: dict[str, np.ndarray], seen: dict[str, Any]) -> np.ndarray:
+    """A Loop of a trip count, a true condition and one carried value (what build writes)."""
+    carried = inputs[2]
+    for i in range(int(inputs[0])):
+        scope = dict(env)
+        scope.update({body.input[0].name: np.array(i, np.int64), body.input[1].name: np.array(True),
+                      body.input[2].name: carried})
+        _run_graph(body, scope, seen)
+        carried = scope[body.output[1].name]
+    return carried
 
 
 def _array(tensor: onnx.TensorProto) -> np.ndarray:
@@ -224,6 +311,10 @@ _OPS = {
     "Slice": lambda i, a: i[0][int(i[1][0]):int(i[2][0])],
     "Concat": lambda i, a: np.concatenate(i, axis=a["axis"]),
     "Reshape": lambda i, a: i[0].reshape([int(d) for d in i[1]]),
+    "Cast": lambda i, a: i[0].astype(helper.tensor_dtype_to_np_dtype(a["to"])),
+    "Mul": lambda i, a: i[0].astype(np.float64) * i[1].astype(np.float64),
+    "Mod": lambda i, a: np.mod(i[0], i[1]),
+    "Equal": lambda i, a: np.equal(i[0], i[1]),
 }
 
 

@@ -127,3 +127,58 @@ def scan_model(f=6, n=5, seed=0) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(rng.standard_normal((n, f)).astype(np.float32), "W")]
     nodes = [helper.make_node("Scan", ["xs"], ["ys"], body=body, num_scan_inputs=1, name="scan")]
     return _model(nodes, [_floats("xs", ["T", "B", f])], [_floats("ys", ["T", "B", n])], inits)
+
+
+def if_in_loop_model(f=6, n=5, trips=4, seed=0) -> onnx.ModelProto:
+    """x [B, f]; Loop of ``trips`` iterations, iteration i: h_i = x * (i + 1), then If(i is even):
+    Gemm 'fc_even'(h_i, W1, C1), else MatMul 'fc_odd'(h_i, W2) + b2 -> y_i, stacked as ys
+    [trips, B, n]. The branch taken changes between iterations, so each branch's input exists in
+    every other iteration only."""
+    rng = np.random.default_rng(seed)
+    even = helper.make_graph([helper.make_node("Gemm", ["h", "W1", "C1"], ["y_even"], transB=1, name="fc_even")],
+                             "even", [], [_floats("y_even", ["B", n])])
+    odd = helper.make_graph([helper.make_node("MatMul", ["h", "W2"], ["p_odd"], name="fc_odd"),
+                             helper.make_node("Add", ["p_odd", "b2"], ["y_odd"], name="bias_odd")],
+                            "odd", [], [_floats("y_odd", ["B", n])])
+    body = helper.make_graph([
+        helper.make_node("Cast", ["i"], ["i_float"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["i_float", "one"], ["factor"]),
+        helper.make_node("Mul", ["x", "factor"], ["h"]),
+        helper.make_node("Mod", ["i", "two"], ["parity"]),
+        helper.make_node("Equal", ["parity", "zero"], ["is_even"]),
+        helper.make_node("If", ["is_even"], ["y_i"], then_branch=even, else_branch=odd, name="parity_if"),
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+    ], "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _floats("y_i", ["B", n])])
+    inits = [numpy_helper.from_array(rng.standard_normal((n, f)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "C1"),
+             numpy_helper.from_array(rng.standard_normal((f, n)).astype(np.float32), "W2"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b2"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(2, np.int64), "two"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+             numpy_helper.from_array(np.array(True), "true")]
+    nodes = [helper.make_node("Loop", ["trips", "true"], ["ys"], body=body, name="loop")]
+    return _model(nodes, [_floats("x", ["B", f])], [_floats("ys", [trips, "B", n])], inits)
+
+
+def if_in_scan_model(f=6, seed=0) -> onnx.ModelProto:
+    """xs [T, B, f] -> Scan over T, step t: If(sum of x_t > 0) Gemm 'fc_pos'(x_t, W [f, f]), else
+    x_t itself -> y_t, stacked ys [T, B, f]: the branch taken may change between steps."""
+    n = f
+    rng = np.random.default_rng(seed)
+    pos = helper.make_graph([helper.make_node("Gemm", ["x_t", "W"], ["y_pos"], transB=1, name="fc_pos")],
+                            "pos", [], [_floats("y_pos", ["B", n])])
+    neg = helper.make_graph([helper.make_node("Identity", ["x_t"], ["y_neg"], name="copy")],
+                            "neg", [], [_floats("y_neg", ["B", f])])
+    body = helper.make_graph([
+        helper.make_node("ReduceSum", ["x_t"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["y_t"], then_branch=pos, else_branch=neg, name="sign_if"),
+    ], "body", [_floats("x_t", ["B", f])], [_floats("y_t", ["B", n])])
+    inits = [numpy_helper.from_array(rng.standard_normal((n, f)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    nodes = [helper.make_node("Scan", ["xs"], ["ys"], body=body, num_scan_inputs=1, name="scan")]
+    return _model(nodes, [_floats("xs", ["T", "B", f])], [_floats("ys", ["T", "B", n])], inits)

@@ -89,7 +89,7 @@ def test_8_bit_codes_that_could_saturate_the_integer_kernel_keep_the_portable_fo
     (dict(bits=8), "MatMulNBits has a fast float kernel for 1-4 bit weights only"),
     (dict(bits=4, granularity="block", block_size=24), "not block_size 24"),
     (dict(bits=8, activations="uint8", granularity="block", block_size=32), "not blocks"),
-    (dict(bits=4, activations="uint8", ort_accuracy_level=4), "ort_accuracy_level applies to format ort weight-only"),
+    (dict(bits=4, activations="uint8", ort_accuracy_level=4), "ort_accuracy_level applies to weight-only layers"),
 ])
 def test_combinations_format_ort_cannot_serve_are_refused_before_writing(arguments, message, tmp_path):
     x = np.random.default_rng(0).standard_normal((16, 40)).astype(np.float32)

@@ -1,10 +1,13 @@
 """Property-based fuzzing of ``onnx_qubo.quantize`` on random dense-layer chains and schemes.
 
 Every case either succeeds or is refused with a one-line QuboInputError for a reason listed in
-``fuzzing.LEGITIMATE_REFUSALS``. A success must pass onnx's full check, run the same in
-onnxruntime at the default, basic and disabled optimization levels, equal a numpy evaluation of
-the written file (integers and scales read back), keep its integers on the grid and the output
-shapes of the float model, and leave no other file in the output folder.
+``fuzzing.LEGITIMATE_REFUSALS``, and at least MIN_ACCEPTED of the cases succeed (a library that
+refused everything, each time for a listed reason, would otherwise pass). A success must pass
+onnx's full check, run the same in onnxruntime at the default, basic and disabled optimization
+levels, equal a numpy evaluation of the written file (integers and scales read back), keep its
+integers on the grid and the output shapes of the float model, and leave no other file in the
+output folder. A quarter of the cases run the chain in an If branch inside a Loop, taken on some
+iterations only (``fuzzing.Case.in_loop``).
 
 Short run (CI): ``CASES`` cases from a fixed seed. Long run:
 ``ONNX_QUBO_FUZZ_CASES=1000 ONNX_QUBO_FUZZ_SEED=12345 python -m pytest -q -s tests/test_fuzz.py``
@@ -31,6 +34,7 @@ from onnx_qubo.runtime import BASIC, DEFAULT, NONE, make_session
 CASES = int(os.environ.get("ONNX_QUBO_FUZZ_CASES", "40"))
 SEED = int(os.environ.get("ONNX_QUBO_FUZZ_SEED", str(0x0A11CE)))
 OUTCOMES: Counter = Counter()
+MIN_ACCEPTED = 0.5  # share of cases that must be quantized: about 0.7 on runs of 150 (README)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,7 +47,8 @@ def print_outcomes():
 @settings(max_examples=CASES, deadline=None, database=None, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=fuzzing.cases())
-def test_quantize_random_models(case: fuzzing.Case):
+def quantize_random_model(case: fuzzing.Case):
+    """One generated case, its outcome counted in OUTCOMES."""
     model, feed = fuzzing.build(case)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -80,5 +85,14 @@ def test_quantize_random_models(case: fuzzing.Case):
                                            atol=(5e-2 if rounded_bias or ties else 2e-5) * scale,
                                            err_msg=f"level {level} vs optimizations disabled")
         assert fuzzing.integer_ranges_fit(written, options["bits"]) == []
-        OUTCOMES["quantized" + (" (activation rounding tie: loose oracle check)" if ties else "")
+        OUTCOMES["quantized" + (" (in an If inside a Loop)" if case.in_loop else "")
+                 + (" (activation rounding tie: loose oracle check)" if ties else "")
                  + (" (float Gemm bias with quantized inputs: loose level check)" if rounded_bias else "")] += 1
+
+
+def test_quantize_random_models():
+    OUTCOMES.clear()
+    quantize_random_model()
+    total = sum(OUTCOMES.values())
+    accepted = sum(count for outcome, count in OUTCOMES.items() if outcome.startswith("quantized"))
+    assert total >= CASES and accepted >= MIN_ACCEPTED * total, OUTCOMES

@@ -12,10 +12,11 @@ from onnx import helper, numpy_helper
 
 from onnx_qubo import quantize
 from onnx_qubo.discovery import fed_by_earlier, find_dense_layers
+from onnx_qubo.errors import ModelError
 from onnx_qubo.pipeline import prepare
-from onnx_qubo.subgraphs import all_graphs, expose
+from onnx_qubo.subgraphs import Exposed, all_graphs, expose
 
-from graphs import if_model, loop_model, scan_model
+from graphs import if_in_loop_model, if_in_scan_model, if_model, loop_model, scan_model
 
 DEFAULT, BASIC, NONE = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                         ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -194,3 +195,37 @@ def test_expose_routes_body_tensors_out_and_leaves_the_model_untouched():
     np.testing.assert_allclose(where["h"].rows(stacked)[40:80], 2 * X, rtol=1e-6)
     with pytest.raises(ValueError, match="not in the model"):
         expose(model, ["nowhere"])
+
+
+def test_an_if_whose_branch_changes_between_loop_iterations_calibrates_each_branch_on_its_iterations(tmp_path):
+    model = if_in_loop_model(trips=4)
+    report = quantize(model, tmp_path / "q.onnx", calibration={"x": X}, bits=2, batch_size=16, speed=False)
+    assert {layer.name for layer in report.layers} == {"loop/body/parity_if/then_branch/fc_even",
+                                                        "loop/body/parity_if/else_branch/fc_odd"}
+    written = onnx.load(tmp_path / "q.onnx")
+    diff = run(written, {"x": X})[0] - run(model, {"x": X})[0]  # [trips, B, n]
+    costs = {layer.name.rsplit("/", 1)[1]: layer.cost_solved for layer in report.layers}
+    for name, iterations in (("fc_even", diff[0::2]), ("fc_odd", diff[1::2])):
+        assert costs[name] == pytest.approx(float((iterations.reshape(-1, 5) ** 2).sum(axis=1).mean()), rel=1e-4)
+
+
+def test_expose_packs_a_tensor_of_an_if_inside_a_loop():
+    model = prepare(if_in_loop_model(trips=4))
+    exposed, where = expose(model, ["h_in_fc_even", "h_in_fc_odd"])
+    outputs = dict(zip([o.name for o in exposed.graph.output], run(exposed, {"x": X})))
+    even, odd = (where[name].rows(*(outputs[o] for o in where[name].outputs))
+                 for name in ("h_in_fc_even", "h_in_fc_odd"))
+    np.testing.assert_allclose(even, np.concatenate([X, 3 * X]), rtol=1e-6)
+    np.testing.assert_allclose(odd, np.concatenate([2 * X, 4 * X]), rtol=1e-6)
+    outputs = dict(zip([o.name for o in exposed.graph.output], run(exposed, {"x": X[:0]})))  # no sample
+    assert where["h_in_fc_odd"].rows(*(outputs[o] for o in where["h_in_fc_odd"].outputs)).shape == (0, 6)
+    with pytest.raises(ValueError, match="shape changes between iterations"):  # rows of [1, 4] then [1, 6]
+        Exposed("v", shapes="s").rows(np.zeros(10), np.array([2, 1, 4, 2, 1, 6]))
+
+
+def test_a_layer_in_an_if_inside_a_scan_is_skipped_with_the_reason(tmp_path):
+    xs = RNG.standard_normal((4, 10, 6)).astype(np.float32)
+    with pytest.raises(ModelError, match="If branch inside the body of Scan 'scan'"):
+        quantize(if_in_scan_model(), tmp_path / "q.onnx", calibration={"xs": xs}, bits=2, speed=False)
+    with pytest.raises(ValueError, match="cannot carry a value whose shape changes"):
+        expose(prepare(if_in_scan_model()), ["x_t_in_fc_pos"])

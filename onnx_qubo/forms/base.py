@@ -15,7 +15,6 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from .. import external
@@ -103,7 +102,7 @@ class GraphIndex:
         lives in external data, read again each time a stage needs it."""
         if uses_external_data(init):
             return FromFile(init, self.model, canonical, shape)
-        return InMemory(canonical(numpy_helper.to_array(init)))
+        return InMemory(canonical(self.array(init)))
 
     def only_reader(self, tensor: str) -> onnx.NodeProto | None:
         readers = self.consumers.get(tensor, [])
