@@ -20,6 +20,7 @@ from .data import Dataset, load_dataset
 from .errors import OptionError, OutputError
 from .files import Outputs, dump_directory, external_data_path, inputs_read, load_model, writable_path
 from .options import QuantizeOptions, ScaleMethod, check_bits, check_integer, solver_for
+from .perplexity import check_tokens, evaluate_language_model, language_model
 from .pipeline import calibrate, prepare, quantize_model
 from .plan import make_plan
 from .progress import Progress
@@ -128,7 +129,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     else:
         result = quantize_model(float_model, calib_data, options, bar)
     quantized = result.model
-    evaluation = evaluate(reference_scores(float_model, eval_data, bar), quantized, bar, portable=result.reference)
+    lm = language_model(float_model)
+    if lm is not None:  # next-token perplexity, streamed: an LM's logits over all windows need not fit in memory
+        evaluation = evaluate_language_model(lm, float_model, quantized, eval_data, bar, portable=result.reference)
+    else:
+        evaluation = evaluate(reference_scores(float_model, eval_data, bar), quantized, bar,
+                              portable=result.reference)
     timing = measure_speed(float_model, quantized, eval_data) if speed else None
     with Outputs() as outputs:  # after every check: an error or Ctrl-C leaves the outputs as they were
         written = outputs.add_model(output_path, quantized, external_data=external_data, reads=reads)
@@ -213,6 +219,10 @@ def _load_inputs(model: str | os.PathLike | onnx.ModelProto, input_path: Path | 
     calib_data = load_dataset(calibration, float_model, batch_size)
     evaluation = _beside(input_path, EVAL_SUFFIX) if evaluation is None else evaluation
     eval_data = calib_data if evaluation is None else load_dataset(evaluation, float_model, batch_size)
+    lm = language_model(float_model)
+    if lm is not None:  # before the long run
+        check_tokens(lm, calib_data)
+        check_tokens(lm, eval_data)
     return float_model, calib_data, eval_data
 
 

@@ -389,3 +389,26 @@ def inspect(model):
             click.echo(f"  {node.name:<28} {node.op_type:<8} {node.reason}")
     if not layers:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("tokenizer", type=click.Path())
+@click.argument("text", type=click.Path())
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--window", type=click.IntRange(min=2), required=True,
+              help="Tokens per window (at most the model's context).")
+@click.option("--windows", type=click.IntRange(min=1), required=True, help="Windows to write.")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="Tokens between window starts [default: --window, no overlap].")
+@click.option("--skip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Windows to leave out first: give the calibration's --windows to start the evaluation "
+                   "windows right after them.")
+def tokenize(tokenizer, text, output, window, windows, stride, skip):
+    """Tokenize TEXT with TOKENIZER (a model folder holding tokenizer.json, or the file) and write
+    OUTPUT.npz: 'input_ids' [windows, window] int64, calibration or evaluation data for a language
+    model (needs pip install 'onnx-qubo[text]')."""
+    from .text import write_token_windows
+
+    with failures_as_exit():
+        ids = write_token_windows(tokenizer, text, output, window=window, windows=windows, stride=stride, skip=skip)
+    click.echo(f"wrote {output}: input_ids {ids.shape[0]} x {ids.shape[1]} tokens", err=True)

@@ -57,6 +57,9 @@ class Evaluation:
     default_vs_unoptimized: float  # ||y_default - y_ref|| / ||y_ref||, y_ref: the DequantizeLinear
     # model of the same codes with graph optimizations disabled
     basic_vs_unoptimized: float  # the same at the basic level (0 when levels are not checked)
+    float_perplexity: float | None = None  # language models (perplexity.py): next-token perplexity
+    quantized_perplexity: float | None = None
+    predictions: int = 0  # the next tokens scored (a window of T tokens scores T - 1)
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,14 @@ class Report:
             lines.append(f"accuracy on {ev.samples} samples ({ev.data}, output '{ev.output}'): "
                          f"float {ev.float_accuracy:.2%}, quantized {ev.quantized_accuracy:.2%} "
                          f"({(ev.quantized_accuracy - ev.float_accuracy) * 100:+.2f} points)")
-        if ev.decision_flips is None:
+        if ev.float_perplexity is not None and ev.quantized_perplexity is not None:
+            increase = ev.quantized_perplexity - ev.float_perplexity
+            lines.append(f"perplexity on {ev.predictions:,} next tokens of {ev.samples} windows ({ev.data}, output "
+                         f"'{ev.output}'): float {ev.float_perplexity:.4g}, quantized {ev.quantized_perplexity:.4g} "
+                         f"({increase:+.4g}, {increase / ev.float_perplexity:+.2%})")
+            lines.append(f"per token: top-1 agreement with float {ev.top1_agreement:.2%}; relative output error "
+                         f"{ev.relative_output_error:.3g}; mean cosine {ev.mean_cosine:.4f}")
+        elif ev.decision_flips is None:
             lines.append(f"top-1 agreement with float: {ev.top1_agreement:.2%}; relative output error "
                          f"{ev.relative_output_error:.3g}; mean cosine {ev.mean_cosine:.4f}")
         else:  # one score per row: top-1 agreement is always 100%

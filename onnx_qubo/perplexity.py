@@ -1,0 +1,206 @@
+"""Language models: next-token perplexity of the float and the quantized model on token windows.
+
+A model is a language model here when it has an integer ``input_ids`` input [batch, tokens] and
+a floating-point output of rank 3 whose last axis is fixed (the vocabulary): the logits. Its
+evaluation streams: each onnxruntime run gets as many windows as keep its logits under
+LOGITS_BYTES, and every measure is summed over chunks of token rows in float64 (a numerically
+stable log-softmax per chunk), so the logits of all windows (vocabulary x tokens) are never held
+at once. The label of position t in a window is the token at t + 1 of the same window: a window
+of T tokens scores T - 1 predictions. The comparison measures of other models (top-1 agreement,
+relative output error, mean cosine, the optimization-level checks) are computed over the token
+rows too, in the same passes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .data import Dataset, model_inputs
+from .errors import DataError
+from .progress import Progress
+from .report import Evaluation
+from .runtime import BASIC, DEFAULT, NONE, make_session, run_session
+
+IDS_INPUT = "input_ids"
+LOGITS_BYTES = 256 << 20  # the most logits (float32) one onnxruntime run returns; windows per run follow
+CHUNK_VALUES = 1 << 22  # values per chunk of token rows the measures run over, in float64
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+               onnx.TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class LanguageModel:
+    """Where a language model takes its tokens and gives its logits."""
+
+    input_ids: str
+    logits: str
+    vocabulary: int
+
+
+def language_model(model: onnx.ModelProto) -> LanguageModel | None:
+    """The model's tokens input and logits output (module docstring), or None when it has none:
+    the output named ``logits`` when it qualifies, else the first that does."""
+    ids = next((spec for spec in model_inputs(model) if spec.name == IDS_INPUT and spec.dtype.kind in "iu"
+                and (spec.shape is None or len(spec.shape) == 2)), None)
+    if ids is None:
+        return None
+    candidates = []
+    for out in model.graph.output:
+        tensor = out.type.tensor_type
+        if tensor.elem_type in FLOAT_TYPES and tensor.HasField("shape") and len(tensor.shape.dim) == 3 \
+                and tensor.shape.dim[2].dim_value > 1:
+            candidates.append(LanguageModel(ids.name, out.name, tensor.shape.dim[2].dim_value))
+    return next((c for c in candidates if c.logits == "logits"), candidates[0] if candidates else None)
+
+
+def check_tokens(lm: LanguageModel, dataset: Dataset) -> None:
+    """A DataError naming the data when a token id is outside the vocabulary (negative, or not
+    below the logits' last axis): onnxruntime's Gather would fail or read past the table."""
+    for batch in dataset.batches:
+        ids = batch.get(lm.input_ids)
+        if ids is None or not ids.size:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= lm.vocabulary:
+            bad = low if low < 0 else high
+            raise DataError(f"{dataset.origin}: input '{lm.input_ids}' holds token id {bad}, outside the model's "
+                            f"vocabulary of {lm.vocabulary} (the last axis of output '{lm.logits}')")
+
+
+def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Summed -log p(ids[b, t + 1] | logits[b, t]) over windows b and positions t < T - 1, and the
+    number of predictions; float64, a chunk of rows at a time."""
+    total, count = 0.0, 0
+    for b, t0, t1 in _row_chunks(logits):
+        stop = min(t1, ids.shape[1] - 1)
+        if stop <= t0:
+            continue
+        z = logits[b, t0:stop].astype(np.float64)
+        total += float((_log_sum_exp(z) - z[np.arange(len(z)), ids[b, t0 + 1:stop + 1]]).sum())
+        count += stop - t0
+    return total, count
+
+
+def _log_sum_exp(z: np.ndarray) -> np.ndarray:
+    """log(sum(exp(z))) per row, shifted by the row's maximum so that nothing overflows."""
+    top = z.max(axis=1)
+    return top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+
+
+def _row_chunks(logits: np.ndarray) -> list[tuple[int, int, int]]:
+    """(window, first position, end position) runs of about CHUNK_VALUES values of ``logits``."""
+    windows, positions, vocabulary = logits.shape
+    rows = max(1, CHUNK_VALUES // max(vocabulary, 1))
+    return [(b, t, min(positions, t + rows)) for b in range(windows) for t in range(0, positions, rows)]
+
+
+@dataclass
+class _Pair:
+    """Sums comparing outputs ``y`` against a reference ``r`` row by row (a token's logits)."""
+
+    rows: int = 0
+    same_top1: int = 0
+    error2: float = 0.0
+    reference2: float = 0.0
+    cosines: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, y: np.ndarray, r: np.ndarray) -> None:
+        self.rows += len(y)
+        self.same_top1 += int((y.argmax(axis=1) == r.argmax(axis=1)).sum())
+        self.error2 += float(np.sum((y - r) ** 2))
+        self.reference2 += float(np.sum(r ** 2))
+        norms = np.linalg.norm(y, axis=1) * np.linalg.norm(r, axis=1)
+        self.cosines += float((np.einsum("ij,ij->i", y, r) / np.maximum(norms, 1e-30)).sum())
+        self.max_abs = max(self.max_abs, float(np.abs(y - r).max(initial=0.0)))
+
+    @property
+    def relative(self) -> float:
+        return float(math.sqrt(self.error2) / max(math.sqrt(self.reference2), 1e-30))
+
+
+@dataclass
+class _Scores:
+    """Negative log-likelihood summed per model, and the predictions scored."""
+
+    nll: list[float] = field(default_factory=list)
+    predictions: int = 0
+
+    def perplexity(self, model: int) -> float:
+        return math.exp(self.nll[model] / max(self.predictions, 1))
+
+
+def stream(sessions: list[tuple[ort.InferenceSession, str, bool]], lm: LanguageModel, dataset: Dataset,
+           progress: Progress, label: str, pairs: list[tuple[int, int]]) -> tuple[_Scores, list[_Pair]]:
+    """Run every window through each (session, what, built) and sum each one's next-token NLL and,
+    for each (model, reference) in ``pairs``, the comparison measures; a few windows per run."""
+    scores, compared = _Scores(nll=[0.0] * len(sessions)), [_Pair() for _ in pairs]
+    with progress.bar(dataset.num_samples, label) as bar:
+        for batch in dataset.batches:
+            for piece in _pieces(dataset, batch, lm):
+                ids = piece[lm.input_ids]
+                outputs = [run_session(session, [lm.logits], piece, what, dataset.origin, built)[0]
+                           for session, what, built in sessions]
+                for k, logits in enumerate(outputs):
+                    total, count = next_token_nll(logits, ids)
+                    scores.nll[k] += total
+                scores.predictions += count
+                for b, t0, t1 in _row_chunks(outputs[0]):
+                    rows = [logits[b, t0:t1].astype(np.float64) for logits in outputs]
+                    for (model, reference), pair in zip(pairs, compared):
+                        pair.add(rows[model], rows[reference])
+                del outputs
+                bar.update(dataset.samples(piece))
+    return scores, compared
+
+
+def _pieces(dataset: Dataset, batch: dict[str, np.ndarray], lm: LanguageModel) -> list[dict[str, np.ndarray]]:
+    """``batch`` in runs whose logits (float32) stay under LOGITS_BYTES, at least one window each."""
+    count = dataset.samples(batch)
+    tokens = batch[lm.input_ids].shape[-1] if batch[lm.input_ids].ndim else 1
+    size = max(1, LOGITS_BYTES // max(4 * tokens * lm.vocabulary, 1))
+    if not dataset.splittable or count <= size:
+        return [batch]
+    return [dataset.piece(batch, start, min(count, start + size)) for start in range(0, count, size)]
+
+
+def evaluate_language_model(lm: LanguageModel, float_model: onnx.ModelProto, quantized_model: onnx.ModelProto,
+                            dataset: Dataset, progress: Progress, check_levels: bool = True,
+                            portable: onnx.ModelProto | None = None) -> Evaluation:
+    """Perplexity of both models on ``dataset``'s windows and the comparison measures over token
+    rows, streamed (module docstring): the float and the quantized model in one pass, then
+    (``check_levels``) the quantized model at the default and basic level against ``portable``
+    (default: the quantized model) with optimizations disabled, in another."""
+    check_tokens(lm, dataset)
+    sessions = [(make_session(float_model, DEFAULT, "the float model", False, lean=True), "the float model", False),
+                (make_session(quantized_model, DEFAULT, "the quantized model", True, lean=True),
+                 "the quantized model", True)]
+    scores, (quantized,) = stream(sessions, lm, dataset, progress, "perplexity", [(1, 0)])
+    del sessions
+    default_vs_plain = basic_vs_plain = default_vs_basic = 0.0
+    matches = True
+    if check_levels:
+        plain = quantized_model if portable is None else portable
+        levels = [(make_session(quantized_model, DEFAULT, "the quantized model", True, lean=True),
+                   "the quantized model", True),
+                  (make_session(quantized_model, BASIC, "the quantized model (basic)", True, lean=True),
+                   "the quantized model (basic)", True),
+                  (make_session(plain, NONE, "the portable model", True, lean=True),
+                   "the portable model (no optimization)", True)]
+        _, (default_plain, basic_plain, default_basic) = stream(levels, lm, dataset, progress, "optimization levels",
+                                                                [(0, 2), (1, 2), (0, 1)])
+        default_vs_plain, basic_vs_plain = default_plain.relative, basic_plain.relative
+        default_vs_basic, matches = default_basic.max_abs, default_basic.same_top1 == default_basic.rows
+    return Evaluation(
+        data=dataset.origin, output=lm.logits, samples=dataset.num_samples, float_accuracy=None,
+        quantized_accuracy=None, top1_agreement=quantized.same_top1 / max(quantized.rows, 1),
+        relative_output_error=quantized.relative, default_matches_basic=matches,
+        default_vs_basic_max_diff=default_vs_basic, mean_cosine=quantized.cosines / max(quantized.rows, 1),
+        max_abs_error=quantized.max_abs, decision_flips=None, default_vs_unoptimized=default_vs_plain,
+        basic_vs_unoptimized=basic_vs_plain, float_perplexity=scores.perplexity(0),
+        quantized_perplexity=scores.perplexity(1), predictions=scores.predictions)
