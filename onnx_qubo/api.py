@@ -52,8 +52,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     ``labels``), a dict of arrays, or an onnxruntime ``CalibrationDataReader``. When the model
     is a path, ``<stem>.calib.npz`` and ``<stem>.eval.npz`` beside it are used if not given;
     without evaluation data the calibration data is evaluated. Returns the report (also
-    written as JSON to ``report_path`` when given). ``dump_qubo``: a directory to write each
-    layer's QUBOs to; ``load_solution``: a directory of roundings to use instead of solving
+    written as JSON to ``report_path`` when given); a language model (an ``input_ids`` input and
+    rank-3 logits, perplexity.py) is evaluated by next-token perplexity, streamed. ``dump_qubo``:
+    a directory to write each layer's QUBOs to; ``load_solution``: a directory of roundings to use instead of solving
     (format in ``onnx_qubo.exchange``). ``exclude``: layer names to leave in float;
     ``layer_bits``: {layer name: bits} overriding ``bits`` (names as ``onnx-qubo inspect``
     lists them). ``bias_correction``: add to each layer's output the mean error its rounding
