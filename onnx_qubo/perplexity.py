@@ -1,7 +1,8 @@
 """Language models: next-token perplexity of the float and the quantized model on token windows.
 
 A model is a language model here when it has an integer ``input_ids`` input [batch, tokens] and
-a floating-point output of rank 3 whose last axis is fixed (the vocabulary): the logits. Its
+a floating-point output of rank 3 whose last axis is the vocabulary (the rows of the embedding
+table ``input_ids`` indexes): the logits. Its
 evaluation streams: each onnxruntime run gets as many windows as keep its logits under
 LOGITS_BYTES, and every measure is summed over chunks of token rows in float64 (a numerically
 stable log-softmax per chunk), so the logits of all windows (vocabulary x tokens) are never held
@@ -44,18 +45,43 @@ class LanguageModel:
 
 def language_model(model: onnx.ModelProto) -> LanguageModel | None:
     """The model's tokens input and logits output (module docstring), or None when it has none:
-    the output named ``logits`` when it qualifies, else the first that does."""
+    the output named ``logits`` when it qualifies, else the first that does. The last axis must
+    be the vocabulary: as long as the embedding table ``input_ids`` indexes has rows, which tells
+    logits from an encoder's hidden states [batch, tokens, width]."""
     ids = next((spec for spec in model_inputs(model) if spec.name == IDS_INPUT and spec.dtype.kind in "iu"
                 and (spec.shape is None or len(spec.shape) == 2)), None)
     if ids is None:
         return None
+    rows = _table_rows(model, ids.name)
     candidates = []
     for out in model.graph.output:
         tensor = out.type.tensor_type
         if tensor.elem_type in FLOAT_TYPES and tensor.HasField("shape") and len(tensor.shape.dim) == 3 \
-                and tensor.shape.dim[2].dim_value > 1:
+                and tensor.shape.dim[2].dim_value > 1 and tensor.shape.dim[2].dim_value in rows:
             candidates.append(LanguageModel(ids.name, out.name, tensor.shape.dim[2].dim_value))
     return next((c for c in candidates if c.logits == "logits"), candidates[0] if candidates else None)
+
+
+def _table_rows(model: onnx.ModelProto, ids: str) -> set[int]:
+    """Row counts of the constant tables that Gather nodes index with ``ids`` (or a Cast of it): an
+    initializer, a Constant, or a Transpose of either (a tied LM head's [width, vocabulary] weight)."""
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    names, rows = {ids}, set()
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            shapes[node.output[0]] = list(node.attribute[0].t.dims)
+        elif node.op_type == "Transpose" and node.input[0] in shapes:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            dims = shapes[node.input[0]]
+            shapes[node.output[0]] = [dims[k] for k in perm] if perm else dims[::-1]
+        elif node.op_type == "Cast" and node.input[0] in names:
+            names.add(node.output[0])
+        elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in names \
+                and len(shapes.get(node.input[0], [])) == 2:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if axis == 0:
+                rows.add(shapes[node.input[0]][0])
+    return rows
 
 
 def check_tokens(lm: LanguageModel, dataset: Dataset) -> None:

@@ -25,17 +25,19 @@ WORDS = [f"w{k}" for k in range(40)]
 VOCAB = len(WORDS) + 1  # [UNK] first
 
 
-def lm_model(vocab: int = VOCAB, width: int = 16, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
-    """input_ids [batch, seq] -> Gather(table) -> MatMul(W) -> logits [batch, seq, vocab]; also the
-    table and W for numpy."""
+def lm_model(vocab: int = VOCAB, width: int = 16, seed: int = 0, out: int | None = None,
+             ) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """input_ids [batch, seq] -> Gather(table) -> MatMul(W) -> logits [batch, seq, vocab] (``out``
+    wide instead: an encoder's hidden states); also the table and W for numpy."""
     rng = np.random.default_rng(seed)
+    out = vocab if out is None else out
     table = rng.normal(size=(vocab, width)).astype(np.float32)
-    weight = rng.normal(size=(width, vocab)).astype(np.float32)
+    weight = rng.normal(size=(width, out)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["table", "input_ids"], ["emb"], name="embed", axis=0),
              helper.make_node("MatMul", ["emb", "W"], ["logits"], name="lm_head")]
     graph = helper.make_graph(
         nodes, "tiny_lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", out])],
         [numpy_helper.from_array(table, "table"), numpy_helper.from_array(weight, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -135,6 +137,11 @@ def test_language_models_are_found_by_input_ids_and_rank_3_logits():
     assert language_model(model) == perplexity.LanguageModel("input_ids", "logits", VOCAB)
     model.graph.input[0].name = "ids"
     assert language_model(model) is None
+    assert language_model(lm_model(out=16)[0]) is None  # [batch, seq, width]: hidden states, not logits
+    tied = lm_model()[0]  # the genai builder's tied head: the table is the Transpose of lm_head's weight
+    tied.graph.node.insert(0, helper.make_node("Transpose", ["W"], ["table_t"], perm=[1, 0]))
+    tied.graph.node[1].input[0] = "table_t"
+    assert language_model(tied) == perplexity.LanguageModel("input_ids", "logits", VOCAB)
 
 
 def test_quantize_reports_perplexity_streamed_in_pieces_as_numpy_computes_it(tmp_path, monkeypatch):
