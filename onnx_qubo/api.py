@@ -20,7 +20,7 @@ from .data import Dataset, load_dataset
 from .errors import OptionError, OutputError
 from .files import Outputs, dump_directory, external_data_path, inputs_read, load_model, writable_path
 from .options import QuantizeOptions, ScaleMethod, check_bits, check_integer, solver_for
-from .perplexity import check_tokens, evaluate_language_model, language_model
+from .perplexity import check_tokens, evaluate_language_model, first_run, language_model
 from .pipeline import calibrate, prepare, quantize_model
 from .plan import make_plan
 from .progress import Progress
@@ -136,7 +136,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     else:
         evaluation = evaluate(reference_scores(float_model, eval_data, bar), quantized, bar,
                               portable=result.reference)
-    timing = measure_speed(float_model, quantized, eval_data) if speed else None
+    timing = measure_speed(float_model, quantized, eval_data, first_run(lm, eval_data) if lm else None) \
+        if speed else None
     with Outputs() as outputs:  # after every check: an error or Ctrl-C leaves the outputs as they were
         written = outputs.add_model(output_path, quantized, external_data=external_data, reads=reads)
         report = Report(

@@ -2,14 +2,13 @@
 
 A model is a language model here when it has an integer ``input_ids`` input [batch, tokens] and
 a floating-point output of rank 3 whose last axis is the vocabulary (the rows of the embedding
-table ``input_ids`` indexes): the logits. Its
-evaluation streams: each onnxruntime run gets as many windows as keep its logits under
-LOGITS_BYTES, and every measure is summed over chunks of token rows in float64 (a numerically
-stable log-softmax per chunk), so the logits of all windows (vocabulary x tokens) are never held
-at once. The label of position t in a window is the token at t + 1 of the same window: a window
-of T tokens scores T - 1 predictions. The comparison measures of other models (top-1 agreement,
-relative output error, mean cosine, the optimization-level checks) are computed over the token
-rows too, in the same passes.
+table ``input_ids`` indexes): the logits. Its evaluation streams: each onnxruntime run gets as
+many windows as keep its logits under LOGITS_BYTES, and every measure is summed over chunks of
+token rows in float64 (a numerically stable log-softmax per chunk), so the logits of all windows
+(vocabulary x tokens) are never held at once. The label of position t in a window is the token
+at t + 1 of the same window: a window of T tokens scores T - 1 predictions. The measures other
+models get (top-1 agreement, relative output error, mean cosine, the optimization-level checks)
+are computed over token rows, in the same passes.
 """
 
 from __future__ import annotations
@@ -193,6 +192,11 @@ def _pieces(dataset: Dataset, batch: dict[str, np.ndarray], lm: LanguageModel) -
     if not dataset.splittable or count <= size:
         return [batch]
     return [dataset.piece(batch, start, min(count, start + size)) for start in range(0, count, size)]
+
+
+def first_run(lm: LanguageModel, dataset: Dataset) -> dict[str, np.ndarray]:
+    """The first run of the evaluation's windows, sized by its logits: the batch the speed check times."""
+    return _pieces(dataset, dataset.batches[0], lm)[0]
 
 
 def evaluate_language_model(lm: LanguageModel, float_model: onnx.ModelProto, quantized_model: onnx.ModelProto,

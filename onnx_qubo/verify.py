@@ -188,14 +188,16 @@ def _relative(y: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sqrt(error) / max(np.sqrt(total), 1e-30))
 
 
-def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, dataset: Dataset) -> Speed:
+def measure_speed(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, dataset: Dataset,
+                  first_run: dict[str, np.ndarray] | None = None) -> Speed:
     """Median latency of both models at onnxruntime's default level, at batch 1 (or the model's
-    fixed batch size) and at the evaluation batch size (its first run: see run_pieces), their runs
+    fixed batch size) and at the evaluation batch size (its first run: see run_pieces, or
+    ``first_run`` when the caller sizes it, as a language model's logits need), their runs
     interleaved so that load on the machine hits both alike. When the float weights pass
     INTERLEAVE_BYTES, one after the other and without onnxruntime's memory arena: two sessions
     would double the run's peak, and a DequantizeLinear model's arena keeps every layer's float
     weights per input shape (measured: 5 GB for a 0.3 GB 4-bit model of a 2.4 GB one)."""
-    batch = run_pieces(dataset, dataset.batches[0])[0]
+    batch = run_pieces(dataset, dataset.batches[0])[0] if first_run is None else first_run
     fixed = set()
     for spec in model_inputs(float_model):
         axis = dataset.axes.get(spec.name, 0)

@@ -196,3 +196,12 @@ def test_tokenize_then_quantize_from_the_command_line_reports_perplexity(folder)
                                   "--quiet"])
     assert result.exit_code == 0, result.output
     assert "perplexity on 92 next tokens of 4 windows" in result.output
+
+
+def test_the_speed_check_times_a_run_of_windows_whose_logits_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr(perplexity, "LOGITS_BYTES", 2 * 12 * VOCAB * 4)  # two windows a run
+    monkeypatch.setattr("onnx_qubo.verify.SPEED_BUDGET", 0.0)
+    ids = np.random.default_rng(3).integers(0, VOCAB, size=(6, 12))
+    report = onnx_qubo.quantize(lm_model()[0], tmp_path / "q.onnx", bits=4, calibration={"input_ids": ids},
+                                batch_size=6)
+    assert report.speed is not None and report.speed.batch_size == 2  # not the batch of 6: its logits may not fit
