@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import test_bad_inputs
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
+from test_reliability import BadInput
 
 import onnx_qubo
 from onnx_qubo import perplexity
@@ -62,14 +65,18 @@ def write_tokenizer(path) -> None:
     tokenizer.save(str(path))
 
 
+def make_folder(path: Path) -> Path:
+    """A model folder: the tiny LM, its tokenizer.json, and a text of 600 words."""
+    write_tokenizer(path / "tokenizer.json")
+    onnx.save(lm_model()[0], path / "model.onnx")
+    words = np.random.default_rng(1).integers(0, len(WORDS), size=600)
+    (path / "text.txt").write_text(" ".join(WORDS[w] for w in words) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def folder(tmp_path):
-    """A model folder: the tiny LM, its tokenizer.json, and a text of 600 words."""
-    write_tokenizer(tmp_path / "tokenizer.json")
-    onnx.save(lm_model()[0], tmp_path / "model.onnx")
-    words = np.random.default_rng(1).integers(0, len(WORDS), size=600)
-    (tmp_path / "text.txt").write_text(" ".join(WORDS[w] for w in words) + "\n", encoding="utf-8")
-    return tmp_path
+    return make_folder(tmp_path)
 
 
 # ---- tokenize ---------------------------------------------------------------------------------
@@ -205,3 +212,40 @@ def test_the_speed_check_times_a_run_of_windows_whose_logits_fit(tmp_path, monke
     report = onnx_qubo.quantize(lm_model()[0], tmp_path / "q.onnx", bits=4, calibration={"input_ids": ids},
                                 batch_size=6)
     assert report.speed is not None and report.speed.batch_size == 2  # not the batch of 6: its logits may not fit
+
+
+def _tokenize(folder: Path, *args: object, remove: str | None = None) -> list:
+    make_folder(folder)
+    if remove:
+        (folder / remove).unlink()
+    return ["tokenize", folder, folder / "text.txt", *args]
+
+
+def _token_past_vocabulary(folder: Path) -> list:
+    make_folder(folder)
+    ids = np.ones((8, 12), np.int64)
+    ids[5, 7] = VOCAB
+    np.savez(folder / "model.calib.npz", input_ids=ids)
+    return [folder / "model.onnx", folder / "out.onnx", "--solver", "rtn"]
+
+
+BAD_INPUTS = [  # shown in docs/bad_inputs.md with those of tests/test_bad_inputs.py
+    BadInput("`tokenize`: too little text for the windows",
+             lambda d: _tokenize(d, d / "o.npz", "--window", "128", "--windows", "4", "--skip", "1"),
+             "text file 'DIR/text.txt' holds 600 tokens; 4 window(s) of 128 tokens 128 apart after skipping 1 need "
+             "640"),
+    BadInput("`tokenize`: the output is the text", lambda d: _tokenize(d, d / "text.txt", "--window", "8",
+                                                                       "--windows", "1"),
+             "output 'DIR/text.txt' is the text file this run reads"),
+    BadInput("`tokenize`: no tokenizer.json in the folder",
+             lambda d: _tokenize(d, d / "o.npz", "--window", "8", "--windows", "1", remove="tokenizer.json"),
+             "tokenizer 'DIR/tokenizer.json' does not exist"),
+    BadInput("token id outside a language model's vocabulary", _token_past_vocabulary,
+             f"input 'input_ids' holds token id {VOCAB}, outside the model's vocabulary of {VOCAB} (the last axis "
+             "of output 'logits')"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.title for c in BAD_INPUTS])
+def test_bad_text_input_is_refused_in_one_line_and_nothing_changes(case, tmp_path):
+    test_bad_inputs.test_bad_input_is_refused_in_one_line_and_nothing_changes(case, tmp_path)
