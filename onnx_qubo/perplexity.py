@@ -27,7 +27,7 @@ from .report import Evaluation
 from .runtime import BASIC, DEFAULT, NONE, make_session, run_session
 
 IDS_INPUT = "input_ids"
-LOGITS_BYTES = 256 << 20  # the most logits (float32) one onnxruntime run returns; windows per run follow
+LOGITS_BYTES = 64 << 20  # the most logits (float32) one onnxruntime run returns (the level checks hold 3)
 CHUNK_VALUES = 1 << 22  # values per chunk of token rows the measures run over, in float64
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
