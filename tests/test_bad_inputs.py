@@ -1,8 +1,8 @@
-"""Issue 20: more bad inputs refused in one line with exit status 1 (2 for a malformed flag), no
+"""More bad inputs refused in one line with exit status 1 (2 for a malformed flag), no
 traceback, nothing written: onnxruntime failing on the caller's model, hostile .npz files, broken
 external-data metadata, initializers whose data do not fit their dims, absurd memory amounts, a
 model input without a shape, option combinations blamed on the right flag, empty lists, 2-D
-labels. ``BAD_INPUTS`` joins tests/test_reliability.py's table in docs/bad_inputs.md
+labels. ``BAD_INPUTS`` joins tests/test_refusals.py's table in docs/bad_inputs.md
 (benchmarks/bad_inputs.py)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
-from test_reliability import BadInput, X, digests, mlp_dir
+from test_refusals import BadInput, X, digests, mlp_dir
 
 import onnx_qubo
 from onnx_qubo.cli import main

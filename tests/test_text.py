@@ -15,7 +15,7 @@ import pytest
 import test_bad_inputs
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
-from test_reliability import BadInput
+from test_refusals import BadInput
 
 import onnx_qubo
 from onnx_qubo import perplexity

@@ -1,4 +1,4 @@
-"""Issue 10: inputs never destroyed, special files never replaced, shapes kept, and every bad input
+"""Inputs never destroyed, special files never replaced, shapes kept, and every bad input
 refused with one line and its exit status.
 
 ``BAD_INPUTS`` is the table of bad inputs: each case builds its files in a fresh folder and

@@ -1,4 +1,4 @@
-"""Issue 13: models whose weights live in external data files are read a layer at a time, and
+"""Models whose weights live in external data files are read a layer at a time, and
 calibration fits a memory budget by making several passes over the data."""
 
 from __future__ import annotations
