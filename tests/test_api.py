@@ -57,6 +57,7 @@ def test_mlp_round_trip_matches_numpy_with_dequantized_weights(tmp_path, bits):
 @pytest.mark.parametrize("make", [lambda: gemm_model(trans_b=0, alpha=0.5),
                                   lambda: matmul_model(bias=True),
                                   lambda: matmul_model(bias=False, leading=(3,))])
+@pytest.mark.slow
 def test_other_forms_round_trip(tmp_path, make):
     model = make()
     x_shape = [d.dim_value or 20 for d in model.graph.input[0].type.tensor_type.shape.dim]
@@ -132,6 +133,7 @@ def test_bias_correction_cancels_the_mean_output_error(tmp_path, make, x_shape):
     assert layer.cost_bias_corrected <= centered_plain * (1 + 1e-6)
 
 
+@pytest.mark.slow
 def test_a_single_score_output_reports_decision_flips_not_top1(tmp_path):
     """A one-probability output always has 100% top-1 agreement: the report gives the largest
     change and the share of decisions at 0.5 that flip instead, and the mean cosine for others."""
@@ -155,6 +157,7 @@ def test_a_single_score_output_reports_decision_flips_not_top1(tmp_path):
     assert plain.evaluation.decision_flips is None and 0.5 < plain.evaluation.mean_cosine <= 1.0
 
 
+@pytest.mark.slow
 def test_sequential_says_when_no_layer_feeds_another(tmp_path):
     """Two heads on the same input: quantizing one cannot change what the other sees, so
     --sequential gives the same file as without it and the report says why."""

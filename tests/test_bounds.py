@@ -9,6 +9,7 @@ from problems import channel_problem, max_abs_scale, random_problem
 
 
 @pytest.mark.parametrize("general", [False, True])
+@pytest.mark.slow
 def test_bound_never_exceeds_the_proven_optimum(general):
     for seed in range(5):
         problem = random_problem(n=10, f=12, clip=0.6, seed=seed, general=general)

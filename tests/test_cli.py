@@ -161,6 +161,7 @@ def test_existing_output_is_replaced_only_on_success(model_dir):
     assert (model_dir / "out.onnx").read_bytes() == b"previous"
 
 
+@pytest.mark.slow
 def test_exclude_leaves_a_layer_in_float_and_layer_bits_mixes_precision(model_dir):
     result = invoke(model_dir / "mlp.onnx", model_dir / "out.onnx", "--exclude", "fc1", "--quiet")
     assert result.exit_code == 0, result.output
@@ -209,6 +210,7 @@ def test_bad_scheme_flags(model_dir, args, message, status):
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", *args], message, status=status)
 
 
+@pytest.mark.slow
 def test_scheme_flags_reach_the_graph_and_the_report(model_dir):
     result = invoke(model_dir / "mlp.onnx", model_dir / "out.onnx", "--bits", "4", "--granularity", "block",
                     "--block-size", "4", "--asymmetric", "--activations", "uint8", "--bias", "quantize",

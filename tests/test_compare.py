@@ -20,6 +20,7 @@ def data(seed=0, n=200):
     return np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_compare_evaluates_every_configuration_and_samples_costs():
     model = mlp_model(widths=(8, 16, 4))
     result = onnx_qubo.compare(model, calibration={"x": data()}, evaluation={"x": data(1)},
@@ -51,6 +52,7 @@ def test_correlation_is_pearson_per_bit_width():
     assert "n/a (constant)" in c.to_markdown()
 
 
+@pytest.mark.slow
 def test_cli_compare_writes_json_markdown_and_plots(tmp_path):
     onnx.save(mlp_model(widths=(8, 16, 4)), tmp_path / "m.onnx")
     x = data()
@@ -88,6 +90,7 @@ def test_plots_without_matplotlib_say_how_to_install(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "pip install 'onnx-qubo[plot]'" in result.output
 
 
+@pytest.mark.slow
 def test_compare_under_a_scheme_and_its_flag_errors(tmp_path):
     model = mlp_model(widths=(8, 6, 4))
     result = onnx_qubo.compare(model, calibration={"x": data()}, bits=(4, 2), scales=("mse",),

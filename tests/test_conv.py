@@ -78,6 +78,7 @@ def measured_error(float_model, quantized, x):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.slow
 def test_conv_cost_is_the_output_error_measured_in_onnxruntime(model_name, scheme, tmp_path):
     model = MODELS[model_name]()
     shape = [d.dim_value or 24 for d in model.graph.input[0].type.tensor_type.shape.dim]

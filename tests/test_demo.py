@@ -17,6 +17,7 @@ def default_int2(tmp_path_factory):
     return onnx_qubo.quantize(MODEL, out, bits=2), out
 
 
+@pytest.mark.slow
 def test_demo_int2_weights_feed_dequantize_linear(default_int2):
     _, out = default_int2
     model = onnx.load(out)
@@ -35,6 +36,7 @@ def test_demo_int2_default_configuration_is_close_to_float(default_int2):
     assert all(layer.cost_solved < layer.cost_rtn for layer in report.layers)
 
 
+@pytest.mark.slow
 def test_demo_qubo_rounding_rescues_max_abs_scales(tmp_path):
     rtn = onnx_qubo.quantize(MODEL, tmp_path / "rtn.onnx", bits=2, scale="minmax", solver="rtn")
     fast = onnx_qubo.quantize(MODEL, tmp_path / "fast.onnx", bits=2, scale="minmax", solver="fast")
@@ -47,6 +49,7 @@ def test_demo_qubo_rounding_rescues_max_abs_scales(tmp_path):
     ("digits_mlp", dict(bits=4)),
     ("digits_mlp", dict(bits=7, activations="uint8")),
 ])
+@pytest.mark.slow
 def test_demo_accuracy_is_the_same_in_both_formats(model_name, arguments, default_int2, tmp_path):
     model = MODEL.with_name(f"{model_name}.onnx")
     qdq = default_int2[0] if (model_name, arguments) == ("mnist_mlp", {"bits": 2}) else \

@@ -31,6 +31,7 @@ def blas_threads() -> set[int]:
     return {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
 
 
+@pytest.mark.slow
 def test_every_stage_that_decides_codes_runs_blas_on_one_thread(monkeypatch, tmp_path):
     seen: dict[str, set[int]] = {}
 
@@ -59,6 +60,7 @@ def test_every_stage_that_decides_codes_runs_blas_on_one_thread(monkeypatch, tmp
     assert all(threads == {1} for threads in seen.values()), seen
 
 
+@pytest.mark.slow
 def test_the_fast_solver_gives_the_same_bits_whatever_the_callers_blas_threads():
     rng = np.random.default_rng(3)
     w = rng.standard_normal((96, 200))
@@ -76,6 +78,7 @@ def test_the_fast_solver_gives_the_same_bits_whatever_the_callers_blas_threads()
     ({"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}, []),
     ({}, ["--workers", "2"]),
 ])
+@pytest.mark.slow
 def test_a_run_writes_the_same_bytes_whatever_the_threads_and_workers(environment, flags, tmp_path):
     """Fresh processes: one BLAS thread (the reference), more BLAS threads, two worker processes."""
     model = tmp_path / "m.onnx"

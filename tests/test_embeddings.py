@@ -171,6 +171,7 @@ def test_tied_table_is_skipped_with_the_reason():
 
 
 @pytest.mark.parametrize("format", ["qdq", "ort"])
+@pytest.mark.slow
 def test_quantize_with_embeddings_writes_the_table_as_codes(format, tmp_path):
     model = table_model(vocab=60, width=32, n=8)
     rng = np.random.default_rng(1)

@@ -40,6 +40,7 @@ def test_dumped_problems_reproduce_the_reported_costs(tmp_path):
         assert qubo.quadratic.shape == (len(qubo.variables),) * 2
 
 
+@pytest.mark.slow
 def test_loaded_solutions_are_used_as_given(tmp_path):
     onnx_qubo.quantize(mlp_model(), tmp_path / "q.onnx", calibration={"x": X}, dump_qubo=tmp_path / "d")
     index = json.loads((tmp_path / "d" / "index.json").read_text())
@@ -87,6 +88,7 @@ def test_bad_solutions_are_refused(tmp_path):
     assert run("--load-solution", dump, "--quiet").exit_code == 0
 
 
+@pytest.mark.slow
 def test_dumped_problems_carry_bias_variables_and_input_quantization(tmp_path):
     report = onnx_qubo.quantize(mlp_model(), tmp_path / "q.onnx", calibration={"x": X}, bias="quantize",
                                 activations="uint8", granularity="block", block_size=4, dump_qubo=tmp_path / "dump")

@@ -64,6 +64,7 @@ def test_sessions_read_the_input_folder_from_anywhere(tmp_path, monkeypatch):
     assert np.array_equal(index.array(index.initializers["W0"]), expected_weight)
 
 
+@pytest.mark.slow
 def test_external_input_quantizes_like_the_same_model_in_memory(tmp_path):
     """Same integers and scales either way; the output holds every tensor itself (no reference
     to the input's data file) and loads from another folder."""
@@ -83,6 +84,7 @@ def test_external_input_quantizes_like_the_same_model_in_memory(tmp_path):
     make_session(onnx.load(elsewhere / "lazy.onnx")).run(None, {"x": X})
 
 
+@pytest.mark.slow
 def test_external_output_of_external_input(tmp_path):
     path = external_model(tmp_path)
     onnx_qubo.quantize(path, tmp_path / "out.onnx", calibration={"x": X}, external_data=True, speed=False)
@@ -95,6 +97,7 @@ def test_external_output_of_external_input(tmp_path):
     assert all(np.array_equal(v, expected[k]) for k, v in initializer_values(tmp_path / "out.onnx").items())
 
 
+@pytest.mark.slow
 def test_a_budget_too_small_for_all_statistics_takes_more_passes_and_the_same_bits(tmp_path, caplog):
     model = mlp_model(widths=(8, 16, 16, 4))
     layers, _ = find_layers(model)

@@ -43,6 +43,7 @@ def run(model, x, level):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.slow
 def test_ort_format_computes_what_the_portable_format_computes(model_name, scheme, tmp_path):
     model = MODELS[model_name]()
     shape = [d.dim_value or 64 for d in model.graph.input[0].type.tensor_type.shape.dim]
@@ -63,6 +64,7 @@ def test_ort_format_computes_what_the_portable_format_computes(model_name, schem
     assert fast.evaluation.default_vs_unoptimized < 1e-3 and fast.evaluation.basic_vs_unoptimized < 1e-3
 
 
+@pytest.mark.slow
 def test_a_layer_the_kernel_cannot_run_keeps_the_portable_form_and_says_why(tmp_path):
     model = gemm_model(f=40, n=12)
     model.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(np.ones((1, 12), np.float32), "C"))
@@ -74,6 +76,7 @@ def test_a_layer_the_kernel_cannot_run_keeps_the_portable_form_and_says_why(tmp_
     assert "layer 'dense' keeps DequantizeLinear: its bias is not one value per output" in report.to_text()
 
 
+@pytest.mark.slow
 def test_8_bit_codes_that_could_saturate_the_integer_kernel_keep_the_portable_form(tmp_path):
     """onnxruntime's u8s8 kernel saturates int16 pair sums on CPUs without VNNI: a range-filling
     8-bit layer keeps DequantizeLinear, so the written model computes its codes on every CPU."""
@@ -98,6 +101,7 @@ def test_combinations_format_ort_cannot_serve_are_refused_before_writing(argumen
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_accuracy_level_4_states_its_output_error(tmp_path):
     x = np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32)
     report = quantize(mlp_model(widths=(40, 24, 12)), tmp_path / "q.onnx", bits=4, calibration={"x": x},

@@ -90,6 +90,7 @@ def quantize_random_model(case: fuzzing.Case):
                  + (" (float Gemm bias with quantized inputs: loose level check)" if rounded_bias else "")] += 1
 
 
+@pytest.mark.slow
 def test_quantize_random_models():
     OUTCOMES.clear()
     quantize_random_model()

@@ -43,6 +43,7 @@ def numpy_error(layer, integers_dequantized, x, x_seen, bias):
     dict(bits=2), dict(bits=3, granularity="block", block_size=4, symmetric=False), dict(bits=4, scale="qubo"),
     dict(bits=2, bias="quantize"),
 ])
+@pytest.mark.slow
 def test_prepared_layer_cost_is_the_layer_error_in_numpy(arguments):
     layer, x = layer_and_inputs()
     plan = make_plan(QuantizeOptions.parse(solver="fast", **arguments), [layer]).layers[0]

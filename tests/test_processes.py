@@ -68,6 +68,12 @@ def command_line(pid: int) -> str:
         return ""
 
 
+def _sigint_by_default() -> None:
+    """The child as a terminal would start it: a test run in the background (SIGINT ignored, as
+    a non-interactive shell leaves it for `cmd &`) must still be able to Ctrl-C its runs."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """``onnx-qubo`` on ``folder/m.onnx`` in a child process; remembers every process it started."""
 
@@ -78,7 +84,8 @@ class Run:
         environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.process = subprocess.Popen([sys.executable, "-m", "onnx_qubo", str(folder / "m.onnx"), str(self.output),
                                          "--quiet", "--no-speed", *flags], cwd=folder, env=environment,
-                                        stdout=subprocess.DEVNULL, stderr=self.stderr)
+                                        stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                        preexec_fn=_sigint_by_default)
 
     def wait_for(self, started: Callable[[list[str]], bool]) -> None:
         """Until ``started`` holds for the command lines of the run's processes."""
@@ -152,6 +159,7 @@ def last_line(text: str) -> str:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_interrupt_ends_every_worker_process_promptly(run, signum):
     started = run("--workers", "2")
     started.wait_for(workers_up(2))
@@ -164,6 +172,7 @@ def test_interrupt_ends_every_worker_process_promptly(run, signum):
     assert list(started.output.parent.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_run_killed_outright(run):
     """SIGKILL cannot be handled: a worker dies with its parent once started (Linux), and one
     still importing when the parent dies exits as soon as its start sees it gone."""
@@ -174,6 +183,7 @@ def test_workers_die_with_a_run_killed_outright(run):
     assert started.survivors(grace=60) == []
 
 
+@pytest.mark.slow
 def test_a_killed_worker_ends_the_run_with_one_line(run):
     started = run("--workers", "2")
     started.wait_for(workers_up(1))
@@ -187,6 +197,7 @@ def test_a_killed_worker_ends_the_run_with_one_line(run):
     assert list(started.output.parent.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_failing_worker_is_a_worker_error_and_the_librarys_errors_pass_through():
     problem = random_problem(n=4, f=6)
     broken = [SolveTask(problem, "fast", 0, slice(0, 4), 4, params={"no_such_option": 1})] * 2
@@ -203,6 +214,7 @@ def ray_tasks_running(lines: list[str]) -> bool:
 
 @pytest.mark.ray
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_ray_local_starts_its_own_cluster_and_an_interrupt_ends_it(run, signum):
     """A dead RAY_ADDRESS (or a cluster left running) does not matter to --ray local: it starts
     a cluster of its own, whose processes all end with the interrupted run."""
@@ -218,6 +230,7 @@ def test_ray_local_starts_its_own_cluster_and_an_interrupt_ends_it(run, signum):
     assert list(started.output.parent.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_ray_errors_become_one_line():
     ray = pytest.importorskip("ray")
     from onnx_qubo.workers import _ray_error

@@ -86,6 +86,7 @@ def geometry_of(model: onnx.ModelProto, node: onnx.NodeProto) -> ConvGeometry:
 @pytest.mark.parametrize("model_name, scheme", [
     (model, scheme) for model in MODELS for scheme in SCHEMES
     if not (model == "2d-groups" and "asymmetric" in scheme)])  # a zero point per group: refused below
+@pytest.mark.slow
 def test_qlinear_conv_computes_the_reference_on_the_written_integers(model_name, scheme, tmp_path):
     model = MODELS[model_name]()
     shape = [d.dim_value or 24 for d in model.graph.input[0].type.tensor_type.shape.dim]
@@ -144,6 +145,7 @@ def test_output_ranges_are_calibrated_in_the_input_passes_only_for_convs_the_ker
      "one weight zero point for all channels"),
     (dict(model=lambda: conv_model(channels=(8, 5))), "onnxruntime has no weight-only integer Conv kernel"),
 ])
+@pytest.mark.slow
 def test_a_conv_the_kernel_refuses_keeps_the_portable_form_and_says_why(arguments, reason, tmp_path):
     arguments = dict(arguments)
     model = arguments.pop("model")()

@@ -209,6 +209,7 @@ SCHEMES = {
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.slow
 def test_cost_is_the_gate_preactivation_error_of_an_independent_cell(model_name, scheme, tmp_path):
     model = MODELS[model_name]()
     feed = feeds(model)
@@ -231,6 +232,7 @@ def test_cost_is_the_gate_preactivation_error_of_an_independent_cell(model_name,
 
 
 @pytest.mark.parametrize("model_name", ["lstm-bidirectional", "lstm-lens-initial"])
+@pytest.mark.slow
 def test_bias_correction_goes_into_the_bias_and_is_measured(model_name, tmp_path):
     model = MODELS[model_name]()
     feed = feeds(model)
@@ -251,6 +253,7 @@ def test_bias_correction_goes_into_the_bias_and_is_measured(model_name, tmp_path
         np.testing.assert_allclose(output_y(quantized, feed, level), y_q, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sequential_after_a_quantized_layer_targets_the_float_gates(tmp_path):
     model = recurrent_model(before=True, sequence_lens=True)
     feed = feeds(model)
@@ -275,6 +278,7 @@ def test_sequential_after_a_quantized_layer_targets_the_float_gates(tmp_path):
     assert report.layers[1].cost_solved == pytest.approx(error / len(floats[0]), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_node_without_y_is_calibrated_through_a_named_copy(tmp_path):
     """... and, sequential, the layer after the cell is tuned on the quantized cell's output: its
     cost is the whole model's output error."""
@@ -294,6 +298,7 @@ def test_a_node_without_y_is_calibrated_through_a_named_copy(tmp_path):
     assert report.layers[0].cost_solved == pytest.approx(gate_error(gate_inputs, w, r, w_q, r_q), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_quantized_inputs_are_quantized_before_the_cell(tmp_path):
     model = recurrent_model(direction="forward")
     feed = feeds(model)
@@ -311,6 +316,7 @@ def test_quantized_inputs_are_quantized_before_the_cell(tmp_path):
     assert report.layers[0].cost_solved == pytest.approx(error, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_format_ort_keeps_the_portable_form(tmp_path):
     model = recurrent_model()
     report = quantize(model, tmp_path / "q.onnx", bits=4, calibration=feeds(model), batch_size=BATCH, format="ort",
@@ -319,6 +325,7 @@ def test_format_ort_keeps_the_portable_form(tmp_path):
     assert "no faster onnxruntime kernel" in report.layers[0].kernel_fallback
 
 
+@pytest.mark.slow
 def test_per_direction_problems_and_layer_bits_by_the_node_name(tmp_path):
     model = recurrent_model()
     report = quantize(model, tmp_path / "q.onnx", bits=2, calibration=feeds(model), batch_size=BATCH,

@@ -51,6 +51,7 @@ def calibration(model_name, rng):
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.slow
 def test_reported_cost_is_the_measured_output_error(model_name, scheme, bits, tmp_path):
     model = MODELS[model_name]()
     x = calibration(model_name, np.random.default_rng(bits))
@@ -64,6 +65,7 @@ def test_reported_cost_is_the_measured_output_error(model_name, scheme, bits, tm
 
 
 @pytest.mark.parametrize("scheme", [dict(), dict(activations="uint8"), dict(activations="int8", bias="int32")])
+@pytest.mark.slow
 def test_bias_correction_cost_is_the_measured_error_after_correction(scheme, tmp_path):
     model = MODELS["gemm"]()
     x = calibration("gemm", np.random.default_rng(0))
@@ -75,6 +77,7 @@ def test_bias_correction_cost_is_the_measured_error_after_correction(scheme, tmp
     assert corrected == pytest.approx(measured_error(model, out, x), rel=1e-3 if "bias" not in scheme else 2e-2)
 
 
+@pytest.mark.slow
 def test_int32_bias_follows_the_qdq_convention(tmp_path):
     model = MODELS["gemm"]()
     x = calibration("gemm", np.random.default_rng(0))
@@ -91,6 +94,7 @@ def test_int32_bias_follows_the_qdq_convention(tmp_path):
 
 
 @pytest.mark.parametrize("scheme", [dict(), dict(activations="uint8", bias="quantize")])
+@pytest.mark.slow
 def test_sequential_cost_of_the_last_layer_is_the_whole_model_error(scheme, tmp_path):
     """With --sequential the last layer's problem is built from the inputs the quantized
     earlier layers produce, against the float model's output: its cost is the model's error."""
@@ -105,6 +109,7 @@ def test_sequential_cost_of_the_last_layer_is_the_whole_model_error(scheme, tmp_
 
 
 @pytest.mark.parametrize("scheme", [dict(), dict(activations="uint8")])
+@pytest.mark.slow
 def test_sequential_bias_correction_cost_is_the_whole_model_error_after_correction(scheme, tmp_path):
     """With --sequential and --bias-correction the last layer is solved about the means (the
     inputs' drift and cross terms centered too): its corrected cost is the model's measured error,
@@ -119,6 +124,7 @@ def test_sequential_bias_correction_cost_is_the_whole_model_error_after_correcti
 
 
 @pytest.mark.parametrize("granularity", [dict(), dict(granularity="tensor"), dict(granularity="block", block_size=4)])
+@pytest.mark.slow
 def test_scale_search_on_the_solved_cost_never_costs_more_than_mse(granularity, tmp_path):
     model = mlp_model(widths=(12, 10, 6))
     x = np.random.default_rng(1).standard_normal((300, 12)).astype(np.float32)

@@ -27,6 +27,7 @@ def data():
             {"x": rng.standard_normal((64, WIDTHS[0])).astype(np.float32)})
 
 
+@pytest.mark.slow
 def test_each_layer_alone_equals_quantize_with_the_others_excluded(tmp_path, data):
     """The oracle: quantize's own evaluation of the model with every other layer left float."""
     calib, evaluation = data
@@ -45,6 +46,7 @@ def test_each_layer_alone_equals_quantize_with_the_others_excluded(tmp_path, dat
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.slow
 def test_stored_bytes_are_the_written_integer_scale_and_zero_point_tensors(tmp_path, data, symmetric):
     calib, evaluation = data
     model = mlp_model(WIDTHS)
@@ -94,6 +96,7 @@ def test_greedy_refuses_a_budget_below_the_smallest_model():
         greedy(cands, size_budget=1050, max_error=None, base_bytes=1000)
 
 
+@pytest.mark.slow
 def test_size_budget_keeps_the_model_within_it_and_at_most_the_error_of_the_smallest(tmp_path, data):
     calib, evaluation = data
     model = mlp_model(WIDTHS)
@@ -108,6 +111,7 @@ def test_size_budget_keeps_the_model_within_it_and_at_most_the_error_of_the_smal
     assert any("automatic choice" in note for note in report.notes)
 
 
+@pytest.mark.slow
 def test_auto_scheme_gives_each_layer_the_scheme_of_least_error_on_the_calibration_data(tmp_path, data):
     calib, evaluation = data
     model = mlp_model(WIDTHS)
@@ -127,6 +131,7 @@ def test_auto_scheme_gives_each_layer_the_scheme_of_least_error_on_the_calibrati
     assert "2 bits" in next(note for note in report.notes if "automatic choice" in note)
 
 
+@pytest.mark.slow
 def test_max_error_no_layer_can_meet_is_refused(tmp_path, data):
     calib, evaluation = data
     with pytest.raises(OptionError, match="max_error"):
@@ -150,6 +155,7 @@ def test_automatic_option_errors(tmp_path, data, kwargs, names):
     assert not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.slow
 def test_cli_sensitivity_table_and_json(tmp_path, data):
     calib, evaluation = data
     onnx.save(mlp_model(WIDTHS), tmp_path / "m.onnx")

@@ -35,6 +35,7 @@ def test_exact_finds_the_brute_force_optimum(general):
 
 
 @pytest.mark.parametrize("rank", [14, 5])  # full rank, and a singular (PSD) matrix
+@pytest.mark.slow
 def test_branch_and_bound_matches_enumeration_from_any_start(rank):
     rng = np.random.default_rng(rank)
     for _ in range(6):
@@ -61,6 +62,7 @@ def test_rtn_rounds_to_nearest_on_free_weights():
     np.testing.assert_array_equal(integers[free], np.floor(scaled[free] + 0.5))
 
 
+@pytest.mark.slow
 def test_neal_is_deterministic_and_never_below_the_optimum():
     problem = random_problem(n=12, f=12, seed=3)
     exact = problem.neuron_energies(ExactSolver().solve(problem, 0, Progress()))
@@ -69,6 +71,7 @@ def test_neal_is_deterministic_and_never_below_the_optimum():
     assert (problem.neuron_energies(first) >= exact - 1e-9).all()
 
 
+@pytest.mark.slow
 def test_neal_with_more_reads_finds_the_optimum_on_small_neurons():
     # With neal's default single read it often stops in a local minimum of these correlated
     # problems (the paper's weakness); twenty reads should find the optimum nearly always.
@@ -87,6 +90,7 @@ def test_solvers_never_choose_fixed_weights():
 
 
 @pytest.mark.parametrize("general", [False, True])
+@pytest.mark.slow
 def test_fast_finds_the_proven_optimum_on_small_neurons(general):
     found = total = 0
     for seed in range(10):
@@ -100,6 +104,7 @@ def test_fast_finds_the_proven_optimum_on_small_neurons(general):
 
 
 @pytest.mark.parametrize("general", [False, True])
+@pytest.mark.slow
 def test_fast_is_deterministic_and_never_worse_than_rtn_per_neuron(general):
     problem = random_problem(n=40, f=50, clip=0.6, seed=5, general=general)
     first = FastSolver().solve(problem, 3, Progress())
@@ -108,6 +113,7 @@ def test_fast_is_deterministic_and_never_worse_than_rtn_per_neuron(general):
     assert (problem.neuron_energies(first) <= rtn * (1 + 1e-12)).all()
 
 
+@pytest.mark.slow
 def test_fast_in_small_memory_chunks_still_improves_on_rtn():
     problem = random_problem(n=40, f=50, clip=0.6, seed=6)
     chunked = FastSolver(chunk_bytes=8 * 50 * 8 * 3).solve(problem, 0, Progress())  # 3 neurons a chunk

@@ -89,6 +89,7 @@ def test_layers_in_bodies_are_found_named_by_their_holder_and_excludable(tmp_pat
 
 
 @pytest.mark.parametrize("cond", [True, False])
+@pytest.mark.slow
 def test_if_cost_is_the_taken_branch_error_and_the_other_branch_is_skipped(cond, tmp_path):
     model = if_model()
     data = {"x_in": X, "cond": np.array(cond)}
@@ -112,6 +113,7 @@ class Feeds:
         return next(self.feeds, None)
 
 
+@pytest.mark.slow
 def test_each_branch_is_calibrated_on_the_batches_that_took_it(tmp_path):
     model = if_model()
     feeds = [{"x_in": X[k:k + 10], "cond": np.array(k % 20 == 0)} for k in range(0, 40, 10)]
@@ -126,6 +128,7 @@ def test_each_branch_is_calibrated_on_the_batches_that_took_it(tmp_path):
 
 @pytest.mark.parametrize("builder, feed", [(loop_model, {"x": X}),
                                            (scan_model, {"xs": RNG.standard_normal((4, 10, 6)).astype(np.float32)})])
+@pytest.mark.slow
 def test_loop_and_scan_cost_is_the_error_over_every_iteration(builder, feed, tmp_path):
     model = builder()
     report = quantize(model, tmp_path / "q.onnx", calibration=feed, bits=2, batch_size=16, speed=False)
@@ -150,6 +153,7 @@ MODELS = {
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
 def test_the_rewrite_in_bodies_equals_numpy_dequantization(name, scheme, tmp_path):
     builder, feeds = MODELS[name]
     model = builder()
@@ -167,6 +171,7 @@ def test_the_rewrite_in_bodies_equals_numpy_dequantization(name, scheme, tmp_pat
     assert_exact(written, feeds)
 
 
+@pytest.mark.slow
 def test_sequential_recalibrates_the_layers_a_quantized_layer_feeds_through_an_if(tmp_path):
     model = prepare(if_model())
     layers, _ = find_dense_layers(model)
@@ -197,6 +202,7 @@ def test_expose_routes_body_tensors_out_and_leaves_the_model_untouched():
         expose(model, ["nowhere"])
 
 
+@pytest.mark.slow
 def test_an_if_whose_branch_changes_between_loop_iterations_calibrates_each_branch_on_its_iterations(tmp_path):
     model = if_in_loop_model(trips=4)
     report = quantize(model, tmp_path / "q.onnx", calibration={"x": X}, bits=2, batch_size=16, speed=False)

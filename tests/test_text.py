@@ -151,6 +151,7 @@ def test_language_models_are_found_by_input_ids_and_rank_3_logits():
     assert language_model(tied) == perplexity.LanguageModel("input_ids", "logits", VOCAB)
 
 
+@pytest.mark.slow
 def test_quantize_reports_perplexity_streamed_in_pieces_as_numpy_computes_it(tmp_path, monkeypatch):
     model, table, weight = lm_model()
     rng = np.random.default_rng(2)
@@ -193,6 +194,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_anything_is_written
     assert not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.slow
 def test_tokenize_then_quantize_from_the_command_line_reports_perplexity(folder):
     runner = CliRunner()
     for name, skip, count in (("model.calib.npz", 0, 8), ("model.eval.npz", 8, 4)):
@@ -205,6 +207,7 @@ def test_tokenize_then_quantize_from_the_command_line_reports_perplexity(folder)
     assert "perplexity on 92 next tokens of 4 windows" in result.output
 
 
+@pytest.mark.slow
 def test_the_speed_check_times_a_run_of_windows_whose_logits_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(perplexity, "LOGITS_BYTES", 2 * 12 * VOCAB * 4)  # two windows a run
     monkeypatch.setattr("onnx_qubo.verify.SPEED_BUDGET", 0.0)

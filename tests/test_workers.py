@@ -36,6 +36,7 @@ def test_fast_plan_has_chunks_and_tabu():
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 4])
+@pytest.mark.slow
 def test_fast_split_equals_whole(parts):
     problem = layer(128, 160)
     whole = FastSolver(**FAST).solve(problem, seed=3)
@@ -44,6 +45,7 @@ def test_fast_split_equals_whole(parts):
     assert np.array_equal(np.concatenate(solve_many(tasks)), whole)
 
 
+@pytest.mark.slow
 def test_fast_chunk_seeds_matter():
     """The split is only exact because each run keeps its chunks' random streams."""
     problem = layer(128, 160)
@@ -53,6 +55,7 @@ def test_fast_chunk_seeds_matter():
     assert not np.array_equal(shifted, task.run())
 
 
+@pytest.mark.slow
 def test_fast_result_does_not_depend_on_threads():
     problem = layer(128, 160)
     assert np.array_equal(FastSolver(workers=1).solve(problem, 1), FastSolver(workers=3).solve(problem, 1))
@@ -74,6 +77,7 @@ def test_wide_layer_blocks_and_inverse_give_the_same_bits():
         fast.DESCENT_ELEMENTS = saved
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one():
     problem = layer(128, 160)
     whole = FastSolver(**FAST).solve(problem, seed=5)
@@ -121,6 +125,7 @@ def test_ray_unreachable():
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_ray_local_equals_whole():
     ray = pytest.importorskip("ray")
     problem = layer(128, 160)
@@ -144,11 +149,13 @@ def quantized_bytes(path, **distribution):
     return path.read_bytes()
 
 
+@pytest.mark.slow
 def test_quantize_writes_the_same_model_with_one_or_two_worker_processes(tmp_path):
     assert quantized_bytes(tmp_path / "w1.onnx") == quantized_bytes(tmp_path / "w2.onnx", workers=2)
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_quantize_on_a_local_ray_cluster_writes_the_same_model_and_shuts_it_down(tmp_path):
     ray = pytest.importorskip("ray")
     try:
