@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from .errors import RuntimeFailure
+from . import external, passes
+from .errors import ModelError, QuboError, RuntimeFailure
 from .forms.gather import TABLE_OPSET, LowerTables, QuantizedTable, TableLowering
 from .grid import Granularity
 from .kernels import Format, KernelChoice, choose_kernel, choose_table_kernel
@@ -25,11 +26,13 @@ from .passes import (
     CheckModel,
     GraphPass,
     InsertDequantize,
+    PassFailed,
+    PassResult,
     QuantizedTensor,
     QuantizedWeight,
     RaiseOpset,
     ReinferDeclaredShapes,
-    run_passes,
+    UnsupportedModel,
 )
 from .passes.insert_dequantize import dequantized
 from .types import QuantizedLayer
@@ -42,6 +45,22 @@ class Rewritten:
     model: onnx.ModelProto
     kernels: list[KernelChoice]  # per layer, then per table: the kernel that runs it (and why not a faster one)
     notes: list[str]  # what else was changed in the graph, and why
+
+
+def run_passes(model: onnx.ModelProto, graph_passes: Sequence[GraphPass]) -> PassResult:
+    """``passes.run_passes`` in the library's terms, the one place onnx_qubo runs passes: a model a
+    pass cannot handle is a ModelError; an error of the library's own raised inside a pass (a
+    form's, external.read_array's) is itself; any other failure a RuntimeFailure naming the pass,
+    the original exception its ``__cause__``."""
+    try:
+        return passes.run_passes(model, graph_passes)
+    except UnsupportedModel as exc:
+        raise ModelError(str(exc)) from None
+    except PassFailed as exc:
+        cause = exc.__cause__
+        if isinstance(cause, QuboError):
+            raise cause from cause.__cause__  # as raised, its own cause kept
+        raise RuntimeFailure(str(exc)) from exc.__cause__
 
 
 def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: Format = Format.QDQ,
@@ -64,8 +83,9 @@ def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: For
         log.info("table '%s': %d-bit rows, %s%s", table.table.name, table.scheme.bits, kernel.kernel,
                  f" (not faster: {kernel.fallback})" if kernel.fallback else "")
     target_opset = max([q.scheme.opset for q in quantized] + [TABLE_OPSET] * bool(tables))
-    passes: list[GraphPass] = [RaiseOpset(target_opset), InsertDequantize(weights), LowerTables(lowerings)]
-    rewritten = run_passes(model, passes).model
+    steps: list[GraphPass] = [RaiseOpset(target_opset), InsertDequantize(weights, external.read_array),
+                              LowerTables(lowerings)]
+    rewritten = run_passes(model, steps).model
     try:
         return Rewritten(run_passes(rewritten, [CheckModel()]).model, kernels, [])
     except RuntimeFailure as failure:

@@ -19,7 +19,7 @@ from typing import Collection, Iterator, Mapping
 import numpy as np
 import onnx
 
-from . import discovery, exchange, memory
+from . import discovery, exchange, external, memory
 from .activations import input_quantizers
 from .calibration import LayerStatistics, collect_statistics
 from .data import Dataset
@@ -29,9 +29,9 @@ from .grid import InputQuantizer
 from .groups import merge_groups, merge_reports, split_groups
 from .kernels import Format, needs_output_range
 from .layer import SolvedLayer, prepare_layer
-from .lowering import rewrite
+from .lowering import rewrite, run_passes
 from .options import Activations, QuantizeOptions, RangeMethod
-from .passes import FoldConstantWeights, PrepareSubgraphs, run_passes
+from .passes import FoldConstantWeights, PrepareSubgraphs
 from .plan import Plan, make_plan
 from .progress import Progress
 from .report import LayerReport
@@ -58,7 +58,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with weights that exporters hide behind Constant nodes or Transpose/Cast/...
     chains, or inside If/Loop/Scan bodies, as plain main-graph initializers (same outputs):
     what discovery and the rewrite work on."""
-    return run_passes(model, [PrepareSubgraphs(), FoldConstantWeights()]).model
+    return run_passes(model, [PrepareSubgraphs(), FoldConstantWeights(external.read_array)]).model
 
 
 @dataclass(frozen=True, eq=False)

@@ -33,57 +33,20 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .passes.graphs import all_graphs as all_graphs  # the generic walks live with the passes (passes/graphs.py)
+from .passes.graphs import fresh_name as fresh_name
+from .passes.graphs import local_names as local_names
+from .passes.graphs import names_used as names_used
+from .passes.graphs import outer_reads as outer_reads
+from .passes.graphs import subgraphs as subgraphs
+
 ROUTED_OPS = ("If", "Loop", "Scan")  # bodies whose tensors ``expose`` can route out
 DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-def subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
-    """The (attribute name, graph) bodies a node holds."""
-    found = []
-    for attr in node.attribute:
-        if attr.HasField("g"):
-            found.append((attr.name, attr.g))
-        found.extend((attr.name, g) for g in attr.graphs)
-    return found
 
 
 def is_routed(node: onnx.NodeProto) -> bool:
     """Whether ``node``'s bodies are ones whose tensors can be captured (If, Loop, Scan)."""
     return node.op_type in ROUTED_OPS and node.domain in DEFAULT_DOMAINS
-
-
-def all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """``graph`` and every graph nested in it, outer first."""
-    found = [graph]
-    for node in graph.node:
-        for _, sub in subgraphs(node):
-            found += all_graphs(sub)
-    return found
-
-
-def local_names(graph: onnx.GraphProto) -> set[str]:
-    """Tensors defined in ``graph`` itself: its inputs, initializers and node outputs."""
-    names = {v.name for v in graph.input} | {init.name for init in graph.initializer}
-    return names | {out for node in graph.node for out in node.output if out}
-
-
-def names_used(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor, node and value name of ``graph`` and its subgraphs (fresh names avoid all)."""
-    names: set[str] = set()
-    for g in all_graphs(graph):
-        names |= local_names(g) | {v.name for v in list(g.output) + list(g.value_info)}
-        names |= {n.name for n in g.node} | {name for n in g.node for name in n.input}
-    return names
-
-
-def outer_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names that ``graph`` (its subgraphs included) reads from enclosing scopes."""
-    reads = {name for node in graph.node for name in node.input if name}
-    reads |= {v.name for v in graph.output}
-    for node in graph.node:
-        for _, sub in subgraphs(node):
-            reads |= outer_reads(sub)
-    return reads - local_names(graph)
 
 
 @dataclass(frozen=True)
@@ -293,15 +256,6 @@ def _extend_scan_attributes(scan: onnx.NodeProto) -> None:
     for attr in scan.attribute:
         if attr.name in ("scan_output_axes", "scan_output_directions"):
             attr.ints.append(0)
-
-
-def fresh_name(used: set[str], base: str) -> str:
-    """``base``, or ``base_<k>`` with the first k that no name in ``used`` has; recorded in ``used``."""
-    name, k = base, 1
-    while name in used:
-        name, k = f"{base}_{k}", k + 1
-    used.add(name)
-    return name
 
 
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:

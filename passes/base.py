@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 
 import onnx
 
-from ..errors import QuboError, RuntimeFailure
+from .errors import PassError, PassFailed
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +30,18 @@ class GraphPass(Protocol):
 
 
 def run_passes(model: onnx.ModelProto, passes: Sequence[GraphPass]) -> PassResult:
-    """Apply the passes in order. A pass that fails for a reason of its own (a QuboError, e.g. a
-    model whose opset cannot be raised) raises that; any other failure is a RuntimeFailure
-    naming the pass."""
+    """Apply the passes in order. A pass that refuses the model for a reason of its own raises
+    its PassError; any other failure (onnx, or a callable the pass was given) is a PassFailed
+    naming the pass, the original exception its ``__cause__``."""
     modified = False
     for graph_pass in passes:
         name = type(graph_pass).__name__
         try:
             result = graph_pass.call(model)
-        except QuboError:
+        except PassError:
             raise
         except Exception as exc:  # onnx and onnxruntime raise many unrelated types
-            raise RuntimeFailure(f"graph pass {name} failed: {exc}") from exc
+            raise PassFailed(f"graph pass {name} failed: {exc}") from exc
         log.debug("pass %s: %s", name, "modified the model" if result.modified else "no change")
         model, modified = result.model, modified or result.modified
     return PassResult(model, modified)

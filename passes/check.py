@@ -12,7 +12,7 @@ from .base import PassResult, copy_model
 class CheckModel:
     """Raises ``onnx.checker.ValidationError`` (or an inference error) on an invalid model.
 
-    Initializers still in the input's external data files (external.py) are checked as graph
+    Initializers still in the input's external data files are checked as graph
     inputs of the same type and shape: the checker would otherwise look for their files beside
     the working directory, and their values are the input's, not ours to check."""
 

@@ -20,10 +20,11 @@ import logging
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
 from onnx.reference import ReferenceEvaluator
 
-from .. import external
 from .base import PassResult, copy_model
+from .graphs import TensorReader, read_in_proto
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 class FoldConstantWeights:
+    """``read``: how to read a chain's initializers whose values may be in external data files."""
+
+    def __init__(self, read: TensorReader = read_in_proto) -> None:
+        self.read = read
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         nodes = list(model.graph.node)
         constants = [i for i, n in enumerate(nodes) if _is_tensor_constant(n)]
@@ -47,7 +53,7 @@ class FoldConstantWeights:
         initializers = {init.name: init for init in graph.initializer}
         sources = set()
         for chain in chains:
-            value = _evaluate([nodes[i] for i in chain], initializers, out)
+            value = _evaluate([nodes[i] for i in chain], initializers, out, self.read)
             graph.initializer.append(numpy_helper.from_array(value, nodes[chain[-1]].output[0]))
             folded |= set(chain)
             sources.add(nodes[chain[0]].input[0])
@@ -106,13 +112,20 @@ def _weight_chains(graph: onnx.GraphProto, constants: set[str]) -> list[list[int
 
 
 def _evaluate(chain: list[onnx.NodeProto], initializers: dict[str, onnx.TensorProto],
-              model: onnx.ModelProto) -> np.ndarray:
+              model: onnx.ModelProto, read: TensorReader) -> np.ndarray:
     """The chain's output, computed by onnx's reference evaluator on the chain alone."""
-    inputs = [external.loaded(initializers[name], model) for n in chain for name in n.input if name in initializers]
+    inputs = [_loaded(initializers[name], model, read) for n in chain for name in n.input if name in initializers]
     graph = helper.make_graph(chain, "chain", [], [onnx.ValueInfoProto(name=chain[-1].output[0])],
                               list({i.name: i for i in inputs}.values()))
     sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     return np.asarray(ReferenceEvaluator(sub).run(None, {})[0])  # type: ignore[index]  # a list of outputs
+
+
+def _loaded(tensor: onnx.TensorProto, model: onnx.ModelProto, read: TensorReader) -> onnx.TensorProto:
+    """``tensor`` with its values in the proto (itself when they already are)."""
+    if not uses_external_data(tensor):
+        return tensor
+    return numpy_helper.from_array(read(tensor, model), tensor.name)
 
 
 def _read_in_subgraph(graph: onnx.GraphProto, name: str) -> bool:

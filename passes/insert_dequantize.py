@@ -8,7 +8,8 @@ branch that does not run dequantizes nothing, and onnxruntime's fusions, which s
 graph, see DequantizeLinear -> Gemm together), its integer initializers in the main graph, read
 from the body as its float weight was. How one node is
 rewritten around its dequantized weight belongs to the node's form (onnx_qubo/forms/: Gemm,
-MatMul...), handed in with each weight as a ``DenseLowering``.
+MatMul...), handed in with each weight as a ``DenseLowering``; a runtime kernel written
+instead of DequantizeLinear (onnxruntime's MatMulNBits...) as a ``KernelLayer``.
 
 Integers are stored packed (ml_dtypes int2/int4 through ``numpy_helper.from_array``), with a
 scale per tensor (scalar), per output row (``axis=0``) or per block of inputs within a row
@@ -18,19 +19,14 @@ scale per tensor (scalar), per output row (``axis=0``) or per block of inputs wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .. import external
-from ..subgraphs import all_graphs, fresh_name, names_used
 from .base import PassResult, copy_model
-
-if TYPE_CHECKING:
-    from ..kernels import FastLayer
+from .graphs import TensorReader, all_graphs, fresh_name, names_used, read_in_proto
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,8 +78,29 @@ class Lowered:
     shift_folded: bool = False
 
 
+class KernelNodes(Protocol):
+    """A kernel's nodes reading the activation and writing the output, their initializers, and
+    the least opset version each domain they use needs."""
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]: ...
+
+    @property
+    def initializers(self) -> list[onnx.TensorProto]: ...
+
+    @property
+    def opsets(self) -> dict[str, int]: ...
+
+
+class KernelLayer(Protocol):
+    """A layer written as a runtime's own kernel instead of DequantizeLinear (onnx_qubo: kernels.py's
+    FastLayer). ``build`` returns the kernel's nodes, or why the layer cannot use it."""
+
+    def build(self, activation: str, output: str, fresh: Callable[[str], str]) -> KernelNodes | str: ...
+
+
 class DenseLowering(Protocol):
-    """How a form rewrites its node around the weight's integers (forms/)."""
+    """How a form rewrites its node around the weight's integers (onnx_qubo: forms/)."""
 
     op_type: str
 
@@ -102,16 +119,17 @@ class QuantizedWeight:
     bias_name: str | None = None  # the bias initializer that ``bias`` replaces
     bias: QuantizedTensor | None = None  # [n_out]
     activation: ActivationQuantization | None = None
-    fast: "FastLayer | None" = None  # an onnxruntime kernel to write instead (kernels.py)
+    fast: KernelLayer | None = None  # a runtime kernel to write instead of DequantizeLinear
     float_bias: np.ndarray | None = None  # [n_out] float32: replaces ``bias_name`` (a float bias + the bias correction)
 
 
 class InsertDequantize:
     """Each weight's node replaced by its form's lowering; float weights and replaced biases
-    dropped."""
+    dropped. ``read``: how forms read an initializer whose values may be in external data files."""
 
-    def __init__(self, weights: list[QuantizedWeight]):
+    def __init__(self, weights: list[QuantizedWeight], read: TensorReader = read_in_proto):
         self.weights = weights
+        self.read = read
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         if not self.weights:
@@ -120,7 +138,7 @@ class InsertDequantize:
         graph = out.graph
         graphs = all_graphs(graph)  # a layer inside an If/Loop/Scan body is rewritten in its body
         # integer initializers in the main graph, read from the body
-        edit = GraphEdit(graph, partial(external.read_array, model=out))
+        edit = GraphEdit(graph, lambda tensor: self.read(tensor, out))
         replacements: dict[tuple[int, int], list[onnx.NodeProto]] = {}
         renames: dict[str, str] = {}
         dropped = {w.name for w in self.weights} | {w.bias_name for w in self.weights if w.bias_name}
@@ -158,7 +176,7 @@ class GraphEdit:
     def __init__(self, graph: onnx.GraphProto,
                  read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array):
         self.graph = graph
-        self.read = read  # an initializer's values (external.read_array where they may be external)
+        self.read = read  # an initializer's values (InsertDequantize's reader where they may be external)
         self.used = names_used(graph)  # subgraphs too: a body may not shadow an outer name
 
     def fresh(self, base: str) -> str:
@@ -168,7 +186,7 @@ class GraphEdit:
         """``weight.fast``'s kernel nodes reading ``activation`` and writing ``output``."""
         assert weight.fast is not None
         form = weight.fast.build(activation, output, self.fresh)
-        if isinstance(form, str):  # kernels.choose_kernel already accepted this layer
+        if isinstance(form, str):  # whoever chose the kernel already accepted this layer
             raise ValueError(f"layer weight '{weight.name}': {form}")
         self.graph.initializer.extend(form.initializers)
         return Lowered(form.nodes, opsets={d: v for d, v in form.opsets.items() if d not in ("", "ai.onnx")})

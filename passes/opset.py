@@ -7,8 +7,8 @@ import logging
 import onnx
 from onnx import defs, helper, version_converter
 
-from ..errors import ModelError
 from .base import PassResult, copy_model
+from .errors import UnsupportedModel
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class RaiseOpset:
             try:
                 raised = version_converter.convert_version(model, self.target)
             except Exception as exc:  # the converter raises bare RuntimeErrors
-                raise ModelError(f"cannot raise the model's opset from {current} to {self.target} "
+                raise UnsupportedModel(f"cannot raise the model's opset from {current} to {self.target} "
                                  f"(needed by the integer weight type): {exc}") from None
             if not raised.functions:  # the converter drops the model's local functions
                 raised.functions.extend(model.functions)
@@ -51,7 +51,7 @@ class RaiseOpset:
 
 def _raise_functions(model: onnx.ModelProto, target: int) -> None:
     """Bring each local function's default-domain import up to ``target`` (onnx requires it to
-    match the model's); a ModelError naming the function when one of its ops changed meaning."""
+    match the model's); a UnsupportedModel naming the function when one of its ops changed meaning."""
     for function in model.functions:
         for opset in function.opset_import:
             if opset.domain not in DEFAULT_DOMAINS or opset.version >= target:
@@ -59,7 +59,7 @@ def _raise_functions(model: onnx.ModelProto, target: int) -> None:
             ops = {node.op_type for node in function.node if node.domain in DEFAULT_DOMAINS}
             changed = sorted(op for op in ops if not _same_definition(op, opset.version, target))
             if changed:
-                raise ModelError(f"local function '{function.domain}.{function.name}' uses {', '.join(changed)} "
+                raise UnsupportedModel(f"local function '{function.domain}.{function.name}' uses {', '.join(changed)} "
                                  f"as defined at opset {opset.version}, changed before opset {target}, which the "
                                  "integer weight type needs; onnx cannot convert functions: inline the function "
                                  "or use more bits (INT8 weights need opset 13)")

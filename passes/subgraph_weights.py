@@ -18,12 +18,11 @@ import logging
 import onnx
 from onnx import helper
 
-from ..subgraphs import fresh_name, local_names, names_used, subgraphs
 from .base import PassResult, copy_model
 from .fold_weights import DEFAULT_DOMAINS, DENSE_OPS, _is_tensor_constant
+from .graphs import fresh_name, local_names, names_used, subgraphs
 
 log = logging.getLogger(__name__)
-
 
 
 class PrepareSubgraphs:

@@ -1,13 +1,14 @@
-"""Graph passes: each emitted form must match numpy with the dequantized weights, under
-onnxruntime's default optimization level (what users run) as well as the basic level."""
+"""The passes with the library's forms: each emitted form must match numpy with the dequantized
+weights, under onnxruntime's default optimization level (what users run) as well as the basic
+level; and the passes' errors in the library's terms. Each pass's own tests: tests/passes/."""
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_qubo.errors import RuntimeFailure
+from onnx_qubo import lowering
+from onnx_qubo.errors import DataError, ModelError, RuntimeFailure
 from onnx_qubo.forms import FORMS as DENSE_FORMS
 from onnx_qubo.passes import (
     ActivationQuantization,
@@ -21,6 +22,7 @@ from onnx_qubo.passes import (
 from onnx_qubo.passes.opset import default_opset
 
 from graphs import gemm_model, matmul_model, mlp_model
+from helpers_passes import Broken, Refuses
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC]
 STORAGE = {2: (TensorProto.INT2, 25), 4: (TensorProto.INT4, 21), 8: (TensorProto.INT8, 13)}
@@ -99,44 +101,6 @@ def test_every_emitted_form_is_exact_at_default_and_basic_levels(form, bits):
     assert {a.name: helper.get_attribute_value(a) for a in consumer.attribute}["transB"] == 1
 
 
-ZEROS = QuantizedTensor(np.zeros((5, 6), int), np.ones(5), None, TensorProto.INT8)
-
-
-def test_insert_refuses_a_shared_weight():
-    model = gemm_model()
-    model.graph.node.append(helper.make_node("Gemm", ["x", "W"], ["z"], transB=1))
-    with pytest.raises(ValueError, match="read by 2 nodes"):
-        InsertDequantize([QuantizedWeight("W", ZEROS, DENSE_FORMS["Gemm"], 2)]).call(model)
-
-
-def test_raise_opset_bumps_when_no_definition_changed_and_converts_otherwise():
-    simple = gemm_model()  # Gemm + Relu: same definitions at 17 and 25
-    raised = RaiseOpset(25).call(simple)
-    assert raised.modified and default_opset(raised.model) == 25
-    assert raised.model.ir_version >= onnx.helper.find_min_ir_version_for(list(raised.model.opset_import))
-    assert RaiseOpset(13).call(simple).modified is False
-
-    # Reshape changed definition between 17 and 25: the version converter rewrites it
-    shape = numpy_helper.from_array(np.array([-1, 6], np.int64), "shape")
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 6])], [shape])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    out = run_passes(model, [RaiseOpset(25), CheckModel()]).model
-    x = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
-    np.testing.assert_array_equal(run(out, x, LEVELS[0]), x.reshape(2, 6))
-    assert default_opset(out) == 25
-
-
-def test_check_model_rejects_an_invalid_graph():
-    model = gemm_model()
-    model.graph.node[0].input[1] = "missing"
-    with pytest.raises(onnx.checker.ValidationError):
-        CheckModel().call(model)
-
-
 def _tensor(rng, storage, shape, scale_shape, block_size=0, zero_point=True):
     lo, hi = {TensorProto.INT2: (-2, 1), TensorProto.UINT2: (0, 3), TensorProto.INT4: (-8, 7),
               TensorProto.UINT4: (0, 15), TensorProto.INT8: (-128, 127), TensorProto.INT32: (-5000, 5000)}[storage]
@@ -212,28 +176,6 @@ def test_scales_zero_points_biases_and_quantized_inputs_are_exact(form, variant)
     assert bias_name not in {i.name for i in quantized.graph.initializer} or bias is None
 
 
-class _Broken:
-    def call(self, model):
-        raise KeyError("boom")
-
-
-def test_run_passes_reports_modified_and_names_the_failing_pass():
-    model = gemm_model()
-    assert run_passes(model, [RaiseOpset(13), CheckModel()]).modified is False
-    assert run_passes(model, [RaiseOpset(21), CheckModel()]).modified is True
-    with pytest.raises(RuntimeFailure, match="graph pass _Broken failed: 'boom'"):
-        run_passes(model, [RaiseOpset(21), _Broken()])
-
-
-@pytest.mark.parametrize("graph_pass", [RaiseOpset(25), CheckModel(),
-                                        InsertDequantize([QuantizedWeight("W", ZEROS, DENSE_FORMS["Gemm"], 2)])])
-def test_every_pass_leaves_its_input_alone(graph_pass):
-    model = gemm_model()
-    before = model.SerializeToString()
-    graph_pass.call(model)
-    assert model.SerializeToString() == before
-
-
 def test_a_float_gemm_bias_stays_float_with_quantized_inputs():
     """compat.py rule 4: onnxruntime re-quantizes the float C of a Gemm whose inputs are
     quantized and whose output (through a Relu) is quantized again to INT32 at the basic level
@@ -251,3 +193,23 @@ def test_a_float_gemm_bias_stays_float_with_quantized_inputs():
     reference = run(quantized, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     for level in LEVELS:
         np.testing.assert_allclose(run(quantized, x, level), reference, rtol=1e-6, atol=1e-6)
+
+
+class _LibraryRefusal:
+    def call(self, model):
+        raise DataError("the library's own refusal")
+
+
+def test_the_library_runs_passes_with_their_errors_in_its_own_terms():
+    """A pass's UnsupportedModel is a ModelError (exit 1), a foreign failure a RuntimeFailure
+    (exit 4) naming the pass with the original cause, and the library's own error raised inside
+    a pass (a form's, external.read_array's) itself; the messages are the passes'."""
+    model = gemm_model()
+    assert lowering.run_passes(model, [RaiseOpset(21), CheckModel()]).modified is True
+    with pytest.raises(RuntimeFailure, match="^graph pass Broken failed: 'boom'$") as caught:
+        lowering.run_passes(model, [RaiseOpset(21), Broken()])
+    assert isinstance(caught.value.__cause__, KeyError)
+    with pytest.raises(ModelError, match="^node 'x' cannot be handled$"):
+        lowering.run_passes(model, [Refuses()])
+    with pytest.raises(DataError, match="^the library's own refusal$"):
+        lowering.run_passes(model, [_LibraryRefusal()])
