@@ -138,3 +138,40 @@ def test_output_in_the_input_folder_leaves_its_genai_files_as_they_are(tmp_path)
         onnx_qubo.quantize(str(folder / "model.onnx"), elsewhere / "q.onnx", bits=4, solver="rtn", speed=False,
                            report_path=elsewhere / "tokenizer.json")
     assert sorted(p.name for p in elsewhere.iterdir()) == []
+
+
+def test_a_tied_head_read_through_a_transpose_gets_a_table_of_its_own():
+    from onnx import numpy_helper
+
+    from onnx_qubo.passes import FoldConstantWeights, run_passes
+
+    head = np.random.default_rng(0).normal(size=(8, 20)).astype(np.float32)  # [d, V], as the builder stores it
+    nodes = [helper.make_node("Transpose", ["W"], ["table"], perm=[1, 0]),
+             helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+             helper.make_node("MatMul", ["emb", "W"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 20])],
+                              [numpy_helper.from_array(head, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folded = run_passes(model, [FoldConstantWeights()]).model
+    inits = {init.name: numpy_helper.to_array(init) for init in folded.graph.initializer}
+    assert [n.op_type for n in folded.graph.node] == ["Gather", "MatMul"]
+    assert np.array_equal(inits["table"], head.T) and np.array_equal(inits["W"], head)
+    ids = np.array([[3, 19, 0]], np.int64)
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+            for m in (model, folded)]
+    assert np.array_equal(runs[0], runs[1])
+
+
+def test_a_calibration_reader_of_token_windows_gets_the_other_inputs_too():
+    class Reader:
+        def __init__(self) -> None:
+            self.batches = iter([{"input_ids": TOKENS[:2]}, {"input_ids": TOKENS[2:]}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    data = load_dataset(Reader(), load_model(MODEL))
+    assert [sorted(b) for b in data.batches] == [sorted(load_dataset({"input_ids": TOKENS}, load_model(MODEL))
+                                                        .batches[0])] * 2
+    assert data.batches[1]["past_key_values.1.value"].shape == (2, 2, 0, 16)
