@@ -70,7 +70,7 @@ def _empty_past_shape(name: str, shape: tuple[int | None, ...], names: tuple[str
             dims.append(size)
         elif dim and dim.startswith(PAST_PREFIX):
             dims.append(0)
-        elif dim is not None and dim == batch_name or (axis == 0 and batch_name is None):
+        elif (dim is not None and dim == batch_name) or (axis == 0 and batch_name is None):
             dims.append(count)
         elif name in heads:
             dims.append(heads[name])
