@@ -21,20 +21,22 @@ class CheckModel:
     which it passes over as it does ``com.microsoft`` nodes."""
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        onnx.checker.check_model(runtime_ops_apart(_without_external_initializers(model)), full_check=True)
+        checked = _without_external_initializers(model)  # a copy when it changes anything
+        onnx.checker.check_model(runtime_ops_apart(checked, in_place=checked is not model), full_check=True)
         return PassResult(model, modified=False)
 
 
-RUNTIME_DOMAIN = "onnx_qubo.runtime_ops"  # where _runtime_ops_apart puts the ops onnx does not define
+RUNTIME_DOMAIN = "onnx_qubo.runtime_ops"  # where runtime_ops_apart puts the ops onnx does not define
 
 
-def runtime_ops_apart(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model``, or a copy whose default-domain nodes that onnx has no schema for are in RUNTIME_DOMAIN."""
+def runtime_ops_apart(model: onnx.ModelProto, in_place: bool = False) -> onnx.ModelProto:
+    """``model``, or a copy (``model`` itself if ``in_place``) whose default-domain nodes that onnx
+    has no schema for are in RUNTIME_DOMAIN."""
     unknown = {node.op_type for graph in all_graphs(model.graph) for node in graph.node
                if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type, "")}
     if not unknown:
         return model
-    checked = copy_model(model)
+    checked = model if in_place else copy_model(model)
     for graph in all_graphs(checked.graph):
         for node in graph.node:
             if node.domain in ("", "ai.onnx") and node.op_type in unknown:

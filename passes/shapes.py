@@ -29,8 +29,8 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     intermediate shapes (``value_info``), then also without the outputs' shapes; when even that
     fails, ``model`` is returned as it is (its declared shapes are all that is known). ``tensor_types``
     adds the declared types of the tensors inference cannot reach."""
-    attempts = [model, _undeclared(model, outputs=False), _undeclared(model, outputs=True)]
-    for k, attempt in enumerate(attempts):
+    for k in range(3):  # as declared; without value_info; without the outputs' shapes too
+        attempt = model if k == 0 else _undeclared(model, outputs=k == 2)
         try:
             return onnx.shape_inference.infer_shapes(attempt, strict_mode=False)
         except onnx.shape_inference.InferenceError as exc:
@@ -53,7 +53,7 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 
 def _undeclared(model: onnx.ModelProto, outputs: bool) -> onnx.ModelProto:
-    """A shallow copy of ``model`` without ``value_info`` (and the outputs' shapes if ``outputs``)."""
+    """A copy of ``model`` without ``value_info`` (and the outputs' shapes if ``outputs``)."""
     source = model.graph
     graph = onnx.GraphProto(name=source.name, node=source.node, input=source.input, output=source.output,
                             initializer=source.initializer, sparse_initializer=source.sparse_initializer)
