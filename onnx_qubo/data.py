@@ -34,7 +34,7 @@ import onnx
 from onnx import helper
 
 from .errors import DataError
-from .lm_inputs import derive_lm_inputs
+from .lm_inputs import LmInputs
 
 LABELS_KEY = "labels"
 
@@ -163,7 +163,7 @@ def load_dataset(source: Any, model: onnx.ModelProto, batch_size: int = 256) -> 
     labels = arrays.pop(LABELS_KEY, None)
     if len(specs) == 1 and len(arrays) == 1 and specs[0].name not in arrays:
         arrays = {specs[0].name: next(iter(arrays.values()))}
-    arrays = derive_lm_inputs(arrays, model, origin)
+    arrays = LmInputs(model).derive(arrays, origin)
     axes = batch_axes(specs, arrays)
     feed, count = _check_feed(arrays, specs, axes, origin)
     if labels is not None:
@@ -269,8 +269,9 @@ def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> 
 def _from_reader(reader, specs: list[InputSpec], model: onnx.ModelProto) -> Dataset:
     batches: list[dict[str, np.ndarray]] = []
     axes: dict[str, int | None] = {}
+    lm_inputs = LmInputs(model)
     for i, feed in enumerate(iter(reader.get_next, None)):
-        feed = derive_lm_inputs(dict(feed), model, f"CalibrationDataReader batch {i}")
+        feed = lm_inputs.derive(dict(feed), f"CalibrationDataReader batch {i}")
         axes = axes or batch_axes(specs, feed)
         batches.append(_check_feed(feed, specs, axes, f"CalibrationDataReader batch {i}", whole=False)[0])
     if not batches:

@@ -34,32 +34,39 @@ PAST_PREFIX = "past"  # a KV cache input's symbolic past-length axis is named pa
 MS_DOMAIN = "com.microsoft"
 
 
-def derive_lm_inputs(arrays: dict[str, Any], model: onnx.ModelProto, origin: str) -> dict[str, Any]:
-    """``arrays`` with the inputs the rule above makes added (a new dict; ``arrays`` as it is
-    when it holds no ``input_ids`` of rank 2 or lacks none of the inputs the rule makes)."""
-    from .data import model_inputs  # data.py calls this module
+class LmInputs:
+    """The rule above for one model (the head sizes are read off its graph once, when first needed)."""
 
-    specs = {spec.name: spec for spec in model_inputs(model)}
-    tokens = arrays.get(TOKENS)
-    if TOKENS not in specs or tokens is None or np.ndim(tokens) != 2:
-        return arrays
-    count, length = np.shape(tokens)
-    batch_name = (specs[TOKENS].dim_names or (None,))[0]
-    made = dict(arrays)
-    heads: dict[str, int] | None = None
-    for name, spec in specs.items():
-        if name in arrays or spec.shape is None:
-            continue
-        names = spec.dim_names or (None,) * len(spec.shape)
-        if name == MASK and spec.dtype.kind in "iu" and len(spec.shape) == 2:
-            made[name] = np.ones((count, length), spec.dtype)
-        elif name == POSITIONS and spec.dtype.kind in "iu" and len(spec.shape) == 2:
-            made[name] = np.broadcast_to(np.arange(length, dtype=spec.dtype), (count, length)).copy()
-        elif spec.dtype.kind == "f" and any(d and d.startswith(PAST_PREFIX) for d in names):
-            heads = heads if heads is not None else _head_sizes(model)
-            made[name] = np.zeros(_empty_past_shape(name, spec.shape, names, batch_name, count, heads, origin),
-                                  spec.dtype)
-    return made
+    def __init__(self, model: onnx.ModelProto) -> None:
+        from .data import model_inputs  # data.py calls this module
+
+        self.model = model
+        self.specs = {spec.name: spec for spec in model_inputs(model)}
+        self.heads: dict[str, int] | None = None
+
+    def derive(self, arrays: dict[str, Any], origin: str) -> dict[str, Any]:
+        """``arrays`` with the inputs the rule makes added (a new dict; ``arrays`` as it is when it
+        holds no ``input_ids`` of rank 2)."""
+        tokens = arrays.get(TOKENS)
+        if TOKENS not in self.specs or tokens is None or np.ndim(tokens) != 2:
+            return arrays
+        count, length = np.shape(tokens)
+        batch_name = (self.specs[TOKENS].dim_names or (None,))[0]
+        made = dict(arrays)
+        for name, spec in self.specs.items():
+            if name in arrays or spec.shape is None:
+                continue
+            names = spec.dim_names or (None,) * len(spec.shape)
+            if name == MASK and spec.dtype.kind in "iu" and len(spec.shape) == 2:
+                made[name] = np.ones((count, length), spec.dtype)
+            elif name == POSITIONS and spec.dtype.kind in "iu" and len(spec.shape) == 2:
+                made[name] = np.broadcast_to(np.arange(length, dtype=spec.dtype), (count, length)).copy()
+            elif spec.dtype.kind == "f" and any(d and d.startswith(PAST_PREFIX) for d in names):
+                if self.heads is None:
+                    self.heads = _head_sizes(self.model)
+                shape = _empty_past_shape(name, spec.shape, names, batch_name, count, self.heads, origin)
+                made[name] = np.zeros(shape, spec.dtype)
+        return made
 
 
 def _empty_past_shape(name: str, shape: tuple[int | None, ...], names: tuple[str | None, ...],
