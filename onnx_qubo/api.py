@@ -18,7 +18,7 @@ from .compare import compare as run_comparison
 from .contribution import Sensitivity, measure
 from .data import Dataset, load_dataset
 from .errors import OptionError, OutputError
-from .files import Outputs, dump_directory, external_data_path, inputs_read, load_model, writable_path
+from .files import Outputs, dump_directory, external_data_path, genai_folder, inputs_read, load_model, writable_path
 from .options import QuantizeOptions, ScaleMethod, check_bits, check_integer, solver_for
 from .perplexity import check_tokens, evaluate_language_model, first_run, language_model
 from .pipeline import calibrate, prepare, quantize_model
@@ -113,6 +113,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
             raise OutputError(f"{{report_path}} '{report_path}' is a file the output model is written to; "
                               "choose another", "report_path")
         writes[report_path] = "{report_path}"
+    genai, genai_notes = genai_folder(input_path, output_path, reads=reads, writes=writes)
+    writes.update(dict.fromkeys(genai, "onnxruntime-genai file"))
     if dump_qubo is not None:
         dump_directory(dump_qubo, reads=reads, writes=writes)
     if options.solution_dir is not None and not options.solution_dir.is_dir():
@@ -122,7 +124,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
     input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(  # external data files included
-        path.stat().st_size for path, role in reads.items() if role != "a data file")
+        path.stat().st_size for path, role in reads.items() if "input model" in role)
     if options.automatic:
         calibrated = calibrate(float_model, calib_data, bar, options.exclude, options.activations,
                                options.activation_range, options.max_memory)
@@ -148,7 +150,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
             evaluation=evaluation, speed=timing,
             input_bytes=input_bytes,
             output_bytes=outputs.size(written),
-            seconds=time.perf_counter() - started, scheme=options.describe(), notes=result.notes)
+            seconds=time.perf_counter() - started, scheme=options.describe(), notes=result.notes + genai_notes)
+        for path, content in genai.items():
+            outputs.add(path, content, "onnxruntime-genai file")
         if report_path is not None:
             outputs.add(report_path, report.to_json().encode(), "{report_path}")
     return report

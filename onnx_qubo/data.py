@@ -15,6 +15,9 @@ other inputs' first axis is a batch along that axis (a recurrent state ``[2, bat
 beside ``input [batch, 512]``) and is sliced there; with unnamed symbolic axes (``[2, ?, 128]``)
 the data decides, when its one symbolic axis holds as many slices as there are samples. What
 neither settles is a DataError.
+
+A causal LM's inputs beside its token ids (``attention_mask``, ``position_ids``, an empty KV
+cache) are made when the data holds ``input_ids`` alone: the rule is ``lm_inputs.py``'s.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import onnx
 from onnx import helper
 
 from .errors import DataError
+from .lm_inputs import LmInputs
 
 LABELS_KEY = "labels"
 
@@ -150,7 +154,7 @@ def load_dataset(source: Any, model: onnx.ModelProto, batch_size: int = 256) -> 
     elif isinstance(source, dict):
         arrays, origin = dict(source), "the given arrays"
     elif hasattr(source, "get_next"):
-        return _from_reader(source, specs)
+        return _from_reader(source, specs, model)
     else:
         raise DataError(
             f"calibration data must be an .npz path, a dict of arrays or a CalibrationDataReader, "
@@ -159,6 +163,7 @@ def load_dataset(source: Any, model: onnx.ModelProto, batch_size: int = 256) -> 
     labels = arrays.pop(LABELS_KEY, None)
     if len(specs) == 1 and len(arrays) == 1 and specs[0].name not in arrays:
         arrays = {specs[0].name: next(iter(arrays.values()))}
+    arrays = LmInputs(model).derive(arrays, origin)
     axes = batch_axes(specs, arrays)
     feed, count = _check_feed(arrays, specs, axes, origin)
     if labels is not None:
@@ -261,11 +266,12 @@ def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> 
         raise DataError(f"{where} ({declared:,} bytes) does not fit in memory") from None
 
 
-def _from_reader(reader, specs: list[InputSpec]) -> Dataset:
+def _from_reader(reader, specs: list[InputSpec], model: onnx.ModelProto) -> Dataset:
     batches: list[dict[str, np.ndarray]] = []
     axes: dict[str, int | None] = {}
+    lm_inputs = LmInputs(model)
     for i, feed in enumerate(iter(reader.get_next, None)):
-        feed = dict(feed)
+        feed = lm_inputs.derive(dict(feed), f"CalibrationDataReader batch {i}")
         axes = axes or batch_axes(specs, feed)
         batches.append(_check_feed(feed, specs, axes, f"CalibrationDataReader batch {i}", whole=False)[0])
     if not batches:

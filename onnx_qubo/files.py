@@ -3,7 +3,9 @@
 One place knows every file a run reads (``inputs_read``: the model, its external data files, the
 data files, a ``load_solution`` folder's files) and decides what the run may write
 (``writable_path``): never one of those, and never anything that is not a regular file or a new
-path (directories, FIFOs, devices, and symlinks to any of those). Outputs are written as one
+path (directories, FIFOs, devices, and symlinks to any of those). A model read from an
+onnxruntime-genai folder gets its configuration and tokenizer files beside the output
+(``genai_folder``). Outputs are written as one
 unit (``Outputs``): each file is staged in a temporary folder beside its target, then all are
 renamed into place with SIGINT/SIGTERM deferred, the external data before the model that reads
 it and the report last; a failure or an interruption at any step leaves every target as it was
@@ -15,6 +17,7 @@ it can leave a ``.oq-*`` folder behind, never a partial output.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -111,6 +114,8 @@ def inputs_read(model: Any, calibration: Any = None, evaluation: Any = None,
         except (DecodeError, ValueError, OSError, RuntimeError, ModelError):
             pass  # load_model gives the clear error when the run loads it
         data += [model.with_name(model.stem + suffix) for suffix in DATA_SUFFIXES]
+        for path in genai_files(model):
+            reads.setdefault(path, "a file of the input's onnxruntime-genai folder")
     for path in (Path(d) for d in data if isinstance(d, (str, os.PathLike))):
         if path.exists():
             reads.setdefault(path.resolve(), "a data file")
@@ -118,6 +123,68 @@ def inputs_read(model: Any, calibration: Any = None, evaluation: Any = None,
         for path in files_read(Path(load_solution)):
             reads.setdefault(path.resolve(), "a {load_solution} file")
     return reads
+
+
+GENAI_CONFIG = "genai_config.json"  # marks an onnxruntime-genai folder
+GENAI_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")  # its tokenizer and configuration files
+
+
+def genai_files(model_path: Path) -> list[Path]:
+    """The configuration and tokenizer files of the onnxruntime-genai folder that holds
+    ``model_path`` (``genai_config.json`` and the files ending in GENAI_SUFFIXES beside it, data
+    files apart), resolved; none when its folder holds no ``genai_config.json``."""
+    folder = model_path.resolve().parent
+    if not (folder / GENAI_CONFIG).is_file():
+        return []
+    return sorted(path.resolve() for path in folder.iterdir()
+                  if path.is_file() and path.name.endswith(GENAI_SUFFIXES) and not path.name.endswith(DATA_SUFFIXES))
+
+
+def genai_folder(model_path: Path | None, output_path: Path, *, reads: Mapping[Path, str],
+                 writes: Mapping[Path, str]) -> tuple[dict[Path, bytes], list[str]]:
+    """The files that make the output's folder a complete onnxruntime-genai folder when the input
+    model's folder is one: each of ``genai_files`` under its own name beside the output, their
+    contents (``genai_config.json`` with the model's file name changed to the output's where it
+    named the input's), and notes for the report. Nothing when the output is written into the
+    input's folder (its files are the input's: never replaced); each target is checked by
+    ``writable_path`` and against the run's other ``writes``."""
+    sources = [] if model_path is None else genai_files(model_path)
+    if not sources:
+        return {}, []
+    assert model_path is not None
+    folder = Path(os.path.abspath(output_path)).parent
+    if folder.resolve() == model_path.resolve().parent:
+        return {}, [f"the output is in the input's onnxruntime-genai folder: its {GENAI_CONFIG} and tokenizer files "
+                    "are left as they are (they name the input model); write the output to another folder to get a "
+                    "complete folder"]
+    files: dict[Path, bytes] = {}
+    for source in sources:
+        target = writable_path(folder / source.name, reads=reads, what="onnxruntime-genai file")
+        for other, what in writes.items():
+            if os.path.abspath(target) == os.path.abspath(other):
+                raise _output_error(f"onnxruntime-genai file '{target}' is also the {what}; give it another name",
+                                    what)
+        files[target] = source.read_bytes()
+    config = folder / GENAI_CONFIG
+    files[config], renamed = _renamed_model(files[config], model_path.name, output_path.name)
+    notes = [f"onnxruntime-genai folder: {', '.join(sorted(path.name for path in files))} written beside the output"
+             + (f" ({GENAI_CONFIG} names '{output_path.name}')" if renamed else "")]
+    return files, notes
+
+
+def _renamed_model(config: bytes, old: str, new: str) -> tuple[bytes, bool]:
+    """``config`` (a genai_config.json) with ``model.decoder.filename`` ``old`` set to ``new``."""
+    if old == new:
+        return config, False
+    try:
+        parsed = json.loads(config)
+        decoder = parsed["model"]["decoder"]
+    except (ValueError, KeyError, TypeError):
+        return config, False
+    if not isinstance(decoder, dict) or decoder.get("filename") != old:
+        return config, False
+    decoder["filename"] = new
+    return (json.dumps(parsed, indent=4) + "\n").encode(), True
 
 
 def dump_directory(path: PathLike, *, reads: Mapping[Path, str], writes: Mapping[Path, str] | None = None) -> Path:

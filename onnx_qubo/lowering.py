@@ -92,8 +92,8 @@ def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: For
         if not isinstance(failure.__cause__, onnx.shape_inference.InferenceError):
             raise
     checked = run_passes(rewritten, [ReinferDeclaredShapes(), CheckModel()]).model
-    note = ("the model's declared tensor shapes contradict shape inference at the raised opset (an exporter's "
-            "mistake): outputs now declare the inferred shapes")
+    note = ("the model's declared tensor shapes contradict shape inference (an exporter's mistake): the shapes "
+            "inference can tell are now the inferred ones")
     log.info(note)
     return Rewritten(checked, kernels, [note])
 

@@ -259,11 +259,10 @@ def _extend_scan_attributes(scan: onnx.NodeProto) -> None:
 
 
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:
-    """The element type of every tensor shape inference can tell, subgraphs included."""
+    """The element type of every tensor shape inference can tell, subgraphs included (tolerant
+    inference: ``passes.shapes.tensor_types``)."""
     from .forms.base import _skeleton  # inference on the graph alone, without large values
+    from .passes.shapes import tensor_types
 
-    inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False)
-    return {info.name: info.type.tensor_type.elem_type
-            for graph in all_graphs(inferred.graph)
-            for info in list(graph.input) + list(graph.value_info) + list(graph.output)
-            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type}
+    return {name: kind.tensor_type.elem_type for name, kind in tensor_types(_skeleton(model)).items()
+            if kind.tensor_type.elem_type}

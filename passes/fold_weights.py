@@ -8,6 +8,10 @@ the model computes.
   node (``Gemm``, ``MatMul``, ``Conv``) is evaluated once and replaced by one initializer: FP16
   weights cast to float, weights stored transposed. Only chains whose every tensor is read by
   the next node alone are folded, so no shared tensor is duplicated.
+- The same for a chain into the table input (0) of a ``Gather``: a tied LM head, whose
+  embedding lookup reads ``Transpose(lm_head weight)`` (onnxruntime-genai's builder), gets the
+  table as an initializer of its own, so the head's weight has one reader and is quantized, and
+  the table stays float or is quantized as a table (``--embeddings``).
 
 The values are computed by onnx's reference evaluator on the chain alone, so they are exactly
 what the chain computes.
@@ -84,7 +88,7 @@ def _is_tensor_constant(node: onnx.NodeProto) -> bool:
 
 def _weight_chains(graph: onnx.GraphProto, constants: set[str]) -> list[list[int]]:
     """Chains of CHAIN_OPS nodes (indices, in order) from a constant to the weight input (1)
-    of a dense node."""
+    of a dense node or the table input (0) of a Gather."""
     producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
     readers: dict[str, int] = {}
     for node in graph.node:
@@ -94,10 +98,10 @@ def _weight_chains(graph: onnx.GraphProto, constants: set[str]) -> list[list[int
     known = {init.name for init in graph.initializer} | constants
     chains = []
     for node in graph.node:
-        if node.op_type not in DENSE_OPS or node.domain not in DEFAULT_DOMAINS or len(node.input) < 2:
+        if node.domain not in DEFAULT_DOMAINS or len(node.input) < 2 or node.op_type not in [*DENSE_OPS, "Gather"]:
             continue
         chain: list[int] = []
-        tensor = node.input[1]
+        tensor = node.input[0 if node.op_type == "Gather" else 1]
         while tensor in producers and tensor not in known:
             producer = graph.node[producers[tensor]]
             if (producer.op_type not in CHAIN_OPS or producer.domain not in DEFAULT_DOMAINS

@@ -8,6 +8,7 @@ import onnx
 from onnx import defs, helper, version_converter
 
 from .base import PassResult, copy_model
+from .check import runtime_ops_apart, runtime_ops_back
 from .errors import UnsupportedModel
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,7 @@ class RaiseOpset:
                 if opset.domain in DEFAULT_DOMAINS:
                     opset.version = self.target
         else:
-            try:
-                raised = version_converter.convert_version(model, self.target)
-            except Exception as exc:  # the converter raises bare RuntimeErrors
-                raise UnsupportedModel(f"cannot raise the model's opset from {current} to {self.target} "
-                                 f"(needed by the integer weight type): {exc}") from None
+            raised = _convert(model, self.target, current)
             if not raised.functions:  # the converter drops the model's local functions
                 raised.functions.extend(model.functions)
         _raise_functions(raised, self.target)
@@ -47,6 +44,31 @@ class RaiseOpset:
         raised.ir_version = max(raised.ir_version, helper.find_min_ir_version_for(
             list(raised.opset_import), ignore_unknown=True))
         return PassResult(raised, modified=True)
+
+
+def _convert(model: onnx.ModelProto, target: int, current: int) -> onnx.ModelProto:
+    """onnx's version converter on ``model``, the default-domain ops onnx does not define
+    (onnxruntime's own, which keep their meaning at any opset) set apart while it runs; retried
+    without the declared intermediate shapes when they contradict its inference (an exporter's
+    mistake: onnxruntime-genai's builder declares a ``[1]`` Constant as rank 0)."""
+    apart = runtime_ops_apart(model)
+    try:
+        return runtime_ops_back(version_converter.convert_version(apart, target))
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        failure = exc
+    if apart.graph.value_info:
+        undeclared = copy_model(apart)
+        del undeclared.graph.value_info[:]
+        try:
+            converted = runtime_ops_back(version_converter.convert_version(undeclared, target))
+        except Exception:  # the first failure is the one to report
+            pass
+        else:
+            known = {info.name for info in converted.graph.value_info}
+            converted.graph.value_info.extend(info for info in model.graph.value_info if info.name not in known)
+            return converted
+    raise UnsupportedModel(f"cannot raise the model's opset from {current} to {target} "
+                           f"(needed by the integer weight type): {failure}") from None
 
 
 def _raise_functions(model: onnx.ModelProto, target: int) -> None:
@@ -71,6 +93,10 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def _same_definition(op_type: str, old: int, new: int) -> bool:
+    """Whether ``op_type`` means the same at both opsets (an op onnx does not define, e.g.
+    onnxruntime's SimplifiedLayerNormalization, is onnxruntime's at any opset)."""
+    if not defs.has(op_type):
+        return True
     try:
         return defs.get_schema(op_type, old).since_version == defs.get_schema(op_type, new).since_version
     except defs.SchemaError:

@@ -18,7 +18,8 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 
 from .. import external
-from ..subgraphs import all_graphs, outer_reads, subgraphs
+from ..passes.shapes import tensor_types
+from ..subgraphs import outer_reads, subgraphs
 from ..types import FromFile, InMemory, WeightValues
 
 SUPPORTED_WEIGHT_TYPES = (onnx.TensorProto.FLOAT,)
@@ -142,14 +143,11 @@ def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     """The rank of every main-graph tensor that shape inference can tell, inferred on a copy
     whose large initializers keep their type and dims but not their values (inference reads the
     values of small ones only, e.g. a Reshape's target shape): a model of any size, one over
-    protobuf's 2 GB limit included, costs only its graph."""
-    inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False).graph
-    return {
-        info.name: len(info.type.tensor_type.shape.dim)
-        for graph in all_graphs(inferred)  # If/Loop/Scan bodies too
-        for info in list(graph.input) + list(graph.value_info) + list(graph.output)
-        if info.type.tensor_type.HasField("shape")
-    }
+    protobuf's 2 GB limit included, costs only its graph. Inference tolerates contrib ops and
+    declared shapes that contradict it; a tensor it cannot reach keeps its declared rank
+    (``passes.shapes.tensor_types``). If/Loop/Scan bodies included."""
+    return {name: len(kind.tensor_type.shape.dim) for name, kind in tensor_types(_skeleton(model)).items()
+            if kind.tensor_type.HasField("shape")}
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:

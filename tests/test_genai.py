@@ -1,0 +1,177 @@
+"""Models built by onnxruntime-genai's model builder (models/tiny_lm: a 2-layer random-weight
+Llama made by models/make_tiny_lm.py): inspected, quantized from token windows alone, written as
+a complete onnxruntime-genai folder that og.Generator runs, and the kernel model checked against
+the portable DequantizeLinear model of the same codes run unoptimized."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+import onnx_qubo
+from onnx_qubo.cli import main
+from onnx_qubo.data import load_dataset
+from onnx_qubo.errors import DataError
+from onnx_qubo.files import load_model
+
+TINY = Path(__file__).resolve().parents[1] / "models" / "tiny_lm"
+MODEL = TINY / "model.onnx"
+LAYERS = [f"/model/layers.{i}/{part}/MatMul" for i in range(2)
+          for part in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")]
+TOKENS = np.load(TINY / "model.eval.npz")["input_ids"][:4, :24]
+
+try:
+    import onnxruntime_genai as og
+except ImportError:  # the optional extra 'genai'
+    og = None
+
+
+def test_inspect_finds_the_builders_matmuls_and_the_tied_head():
+    result = CliRunner().invoke(main, ["inspect", str(MODEL)])
+    assert result.exit_code == 0, result.output
+    for name in [*LAYERS, "/lm_head/MatMul"]:
+        assert name in result.output
+    assert "11 dense layer(s)" in result.output and "skipped" not in result.output
+
+
+def test_inputs_beside_the_tokens_are_made_an_empty_past_ones_and_positions():
+    model = load_model(MODEL)
+    data = load_dataset({"input_ids": TOKENS}, model, batch_size=3)
+    first = data.batches[0]
+    assert [data.samples(b) for b in data.batches] == [3, 1]
+    assert np.array_equal(first["attention_mask"], np.ones((3, 24), np.int64))
+    past = [name for name in first if name.startswith("past_key_values")]
+    assert len(past) == 4 and all(first[name].shape == (3, 2, 0, 16) for name in past)
+    assert all(first[name].dtype == np.float32 for name in past)
+    positions = _toy_lm(positions=True)
+    with pytest.raises(DataError, match=r"input 'past_key_values.0.key'.*axis 3 \('kv_cache_dim'\)"):
+        load_dataset({"input_ids": TOKENS}, positions)
+    made = load_dataset({"input_ids": TOKENS, "past_key_values.0.key": np.zeros((4, 2, 0, 8), np.float32)},
+                        positions).batches[0]
+    assert np.array_equal(made["position_ids"], np.tile(np.arange(24), (4, 1)))
+
+
+def _toy_lm(positions: bool) -> onnx.ModelProto:
+    """input_ids, position_ids, a past input [batch, 2, past_sequence_length, kv_cache_dim] that
+    no attention node reads."""
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT,
+                                            ["batch_size", 2, "past_sequence_length", "kv_cache_dim"])]
+    nodes = [helper.make_node("Identity", ["input_ids"], ["y"])]
+    if positions:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "seq"]))
+    graph = helper.make_graph(nodes, "toy", inputs, [helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _logits(path: Path, level: ort.GraphOptimizationLevel) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = load_dataset({"input_ids": TOKENS}, load_model(path)).batches[0]
+    return session.run(["logits"], feeds)[0]
+
+
+def _generate(folder: Path, count: int) -> list[int]:
+    model = og.Model(str(folder))
+    prompt = list(og.Tokenizer(model).encode("The quick brown fox jumps over the lazy dog."))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + count, min_length=len(prompt) + count)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_quantized_folder_runs_in_onnxruntime_genai_and_equals_the_portable_model(bits, tmp_path):
+    written = {}
+    for format in ("qdq", "ort"):
+        folder = tmp_path / format
+        folder.mkdir()
+        written[format] = folder / "model_q.onnx"
+        report = onnx_qubo.quantize(str(MODEL), written[format], bits=bits, granularity="block", block_size=32,
+                                    format=format, embeddings=bits == 4, speed=False)
+        assert {layer.name for layer in report.layers} >= {*LAYERS, "/lm_head/MatMul"}
+        config = json.loads((folder / "genai_config.json").read_text())
+        assert config["model"]["decoder"]["filename"] == "model_q.onnx"
+        assert (folder / "tokenizer.json").read_bytes() == (TINY / "tokenizer.json").read_bytes()
+        assert not (folder / "model.calib.npz").exists()
+    kernels = onnx.load(str(written["ort"]))
+    nbits = [n for n in kernels.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 11
+    assert all({a.name: a.i for a in n.attribute}["block_size"] == 32 for n in nbits)
+    assert any(n.op_type == "GatherBlockQuantized" for n in kernels.graph.node) == (bits == 4)
+    reference = _logits(written["qdq"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
+        np.testing.assert_allclose(_logits(written["ort"], level), reference, rtol=1e-4,
+                                   atol=1e-4 * np.abs(reference).max())
+    if og is None:
+        pytest.skip("onnxruntime-genai is not installed (pip install 'onnx-qubo[genai]'): generation not checked")
+    for format in ("qdq", "ort"):
+        tokens = _generate(written[format].parent, 12)
+        assert len(tokens) == 12 and all(0 <= t < 512 for t in tokens)
+
+
+def test_output_in_the_input_folder_leaves_its_genai_files_as_they_are(tmp_path):
+    folder = tmp_path / "lm"
+    shutil.copytree(TINY, folder)
+    config = (folder / "genai_config.json").read_bytes()
+    report = onnx_qubo.quantize(str(folder / "model.onnx"), folder / "model_q.onnx", bits=4, solver="rtn",
+                                speed=False)
+    assert (folder / "genai_config.json").read_bytes() == config
+    assert any("left as they are" in note for note in report.notes)
+    elsewhere = tmp_path / "out"
+    elsewhere.mkdir()
+    with pytest.raises(onnx_qubo.QuboInputError, match="onnxruntime-genai file .*tokenizer.json.* report"):
+        onnx_qubo.quantize(str(folder / "model.onnx"), elsewhere / "q.onnx", bits=4, solver="rtn", speed=False,
+                           report_path=elsewhere / "tokenizer.json")
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
+
+
+def test_a_tied_head_read_through_a_transpose_gets_a_table_of_its_own():
+    from onnx import numpy_helper
+
+    from onnx_qubo.passes import FoldConstantWeights, run_passes
+
+    head = np.random.default_rng(0).normal(size=(8, 20)).astype(np.float32)  # [d, V], as the builder stores it
+    nodes = [helper.make_node("Transpose", ["W"], ["table"], perm=[1, 0]),
+             helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+             helper.make_node("MatMul", ["emb", "W"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 20])],
+                              [numpy_helper.from_array(head, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folded = run_passes(model, [FoldConstantWeights()]).model
+    inits = {init.name: numpy_helper.to_array(init) for init in folded.graph.initializer}
+    assert [n.op_type for n in folded.graph.node] == ["Gather", "MatMul"]
+    assert np.array_equal(inits["table"], head.T) and np.array_equal(inits["W"], head)
+    ids = np.array([[3, 19, 0]], np.int64)
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+            for m in (model, folded)]
+    assert np.array_equal(runs[0], runs[1])
+
+
+def test_a_calibration_reader_of_token_windows_gets_the_other_inputs_too():
+    class Reader:
+        def __init__(self) -> None:
+            self.batches = iter([{"input_ids": TOKENS[:2]}, {"input_ids": TOKENS[2:]}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    data = load_dataset(Reader(), load_model(MODEL))
+    assert [sorted(b) for b in data.batches] == [sorted(load_dataset({"input_ids": TOKENS}, load_model(MODEL))
+                                                        .batches[0])] * 2
+    assert data.batches[1]["past_key_values.1.value"].shape == (2, 2, 0, 16)
