@@ -48,10 +48,21 @@ class QuantizedTensor:
 
 
 def dequantized(tensor: QuantizedTensor) -> np.ndarray:
-    """What DequantizeLinear computes from a per-tensor or per-axis-0 tensor, in float32."""
-    zero = 0 if tensor.zero_point is None else np.asarray(tensor.zero_point)
-    scale = np.asarray(tensor.scale, np.float32)
-    return (np.asarray(tensor.integers - zero).astype(np.float32) * scale).astype(np.float32)
+    """What DequantizeLinear computes from ``tensor`` (a scale per tensor, per row along axis 0,
+    or per block of ``block_size`` along axis 1), in float32."""
+    integers = np.asarray(tensor.integers)
+
+    def per_value(values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values)
+        if values.ndim == 1 and integers.ndim > 1:
+            return values.reshape(-1, *[1] * (integers.ndim - 1))
+        if values.ndim == 2:
+            return np.repeat(values, tensor.block_size, axis=1)[:, :integers.shape[1]]
+        return values
+
+    zero = 0 if tensor.zero_point is None else per_value(tensor.zero_point)
+    scale = per_value(np.asarray(tensor.scale, np.float32))
+    return ((integers - zero).astype(np.float32) * scale).astype(np.float32)
 
 
 @dataclass(frozen=True)

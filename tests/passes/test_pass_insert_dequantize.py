@@ -129,3 +129,21 @@ def test_lowerings_read_initializers_through_the_reader_given():
     np.testing.assert_array_equal(seen[0], values)
     with pytest.raises(UnsupportedModel, match="tensor 'C' refers to external data"):  # the default reader
         run_passes(model, [InsertDequantize([weight])])
+
+
+@pytest.mark.parametrize("scale_shape", [(), (5,), (5, 3)])
+def test_dequantized_is_what_dequantize_linear_computes(scale_shape):
+    """Per tensor, per row along axis 0, per block of 4 along axis 1 (the last block shorter),
+    with zero points: numpy against onnxruntime's DequantizeLinear on the same tensor."""
+    rng = np.random.default_rng(len(scale_shape))
+    integers = rng.integers(0, 256, (5, 10)).astype(np.uint8)
+    scale = rng.uniform(0.01, 0.1, scale_shape).astype(np.float32)
+    zero = rng.integers(0, 256, scale_shape).astype(np.uint8)
+    tensor = QuantizedTensor(integers.astype(np.int64), scale, zero.astype(np.int64), TensorProto.UINT8, 4)
+    node = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **tensor.attributes())
+    graph = helper.make_graph([node], "dq", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(integers, "q"), numpy_helper.from_array(scale, "s"),
+                               numpy_helper.from_array(zero, "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    np.testing.assert_array_equal(dequantized(tensor), run(model, {})[0])
+
