@@ -12,10 +12,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import test_bad_inputs
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
-from test_refusals import BadInput
+from test_refusals import BadInput, assert_refused
 
 import onnx_qubo
 from onnx_qubo import perplexity
@@ -251,4 +250,4 @@ BAD_INPUTS = [  # shown in docs/bad_inputs.md with those of tests/test_bad_input
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.title for c in BAD_INPUTS])
 def test_bad_text_input_is_refused_in_one_line_and_nothing_changes(case, tmp_path):
-    test_bad_inputs.test_bad_input_is_refused_in_one_line_and_nothing_changes(case, tmp_path)
+    assert_refused(case, tmp_path)
