@@ -7,8 +7,9 @@ layer (the fast solver's chunks, which fix its random streams; the seed of neal'
 ``seed + i``). ``solve_many`` runs tasks in order on ``workers`` processes, or on Ray when
 given an address; ``solve_layer`` does both for one layer and stitches the rows back.
 
-Each local process gets ``cores / workers`` BLAS and solver threads, so that N processes do
-not oversubscribe the cores N times over.
+Each local process gets ``cores / workers`` solver threads, so that N processes do not
+oversubscribe the cores N times over; BLAS runs on one thread there as everywhere a rounding is
+decided (determinism.py), so its thread pool is not even started (the environment says 1).
 
 Worker processes and a local Ray cluster are the run's own: on any exit but success (an
 exception, Ctrl-C, SIGTERM raised as ``Interrupted`` by the CLI) the queued tasks are cancelled
@@ -119,10 +120,10 @@ def solve_many(tasks: Sequence[SolveTask], workers: int = 1, ray_address: str | 
         return [task.run() for task in tasks]
     threads = max(1, (os.cpu_count() or 1) // workers)
     saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
-    os.environ.update({name: str(threads) for name in THREAD_VARIABLES})  # inherited by the new processes
+    os.environ.update({name: "1" for name in THREAD_VARIABLES})  # inherited by the new processes
     try:
         pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=get_context("spawn"),
-                                   initializer=_start_worker, initargs=(threads, os.getpid()))
+                                   initializer=_start_worker, initargs=(os.getpid(),))
         try:
             futures = [pool.submit(_run_task, task, threads) for task in tasks]  # starts the processes
             results = [future.result() for future in futures]
@@ -156,10 +157,9 @@ def _run_task(task: SolveTask, threads: int) -> np.ndarray:
     return task.run(threads)
 
 
-def _start_worker(threads: int, parent: int) -> None:
+def _start_worker(parent: int) -> None:
     """Worker start: die with the parent (Linux; so that not even SIGKILL of the run orphans a
-    worker), leave Ctrl-C to the parent (which ends its workers), cap BLAS threads (the
-    environment already did, unless BLAS was loaded)."""
+    worker), leave Ctrl-C to the parent (which ends its workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
@@ -168,11 +168,6 @@ def _start_worker(threads: int, parent: int) -> None:
             pass
     if os.getppid() != parent:  # the parent died before prctl took hold
         os._exit(1)
-    try:
-        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    except ImportError:
-        return
-    threadpool_limits(threads)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
