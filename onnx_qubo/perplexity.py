@@ -161,9 +161,11 @@ class _Scores:
 
 
 def stream(sessions: list[tuple[ort.InferenceSession, str, bool]], lm: LanguageModel, dataset: Dataset,
-           progress: Progress, label: str, pairs: list[tuple[int, int]]) -> tuple[_Scores, list[_Pair]]:
-    """Run every window through each (session, what, built) and sum each one's next-token NLL and,
-    for each (model, reference) in ``pairs``, the comparison measures; a few windows per run."""
+           progress: Progress, label: str, pairs: list[tuple[int, int]], scored: bool = True
+           ) -> tuple[_Scores, list[_Pair]]:
+    """Run every window through each (session, what, built) and sum (``scored``) each one's
+    next-token NLL and, for each (model, reference) in ``pairs``, the comparison measures; a few
+    windows per run."""
     scores, compared = _Scores(nll=[0.0] * len(sessions)), [_Pair() for _ in pairs]
     with progress.bar(dataset.num_samples, label) as bar:
         for batch in dataset.batches:
@@ -171,10 +173,11 @@ def stream(sessions: list[tuple[ort.InferenceSession, str, bool]], lm: LanguageM
                 ids = piece[lm.input_ids]
                 outputs = [run_session(session, [lm.logits], piece, what, dataset.origin, built)[0]
                            for session, what, built in sessions]
-                for k, logits in enumerate(outputs):
-                    total, count = next_token_nll(logits, ids)
-                    scores.nll[k] += total
-                scores.predictions += count
+                if scored:
+                    for k, logits in enumerate(outputs):
+                        total, count = next_token_nll(logits, ids)
+                        scores.nll[k] += total
+                    scores.predictions += count
                 for b, t0, t1 in _row_chunks(outputs[0]):
                     rows = [logits[b, t0:t1].astype(np.float64) for logits in outputs]
                     for (model, reference), pair in zip(pairs, compared):
@@ -223,7 +226,7 @@ def evaluate_language_model(lm: LanguageModel, float_model: onnx.ModelProto, qua
                   (make_session(plain, NONE, "the portable model", True, lean=True),
                    "the portable model (no optimization)", True)]
         _, (default_plain, basic_plain, default_basic) = stream(levels, lm, dataset, progress, "optimization levels",
-                                                                [(0, 2), (1, 2), (0, 1)])
+                                                                [(0, 2), (1, 2), (0, 1)], scored=False)
         default_vs_plain, basic_vs_plain = default_plain.relative, basic_plain.relative
         default_vs_basic, matches = default_basic.max_abs, default_basic.same_top1 == default_basic.rows
     return Evaluation(
