@@ -334,6 +334,11 @@ def _cast(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     cast = array.astype(dtype)
     if dtype.kind in "iu" and not np.array_equal(cast, array):
         raise DataError(f"{where} has values that do not fit the model's dtype {dtype}")
+    if dtype.kind == "f" and dtype.itemsize < 4 and not np.array_equal(cast, array):
+        # float64 -> float32 (numpy's default float into a float32 model) is cast; a half-precision model
+        # would see its data rounded to 11 bits, or overflowed past 65504: the user decides that
+        raise DataError(f"{where} has dtype {array.dtype} values that {dtype} cannot hold exactly (the model "
+                        f"takes {dtype}); convert the data to {dtype} yourself if that rounding is intended")
     return cast
 
 

@@ -54,7 +54,13 @@ class LmInputs:
         batch_name = (self.specs[TOKENS].dim_names or (None,))[0]
         made = dict(arrays)
         for name, spec in self.specs.items():
-            if name in arrays or spec.shape is None:
+            if name in arrays:
+                continue
+            if spec.shape is None:
+                if spec.dtype.kind == "f" and name in self.past_heads():
+                    raise DataError(f"{origin}: input '{name}' is a KV cache (an attention node reads it as its past) "
+                                    "but the model declares no shape for it, so no empty past can be made from "
+                                    f"'{TOKENS}'; declare its shape in the model or give it in the data")
                 continue
             names = spec.dim_names or (None,) * len(spec.shape)
             if name == MASK and spec.dtype.kind in "iu" and len(spec.shape) == 2:
@@ -62,11 +68,15 @@ class LmInputs:
             elif name == POSITIONS and spec.dtype.kind in "iu" and len(spec.shape) == 2:
                 made[name] = np.broadcast_to(np.arange(length, dtype=spec.dtype), (count, length)).copy()
             elif spec.dtype.kind == "f" and any(d and d.startswith(PAST_PREFIX) for d in names):
-                if self.heads is None:
-                    self.heads = _head_sizes(self.model)
-                shape = _empty_past_shape(name, spec.shape, names, batch_name, count, self.heads, origin)
+                shape = _empty_past_shape(name, spec.shape, names, batch_name, count, self.past_heads(), origin)
                 made[name] = np.zeros(shape, spec.dtype)
         return made
+
+    def past_heads(self) -> dict[str, int]:
+        """Past input name -> head size, for the inputs an attention contrib node reads as its past."""
+        if self.heads is None:
+            self.heads = _head_sizes(self.model)
+        return self.heads
 
 
 def _empty_past_shape(name: str, shape: tuple[int | None, ...], names: tuple[str | None, ...],

@@ -40,6 +40,7 @@ class LanguageModel:
     input_ids: str
     logits: str
     vocabulary: int
+    context: int | None = None  # the most positions its rotary caches cover (None: not told by the graph)
 
 
 def language_model(model: onnx.ModelProto) -> LanguageModel | None:
@@ -57,8 +58,22 @@ def language_model(model: onnx.ModelProto) -> LanguageModel | None:
         tensor = out.type.tensor_type
         if tensor.elem_type in FLOAT_TYPES and tensor.HasField("shape") and len(tensor.shape.dim) == 3 \
                 and tensor.shape.dim[2].dim_value > 1 and tensor.shape.dim[2].dim_value in rows:
-            candidates.append(LanguageModel(ids.name, out.name, tensor.shape.dim[2].dim_value))
+            candidates.append(LanguageModel(ids.name, out.name, tensor.shape.dim[2].dim_value, _context(model)))
     return next((c for c in candidates if c.logits == "logits"), candidates[0] if candidates else None)
+
+
+ROTARY_CACHES = {"GroupQueryAttention": 7, "RotaryEmbedding": 2}  # com.microsoft op -> its cos_cache input
+
+
+def _context(model: onnx.ModelProto) -> int | None:
+    """The positions a model can take: the rows of the cos caches its rotary embeddings read
+    (``com.microsoft`` GroupQueryAttention and RotaryEmbedding, [positions, rotary width / 2]); a
+    longer window would index past them (onnxruntime fails, or reads garbage)."""
+    rows = {init.name: init.dims[0] for init in model.graph.initializer if len(init.dims) == 2}
+    found = [rows[node.input[k]] for node in model.graph.node
+             if node.domain == "com.microsoft" and (k := ROTARY_CACHES.get(node.op_type, -1)) >= 0
+             and len(node.input) > k and node.input[k] in rows]
+    return min(found) if found else None
 
 
 def _table_rows(model: onnx.ModelProto, ids: str) -> set[int]:
@@ -85,11 +100,16 @@ def _table_rows(model: onnx.ModelProto, ids: str) -> set[int]:
 
 def check_tokens(lm: LanguageModel, dataset: Dataset) -> None:
     """A DataError naming the data when a token id is outside the vocabulary (negative, or not
-    below the logits' last axis): onnxruntime's Gather would fail or read past the table."""
+    below the logits' last axis: onnxruntime's Gather would fail or read past the table), or a
+    window is longer than the model's context (its rotary caches' positions)."""
     for batch in dataset.batches:
         ids = batch.get(lm.input_ids)
         if ids is None or not ids.size:
             continue
+        if lm.context is not None and ids.shape[-1] > lm.context:
+            raise DataError(f"{dataset.origin}: input '{lm.input_ids}' holds windows of {ids.shape[-1]} tokens, longer "
+                            f"than the model's context of {lm.context} positions (its rotary cos/sin caches); "
+                            f"cut the text into windows of at most {lm.context} tokens")
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= lm.vocabulary:
             bad = low if low < 0 else high

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
+from test_refusals import BadInput, assert_refused
 
 import onnx_qubo
 from onnx_qubo.cli import main
@@ -175,3 +176,41 @@ def test_a_calibration_reader_of_token_windows_gets_the_other_inputs_too():
     assert [sorted(b) for b in data.batches] == [sorted(load_dataset({"input_ids": TOKENS}, load_model(MODEL))
                                                         .batches[0])] * 2
     assert data.batches[1]["past_key_values.1.value"].shape == (2, 2, 0, 16)
+
+
+def _tiny_copy(folder: Path, windows: np.ndarray, shapeless_past: bool = False) -> list:
+    """The tiny LM's folder copied to ``folder`` with ``windows`` as its calibration data."""
+    shutil.copytree(TINY, folder, dirs_exist_ok=True)
+    np.savez(folder / "model.calib.npz", input_ids=windows)
+    if shapeless_past:
+        model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        for graph_input in model.graph.input:
+            if graph_input.name.startswith("past_key_values"):
+                graph_input.type.tensor_type.ClearField("shape")
+        (folder / "model.onnx").write_bytes(model.SerializeToString())
+    return [folder / "model.onnx", folder / "out" / "q.onnx", "--bits", "4", "--solver", "rtn"]
+
+
+def _out_folder(setup):
+    def made(folder: Path) -> list:
+        args = setup(folder)
+        (folder / "out").mkdir()
+        return args
+    return made
+
+
+BAD_INPUTS = [  # shown in docs/bad_inputs.md
+    BadInput("calibration windows longer than a language model's context",
+             _out_folder(lambda d: _tiny_copy(d, np.ones((2, 300), np.int64))),
+             "input 'input_ids' holds windows of 300 tokens, longer than the model's context of 256 positions (its "
+             "rotary cos/sin caches); cut the text into windows of at most 256 tokens"),
+    BadInput("a KV-cache input whose shape the model does not declare",
+             _out_folder(lambda d: _tiny_copy(d, TOKENS, shapeless_past=True)),
+             "input 'past_key_values.0.key' is a KV cache (an attention node reads it as its past) but the model "
+             "declares no shape for it, so no empty past can be made from 'input_ids'"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.title for c in BAD_INPUTS])
+def test_bad_language_model_input_is_refused_in_one_line_and_nothing_changes(case, tmp_path):
+    assert_refused(case, tmp_path)

@@ -150,3 +150,23 @@ def test_quantize_from_arrays_and_from_a_reader(tmp_path):
                               evaluation=OneSamplePerFeed(data), bits=4, solver="rtn", speed=False)
     assert read.calibration_samples == 24 and read.evaluation.samples == 24
     assert read.layers[0].cost_solved == pytest.approx(report.layers[0].cost_solved, rel=1e-5)
+
+
+def test_half_precision_inputs_take_wider_float_data_only_where_no_value_changes():
+    """A float16 model's data in float32: cast when every value is a float16 (zeros, 0.5), refused
+    in one line when rounding or overflow would change one; float64 into a float32 model is cast."""
+    for elem, dtype in ((TensorProto.FLOAT16, np.float16), (TensorProto.FLOAT, np.float32)):
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id",
+                                  [helper.make_tensor_value_info("x", elem, ["N", 2])],
+                                  [helper.make_tensor_value_info("y", elem, ["N", 2])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        wide = np.float32 if dtype == np.float16 else np.float64
+        exact = load_dataset({"x": np.array([[0.5, -2.0], [0.0, 1024.0]], wide)}, model).batches[0]["x"]
+        assert exact.dtype == dtype and exact.tolist() == [[0.5, -2.0], [0.0, 1024.0]]
+        for value in (0.1, 70000.0):
+            data = {"x": np.full((3, 2), value, wide)}
+            if dtype == np.float32:
+                assert load_dataset(data, model).batches[0]["x"].dtype == np.float32
+                continue
+            with pytest.raises(DataError, match="input 'x' has dtype float32 values that float16 cannot hold exactly"):
+                load_dataset(data, model)
