@@ -14,6 +14,9 @@ in another form): ``E[z d^T]`` and ``E[d d^T]`` with ``d = x - x~``.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 from typing import Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
@@ -195,17 +198,21 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
     if deployed is not None:
         streams.append(stream_inputs(expose_outputs(deployed, layers), tensors, dataset,
                                      "the partly quantized model", built=True))
-    with progress.bar(dataset.num_samples, "calibrating") as bar:
+    def update(key: str, floats: dict[str, np.ndarray], seen: dict[str, np.ndarray]) -> None:
+        layer = views[key]
+        name = layer.input_name
+        x = floats[name]
+        x_seen = seen[name] if name not in quantizers else quantizers[name].fake_quantize(seen[name])
+        if layer.cell is not None:  # its input vectors: [x_t; h_(t-1)] per direction
+            x_seen = layer.cell.gate_inputs(x_seen, seen) if mismatch else None
+            x = layer.cell.gate_inputs(x, floats)
+        sums[key].update(x, x_seen if mismatch else None)
+
+    # each view's sums on one thread at a time, in batch order: the same bits for any thread count
+    with progress.bar(dataset.num_samples, "calibrating") as bar, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for pieces in zip(*streams):
             (samples, floats), (_, seen) = pieces[0], pieces[-1]
-            for key, layer in views.items():
-                name = layer.input_name
-                x = floats[name]
-                x_seen = seen[name] if name not in quantizers else quantizers[name].fake_quantize(seen[name])
-                if layer.cell is not None:  # its input vectors: [x_t; h_(t-1)] per direction
-                    x_seen = layer.cell.gate_inputs(x_seen, seen) if mismatch else None
-                    x = layer.cell.gate_inputs(x, floats)
-                sums[key].update(x, x_seen if mismatch else None)
+            list(pool.map(update, views, repeat(floats), repeat(seen)))
             bar.update(samples)
     return {layer.statistics_key: sums[layer.source_key].statistics(layer.group) for layer in layers}
 
