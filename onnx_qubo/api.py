@@ -260,6 +260,20 @@ def _solver_name(solver: object) -> str:
     return str(solver)
 
 
+def run(model: ModelSource, output_path: str | os.PathLike, config: QuantizeConfig | None = None, *,
+        calibration: Any = None, evaluation: Any = None, report_path: str | os.PathLike | None = None,
+        speed: bool = True, progress: bool = False) -> Result:
+    """The whole job, as the CLI does it: check the outputs, ``quantize``, ``evaluate``,
+    ``measure_speed`` (``speed``) and ``save`` (the report also as JSON to ``report_path``)."""
+    config = QuantizeConfig() if config is None else config
+    target = destination(model, output_path, config, calibration=calibration, evaluation=evaluation,
+                         report_path=report_path)
+    result = evaluate(quantize(model, config, calibration, progress=progress), evaluation, progress=progress)
+    if speed:
+        result = measure_speed(result, evaluation)
+    return save(result, target)
+
+
 def _dataset(float_model: onnx.ModelProto, input_path: Path | None, source: Any, suffix: str,
              batch_size: int) -> Dataset:
     """Calibration data (``suffix`` CALIB_SUFFIX) or evaluation data from ``source``, or from

@@ -140,9 +140,9 @@ def config_option(name: str, default: object = None):
         return click.option(*flags, type=click.Choice(list(SOLVERS)), default=default, show_default=True,
                             **kind)
     if name == "layer_bits":
-        return click.option(*flags, multiple=True, callback=_layer_bits, **kind)
+        return click.option(*flags, multiple=True, default=(), callback=_layer_bits, **kind)
     if isinstance(default, tuple):
-        return click.option(*flags, multiple=True, **kind)
+        return click.option(*flags, multiple=True, default=(), **kind)
     if name in ("dump_qubo", "load_solution"):
         return click.option(*flags, type=click.Path(file_okay=False), default=None, **kind)
     scalar = {"int": int, "float": float}.get(type(default).__name__) or (
@@ -234,18 +234,13 @@ def quantize(ctx, input_model, output_model, config_path, save_config, calib, ev
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     with failures_as_exit():
         config = quantize_config(ctx, given, config_path)
-        reads = inputs_read(input_model, calib, eval_path, config.rounding.load_solution)
-        target = api.destination(input_model, output_model, config, calibration=calib, evaluation=eval_path,
-                                 report_path=report_path)
         if save_config is not None:
+            reads = inputs_read(input_model, calib, eval_path, config.rounding.load_solution)
             saved_config = writable_path(save_config, reads=reads, what="--save-config")
-            if saved_config in {target.output_path, target.report_path}:
+            if saved_config.resolve() in {Path(p).resolve() for p in (output_model, report_path) if p is not None}:
                 raise click.UsageError("--save-config names an output of the run; give it its own file")
-        result = api.quantize(input_model, config, calib, progress=not quiet)
-        result = api.evaluate(result, eval_path, progress=not quiet)
-        if speed:
-            result = api.measure_speed(result, eval_path)
-        result = api.save(result, target)
+        result = api.run(input_model, output_model, config, calibration=calib, evaluation=eval_path,
+                         report_path=report_path, speed=speed, progress=not quiet)
         if save_config is not None:
             write_atomically(saved_config, config.to_json().encode(), "--save-config")
     click.echo(result.report.to_text())

@@ -78,7 +78,8 @@ def granularity_of(kind: object, block_size: object = None) -> WeightGranularity
     if isinstance(kind, (PerChannel, PerTensor, PerBlock)):
         return kind
     chosen = parse_choice(Granularity, kind, "granularity")
-    if (chosen == Granularity.BLOCK) != (block_size not in (None, 0)):
+    blocks = chosen == Granularity.BLOCK
+    if blocks != (block_size is not None and (blocks or block_size != 0)):  # 0: no block size, as in a Scheme
         raise OptionError("{block_size} goes with {granularity} block, and {granularity} block needs it",
                           "granularity", "block_size")
     if chosen == Granularity.BLOCK:

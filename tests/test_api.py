@@ -8,6 +8,8 @@ import pytest
 import runs
 from onnx import TensorProto, helper, numpy_helper
 
+import onnx_qubo
+
 from graphs import gemm_model, matmul_model, mlp_model
 
 
@@ -176,3 +178,31 @@ def test_sequential_says_when_no_layer_feeds_another(tmp_path):
     chained = runs.quantize(mlp_model(), tmp_path / "mlp.onnx", calibration={"x": x}, sequential=True,
                                  speed=False)
     assert not any("changes nothing" in note for note in chained.notes)
+
+
+def test_quantize_returns_the_model_in_memory_and_writes_nothing(tmp_path, monkeypatch):
+    """The API on a ModelProto and a dict of arrays: no file appears, and nothing opens one for writing."""
+    monkeypatch.chdir(tmp_path)
+    real_open = open
+
+    def no_writes(file, mode="r", *args, **kwargs):
+        assert not set(mode) & set("wax+"), f"opened {file} for writing"
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", no_writes)
+    model = mlp_model()
+    x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+    config = onnx_qubo.QuantizeConfig.from_flat(bits=4, solver="rtn")
+    result = onnx_qubo.evaluate(onnx_qubo.quantize(model, config, {"x": x}), {"x": x})
+    assert isinstance(result.model, onnx.ModelProto) and result.report.output_path is None
+    assert result.report.evaluation is not None and result.report.evaluation.top1_agreement > 0.5
+    assert ort_run(result.model, {"x": x}).shape == (32, 4)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    saved = onnx_qubo.save(result, tmp_path / "q.onnx")
+    assert saved.report.output_bytes == (tmp_path / "q.onnx").stat().st_size
+    assert onnx.load(tmp_path / "q.onnx").SerializeToString() == result.model.SerializeToString()
+
+
+def test_quantize_refuses_what_is_not_a_config():
+    with pytest.raises(onnx_qubo.OptionError, match="config must be a QuantizeConfig"):
+        onnx_qubo.quantize(mlp_model(), {"bits": 2}, {"x": np.zeros((4, 8), np.float32)})

@@ -232,3 +232,26 @@ def test_scheme_flags_reach_the_graph_and_the_report(model_dir):
 def test_an_unreachable_ray_cluster_is_one_line_before_any_work(model_dir):
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--ray", "127.0.0.1:1"],
                  "--ray '127.0.0.1:1': cannot reach the Ray cluster within 5 s")
+
+
+def test_saved_config_reproduces_the_run_byte_for_byte(model_dir):
+    """Flags + --save-config, then --config alone: the same output bytes; a flag given overrides the file."""
+    flags = ["--bits", "3", "--granularity", "block", "--block-size", "4", "--asymmetric", "--solver", "neal",
+             "--neal-reads", "2", "--seed", "5", "--bias", "quantize"]
+    first = invoke(model_dir / "mlp.onnx", model_dir / "a.onnx", *flags, "--save-config", model_dir / "c.json",
+                   "--quiet", "--no-speed")
+    assert first.exit_code == 0, first.output
+    second = invoke(model_dir / "mlp.onnx", model_dir / "b.onnx", "--config", model_dir / "c.json", "--quiet",
+                    "--no-speed")
+    assert second.exit_code == 0, second.output
+    assert (model_dir / "a.onnx").read_bytes() == (model_dir / "b.onnx").read_bytes()
+    assert json.loads((model_dir / "c.json").read_text())["weights"]["granularity"] == {"block": 4}
+    third = invoke(model_dir / "mlp.onnx", model_dir / "c.onnx", "--config", model_dir / "c.json", "--bits", "2",
+                   "--quiet", "--no-speed")
+    assert third.exit_code == 0 and "bits=2" in third.output and "blocks of 4 inputs" in third.output
+
+
+def test_bad_config_file_is_refused_naming_the_key(model_dir):
+    (model_dir / "c.json").write_text('{"weights": {"bits": 12}}')
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--config", model_dir / "c.json"],
+                 "weights.bits must be between 1 and 8, got 12")
