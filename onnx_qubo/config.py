@@ -263,10 +263,10 @@ class ExecutionConfig(_Section):
     batch_size: int = _option(256, "Samples per onnxruntime run.")
 
     def __post_init__(self) -> None:
+        check_positive(self.max_memory, "max_memory", MAX_GB, "a positive number of GB")  # before the generic check
         super().__post_init__()
         check_integer(self.workers, "workers", minimum=1)
         check_integer(self.batch_size, "batch_size", minimum=1)
-        check_positive(self.max_memory, "max_memory", MAX_GB, "a positive number of GB")
 
     @property
     def max_memory_bytes(self) -> int | None:
@@ -293,8 +293,8 @@ class AutomaticConfig(_Section):
                                             "squares) is below it.")
 
     def __post_init__(self) -> None:
+        check_positive(self.size_budget, "size_budget", MAX_GB * 1e3, "a number of MB above 0")  # its own words
         super().__post_init__()
-        check_positive(self.size_budget, "size_budget", MAX_GB * 1e3, "a number of MB above 0")
 
     @property
     def enabled(self) -> bool:

@@ -197,7 +197,7 @@ BAD_INPUTS = [
     BadInput("`--report` is a `--load-solution` file", _report_over_solution,
              "is a --load-solution file this run reads"),
     BadInput("`--dump-qubo` folder holds a planted symlink", _planted_symlink, "is a symbolic link"),
-    BadInput("`--bits 9`", lambda d: [mlp_dir(d), d / "out.onnx", "--bits", "9"], "--bits", 2),
+    BadInput("`--bits 9`", lambda d: [mlp_dir(d), d / "out.onnx", "--bits", "9"], "--bits must be between 1 and 8", 1),
 ]
 
 
