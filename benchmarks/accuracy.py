@@ -50,8 +50,8 @@ def main() -> None:
                     if solver == "neal" and bits not in args.neal_bits:
                         continue
                     start = time.perf_counter()
-                    report = onnx_qubo.quantize(args.model, Path(tmp) / "q.onnx", bits=bits, scale=scale,
-                                                solver=solver)
+                    config = onnx_qubo.QuantizeConfig.from_flat(bits=bits, scale=scale, solver=solver)
+                    report = onnx_qubo.run(args.model, Path(tmp) / "q.onnx", config).report
                     elapsed = time.perf_counter() - start
                     ev = report.evaluation
                     float_accuracy = ev.float_accuracy

@@ -129,8 +129,8 @@ def build(workdir: Path, calib: np.ndarray) -> list[tuple[str, Path]]:
     onnx.save(model, paths[0][1])
     for label, kwargs in QUBO_ROWS:
         path = workdir / f"qubo_{len(paths)}.onnx"
-        onnx_qubo.quantize(paths[0][1], path, calibration={"input": calib}, evaluation={"input": calib[:2]},
-                           speed=False, **QUBO, **kwargs)
+        onnx_qubo.run(paths[0][1], path, onnx_qubo.QuantizeConfig.from_flat({**QUBO, **kwargs}),
+                      calibration={"input": calib}, evaluation={"input": calib[:2]}, speed=False)
         paths.append((label, path))
     for label, bits, block in ((NBITS_BASELINE, 4, 32), ("ORT MatMulNBitsQuantizer w2 block 128", 2, 128)):
         quantizer = MatMulNBitsQuantizer(onnx.load(paths[0][1]), algo_config=DefaultWeightOnlyQuantConfig(

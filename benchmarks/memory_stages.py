@@ -54,8 +54,8 @@ def main() -> None:
     sampler.start()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        onnx_qubo.quantize(args.model, Path(folder) / "out.onnx", bits=args.bits, calibration=args.data,
-                           evaluation=args.data, progress=False)
+        onnx_qubo.run(args.model, Path(folder) / "out.onnx", onnx_qubo.QuantizeConfig.from_flat(bits=args.bits),
+                      calibration=args.data, evaluation=args.data, progress=False)
     done.set()
     sampler.join()
     print(f"{args.model.name}, {args.bits} bits, data {args.data.name}: {time.perf_counter() - start:.0f} s, "

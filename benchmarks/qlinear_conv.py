@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_qubo import quantize
+from onnx_qubo import QuantizeConfig, run
 
 ROOT = Path(__file__).resolve().parent.parent
 OCR = Path.home() / ".cache/onnx-qubo-realmodels/rapidocr-onnxruntime-1.4.4/rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"
@@ -48,8 +48,8 @@ def bench(label: str, model_path: Path, calib: np.ndarray, evaluation: np.ndarra
     for fmt in ("qdq", "ort"):
         path = folder / f"{model_path.stem}.{fmt}.onnx"
         start = time.perf_counter()
-        report = quantize(model, path, bits=8, activations="uint8", format=fmt, solver="rtn",
-                          calibration={name: calib}, evaluation={name: evaluation}, speed=False, batch_size=16)
+        config = QuantizeConfig.from_flat(bits=8, activations="uint8", format=fmt, solver="rtn", batch_size=16)
+        report = run(model, path, config, calibration={name: calib}, evaluation={name: evaluation}, speed=False).report
         models[fmt] = onnx.load(path)
         kernels[fmt] = (collections.Counter(layer.kernel for layer in report.layers), time.perf_counter() - start)
     sessions = {key: session(m) for key, m in models.items()}

@@ -832,8 +832,8 @@ def worker(args) -> int:
             if args.batch_size:
                 kw["batch_size"] = int(args.batch_size)
             try:
-                report = onnx_qubo.quantize(str(src), str(dst), calibration=str(calib_path),
-                                            evaluation=str(calib_path), **kw)
+                report = onnx_qubo.run(str(src), str(dst), onnx_qubo.QuantizeConfig.from_flat(kw),
+                                       calibration=str(calib_path), evaluation=str(calib_path)).report
             except onnx_qubo.QuboInputError as e:
                 # the .npz form needs every input batched on axis 0 at the model's batch size: retry with
                 # a CalibrationDataReader giving one sample per feed, as the deployed model sees them
@@ -841,8 +841,8 @@ def worker(args) -> int:
                 info["via_reader"] = True
                 t0 = time.perf_counter()
                 kw["batch_size"] = 1
-                report = onnx_qubo.quantize(str(src), str(dst), calibration=NpzReader(calib, n),
-                                            evaluation=NpzReader(calib, n, 16), **kw)
+                report = onnx_qubo.run(str(src), str(dst), onnx_qubo.QuantizeConfig.from_flat(kw),
+                                       calibration=NpzReader(calib, n), evaluation=NpzReader(calib, n, 16)).report
             d = report.to_dict()
             info["qubo_report"] = {k: d[k] for k in d if k in ("layers", "skipped", "accuracy", "agreement")}
             info["qubo_text"] = report.to_text()

@@ -108,8 +108,8 @@ def one_run(folder: Path, bits: int) -> dict:
     profile = cProfile.Profile()
     start = time.perf_counter()
     profile.enable()
-    report = onnx_qubo.quantize(folder / "model.onnx", folder / f"out{bits}.onnx", bits=bits,
-                                calibration=folder / "model.calib.npz", evaluation=folder / "model.calib.npz")
+    report = onnx_qubo.run(folder / "model.onnx", folder / f"out{bits}.onnx", onnx_qubo.QuantizeConfig.from_flat(
+        bits=bits), calibration=folder / "model.calib.npz", evaluation=folder / "model.calib.npz").report
     profile.disable()
     seconds = time.perf_counter() - start
     layer = report.layers[0]

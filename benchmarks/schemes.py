@@ -53,7 +53,7 @@ class Runner:
 
     def __call__(self, **options) -> tuple[onnx_qubo.Report, float]:
         start = time.perf_counter()
-        report = onnx_qubo.quantize(self.model, self.out, **options)
+        report = onnx_qubo.run(self.model, self.out, onnx_qubo.QuantizeConfig.from_flat(options)).report
         onnx.checker.check_model(onnx.load(self.out), full_check=True)  # raises if invalid
         assert report.evaluation.default_matches_basic, options
         print(f"done: {options}", file=sys.stderr)

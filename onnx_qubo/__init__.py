@@ -1,6 +1,7 @@
 """onnx-qubo: post-training quantization of ONNX dense layers by QUBO rounding."""
 
-from .api import compare, quantize, sensitivity
+from .api import Result, compare, evaluate, measure_speed, quantize, run, save, sensitivity
+from .config import PerBlock, PerChannel, PerTensor, QuantizeConfig
 from .errors import (
                      DataError,
                      ModelError,
@@ -13,6 +14,7 @@ from .errors import (
 )
 from .report import Report
 
-__all__ = ["compare", "quantize", "sensitivity", "DataError", "ModelError", "OptionError", "OutputError", "QuboError",
+__all__ = ["compare", "evaluate", "measure_speed", "quantize", "run", "save", "sensitivity", "QuantizeConfig", "Result",
+           "PerBlock", "PerChannel", "PerTensor", "DataError", "ModelError", "OptionError", "OutputError", "QuboError",
            "QuboInputError", "Report", "RuntimeFailure", "SolverLimitError"]
 __version__ = "0.1.0"

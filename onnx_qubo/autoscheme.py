@@ -17,12 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from .config import PerBlock, PerChannel, QuantizeConfig
 from .contribution import FLOAT_BYTES, LayerSensitivity, measure
 from .errors import OptionError
-from .grid import Granularity
 from .kernels import Format
 from .lowering import rewrite
-from .options import QuantizeOptions
 from .pipeline import Calibrated, Quantized
 from .plan import make_plan
 from .progress import Progress
@@ -77,21 +76,20 @@ class Choice:
                 f"estimated output error {self.estimated_error:.3g}, weights {self.weight_bytes:,} bytes")
 
 
-def candidate_options(options: QuantizeOptions, auto_scheme: bool, promote: bool) -> list[QuantizeOptions]:
-    """The option sets solved for all layers: the schemes at ``bits``, then (``promote``) the
+def candidate_options(config: QuantizeConfig, auto_scheme: bool, promote: bool) -> list[QuantizeConfig]:
+    """The configs solved for all layers: the schemes at ``bits``, then (``promote``) the
     requested scheme at 8 bits."""
-    base = replace(options, layer_bits={}, exclude=())
+    base = config.updated(layer_bits={}, exclude=())
     schemes = [base]
     if auto_scheme:
-        schemes = [replace(base, granularity=granularity, block_size=size, symmetric=symmetric)
-                   for granularity, size in ((Granularity.CHANNEL, 0), (Granularity.BLOCK, AUTO_BLOCK))
-                   for symmetric in (True, False)]
-    if not promote or options.bits >= PROMOTED_BITS:
+        schemes = [base.updated(granularity=granularity, symmetric=symmetric)
+                   for granularity in (PerChannel(), PerBlock(AUTO_BLOCK)) for symmetric in (True, False)]
+    if not promote or config.weights.bits >= PROMOTED_BITS:
         return schemes
-    return schemes + [replace(base, bits=PROMOTED_BITS)]
+    return schemes + [base.updated(bits=PROMOTED_BITS)]
 
 
-def choose(calibrated: Calibrated, options: QuantizeOptions, reference: Reference, progress: Progress, *,
+def choose(calibrated: Calibrated, options: QuantizeConfig, reference: Reference, progress: Progress, *,
            auto_scheme: bool, size_budget: int | None, max_error: float | None, base_bytes: int) -> Choice:
     """Measure every candidate of every layer and choose (``size_budget``: bytes of the whole
     model, ``base_bytes`` being what is not a quantizable weight)."""
@@ -148,22 +146,24 @@ def _choice(chosen: list[Candidate], candidates: list[list[Candidate]], base_byt
     return Choice(chosen, candidates, _estimate(chosen), sum(c.bytes for c in chosen))
 
 
-def quantize_auto(calibrated: Calibrated, options: QuantizeOptions, progress: Progress, *,
+def quantize_auto(calibrated: Calibrated, options: QuantizeConfig, progress: Progress, *,
                   input_bytes: int) -> Quantized:
     """``pipeline.quantize_model`` with the per-layer choices made here, measured on the
     calibration data (the evaluation data stays out of the choice)."""
     reference = reference_scores(calibrated.model, calibrated.dataset, progress)
     layer_floats = sum(layer.weight.size for layer in calibrated.layers) * FLOAT_BYTES
-    budget = None if options.size_budget is None else int(options.size_budget * 1e6)
-    chosen = choose(calibrated, options, reference, progress, auto_scheme=options.auto_scheme, size_budget=budget,
-                    max_error=options.max_error, base_bytes=max(input_bytes - layer_floats, 0))
+    automatic = options.automatic
+    budget = None if automatic.size_budget is None else int(automatic.size_budget * 1e6)
+    chosen = choose(calibrated, options, reference, progress, auto_scheme=automatic.auto_scheme, size_budget=budget,
+                    max_error=automatic.max_error, base_bytes=max(input_bytes - layer_floats, 0))
     if not chosen.quantized:  # nothing left to quantize: say which request led there
         least = min(c.error for cands in chosen.candidates for c in cands if c.quantized is not None)
         raise OptionError("every layer would stay float: {size_budget} fits the float model, or {max_error} is "
                           f"below what any quantized layer gives alone (least: {least:.3g})",
                           "size_budget", "max_error")
-    written = rewrite(calibrated.model, chosen.quantized, options.format, options.ort_accuracy_level)
-    portable = written.model if options.format == Format.QDQ else rewrite(calibrated.model, chosen.quantized).model
+    output = options.output
+    written = rewrite(calibrated.model, chosen.quantized, output.format, output.ort_accuracy_level)
+    portable = written.model if output.format == Format.QDQ else rewrite(calibrated.model, chosen.quantized).model
     reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback) for r, k in zip(chosen.reports, written.kernels)]
     skipped = calibrated.skipped + [SkippedNode(name, "", "kept float by the automatic choice")
                                     for name in chosen.kept_float]

@@ -12,23 +12,25 @@ import sys
 import threading
 from enum import Enum
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import click
 
 from . import api
-from .activations import PERCENTILE
+from .choice import Choice
+from .config import OPTIONS, PerBlock, QuantizeConfig, granularity_of
 from .discovery import find_dense_layers
 from .errors import Interrupted, NamesOptions, QuboError
 from .files import inputs_read, load_model, writable_path, write_atomically
-from .grid import MAX_BITS, MIN_BITS
-from .kernels import Format
-from .options import Activations, BiasMode, Granularity, RangeMethod, ScaleMethod
+from .grid import Granularity
+from .options import ScaleMethod
 from .pipeline import prepare
-from .solvers import SOLVERS, NealSolver
+from .solvers import SOLVERS
 
-FLAGS = {"calibration": "--calib", "evaluation": "--eval", "report_path": "--report",  # API name -> flag,
-         "symmetric": "--symmetric/--asymmetric", "ray_address": "--ray", "lower_bound": "--bound"}  # where not --name
+FLAGS = {"calibration": "--calib", "evaluation": "--eval", "report_path": "--report", "block_size": "--block-size",
+         **{name: option.flag for name, option in OPTIONS.items()}}  # API name -> flag
+METAVARS = {"exclude": "LAYER", "layer_bits": "LAYER=BITS", "ray_address": "ADDRESS", "max_memory": "GB",
+            "size_budget": "MB"}
 
 
 def flag(option: str) -> str:
@@ -117,39 +119,76 @@ def _layer_bits(ctx, param, values: tuple[str, ...]) -> dict[str, int]:
     return parsed
 
 
-def scheme_options(command):
-    """The quantization-scheme flags, shared by ``quantize`` and ``compare``."""
-    for option in reversed([
-        click.option("--granularity", type=choices(Granularity), default="channel", show_default=True,
-                     help="Weights sharing one scale: each output channel, the whole tensor, or blocks of "
-                          "--block-size inputs within a channel (DequantizeLinear block_size, opset 21)."),
-        click.option("--block-size", type=click.IntRange(min=1), default=None,
-                     help="Inputs per scale block (with --granularity block; e.g. 32)."),
-        click.option("--symmetric/--asymmetric", default=True, show_default=True,
-                     help="Signed grid with zero point 0 (INT2/INT4/INT8), or unsigned grid with an integer "
-                          "zero point per scale (UINT2/UINT4/UINT8)."),
-        click.option("--bias", "bias_mode", type=choices(BiasMode), default="float", show_default=True,
-                     help="float: keep it; quantize: a variable of each neuron's QUBO at the weights' bit width "
-                          "(the paper); int32: input scale x weight scale (needs --activations)."),
-        click.option("--activations", type=choices(Activations), default="none", show_default=True,
-                     help="Quantize each layer's input per tensor (QuantizeLinear/DequantizeLinear); the QUBO "
-                          "then sees the quantized inputs."),
-        click.option("--activation-range", type=choices(RangeMethod), default="minmax", show_default=True,
-                     help=f"Input ranges: observed min/max, or the {PERCENTILE}% percentile at both ends."),
-        click.option("--sequential", is_flag=True,
-                     help="Calibrate each layer on the outputs of the already quantized earlier layers "
-                          "(target: the float model's outputs)."),
-    ]):
-        command = option(command)
-    return command
+def config_option(name: str, default: object = None):
+    """The click option of config option ``name`` (config.OPTIONS): its flag, type, choices, help;
+    ``default`` (if given) replaces the config's default (the studies' own)."""
+    option = OPTIONS[name]
+    default = option.default if default is None else default
+    kind: dict[str, Any] = {"help": option.help, "metavar": METAVARS.get(name)}
+    flags = (option.flag, name)
+    if name == "granularity":
+        return click.option(*flags, type=choices(Granularity), default=Granularity.CHANNEL.value,
+                            show_default=True, **kind)
+    if isinstance(default, bool):
+        if "/" in option.flag:
+            return click.option(*flags, default=default, show_default=True, **kind)
+        return click.option(*flags, is_flag=True, default=default, **kind)
+    if isinstance(default, Choice):
+        return click.option(*flags, type=choices(type(default)), default=default.value, show_default=True,
+                            **kind)
+    if name == "solver":
+        return click.option(*flags, type=click.Choice(list(SOLVERS)), default=default, show_default=True,
+                            **kind)
+    if name == "layer_bits":
+        return click.option(*flags, multiple=True, default=(), callback=_layer_bits, **kind)
+    if isinstance(default, tuple):
+        return click.option(*flags, multiple=True, default=(), **kind)
+    if name in ("dump_qubo", "load_solution"):
+        return click.option(*flags, type=click.Path(file_okay=False), default=None, **kind)
+    scalar = {"int": int, "float": float}.get(type(default).__name__) or (
+        float if name in ("max_memory", "size_budget", "max_error") else int if name.startswith("neal") else str)
+    return click.option(*flags, type=scalar, default=default, show_default=default is not None, **kind)
 
 
-def _scheme(granularity, block_size, symmetric, bias_mode, activations, activation_range, sequential) -> dict:
-    """The scheme flags as keyword arguments of the API."""
-    if (granularity == "block") != (block_size is not None):
-        raise click.UsageError("--block-size goes with --granularity block, and --granularity block needs it")
-    return dict(granularity=granularity, block_size=block_size or 0, symmetric=symmetric, bias=bias_mode,
-                activations=activations, activation_range=activation_range, sequential=sequential)
+def block_size_option(command):
+    return click.option("--block-size", "block_size", type=int, default=None,
+                        help="Inputs per scale block (with --granularity block; e.g. 32).")(command)
+
+
+def config_options(names: list[str], **defaults: object):
+    """The flags of config options ``names`` (with ``--block-size`` after ``--granularity``)."""
+    def decorate(command):
+        for name in reversed(names):
+            if name == "granularity":
+                command = block_size_option(command)
+            command = config_option(name, defaults.get(name))(command)
+        return command
+    return decorate
+
+
+SCHEME = ["granularity", "symmetric", "bias", "activations", "activation_range", "sequential"]
+
+
+def quantize_config(ctx: click.Context, given: dict, config_path: str | None) -> QuantizeConfig:
+    """The config of a quantize command: ``--config FILE`` (or the defaults), with the flags given
+    on the command line over it."""
+    base = QuantizeConfig() if config_path is None else QuantizeConfig.load(config_path)
+    flat = base.flat()
+    on_command_line = {name for name in [*OPTIONS, "block_size"]
+                       if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    flat.update({name: given[name] for name in on_command_line & set(OPTIONS) - {"granularity"}})
+    if on_command_line & {"granularity", "block_size"}:
+        current = base.weights.granularity
+        kind = given["granularity"] if "granularity" in on_command_line else current.kind.value
+        size = given["block_size"] if "block_size" in on_command_line else (
+            current.size if isinstance(current, PerBlock) and kind == "block" else None)
+        flat["granularity"] = granularity_of(kind, size)
+    return QuantizeConfig.from_flat(flat)
+
+
+def _scheme(given: dict) -> dict:
+    """The scheme flags as keyword arguments of the studies (compare, sensitivity)."""
+    return {name: given[name] for name in [*SCHEME, "block_size"] if name in given}
 
 
 @click.group(cls=_DefaultToQuantize, context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,98 +203,47 @@ def main():
     """
 
 
+QUANTIZE = ["bits", "scale", *SCHEME, "solver", "neal_reads", "neal_sweeps", "seed", "batch_size", "dump_qubo",
+            "load_solution", "exclude", "layer_bits", "bias_correction", "format", "ort_accuracy_level", "embeddings",
+            "lower_bound", "workers", "ray_address", "external_data", "max_memory", "auto_scheme", "size_budget",
+            "max_error"]  # every config option, in --help order
+
+
 @main.command()
 @click.argument("input_model", type=click.Path())
 @click.argument("output_model", type=click.Path())
-@click.option("--bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=2, show_default=True,
-              help="Weight bit width (INT2/UINT2 storage for 1-2, INT4/UINT4 for 3-4, INT8/UINT8 for 5-8).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Options from this JSON file (as --save-config writes it); flags given here override it.")
+@click.option("--save-config", type=click.Path(dir_okay=False), default=None,
+              help="Also write the options of this run as JSON here (for --config).")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
               help="Calibration .npz keyed by input name [default: <model stem>.calib.npz beside it].")
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), default=None,
               help="Evaluation .npz (inputs + optional 'labels') [default: <model stem>.eval.npz "
                    "beside it, else the calibration data].")
-@click.option("--scale", type=choices(ScaleMethod), default="mse", show_default=True,
-              help="mse: clipping ratio per scale group searched on the QUBO cost of round-to-nearest; "
-                   "qubo: the best few of those re-ranked by the cost after the fast solver; "
-                   "minmax: the full range.")
-@scheme_options
-@click.option("--solver", type=click.Choice(list(SOLVERS)), default="fast", show_default=True,
-              help="fast: batched engine on the shared Gram; neal: dwave-neal per neuron (the "
-                   "paper); rtn: round to nearest; exact: brute force (tests, tiny layers).")
-@click.option("--neal-reads", type=click.IntRange(min=1), default=None, help="neal num_reads [neal's default].")
-@click.option("--neal-sweeps", type=click.IntRange(min=1), default=None, help="neal num_sweeps [neal's default].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the stochastic solvers.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Samples per onnxruntime run.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report as JSON here.")
-@click.option("--dump-qubo", type=click.Path(file_okay=False), default=None,
-              help="Write each layer's QUBOs (npz, format in onnx_qubo/exchange.py) to this directory.")
-@click.option("--load-solution", type=click.Path(file_okay=False), default=None,
-              help="Use the roundings <layer>.solution.npy in this --dump-qubo directory instead of solving.")
-@click.option("--exclude", multiple=True, metavar="LAYER",
-              help="Leave this layer in float (repeatable; names as `onnx-qubo inspect` lists them).")
-@click.option("--layer-bits", multiple=True, metavar="LAYER=BITS", callback=_layer_bits,
-              help="Bit width for one layer, overriding --bits (repeatable): mixed precision.")
-@click.option("--bias-correction", is_flag=True,
-              help="Add to each layer's output the mean error its rounding leaves (folded into its bias; "
-                   "an Add after it where the bias cannot take it).")
-@click.option("--format", "output_format", type=choices(Format), default="qdq", show_default=True,
-              help="qdq: standard ONNX (integers -> DequantizeLinear), runs anywhere; ort: onnxruntime's fast CPU "
-                   "kernels from the same codes (MatMulNBits, MatMulIntegerToFloat; QLinearConv with --activations).")
-@click.option("--ort-accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
-              help="With --format ort, weight-only: 4 lets MatMulNBits quantize activations to int8 inside the kernel "
-                   "(faster; the report states the output error it costs).")
-@click.option("--embeddings", is_flag=True,
-              help="Also quantize embedding tables (constant tables Gather reads rows of) at --bits, a scale per row "
-                   "(or per --block-size block) by least squared error; with --format ort as GatherBlockQuantized.")
-@click.option("--bound", is_flag=True,
-              help="Certify a lower bound on each layer's optimal cost (the report's bound and gap columns).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Solve each layer's rows on N local processes (1: this process, whose solver already uses "
-                   "every core through threads). Same bits for any N.")
-@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
-              help="Solve on a Ray cluster at ADDRESS ('local' starts one here; pip install 'onnx-qubo[ray]').")
-@click.option("--external-data", is_flag=True,
-              help="Write the tensors to OUTPUT.data beside the model (always done over protobuf's 2 GB limit).")
-@click.option("--max-memory", type=float, default=None, metavar="GB",
-              help="Memory the run may hold (default: 60% of this machine's): the model's weights, one calibration "
-                   "pass's layer statistics and one layer's solve. Statistics that do not fit are gathered in "
-                   "several passes over the data.")
-@click.option("--auto-scheme", is_flag=True,
-              help="Per layer, the scheme with the least model-output error alone: per channel or blocks of 32, "
-                   "symmetric or asymmetric (each solved once; see `onnx-qubo sensitivity`).")
-@click.option("--size-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MB",
-              help="Model size to fit: the layers that damage the output most per byte stay at 8 bits or float "
-                   "while it fits (measured alone on the calibration data).")
-@click.option("--max-error", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Relative output error to reach: the most damaging layers per byte go to 8 bits or float "
-                   "until the estimate (per-layer errors added in squares) is below it.")
+@config_options(QUANTIZE)
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Time the float and the quantized model (batch 1 and one evaluation batch) for the report.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
-def quantize(input_model, output_model, bits, calib, eval_path, scale, granularity, block_size, symmetric,
-             bias_mode, activations, activation_range, sequential, solver, neal_reads, neal_sweeps, seed,
-             batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, output_format,
-             ort_accuracy_level, embeddings, bound, workers, ray_address, external_data, max_memory, auto_scheme,
-             size_budget, max_error, speed, quiet):
+@click.pass_context
+def quantize(ctx, input_model, output_model, config_path, save_config, calib, eval_path, report_path, speed, quiet,
+             **given):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
-    if solver != "neal" and (neal_reads or neal_sweeps):
-        raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
-    scheme = _scheme(granularity, block_size, symmetric, bias_mode, activations, activation_range, sequential)
-    chosen = NealSolver(neal_reads, neal_sweeps) if solver == "neal" else SOLVERS[solver]()
     with failures_as_exit():
-        report = api.quantize(input_model, output_model, bits=bits, calibration=calib,
-                              evaluation=eval_path, scale=scale, solver=chosen, seed=seed,
-                              batch_size=batch_size, report_path=report_path, dump_qubo=dump_qubo,
-                              load_solution=load_solution, exclude=exclude, layer_bits=layer_bits,
-                              bias_correction=bias_correction, format=output_format,
-                              ort_accuracy_level=ort_accuracy_level, lower_bound=bound, workers=workers,
-                              ray_address=ray_address, external_data=external_data, max_memory=max_memory,
-                              speed=speed, progress=not quiet, embeddings=embeddings, auto_scheme=auto_scheme,
-                              size_budget=size_budget, max_error=max_error, **scheme)
-    click.echo(report.to_text())
+        config = quantize_config(ctx, given, config_path)
+        if save_config is not None:
+            reads = inputs_read(input_model, calib, eval_path, config.rounding.load_solution)
+            saved_config = writable_path(save_config, reads=reads, what="--save-config")
+            if saved_config.resolve() in {Path(p).resolve() for p in (output_model, report_path) if p is not None}:
+                raise click.UsageError("--save-config names an output of the run; give it its own file")
+        result = api.run(input_model, output_model, config, calibration=calib, evaluation=eval_path,
+                         report_path=report_path, speed=speed, progress=not quiet)
+        if save_config is not None:
+            write_atomically(saved_config, config.to_json().encode(), "--save-config")
+    click.echo(result.report.to_text())
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -290,7 +278,7 @@ def _name_list(choices):
               help="Scale methods, comma-separated.")
 @click.option("--solvers", default="rtn,fast", show_default=True, callback=_name_list(list(SOLVERS)),
               help="Solvers, comma-separated (rtn is round-to-nearest).")
-@scheme_options
+@config_options(SCHEME)
 @click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
               help="Cost-accuracy study: random roundings around the solution per bit width.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
@@ -302,11 +290,10 @@ def _name_list(choices):
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
-def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, block_size, symmetric, bias_mode,
-            activations, activation_range, sequential, samples, json_path, markdown_path, plots_dir, seed,
-            batch_size, quiet):
+def compare(model, calib, eval_path, bits_list, scales, solvers, samples, json_path, markdown_path, plots_dir, seed,
+            batch_size, quiet, **given):
     """Quantize MODEL at several bit widths, scales and solvers (one scheme); print a comparison table."""
-    scheme = _scheme(granularity, block_size, symmetric, bias_mode, activations, activation_range, sequential)
+    scheme = _scheme(given)
     with failures_as_exit():
         for name, path in (("--json", json_path), ("--markdown", markdown_path)):
             if path is not None:
@@ -339,24 +326,18 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, granularity, bl
               help="Calibration .npz [default: <model stem>.calib.npz beside it].")
 @click.option("--eval", "eval_path", type=click.Path(dir_okay=False), default=None,
               help="Held-out .npz the output error is measured on [default: <model stem>.eval.npz, else calibration].")
-@click.option("--bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=4, show_default=True)
-@click.option("--scale", type=choices(ScaleMethod), default="mse", show_default=True)
-@scheme_options
-@click.option("--solver", type=click.Choice(list(SOLVERS)), default="fast", show_default=True)
-@click.option("--exclude", multiple=True, metavar="LAYER", help="Leave this layer out (repeatable).")
+@config_options(["bits", "scale", *SCHEME, "solver", "exclude"], bits=4)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
-def sensitivity(model, calib, eval_path, bits, scale, granularity, block_size, symmetric, bias_mode, activations,
-                activation_range, sequential, solver, exclude, json_path, seed, batch_size, quiet):
+def sensitivity(model, calib, eval_path, bits, scale, solver, exclude, json_path, seed, batch_size, quiet, **given):
     """Each layer's contribution: MODEL's output error with only that layer quantized (one onnxruntime run
     of the evaluation data per layer), largest first; for --exclude / --layer-bits, or see --size-budget."""
-    if sequential:
+    if given.pop("sequential"):
         raise click.UsageError("--sequential does not apply: each layer is measured alone on the float model")
-    scheme = _scheme(granularity, block_size, symmetric, bias_mode, activations, activation_range, False)
-    scheme.pop("sequential")
+    scheme = _scheme(given)
     with failures_as_exit():
         if json_path is not None:
             writable_path(json_path, reads=inputs_read(model, calib, eval_path), what="--json")

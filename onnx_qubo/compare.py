@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
+from .config import QuantizeConfig
 from .groups import merge_groups
 from .layer import SolvedLayer
 from .lowering import rewrite
-from .options import QuantizeOptions, ScaleMethod
+from .options import ScaleMethod
 from .pipeline import Calibrated, solve_layers
 from .plan import make_plan
 from .progress import Progress
-from .solvers import Solver
 from .verify import Reference, evaluate
 
 FLIP_RATES = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5)  # cycled over samples
@@ -93,8 +93,8 @@ class Comparison:
 
 
 def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], scales: list[ScaleMethod],
-            solvers: list[Solver], samples: int, seed: int, progress: Progress,
-            model_name: str, scheme: QuantizeOptions) -> Comparison:
+            solvers: list[str], samples: int, seed: int, progress: Progress,
+            model_name: str, scheme: QuantizeConfig) -> Comparison:
     """Every configuration quantized from the same calibration and scored against the same
     float reference; ``samples`` random roundings per bit width around its best QUBO solution.
     ``scheme``: granularity, zero points, bias, activations, sequential (its bits, scale and
@@ -116,14 +116,14 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
         for scale in scales:
             for solver in solvers:
                 start = time.perf_counter()
-                options = replace(scheme, bits=bits, scale=scale, solver=solver, seed=seed, lower_bound=False)
+                options = scheme.updated(bits=bits, scale=scale, solver=solver, seed=seed, lower_bound=False)
                 solved = list(solve_layers(calibrated, make_plan(options, calibrated.layers), progress))
                 model = rewrite(calibrated.model, merge_groups([s.quantized() for s in solved])).model
                 accuracy = score(model)
                 cost = sum(s.report.cost_solved for s in solved)
-                result.rows.append(Row(bits, str(scale), solver.name, accuracy, float_accuracy - accuracy, cost,
+                result.rows.append(Row(bits, str(scale), solver, accuracy, float_accuracy - accuracy, cost,
                                        model.ByteSize(), time.perf_counter() - start))
-                if solver.name != "rtn" and cost < best_cost:
+                if solver != "rtn" and cost < best_cost:
                     best, best_cost = solved, cost
         if samples and best is not None:
             result.samples += _cost_accuracy_samples(calibrated.model, best, bits, samples, seed, score)

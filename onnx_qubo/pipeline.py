@@ -22,6 +22,7 @@ import onnx
 from . import discovery, exchange, external, memory
 from .activations import input_quantizers
 from .calibration import LayerStatistics, collect_statistics
+from .config import QuantizeConfig
 from .data import Dataset
 from .errors import ModelError, OptionError
 from .forms.gather import find_tables, quantize_table
@@ -30,7 +31,7 @@ from .groups import merge_groups, merge_reports, split_groups
 from .kernels import Format, needs_output_range
 from .layer import SolvedLayer, prepare_layer
 from .lowering import rewrite, run_passes
-from .options import Activations, QuantizeOptions, RangeMethod
+from .options import Activations, RangeMethod
 from .passes import FoldConstantWeights, PrepareSubgraphs
 from .plan import Plan, make_plan
 from .progress import Progress
@@ -73,12 +74,12 @@ class Quantized:
     notes: list[str]
 
 
-def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: QuantizeOptions,
+def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: QuantizeConfig,
                    progress: Progress) -> Quantized:
     """Quantize every dense layer of ``model`` but the excluded ones."""
-    calibrated = calibrate(model, calibration, progress, options.exclude, options.activations,
-                           options.activation_range, options.max_memory, options.format)
-    plan = make_plan(options, calibrated.layers)
+    calibrated = calibrate(model, calibration, progress, config.automatic.exclude, config.activations.dtype,
+                           config.activations.range, config.execution.max_memory_bytes, config.output.format)
+    plan = make_plan(config, calibrated.layers)
     integers, reports = [], []
     for solved in solve_layers(calibrated, plan, progress):  # keeps each layer's integers, frees its QUBO
         integers.append(solved.quantized())
@@ -88,9 +89,9 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
     integers = [replace(q, output_quantizer=calibrated.output_quantizers.get(q.layer.output_name or ""))
                 for q in integers]
     tables, skipped = [], calibrated.skipped
-    if options.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
+    if config.output.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
         found, table_skips = find_tables(model)
-        tables = [quantize_table(table, options.scheme(options.bits)) for table in found]
+        tables = [quantize_table(table, config.weights.scheme()) for table in found]
         reports, skipped = reports + [table.report() for table in tables], skipped + table_skips
     written = rewrite(model, integers, plan.format, plan.accuracy_level, tables)
     portable = written.model if plan.format == Format.QDQ else rewrite(model, integers, tables=tables).model
@@ -100,7 +101,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, options: Quanti
         notes = [*notes, "QLinearConv also rounds each such Conv's output to 8 bits (range calibrated on the float "
                          "model): the layer costs above leave that rounding out, and the comparison with the "
                          "DequantizeLinear model includes it"]
-    if options.embeddings and not tables:
+    if config.output.embeddings and not tables:
         notes = [*notes, "embeddings: no Gather reads rows of a constant float table that only it reads"]
     if plan.sequential and not any(discovery.fed_by_earlier(model, calibrated.layers)):
         notes = [*notes, "sequential calibration changes nothing here: no quantized layer feeds another, so each "

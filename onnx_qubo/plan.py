@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import exchange
+from .config import QuantizeConfig
 from .errors import OptionError
 from .grid import Scheme
 from .kernels import Format
-from .options import Activations, BiasMode, QuantizeOptions, RangeMethod, ScaleMethod
+from .options import Activations, BiasMode, RangeMethod, ScaleMethod
 from .solvers import Solver
 from .types import DenseLayer
 
@@ -58,19 +59,26 @@ class Plan:
     accuracy_level: int
 
 
-def make_plan(options: QuantizeOptions, layers: list[DenseLayer]) -> Plan:
-    """Resolve ``options`` for each of ``layers`` (graph order)."""
-    unknown = set(options.layer_bits) - {layer.parent or layer.name for layer in layers}
+def make_plan(config: QuantizeConfig, layers: list[DenseLayer]) -> Plan:
+    """Resolve ``config`` for each of ``layers`` (graph order)."""
+    layer_bits, rounding = config.automatic.layer_bits, config.rounding
+    unknown = set(layer_bits) - {layer.parent or layer.name for layer in layers}
     if unknown:
         raise OptionError(f"{{layer_bits}} names no quantized dense layer: {', '.join(sorted(unknown))} "
                           "(onnx-qubo inspect lists the layers)", "layer_bits")
     stems = exchange.file_stems([layer.name for layer in layers])
+    solver = rounding.make_solver()
     planned = [
-        LayerPlan(layer=layer, scheme=options.scheme(options.layer_bits.get(layer.parent or layer.name, options.bits)),
-                  scale=options.scale, bias=options.bias if layer.bias is not None else BiasMode.FLOAT,
-                  bias_correction=options.bias_correction, lower_bound=options.lower_bound,
-                  solver=options.solver, seed=options.seed, stem=stem, workers=options.workers,
-                  ray_address=options.ray_address)
+        LayerPlan(layer=layer, scheme=config.weights.scheme(layer_bits.get(layer.parent or layer.name)),
+                  scale=rounding.scale, bias=rounding.bias if layer.bias is not None else BiasMode.FLOAT,
+                  bias_correction=rounding.bias_correction, lower_bound=rounding.lower_bound,
+                  solver=solver, seed=rounding.seed, stem=stem, workers=config.execution.workers,
+                  ray_address=config.execution.ray_address)
         for layer, stem in zip(layers, stems)]
-    return Plan(planned, options.activations, options.activation_range, options.sequential,
-                options.dump_dir, options.solution_dir, options.describe(), options.format, options.ort_accuracy_level)
+    return Plan(planned, config.activations.dtype, config.activations.range, rounding.sequential,
+                _path(rounding.dump_qubo), _path(rounding.load_solution), config.describe(), config.output.format,
+                config.output.ort_accuracy_level)
+
+
+def _path(text: str | None) -> Path | None:
+    return None if text is None else Path(text)

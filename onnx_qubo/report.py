@@ -77,8 +77,11 @@ class Speed:
 
 @dataclass(frozen=True)
 class Report:
+    """A run: what ``quantize`` did; ``evaluate``, ``measure_speed`` and ``save`` (api.py) fill in
+    ``evaluation``, ``speed`` and the output (None until then)."""
+
     input_path: str | None
-    output_path: str
+    output_path: str | None
     bits: int
     scale: str
     solver: str
@@ -86,9 +89,9 @@ class Report:
     calibration_samples: int
     layers: list[LayerReport]
     skipped: list[SkippedNode]
-    evaluation: Evaluation
+    evaluation: Evaluation | None
     input_bytes: int
-    output_bytes: int
+    output_bytes: int | None
     seconds: float
     scheme: str = ""  # granularity, zero points, bias, activations in words
     notes: list[str] = field(default_factory=list)
@@ -103,7 +106,7 @@ class Report:
     def to_text(self) -> str:
         wide = max([28] + [len(layer.name) + 2 for layer in self.layers])  # e.g. If/then_branch/... names
         lines = [
-            f"{self.input_path or 'model'} -> {self.output_path}",
+            f"{self.input_path or 'model'} -> {self.output_path or 'model (not saved)'}",
             f"bits={self.bits} scale={self.scale} solver={self.solver}, calibrated on "
             f"{self.calibration_samples} samples ({self.calibration})",
             *([self.scheme] if self.scheme else []),
@@ -128,31 +131,8 @@ class Report:
                          f"-> {sum(corrected):.4g}")
         for node in self.skipped:
             lines.append(f"skipped {node.op_type} '{node.name}': {node.reason}")
-        ev = self.evaluation
-        lines.append("")
-        if ev.float_accuracy is not None and ev.quantized_accuracy is not None:
-            lines.append(f"accuracy on {ev.samples} samples ({ev.data}, output '{ev.output}'): "
-                         f"float {ev.float_accuracy:.2%}, quantized {ev.quantized_accuracy:.2%} "
-                         f"({(ev.quantized_accuracy - ev.float_accuracy) * 100:+.2f} points)")
-        if ev.float_perplexity is not None and ev.quantized_perplexity is not None:
-            increase = ev.quantized_perplexity - ev.float_perplexity
-            lines.append(f"perplexity on {ev.predictions:,} next tokens of {ev.samples} windows ({ev.data}, output "
-                         f"'{ev.output}'): float {ev.float_perplexity:.4g}, quantized {ev.quantized_perplexity:.4g} "
-                         f"({increase:+.4g}, {increase / ev.float_perplexity:+.2%})")
-            lines.append(f"per token: top-1 agreement with float {ev.top1_agreement:.2%}; relative output error "
-                         f"{ev.relative_output_error:.3g}; mean cosine {ev.mean_cosine:.4f}")
-        elif ev.decision_flips is None:
-            lines.append(f"top-1 agreement with float: {ev.top1_agreement:.2%}; relative output error "
-                         f"{ev.relative_output_error:.3g}; mean cosine {ev.mean_cosine:.4f}")
-        else:  # one score per row: top-1 agreement is always 100%
-            lines.append(f"one score per row: decisions at 0.5 flipped on {ev.decision_flips:.2%} of rows; largest "
-                         f"change {ev.max_abs_error:.3g}; relative output error {ev.relative_output_error:.3g}")
-        check = "same predictions" if ev.default_matches_basic else "DIFFERENT predictions"
-        lines.append(f"onnxruntime default vs basic optimization: {check} "
-                     f"(max |diff| {ev.default_vs_basic_max_diff:.3g})")
-        lines.append(f"against the DequantizeLinear model with optimizations disabled (no graph rewrites, no fused "
-                     f"kernels): default level {ev.default_vs_unoptimized:.2g}, basic level "
-                     f"{ev.basic_vs_unoptimized:.2g} (relative output difference)")
+        if self.evaluation is not None:
+            lines += ["", *_evaluation_lines(self.evaluation)]
         if self.speed is not None:
             s = self.speed
             how = "default level" + (", one model after the other, no memory arena" if s.lean else "")
@@ -160,10 +140,40 @@ class Report:
                          f"{s.quantized_single:.3g} ({s.quantized_single / s.float_single:.2f}x); batch "
                          f"{s.batch_size} float {s.float_batch:.3g}, quantized {s.quantized_batch:.3g} "
                          f"({s.quantized_batch / s.float_batch:.2f}x)")
-        lines.append(f"size: {self.input_bytes:,} -> {self.output_bytes:,} bytes "
-                     f"({self.output_bytes / self.input_bytes:.1%}); {self.seconds:.1f} s in all")
+        if self.output_bytes is not None:
+            lines.append(f"size: {self.input_bytes:,} -> {self.output_bytes:,} bytes "
+                         f"({self.output_bytes / self.input_bytes:.1%}); {self.seconds:.1f} s in all")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def _evaluation_lines(ev: Evaluation) -> list[str]:
+    """The evaluation in words."""
+    lines: list[str] = []
+    if ev.float_accuracy is not None and ev.quantized_accuracy is not None:
+        lines.append(f"accuracy on {ev.samples} samples ({ev.data}, output '{ev.output}'): "
+                     f"float {ev.float_accuracy:.2%}, quantized {ev.quantized_accuracy:.2%} "
+                     f"({(ev.quantized_accuracy - ev.float_accuracy) * 100:+.2f} points)")
+    if ev.float_perplexity is not None and ev.quantized_perplexity is not None:
+        increase = ev.quantized_perplexity - ev.float_perplexity
+        lines.append(f"perplexity on {ev.predictions:,} next tokens of {ev.samples} windows ({ev.data}, output "
+                     f"'{ev.output}'): float {ev.float_perplexity:.4g}, quantized {ev.quantized_perplexity:.4g} "
+                     f"({increase:+.4g}, {increase / ev.float_perplexity:+.2%})")
+        lines.append(f"per token: top-1 agreement with float {ev.top1_agreement:.2%}; relative output error "
+                     f"{ev.relative_output_error:.3g}; mean cosine {ev.mean_cosine:.4f}")
+    elif ev.decision_flips is None:
+        lines.append(f"top-1 agreement with float: {ev.top1_agreement:.2%}; relative output error "
+                     f"{ev.relative_output_error:.3g}; mean cosine {ev.mean_cosine:.4f}")
+    else:  # one score per row: top-1 agreement is always 100%
+        lines.append(f"one score per row: decisions at 0.5 flipped on {ev.decision_flips:.2%} of rows; largest "
+                     f"change {ev.max_abs_error:.3g}; relative output error {ev.relative_output_error:.3g}")
+    check = "same predictions" if ev.default_matches_basic else "DIFFERENT predictions"
+    lines.append(f"onnxruntime default vs basic optimization: {check} "
+                 f"(max |diff| {ev.default_vs_basic_max_diff:.3g})")
+    lines.append(f"against the DequantizeLinear model with optimizations disabled (no graph rewrites, no fused "
+                 f"kernels): default level {ev.default_vs_unoptimized:.2g}, basic level "
+                 f"{ev.basic_vs_unoptimized:.2g} (relative output difference)")
+    return lines
 
 
 def _or_dash(value: float | None, spec: str) -> str:

@@ -5,10 +5,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import runs
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_qubo
-from onnx_qubo.solvers import ExactSolver
 
 from graphs import gemm_model, matmul_model, mlp_model
 
@@ -34,7 +34,7 @@ def ort_run(model, feed):
 def test_mlp_round_trip_matches_numpy_with_dequantized_weights(tmp_path, bits):
     model = mlp_model(widths=(8, 6, 4))
     x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
-    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", bits=bits, calibration={"x": x}, solver="neal")
+    report = runs.quantize(model, tmp_path / "q.onnx", bits=bits, calibration={"x": x}, solver="neal")
 
     written, weights = dequantized_weights(tmp_path / "q.onnx")
     inits = {i.name: numpy_helper.to_array(i) for i in written.graph.initializer}
@@ -62,7 +62,7 @@ def test_other_forms_round_trip(tmp_path, make):
     model = make()
     x_shape = [d.dim_value or 20 for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
-    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", bits=2, calibration={"x": x}, solver=ExactSolver())
+    report = runs.quantize(model, tmp_path / "q.onnx", bits=2, calibration={"x": x}, solver="exact")
     written, weights = dequantized_weights(tmp_path / "q.onnx")
     # the float model with the dequantized weights swapped in, in the node's own layout
     trans_b = next((a.i for a in model.graph.node[0].attribute if a.name == "transB"), 0)
@@ -86,7 +86,7 @@ def test_calibration_data_reader_is_accepted(tmp_path):
         def get_next(self):
             return next(self.items, None)
 
-    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", calibration=Reader(), solver="rtn")
+    report = runs.quantize(model, tmp_path / "q.onnx", calibration=Reader(), solver="rtn")
     assert report.calibration_samples == 32 and report.evaluation.samples == 32
 
 
@@ -94,7 +94,7 @@ def test_report_json_and_labels(tmp_path):
     model = mlp_model()
     x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
     labels = ort_run(model, {"x": x}).argmax(axis=1)
-    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", calibration={"x": x},
+    report = runs.quantize(model, tmp_path / "q.onnx", calibration={"x": x},
                                 evaluation={"x": x, "labels": labels}, solver="rtn",
                                 report_path=tmp_path / "r.json")
     assert report.evaluation.float_accuracy == 1.0
@@ -113,8 +113,8 @@ def test_bias_correction_cancels_the_mean_output_error(tmp_path, make, x_shape):
         model.graph.node[0].output[0] = "y"
         del model.graph.node[-1]
     x = (np.random.default_rng(3).standard_normal(x_shape) + 1.0).astype(np.float32)
-    onnx_qubo.quantize(model, tmp_path / "plain.onnx", calibration={"x": x}, solver="rtn")
-    corrected = onnx_qubo.quantize(model, tmp_path / "c.onnx", calibration={"x": x}, solver="rtn",
+    runs.quantize(model, tmp_path / "plain.onnx", calibration={"x": x}, solver="rtn")
+    corrected = runs.quantize(model, tmp_path / "c.onnx", calibration={"x": x}, solver="rtn",
                                    bias_correction=True)
     y = ort_run(model, {"x": x}).reshape(-1, 5).astype(np.float64)
     err_plain = y - ort_run(onnx.load(tmp_path / "plain.onnx"), {"x": x}).reshape(-1, 5)
@@ -145,7 +145,7 @@ def test_a_single_score_output_reports_decision_flips_not_top1(tmp_path):
                               [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["B", 1])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     x = rng.standard_normal((200, 8)).astype(np.float32)
-    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", bits=1, calibration={"x": x}, speed=False)
+    report = runs.quantize(model, tmp_path / "q.onnx", bits=1, calibration={"x": x}, speed=False)
     ev = report.evaluation
     y_float = 1 / (1 + np.exp(-(x.astype(np.float64) @ numpy_helper.to_array(w).T.astype(np.float64))))
     y_quant = ort_run(onnx.load(tmp_path / "q.onnx"), {"x": x})
@@ -153,7 +153,7 @@ def test_a_single_score_output_reports_decision_flips_not_top1(tmp_path):
     assert ev.decision_flips == pytest.approx(((y_float > 0.5) != (y_quant > 0.5)).mean())
     assert ev.max_abs_error == pytest.approx(np.abs(y_quant - y_float).max(), rel=1e-4)
     assert "decisions at 0.5 flipped on" in report.to_text() and "top-1 agreement" not in report.to_text()
-    plain = onnx_qubo.quantize(mlp_model(), tmp_path / "m.onnx", calibration={"x": x}, speed=False)
+    plain = runs.quantize(mlp_model(), tmp_path / "m.onnx", calibration={"x": x}, speed=False)
     assert plain.evaluation.decision_flips is None and 0.5 < plain.evaluation.mean_cosine <= 1.0
 
 
@@ -171,10 +171,38 @@ def test_sequential_says_when_no_layer_feeds_another(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     x = rng.standard_normal((100, 8)).astype(np.float32)
     common = dict(bits=2, calibration={"x": x}, activations="uint8", speed=False)
-    onnx_qubo.quantize(model, tmp_path / "plain.onnx", **common)
-    sequential = onnx_qubo.quantize(model, tmp_path / "seq.onnx", sequential=True, **common)
+    runs.quantize(model, tmp_path / "plain.onnx", **common)
+    sequential = runs.quantize(model, tmp_path / "seq.onnx", sequential=True, **common)
     assert (tmp_path / "plain.onnx").read_bytes() == (tmp_path / "seq.onnx").read_bytes()
     assert any("sequential calibration changes nothing here" in note for note in sequential.notes)
-    chained = onnx_qubo.quantize(mlp_model(), tmp_path / "mlp.onnx", calibration={"x": x}, sequential=True,
+    chained = runs.quantize(mlp_model(), tmp_path / "mlp.onnx", calibration={"x": x}, sequential=True,
                                  speed=False)
     assert not any("changes nothing" in note for note in chained.notes)
+
+
+def test_quantize_returns_the_model_in_memory_and_writes_nothing(tmp_path, monkeypatch):
+    """The API on a ModelProto and a dict of arrays: no file appears, and nothing opens one for writing."""
+    monkeypatch.chdir(tmp_path)
+    real_open = open
+
+    def no_writes(file, mode="r", *args, **kwargs):
+        assert not set(mode) & set("wax+"), f"opened {file} for writing"
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", no_writes)
+    model = mlp_model()
+    x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+    config = onnx_qubo.QuantizeConfig.from_flat(bits=4, solver="rtn")
+    result = onnx_qubo.evaluate(onnx_qubo.quantize(model, config, {"x": x}), {"x": x})
+    assert isinstance(result.model, onnx.ModelProto) and result.report.output_path is None
+    assert result.report.evaluation is not None and result.report.evaluation.top1_agreement > 0.5
+    assert ort_run(result.model, {"x": x}).shape == (32, 4)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    saved = onnx_qubo.save(result, tmp_path / "q.onnx")
+    assert saved.report.output_bytes == (tmp_path / "q.onnx").stat().st_size
+    assert onnx.load(tmp_path / "q.onnx").SerializeToString() == result.model.SerializeToString()
+
+
+def test_quantize_refuses_what_is_not_a_config():
+    with pytest.raises(onnx_qubo.OptionError, match="config must be a QuantizeConfig"):
+        onnx_qubo.quantize(mlp_model(), {"bits": 2}, {"x": np.zeros((4, 8), np.float32)})

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import runs
 from onnx import TensorProto, helper, numpy_helper
 from test_refusals import BadInput, X, assert_refused, mlp_dir
 
@@ -159,10 +160,10 @@ def test_bad_input_is_refused_in_one_line_and_nothing_changes(case, tmp_path):
 def test_accuracy_level_names_only_the_option_at_fault(tmp_path):
     model = mlp_dir(tmp_path)
     with pytest.raises(OptionError) as refused:
-        onnx_qubo.quantize(model, tmp_path / "o.onnx", ort_accuracy_level=4, format="qdq")
+        runs.quantize(model, tmp_path / "o.onnx", ort_accuracy_level=4, format="qdq")
     assert set(refused.value.options) == {"ort_accuracy_level", "format"}
     with pytest.raises(OptionError) as refused:
-        onnx_qubo.quantize(model, tmp_path / "o.onnx", ort_accuracy_level=4, format="ort", activations="int8")
+        runs.quantize(model, tmp_path / "o.onnx", ort_accuracy_level=4, format="ort", activations="int8")
     assert set(refused.value.options) == {"ort_accuracy_level", "activations"}
 
 
@@ -170,7 +171,7 @@ def test_accuracy_level_names_only_the_option_at_fault(tmp_path):
                                      dict(size_budget=float("nan"))])
 def test_api_refuses_amounts_past_any_machine(options, tmp_path):
     with pytest.raises(OptionError, match=next(iter(options))):
-        onnx_qubo.quantize(mlp_dir(tmp_path), tmp_path / "o.onnx", **options)
+        runs.quantize(mlp_dir(tmp_path), tmp_path / "o.onnx", **options)
 
 
 @pytest.mark.parametrize("option", ["bits", "scales", "solvers"])
@@ -181,15 +182,15 @@ def test_api_compare_refuses_an_empty_list(option, tmp_path):
 
 def test_api_refuses_2d_labels_and_bad_npz_with_data_errors(tmp_path):
     with pytest.raises(DataError, match="1-D"):
-        onnx_qubo.quantize(mlp_model(), tmp_path / "o.onnx", calibration={"x": X},
+        runs.quantize(mlp_model(), tmp_path / "o.onnx", calibration={"x": X},
                            evaluation={"x": X, "labels": np.zeros((len(X), 1), np.int64)})
     _huge_declaration(tmp_path)
     with pytest.raises(DataError, match="c.npz', array 'x' declares"):
-        onnx_qubo.quantize(mlp_model(), tmp_path / "o.onnx", calibration=tmp_path / "c.npz")
+        runs.quantize(mlp_model(), tmp_path / "o.onnx", calibration=tmp_path / "c.npz")
 
 
 def test_a_model_without_an_input_shape_is_a_model_error_naming_it(tmp_path):
     model = mlp_model()
     model.graph.input[0].type.tensor_type.ClearField("shape")
     with pytest.raises(ModelError, match="input 'x' declares no shape"):
-        onnx_qubo.quantize(model, tmp_path / "o.onnx", calibration={"x": X})
+        runs.quantize(model, tmp_path / "o.onnx", calibration={"x": X})

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import onnx
 import pytest
+import runs
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-import onnx_qubo
 from onnx_qubo import QuboInputError
 from onnx_qubo.cli import main
 
@@ -50,7 +50,7 @@ def test_explicit_quantize_subcommand_and_neal_flags(model_dir):
 
 def test_neal_flags_without_neal_are_refused(model_dir):
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--neal-reads", "3"],
-                 "--neal-reads/--neal-sweeps apply only to --solver neal", status=2)
+                 "--neal-reads applies only to --solver neal")  # a bad value, refused by the config: status 1
 
 
 def test_inspect_lists_layers_and_skipped_nodes(model_dir):
@@ -132,7 +132,8 @@ def test_nan_in_weights_names_the_initializer(model_dir):
 
 @pytest.mark.parametrize("bits", ["0", "9"])
 def test_bits_out_of_range(model_dir, bits):
-    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--bits", bits], "--bits", status=2)
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--bits", bits],
+                 "--bits must be between 1 and 8")
 
 
 def test_output_equal_to_input_is_refused(model_dir):
@@ -195,12 +196,12 @@ def test_report_on_the_output_path_and_dump_onto_a_file_are_refused(model_dir):
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--dump-qubo", model_dir / "afile"],
                  "is a file", status=2)
     with pytest.raises(QuboInputError, match="exists and is not a directory"):
-        onnx_qubo.quantize(model_dir / "mlp.onnx", model_dir / "out.onnx", dump_qubo=model_dir / "afile")
+        runs.quantize(model_dir / "mlp.onnx", model_dir / "out.onnx", dump_qubo=model_dir / "afile")
 
 
 @pytest.mark.parametrize("args,message,status", [
-    (["--block-size", "4"], "--block-size goes with --granularity block", 2),
-    (["--granularity", "block"], "--granularity block needs it", 2),
+    (["--block-size", "4"], "--block-size goes with --granularity block", 1),
+    (["--granularity", "block"], "--granularity block needs it", 1),
     (["--bias", "int32"], "--bias int32 needs quantized inputs (--activations int8 or uint8)", 1),
     (["--bias", "quantize", "--bias-correction"], "with --bias quantize the bias is already a variable", 1),
     (["--asymmetric", "--activations", "uint8"], "onnxruntime 1.32 fuses them into QGemm", 1),
@@ -231,3 +232,26 @@ def test_scheme_flags_reach_the_graph_and_the_report(model_dir):
 def test_an_unreachable_ray_cluster_is_one_line_before_any_work(model_dir):
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--ray", "127.0.0.1:1"],
                  "--ray '127.0.0.1:1': cannot reach the Ray cluster within 5 s")
+
+
+def test_saved_config_reproduces_the_run_byte_for_byte(model_dir):
+    """Flags + --save-config, then --config alone: the same output bytes; a flag given overrides the file."""
+    flags = ["--bits", "3", "--granularity", "block", "--block-size", "4", "--asymmetric", "--solver", "neal",
+             "--neal-reads", "2", "--seed", "5", "--bias", "quantize"]
+    first = invoke(model_dir / "mlp.onnx", model_dir / "a.onnx", *flags, "--save-config", model_dir / "c.json",
+                   "--quiet", "--no-speed")
+    assert first.exit_code == 0, first.output
+    second = invoke(model_dir / "mlp.onnx", model_dir / "b.onnx", "--config", model_dir / "c.json", "--quiet",
+                    "--no-speed")
+    assert second.exit_code == 0, second.output
+    assert (model_dir / "a.onnx").read_bytes() == (model_dir / "b.onnx").read_bytes()
+    assert json.loads((model_dir / "c.json").read_text())["weights"]["granularity"] == {"block": 4}
+    third = invoke(model_dir / "mlp.onnx", model_dir / "c.onnx", "--config", model_dir / "c.json", "--bits", "2",
+                   "--quiet", "--no-speed")
+    assert third.exit_code == 0 and "bits=2" in third.output and "blocks of 4 inputs" in third.output
+
+
+def test_bad_config_file_is_refused_naming_the_key(model_dir):
+    (model_dir / "c.json").write_text('{"weights": {"bits": 12}}')
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--config", model_dir / "c.json"],
+                 "weights.bits must be between 1 and 8, got 12")

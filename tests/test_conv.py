@@ -11,8 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from runs import quantize
 
-from onnx_qubo import quantize
 from onnx_qubo.discovery import find_dense_layers
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import onnx
 import pytest
+import runs
 from onnx import TensorProto
-
-import onnx_qubo
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist_mlp.onnx"
 
@@ -14,7 +13,7 @@ MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist_mlp.onnx"
 @pytest.fixture(scope="module")
 def default_int2(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "int2.onnx"
-    return onnx_qubo.quantize(MODEL, out, bits=2), out
+    return runs.quantize(MODEL, out, bits=2), out
 
 
 @pytest.mark.slow
@@ -38,8 +37,8 @@ def test_demo_int2_default_configuration_is_close_to_float(default_int2):
 
 @pytest.mark.slow
 def test_demo_qubo_rounding_rescues_max_abs_scales(tmp_path):
-    rtn = onnx_qubo.quantize(MODEL, tmp_path / "rtn.onnx", bits=2, scale="minmax", solver="rtn")
-    fast = onnx_qubo.quantize(MODEL, tmp_path / "fast.onnx", bits=2, scale="minmax", solver="fast")
+    rtn = runs.quantize(MODEL, tmp_path / "rtn.onnx", bits=2, scale="minmax", solver="rtn")
+    fast = runs.quantize(MODEL, tmp_path / "fast.onnx", bits=2, scale="minmax", solver="fast")
     assert fast.evaluation.quantized_accuracy - rtn.evaluation.quantized_accuracy >= 0.30
 
 
@@ -53,7 +52,7 @@ def test_demo_qubo_rounding_rescues_max_abs_scales(tmp_path):
 def test_demo_accuracy_is_the_same_in_both_formats(model_name, arguments, default_int2, tmp_path):
     model = MODEL.with_name(f"{model_name}.onnx")
     qdq = default_int2[0] if (model_name, arguments) == ("mnist_mlp", {"bits": 2}) else \
-        onnx_qubo.quantize(model, tmp_path / "qdq.onnx", speed=False, **arguments)
-    ort = onnx_qubo.quantize(model, tmp_path / "ort.onnx", format="ort", speed=False, **arguments)
+        runs.quantize(model, tmp_path / "qdq.onnx", speed=False, **arguments)
+    ort = runs.quantize(model, tmp_path / "ort.onnx", format="ort", speed=False, **arguments)
     assert {layer.kernel for layer in ort.layers} <= {"MatMulNBits", "MatMulIntegerToFloat"}
     assert abs(ort.evaluation.quantized_accuracy - qdq.evaluation.quantized_accuracy) <= 0.0005

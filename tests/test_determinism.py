@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from runs import quantize
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from onnx_qubo import calibration, layer, quantize
+from onnx_qubo import calibration, layer
 from onnx_qubo.grid import IntegerGrid, Scheme
 from onnx_qubo.qubo import build_problem
 from onnx_qubo.scales import choose_scales

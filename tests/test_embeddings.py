@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import runs
 from onnx import TensorProto, helper, numpy_helper
 
-import onnx_qubo
 from onnx_qubo.forms.gather import LowerTables, TableLowering, find_tables, quantize_table
 from onnx_qubo.grid import Granularity, Scheme
 from onnx_qubo.kernels import Format, choose_table_kernel
@@ -177,14 +177,14 @@ def test_quantize_with_embeddings_writes_the_table_as_codes(format, tmp_path):
     rng = np.random.default_rng(1)
     data = {"ids": rng.integers(0, 60, size=(16, 5))}
     out = tmp_path / "q.onnx"
-    report = onnx_qubo.quantize(model, out, bits=4, calibration=data, format=format, embeddings=True, speed=False)
+    report = runs.quantize(model, out, bits=4, calibration=data, format=format, embeddings=True, speed=False)
     written = onnx.load(str(out))
     assert not any(i.name == "table" for i in written.graph.initializer)
     rows = {layer.name: layer for layer in report.layers}
     assert rows["embed"].kernel == ("GatherBlockQuantized" if format == "ort" else "Gather+Mul")
     assert rows["embed"].gap == 0.0
     assert report.evaluation.mean_cosine > 0.99
-    plain = onnx_qubo.quantize(model, tmp_path / "p.onnx", bits=4, calibration=data, speed=False)
+    plain = runs.quantize(model, tmp_path / "p.onnx", bits=4, calibration=data, speed=False)
     assert "embed" not in {layer.name for layer in plain.layers}
     assert any(i.name == "table" for i in onnx.load(str(tmp_path / "p.onnx")).graph.initializer)
     assert plain.output_bytes > report.output_bytes

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import onnx
 import pytest
+import runs
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-import onnx_qubo
 from onnx_qubo.cli import main
 from onnx_qubo.exchange import file_stems, read_problem
 from onnx_qubo.progress import Progress
@@ -27,7 +27,7 @@ def test_dumped_problems_reproduce_the_reported_costs(tmp_path):
     model = mlp_model()
     for node in model.graph.node:
         node.name = "/" + node.name + "/Gemm"  # PyTorch-style names
-    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", calibration={"x": X}, solver="rtn",
+    report = runs.quantize(model, tmp_path / "q.onnx", calibration={"x": X}, solver="rtn",
                                 dump_qubo=tmp_path / "dump")
     index = json.loads((tmp_path / "dump" / "index.json").read_text())
     assert [e["layer"] for e in index] == ["/fc0/Gemm", "/fc1/Gemm"]
@@ -42,7 +42,7 @@ def test_dumped_problems_reproduce_the_reported_costs(tmp_path):
 
 @pytest.mark.slow
 def test_loaded_solutions_are_used_as_given(tmp_path):
-    onnx_qubo.quantize(mlp_model(), tmp_path / "q.onnx", calibration={"x": X}, dump_qubo=tmp_path / "d")
+    runs.quantize(mlp_model(), tmp_path / "q.onnx", calibration={"x": X}, dump_qubo=tmp_path / "d")
     index = json.loads((tmp_path / "d" / "index.json").read_text())
     expected = {}
     for entry in index:  # an "external" solver: the exact one, on the dumped files only
@@ -51,7 +51,7 @@ def test_loaded_solutions_are_used_as_given(tmp_path):
         np.save(tmp_path / "d" / entry["file"].replace(".qubo.npz", ".solution.npy"), choice.astype(np.uint8))
         expected[entry["layer"]] = (problem.energy(choice), problem.integers(choice))
 
-    report = onnx_qubo.quantize(mlp_model(), tmp_path / "q2.onnx", calibration={"x": X},
+    report = runs.quantize(mlp_model(), tmp_path / "q2.onnx", calibration={"x": X},
                                 load_solution=tmp_path / "d")
     assert report.solver == "loaded"
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q2.onnx").graph.initializer}
@@ -90,7 +90,7 @@ def test_bad_solutions_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_dumped_problems_carry_bias_variables_and_input_quantization(tmp_path):
-    report = onnx_qubo.quantize(mlp_model(), tmp_path / "q.onnx", calibration={"x": X}, bias="quantize",
+    report = runs.quantize(mlp_model(), tmp_path / "q.onnx", calibration={"x": X}, bias="quantize",
                                 activations="uint8", granularity="block", block_size=4, dump_qubo=tmp_path / "dump")
     index = json.loads((tmp_path / "dump" / "index.json").read_text())
     for entry, layer in zip(index, report.layers):

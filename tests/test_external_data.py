@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+import runs
 from click.testing import CliRunner
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
@@ -69,9 +70,9 @@ def test_external_input_quantizes_like_the_same_model_in_memory(tmp_path):
     """Same integers and scales either way; the output holds every tensor itself (no reference
     to the input's data file) and loads from another folder."""
     path = external_model(tmp_path)
-    report = onnx_qubo.quantize(path, tmp_path / "lazy.onnx", calibration={"x": X}, bits=3, speed=False)
+    report = runs.quantize(path, tmp_path / "lazy.onnx", calibration={"x": X}, bits=3, speed=False)
     assert report.input_bytes == path.stat().st_size + (tmp_path / "m.data").stat().st_size
-    onnx_qubo.quantize(mlp_model(), tmp_path / "memory.onnx", calibration={"x": X}, bits=3, speed=False)
+    runs.quantize(mlp_model(), tmp_path / "memory.onnx", calibration={"x": X}, bits=3, speed=False)
     lazy, eager = initializer_values(tmp_path / "lazy.onnx"), initializer_values(tmp_path / "memory.onnx")
     assert lazy.keys() == eager.keys()
     assert all(np.array_equal(lazy[name], eager[name]) for name in lazy)
@@ -87,12 +88,12 @@ def test_external_input_quantizes_like_the_same_model_in_memory(tmp_path):
 @pytest.mark.slow
 def test_external_output_of_external_input(tmp_path):
     path = external_model(tmp_path)
-    onnx_qubo.quantize(path, tmp_path / "out.onnx", calibration={"x": X}, external_data=True, speed=False)
+    runs.quantize(path, tmp_path / "out.onnx", calibration={"x": X}, external_data=True, speed=False)
     written = onnx.load(tmp_path / "out.onnx", load_external_data=False)
     locations = {entry.value for init in written.graph.initializer for entry in init.external_data
                  if entry.key == "location"}
     assert locations == {"out.onnx.data"}
-    onnx_qubo.quantize(mlp_model(), tmp_path / "ref.onnx", calibration={"x": X}, speed=False)
+    runs.quantize(mlp_model(), tmp_path / "ref.onnx", calibration={"x": X}, speed=False)
     expected = initializer_values(tmp_path / "ref.onnx")
     assert all(np.array_equal(v, expected[k]) for k, v in initializer_values(tmp_path / "out.onnx").items())
 
@@ -111,9 +112,9 @@ def test_a_budget_too_small_for_all_statistics_takes_more_passes_and_the_same_bi
     assert [layer.name for group in groups for layer in group] == [layer.name for layer in layers]
     calibrated = calibrate(model, dataset, Progress(), max_memory=budget)
     assert calibrated.statistics.passes == 0  # nothing gathered before a layer asks
-    onnx_qubo.quantize(model, tmp_path / "one.onnx", calibration={"x": X}, speed=False)
+    runs.quantize(model, tmp_path / "one.onnx", calibration={"x": X}, speed=False)
     with caplog.at_level(logging.INFO, logger="onnx_qubo.pipeline"):
-        onnx_qubo.quantize(model, tmp_path / "passes.onnx", calibration={"x": X}, speed=False,
+        runs.quantize(model, tmp_path / "passes.onnx", calibration={"x": X}, speed=False,
                            max_memory=budget / 1e9)
     assert "calibrating in 3 passes over the data" in caplog.text
     assert (tmp_path / "one.onnx").read_bytes() == (tmp_path / "passes.onnx").read_bytes()
@@ -123,7 +124,7 @@ def test_a_budget_too_small_for_one_layer_is_a_clear_error(tmp_path):
     path = external_model(tmp_path)
     np.savez(tmp_path / "m.calib.npz", x=X)
     with pytest.raises(OptionError, match=r"too small: the model's weights take .* give at least"):
-        onnx_qubo.quantize(path, tmp_path / "out.onnx", max_memory=1e-6)
+        runs.quantize(path, tmp_path / "out.onnx", max_memory=1e-6)
     result = CliRunner().invoke(main, ["quantize", str(path), str(tmp_path / "out.onnx"), "--max-memory", "0.000001"])
     assert result.exit_code == 1
     assert "--max-memory 1 KB is too small" in result.output
@@ -133,7 +134,7 @@ def test_a_budget_too_small_for_one_layer_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("value", [0, -1, float("nan"), "4GB", True])
 def test_max_memory_must_be_a_positive_number(tmp_path, value):
     with pytest.raises(OptionError, match="max_memory must be a positive number of GB"):
-        onnx_qubo.quantize(mlp_model(), tmp_path / "out.onnx", calibration={"x": X}, max_memory=value)
+        runs.quantize(mlp_model(), tmp_path / "out.onnx", calibration={"x": X}, max_memory=value)
 
 
 def test_batches_run_in_pieces_give_the_same_statistics(monkeypatch):
@@ -165,5 +166,5 @@ def test_batches_run_in_pieces_give_the_same_statistics(monkeypatch):
 def test_a_model_object_with_unloaded_external_data_is_a_clear_error(tmp_path):
     model = onnx.load(external_model(tmp_path), load_external_data=False)
     with pytest.raises(onnx_qubo.QuboInputError, match="refers to external data that was not loaded"):
-        onnx_qubo.quantize(model, tmp_path / "out.onnx", calibration={"x": X}, speed=False)
+        runs.quantize(model, tmp_path / "out.onnx", calibration={"x": X}, speed=False)
     assert not (tmp_path / "out.onnx").exists()

@@ -8,8 +8,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from runs import quantize
 
-from onnx_qubo import OptionError, quantize
+from onnx_qubo import OptionError
 
 from graphs import gemm_model, matmul_model, mlp_model
 

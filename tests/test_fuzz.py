@@ -25,9 +25,9 @@ import fuzzing
 import numpy as np
 import onnx
 import pytest
+import runs
 from hypothesis import HealthCheck, given, seed, settings
 
-import onnx_qubo
 from onnx_qubo import QuboInputError
 from onnx_qubo.runtime import BASIC, DEFAULT, NONE, make_session
 
@@ -55,7 +55,7 @@ def quantize_random_model(case: fuzzing.Case):
         out = folder / "out.onnx"
         options = dict(case.options)
         try:
-            onnx_qubo.quantize(model, out, calibration=feed, **options)
+            runs.quantize(model, out, calibration=feed, **options)
         except QuboInputError as exc:
             message = str(exc)
             assert "\n" not in message, message

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import runs
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 from test_refusals import BadInput, assert_refused
@@ -102,7 +103,7 @@ def test_quantized_folder_runs_in_onnxruntime_genai_and_equals_the_portable_mode
         folder = tmp_path / format
         folder.mkdir()
         written[format] = folder / "model_q.onnx"
-        report = onnx_qubo.quantize(str(MODEL), written[format], bits=bits, granularity="block", block_size=32,
+        report = runs.quantize(str(MODEL), written[format], bits=bits, granularity="block", block_size=32,
                                     format=format, embeddings=bits == 4, speed=False)
         assert {layer.name for layer in report.layers} >= {*LAYERS, "/lm_head/MatMul"}
         config = json.loads((folder / "genai_config.json").read_text())
@@ -129,14 +130,14 @@ def test_output_in_the_input_folder_leaves_its_genai_files_as_they_are(tmp_path)
     folder = tmp_path / "lm"
     shutil.copytree(TINY, folder)
     config = (folder / "genai_config.json").read_bytes()
-    report = onnx_qubo.quantize(str(folder / "model.onnx"), folder / "model_q.onnx", bits=4, solver="rtn",
+    report = runs.quantize(str(folder / "model.onnx"), folder / "model_q.onnx", bits=4, solver="rtn",
                                 speed=False)
     assert (folder / "genai_config.json").read_bytes() == config
     assert any("left as they are" in note for note in report.notes)
     elsewhere = tmp_path / "out"
     elsewhere.mkdir()
     with pytest.raises(onnx_qubo.QuboInputError, match="onnxruntime-genai file .*tokenizer.json.* report"):
-        onnx_qubo.quantize(str(folder / "model.onnx"), elsewhere / "q.onnx", bits=4, solver="rtn", speed=False,
+        runs.quantize(str(folder / "model.onnx"), elsewhere / "q.onnx", bits=4, solver="rtn", speed=False,
                            report_path=elsewhere / "tokenizer.json")
     assert sorted(p.name for p in elsewhere.iterdir()) == []
 

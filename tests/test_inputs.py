@@ -4,9 +4,9 @@ fixed-size tensors fed whole to every batch, a state whose batch axis is 1."""
 import numpy as np
 import onnx
 import pytest
+import runs
 from onnx import TensorProto, helper, numpy_helper
 
-import onnx_qubo
 from onnx_qubo import verify
 from onnx_qubo.calibration import collect_statistics
 from onnx_qubo.data import batch_axes, load_dataset, model_inputs
@@ -143,10 +143,10 @@ class OneSamplePerFeed:
 
 def test_quantize_from_arrays_and_from_a_reader(tmp_path):
     data, model = arrays(24), state_model()
-    report = onnx_qubo.quantize(model, tmp_path / "a.onnx", calibration=data, bits=4, solver="rtn", batch_size=5)
+    report = runs.quantize(model, tmp_path / "a.onnx", calibration=data, bits=4, solver="rtn", batch_size=5)
     assert report.calibration_samples == 24 and report.evaluation.samples == 24
     assert report.speed is not None
-    read = onnx_qubo.quantize(model, tmp_path / "r.onnx", calibration=OneSamplePerFeed(data),
+    read = runs.quantize(model, tmp_path / "r.onnx", calibration=OneSamplePerFeed(data),
                               evaluation=OneSamplePerFeed(data), bits=4, solver="rtn", speed=False)
     assert read.calibration_samples == 24 and read.evaluation.samples == 24
     assert read.layers[0].cost_solved == pytest.approx(report.layers[0].cost_solved, rel=1e-5)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
+from onnx_qubo.config import QuantizeConfig
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.grid import InputQuantizer
 from onnx_qubo.layer import prepare_layer
 from onnx_qubo.lowering import quantized_weight
-from onnx_qubo.options import QuantizeOptions
 from onnx_qubo.plan import make_plan
 from onnx_qubo.progress import Progress
 from onnx_qubo.types import InputStatistics
@@ -46,7 +46,7 @@ def numpy_error(layer, integers_dequantized, x, x_seen, bias):
 @pytest.mark.slow
 def test_prepared_layer_cost_is_the_layer_error_in_numpy(arguments):
     layer, x = layer_and_inputs()
-    plan = make_plan(QuantizeOptions.parse(solver="fast", **arguments), [layer]).layers[0]
+    plan = make_plan(QuantizeConfig.from_flat(solver="fast", **arguments), [layer]).layers[0]
     work = prepare_layer(plan, statistics(x), None)
     solved = work.finish(work.solve(Progress()), 0.0)
     q = solved.quantized()
@@ -60,7 +60,7 @@ def test_int32_bias_and_quantized_inputs_fold_the_bias_correction():
     layer, x = layer_and_inputs()
     quantizer = InputQuantizer.for_range(float(x.min()), float(x.max()), signed=False)
     x_seen = quantizer.fake_quantize(x).astype(np.float64)
-    options = QuantizeOptions.parse(bits=4, bias="int32", activations="uint8", bias_correction=True)
+    options = QuantizeConfig.from_flat(bits=4, bias="int32", activations="uint8", bias_correction=True)
     work = prepare_layer(make_plan(options, [layer]).layers[0], statistics(x_seen, x), quantizer)
     solved = work.finish(work.solve(Progress()), 0.0)
     q = solved.quantized()
@@ -76,7 +76,7 @@ def test_int32_bias_and_quantized_inputs_fold_the_bias_correction():
                                                              ("block", (4, 3), {"axis": 1, "block_size": 4})])
 def test_lowering_shapes_scales_as_dequantize_linear_reads_them(granularity, scale_shape, axis):
     layer, x = layer_and_inputs()
-    options = QuantizeOptions.parse(bits=4, granularity=granularity, block_size=4 if granularity == "block" else 0,
+    options = QuantizeConfig.from_flat(bits=4, granularity=granularity, block_size=4 if granularity == "block" else 0,
                                     solver="rtn", symmetric=False)
     work = prepare_layer(make_plan(options, [layer]).layers[0], statistics(x), None)
     record, kernel = quantized_weight(work.finish(work.solve(Progress()), 0.0).quantized())

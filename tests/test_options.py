@@ -5,22 +5,23 @@ from dataclasses import replace
 import pytest
 
 from onnx_qubo.compat import scheme_refusal
+from onnx_qubo.config import PerBlock, QuantizeConfig
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.errors import OptionError
 from onnx_qubo.grid import Granularity, Scheme
-from onnx_qubo.options import Activations, BiasMode, QuantizeOptions, ScaleMethod
+from onnx_qubo.options import Activations, BiasMode, ScaleMethod
 from onnx_qubo.plan import make_plan
 
 from graphs import mlp_model
 
 
-def test_parse_turns_strings_into_enums_and_solver_names_into_solvers():
-    options = QuantizeOptions.parse(bits=4, scale="qubo", solver="rtn", granularity="block", block_size=8,
-                                    bias="quantize", activations="uint8")
-    assert options.scale is ScaleMethod.QUBO and options.granularity is Granularity.BLOCK
-    assert options.bias is BiasMode.QUANTIZE and options.activations is Activations.UINT8
-    assert options.solver.name == "rtn" and options.scheme(4) == Scheme(4, Granularity.BLOCK, 8)
-    assert str(options.scale) == "qubo" and f"{options.bias}" == "quantize"
+def test_flat_options_turn_strings_into_enums_and_granularity_objects():
+    config = QuantizeConfig.from_flat(bits=4, scale="qubo", solver="rtn", granularity="block", block_size=8,
+                                      bias="quantize", activations="uint8")
+    assert config.rounding.scale is ScaleMethod.QUBO and config.weights.granularity == PerBlock(8)
+    assert config.rounding.bias is BiasMode.QUANTIZE and config.activations.dtype is Activations.UINT8
+    assert config.rounding.make_solver().name == "rtn" and config.weights.scheme() == Scheme(4, Granularity.BLOCK, 8)
+    assert str(config.rounding.scale) == "qubo" and f"{config.rounding.bias}" == "quantize"
 
 
 @pytest.mark.parametrize("arguments, options, message", [
@@ -35,13 +36,13 @@ def test_parse_turns_strings_into_enums_and_solver_names_into_solvers():
     ({"seed": 1.5}, ("seed",), "seed must be an integer"),
     ({"bias": "int32"}, ("bias", "activations"), "bias int32 needs quantized inputs (activations int8 or uint8)"),
     ({"bias": "quantize", "bias_correction": True}, ("bias_correction", "bias"), "bias_correction re-fits"),
-    ({"granularity": "block"}, ("granularity", "block_size"), "granularity/block_size: a block size"),
+    ({"granularity": "block"}, ("granularity", "block_size"), "block_size goes with granularity block"),
     ({"bits": 2, "symmetric": False, "activations": "int8"}, ("symmetric", "granularity", "activations"),
      "onnxruntime 1.32 fuses them into QGemm"),
 ])
 def test_bad_options_are_refused_in_the_api_s_terms(arguments, options, message):
     with pytest.raises(OptionError) as error:
-        QuantizeOptions.parse(**arguments)
+        QuantizeConfig.from_flat(**arguments)
     assert error.value.options == options
     assert message in str(error.value)
     rendered = error.value.render({name: f"--{name.replace('_', '-')}" for name in options})
@@ -63,13 +64,13 @@ def test_compat_refuses_only_the_scheme_onnxruntime_cannot_load():
 def test_plan_resolves_bits_and_bias_per_layer():
     model = mlp_model()
     layers, _ = find_dense_layers(model)
-    plan = make_plan(QuantizeOptions.parse(bits=2, layer_bits={"fc1": 8}, bias="quantize"), layers)
+    plan = make_plan(QuantizeConfig.from_flat(bits=2, layer_bits={"fc1": 8}, bias="quantize"), layers)
     assert [p.scheme.bits for p in plan.layers] == [2, 8]
     assert all(p.bias is BiasMode.QUANTIZE and p.variables == p.layer.shape[1] + 1 for p in plan.layers)
     assert [p.stem for p in plan.layers] == ["fc0", "fc1"]
 
     no_bias = replace(layers[0], bias=None, bias_name=None)  # a bias the layer cannot replace
-    assert make_plan(QuantizeOptions.parse(bias="quantize"), [no_bias]).layers[0].bias is BiasMode.FLOAT
+    assert make_plan(QuantizeConfig.from_flat(bias="quantize"), [no_bias]).layers[0].bias is BiasMode.FLOAT
 
     with pytest.raises(OptionError, match="names no quantized dense layer: nope"):
-        make_plan(QuantizeOptions.parse(layer_bits={"nope": 4}), layers)
+        make_plan(QuantizeConfig.from_flat(layer_bits={"nope": 4}), layers)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import runs
 from click.testing import CliRunner
 
 import onnx_qubo
@@ -36,7 +37,7 @@ def model_dir(folder: Path) -> Path:
 
 def solution_dir(folder: Path) -> Path:
     """A ``--dump-qubo`` folder of the model in ``folder`` with a solution beside each problem."""
-    onnx_qubo.quantize(folder / "m.onnx", folder / "dumped.onnx", solver="rtn", speed=False,
+    runs.quantize(folder / "m.onnx", folder / "dumped.onnx", solver="rtn", speed=False,
                        dump_qubo=folder / "sol")
     for entry in json.loads((folder / "sol" / "index.json").read_text()):
         with np.load(folder / "sol" / entry["file"]) as problem:
@@ -79,9 +80,9 @@ def test_load_solution_files_are_never_written_by_the_api(tmp_path):
     model = model_dir(tmp_path)
     solution = solution_dir(tmp_path)
     with pytest.raises(OutputError, match="report_path '.*fc1.solution.npy' is a load_solution file this run reads"):
-        onnx_qubo.quantize(model, tmp_path / "o.onnx", load_solution=solution,
+        runs.quantize(model, tmp_path / "o.onnx", load_solution=solution,
                            report_path=solution / "fc1.solution.npy")
-    report = onnx_qubo.quantize(model, tmp_path / "o.onnx", load_solution=solution, speed=False,
+    report = runs.quantize(model, tmp_path / "o.onnx", load_solution=solution, speed=False,
                                 report_path=tmp_path / "r.json")  # reading a solution still works
     assert report.solver == "loaded" and (tmp_path / "r.json").is_file()
 
@@ -94,7 +95,7 @@ def test_outputs_may_not_land_in_the_dump_under_its_names(tmp_path, monkeypatch)
     for kwargs, what in (({"output_path": "d/index.json"}, "output"),
                          ({"output_path": "o.onnx", "report_path": "d/fc0.qubo.npz"}, "report_path")):
         with pytest.raises(OutputError, match=f"dump_qubo 'd' would also write '.*', the {what}; choose another"):
-            onnx_qubo.quantize(model, dump_qubo="d", solver="rtn", **kwargs)
+            runs.quantize(model, dump_qubo="d", solver="rtn", **kwargs)
     assert list(Path("d").iterdir()) == [] and not Path("o.onnx").exists()
 
 
@@ -136,7 +137,7 @@ def test_model_over_the_protobuf_limit_is_rerun_with_its_data_beside_it(tmp_path
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(files, "PROTOBUF_LIMIT", 100)
     for _ in range(2):
-        report = onnx_qubo.quantize("m.onnx", "o.onnx", solver="rtn", speed=False)
+        report = runs.quantize("m.onnx", "o.onnx", solver="rtn", speed=False)
         assert report.output_bytes == os.path.getsize("o.onnx") + os.path.getsize("o.onnx.data")
     onnx.checker.check_model(onnx.load("o.onnx"), full_check=True)
 
@@ -147,7 +148,7 @@ def test_model_data_and_report_get_the_mode_of_a_new_file(umask, tmp_path):
     model = model_dir(tmp_path)
     previous = os.umask(umask)
     try:
-        onnx_qubo.quantize(model, tmp_path / "o.onnx", solver="rtn", speed=False, external_data=True,
+        runs.quantize(model, tmp_path / "o.onnx", solver="rtn", speed=False, external_data=True,
                            report_path=tmp_path / "r.json")
         for name in ("o.onnx", "o.onnx.data", "r.json"):
             assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
@@ -182,7 +183,7 @@ class Interrupt:
 
 
 def quantize_into(out: Path, model: Path, bits: int = 2) -> onnx_qubo.Report:
-    return onnx_qubo.quantize(model, out / "o.onnx", bits=bits, solver="rtn", speed=False, external_data=True,
+    return runs.quantize(model, out / "o.onnx", bits=bits, solver="rtn", speed=False, external_data=True,
                               report_path=out / "r.json")
 
 
@@ -251,7 +252,7 @@ def test_the_memory_a_refusal_asks_for_is_accepted(tmp_path):
     assert readable(999_600) == readable(999_600, up=True) == "1 MB" and readable(7_850_000, up=True) == "7.86 MB"
     model = model_dir(tmp_path)
     with pytest.raises(OptionError, match=r"give at least") as refused:
-        onnx_qubo.quantize(model, tmp_path / "o.onnx", solver="rtn", speed=False, max_memory=1e-6)
+        runs.quantize(model, tmp_path / "o.onnx", solver="rtn", speed=False, max_memory=1e-6)
     amount, unit = str(refused.value).rsplit(" ", 2)[-2:]
     given = float(amount) * {"GB": 1, "MB": 1e-3, "KB": 1e-6}[unit]
-    onnx_qubo.quantize(model, tmp_path / "o.onnx", solver="rtn", speed=False, max_memory=given)
+    runs.quantize(model, tmp_path / "o.onnx", solver="rtn", speed=False, max_memory=given)

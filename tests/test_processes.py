@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import runs
 
-import onnx_qubo
 from onnx_qubo.errors import SolverLimitError, WorkerError
 from onnx_qubo.workers import SolveTask, solve_many
 
@@ -252,6 +252,6 @@ def test_the_quantize_api_keeps_a_ray_connection_it_did_not_open(monkeypatch, tm
     calls: list[str] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
-    onnx_qubo.quantize(mlp_model(), tmp_path / "o.onnx", calibration={"x": np.ones((4, 8), np.float32)},
+    runs.quantize(mlp_model(), tmp_path / "o.onnx", calibration={"x": np.ones((4, 8), np.float32)},
                        solver="rtn", speed=False)
     assert calls == []

@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
+from runs import quantize
 from test_conv import conv_model, measured_error
 
-from onnx_qubo import quantize
 from onnx_qubo.data import load_dataset
 from onnx_qubo.grid import InputQuantizer
 from onnx_qubo.kernels import Format

@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from runs import quantize
 
-from onnx_qubo import quantize
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.errors import ModelError
 from onnx_qubo.forms.recurrent import RecurrentCell

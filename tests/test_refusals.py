@@ -18,10 +18,10 @@ from typing import Callable
 import numpy as np
 import onnx
 import pytest
+import runs
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-import onnx_qubo
 from onnx_qubo import api, files
 from onnx_qubo.cli import main
 from onnx_qubo.errors import DataError, ModelError, OptionError, OutputError, QuboInputError
@@ -127,7 +127,7 @@ def _escaping_solution(folder: Path) -> list[str]:
 
 def _report_over_solution(folder: Path) -> list[str]:
     model = mlp_dir(folder)
-    onnx_qubo.quantize(model, folder / "dumped.onnx", solver="rtn", speed=False, dump_qubo=folder / "d")
+    runs.quantize(model, folder / "dumped.onnx", solver="rtn", speed=False, dump_qubo=folder / "d")
     np.save(folder / "d" / "fc0.solution.npy", np.zeros((6, 8), np.int8))
     return [model, folder / "out.onnx", "--load-solution", folder / "d", "--report", folder / "d" / "fc0.solution.npy"]
 
@@ -197,7 +197,7 @@ BAD_INPUTS = [
     BadInput("`--report` is a `--load-solution` file", _report_over_solution,
              "is a --load-solution file this run reads"),
     BadInput("`--dump-qubo` folder holds a planted symlink", _planted_symlink, "is a symbolic link"),
-    BadInput("`--bits 9`", lambda d: [mlp_dir(d), d / "out.onnx", "--bits", "9"], "--bits", 2),
+    BadInput("`--bits 9`", lambda d: [mlp_dir(d), d / "out.onnx", "--bits", "9"], "--bits must be between 1 and 8", 1),
 ]
 
 
@@ -262,7 +262,7 @@ def test_writable_path_refuses_symlink_to_fifo_and_allows_symlink_to_regular_fil
 def test_symlinked_output_is_replaced_not_written_through(tmp_path):
     (tmp_path / "target.txt").write_text("keep")
     (tmp_path / "link.onnx").symlink_to(tmp_path / "target.txt")
-    onnx_qubo.quantize(mlp_model(), tmp_path / "link.onnx", calibration={"x": X}, solver="rtn")
+    runs.quantize(mlp_model(), tmp_path / "link.onnx", calibration={"x": X}, solver="rtn")
     assert (tmp_path / "target.txt").read_text() == "keep"
     assert not (tmp_path / "link.onnx").is_symlink()
 
@@ -270,7 +270,7 @@ def test_symlinked_output_is_replaced_not_written_through(tmp_path):
 def test_external_data_model_is_quantized_and_data_left_alone(tmp_path):
     model = mlp_dir(tmp_path, external=True)
     before = digests(tmp_path)
-    onnx_qubo.quantize(model, tmp_path / "out.onnx", solver="rtn")
+    runs.quantize(model, tmp_path / "out.onnx", solver="rtn")
     assert {k: v for k, v in digests(tmp_path).items() if not k.endswith("out.onnx")} == before
     onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"), full_check=True)
 
@@ -283,7 +283,7 @@ def test_bias_with_more_dims_than_activation_keeps_output_shape(tmp_path):
     model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "B", 5]))
     for bias_mode, activations in (("quantize", "none"), ("int32", "int8")):
         out = tmp_path / f"{bias_mode}.onnx"
-        onnx_qubo.quantize(model, out, calibration={"x": X}, bias=bias_mode, activations=activations,
+        runs.quantize(model, out, calibration={"x": X}, bias=bias_mode, activations=activations,
                            solver="rtn")
         y_float = make_session(model).run(None, {"x": X})[0]
         y_quant = make_session(onnx.load(out)).run(None, {"x": X})[0]
@@ -296,7 +296,7 @@ def test_nan_bias_skips_only_its_layer(tmp_path):
     values = numpy_helper.to_array(bias).copy()
     values[0] = np.inf
     bias.CopyFrom(numpy_helper.from_array(values, "b1"))
-    report = onnx_qubo.quantize(model, tmp_path / "o.onnx", calibration={"x": X}, bias="quantize", solver="rtn")
+    report = runs.quantize(model, tmp_path / "o.onnx", calibration={"x": X}, bias="quantize", solver="rtn")
     assert [layer.name for layer in report.layers] == ["fc0"]
     assert report.skipped[0].name == "fc1" and "bias 'b1' holds NaN or Inf" in report.skipped[0].reason
 
@@ -308,23 +308,23 @@ def test_output_and_report_may_not_be_the_calibration_or_evaluation_file(tmp_pat
         for kwargs in ({"output_path": tmp_path / target}, {"output_path": tmp_path / "o.onnx",
                                                              "report_path": tmp_path / target}):
             with pytest.raises(OutputError, match="data file this run reads"):
-                onnx_qubo.quantize(model, evaluation=tmp_path / "e.npz", **kwargs)
+                runs.quantize(model, evaluation=tmp_path / "e.npz", **kwargs)
     assert not (tmp_path / "o.onnx").exists()
 
 
 def test_fixed_batch_model_calibrates_on_any_number_of_samples(tmp_path):
     model = fixed_batch_model(2)
-    report = onnx_qubo.quantize(model, tmp_path / "o.onnx", calibration={"x": X}, solver="rtn", batch_size=1)
+    report = runs.quantize(model, tmp_path / "o.onnx", calibration={"x": X}, solver="rtn", batch_size=1)
     assert report.calibration_samples == 40 and report.evaluation.samples == 40
     one = fixed_batch_model(1)
-    assert onnx_qubo.quantize(one, tmp_path / "o1.onnx", calibration={"x": X[:7]}, solver="rtn").evaluation.samples == 7
+    assert runs.quantize(one, tmp_path / "o1.onnx", calibration={"x": X[:7]}, solver="rtn").evaluation.samples == 7
     labels = np.arange(39) % 4
-    report = onnx_qubo.quantize(model, tmp_path / "o.onnx", calibration={"x": X[:39], "labels": labels},
+    report = runs.quantize(model, tmp_path / "o.onnx", calibration={"x": X[:39], "labels": labels},
                                 solver="rtn")
     assert report.calibration_samples == 38 and report.evaluation.samples == 38
     assert "its first 38 of 39 samples: the model takes batches of exactly 2" in report.calibration
     with pytest.raises(DataError, match="exactly 2 samples.*there are only 1"):
-        onnx_qubo.quantize(model, tmp_path / "o.onnx", calibration={"x": X[:1]}, solver="rtn")
+        runs.quantize(model, tmp_path / "o.onnx", calibration={"x": X[:1]}, solver="rtn")
 
 
 def test_output_name_of_255_characters_works(tmp_path):
@@ -337,7 +337,7 @@ def test_output_name_of_255_characters_works(tmp_path):
 def test_long_layer_name_dumps_with_a_capped_stem(tmp_path):
     model = mlp_model()
     model.graph.node[0].name = "x" * 300
-    onnx_qubo.quantize(model, tmp_path / "o.onnx", calibration={"x": X}, solver="rtn", dump_qubo=tmp_path / "d")
+    runs.quantize(model, tmp_path / "o.onnx", calibration={"x": X}, solver="rtn", dump_qubo=tmp_path / "d")
     index = json.loads((tmp_path / "d" / "index.json").read_text())
     assert len(index[0]["file"]) <= 120 and read_problem(tmp_path / "d" / index[0]["file"]).shape == (6, 8)
     assert file_stems(["a" * 300, "a" * 300]) == [file_stems(["a" * 300])[0], file_stems(["a" * 300])[0] + "_1"]
@@ -349,7 +349,7 @@ def test_error_or_interrupt_during_final_evaluation_leaves_no_output(tmp_path, m
             raise failure
         monkeypatch.setattr(api, "evaluate", fail)
         with pytest.raises(type(failure)):
-            onnx_qubo.quantize(mlp_model(), tmp_path / "o.onnx", calibration={"x": X}, solver="rtn")
+            runs.quantize(mlp_model(), tmp_path / "o.onnx", calibration={"x": X}, solver="rtn")
         assert list(tmp_path.iterdir()) == []
 
 
@@ -367,23 +367,23 @@ def test_sigterm_during_write_removes_the_temporary_file(tmp_path, monkeypatch):
 
 
 def test_load_solution_reads_only_plain_names_inside_the_folder(tmp_path):
-    onnx_qubo.quantize(mlp_model(), tmp_path / "o.onnx", calibration={"x": X}, solver="rtn",
+    runs.quantize(mlp_model(), tmp_path / "o.onnx", calibration={"x": X}, solver="rtn",
                        dump_qubo=tmp_path / "d")
     index = json.loads((tmp_path / "d" / "index.json").read_text())
     for bad in ("/etc/passwd.qubo.npz", "../d/fc0.qubo.npz", "sub/fc0.qubo.npz", "fc0.npz", ".."):
         (tmp_path / "d" / "index.json").write_text(json.dumps([{**index[0], "file": bad}, index[1]]))
         with pytest.raises(DataError, match="only plain"):
-            onnx_qubo.quantize(mlp_model(), tmp_path / "o2.onnx", calibration={"x": X},
+            runs.quantize(mlp_model(), tmp_path / "o2.onnx", calibration={"x": X},
                                load_solution=tmp_path / "d")
     (tmp_path / "d" / "index.json").write_text('{"not": "a list"}')
     with pytest.raises(DataError, match="must be a list"):
-        onnx_qubo.quantize(mlp_model(), tmp_path / "o2.onnx", calibration={"x": X}, load_solution=tmp_path / "d")
+        runs.quantize(mlp_model(), tmp_path / "o2.onnx", calibration={"x": X}, load_solution=tmp_path / "d")
 
 
 @pytest.mark.parametrize("bits", [2.5, "abc", "4", True, None, 0, 9])
 def test_bits_must_be_an_integer_in_range(bits, tmp_path):
     with pytest.raises(OptionError, match="bits must be") as error:
-        onnx_qubo.quantize(mlp_model(), tmp_path / "o.onnx", calibration={"x": X}, bits=bits)
+        runs.quantize(mlp_model(), tmp_path / "o.onnx", calibration={"x": X}, bits=bits)
     assert error.value.options == ("bits",)
 
 
@@ -399,7 +399,7 @@ def test_weight_or_bias_that_is_a_graph_output_skips_only_that(tmp_path):
     model = mlp_model()
     model.graph.output.append(helper.make_tensor_value_info("W1", TensorProto.FLOAT, [4, 6]))
     model.graph.output.append(helper.make_tensor_value_info("b0", TensorProto.FLOAT, [6]))
-    report = onnx_qubo.quantize(model, tmp_path / "o.onnx", calibration={"x": X}, bias="quantize", solver="rtn")
+    report = runs.quantize(model, tmp_path / "o.onnx", calibration={"x": X}, bias="quantize", solver="rtn")
     assert [layer.name for layer in report.layers] == ["fc0"] and report.layers[0].bias == "float"
     assert "graph output" in report.skipped[0].reason
     out = onnx.load(tmp_path / "o.onnx")
@@ -420,11 +420,11 @@ def test_local_function_with_changed_ops_is_refused_in_one_line_or_raised(tmp_pa
         model.opset_import.append(helper.make_opsetid("local", 1))
         model.functions.append(function)
         return model
-    report = onnx_qubo.quantize(model_with("Abs"), tmp_path / "abs.onnx", calibration={"x": X}, solver="rtn")
+    report = runs.quantize(model_with("Abs"), tmp_path / "abs.onnx", calibration={"x": X}, solver="rtn")
     assert len(report.layers) == 2  # Abs is the same at opset 25: the function's import is raised
     with pytest.raises(QuboInputError, match="local function 'local.Act' uses Relu"):
-        onnx_qubo.quantize(model_with("Relu"), tmp_path / "relu.onnx", calibration={"x": X}, solver="rtn")
-    assert onnx_qubo.quantize(model_with("Relu"), tmp_path / "relu8.onnx", calibration={"x": X}, bits=8,
+        runs.quantize(model_with("Relu"), tmp_path / "relu.onnx", calibration={"x": X}, solver="rtn")
+    assert runs.quantize(model_with("Relu"), tmp_path / "relu8.onnx", calibration={"x": X}, bits=8,
                               solver="rtn").layers
 
 
@@ -448,7 +448,7 @@ def test_a_time_major_output_is_evaluated_row_by_row(tmp_path):
          numpy_helper.from_array(np.array([3, 1, 1], np.int64), "repeats")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    report = onnx_qubo.quantize(model, tmp_path / "q.onnx", calibration={"x": X}, batch_size=16, solver="rtn",
+    report = runs.quantize(model, tmp_path / "q.onnx", calibration={"x": X}, batch_size=16, solver="rtn",
                                 speed=False)
     assert report.evaluation.samples == 3 * len(X)  # rows: time steps x samples
     assert 0 < report.evaluation.relative_output_error < 0.5
@@ -461,8 +461,8 @@ def test_external_data_output_is_written_beside_the_model_and_loads(tmp_path):
     import onnxruntime as ort
 
     model_path = Path(mlp_dir(tmp_path))
-    one = onnx_qubo.quantize(model_path, tmp_path / "one.onnx", solver="rtn", speed=False)
-    two = onnx_qubo.quantize(model_path, tmp_path / "ext.onnx", solver="rtn", speed=False, external_data=True)
+    one = runs.quantize(model_path, tmp_path / "one.onnx", solver="rtn", speed=False)
+    two = runs.quantize(model_path, tmp_path / "ext.onnx", solver="rtn", speed=False, external_data=True)
     data = tmp_path / "ext.onnx.data"
     assert data.is_file() and two.output_bytes == (tmp_path / "ext.onnx").stat().st_size + data.stat().st_size
     session = ort.InferenceSession(str(tmp_path / "ext.onnx"), providers=["CPUExecutionProvider"])
@@ -476,7 +476,7 @@ def test_external_data_output_is_written_beside_the_model_and_loads(tmp_path):
         np.savez(out, x=X)
     before = evaluation.read_bytes()
     with pytest.raises(OutputError, match="external data '.*q.onnx.data' is a data file this run reads"):
-        onnx_qubo.quantize(model_path, tmp_path / "q.onnx", solver="rtn", speed=False, external_data=True,
+        runs.quantize(model_path, tmp_path / "q.onnx", solver="rtn", speed=False, external_data=True,
                            evaluation=evaluation)
     assert evaluation.read_bytes() == before and not (tmp_path / "q.onnx").exists()
 
@@ -484,6 +484,6 @@ def test_external_data_output_is_written_beside_the_model_and_loads(tmp_path):
 def test_report_may_not_be_the_external_data_file(tmp_path):
     model_path = Path(mlp_dir(tmp_path))
     with pytest.raises(OutputError, match="is a file the output model is written to"):
-        onnx_qubo.quantize(model_path, tmp_path / "o.onnx", solver="rtn", speed=False, external_data=True,
+        runs.quantize(model_path, tmp_path / "o.onnx", solver="rtn", speed=False, external_data=True,
                            report_path=tmp_path / "o.onnx.data")
     assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "o.onnx.data").exists()

@@ -8,8 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-from onnx_qubo import quantize
+from runs import quantize
 
 from graphs import gemm_model, matmul_model, mlp_model
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import runs
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -37,7 +38,7 @@ def test_each_layer_alone_equals_quantize_with_the_others_excluded(tmp_path, dat
     assert sorted(names) == ["fc0", "fc1", "fc2"]
     for s in result.layers:
         others = [n for n in names if n != s.name]
-        report = onnx_qubo.quantize(model, tmp_path / f"{s.name}.onnx", bits=2, calibration=calib,
+        report = runs.quantize(model, tmp_path / f"{s.name}.onnx", bits=2, calibration=calib,
                                     evaluation=evaluation, exclude=others, speed=False)
         assert s.output_error == pytest.approx(report.evaluation.relative_output_error, rel=1e-6)
         assert s.top1_agreement == pytest.approx(report.evaluation.top1_agreement)
@@ -52,7 +53,7 @@ def test_stored_bytes_are_the_written_integer_scale_and_zero_point_tensors(tmp_p
     model = mlp_model(WIDTHS)
     result = onnx_qubo.sensitivity(model, calibration=calib, evaluation=evaluation, bits=4,
                                    granularity="block", block_size=4, symmetric=symmetric)
-    onnx_qubo.quantize(model, tmp_path / "q.onnx", bits=4, calibration=calib, granularity="block", block_size=4,
+    runs.quantize(model, tmp_path / "q.onnx", bits=4, calibration=calib, granularity="block", block_size=4,
                        symmetric=symmetric, speed=False)
     written = {i.name: i for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
     for s in result.layers:
@@ -100,10 +101,10 @@ def test_greedy_refuses_a_budget_below_the_smallest_model():
 def test_size_budget_keeps_the_model_within_it_and_at_most_the_error_of_the_smallest(tmp_path, data):
     calib, evaluation = data
     model = mlp_model(WIDTHS)
-    small = onnx_qubo.quantize(model, tmp_path / "small.onnx", bits=2, calibration=calib, evaluation=evaluation,
+    small = runs.quantize(model, tmp_path / "small.onnx", bits=2, calibration=calib, evaluation=evaluation,
                                speed=False)
     budget = (small.output_bytes + 150) / 1e6
-    report = onnx_qubo.quantize(model, tmp_path / "auto.onnx", bits=2, calibration=calib, evaluation=evaluation,
+    report = runs.quantize(model, tmp_path / "auto.onnx", bits=2, calibration=calib, evaluation=evaluation,
                                 size_budget=budget, speed=False)
     assert report.output_bytes <= budget * 1e6 + 400  # the estimate leaves out node and name bytes
     assert report.output_bytes > small.output_bytes  # some layer was given more bits or kept float
@@ -115,7 +116,7 @@ def test_size_budget_keeps_the_model_within_it_and_at_most_the_error_of_the_smal
 def test_auto_scheme_gives_each_layer_the_scheme_of_least_error_on_the_calibration_data(tmp_path, data):
     calib, evaluation = data
     model = mlp_model(WIDTHS)
-    report = onnx_qubo.quantize(model, tmp_path / "auto.onnx", bits=2, calibration=calib, evaluation=evaluation,
+    report = runs.quantize(model, tmp_path / "auto.onnx", bits=2, calibration=calib, evaluation=evaluation,
                                 auto_scheme=True, speed=False)
     errors = {}  # (layer, asymmetric) -> least error over per channel and blocks of 32
     for granularity, size in (("channel", 0), ("block", 32)):
@@ -135,7 +136,7 @@ def test_auto_scheme_gives_each_layer_the_scheme_of_least_error_on_the_calibrati
 def test_max_error_no_layer_can_meet_is_refused(tmp_path, data):
     calib, evaluation = data
     with pytest.raises(OptionError, match="max_error"):
-        onnx_qubo.quantize(mlp_model(WIDTHS), tmp_path / "q.onnx", bits=2, calibration=calib, max_error=1e-12,
+        runs.quantize(mlp_model(WIDTHS), tmp_path / "q.onnx", bits=2, calibration=calib, max_error=1e-12,
                            speed=False)
     assert not (tmp_path / "q.onnx").exists()
 
@@ -150,7 +151,7 @@ def test_max_error_no_layer_can_meet_is_refused(tmp_path, data):
 def test_automatic_option_errors(tmp_path, data, kwargs, names):
     calib, _ = data
     with pytest.raises(OptionError, match=names):
-        onnx_qubo.quantize(mlp_model(WIDTHS), tmp_path / "q.onnx", calibration=calib, speed=False,
+        runs.quantize(mlp_model(WIDTHS), tmp_path / "q.onnx", calibration=calib, speed=False,
                            **{"bits": 2, **kwargs})
     assert not (tmp_path / "q.onnx").exists()
 

@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+from runs import quantize
 
-from onnx_qubo import quantize
 from onnx_qubo.discovery import fed_by_earlier, find_dense_layers
 from onnx_qubo.errors import ModelError
 from onnx_qubo.pipeline import prepare

@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import runs
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from test_refusals import BadInput, assert_refused
 
-import onnx_qubo
 from onnx_qubo import perplexity
 from onnx_qubo.cli import main
 from onnx_qubo.errors import DataError, OptionError
@@ -162,7 +162,7 @@ def test_quantize_reports_perplexity_streamed_in_pieces_as_numpy_computes_it(tmp
     monkeypatch.setattr(perplexity, "run_session", lambda s, o, feed, *a: runs.append(len(feed["input_ids"]))
                         or real(s, o, feed, *a))
     out = tmp_path / "q.onnx"
-    report = onnx_qubo.quantize(model, out, bits=4, calibration={"input_ids": calib},
+    report = runs.quantize(model, out, bits=4, calibration={"input_ids": calib},
                                 evaluation={"input_ids": evaluation}, batch_size=3, speed=False,
                                 report_path=tmp_path / "r.json")
     assert runs and max(runs) <= 2 and sum(runs) == 7 * 5  # 2 models, then 3 level checks; batches of 3 split
@@ -189,7 +189,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_anything_is_written
         ids = np.zeros((4, 6), np.int64)
         ids[2, 3] = bad
         with pytest.raises(DataError, match=f"token id {bad}, outside the model's vocabulary of {VOCAB}"):
-            onnx_qubo.quantize(model, tmp_path / "q.onnx", bits=4, calibration={"input_ids": ids}, speed=False)
+            runs.quantize(model, tmp_path / "q.onnx", bits=4, calibration={"input_ids": ids}, speed=False)
     assert not (tmp_path / "q.onnx").exists()
 
 
@@ -211,7 +211,7 @@ def test_the_speed_check_times_a_run_of_windows_whose_logits_fit(tmp_path, monke
     monkeypatch.setattr(perplexity, "LOGITS_BYTES", 2 * 12 * VOCAB * 4)  # two windows a run
     monkeypatch.setattr("onnx_qubo.verify.SPEED_BUDGET", 0.0)
     ids = np.random.default_rng(3).integers(0, VOCAB, size=(6, 12))
-    report = onnx_qubo.quantize(lm_model()[0], tmp_path / "q.onnx", bits=4, calibration={"input_ids": ids},
+    report = runs.quantize(lm_model()[0], tmp_path / "q.onnx", bits=4, calibration={"input_ids": ids},
                                 batch_size=6)
     assert report.speed is not None and report.speed.batch_size == 2  # not the batch of 6: its logits may not fit
 

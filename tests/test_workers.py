@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+from runs import quantize
 
-from onnx_qubo import quantize
 from onnx_qubo.errors import OptionError
 from onnx_qubo.grid import IntegerGrid
 from onnx_qubo.qubo import build_problem

@@ -1,0 +1,531 @@
+"""The configuration of a quantization run: one typed, frozen record per concern, saved as JSON.
+
+Every option is declared once, here: its type, default, check, help text and (where it is not
+``--name``) its flag. ``QuantizeConfig`` groups the sections; its construction checks each value
+and every combination that does not need the model (``plan.make_plan`` resolves the rest
+against the layers). Errors name options by their flat name (``bits``, ``ort_accuracy_level``:
+the keyword of ``QuantizeConfig.from_flat``), which the CLI shows as its flags and ``from_json``
+as the file's keys (``weights.bits``). The CLI's quantize flags are generated from ``OPTIONS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Mapping
+
+from . import compat
+from .activations import PERCENTILE
+from .choice import Choice, parse_choice
+from .errors import OptionError
+from .grid import Granularity, Scheme
+from .kernels import Format
+from .options import (
+    MAX_GB,
+    Activations,
+    BiasMode,
+    RangeMethod,
+    ScaleMethod,
+    check_bits,
+    check_integer,
+    check_positive,
+)
+from .solvers import SOLVERS, NealSolver, Solver
+
+KERNEL_BLOCK = 16  # MatMulNBits' block_size: a power of two, at least this
+
+
+def splits_into_kernel_blocks(size: int) -> bool:
+    """Whether blocks of ``size`` inputs split into MatMulNBits blocks (a power of two, at least
+    ``KERNEL_BLOCK``): exactly when ``KERNEL_BLOCK`` divides it."""
+    return size % KERNEL_BLOCK == 0
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per output channel (row)."""
+
+    kind: ClassVar[Granularity] = Granularity.CHANNEL
+    size: ClassVar[int] = 0
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole weight."""
+
+    kind: ClassVar[Granularity] = Granularity.TENSOR
+    size: ClassVar[int] = 0
+
+
+@dataclass(frozen=True)
+class PerBlock:
+    """One scale per run of ``size`` inputs within a row (DequantizeLinear's block_size)."""
+
+    size: int
+    kind: ClassVar[Granularity] = Granularity.BLOCK
+
+    def __post_init__(self) -> None:
+        check_integer(self.size, "block_size", minimum=1)
+
+
+WeightGranularity = PerChannel | PerTensor | PerBlock
+
+
+def granularity_of(kind: object, block_size: object = None) -> WeightGranularity:
+    """The granularity object from its name (and a block size, only with ``block``)."""
+    if isinstance(kind, (PerChannel, PerTensor, PerBlock)):
+        return kind
+    chosen = parse_choice(Granularity, kind, "granularity")
+    blocks = chosen == Granularity.BLOCK
+    if blocks != (block_size is not None and (blocks or block_size != 0)):  # 0: no block size, as in a Scheme
+        raise OptionError("{block_size} goes with {granularity} block, and {granularity} block needs it",
+                          "granularity", "block_size")
+    if chosen == Granularity.BLOCK:
+        return PerBlock(check_integer(block_size, "block_size", minimum=1))
+    return PerChannel() if chosen == Granularity.CHANNEL else PerTensor()
+
+
+def _option(default: Any = None, help: str = "", flag: str | None = None, name: str | None = None,
+            factory: Any = None) -> Any:
+    """A config field with what the CLI needs: its help, its flag if not ``--name``, and its flat
+    name if not the field's."""
+    metadata = {"help": help, "flag": flag, "name": name}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _check_bool(value: object, option: str) -> bool:
+    if not isinstance(value, bool):
+        raise OptionError(f"{{{option}}} must be true or false, got {value!r}", option)
+    return value
+
+
+def _check_text(value: object, option: str) -> str | None:
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise OptionError(f"{{{option}}} must be a string, got {value!r}", option)
+    return None if value is None else os.fspath(value)
+
+
+class _Section:
+    """A config section: ``__post_init__`` checks and normalizes each field by its declared type."""
+
+    def __post_init__(self) -> None:
+        for item in fields(self):  # type: ignore[arg-type]
+            name = item.metadata.get("name") or item.name
+            object.__setattr__(self, item.name, _checked(item.type, getattr(self, item.name), name))
+
+
+def _checked(kind: object, value: object, option: str) -> object:
+    """``value`` checked against the annotation ``kind`` (a string: ``from __future__``)."""
+    optional = isinstance(kind, str) and kind.endswith(" | None")
+    kind = kind.removesuffix(" | None") if isinstance(kind, str) else kind
+    if optional and value is None:
+        return None
+    checks: dict[str, Callable[[Any, str], object]] = {
+              "bool": _check_bool, "str": _check_text, "int": check_integer, "float": check_positive,
+              "ScaleMethod": lambda v, o: parse_choice(ScaleMethod, v, o),
+              "BiasMode": lambda v, o: parse_choice(BiasMode, v, o),
+              "Activations": lambda v, o: parse_choice(Activations, v, o),
+              "RangeMethod": lambda v, o: parse_choice(RangeMethod, v, o),
+              "Format": lambda v, o: parse_choice(Format, v, o),
+              "WeightGranularity": lambda v, o: granularity_of(v),
+              "tuple[str, ...]": _check_names, "Mapping[str, int]": _check_layer_bits}
+    return checks[str(kind)](value, option)
+
+
+def _check_names(value: object, option: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):  # type: ignore[attr-defined]
+        raise OptionError(f"{{{option}}} must be a list of layer names, got {value!r}", option)
+    return tuple(value)  # type: ignore[arg-type]
+
+
+def _check_layer_bits(value: object, option: str) -> dict[str, int]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise OptionError(f"{{{option}}} must map layer names to bit widths, got {value!r}", option)
+    return {name: check_bits(bits, option) for name, bits in value.items()}
+
+
+@dataclass(frozen=True)
+class WeightConfig(_Section):
+    """How weights are stored: bit width, scale groups, zero points."""
+
+    bits: int = _option(2, "Weight bit width (INT2/UINT2 storage for 1-2, INT4/UINT4 for 3-4, INT8/UINT8 for 5-8).")
+    granularity: WeightGranularity = _option(
+        factory=PerChannel, help="Weights sharing one scale: each output channel, the whole tensor, or blocks of "
+                                 "--block-size inputs within a channel (DequantizeLinear block_size, opset 21).")
+    symmetric: bool = _option(True, "Signed grid with zero point 0 (INT2/INT4/INT8), or unsigned grid with an "
+                                    "integer zero point per scale (UINT2/UINT4/UINT8).",
+                              flag="--symmetric/--asymmetric")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bits(self.bits)
+
+    def scheme(self, bits: int | None = None) -> Scheme:
+        """The grid scheme at ``bits`` (default: ``self.bits``)."""
+        return Scheme(self.bits if bits is None else bits, self.granularity.kind, self.granularity.size, self.symmetric)
+
+
+@dataclass(frozen=True)
+class RoundingConfig(_Section):
+    """How each layer's rounding is chosen."""
+
+    scale: ScaleMethod = _option(ScaleMethod.MSE, "mse: clipping ratio per scale group searched on the QUBO cost of "
+                                 "round-to-nearest; qubo: the best few of those re-ranked by the cost after the fast "
+                                 "solver; minmax: the full range.")
+    solver: str = _option("fast", "fast: batched engine on the shared Gram; neal: dwave-neal per neuron (the paper); "
+                                  "rtn: round to nearest; exact: brute force (tests, tiny layers).")
+    seed: int = _option(0, "Seed for the stochastic solvers.")
+    neal_reads: int | None = _option(None, "neal num_reads [neal's default].")
+    neal_sweeps: int | None = _option(None, "neal num_sweeps [neal's default].")
+    bias: BiasMode = _option(BiasMode.FLOAT, "float: keep it; quantize: a variable of each neuron's QUBO at the "
+                             "weights' bit width (the paper); int32: input scale x weight scale (needs --activations).")
+    bias_correction: bool = _option(False, "Add to each layer's output the mean error its rounding leaves (folded "
+                                           "into its bias; an Add after it where the bias cannot take it).")
+    sequential: bool = _option(False, "Calibrate each layer on the outputs of the already quantized earlier layers "
+                                      "(target: the float model's outputs).")
+    lower_bound: bool = _option(False, "Certify a lower bound on each layer's optimal cost (the report's bound and "
+                                       "gap columns).", flag="--bound")
+    dump_qubo: str | None = _option(None, "Write each layer's QUBOs (npz, format in onnx_qubo/exchange.py) to this "
+                                          "directory.")
+    load_solution: str | None = _option(None, "Use the roundings <layer>.solution.npy in this --dump-qubo directory "
+                                              "instead of solving.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.solver not in SOLVERS:
+            raise OptionError(f"{{solver}} must be one of {', '.join(SOLVERS)}, got {self.solver!r}", "solver")
+        for name in ("neal_reads", "neal_sweeps"):
+            if getattr(self, name) is not None:
+                check_integer(getattr(self, name), name, minimum=1)
+                if self.solver != "neal":
+                    raise OptionError(f"{{{name}}} applies only to {{solver}} neal", name, "solver")
+
+    def make_solver(self) -> Solver:
+        """The solver object this config names."""
+        if self.solver == "neal":
+            return NealSolver(self.neal_reads, self.neal_sweeps)
+        return SOLVERS[self.solver]()
+
+
+@dataclass(frozen=True)
+class ActivationConfig(_Section):
+    """Whether and how each layer's input is quantized."""
+
+    dtype: Activations = _option(Activations.NONE, "Quantize each layer's input per tensor (QuantizeLinear/"
+                                 "DequantizeLinear); the QUBO then sees the quantized inputs.", name="activations")
+    range: RangeMethod = _option(RangeMethod.MINMAX, f"Input ranges: observed min/max, or the {PERCENTILE}% percentile "
+                                 "at both ends.", name="activation_range")
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype != Activations.NONE
+
+
+@dataclass(frozen=True)
+class OutputConfig(_Section):
+    """What the written model looks like."""
+
+    format: Format = _option(Format.QDQ, "qdq: standard ONNX (integers -> DequantizeLinear), runs anywhere; ort: "
+                             "onnxruntime's fast CPU kernels from the same codes (MatMulNBits, MatMulIntegerToFloat; "
+                             "QLinearConv with --activations).")
+    ort_accuracy_level: int = _option(0, "With --format ort, weight-only: 4 lets MatMulNBits quantize activations "
+                                         "to int8 inside the kernel (faster; the report states the output error it "
+                                         "costs).")
+    embeddings: bool = _option(False, "Also quantize embedding tables (constant tables Gather reads rows of) at "
+                                      "--bits, a scale per row (or per --block-size block) by least squared error; "
+                                      "with --format ort as GatherBlockQuantized.")
+    external_data: bool = _option(False, "Write the tensors to OUTPUT.data beside the model (always done over "
+                                         "protobuf's 2 GB limit).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ort_accuracy_level not in (0, 1, 2, 3, 4):
+            raise OptionError(f"{{ort_accuracy_level}} must be 0-4, got {self.ort_accuracy_level}",
+                              "ort_accuracy_level")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig(_Section):
+    """Where and in how much memory the run solves."""
+
+    workers: int = _option(1, "Solve each layer's rows on N local processes (1: this process, whose solver already "
+                              "uses every core through threads). Same bits for any N.")
+    ray_address: str | None = _option(None, "Solve on a Ray cluster at ADDRESS ('local' starts one here; pip install "
+                                            "'onnx-qubo[ray]').", flag="--ray")
+    max_memory: float | None = _option(None, "Memory the run may hold in GB (default: 60% of this machine's): the "
+                                             "model's weights, one calibration pass's layer statistics and one "
+                                             "layer's solve. Statistics that do not fit are gathered in several "
+                                             "passes over the data.")
+    batch_size: int = _option(256, "Samples per onnxruntime run.")
+
+    def __post_init__(self) -> None:
+        check_positive(self.max_memory, "max_memory", MAX_GB, "a positive number of GB")  # before the generic check
+        super().__post_init__()
+        check_integer(self.workers, "workers", minimum=1)
+        check_integer(self.batch_size, "batch_size", minimum=1)
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory is None else int(self.max_memory * 1e9)
+
+
+@dataclass(frozen=True)
+class AutomaticConfig(_Section):
+    """Which layers are quantized at which bit width: by hand, or chosen by measuring each layer's
+    model-output error alone (autoscheme.py)."""
+
+    exclude: tuple[str, ...] = _option((), "Leave this layer in float (repeatable; names as `onnx-qubo inspect` "
+                                           "lists them).")
+    layer_bits: Mapping[str, int] = _option(factory=dict, help="Bit width for one layer, overriding --bits "
+                                                               "(repeatable): mixed precision.")
+    auto_scheme: bool = _option(False, "Per layer, the scheme with the least model-output error alone: per channel "
+                                       "or blocks of 32, symmetric or asymmetric (each solved once; see `onnx-qubo "
+                                       "sensitivity`).")
+    size_budget: float | None = _option(None, "Model size to fit in MB: the layers that damage the output most per "
+                                              "byte stay at 8 bits or float while it fits (measured alone on the "
+                                              "calibration data).")
+    max_error: float | None = _option(None, "Relative output error to reach: the most damaging layers per byte go "
+                                            "to 8 bits or float until the estimate (per-layer errors added in "
+                                            "squares) is below it.")
+
+    def __post_init__(self) -> None:
+        check_positive(self.size_budget, "size_budget", MAX_GB * 1e3, "a number of MB above 0")  # its own words
+        super().__post_init__()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether layers' schemes are chosen by measuring them."""
+        return self.auto_scheme or self.size_budget is not None or self.max_error is not None
+
+
+SECTIONS = {"weights": WeightConfig, "rounding": RoundingConfig, "activations": ActivationConfig,
+            "output": OutputConfig, "execution": ExecutionConfig, "automatic": AutomaticConfig}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option as the CLI and the JSON file see it: flat name, section, field, default, help."""
+
+    name: str
+    section: str
+    field: str
+    default: object
+    help: str
+    flag: str
+
+
+def _options() -> Iterator[Option]:
+    for section, kind in SECTIONS.items():
+        defaults = kind()
+        for item in fields(kind):
+            name = item.metadata.get("name") or item.name
+            yield Option(name, section, item.name, getattr(defaults, item.name), item.metadata["help"],
+                         item.metadata.get("flag") or "--" + name.replace("_", "-"))
+
+
+OPTIONS = {option.name: option for option in _options()}  # flat name -> option, in file order
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything a quantization run is asked for; the combinations are checked on construction."""
+
+    weights: WeightConfig = field(default_factory=WeightConfig)
+    rounding: RoundingConfig = field(default_factory=RoundingConfig)
+    activations: ActivationConfig = field(default_factory=ActivationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    automatic: AutomaticConfig = field(default_factory=AutomaticConfig)
+
+    def __post_init__(self) -> None:
+        for name, kind in SECTIONS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise OptionError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        rounding, activations = self.rounding, self.activations
+        if rounding.bias == BiasMode.INT32 and not activations.quantized:
+            raise OptionError("{bias} int32 needs quantized inputs ({activations} int8 or uint8): its scale is "
+                              "the input scale times the weight scale", "bias", "activations")
+        if rounding.bias == BiasMode.QUANTIZE and rounding.bias_correction:
+            raise OptionError("{bias_correction} re-fits a float bias; with {bias} quantize the bias is already "
+                              "a variable of each neuron's QUBO", "bias_correction", "bias")
+        for bits in {self.weights.bits, *self.automatic.layer_bits.values()}:
+            reason = compat.scheme_refusal(self.weights.scheme(bits), activations.quantized)
+            if reason:
+                raise OptionError(reason, "symmetric", "granularity", "activations")
+        self._check_format()
+        self._check_automatic()
+
+    def _check_format(self) -> None:
+        """Refuse what format ort cannot serve for any layer (single layers fall back, reported)."""
+        output, activations, granularity = self.output, self.activations, self.weights.granularity
+        if output.ort_accuracy_level and output.format != Format.ORT:
+            raise OptionError(f"{{ort_accuracy_level}} applies to {{format}} ort weight-only layers (MatMulNBits), "
+                              f"not to {{format}} {output.format.value}", "ort_accuracy_level", "format")
+        if output.ort_accuracy_level and activations.quantized:
+            raise OptionError(f"{{ort_accuracy_level}} applies to weight-only layers (MatMulNBits), not with "
+                              f"{{activations}} {activations.dtype.value}", "ort_accuracy_level", "activations")
+        if output.format != Format.ORT:
+            return
+        if activations.quantized and isinstance(granularity, PerBlock):
+            raise OptionError("{format} ort with quantized inputs runs MatMulIntegerToFloat, which takes one weight "
+                              "scale per output or per tensor, not blocks: use {granularity} channel or tensor, "
+                              "or {format} qdq", "format", "granularity")
+        if not activations.quantized:
+            if min([self.weights.bits, *self.automatic.layer_bits.values()]) > 4 and output.ort_accuracy_level != 4:
+                raise OptionError("{format} ort weight-only: onnxruntime 1.32's MatMulNBits has a fast float kernel "
+                                  "for 1-4 bit weights only; use {bits} 4 or less, {ort_accuracy_level} 4 (int8 "
+                                  "activations inside the kernel), {activations} int8/uint8, or {format} qdq",
+                                  "format", "bits", "ort_accuracy_level", "activations")
+            if isinstance(granularity, PerBlock) and not splits_into_kernel_blocks(granularity.size):
+                raise OptionError(f"{{format}} ort weight-only needs blocks that split into MatMulNBits blocks (a "
+                                  f"power of two >= {KERNEL_BLOCK}), not {{block_size}} {granularity.size}: use a "
+                                  f"multiple of {KERNEL_BLOCK}, or {{format}} qdq", "format", "block_size")
+
+    def _check_automatic(self) -> None:
+        """The automatic choice measures every layer alone on the float model, with its own schemes."""
+        automatic = self.automatic
+        if not automatic.enabled:
+            return
+        names = ["auto_scheme", "size_budget", "max_error"]
+        if self.rounding.sequential:
+            raise OptionError("{auto_scheme}/{size_budget}/{max_error} measure each layer alone on the float model; "
+                              "they do not combine with {sequential}", *names, "sequential")
+        if automatic.layer_bits:
+            raise OptionError("{layer_bits} sets bit widths by hand, {auto_scheme}/{size_budget}/{max_error} "
+                              "choose them: give one or the other", "layer_bits", *names)
+        if self.rounding.dump_qubo is not None or self.rounding.load_solution is not None:
+            raise OptionError("{dump_qubo}/{load_solution} exchange one scheme's QUBOs; {auto_scheme}/{size_budget}/"
+                              "{max_error} solve several", "dump_qubo", "load_solution", *names)
+        if automatic.auto_scheme and self.output.format == Format.ORT:
+            raise OptionError("{auto_scheme} tries blocks of 32 and per channel, symmetric and not; {format} ort "
+                              "serves only some of them: use {format} qdq", "auto_scheme", "format")
+        if self.output.embeddings:
+            raise OptionError("{embeddings} tables are not measured by {auto_scheme}/{size_budget}/{max_error} yet: "
+                              "give one or the other", "embeddings", *names)
+
+    # flat view: the CLI's flags and the API's keywords
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, object] | None = None, **more: object) -> QuantizeConfig:
+        """A config from flat option names (``OPTIONS``; ``granularity`` a name or object, with
+        ``block_size`` for blocks), the rest at their defaults."""
+        values = {**(values or {}), **more}
+        unknown = sorted(set(values) - set(OPTIONS) - {"block_size"})
+        if unknown:
+            raise OptionError(f"unknown option(s): {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+        if "granularity" in values or "block_size" in values:
+            values["granularity"] = granularity_of(values.get("granularity", "block" if values.get("block_size")
+                                                              else "channel"), values.pop("block_size", None))
+        sections: dict[str, dict[str, object]] = {name: {} for name in SECTIONS}
+        for name, value in values.items():
+            sections[OPTIONS[name].section][OPTIONS[name].field] = value
+        return cls(**{name: SECTIONS[name](**given) for name, given in sections.items()})  # type: ignore[arg-type]
+
+    def flat(self) -> dict[str, object]:
+        """Flat option name -> value (the inverse of ``from_flat``)."""
+        return {name: getattr(getattr(self, option.section), option.field) for name, option in OPTIONS.items()}
+
+    def updated(self, **changes: object) -> QuantizeConfig:
+        """This config with some options (flat names) changed, checked again."""
+        return QuantizeConfig.from_flat({**self.flat(), **changes})
+
+    # file form: JSON, sections and keys in declaration order, so a saved config is byte-reproducible
+
+    def to_dict(self) -> dict[str, dict[str, object]]:
+        return {name: {item.name: _plain(getattr(getattr(self, name), item.name)) for item in fields(kind)}
+                for name, kind in SECTIONS.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: object, origin: str = "config") -> QuantizeConfig:
+        """A config from its file form; an unknown key or bad value is refused naming the key."""
+        keys = {option.name: f"{option.section}.{option.field}" for option in OPTIONS.values()}
+        keys["block_size"] = "weights.granularity"
+        if not isinstance(data, Mapping):
+            raise OptionError(f"{origin}: expected an object of sections ({', '.join(SECTIONS)})")
+        flat: dict[str, object] = {}
+        for section, given in data.items():
+            if section not in SECTIONS:
+                raise OptionError(f"{origin}: unknown key '{section}' (sections: {', '.join(SECTIONS)})")
+            if not isinstance(given, Mapping):
+                raise OptionError(f"{origin}: '{section}' must be an object")
+            known = {option.field: option.name for option in OPTIONS.values() if option.section == section}
+            for key, value in given.items():
+                if key not in known:
+                    raise OptionError(f"{origin}: unknown key '{section}.{key}' (known: {', '.join(known)})")
+                flat[known[key]] = value
+        given_granularity = flat.get("granularity")
+        if isinstance(given_granularity, Mapping):  # {"block": 32}
+            flat["granularity"], flat["block_size"] = next(iter(given_granularity.items())) \
+                if len(given_granularity) == 1 else (given_granularity, None)
+        try:
+            return cls.from_flat(flat)
+        except OptionError as error:
+            raise OptionError(f"{origin}: {error.render(keys)}") from None
+
+    @classmethod
+    def from_json(cls, text: str, origin: str = "config") -> QuantizeConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise OptionError(f"{origin}: not JSON ({error})") from None
+        return cls.from_dict(data, origin)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON form to ``path`` (a plain write: the CLI checks its output paths first)."""
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> QuantizeConfig:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise OptionError(f"cannot read config '{path}': {error}") from None
+        return cls.from_json(text, str(path))
+
+    def describe(self) -> str:
+        """The scheme in words, for reports."""
+        weights, activations = self.weights, self.activations
+        zero_point = "symmetric" if weights.symmetric else "asymmetric (zero points)"
+        groups = (f"blocks of {weights.granularity.size} inputs" if isinstance(weights.granularity, PerBlock)
+                  else f"per {weights.granularity.kind}")
+        text = f"weights {groups}, {zero_point}; bias {self.rounding.bias}; activations {activations.dtype}"
+        if activations.quantized:
+            text += f" ({activations.range} ranges)"
+        text += "; sequential calibration" if self.rounding.sequential else ""
+        text += "; embedding tables per row" if self.output.embeddings else ""
+        automatic = self.automatic
+        if automatic.enabled:
+            chosen = ["scheme chosen"] if automatic.auto_scheme else []
+            chosen += [] if automatic.size_budget is None else [f"within {automatic.size_budget:g} MB"]
+            chosen += [] if automatic.max_error is None else [f"to output error {automatic.max_error:g}"]
+            text += "; per layer: " + ", ".join(chosen)
+        if self.output.format == Format.ORT:
+            level = self.output.ort_accuracy_level
+            text += "; format ort" + (f" (accuracy level {level})" if level else "")
+        return text
+
+
+def _plain(value: object) -> object:
+    """A field's JSON value: enums as strings, granularity as its name or {"block": size}."""
+    if isinstance(value, Choice):
+        return value.value
+    if isinstance(value, PerBlock):
+        return {"block": value.size}
+    if isinstance(value, (PerChannel, PerTensor)):
+        return value.kind.value
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+__all__ = ["QuantizeConfig", "WeightConfig", "RoundingConfig", "ActivationConfig", "OutputConfig", "ExecutionConfig",
+           "AutomaticConfig", "PerChannel", "PerTensor", "PerBlock", "OPTIONS"]
