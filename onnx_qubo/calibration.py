@@ -198,13 +198,14 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
     if deployed is not None:
         streams.append(stream_inputs(expose_outputs(deployed, layers), tensors, dataset,
                                      "the partly quantized model", built=True))
+
     def update(key: str, floats: dict[str, np.ndarray], seen: dict[str, np.ndarray]) -> None:
         layer = views[key]
         name = layer.input_name
         x = floats[name]
         x_seen = seen[name] if name not in quantizers else quantizers[name].fake_quantize(seen[name])
         if layer.cell is not None:  # its input vectors: [x_t; h_(t-1)] per direction
-            x_seen = layer.cell.gate_inputs(x_seen, seen) if mismatch else None
+            x_seen = layer.cell.gate_inputs(x_seen, seen) if mismatch else x_seen
             x = layer.cell.gate_inputs(x, floats)
         sums[key].update(x, x_seen if mismatch else None)
 
