@@ -268,6 +268,10 @@ def run(model: ModelSource, output_path: str | os.PathLike, config: QuantizeConf
     config = QuantizeConfig() if config is None else config
     target = destination(model, output_path, config, calibration=calibration, evaluation=evaluation,
                          report_path=report_path)
+    input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    if evaluation is not None or _beside(input_path, EVAL_SUFFIX) is not None:  # checked before the long run
+        graph = model if isinstance(model, onnx.ModelProto) else load_model(model)
+        evaluation = _dataset(graph, input_path, evaluation, EVAL_SUFFIX, config.execution.batch_size)
     result = evaluate(quantize(model, config, calibration, progress=progress), evaluation, progress=progress)
     if speed:
         result = measure_speed(result, evaluation)
@@ -291,7 +295,10 @@ def _dataset(float_model: onnx.ModelProto, input_path: Path | None, source: Any,
 
 
 def _evaluation_data(result: Result, evaluation: Any) -> Dataset:
-    """The evaluation data: given, beside the model, or the calibration data."""
+    """The evaluation data: given (loaded already when a ``Dataset``), beside the model, or the
+    calibration data."""
+    if isinstance(evaluation, Dataset):
+        return evaluation
     if evaluation is None and _beside(result.input_path, EVAL_SUFFIX) is None:
         return result.calibration
     return _dataset(result.float_model, result.input_path, evaluation, EVAL_SUFFIX,

@@ -14,7 +14,7 @@ are computed over token rows, in the same passes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -27,6 +27,7 @@ from .report import Evaluation
 from .runtime import BASIC, DEFAULT, NONE, make_session, run_session
 
 IDS_INPUT = "input_ids"
+LEVEL_WINDOWS = 4  # windows the optimization-level checks run (three sessions each: a whole pass would cost three)
 LOGITS_BYTES = 64 << 20  # the most logits (float32) one onnxruntime run returns (the level checks hold 3)
 CHUNK_VALUES = 1 << 22  # values per chunk of token rows the measures run over, in float64
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -217,6 +218,18 @@ def _pieces(dataset: Dataset, batch: dict[str, np.ndarray], lm: LanguageModel) -
     return [dataset.piece(batch, start, min(count, start + size)) for start in range(0, count, size)]
 
 
+def _first_windows(dataset: Dataset, count: int) -> Dataset:
+    """The first ``count`` windows of ``dataset`` (whole batches where it may not be split)."""
+    batches, left = [], count
+    for batch in dataset.batches:
+        if left <= 0:
+            break
+        size = dataset.samples(batch)
+        batches.append(batch if size <= left or not dataset.splittable else dataset.piece(batch, 0, left))
+        left -= size
+    return replace(dataset, batches=batches, labels=None)
+
+
 def first_run(lm: LanguageModel, dataset: Dataset) -> dict[str, np.ndarray]:
     """The first run of the evaluation's windows, sized by its logits: the batch the speed check times."""
     return _pieces(dataset, dataset.batches[0], lm)[0]
@@ -228,7 +241,8 @@ def evaluate_language_model(lm: LanguageModel, float_model: onnx.ModelProto, qua
     """Perplexity of both models on ``dataset``'s windows and the comparison measures over token
     rows, streamed (module docstring): the float and the quantized model in one pass, then
     (``check_levels``) the quantized model at the default and basic level against ``portable``
-    (default: the quantized model) with optimizations disabled, in another."""
+    (default: the quantized model) with optimizations disabled, on the first LEVEL_WINDOWS windows
+    (the kernels' agreement with the reference does not need the whole text)."""
     check_tokens(lm, dataset)
     sessions = [(make_session(float_model, DEFAULT, "the float model", False, lean=True), "the float model", False),
                 (make_session(quantized_model, DEFAULT, "the quantized model", True, lean=True),
@@ -236,7 +250,7 @@ def evaluate_language_model(lm: LanguageModel, float_model: onnx.ModelProto, qua
     scores, (quantized,) = stream(sessions, lm, dataset, progress, "perplexity", [(1, 0)])
     del sessions
     default_vs_plain = basic_vs_plain = default_vs_basic = 0.0
-    matches = True
+    matches, checked = True, dataset
     if check_levels:
         plain = quantized_model if portable is None else portable
         levels = [(make_session(quantized_model, DEFAULT, "the quantized model", True, lean=True),
@@ -245,7 +259,8 @@ def evaluate_language_model(lm: LanguageModel, float_model: onnx.ModelProto, qua
                    "the quantized model (basic)", True),
                   (make_session(plain, NONE, "the portable model", True, lean=True),
                    "the portable model (no optimization)", True)]
-        _, (default_plain, basic_plain, default_basic) = stream(levels, lm, dataset, progress, "optimization levels",
+        checked = _first_windows(dataset, LEVEL_WINDOWS)
+        _, (default_plain, basic_plain, default_basic) = stream(levels, lm, checked, progress, "optimization levels",
                                                                 [(0, 2), (1, 2), (0, 1)], scored=False)
         default_vs_plain, basic_vs_plain = default_plain.relative, basic_plain.relative
         default_vs_basic, matches = default_basic.max_abs, default_basic.same_top1 == default_basic.rows
@@ -256,4 +271,5 @@ def evaluate_language_model(lm: LanguageModel, float_model: onnx.ModelProto, qua
         default_vs_basic_max_diff=default_vs_basic, mean_cosine=quantized.cosines / max(quantized.rows, 1),
         max_abs_error=quantized.max_abs, decision_flips=None, default_vs_unoptimized=default_vs_plain,
         basic_vs_unoptimized=basic_vs_plain, float_perplexity=scores.perplexity(0),
-        quantized_perplexity=scores.perplexity(1), predictions=scores.predictions)
+        quantized_perplexity=scores.perplexity(1), predictions=scores.predictions,
+        level_samples=checked.num_samples if checked.num_samples < dataset.num_samples else None)

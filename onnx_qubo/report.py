@@ -60,6 +60,7 @@ class Evaluation:
     float_perplexity: float | None = None  # language models (perplexity.py): next-token perplexity
     quantized_perplexity: float | None = None
     predictions: int = 0  # the next tokens scored (a window of T tokens scores T - 1)
+    level_samples: int | None = None  # the samples the level checks ran on (None: all of them)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ def _evaluation_lines(ev: Evaluation) -> list[str]:
                  f"(max |diff| {ev.default_vs_basic_max_diff:.3g})")
     lines.append(f"against the DequantizeLinear model with optimizations disabled (no graph rewrites, no fused "
                  f"kernels): default level {ev.default_vs_unoptimized:.2g}, basic level "
-                 f"{ev.basic_vs_unoptimized:.2g} (relative output difference)")
+                 f"{ev.basic_vs_unoptimized:.2g} (relative output difference"
+                 f"{'' if ev.level_samples is None else f' on the first {ev.level_samples} windows'})")
     return lines
 
 

@@ -206,3 +206,15 @@ def test_quantize_returns_the_model_in_memory_and_writes_nothing(tmp_path, monke
 def test_quantize_refuses_what_is_not_a_config():
     with pytest.raises(onnx_qubo.OptionError, match="config must be a QuantizeConfig"):
         onnx_qubo.quantize(mlp_model(), {"bits": 2}, {"x": np.zeros((4, 8), np.float32)})
+
+
+def test_bad_evaluation_data_is_refused_before_the_long_run(tmp_path, monkeypatch):
+    def no_quantize(*args, **kwargs):
+        raise AssertionError("quantize ran before the evaluation data was checked")
+
+    monkeypatch.setattr(onnx_qubo.api, "quantize", no_quantize)
+    x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    with pytest.raises(onnx_qubo.DataError, match=r"input 'x' has shape \(16, 5\)"):
+        onnx_qubo.api.run(mlp_model(widths=(8, 4)), tmp_path / "q.onnx", calibration={"x": x},
+                          evaluation={"x": x[:, :5]})
+    assert not (tmp_path / "q.onnx").exists()

@@ -157,15 +157,17 @@ def test_quantize_reports_perplexity_streamed_in_pieces_as_numpy_computes_it(tmp
     calib, evaluation = rng.integers(0, VOCAB, size=(16, 12)), rng.integers(0, VOCAB, size=(7, 12))
     monkeypatch.setattr(perplexity, "LOGITS_BYTES", 2 * 12 * VOCAB * 4)  # two windows a run
     monkeypatch.setattr(perplexity, "CHUNK_VALUES", 5 * VOCAB)  # windows cut in chunks of rows
-    runs = []
+    sizes = []
     real = perplexity.run_session
-    monkeypatch.setattr(perplexity, "run_session", lambda s, o, feed, *a: runs.append(len(feed["input_ids"]))
+    monkeypatch.setattr(perplexity, "run_session", lambda s, o, feed, *a: sizes.append(len(feed["input_ids"]))
                         or real(s, o, feed, *a))
+    monkeypatch.setattr(perplexity, "LEVEL_WINDOWS", 4)
     out = tmp_path / "q.onnx"
     report = runs.quantize(model, out, bits=4, calibration={"input_ids": calib},
-                                evaluation={"input_ids": evaluation}, batch_size=3, speed=False,
-                                report_path=tmp_path / "r.json")
-    assert runs and max(runs) <= 2 and sum(runs) == 7 * 5  # 2 models, then 3 level checks; batches of 3 split
+                           evaluation={"input_ids": evaluation}, batch_size=3, speed=False,
+                           report_path=tmp_path / "r.json")
+    # 2 models on the 7 windows, then 3 level checks on the first 4; batches of 3 split in runs of 2
+    assert sizes and max(sizes) <= 2 and sum(sizes) == 7 * 2 + 4 * 3
     ev = report.evaluation
     assert ev.float_perplexity == pytest.approx(numpy_perplexity(table[evaluation] @ weight, evaluation), rel=1e-5)
     quantized = ort.InferenceSession(str(out)).run(["logits"], {"input_ids": evaluation})[0]
@@ -179,6 +181,7 @@ def test_quantize_reports_perplexity_streamed_in_pieces_as_numpy_computes_it(tmp
     assert ev.relative_output_error == pytest.approx(relative, rel=1e-4)
     text = report.to_text()
     assert "perplexity on 77 next tokens of 7 windows" in text and "quantized" in text
+    assert ev.level_samples == 4 and "on the first 4 windows" in text
     saved = json.loads((tmp_path / "r.json").read_text())["evaluation"]
     assert saved["float_perplexity"] == ev.float_perplexity and saved["quantized_perplexity"] == ev.quantized_perplexity
 
