@@ -14,16 +14,14 @@ in another form): ``E[z d^T]`` and ``E[d d^T]`` with ``d = x - x~``.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-from itertools import repeat
+from functools import partial
 from typing import Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 import onnx
 
 from .data import Dataset
-from .determinism import one_blas_thread
+from .determinism import map_threads, one_blas_thread
 from .errors import DataError, ModelError
 from .forms.recurrent import expose_outputs
 from .grid import InputQuantizer
@@ -199,7 +197,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
         streams.append(stream_inputs(expose_outputs(deployed, layers), tensors, dataset,
                                      "the partly quantized model", built=True))
 
-    def update(key: str, floats: dict[str, np.ndarray], seen: dict[str, np.ndarray]) -> None:
+    def update(key: str, *, floats: dict[str, np.ndarray], seen: dict[str, np.ndarray]) -> None:
         layer = views[key]
         name = layer.input_name
         x = floats[name]
@@ -210,10 +208,10 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
         sums[key].update(x, x_seen if mismatch else None)
 
     # each view's sums on one thread at a time, in batch order: the same bits for any thread count
-    with progress.bar(dataset.num_samples, "calibrating") as bar, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with progress.bar(dataset.num_samples, "calibrating") as bar:
         for pieces in zip(*streams):
             (samples, floats), (_, seen) = pieces[0], pieces[-1]
-            list(pool.map(update, views, repeat(floats), repeat(seen)))
+            map_threads(partial(update, floats=floats, seen=seen), views)
             bar.update(samples)
     return {layer.statistics_key: sums[layer.source_key].statistics(layer.group) for layer in layers}
 

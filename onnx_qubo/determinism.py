@@ -14,9 +14,12 @@ onnxruntime's kernels are not affected (their thread count does not change their
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
+from typing import TypeVar
 
 from threadpoolctl import ThreadpoolController
 
@@ -37,3 +40,16 @@ def one_blas_thread() -> Iterator[None]:
     the block, such as the fast solver's chunk threads, each run single-threaded BLAS calls."""
     with _controller().limit(limits=1, user_api="blas"):
         yield
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_threads(function: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[function(item) for item in items]`` on one thread per core (numpy releases the GIL in its
+    array loops and BLAS calls). The caller splits the work into ``items`` without looking at the
+    core count, so the results do not depend on it; inside ``one_blas_thread`` each BLAS call
+    stays single-threaded."""
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(pool.map(function, items))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .determinism import map_threads
 from .grid import Granularity, GroupScales, IntegerGrid, Scheme
 
 SCALE_METHODS = ("mse", "minmax", "qubo")
@@ -120,8 +121,9 @@ class _RtnCosts:
         self.cross = None if cross is None else cross.astype(np.float32)
 
     def of(self, ratios: np.ndarray) -> np.ndarray:
-        """Costs [m, n, g] for ratios [m, n, g]; a tensor-wide group gets the layer's total."""
-        return np.stack([self._costs(r) for r in ratios])
+        """Costs [m, n, g] for ratios [m, n, g] (candidates on every core); a tensor-wide group
+        gets the layer's total."""
+        return np.stack(map_threads(self._costs, ratios))
 
     def deltas(self, ratio: np.ndarray) -> np.ndarray:
         """Weight errors [n, f] of round-to-nearest with the scales of ``ratio`` [n, g]."""
@@ -174,8 +176,8 @@ class _SketchCosts:
         self.rest = np.maximum(np.diag(gram) - np.einsum("fk,fk->f", self.factor, self.factor), 0.0)
 
     def of(self, ratios: np.ndarray) -> np.ndarray:
-        """Costs [m, n, 1] for ratios [m, n, 1] (row or tensor scales)."""
-        return np.stack([self._costs(r) for r in ratios])
+        """Costs [m, n, 1] for ratios [m, n, 1] (row or tensor scales; candidates on every core)."""
+        return np.stack(map_threads(self._costs, ratios))
 
     def _costs(self, ratio: np.ndarray) -> np.ndarray:
         exact = self.exact
