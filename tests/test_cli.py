@@ -2,7 +2,9 @@
 a non-zero exit, the input untouched and no output file left behind."""
 
 import hashlib
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -255,3 +257,14 @@ def test_bad_config_file_is_refused_naming_the_key(model_dir):
     (model_dir / "c.json").write_text('{"weights": {"bits": 12}}')
     expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--config", model_dir / "c.json"],
                  "weights.bits must be between 1 and 8, got 12")
+
+
+def test_the_cli_reference_in_docs_is_generated_from_the_cli():
+    """docs/cli.md is benchmarks/cli_reference.py's output: regenerate it when a flag changes."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("cli_reference", root / "benchmarks" / "cli_reference.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (root / "docs" / "cli.md").read_text() == module.render(), \
+        "docs/cli.md is stale: python benchmarks/cli_reference.py > docs/cli.md"
