@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from .backends.kernels import Format
 from .contribution import FLOAT_BYTES, LayerSensitivity, measure
 from .errors import OptionError
 from .grid import Granularity
-from .kernels import Format
 from .lowering import rewrite
 from .options import QuantizeOptions
 from .pipeline import Calibrated, Quantized

@@ -18,11 +18,11 @@ import click
 
 from . import api
 from .activations import PERCENTILE
+from .backends.kernels import Format
 from .discovery import find_dense_layers
 from .errors import Interrupted, NamesOptions, QuboError
 from .files import inputs_read, load_model, writable_path, write_atomically
 from .grid import MAX_BITS, MIN_BITS
-from .kernels import Format
 from .options import Activations, BiasMode, Granularity, RangeMethod, ScaleMethod
 from .pipeline import prepare
 from .solvers import SOLVERS, NealSolver

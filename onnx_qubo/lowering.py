@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 
 from . import external, passes
+from .backends.kernels import Format, KernelChoice, choose_kernel, choose_table_kernel
 from .errors import ModelError, QuboError, RuntimeFailure
 from .forms.gather import TABLE_OPSET, LowerTables, QuantizedTable, TableLowering
 from .grid import Granularity
-from .kernels import Format, KernelChoice, choose_kernel, choose_table_kernel
 from .passes import (
     ActivationQuantization,
     CheckModel,

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from . import compat
+from .backends import portable
+from .backends.kernels import Format
 from .choice import Choice, parse_choice
 from .errors import OptionError
 from .grid import MAX_BITS, MIN_BITS, Granularity, Scheme
-from .kernels import Format
 from .solvers import SOLVERS, FastSolver, Solver
 
 
@@ -178,7 +178,7 @@ class QuantizeOptions:
         except ValueError as exc:
             raise OptionError(f"{{granularity}}/{{block_size}}: {exc}", "granularity", "block_size") from None
         for bits in {self.bits, *self.layer_bits.values()}:
-            reason = compat.scheme_refusal(self.scheme(bits), self.activations != Activations.NONE)
+            reason = portable.scheme_refusal(self.scheme(bits), self.activations != Activations.NONE)
             if reason:
                 raise OptionError(reason, "symmetric", "granularity", "activations")
         self._check_format()

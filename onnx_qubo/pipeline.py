@@ -21,13 +21,13 @@ import onnx
 
 from . import discovery, exchange, external, memory
 from .activations import input_quantizers
+from .backends.kernels import Format, needs_output_range
 from .calibration import LayerStatistics, collect_statistics
 from .data import Dataset
 from .errors import ModelError, OptionError
 from .forms.gather import find_tables, quantize_table
 from .grid import InputQuantizer
 from .groups import merge_groups, merge_reports, split_groups
-from .kernels import Format, needs_output_range
 from .layer import SolvedLayer, prepare_layer
 from .lowering import rewrite, run_passes
 from .options import Activations, QuantizeOptions, RangeMethod

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import exchange
+from .backends.kernels import Format
 from .errors import OptionError
 from .grid import Scheme
-from .kernels import Format
 from .options import Activations, BiasMode, QuantizeOptions, RangeMethod, ScaleMethod
 from .solvers import Solver
 from .types import DenseLayer

@@ -11,9 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_qubo
+from onnx_qubo.backends.kernels import Format, choose_table_kernel
 from onnx_qubo.forms.gather import LowerTables, TableLowering, find_tables, quantize_table
 from onnx_qubo.grid import Granularity, Scheme
-from onnx_qubo.kernels import Format, choose_table_kernel
 from onnx_qubo.lowering import rewrite
 from onnx_qubo.passes import run_passes
 from onnx_qubo.scales import GroupRanges

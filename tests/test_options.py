@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from onnx_qubo.compat import scheme_refusal
+from onnx_qubo.backends.portable import scheme_refusal
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.errors import OptionError
 from onnx_qubo.grid import Granularity, Scheme

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_qubo.ort_forms import (
+from onnx_qubo.backends.ort import (
     ActivationCodes,
     LayerCodes,
     OrtForm,

@@ -1,6 +1,6 @@
 """Format ort with quantized activations: a Conv runs as QuantizeLinear -> QLinearConv ->
 DequantizeLinear. The written model, at onnxruntime's default, basic and disabled levels, equals
-the numpy reference (ort_forms.qlinear_conv_reference) on the integers read back from the written
+the numpy reference (backends/ort_conv.qlinear_conv_reference) on the integers read back from the written
 file, to within one output code where the float requantization ties; the QUBO energy is still the
 portable model's error, and the fast model differs from it by the output rounding only."""
 
@@ -12,11 +12,12 @@ from onnx import numpy_helper
 from test_conv import conv_model, measured_error
 
 from onnx_qubo import quantize
+from onnx_qubo.backends.kernels import Format
+from onnx_qubo.backends.ort import ActivationCodes, LayerCodes
+from onnx_qubo.backends.ort_conv import qlinear_conv, qlinear_conv_reference
 from onnx_qubo.data import load_dataset
 from onnx_qubo.grid import InputQuantizer
-from onnx_qubo.kernels import Format
 from onnx_qubo.options import Activations, RangeMethod
-from onnx_qubo.ort_forms import ActivationCodes, LayerCodes, qlinear_conv, qlinear_conv_reference
 from onnx_qubo.patches import ConvGeometry
 from onnx_qubo.pipeline import calibrate
 from onnx_qubo.progress import Progress

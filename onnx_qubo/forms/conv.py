@@ -8,7 +8,7 @@ the dense forms) -> ``Reshape`` to the weight's shape -> ``Conv``: exact at ever
 level (tests/test_conv.py). A grouped or depthwise Conv is solved as one layer per group (each
 group has its own Gram matrix; pipeline.split_groups), its groups merged again for the rewrite.
 With format ort and quantized inputs, onnxruntime's QLinearConv may run it instead
-(ort_forms.qlinear_conv, chosen by kernels.py), which also quantizes its output.
+(backends/ort_conv.py, chosen by backends/kernels.py), which also quantizes its output.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..backends.ort import MS_DOMAIN, LayerCodes, gather_block_quantized, pack_bits
 from ..grid import Granularity, GroupScales, Scheme
-from ..ort_forms import MS_DOMAIN, LayerCodes, gather_block_quantized, pack_bits
 from ..passes.base import PassResult, copy_model
 from ..passes.insert_dequantize import GraphEdit
 from ..report import LayerReport

@@ -1,8 +1,12 @@
 """Which kernel runs each layer: the portable DequantizeLinear form, or (format ``ort``) one of
-onnxruntime's fast kernels built from the very same codes (ort_forms.py).
+onnxruntime's fast kernels built from the very same codes (ort.py, ort_conv.py).
 
-``choose_kernel`` decides per layer, correct first (ort_forms refuses shapes and bit widths its
+``choose_kernel`` decides per layer, correct first (the builders refuse shapes and bit widths their
 kernels compute wrongly or slowly), and says why a layer falls back to the portable form.
+onnxruntime has no weight-only integer Conv kernel, so a Conv has a fast form only with quantized
+inputs: QLinearConv, which also quantizes the Conv's output (its range is calibrated for it:
+``needs_output_range``). ``GatherBlockQuantized`` returns a row of zeros for an index outside the
+table where ``Gather`` fails (tests/test_embeddings.py).
 """
 
 from __future__ import annotations
@@ -11,22 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import compat
-from .choice import Choice
-from .grid import InputQuantizer
-from .ort_forms import (
-    ActivationCodes,
-    LayerCodes,
-    OrtForm,
-    gather_block_quantized,
-    matmul_integer_to_float,
-    matmul_nbits,
-    qlinear_conv,
-    qlinear_conv_slow,
-)
-from .passes.insert_dequantize import QuantizedTensor
-from .patches import ConvGeometry
-from .types import DenseLayer, QuantizedLayer
+from ..choice import Choice
+from ..grid import InputQuantizer
+from ..passes.insert_dequantize import QuantizedTensor
+from ..patches import ConvGeometry
+from ..types import DenseLayer, QuantizedLayer
+from .ort import ActivationCodes, LayerCodes, OrtForm, gather_block_quantized, matmul_integer_to_float, matmul_nbits
+from .ort_conv import qlinear_conv, qlinear_conv_slow
 
 PORTABLE = "DequantizeLinear"
 PORTABLE_TABLE = "Gather+Mul"  # an embedding table's portable lookup (forms/gather.py)
@@ -92,7 +87,7 @@ def choose_kernel(q: QuantizedLayer, weight: QuantizedTensor, bias: np.ndarray |
         return None, KernelChoice(name, PORTABLE, f"no faster onnxruntime kernel for a {q.layer.op_type} layer yet")
     geometry = q.layer.geometry
     if geometry is not None and q.input_quantizer is None:
-        return None, KernelChoice(name, PORTABLE, compat.conv_fast_kernel_refusal())
+        return None, KernelChoice(name, PORTABLE, "onnxruntime has no weight-only integer Conv kernel")
     if geometry is not None and q.output_quantizer is None:
         return None, KernelChoice(name, PORTABLE, qlinear_conv_slow(geometry) or "its output range was not calibrated")
     if has_other_bias:

@@ -1,8 +1,10 @@
-"""What onnxruntime (1.32, CPU provider) computes wrongly or refuses, and how we stay clear of it.
+"""The portable (QDQ) form under onnxruntime (1.32, CPU provider): what its optimizer computes
+wrongly or refuses on ``DequantizeLinear`` graphs, and how the portable form stays clear of it.
 
 Every rule here was found by running an emitted form at onnxruntime's default and basic
 optimization levels against numpy; each has a test (tests/test_passes.py, tests/test_schemes.py).
-The forms (forms/) and the options (options.py) ask this module instead of knowing the rules.
+The forms (forms/) and the options ask this module instead of knowing the rules; the rules of
+onnxruntime's own kernels (format ort) are in ort.py, ort_conv.py and kernels.py.
 
 1. ``DequantizeLinear(axis=1) -> MatMul`` (also ``-> Gemm`` reading the weight as [f_in, n_out],
    through a ``Transpose``, or a per-tensor DQ into ``MatMul``) is rewritten at the default level
@@ -23,17 +25,8 @@ The forms (forms/) and the options (options.py) ask this module instead of knowi
    float bias ``C`` to INT32 (0.5% of the largest output on the digits demo, seen by the report's
    comparison with optimizations disabled); so a float bias is added by an ``Add`` after the
    Gemm there (``float_bias_after_quantized_gemm``).
-5. A weight-only Conv has no fast form in format ort (``conv_fast_kernel_refusal``): onnxruntime
-   has no weight-only integer Conv kernel. With quantized inputs its fast kernel is QLinearConv,
-   written directly (ort_forms.qlinear_conv), which also quantizes the Conv's output: that output's
-   range is calibrated for it (kernels.needs_output_range). Its CPU kernel takes one weight zero
-   point for all channels (it refuses to run otherwise) and runs slower than float on few input
-   channels per group (``ort_forms.qlinear_conv_slow``: 4.4x float's time at 1 channel, 1.1x on a
-   depthwise Conv); ConvInteger keeps a float output but runs slower than float
-   (benchmarks/conv_forms.py: 1.3-5x float's time).
-6. ``Gather`` does not take INT4/INT2 tensors, so a portable table lookup reads codes packed in
-   bytes (forms/gather.py); ``GatherBlockQuantized`` returns a row of zeros for an index outside
-   the table where ``Gather`` fails (tests/test_embeddings.py).
+5. ``Gather`` does not take INT4/INT2 tensors, so a portable table lookup reads codes packed in
+   bytes (forms/gather.py).
 """
 
 from __future__ import annotations
@@ -42,8 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .grid import Granularity, Scheme
-from .passes.insert_dequantize import GraphEdit
+from ..grid import Granularity, Scheme
+from ..passes.insert_dequantize import GraphEdit
 
 TWO_BIT_TYPES = (TensorProto.INT2, TensorProto.UINT2)
 
@@ -80,7 +73,3 @@ def float_bias_after_quantized_gemm(gemm: onnx.NodeProto, edit: GraphEdit) -> st
         return None
     return edit.constant(f"{bias}_times_beta", (beta * edit.read(initializer)).astype(np.float32))
 
-
-def conv_fast_kernel_refusal() -> str:
-    """Why a Conv keeps the portable form with format ort weight-only (rule 5)."""
-    return "onnxruntime has no weight-only integer Conv kernel"
