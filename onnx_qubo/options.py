@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .backends import portable
-from .backends.kernels import Format
+from .backends.kernels import Format, check_format
 from .choice import Choice, parse_choice
 from .errors import OptionError
 from .grid import MAX_BITS, MIN_BITS, Granularity, Scheme
@@ -190,31 +190,8 @@ class QuantizeOptions:
 
     def _check_format(self) -> None:
         """Refuse what format ort cannot serve for any layer (single layers fall back, reported)."""
-        if self.ort_accuracy_level not in (0, 1, 2, 3, 4):
-            raise OptionError(f"{{ort_accuracy_level}} must be 0-4, got {self.ort_accuracy_level}",
-                              "ort_accuracy_level")
-        if self.ort_accuracy_level and self.format != Format.ORT:
-            raise OptionError(f"{{ort_accuracy_level}} applies to {{format}} ort weight-only layers (MatMulNBits), "
-                              f"not to {{format}} {self.format.value}", "ort_accuracy_level", "format")
-        if self.ort_accuracy_level and self.activations != Activations.NONE:
-            raise OptionError(f"{{ort_accuracy_level}} applies to weight-only layers (MatMulNBits), not with "
-                              f"{{activations}} {self.activations.value}", "ort_accuracy_level", "activations")
-        if self.format != Format.ORT:
-            return
-        if self.activations != Activations.NONE and self.granularity == Granularity.BLOCK:
-            raise OptionError("{format} ort with quantized inputs runs MatMulIntegerToFloat, which takes one weight "
-                              "scale per output or per tensor, not blocks: use {granularity} channel or tensor, "
-                              "or {format} qdq", "format", "granularity")
-        if self.activations == Activations.NONE:
-            if min([self.bits, *self.layer_bits.values()]) > 4 and self.ort_accuracy_level != 4:
-                raise OptionError("{format} ort weight-only: onnxruntime 1.32's MatMulNBits has a fast float kernel "
-                                  "for 1-4 bit weights only; use {bits} 4 or less, {ort_accuracy_level} 4 (int8 "
-                                  "activations inside the kernel), {activations} int8/uint8, or {format} qdq",
-                                  "format", "bits", "ort_accuracy_level", "activations")
-            if self.granularity == Granularity.BLOCK and self.block_size % 16:
-                raise OptionError(f"{{format}} ort weight-only needs blocks that split into MatMulNBits blocks (a "
-                                  f"power of two >= 16), not {{block_size}} {self.block_size}: use a multiple of "
-                                  "16, or {format} qdq", "format", "block_size")
+        check_format(self.format, self.ort_accuracy_level, self.activations.value, self.granularity,
+                     self.block_size, [self.bits, *self.layer_bits.values()])
 
     @property
     def automatic(self) -> bool:

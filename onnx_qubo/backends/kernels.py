@@ -11,12 +11,14 @@ table where ``Gather`` fails (tests/test_embeddings.py).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..choice import Choice
-from ..grid import InputQuantizer
+from ..errors import OptionError
+from ..grid import Granularity, InputQuantizer
 from ..passes.insert_dequantize import QuantizedTensor
 from ..patches import ConvGeometry
 from ..types import DenseLayer, QuantizedLayer
@@ -30,6 +32,38 @@ PORTABLE_TABLE = "Gather+Mul"  # an embedding table's portable lookup (forms/gat
 class Format(Choice):
     QDQ = "qdq"  # standard ONNX: integers -> DequantizeLinear -> Gemm, runs anywhere
     ORT = "ort"  # onnxruntime's CPU kernels (com.microsoft MatMulNBits / MatMulIntegerToFloat, QLinearConv)
+
+
+def check_format(format: Format, accuracy_level: int, activations: str, granularity: Granularity,
+                 block_size: int, bits: Collection[int]) -> None:
+    """An OptionError for what format ort cannot serve for any layer (single layers fall back to the
+    portable form, reported): ``activations`` is the option's value ("none": weight-only),
+    ``bits`` every bit width the run uses."""
+    quantized_inputs = activations != "none"
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise OptionError(f"{{ort_accuracy_level}} must be 0-4, got {accuracy_level}", "ort_accuracy_level")
+    if accuracy_level and format != Format.ORT:
+        raise OptionError(f"{{ort_accuracy_level}} applies to {{format}} ort weight-only layers (MatMulNBits), "
+                          f"not to {{format}} {format.value}", "ort_accuracy_level", "format")
+    if accuracy_level and quantized_inputs:
+        raise OptionError(f"{{ort_accuracy_level}} applies to weight-only layers (MatMulNBits), not with "
+                          f"{{activations}} {activations}", "ort_accuracy_level", "activations")
+    if format != Format.ORT:
+        return
+    if quantized_inputs and granularity == Granularity.BLOCK:
+        raise OptionError("{format} ort with quantized inputs runs MatMulIntegerToFloat, which takes one weight "
+                          "scale per output or per tensor, not blocks: use {granularity} channel or tensor, "
+                          "or {format} qdq", "format", "granularity")
+    if not quantized_inputs:
+        if min(bits) > 4 and accuracy_level != 4:
+            raise OptionError("{format} ort weight-only: onnxruntime 1.32's MatMulNBits has a fast float kernel "
+                              "for 1-4 bit weights only; use {bits} 4 or less, {ort_accuracy_level} 4 (int8 "
+                              "activations inside the kernel), {activations} int8/uint8, or {format} qdq",
+                              "format", "bits", "ort_accuracy_level", "activations")
+        if granularity == Granularity.BLOCK and block_size % 16:
+            raise OptionError(f"{{format}} ort weight-only needs blocks that split into MatMulNBits blocks (a "
+                              f"power of two >= 16), not {{block_size}} {block_size}: use a multiple of "
+                              "16, or {format} qdq", "format", "block_size")
 
 
 @dataclass(frozen=True, eq=False)
