@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from . import external
-from .grid import GroupScales, InputQuantizer, Scheme
+from .grid import InputQuantizer, WeightCodes
 
 if TYPE_CHECKING:
     from .forms.base import GraphIndex, Skip
@@ -192,16 +192,14 @@ class QuantizedBias:
 
 @dataclass(frozen=True, eq=False)
 class QuantizedLayer:
-    """The result for one layer, ready for the graph rewrite: integer weights [n_out, f_in]
-    with their scales and zero points (dequantized: ``scales.dequantize(integers)``, in the
-    layer's stored units; Gemm's alpha still applies on top), and optionally a quantized
-    bias, the quantization of its input, a float shift of its output, and the quantization of its
-    output (a Conv that QLinearConv may run: format ort with quantized inputs)."""
+    """The result for one layer, ready for the graph rewrite: its weight codes [n_out, f_in]
+    (``codes.dequantize()``, in the layer's stored units; Gemm's alpha still applies on top), and
+    optionally a quantized bias, the quantization of its input, a float shift of its output, and
+    the quantization of its output (a Conv that QLinearConv may run: format ort with quantized
+    inputs)."""
 
     layer: DenseLayer
-    scheme: Scheme
-    integers: np.ndarray  # [n_out, f_in], on scheme.grid, in the smallest integer type (layer.compact)
-    scales: GroupScales
+    codes: WeightCodes
     bias: QuantizedBias | None = None
     input_quantizer: InputQuantizer | None = None
     bias_shift: np.ndarray | None = None  # [n_out] added to the layer's output (bias correction)

@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 from test_conv import conv_model, measured_error
+from test_ort_forms import codes_of
 
 from onnx_qubo import quantize
 from onnx_qubo.backends.kernels import Format
-from onnx_qubo.backends.ort import ActivationCodes, LayerCodes
 from onnx_qubo.backends.ort_conv import qlinear_conv, qlinear_conv_reference
 from onnx_qubo.data import load_dataset
 from onnx_qubo.grid import InputQuantizer
@@ -168,11 +168,11 @@ def fresh(base: str) -> str:
 def test_the_builder_refuses_what_the_kernel_cannot_compute():
     geometry = ConvGeometry.from_attributes({}, (4, 8, 3, 3))
     rng = np.random.default_rng(4)
-    quant = ActivationCodes(0.1, 3, False)
-    codes = LayerCodes(rng.integers(-8, 8, (4, 72)), np.full(4, 0.1, np.float32), None, 4)
-    assert not isinstance(qlinear_conv(codes, geometry, quant, quant, "x", "y", fresh), str)
-    blocks = LayerCodes(codes.integers, np.full((4, 3), 0.1, np.float32), None, 4, block_size=32)
-    assert "not per block" in qlinear_conv(blocks, geometry, quant, quant, "x", "y", fresh)
-    huge_bias = LayerCodes(codes.integers, np.full(4, 1e-6, np.float32), None, 4, bias=np.full(4, 1e6))
-    assert "does not fit INT32" in qlinear_conv(huge_bias, geometry, quant, ActivationCodes(1e-7, 0, False),
+    quant = InputQuantizer(0.1, 3, False)
+    codes = codes_of(rng.integers(-8, 8, (4, 72)), np.full(4, 0.1, np.float32), None, 4)
+    assert not isinstance(qlinear_conv(codes, None, geometry, quant, quant, "x", "y", fresh), str)
+    blocks = codes_of(codes.integers, np.full((4, 3), 0.1, np.float32), None, 4, block=32)
+    assert "not per block" in qlinear_conv(blocks, None, geometry, quant, quant, "x", "y", fresh)
+    tiny = codes_of(codes.integers, np.full(4, 1e-6, np.float32), None, 4)
+    assert "does not fit INT32" in qlinear_conv(tiny, np.full(4, 1e6), geometry, quant, InputQuantizer(1e-7, 0, False),
                                                 "x", "y", fresh)

@@ -18,11 +18,10 @@ import numpy as np
 
 from ..choice import Choice
 from ..errors import OptionError
-from ..grid import Granularity, InputQuantizer
-from ..passes.insert_dequantize import QuantizedTensor
+from ..grid import Granularity, InputQuantizer, WeightCodes
 from ..patches import ConvGeometry
 from ..types import DenseLayer, QuantizedLayer
-from .ort import ActivationCodes, LayerCodes, OrtForm, gather_block_quantized, matmul_integer_to_float, matmul_nbits
+from .ort import OrtForm, gather_block_quantized, matmul_integer_to_float, matmul_nbits
 from .ort_conv import qlinear_conv, qlinear_conv_slow
 
 PORTABLE = "DequantizeLinear"
@@ -70,11 +69,12 @@ def check_format(format: Format, accuracy_level: int, activations: str, granular
 class FastLayer:
     """A layer's codes as one of onnxruntime's kernels takes them; ``build`` writes the nodes."""
 
-    codes: LayerCodes  # Gemm's alpha folded into the scales; bias as the kernel adds it (or None)
-    activation: ActivationCodes | None  # quantized inputs: MatMulIntegerToFloat (QLinearConv)
+    codes: WeightCodes  # Gemm's alpha folded into the scales
+    bias: np.ndarray | None  # [n] as the kernel adds it (or None)
+    activation: InputQuantizer | None  # quantized inputs: MatMulIntegerToFloat (QLinearConv)
     accuracy_level: int  # MatMulNBits: 0 float compute, 4 int8 activations inside the kernel
-    conv: ConvGeometry | None = None  # a Conv: QLinearConv, its bias correction folded into ``codes.bias``
-    output: ActivationCodes | None = None  # QLinearConv's output quantization
+    conv: ConvGeometry | None = None  # a Conv: QLinearConv, its bias correction folded into ``bias``
+    output: InputQuantizer | None = None  # QLinearConv's output quantization
 
     @property
     def kernel(self) -> str:
@@ -86,10 +86,11 @@ class FastLayer:
         if self.conv is not None:
             if self.activation is None or self.output is None:
                 raise ValueError("QLinearConv needs the input and output quantization")
-            return qlinear_conv(self.codes, self.conv, self.activation, self.output, activation, output, fresh)
+            return qlinear_conv(self.codes, self.bias, self.conv, self.activation, self.output, activation, output,
+                                fresh)
         if self.activation is None:
-            return matmul_nbits(self.codes, activation, output, fresh, accuracy_level=self.accuracy_level)
-        return matmul_integer_to_float(self.codes, self.activation, activation, output, fresh)
+            return matmul_nbits(self.codes, self.bias, activation, output, fresh, accuracy_level=self.accuracy_level)
+        return matmul_integer_to_float(self.codes, self.bias, self.activation, activation, output, fresh)
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,9 @@ def needs_output_range(layer: DenseLayer, format: Format, quantized_inputs: bool
             and qlinear_conv_slow(layer.geometry) is None)
 
 
-def choose_kernel(q: QuantizedLayer, weight: QuantizedTensor, bias: np.ndarray | None, has_other_bias: bool,
+def choose_kernel(q: QuantizedLayer, bias: np.ndarray | None, has_other_bias: bool,
                   format: Format, accuracy_level: int) -> tuple[FastLayer | None, KernelChoice]:
-    """The fast kernel for layer ``q`` (DequantizeLinear form ``weight``), or None and why not.
+    """The fast kernel for layer ``q``, or None and why not.
     ``bias``: the [n] bias the kernel must add (None: none, or it stays in a following Add);
     ``has_other_bias``: the node has a bias the kernel cannot take (e.g. a Gemm's C that is not
     one value per output). A Conv's kernel (QLinearConv) also adds the bias correction
@@ -126,25 +127,17 @@ def choose_kernel(q: QuantizedLayer, weight: QuantizedTensor, bias: np.ndarray |
         return None, KernelChoice(name, PORTABLE, qlinear_conv_slow(geometry) or "its output range was not calibrated")
     if has_other_bias:
         return None, KernelChoice(name, PORTABLE, "its bias is not one value per output")
-    scale, zero_point, block_size = np.asarray(weight.scale, np.float64), weight.zero_point, weight.block_size
-    if scale.ndim == 2 and scale.shape[1] == 1:  # one block spans each row: per channel
-        scale, zero_point, block_size = scale[:, 0], None if zero_point is None else zero_point[:, 0], 0
     if geometry is not None and q.bias_shift is not None:
         bias = (0.0 if bias is None else np.asarray(bias, np.float64)) + q.bias_shift
-    codes = LayerCodes(q.integers, scale * q.layer.gain, None if zero_point is None else np.asarray(zero_point),
-                       q.scheme.bits, block_size, bias)
-    fast = FastLayer(codes, _codes(q.input_quantizer), accuracy_level, geometry, _codes(q.output_quantizer))
+    fast = FastLayer(q.codes.scaled(q.layer.gain), bias, q.input_quantizer, accuracy_level, geometry,
+                     q.output_quantizer)
     refusal = fast.build("x", "y", lambda base: base)  # a dry run: only checks, names do not matter
     if isinstance(refusal, str):
         return None, KernelChoice(name, PORTABLE, refusal)
     return fast, KernelChoice(name, fast.kernel)
 
 
-def _codes(quantizer: InputQuantizer | None) -> ActivationCodes | None:
-    return None if quantizer is None else ActivationCodes(quantizer.scale, quantizer.zero_point, quantizer.signed)
-
-
-def choose_table_kernel(name: str, codes: LayerCodes, format: Format) -> tuple[bool, KernelChoice]:
+def choose_table_kernel(name: str, codes: WeightCodes, format: Format) -> tuple[bool, KernelChoice]:
     """Whether embedding table ``name`` runs as onnxruntime's GatherBlockQuantized (format ort),
     or keeps the portable lookup and why."""
     if format == Format.QDQ:

@@ -42,81 +42,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..grid import InputQuantizer, WeightCodes
+
 MS_DOMAIN = "com.microsoft"
 SATURATION_FREE = 64  # u8s8 pair sums stay in int16 for stored weights within +-64: 2 * 255 * 64 < 2^15
 NBITS_FAST_BLOCKS = (16, 32, 64, 128, 256)  # MLAS's prepacked MatMulNBits kernels
 Names = Callable[[str], str]  # hands out a fresh tensor/node name from a base name
-
-
-@dataclass(frozen=True, eq=False)
-class LayerCodes:
-    """One dense layer ``y = x @ W^T + bias`` as stored integer codes.
-
-    ``W = (integers - zero_point) * scale``, with ``scale`` per tensor (shape ``()``), per output
-    row (``[n]``) or per block of ``block_size`` inputs within a row (``[n, ceil(f / block_size)]``,
-    the last block of a row may be shorter). Without ``zero_point`` the codes are on the signed
-    grid ``[-2^(bits-1), 2^(bits-1) - 1]``; with one (the shape of ``scale``) both are on the
-    unsigned grid ``[0, 2^bits - 1]``.
-    """
-
-    integers: np.ndarray  # [n, f] int64
-    scale: np.ndarray
-    zero_point: np.ndarray | None
-    bits: int
-    block_size: int = 0
-    bias: np.ndarray | None = None  # [n] float
-
-    def __post_init__(self) -> None:
-        n, f = self.integers.shape
-        groups = {0: (), 1: (n,), 2: (n, -(-f // self.block_size) if self.block_size else -1)}
-        if self.scale.ndim not in groups or self.scale.shape != groups[self.scale.ndim]:
-            raise ValueError(f"scale shape {self.scale.shape} does not fit weights {n}x{f} "
-                             f"(block_size {self.block_size})")
-        if self.zero_point is not None and self.zero_point.shape != self.scale.shape:
-            raise ValueError("zero_point must have the shape of scale")
-        low, high = self.grid
-        for name, values in (("integers", self.integers), ("zero_point", self.zero_point)):
-            if values is not None and values.size and (values.min() < low or values.max() > high):
-                raise ValueError(f"{name} outside the {self.bits}-bit grid [{low}, {high}]")
-        if self.bias is not None and self.bias.shape != (n,):
-            raise ValueError(f"bias shape {self.bias.shape} is not ({n},)")
-
-    @property
-    def signed(self) -> bool:
-        return self.zero_point is None
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        if self.signed:
-            return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
-        return 0, (1 << self.bits) - 1
-
-    def per_weight(self, values: np.ndarray) -> np.ndarray:
-        """``values`` (one per scale group) spread to one per weight, [n, f]."""
-        n, f = self.integers.shape
-        if values.ndim == 2:
-            return np.repeat(values, self.block_size, axis=1)[:, :f]
-        return np.broadcast_to(values.reshape(-1, 1) if values.ndim else values, (n, f))
-
-    def dequantized(self) -> np.ndarray:
-        """The float weights [n, f] the codes stand for, in float64."""
-        zero = 0 if self.zero_point is None else self.per_weight(self.zero_point)
-        return (self.integers - zero) * self.per_weight(self.scale.astype(np.float64))
-
-
-@dataclass(frozen=True)
-class ActivationCodes:
-    """Per-tensor 8-bit quantization of the layer's input: ``QuantizeLinear(x, scale, zero_point)``."""
-
-    scale: float
-    zero_point: int
-    signed: bool  # int8 (True) or uint8
-
-    def quantized(self, x: np.ndarray) -> np.ndarray:
-        """What the layer sees after ``QuantizeLinear -> DequantizeLinear``, float64."""
-        low, high = (-128, 127) if self.signed else (0, 255)
-        q = np.clip(np.rint(x / np.float32(self.scale)) + self.zero_point, low, high)
-        return (q - self.zero_point) * np.float64(np.float32(self.scale))
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,8 +60,8 @@ class OrtForm:
     opsets: dict[str, int]
 
 
-def reference(codes: LayerCodes, x: np.ndarray, activation: ActivationCodes | None = None,
-              int8_blocks: int = 0) -> np.ndarray:
+def reference(codes: WeightCodes, x: np.ndarray, activation: InputQuantizer | None = None,
+              int8_blocks: int = 0, bias: np.ndarray | None = None) -> np.ndarray:
     """What every form computes, in float64 numpy: ``q(x) @ W^T + bias``.
 
     ``q`` is ``activation``'s quantization, or with ``int8_blocks`` what MatMulNBits does at
@@ -138,7 +69,7 @@ def reference(codes: LayerCodes, x: np.ndarray, activation: ActivationCodes | No
     int8 with scale ``max|x| / 127``.
     """
     if activation is not None:
-        x = activation.quantized(x)
+        x = activation.fake_quantize(x)
     if int8_blocks:
         f = x.shape[-1]
         padded = np.zeros((*x.shape[:-1], -(-f // int8_blocks) * int8_blocks))
@@ -147,8 +78,8 @@ def reference(codes: LayerCodes, x: np.ndarray, activation: ActivationCodes | No
         step = np.abs(runs).max(axis=-1, keepdims=True) / 127
         step[step == 0] = 1
         x = (np.rint(runs / step) * step).reshape(padded.shape)[..., :f]
-    y = np.asarray(x, np.float64) @ codes.dequantized().T
-    return y if codes.bias is None else y + codes.bias
+    y = np.asarray(x, np.float64) @ codes.dequantize().T
+    return y if bias is None else y + bias
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
@@ -160,12 +91,12 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
 
 
-def matmul_nbits(codes: LayerCodes, activation: str, output: str, fresh: Names, *,
+def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, output: str, fresh: Names, *,
                  accuracy_level: int = 0, kernel_bits: int | None = None,
                  block_size: int | None = None, allow_slow: bool = False) -> OrtForm | str:
     """``com.microsoft.MatMulNBits(activation)`` computing ``x @ W^T + bias`` in float.
 
-    Numpy meaning: ``reference(codes, x)``; the kernel stores ``u = q + 2^(kernel_bits-1)`` for
+    Numpy meaning: ``reference(codes, x, bias=bias)``; the kernel stores ``u = q + 2^(kernel_bits-1)`` for
     signed codes (no zero-point input: it defaults to ``2^(kernel_bits-1)``) and ``u = q`` with
     packed uint8 zero points for unsigned ones, so ``(u - zp) * scale`` is exactly ``W``.
 
@@ -207,7 +138,7 @@ def matmul_nbits(codes: LayerCodes, activation: str, output: str, fresh: Names, 
     def blocks(values: np.ndarray) -> np.ndarray:  # one per scale group -> one per kernel block [n, k_blocks]
         if values.ndim == 2:
             return np.repeat(values, per_block, axis=1)[:, :k_blocks]
-        return np.broadcast_to(values.reshape(-1, 1) if values.ndim else values, (n, k_blocks))
+        return np.broadcast_to(values.reshape(-1, 1), (n, k_blocks))
 
     zero_blocks = None if codes.zero_point is None else blocks(codes.zero_point).astype(np.int64)
     unsigned = np.empty((n, padded), np.int64)  # the tail of the last block reads as 0
@@ -226,8 +157,8 @@ def matmul_nbits(codes: LayerCodes, activation: str, output: str, fresh: Names, 
         padded_zero[:, :k_blocks] = zero_blocks
         initializers.append(numpy_helper.from_array(pack_bits(padded_zero, bits), names[2]))
         inputs[3] = names[2]
-    if codes.bias is not None:
-        initializers.append(numpy_helper.from_array(codes.bias.astype(np.float32), names[3]))
+    if bias is not None:
+        initializers.append(numpy_helper.from_array(np.asarray(bias, np.float32), names[3]))
         inputs[5] = names[3]
     node = helper.make_node("MatMulNBits", _trim(inputs), [output], name=fresh(f"{output}_MatMulNBits"),
                             domain=MS_DOMAIN, K=f, N=n, bits=bits, block_size=block,
@@ -235,7 +166,7 @@ def matmul_nbits(codes: LayerCodes, activation: str, output: str, fresh: Names, 
     return OrtForm([node], initializers, {MS_DOMAIN: 1})
 
 
-def int8_weights(codes: LayerCodes) -> tuple[np.ndarray, np.ndarray | None] | str:
+def int8_weights(codes: WeightCodes) -> tuple[np.ndarray, np.ndarray | None] | str:
     """8-bit kernels' weights: the codes as INT8 (unsigned ones shifted by ``2^(bits-1)``, their
     zero point too: the same numbers) and the zero point, or why they cannot be run exactly.
 
@@ -252,18 +183,16 @@ def int8_weights(codes: LayerCodes) -> tuple[np.ndarray, np.ndarray | None] | st
     return integers.astype(np.int8), zero_point
 
 
-def matmul_integer_to_float(codes: LayerCodes, quant: ActivationCodes, activation: str, output: str,
-                            fresh: Names) -> OrtForm | str:
+def matmul_integer_to_float(codes: WeightCodes, bias: np.ndarray | None, quant: InputQuantizer, activation: str,
+                            output: str, fresh: Names) -> OrtForm | str:
     """``QuantizeLinear(activation) -> com.microsoft.MatMulIntegerToFloat`` with a float bias.
 
-    Numpy meaning: ``reference(codes, x, quant)``: ``y = a_scale * b_scale[n] * sum_k (xq - xz)
+    Numpy meaning: ``reference(codes, x, quant, bias=bias)``: ``y = a_scale * b_scale[n] * sum_k (xq - xz)
     (wq[n, k] - wz[n]) + bias[n]`` with exact int32 accumulation. Signed activations are written
     as uint8 with zero point + 128 (the same numbers; onnxruntime's s8s8 kernel is slow on x86).
     Weights: codes of up to 8 bits per tensor or per row, as ``int8_weights`` stores them (codes
     that could saturate the kernel on some CPUs are refused: the layer keeps the portable form).
     """
-    if codes.bits > 8:
-        return f"MatMulIntegerToFloat takes 8-bit weights, not {codes.bits}-bit codes"
     if codes.scale.ndim == 2:
         return "MatMulIntegerToFloat takes a weight scale per tensor or per output, not per block"
     weights = int8_weights(codes)
@@ -285,8 +214,8 @@ def matmul_integer_to_float(codes: LayerCodes, quant: ActivationCodes, activatio
     if zero_point is not None:
         initializers.append(numpy_helper.from_array(zero_point, names[5]))
         inputs[5] = names[5]
-    if codes.bias is not None:
-        initializers.append(numpy_helper.from_array(codes.bias.astype(np.float32), names[6]))
+    if bias is not None:
+        initializers.append(numpy_helper.from_array(np.asarray(bias, np.float32), names[6]))
         inputs[6] = names[6]
     nodes = [
         helper.make_node("QuantizeLinear", [activation, names[0], names[1]], [names[2]],
@@ -297,9 +226,9 @@ def matmul_integer_to_float(codes: LayerCodes, quant: ActivationCodes, activatio
     return OrtForm(nodes, initializers, {"": 10, MS_DOMAIN: 1})
 
 
-def gather_block_quantized(codes: LayerCodes, indices: str, output: str, fresh: Names) -> OrtForm | str:
+def gather_block_quantized(codes: WeightCodes, indices: str, output: str, fresh: Names) -> OrtForm | str:
     """``com.microsoft.GatherBlockQuantized``: rows ``indices`` of the table ``codes`` ([V, d],
-    a scale per row or per block of a row), dequantized: ``codes.dequantized()[indices]`` in
+    a scale per row or per block of a row), dequantized: ``codes.dequantize()[indices]`` in
     float32, ``indices.shape + [d]``.
 
     The table is stored as uint8 (``bits`` 2, 4 or 8: codes of 1-2, 3-4, 5-8 bits; first code in

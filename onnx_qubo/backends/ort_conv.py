@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
+from ..grid import InputQuantizer, WeightCodes
 from ..patches import ConvGeometry, patches
-from .ort import ActivationCodes, LayerCodes, Names, OrtForm, int8_weights
+from .ort import Names, OrtForm, int8_weights
 
 # QLinearConv is slower than float Conv below these input channels per group (benchmarks/conv_forms.py):
 QLINEAR_CONV_MIN_CHANNELS = 8  # one group: 4.4x float's time at 1 channel, 1.3x at 4, 0.8x at 8
@@ -30,8 +31,8 @@ def qlinear_conv_slow(geometry: ConvGeometry) -> str | None:
             "channels per group to be faster; benchmarks/conv_forms.py)")
 
 
-def qlinear_conv(codes: LayerCodes, geometry: ConvGeometry, quant: ActivationCodes, out: ActivationCodes,
-                 activation: str, output: str, fresh: Names) -> OrtForm | str:
+def qlinear_conv(codes: WeightCodes, bias: np.ndarray | None, geometry: ConvGeometry, quant: InputQuantizer,
+                 out: InputQuantizer, activation: str, output: str, fresh: Names) -> OrtForm | str:
     """``QuantizeLinear(activation) -> QLinearConv -> DequantizeLinear``: a Conv (``geometry``,
     weights ``codes`` [M, C/groups * k1..kd]) whose input is quantized by ``quant`` and whose
     output is quantized by ``out`` and dequantized again, so the graph around stays float.
@@ -46,8 +47,6 @@ def qlinear_conv(codes: LayerCodes, geometry: ConvGeometry, quant: ActivationCod
     are refused (``qlinear_conv_slow``).
     """
     n, f = codes.integers.shape
-    if codes.bits > 8:
-        return f"QLinearConv takes 8-bit weights, not {codes.bits}-bit codes"
     if codes.scale.ndim == 2:
         return "QLinearConv takes a weight scale per tensor or per output channel, not per block"
     if codes.zero_point is not None and np.unique(codes.zero_point).size > 1:
@@ -58,11 +57,11 @@ def qlinear_conv(codes: LayerCodes, geometry: ConvGeometry, quant: ActivationCod
         return slow
     x_scale, y_scale = np.float32(quant.scale), np.float32(out.scale)
     bias_scale = np.float64(x_scale) * np.broadcast_to(np.asarray(codes.scale, np.float32), (n,)).astype(np.float64)
-    bias = None
-    if codes.bias is not None:
+    int_bias = None
+    if bias is not None:
         with np.errstate(divide="ignore", invalid="ignore"):
-            bias = np.rint(np.asarray(codes.bias, np.float64) / bias_scale)
-        if not np.isfinite(bias).all() or np.abs(bias).max() > np.iinfo(np.int32).max:
+            int_bias = np.rint(np.asarray(bias, np.float64) / bias_scale)
+        if not np.isfinite(int_bias).all() or np.abs(int_bias).max() > np.iinfo(np.int32).max:
             return "the bias does not fit INT32 at the input scale times the weight scale"
     weights = int8_weights(codes)
     if isinstance(weights, str):
@@ -70,7 +69,7 @@ def qlinear_conv(codes: LayerCodes, geometry: ConvGeometry, quant: ActivationCod
     integers, zero_point = weights
     w_zero = 0 if zero_point is None else int(zero_point.reshape(-1)[0])
     largest = 255 * f * int(np.abs(integers.astype(np.int64) - w_zero).max(initial=0))
-    if largest + (0 if bias is None else np.abs(bias).max()) >= 2 ** 31:
+    if largest + (0 if int_bias is None else np.abs(int_bias).max()) >= 2 ** 31:
         return f"the int32 accumulator could overflow over {f} weights"
     names = [fresh(f"{output}_{suffix}") for suffix in ("x_scale", "x_zero_point", "x_quantized", "W", "w_scale",
                                                          "w_zero_point", "y_scale", "y_zero_point", "y_quantized", "B")]
@@ -85,8 +84,8 @@ def qlinear_conv(codes: LayerCodes, geometry: ConvGeometry, quant: ActivationCod
         numpy_helper.from_array(np.array(out.zero_point + 128 * out.signed, np.uint8), names[7]),
     ]
     inputs = [names[2], names[0], names[1], names[3], names[4], names[5], names[6], names[7]]
-    if bias is not None:
-        initializers.append(numpy_helper.from_array(bias.astype(np.int32), names[9]))
+    if int_bias is not None:
+        initializers.append(numpy_helper.from_array(int_bias.astype(np.int32), names[9]))
         inputs.append(names[9])
     padding = {"pads": list(geometry.pads)} if geometry.auto_pad == "NOTSET" else {"auto_pad": geometry.auto_pad}
     nodes = [

@@ -35,8 +35,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..grid import Granularity, Scheme
-from ..passes.insert_dequantize import GraphEdit
+from ..grid import Granularity, InputQuantizer, Scheme, WeightCodes
+from ..passes.insert_dequantize import ActivationQuantization, GraphEdit, QuantizedTensor
+from ..types import QuantizedBias
 
 TWO_BIT_TYPES = (TensorProto.INT2, TensorProto.UINT2)
 
@@ -73,3 +74,31 @@ def float_bias_after_quantized_gemm(gemm: onnx.NodeProto, edit: GraphEdit) -> st
         return None
     return edit.constant(f"{bias}_times_beta", (beta * edit.read(initializer)).astype(np.float32))
 
+
+
+def weight_tensor(codes: WeightCodes) -> QuantizedTensor:
+    """The codes as ``DequantizeLinear`` reads them (the graph pass's view): a scale per tensor (a
+    scalar), per row (``axis=0``) or per block of inputs (``axis=1``, ``block_size``), a zero-point
+    input only on the unsigned grid (rule 2)."""
+    scheme, scales = codes.scheme, codes.scales
+    if scheme.granularity == Granularity.TENSOR:
+        scale, zero_point = scales.scale[0, 0], scales.zero_point[0, 0]
+    elif scheme.granularity == Granularity.CHANNEL:
+        scale, zero_point = scales.scale[:, 0], scales.zero_point[:, 0]
+    else:
+        scale, zero_point = scales.scale, scales.zero_point
+    block = scales.width if scheme.granularity == Granularity.BLOCK else 0
+    return QuantizedTensor(codes.integers, np.asarray(scale),
+                           np.asarray(zero_point) if weight_zero_point_input(scheme.symmetric) else None,
+                           scheme.grid.storage[0], block)
+
+
+def bias_tensor(bias: QuantizedBias) -> QuantizedTensor:
+    """A quantized bias as ``DequantizeLinear`` reads it (a zero-point input only when one is not 0)."""
+    zero_point = np.broadcast_to(bias.zero_point, bias.scale.shape) if np.any(bias.zero_point) else None
+    return QuantizedTensor(bias.integers, bias.scale, zero_point, bias.storage)
+
+
+def activation_quantization(quantizer: InputQuantizer) -> ActivationQuantization:
+    """An input quantizer as the graph pass writes it (``QuantizeLinear -> DequantizeLinear``)."""
+    return ActivationQuantization(quantizer.scale, quantizer.zero_point, quantizer.storage)
