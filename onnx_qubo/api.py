@@ -127,7 +127,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         path.stat().st_size for path, role in reads.items() if "input model" in role)
     if options.automatic:
         calibrated = calibrate(float_model, calib_data, bar, options.exclude, options.activations,
-                               options.activation_range, options.max_memory)
+                               options.activation_range, options.max_memory, options.format)
         result = quantize_auto(calibrated, options, bar, input_bytes=input_bytes)
     else:
         result = quantize_model(float_model, calib_data, options, bar)

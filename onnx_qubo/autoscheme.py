@@ -17,13 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .backends.kernels import Format
 from .contribution import FLOAT_BYTES, LayerSensitivity, measure
 from .errors import OptionError
 from .grid import Granularity
-from .lowering import rewrite
 from .options import QuantizeOptions
-from .pipeline import Calibrated, Quantized
+from .pipeline import Calibrated, Quantized, finish
 from .plan import make_plan
 from .progress import Progress
 from .report import LayerReport
@@ -162,9 +160,7 @@ def quantize_auto(calibrated: Calibrated, options: QuantizeOptions, progress: Pr
         raise OptionError("every layer would stay float: {size_budget} fits the float model, or {max_error} is "
                           f"below what any quantized layer gives alone (least: {least:.3g})",
                           "size_budget", "max_error")
-    written = rewrite(calibrated.model, chosen.quantized, options.format, options.ort_accuracy_level)
-    portable = written.model if options.format == Format.QDQ else rewrite(calibrated.model, chosen.quantized).model
-    reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback) for r, k in zip(chosen.reports, written.kernels)]
     skipped = calibrated.skipped + [SkippedNode(name, "", "kept float by the automatic choice")
                                     for name in chosen.kept_float]
-    return Quantized(written.model, reports, skipped, portable, [*written.notes, chosen.summary()])
+    return finish(calibrated, chosen.quantized, chosen.reports, skipped, options.format, options.ort_accuracy_level,
+                  notes=[chosen.summary()])

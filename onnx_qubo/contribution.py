@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .grid import Granularity
-from .groups import merge_groups, merge_reports
 from .lowering import rewrite
-from .pipeline import Calibrated, solve_layers
+from .pipeline import Calibrated, solve_all
 from .plan import Plan
 from .progress import Progress
 from .report import LayerReport
@@ -72,15 +71,6 @@ def stored_bytes(q: QuantizedLayer) -> int:
 def _storage_bits(q: QuantizedLayer) -> int:
     bits = q.codes.bits
     return 2 if bits <= 2 else 4 if bits <= 4 else 8
-
-
-def solve_all(calibrated: Calibrated, plan: Plan, progress: Progress) -> tuple[list[QuantizedLayer], list[LayerReport]]:
-    """Every layer's integers and report (grouped Convs merged), as ``quantize`` would write them."""
-    integers, reports = [], []
-    for solved in solve_layers(calibrated, plan, progress):
-        integers.append(solved.quantized())
-        reports.append(solved.report)
-    return merge_groups(integers), merge_reports(calibrated.layers, reports)
 
 
 def measure(calibrated: Calibrated, plan: Plan, reference: Reference, progress: Progress) -> Measured:

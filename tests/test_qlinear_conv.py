@@ -115,6 +115,23 @@ def test_qlinear_conv_computes_the_reference_on_the_written_integers(model_name,
     assert_equals_reference(written, xq, near, geometry_of(written, node))
 
 
+@pytest.mark.slow
+def test_the_automatic_choice_runs_qlinear_conv_like_the_plain_path(tmp_path):
+    """Both paths end in pipeline.finish: a Conv the automatic choice quantizes gets its calibrated
+    output range and runs as QLinearConv, as with fixed bits (it kept the portable form before)."""
+    model = MODELS["2d-stride-pad"]()
+    shape = [d.dim_value or 24 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = (np.random.default_rng(1).standard_normal(shape) + 0.3).astype(np.float32)
+    common = dict(calibration={"x": x}, bits=4, activations="uint8", format="ort", speed=False)
+    plain = quantize(model, tmp_path / "plain.onnx", **common)
+    auto = quantize(model, tmp_path / "auto.onnx", max_error=1.0, **common)
+    assert [(layer.kernel, layer.kernel_fallback) for layer in auto.layers] == [("QLinearConv", None)]
+    assert auto.layers[0].kernel == plain.layers[0].kernel
+    assert "QLinearConv also rounds each such Conv's output to 8 bits" in auto.to_text()
+    assert [n.op_type for n in onnx.load(tmp_path / "auto.onnx").graph.node] == [
+        "QuantizeLinear", "QLinearConv", "DequantizeLinear"]
+
+
 @pytest.mark.parametrize("method", [RangeMethod.MINMAX, RangeMethod.PERCENTILE])
 def test_output_ranges_are_calibrated_in_the_input_passes_only_for_convs_the_kernel_may_run(method):
     model = conv_model(spatial=(32, 32), channels=(8, 5), pads=[1, 1, 1, 1], second=True)  # conv2: 5 channels, too few
