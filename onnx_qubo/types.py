@@ -12,19 +12,17 @@ from . import external
 from .grid import InputQuantizer, WeightCodes
 
 if TYPE_CHECKING:
-    from .forms.base import GraphIndex, Skip
-    from .forms.recurrent import RecurrentCell
     from .passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
-    from .patches import ConvGeometry
+    from .views import ConvGeometry, RecurrentCell
 
 
-class DenseForm(Protocol):
-    """One graph pattern of a dense layer (forms/): how to find it and how to rewrite it."""
+class LayerForm(Protocol):
+    """What the stages after discovery ask of the graph pattern a layer was found as (forms/: the
+    full ``forms.base.DenseForm`` also finds it): its op type, whether onnxruntime's kernels may run
+    it (backends/kernels.py), and how to rewrite its node."""
 
     op_type: str
-    fast_kernels: bool  # whether format ort may run it with onnxruntime's kernels (kernels.py)
-
-    def match(self, node: onnx.NodeProto, name: str, index: "GraphIndex") -> "DenseLayer | Skip": ...
+    fast_kernels: bool
 
     def lower(self, node: onnx.NodeProto, weight: "QuantizedWeight", edit: "GraphEdit") -> "Lowered": ...
 
@@ -93,7 +91,7 @@ class DenseLayer:
     """
 
     name: str  # the node's name (made unique by discovery when the model has none)
-    form: DenseForm  # the pattern it was found as, which also rewrites it
+    form: LayerForm  # the pattern it was found as, which also rewrites it
     label: str  # the pattern in words, e.g. "Gemm(transB=1)", "MatMul+Add", "MatMul (N-D)"
     input_name: str  # activation tensor feeding the layer
     input_rank: int | None  # its rank when shape inference knows it

@@ -34,14 +34,14 @@ def _package_of(name: str, path: Path) -> str:
     return name if path.name == "__init__.py" else name.rpartition(".")[0]
 
 
-def _is_module(name: str) -> bool:
-    """Whether ``name`` is a module or package of onnx_qubo (the passes link included)."""
-    path = PACKAGE.parent.joinpath(*name.split("."))
+def _is_module(name: str, root: Path) -> bool:
+    """Whether ``name`` is a module or package of the package at ``root`` (the passes link included)."""
+    path = root.parent.joinpath(*name.split("."))
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
-def edges(found: dict[str, Path]) -> dict[str, set[str]]:
-    """Module -> the modules of onnx_qubo it imports."""
+def edges(found: dict[str, Path], root: Path = PACKAGE) -> dict[str, set[str]]:
+    """Module -> the modules of the package (at ``root``) it imports."""
     graph: dict[str, set[str]] = {name: set() for name in found}
     for name, path in found.items():
         for node in ast.walk(ast.parse(path.read_text())):
@@ -54,7 +54,7 @@ def edges(found: dict[str, Path]) -> dict[str, set[str]]:
                     package = _package_of(name, path).split(".")
                     package = package[:len(package) - node.level + 1]
                     base = ".".join(package + ([base] if base else []))
-                targets = [f"{base}.{alias.name}" if _is_module(f"{base}.{alias.name}") else base
+                targets = [f"{base}.{alias.name}" if _is_module(f"{base}.{alias.name}", root) else base
                            for alias in node.names]
             graph[name] |= {t for t in targets if t in found and t != name}
     return graph

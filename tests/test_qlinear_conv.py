@@ -18,9 +18,9 @@ from onnx_qubo.backends.ort_conv import qlinear_conv, qlinear_conv_reference
 from onnx_qubo.data import load_dataset
 from onnx_qubo.grid import InputQuantizer
 from onnx_qubo.options import Activations, RangeMethod
-from onnx_qubo.patches import ConvGeometry
 from onnx_qubo.pipeline import calibrate
 from onnx_qubo.progress import Progress
+from onnx_qubo.views import ConvGeometry
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_DISABLE_ALL]

@@ -19,8 +19,8 @@ import numpy as np
 from ..choice import Choice
 from ..errors import OptionError
 from ..grid import Granularity, InputQuantizer, WeightCodes
-from ..patches import ConvGeometry
 from ..types import DenseLayer, QuantizedLayer
+from ..views import ConvGeometry
 from .ort import OrtForm, gather_block_quantized, matmul_integer_to_float, matmul_nbits
 from .ort_conv import qlinear_conv, qlinear_conv_slow
 

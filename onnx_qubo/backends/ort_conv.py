@@ -9,7 +9,8 @@ import numpy as np
 from onnx import helper, numpy_helper
 
 from ..grid import InputQuantizer, WeightCodes
-from ..patches import ConvGeometry, patches
+from ..patches import patches
+from ..views import ConvGeometry
 from .ort import Names, OrtForm, int8_weights
 
 # QLinearConv is slower than float Conv below these input channels per group (benchmarks/conv_forms.py):

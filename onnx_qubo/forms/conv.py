@@ -20,8 +20,9 @@ import onnx
 from onnx import helper
 
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
-from ..patches import ConvGeometry, flatten_weight
+from ..patches import flatten_weight
 from ..types import DenseLayer
+from ..views import ConvGeometry
 from .base import GraphIndex, Skip, attributes
 
 
