@@ -191,7 +191,7 @@ class QuantizeOptions:
     def _check_format(self) -> None:
         """Refuse what format ort cannot serve for any layer (single layers fall back, reported)."""
         check_format(self.format, self.ort_accuracy_level, self.activations.value, self.granularity,
-                     self.block_size, [self.bits, *self.layer_bits.values()])
+                     self.block_size, [self.bits, *self.layer_bits.values()], self.auto_scheme)
 
     @property
     def automatic(self) -> bool:
@@ -212,9 +212,6 @@ class QuantizeOptions:
         if self.dump_dir is not None or self.solution_dir is not None:
             raise OptionError("{dump_qubo}/{load_solution} exchange one scheme's QUBOs; {auto_scheme}/{size_budget}/"
                               "{max_error} solve several", "dump_qubo", "load_solution", *names)
-        if self.auto_scheme and self.format == Format.ORT:
-            raise OptionError("{auto_scheme} tries blocks of 32 and per channel, symmetric and not; {format} ort "
-                              "serves only some of them: use {format} qdq", "auto_scheme", "format")
         if self.embeddings:
             raise OptionError("{embeddings} tables are not measured by {auto_scheme}/{size_budget}/{max_error} yet: "
                               "give one or the other", "embeddings", *names)

@@ -18,11 +18,9 @@ if TYPE_CHECKING:
 
 class LayerForm(Protocol):
     """What the stages after discovery ask of the graph pattern a layer was found as (forms/: the
-    full ``forms.base.DenseForm`` also finds it): its op type, whether onnxruntime's kernels may run
-    it (backends/kernels.py), and how to rewrite its node."""
+    full ``forms.base.DenseForm`` also finds it): its op type, and how to rewrite its node."""
 
     op_type: str
-    fast_kernels: bool
 
     def lower(self, node: onnx.NodeProto, weight: "QuantizedWeight", edit: "GraphEdit") -> "Lowered": ...
 

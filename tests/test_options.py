@@ -38,6 +38,8 @@ def test_parse_turns_strings_into_enums_and_solver_names_into_solvers():
     ({"granularity": "block"}, ("granularity", "block_size"), "granularity/block_size: a block size"),
     ({"bits": 2, "symmetric": False, "activations": "int8"}, ("symmetric", "granularity", "activations"),
      "onnxruntime 1.32 fuses them into QGemm"),
+    ({"auto_scheme": True, "format": "ort"}, ("auto_scheme", "format"), "format ort serves only some of them"),
+    ({"ort_accuracy_level": 4}, ("ort_accuracy_level", "format"), "applies to format ort weight-only layers"),
 ])
 def test_bad_options_are_refused_in_the_api_s_terms(arguments, options, message):
     with pytest.raises(OptionError) as error:
@@ -53,7 +55,7 @@ def test_option_error_leaves_braces_that_name_no_option_alone():
     assert error.render({"bits": "--bits"}) == "--bits got {'x': 1} and {other}"
 
 
-def test_compat_refuses_only_the_scheme_onnxruntime_cannot_load():
+def test_portable_form_refuses_only_the_scheme_onnxruntime_cannot_load():
     assert scheme_refusal(Scheme(2, symmetric=False), quantized_inputs=True)
     assert scheme_refusal(Scheme(2, Granularity.BLOCK, 4, symmetric=False), quantized_inputs=True) is None
     assert scheme_refusal(Scheme(2, symmetric=False), quantized_inputs=False) is None

@@ -24,6 +24,7 @@ from ..views import ConvGeometry
 from .ort import OrtForm, gather_block_quantized, matmul_integer_to_float, matmul_nbits
 from .ort_conv import qlinear_conv, qlinear_conv_slow
 
+KERNEL_OPS = ("Gemm", "MatMul", "Conv")  # MatMulNBits / MatMulIntegerToFloat; QLinearConv (quantized inputs)
 PORTABLE = "DequantizeLinear"
 PORTABLE_TABLE = "Gather+Mul"  # an embedding table's portable lookup (forms/gather.py)
 
@@ -34,10 +35,11 @@ class Format(Choice):
 
 
 def check_format(format: Format, accuracy_level: int, activations: str, granularity: Granularity,
-                 block_size: int, bits: Collection[int]) -> None:
+                 block_size: int, bits: Collection[int], auto_scheme: bool = False) -> None:
     """An OptionError for what format ort cannot serve for any layer (single layers fall back to the
     portable form, reported): ``activations`` is the option's value ("none": weight-only),
-    ``bits`` every bit width the run uses."""
+    ``bits`` every bit width the run uses; ``auto_scheme`` tries schemes format ort serves only
+    some of."""
     quantized_inputs = activations != "none"
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise OptionError(f"{{ort_accuracy_level}} must be 0-4, got {accuracy_level}", "ort_accuracy_level")
@@ -49,6 +51,9 @@ def check_format(format: Format, accuracy_level: int, activations: str, granular
                           f"{{activations}} {activations}", "ort_accuracy_level", "activations")
     if format != Format.ORT:
         return
+    if auto_scheme:
+        raise OptionError("{auto_scheme} tries blocks of 32 and per channel, symmetric and not; {format} ort "
+                          "serves only some of them: use {format} qdq", "auto_scheme", "format")
     if quantized_inputs and granularity == Granularity.BLOCK:
         raise OptionError("{format} ort with quantized inputs runs MatMulIntegerToFloat, which takes one weight "
                           "scale per output or per tensor, not blocks: use {granularity} channel or tensor, "
@@ -118,7 +123,7 @@ def choose_kernel(q: QuantizedLayer, bias: np.ndarray | None, has_other_bias: bo
     name = q.layer.name
     if format == Format.QDQ:
         return None, KernelChoice(name, PORTABLE)
-    if not q.layer.form.fast_kernels:
+    if q.layer.op_type not in KERNEL_OPS:
         return None, KernelChoice(name, PORTABLE, f"no faster onnxruntime kernel for a {q.layer.op_type} layer yet")
     geometry = q.layer.geometry
     if geometry is not None and q.input_quantizer is None:

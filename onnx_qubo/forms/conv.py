@@ -33,7 +33,6 @@ def flat_float64(stored: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
 
 class ConvForm:
     op_type = "Conv"
-    fast_kernels = True  # format ort with quantized inputs: QLinearConv (kernels.py); weight-only: none
 
     def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
         activation, weight_name = node.input[0], node.input[1]

@@ -19,7 +19,6 @@ from .base import GraphIndex, Skip, as_float64, attributes, transposed
 
 class GemmForm:
     op_type = "Gemm"
-    fast_kernels = True  # format ort: MatMulNBits / MatMulIntegerToFloat (kernels.py)
 
     def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
         attrs = attributes(node)

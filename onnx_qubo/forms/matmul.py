@@ -21,7 +21,6 @@ from .base import GraphIndex, Skip, transposed
 
 class MatMulForm:
     op_type = "MatMul"
-    fast_kernels = True  # format ort: MatMulNBits / MatMulIntegerToFloat (kernels.py)
 
     def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
         activation, weight_name = node.input[0], node.input[1]

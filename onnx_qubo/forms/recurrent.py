@@ -37,7 +37,6 @@ SEQUENCE_LENS, INITIAL_H = 4, 5  # input positions, the same for LSTM, GRU and R
 
 
 class RecurrentForm:
-    fast_kernels = False  # format ort: no faster onnxruntime kernel for a weight-only recurrent cell
 
     def __init__(self, op_type: str):
         self.op_type = op_type
