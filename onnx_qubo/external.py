@@ -25,7 +25,8 @@ from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_t
 from .errors import ModelError
 
 FOLDER_KEY = "onnx_qubo.external_data_folder"
-SUB_BYTE_TYPES: dict[int, int] = {onnx.TensorProto.INT4: 2, onnx.TensorProto.UINT4: 2}
+SUB_BYTE_TYPES: dict[int, int] = {  # values packed per byte in a tensor's raw data
+    onnx.TensorProto.INT4: 2, onnx.TensorProto.UINT4: 2, onnx.TensorProto.INT2: 4, onnx.TensorProto.UINT2: 4}
 
 
 def keep_references(model: onnx.ModelProto, folder: Path) -> None:
