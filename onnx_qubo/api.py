@@ -88,7 +88,7 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
         path.stat().st_size for path, role in reads.items() if "input model" in role)
     if config.automatic.enabled:
         calibrated = calibrate(float_model, calib_data, bar, config.automatic.exclude, config.activations.dtype,
-                               config.activations.range, config.execution.max_memory_bytes)
+                               config.activations.range, config.execution.max_memory_bytes, config.output.format)
         quantized = quantize_auto(calibrated, config, bar, input_bytes=input_bytes)
     else:
         quantized = quantize_model(float_model, calib_data, config, bar)

@@ -20,9 +20,7 @@ from dataclasses import dataclass, replace
 from .config import PerBlock, PerChannel, QuantizeConfig
 from .contribution import FLOAT_BYTES, LayerSensitivity, measure
 from .errors import OptionError
-from .kernels import Format
-from .lowering import rewrite
-from .pipeline import Calibrated, Quantized
+from .pipeline import Calibrated, Quantized, finish
 from .plan import make_plan
 from .progress import Progress
 from .report import LayerReport
@@ -161,10 +159,7 @@ def quantize_auto(calibrated: Calibrated, options: QuantizeConfig, progress: Pro
         raise OptionError("every layer would stay float: {size_budget} fits the float model, or {max_error} is "
                           f"below what any quantized layer gives alone (least: {least:.3g})",
                           "size_budget", "max_error")
-    output = options.output
-    written = rewrite(calibrated.model, chosen.quantized, output.format, output.ort_accuracy_level)
-    portable = written.model if output.format == Format.QDQ else rewrite(calibrated.model, chosen.quantized).model
-    reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback) for r, k in zip(chosen.reports, written.kernels)]
     skipped = calibrated.skipped + [SkippedNode(name, "", "kept float by the automatic choice")
                                     for name in chosen.kept_float]
-    return Quantized(written.model, reports, skipped, portable, [*written.notes, chosen.summary()])
+    return finish(calibrated, chosen.quantized, chosen.reports, skipped, options.output.format,
+                  options.output.ort_accuracy_level, notes=[chosen.summary()])

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
-from . import compat
 from .activations import PERCENTILE
+from .backends import portable
+from .backends.kernels import Format, check_accuracy_level, check_format
 from .choice import Choice, parse_choice
 from .errors import OptionError
 from .grid import Granularity, Scheme
-from .kernels import Format
 from .options import (
     MAX_GB,
     Activations,
@@ -33,14 +33,6 @@ from .options import (
     check_positive,
 )
 from .solvers import SOLVERS, NealSolver, Solver
-
-KERNEL_BLOCK = 16  # MatMulNBits' block_size: a power of two, at least this
-
-
-def splits_into_kernel_blocks(size: int) -> bool:
-    """Whether blocks of ``size`` inputs split into MatMulNBits blocks (a power of two, at least
-    ``KERNEL_BLOCK``): exactly when ``KERNEL_BLOCK`` divides it."""
-    return size % KERNEL_BLOCK == 0
 
 
 @dataclass(frozen=True)
@@ -243,9 +235,7 @@ class OutputConfig(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ort_accuracy_level not in (0, 1, 2, 3, 4):
-            raise OptionError(f"{{ort_accuracy_level}} must be 0-4, got {self.ort_accuracy_level}",
-                              "ort_accuracy_level")
+        check_accuracy_level(self.ort_accuracy_level)
 
 
 @dataclass(frozen=True)
@@ -353,37 +343,19 @@ class QuantizeConfig:
             raise OptionError("{bias_correction} re-fits a float bias; with {bias} quantize the bias is already "
                               "a variable of each neuron's QUBO", "bias_correction", "bias")
         for bits in {self.weights.bits, *self.automatic.layer_bits.values()}:
-            reason = compat.scheme_refusal(self.weights.scheme(bits), activations.quantized)
+            reason = portable.scheme_refusal(self.weights.scheme(bits), activations.quantized)
             if reason:
                 raise OptionError(reason, "symmetric", "granularity", "activations")
         self._check_format()
         self._check_automatic()
 
     def _check_format(self) -> None:
-        """Refuse what format ort cannot serve for any layer (single layers fall back, reported)."""
-        output, activations, granularity = self.output, self.activations, self.weights.granularity
-        if output.ort_accuracy_level and output.format != Format.ORT:
-            raise OptionError(f"{{ort_accuracy_level}} applies to {{format}} ort weight-only layers (MatMulNBits), "
-                              f"not to {{format}} {output.format.value}", "ort_accuracy_level", "format")
-        if output.ort_accuracy_level and activations.quantized:
-            raise OptionError(f"{{ort_accuracy_level}} applies to weight-only layers (MatMulNBits), not with "
-                              f"{{activations}} {activations.dtype.value}", "ort_accuracy_level", "activations")
-        if output.format != Format.ORT:
-            return
-        if activations.quantized and isinstance(granularity, PerBlock):
-            raise OptionError("{format} ort with quantized inputs runs MatMulIntegerToFloat, which takes one weight "
-                              "scale per output or per tensor, not blocks: use {granularity} channel or tensor, "
-                              "or {format} qdq", "format", "granularity")
-        if not activations.quantized:
-            if min([self.weights.bits, *self.automatic.layer_bits.values()]) > 4 and output.ort_accuracy_level != 4:
-                raise OptionError("{format} ort weight-only: onnxruntime 1.32's MatMulNBits has a fast float kernel "
-                                  "for 1-4 bit weights only; use {bits} 4 or less, {ort_accuracy_level} 4 (int8 "
-                                  "activations inside the kernel), {activations} int8/uint8, or {format} qdq",
-                                  "format", "bits", "ort_accuracy_level", "activations")
-            if isinstance(granularity, PerBlock) and not splits_into_kernel_blocks(granularity.size):
-                raise OptionError(f"{{format}} ort weight-only needs blocks that split into MatMulNBits blocks (a "
-                                  f"power of two >= {KERNEL_BLOCK}), not {{block_size}} {granularity.size}: use a "
-                                  f"multiple of {KERNEL_BLOCK}, or {{format}} qdq", "format", "block_size")
+        """Refuse what format ort cannot serve for any layer (single layers fall back, reported):
+        onnxruntime's rules, in backends/kernels.py."""
+        scheme = self.weights.scheme(self.weights.bits)
+        check_format(self.output.format, self.output.ort_accuracy_level, self.activations.dtype.value,
+                     scheme.granularity, scheme.block_size, [self.weights.bits, *self.automatic.layer_bits.values()],
+                     self.automatic.auto_scheme)
 
     def _check_automatic(self) -> None:
         """The automatic choice measures every layer alone on the float model, with its own schemes."""
@@ -400,9 +372,6 @@ class QuantizeConfig:
         if self.rounding.dump_qubo is not None or self.rounding.load_solution is not None:
             raise OptionError("{dump_qubo}/{load_solution} exchange one scheme's QUBOs; {auto_scheme}/{size_budget}/"
                               "{max_error} solve several", "dump_qubo", "load_solution", *names)
-        if automatic.auto_scheme and self.output.format == Format.ORT:
-            raise OptionError("{auto_scheme} tries blocks of 32 and per channel, symmetric and not; {format} ort "
-                              "serves only some of them: use {format} qdq", "auto_scheme", "format")
         if self.output.embeddings:
             raise OptionError("{embeddings} tables are not measured by {auto_scheme}/{size_budget}/{max_error} yet: "
                               "give one or the other", "embeddings", *names)

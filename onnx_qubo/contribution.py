@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .grid import Granularity
-from .groups import merge_groups, merge_reports
 from .lowering import rewrite
-from .pipeline import Calibrated, solve_layers
+from .pipeline import Calibrated, solve_all
 from .plan import Plan
 from .progress import Progress
 from .report import LayerReport
@@ -54,7 +53,7 @@ class Measured:
 
 
 def scheme_label(q: QuantizedLayer) -> str:
-    scheme = q.scheme
+    scheme = q.codes.scheme
     groups = f"block {scheme.block_size}" if scheme.granularity == Granularity.BLOCK else str(scheme.granularity)
     return f"{groups} {'sym' if scheme.symmetric else 'asym'}"
 
@@ -63,23 +62,15 @@ def stored_bytes(q: QuantizedLayer) -> int:
     """Bytes of a quantized weight as written: packed integers, float scales, packed zero points,
     and the float output shift of bias correction."""
     width = _storage_bits(q)
-    zero_points = 0 if q.scheme.symmetric else q.scales.zero_point.size * width
+    codes = q.codes
+    zero_points = 0 if codes.signed else codes.scales.zero_point.size * width
     shift = 0 if q.bias_shift is None else q.bias_shift.size * FLOAT_BYTES
-    return int(np.ceil((q.integers.size * width + zero_points) / 8)) + q.scales.scale.size * FLOAT_BYTES + shift
+    return int(np.ceil((codes.integers.size * width + zero_points) / 8)) + codes.scales.scale.size * FLOAT_BYTES + shift
 
 
 def _storage_bits(q: QuantizedLayer) -> int:
-    bits = q.scheme.bits
+    bits = q.codes.bits
     return 2 if bits <= 2 else 4 if bits <= 4 else 8
-
-
-def solve_all(calibrated: Calibrated, plan: Plan, progress: Progress) -> tuple[list[QuantizedLayer], list[LayerReport]]:
-    """Every layer's integers and report (grouped Convs merged), as ``quantize`` would write them."""
-    integers, reports = [], []
-    for solved in solve_layers(calibrated, plan, progress):
-        integers.append(solved.quantized())
-        reports.append(solved.report)
-    return merge_groups(integers), merge_reports(calibrated.layers, reports)
 
 
 def measure(calibrated: Calibrated, plan: Plan, reference: Reference, progress: Progress) -> Measured:
@@ -97,7 +88,7 @@ def alone(calibrated: Calibrated, q: QuantizedLayer, report: LayerReport, refere
     y_float = reference.scores
     error = float(np.linalg.norm(y - y_float) / max(float(np.linalg.norm(y_float)), 1e-30))
     agreement = float((y.argmax(axis=-1) == y_float.argmax(axis=-1)).mean())
-    return LayerSensitivity(q.layer.name, q.layer.label, q.scheme.bits, scheme_label(q), error, agreement,
+    return LayerSensitivity(q.layer.name, q.layer.label, q.codes.bits, scheme_label(q), error, agreement,
                             stored_bytes(q), q.layer.weight.size * FLOAT_BYTES, report.cost_solved)
 
 

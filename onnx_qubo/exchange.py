@@ -38,12 +38,10 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError, OutputError
-from .files import writable_path, write_atomically
+from .files import INDEX, PROBLEM_SUFFIX, SOLUTION_SUFFIX, writable_path, write_atomically
 from .grid import Rounding
 from .qubo import LayerProblem
 
-INDEX = "index.json"
-PROBLEM_SUFFIX, SOLUTION_SUFFIX = ".qubo.npz", ".solution.npy"
 MAX_STEM = 100  # with the suffixes and a temporary name, far below the usual 255-byte name limit
 
 
@@ -86,15 +84,6 @@ def _write(directory: Path, name: str, data: bytes) -> None:
     if path.is_symlink():
         raise OutputError(f"{{dump_qubo}}: '{path}' is a symbolic link; refusing to write through it", "dump_qubo")
     write_atomically(writable_path(path, reads=(), what="{dump_qubo} file"), data, "{dump_qubo} file")
-
-
-def files_read(directory: Path) -> list[Path]:
-    """The files a run loading solutions from ``directory`` may read: its index, and every
-    problem and solution in it (whatever the index names, only those can be read)."""
-    if not directory.is_dir():
-        return []
-    return [path for path in directory.iterdir()
-            if path.name == INDEX or path.name.endswith((PROBLEM_SUFFIX, SOLUTION_SUFFIX))]
 
 
 def read_problem(path: Path) -> LayerProblem:

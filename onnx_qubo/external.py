@@ -19,12 +19,14 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_tensor, uses_external_data
 
 from .errors import ModelError
 
 FOLDER_KEY = "onnx_qubo.external_data_folder"
+SUB_BYTE_TYPES: dict[int, int] = {  # values packed per byte in a tensor's raw data
+    onnx.TensorProto.INT4: 2, onnx.TensorProto.UINT4: 2, onnx.TensorProto.INT2: 4, onnx.TensorProto.UINT2: 4}
 
 
 def keep_references(model: onnx.ModelProto, folder: Path) -> None:
@@ -55,11 +57,21 @@ def read_array(tensor: onnx.TensorProto, model: onnx.ModelProto) -> np.ndarray:
                          f"{exc}") from None
 
 
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """The size of a tensor's values, wherever they are stored."""
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    per_byte = SUB_BYTE_TYPES.get(tensor.data_type)
+    if per_byte:
+        return -(-count // per_byte)
+    try:
+        return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return count * 4
+
+
 def data_info(tensor: onnx.TensorProto) -> ExternalDataInfo:
     """``tensor``'s external data entry, checked: offset and length non-negative integers, and
     the length, when given, the bytes its dims and type take; a ModelError naming it otherwise."""
-    from .memory import tensor_bytes  # memory.py reads types.py, which reads this module
-
     entries = {entry.key: entry.value for entry in tensor.external_data}
     for key in ("offset", "length"):
         if key in entries and not entries[key].isdecimal():  # digits only: no sign, no fraction

@@ -36,14 +36,15 @@ from onnx.external_data_helper import set_external_data
 
 from . import external
 from .errors import Interrupted, ModelError, OutputError
-from .external import external_tensors
-from .memory import tensor_bytes
+from .external import external_tensors, tensor_bytes
 from .runtime import PROTOBUF_LIMIT
 
 PathLike = str | os.PathLike
 TEMP_PREFIX = ".oq-"  # the temporary folders beside outputs
 SPECIAL_TREES = ("/dev", "/proc", "/sys")  # paths there are streams or kernel files, never outputs
 DATA_SUFFIXES = (".calib.npz", ".eval.npz")  # the data files found beside a model by default
+INDEX = "index.json"  # a --dump-qubo / --load-solution folder's index (exchange.py)
+PROBLEM_SUFFIX, SOLUTION_SUFFIX = ".qubo.npz", ".solution.npy"  # its problems and solutions
 
 
 def load_model(path: PathLike) -> onnx.ModelProto:
@@ -94,6 +95,15 @@ def external_data_files(model: onnx.ModelProto, path: PathLike) -> list[Path]:
     return list(files)
 
 
+def solution_files(directory: Path) -> list[Path]:
+    """The files a run loading solutions from ``directory`` may read (exchange.py's format): its
+    index, and every problem and solution in it (whatever the index names, only those can be read)."""
+    if not directory.is_dir():
+        return []
+    return [path for path in directory.iterdir()
+            if path.name == INDEX or path.name.endswith((PROBLEM_SUFFIX, SOLUTION_SUFFIX))]
+
+
 def inputs_read(model: Any, calibration: Any = None, evaluation: Any = None,
                 load_solution: PathLike | None = None) -> dict[Path, str]:
     """The files a run reads or may read, resolved, each with what it is: the model (when a
@@ -101,8 +111,6 @@ def inputs_read(model: Any, calibration: Any = None, evaluation: Any = None,
     the data sources that are paths, and the index, problems and solutions in the
     ``load_solution`` folder (other sources, and paths that do not exist, are skipped). What it
     is may name an option as ``{name}`` (errors.py)."""
-    from .exchange import files_read  # exchange.py writes through this module
-
     reads: dict[Path, str] = {}
     data = [calibration, evaluation]
     if isinstance(model, (str, os.PathLike)) and Path(model).is_file():
@@ -120,7 +128,7 @@ def inputs_read(model: Any, calibration: Any = None, evaluation: Any = None,
         if path.exists():
             reads.setdefault(path.resolve(), "a data file")
     if load_solution is not None:
-        for path in files_read(Path(load_solution)):
+        for path in solution_files(Path(load_solution)):
             reads.setdefault(path.resolve(), "a {load_solution} file")
     return reads
 

@@ -92,7 +92,7 @@ class Scheme:
 @dataclass(frozen=True, eq=False)
 class GroupScales:
     """Scales and zero points of one layer, one per (row, group of ``width`` input columns):
-    dequantized weight ``w = scale * (q - zero_point)``."""
+    dequantized weight ``w = scale * (q - zero_point)`` (``WeightCodes.dequantize``)."""
 
     scale: np.ndarray  # float64 [n, g], positive
     zero_point: np.ndarray  # int64 [n, g], on the grid
@@ -107,9 +107,66 @@ class GroupScales:
         when a row has one group."""
         return values if self.groups == 1 else np.repeat(values, self.width, axis=1)[:, :f]
 
-    def dequantize(self, integers: np.ndarray) -> np.ndarray:
-        f = integers.shape[1]
-        return self.per_column(self.scale, f) * (integers - self.per_column(self.zero_point, f))
+
+@dataclass(frozen=True, eq=False)
+class WeightCodes:
+    """A weight [n, f] as integer codes on ``scheme``'s grid with their scales: the one record of
+    weight codes (a layer's, a table's, what every backend writes), ``w = scale * (q - zero_point)``.
+
+    The kernels' view of the scales: ``scale``/``zero_point`` are [n] with one group per row (per
+    channel or per tensor, or one block spanning the row) and [n, g] with blocks of ``block_size``
+    inputs (the last block of a row may be shorter); ``zero_point`` is None on the signed grid.
+    """
+
+    integers: np.ndarray  # [n, f], in the smallest integer type that holds the grid (layer.compact)
+    scales: GroupScales  # [n, g]
+    scheme: Scheme
+
+    def __post_init__(self) -> None:
+        n, f = self.integers.shape
+        groups = -(-f // self.scales.width)
+        for name, values in (("scale", self.scales.scale), ("zero_point", self.scales.zero_point)):
+            if values.shape != (n, groups):
+                raise ValueError(f"{name} shape {values.shape} does not fit weights {n}x{f} in groups of "
+                                 f"{self.scales.width} ({(n, groups)})")
+        grid = self.scheme.grid
+        for name, values in (("integers", self.integers), ("zero_point", self.scales.zero_point)):
+            if values.size and (values.min() < grid.qmin or values.max() > grid.qmax):
+                raise ValueError(f"{name} outside the {self.bits}-bit grid [{grid.qmin}, {grid.qmax}]")
+
+    @property
+    def bits(self) -> int:
+        return self.scheme.bits
+
+    @property
+    def signed(self) -> bool:
+        return self.scheme.symmetric
+
+    @property
+    def block_size(self) -> int:
+        """Inputs per scale block, 0 when each row has one scale."""
+        return self.scales.width if self.scales.groups > 1 else 0
+
+    @property
+    def scale(self) -> np.ndarray:
+        return self.scales.scale if self.block_size else self.scales.scale[:, 0]
+
+    @property
+    def zero_point(self) -> np.ndarray | None:
+        if self.signed:
+            return None
+        return self.scales.zero_point if self.block_size else self.scales.zero_point[:, 0]
+
+    def scaled(self, factor: float) -> "WeightCodes":
+        """The same codes with every scale times ``factor`` (Gemm's alpha folded in)."""
+        scales = GroupScales(self.scales.scale * factor, self.scales.zero_point, self.scales.width)
+        return WeightCodes(self.integers, scales, self.scheme)
+
+    def dequantize(self) -> np.ndarray:
+        """The float weights [n, f] the codes stand for, float64."""
+        f = self.integers.shape[1]
+        scales = self.scales
+        return scales.per_column(scales.scale, f) * (self.integers - scales.per_column(scales.zero_point, f))
 
 
 @dataclass(frozen=True, eq=False)

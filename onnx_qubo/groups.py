@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .grid import Granularity, GroupScales
+from .grid import Granularity, GroupScales, WeightCodes
 from .report import LayerReport
 from .types import DenseLayer, InMemory, QuantizedBias, QuantizedLayer, RowsOf, WeightValues
 
@@ -81,18 +81,19 @@ def _join(a: QuantizedLayer, b: QuantizedLayer) -> QuantizedLayer:
     layer = replace(a.layer, values=_joined(a.layer.values, b.layer.values),
                     bias=None if a.layer.bias is None or b.layer.bias is None
                     else np.concatenate([a.layer.bias, b.layer.bias]))
-    scales = GroupScales(np.vstack([a.scales.scale, b.scales.scale]),
-                         np.vstack([a.scales.zero_point, b.scales.zero_point]), a.scales.width)
-    return QuantizedLayer(layer, a.scheme, np.vstack([a.integers, b.integers]), scales, bias, a.input_quantizer, shift)
+    scales = GroupScales(np.vstack([a.codes.scales.scale, b.codes.scales.scale]),
+                         np.vstack([a.codes.scales.zero_point, b.codes.scales.zero_point]), a.codes.scales.width)
+    codes = WeightCodes(np.vstack([a.codes.integers, b.codes.integers]), scales, a.codes.scheme)
+    return QuantizedLayer(layer, codes, bias, a.input_quantizer, shift)
 
 
 def _as_conv(q: QuantizedLayer) -> QuantizedLayer:
     """The merged groups named and typed as the Conv they came from."""
-    scheme = q.scheme
+    scheme = q.codes.scheme
     if scheme.granularity == Granularity.TENSOR:  # one scale per group: written per output channel
         scheme = replace(scheme, granularity=Granularity.CHANNEL)
     return replace(q, layer=replace(q.layer, name=q.layer.parent or q.layer.name, group=None, parent=None),
-                   scheme=scheme)
+                   codes=replace(q.codes, scheme=scheme))
 
 
 def _joined(a: WeightValues, b: WeightValues) -> WeightValues:

@@ -19,7 +19,7 @@ from . import workers
 from .bounds import lower_bounds
 from .determinism import one_blas_thread
 from .errors import OptionError
-from .grid import Granularity, GroupScales, InputQuantizer, Scheme
+from .grid import Granularity, GroupScales, InputQuantizer, Scheme, WeightCodes
 from .options import BiasMode, ScaleMethod
 from .plan import LayerPlan
 from .progress import Progress
@@ -137,7 +137,7 @@ class SolvedLayer:
         if self.bias_scales is not None:
             bias = QuantizedBias(integers[:, f], np.asarray(self.bias_scales.scale[0, 0]),
                                  int(self.bias_scales.zero_point[0, 0]), scheme.grid.storage[0])
-        return QuantizedLayer(self.plan.layer, scheme, compact(integers[:, :f]), self.scales, bias,
+        return QuantizedLayer(self.plan.layer, WeightCodes(compact(integers[:, :f]), self.scales, scheme), bias,
                               self.input_quantizer, self.bias_shift if choice is None else None)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from .errors import DataError
+from .signature import model_inputs
 
 TOKENS = "input_ids"
 MASK = "attention_mask"
@@ -38,8 +39,6 @@ class LmInputs:
     """The rule above for one model (the head sizes are read off its graph once, when first needed)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        from .data import model_inputs  # data.py calls this module
-
         self.model = model
         self.specs = {spec.name: spec for spec in model_inputs(model)}
         self.heads: dict[str, int] | None = None
@@ -100,10 +99,10 @@ def _empty_past_shape(name: str, shape: tuple[int | None, ...], names: tuple[str
 
 def _head_sizes(model: onnx.ModelProto) -> dict[str, int]:
     """Past input name -> head size, for the past inputs an attention contrib node reads directly."""
-    from .forms.base import _skeleton  # inference on the graph alone
     from .passes.shapes import tensor_types
+    from .subgraphs import skeleton  # inference on the graph alone
 
-    types = tensor_types(_skeleton(model))
+    types = tensor_types(skeleton(model))
 
     def width(tensor: str) -> int | None:
         kind = types.get(tensor)

@@ -17,18 +17,16 @@ import numpy as np
 import onnx
 
 from . import external, passes
+from .backends import portable
+from .backends.kernels import Format, KernelChoice, choose_kernel, choose_table_kernel
 from .errors import ModelError, QuboError, RuntimeFailure
 from .forms.gather import TABLE_OPSET, LowerTables, QuantizedTable, TableLowering
-from .grid import Granularity
-from .kernels import Format, KernelChoice, choose_kernel, choose_table_kernel
 from .passes import (
-    ActivationQuantization,
     CheckModel,
     GraphPass,
     InsertDequantize,
     PassFailed,
     PassResult,
-    QuantizedTensor,
     QuantizedWeight,
     RaiseOpset,
     ReinferDeclaredShapes,
@@ -73,16 +71,16 @@ def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: For
         weights.append(weight)
         kernels.append(kernel)
         log.info("layer '%s' (%s): %s weights, %s%s", q.layer.name, q.layer.label,
-                 onnx.TensorProto.DataType.Name(q.scheme.grid.storage[0]), kernel.kernel,
+                 onnx.TensorProto.DataType.Name(q.codes.scheme.grid.storage[0]), kernel.kernel,
                  f" (not faster: {kernel.fallback})" if kernel.fallback else "")
     lowerings = []
     for table in tables:
-        fast, kernel = choose_table_kernel(table.table.name, table.codes(), format)
+        fast, kernel = choose_table_kernel(table.table.name, table.codes, format)
         lowerings.append(TableLowering(table, fast))
         kernels.append(kernel)
-        log.info("table '%s': %d-bit rows, %s%s", table.table.name, table.scheme.bits, kernel.kernel,
+        log.info("table '%s': %d-bit rows, %s%s", table.table.name, table.codes.bits, kernel.kernel,
                  f" (not faster: {kernel.fallback})" if kernel.fallback else "")
-    target_opset = max([q.scheme.opset for q in quantized] + [TABLE_OPSET] * bool(tables))
+    target_opset = max([q.codes.scheme.opset for q in quantized] + [TABLE_OPSET] * bool(tables))
     steps: list[GraphPass] = [RaiseOpset(target_opset), InsertDequantize(weights, external.read_array),
                               LowerTables(lowerings)]
     rewritten = run_passes(model, steps).model
@@ -102,25 +100,9 @@ def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
                      accuracy_level: int = 0) -> tuple[QuantizedWeight, KernelChoice]:
     """The graph pass's view of a layer (scales shaped as DequantizeLinear takes them), and the
     kernel that will run it."""
-    scales, scheme = q.scales, q.scheme
-    if scheme.granularity == Granularity.TENSOR:
-        scale, zero_point = scales.scale[0, 0], scales.zero_point[0, 0]
-    elif scheme.granularity == Granularity.CHANNEL:
-        scale, zero_point = scales.scale[:, 0], scales.zero_point[:, 0]
-    else:
-        scale, zero_point = scales.scale, scales.zero_point
-    weight = QuantizedTensor(q.integers, np.asarray(scale), None if scheme.symmetric else np.asarray(zero_point),
-                             scheme.grid.storage[0], scales.width if scheme.granularity == Granularity.BLOCK else 0)
-    bias = None
-    if q.bias is not None:
-        bias = QuantizedTensor(q.bias.integers, q.bias.scale,
-                               np.broadcast_to(q.bias.zero_point, q.bias.scale.shape) if np.any(q.bias.zero_point)
-                               else None,
-                               q.bias.storage)
-    activation = None
-    if q.input_quantizer is not None:
-        activation = ActivationQuantization(q.input_quantizer.scale, q.input_quantizer.zero_point,
-                                            q.input_quantizer.storage)
+    weight = portable.weight_tensor(q.codes)
+    bias = None if q.bias is None else portable.bias_tensor(q.bias)
+    activation = None if q.input_quantizer is None else portable.activation_quantization(q.input_quantizer)
     kernel_bias, other_bias = None, False  # what a fast kernel must add itself (Gemm's C)
     if q.layer.bias_in_node:
         if bias is not None:
@@ -129,7 +111,7 @@ def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
             kernel_bias = q.layer.bias.astype(np.float32)
         else:
             other_bias = True
-    fast, kernel = choose_kernel(q, weight, kernel_bias, other_bias, format, accuracy_level)
+    fast, kernel = choose_kernel(q, kernel_bias, other_bias, format, accuracy_level)
     replaced_bias = bias is not None or (fast is not None and kernel_bias is not None)
     shift, float_bias = q.bias_shift, None
     if fast is not None and fast.conv is not None:  # QLinearConv adds the correction with its INT32 bias

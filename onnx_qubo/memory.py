@@ -14,16 +14,14 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import onnx
-from onnx import helper
 
 from .errors import OptionError
+from .external import tensor_bytes
 from .types import DenseLayer
 
 DEFAULT_SHARE = 0.6  # of physical memory: the most a run takes without --max-memory
 STATISTICS_ROOM = 10 ** 9  # without --max-memory, statistics held at once beyond the largest layer's
-SUB_BYTE_TYPES: dict[int, int] = {onnx.TensorProto.INT4: 2, onnx.TensorProto.UINT4: 2}
 GB = 1e9
 
 
@@ -46,18 +44,6 @@ def readable(count: float, *, up: bool = False) -> str:
         if count >= size:
             return f"{count / size:.3g} {unit}"
     return f"{int(count)} bytes"
-
-
-def tensor_bytes(tensor: onnx.TensorProto) -> int:
-    """The size of a tensor's values, wherever they are stored."""
-    count = int(np.prod(tensor.dims, dtype=np.int64))
-    per_byte = SUB_BYTE_TYPES.get(tensor.data_type)
-    if per_byte:
-        return -(-count // per_byte)
-    try:
-        return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        return count * 4
 
 
 def weights_bytes(model: onnx.ModelProto) -> int:

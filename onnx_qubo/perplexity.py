@@ -20,11 +20,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .data import Dataset, model_inputs
+from .data import Dataset
 from .errors import DataError
 from .progress import Progress
 from .report import Evaluation
 from .runtime import BASIC, DEFAULT, NONE, make_session, run_session
+from .signature import model_inputs
 
 IDS_INPUT = "input_ids"
 LEVEL_WINDOWS = 4  # windows the optimization-level checks run (three sessions each: a whole pass would cost three)

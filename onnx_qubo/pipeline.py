@@ -14,21 +14,21 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Collection, Iterator, Mapping
+from typing import Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from . import discovery, exchange, external, memory
 from .activations import input_quantizers
+from .backends.kernels import Format, needs_output_range
 from .calibration import LayerStatistics, collect_statistics
 from .config import QuantizeConfig
 from .data import Dataset
 from .errors import ModelError, OptionError
-from .forms.gather import find_tables, quantize_table
+from .forms.gather import QuantizedTable, find_tables, quantize_table
 from .grid import InputQuantizer
 from .groups import merge_groups, merge_reports, split_groups
-from .kernels import Format, needs_output_range
 from .layer import SolvedLayer, prepare_layer
 from .lowering import rewrite, run_passes
 from .options import Activations, RangeMethod
@@ -36,7 +36,7 @@ from .passes import FoldConstantWeights, PrepareSubgraphs
 from .plan import Plan, make_plan
 from .progress import Progress
 from .report import LayerReport
-from .types import DenseLayer, InputStatistics, SkippedNode
+from .types import DenseLayer, InputStatistics, QuantizedLayer, SkippedNode
 
 log = logging.getLogger(__name__)
 
@@ -80,33 +80,48 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
     calibrated = calibrate(model, calibration, progress, config.automatic.exclude, config.activations.dtype,
                            config.activations.range, config.execution.max_memory_bytes, config.output.format)
     plan = make_plan(config, calibrated.layers)
-    integers, reports = [], []
-    for solved in solve_layers(calibrated, plan, progress):  # keeps each layer's integers, frees its QUBO
-        integers.append(solved.quantized())
-        reports.append(solved.report)
-        del solved  # before the next layer's calibration pass and solve
-    integers, reports = merge_groups(integers), merge_reports(calibrated.layers, reports)
-    integers = [replace(q, output_quantizer=calibrated.output_quantizers.get(q.layer.output_name or ""))
-                for q in integers]
-    tables, skipped = [], calibrated.skipped
+    integers, reports = solve_all(calibrated, plan, progress)
+    tables, skipped, notes = [], calibrated.skipped, []
     if config.output.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
         found, table_skips = find_tables(model)
         tables = [quantize_table(table, config.weights.scheme()) for table in found]
         reports, skipped = reports + [table.report() for table in tables], skipped + table_skips
-    written = rewrite(model, integers, plan.format, plan.accuracy_level, tables)
-    portable = written.model if plan.format == Format.QDQ else rewrite(model, integers, tables=tables).model
-    reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback) for r, k in zip(reports, written.kernels)]
-    notes = written.notes
-    if any(k.kernel == "QLinearConv" for k in written.kernels):
-        notes = [*notes, "QLinearConv also rounds each such Conv's output to 8 bits (range calibrated on the float "
-                         "model): the layer costs above leave that rounding out, and the comparison with the "
-                         "DequantizeLinear model includes it"]
-    if config.output.embeddings and not tables:
-        notes = [*notes, "embeddings: no Gather reads rows of a constant float table that only it reads"]
+        if not tables:
+            notes.append("embeddings: no Gather reads rows of a constant float table that only it reads")
     if plan.sequential and not any(discovery.fed_by_earlier(model, calibrated.layers)):
-        notes = [*notes, "sequential calibration changes nothing here: no quantized layer feeds another, so each "
-                         "was calibrated once on the float model's inputs"]
-    return Quantized(written.model, reports, skipped, portable, notes)
+        notes.append("sequential calibration changes nothing here: no quantized layer feeds another, so each was "
+                     "calibrated once on the float model's inputs")
+    return finish(calibrated, integers, reports, skipped, plan.format, plan.accuracy_level, tables, notes)
+
+
+def solve_all(calibrated: Calibrated, plan: Plan, progress: Progress) -> tuple[list[QuantizedLayer], list[LayerReport]]:
+    """Every layer's codes and report row (a grouped Conv's groups and a recurrent node's directions
+    merged), keeping only the codes of each layer solved (its QUBO freed before the next)."""
+    integers, reports = [], []
+    for solved in solve_layers(calibrated, plan, progress):
+        integers.append(solved.quantized())
+        reports.append(solved.report)
+        del solved  # before the next layer's calibration pass and solve
+    return merge_groups(integers), merge_reports(calibrated.layers, reports)
+
+
+def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: list[LayerReport],
+           skipped: list[SkippedNode], format: Format, accuracy_level: int, tables: Sequence[QuantizedTable] = (),
+           notes: Sequence[str] = ()) -> Quantized:
+    """The last step of every quantization path (the plain one and the automatic choice): each
+    Conv QLinearConv may run given its output's quantizer, the model rewritten in ``format``, the
+    portable model of the same codes as the reference, each report row (layers, then tables) given
+    the kernel that runs it, and the notes of the rewrite before ``notes``."""
+    quantized = [replace(q, output_quantizer=calibrated.output_quantizers.get(q.layer.output_name or ""))
+                 for q in quantized]
+    written = rewrite(calibrated.model, quantized, format, accuracy_level, tables)
+    portable = written.model if format == Format.QDQ else rewrite(calibrated.model, quantized, tables=tables).model
+    reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback) for r, k in zip(reports, written.kernels)]
+    qlinear = any(k.kernel == "QLinearConv" for k in written.kernels)
+    rounding = ["QLinearConv also rounds each such Conv's output to 8 bits (range calibrated on the float model): "
+                "the layer costs above leave that rounding out, and the comparison with the DequantizeLinear model "
+                "includes it"] if qlinear else []
+    return Quantized(written.model, reports, skipped, portable, [*written.notes, *rounding, *notes])
 
 
 def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, exclude: Collection[str] = (),

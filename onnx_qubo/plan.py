@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import exchange
+from .backends.kernels import Format
 from .config import QuantizeConfig
 from .errors import OptionError
 from .grid import Scheme
-from .kernels import Format
 from .options import Activations, BiasMode, RangeMethod, ScaleMethod
 from .solvers import Solver
 from .types import DenseLayer

@@ -40,6 +40,7 @@ from .passes.graphs import names_used as names_used
 from .passes.graphs import outer_reads as outer_reads
 from .passes.graphs import subgraphs as subgraphs
 
+SHAPE_VALUES = 1 << 10  # initializers up to this many elements keep their values for shape inference (skeleton)
 ROUTED_OPS = ("If", "Loop", "Scan")  # bodies whose tensors ``expose`` can route out
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -261,8 +262,20 @@ def _extend_scan_attributes(scan: onnx.NodeProto) -> None:
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:
     """The element type of every tensor shape inference can tell, subgraphs included (tolerant
     inference: ``passes.shapes.tensor_types``)."""
-    from .forms.base import _skeleton  # inference on the graph alone, without large values
     from .passes.shapes import tensor_types
 
-    return {name: kind.tensor_type.elem_type for name, kind in tensor_types(_skeleton(model)).items()
+    return {name: kind.tensor_type.elem_type for name, kind in tensor_types(skeleton(model)).items()
             if kind.tensor_type.elem_type}
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without the values of initializers over SHAPE_VALUES elements."""
+    source = model.graph
+    graph = onnx.GraphProto(name=source.name, node=source.node, input=source.input, output=source.output,
+                            value_info=source.value_info)
+    for init in source.initializer:
+        small = int(np.prod(init.dims)) <= SHAPE_VALUES
+        graph.initializer.append(init if small else onnx.TensorProto(name=init.name, data_type=init.data_type,
+                                                                     dims=init.dims))
+    return onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions,
+                           graph=graph)

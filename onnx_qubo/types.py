@@ -9,22 +9,18 @@ import numpy as np
 import onnx
 
 from . import external
-from .grid import GroupScales, InputQuantizer, Scheme
+from .grid import InputQuantizer, WeightCodes
 
 if TYPE_CHECKING:
-    from .forms.base import GraphIndex, Skip
-    from .forms.recurrent import RecurrentCell
     from .passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
-    from .patches import ConvGeometry
+    from .views import ConvGeometry, RecurrentCell
 
 
-class DenseForm(Protocol):
-    """One graph pattern of a dense layer (forms/): how to find it and how to rewrite it."""
+class LayerForm(Protocol):
+    """What the stages after discovery ask of the graph pattern a layer was found as (forms/: the
+    full ``forms.base.DenseForm`` also finds it): its op type, and how to rewrite its node."""
 
     op_type: str
-    fast_kernels: bool  # whether format ort may run it with onnxruntime's kernels (kernels.py)
-
-    def match(self, node: onnx.NodeProto, name: str, index: "GraphIndex") -> "DenseLayer | Skip": ...
 
     def lower(self, node: onnx.NodeProto, weight: "QuantizedWeight", edit: "GraphEdit") -> "Lowered": ...
 
@@ -93,7 +89,7 @@ class DenseLayer:
     """
 
     name: str  # the node's name (made unique by discovery when the model has none)
-    form: DenseForm  # the pattern it was found as, which also rewrites it
+    form: LayerForm  # the pattern it was found as, which also rewrites it
     label: str  # the pattern in words, e.g. "Gemm(transB=1)", "MatMul+Add", "MatMul (N-D)"
     input_name: str  # activation tensor feeding the layer
     input_rank: int | None  # its rank when shape inference knows it
@@ -192,16 +188,14 @@ class QuantizedBias:
 
 @dataclass(frozen=True, eq=False)
 class QuantizedLayer:
-    """The result for one layer, ready for the graph rewrite: integer weights [n_out, f_in]
-    with their scales and zero points (dequantized: ``scales.dequantize(integers)``, in the
-    layer's stored units; Gemm's alpha still applies on top), and optionally a quantized
-    bias, the quantization of its input, a float shift of its output, and the quantization of its
-    output (a Conv that QLinearConv may run: format ort with quantized inputs)."""
+    """The result for one layer, ready for the graph rewrite: its weight codes [n_out, f_in]
+    (``codes.dequantize()``, in the layer's stored units; Gemm's alpha still applies on top), and
+    optionally a quantized bias, the quantization of its input, a float shift of its output, and
+    the quantization of its output (a Conv that QLinearConv may run: format ort with quantized
+    inputs)."""
 
     layer: DenseLayer
-    scheme: Scheme
-    integers: np.ndarray  # [n_out, f_in], on scheme.grid, in the smallest integer type (layer.compact)
-    scales: GroupScales
+    codes: WeightCodes
     bias: QuantizedBias | None = None
     input_quantizer: InputQuantizer | None = None
     bias_shift: np.ndarray | None = None  # [n_out] added to the layer's output (bias correction)

@@ -14,12 +14,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .data import Dataset, model_inputs
+from .data import Dataset
 from .errors import ModelError
 from .memory import weights_bytes
 from .progress import Progress
 from .report import Evaluation, Speed
 from .runtime import BASIC, DEFAULT, NONE, make_session, run_session
+from .signature import model_inputs
 
 SPEED_REPEATS = 10  # timed runs per model and batch (median), within SPEED_BUDGET seconds
 SPEED_BUDGET = 3.0

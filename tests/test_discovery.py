@@ -106,14 +106,15 @@ def test_biases_that_can_be_quantized_are_found_with_beta_folded():
 def test_ranks_are_inferred_without_the_weights_values():
     """Shape inference runs on a copy without large weight values (a model over 2 GB cannot be
     serialized for it); small initializers such as a Reshape's target shape keep theirs."""
-    from onnx_qubo.forms.base import SHAPE_VALUES, _skeleton, tensor_ranks
+    from onnx_qubo.forms.base import tensor_ranks
+    from onnx_qubo.subgraphs import SHAPE_VALUES, skeleton
     model = matmul_model(f=64, n=40, leading=(3,))  # W has 2,560 > SHAPE_VALUES elements
     shape = numpy_helper.from_array(np.array([-1, 120], np.int64), "shape")
     model.graph.initializer.append(shape)
     model.graph.node.append(helper.make_node("Reshape", ["y", "shape"], ["flat"]))
     model.graph.output.append(helper.make_tensor_value_info("flat", TensorProto.FLOAT, None))
-    skeleton = _skeleton(model)
-    weights = {i.name: i for i in skeleton.graph.initializer}
+    stripped = skeleton(model)
+    weights = {i.name: i for i in stripped.graph.initializer}
     assert not weights["W"].raw_data and not weights["W"].float_data and 40 * 64 > SHAPE_VALUES
     assert numpy_helper.to_array(weights["shape"]).tolist() == [-1, 120]
     ranks = tensor_ranks(model)

@@ -11,9 +11,9 @@ import pytest
 import runs
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_qubo.backends.kernels import Format, choose_table_kernel
 from onnx_qubo.forms.gather import LowerTables, TableLowering, find_tables, quantize_table
-from onnx_qubo.grid import Granularity, Scheme
-from onnx_qubo.kernels import Format, choose_table_kernel
+from onnx_qubo.grid import Granularity, Scheme, WeightCodes
 from onnx_qubo.lowering import rewrite
 from onnx_qubo.passes import run_passes
 from onnx_qubo.scales import GroupRanges
@@ -90,7 +90,7 @@ def test_portable_lookup_returns_the_rows_of_the_integers_read_back(bits, granul
     codes = unpack(initializer(written, "_codes"), container, 30)
     scale = initializer(written, "_scales").reshape(40, -1)
     offset = 1 << (bits - 1) if symmetric else initializer(written, "_zero_points").reshape(40, -1).astype(np.int64)
-    assert np.array_equal(codes - (offset if symmetric else 0), q.integers)
+    assert np.array_equal(codes - (offset if symmetric else 0), q.codes.integers)
     per_column = (lambda v: np.repeat(v, block, axis=1)[:, :30]) if block else (lambda v: v)
     expected = ((codes - per_column(np.broadcast_to(offset, scale.shape))).astype(np.float32) * per_column(scale))
     for level in LEVELS:
@@ -105,7 +105,7 @@ def test_gather_block_quantized_returns_the_rows_of_the_codes(bits, granularity,
     model = table_model(width=32)
     (table,), _ = find_tables(model)
     q = quantize_table(table, Scheme(bits, granularity, block, symmetric))
-    fast, kernel = choose_table_kernel("embed", q.codes(), Format.ORT)
+    fast, kernel = choose_table_kernel("embed", q.codes, Format.ORT)
     assert fast and kernel.kernel == "GatherBlockQuantized", kernel
     written = run_passes(lookup_model(model), [LowerTables([TableLowering(q, fast=True)])]).model
     assert [n.op_type for n in written.graph.node] == ["GatherBlockQuantized", "MatMul"]
@@ -114,8 +114,8 @@ def test_gather_block_quantized_returns_the_rows_of_the_codes(bits, granularity,
     stored = initializer(written, "_table")
     codes = stored.astype(np.int64) if attrs["bits"] == 8 else unpack(stored, attrs["bits"], 32)
     offset = 1 << (attrs["bits"] - 1) if symmetric else 0
-    assert np.array_equal(codes - offset, q.integers)
-    expected = q.codes().dequantized().astype(np.float32)  # float32((q - z) * s): one rounding, as the kernel
+    assert np.array_equal(codes - offset, q.codes.integers)
+    expected = q.codes.dequantize().astype(np.float32)  # float32((q - z) * s): one rounding, as the kernel
     for level in LEVELS:
         assert np.array_equal(run(written, IDS, level), expected[IDS])
 
@@ -123,13 +123,13 @@ def test_gather_block_quantized_returns_the_rows_of_the_codes(bits, granularity,
 def test_tables_the_kernel_cannot_take_keep_the_portable_lookup_and_say_why():
     odd = table_model(width=31)
     (table,), _ = find_tables(odd)
-    fast, kernel = choose_table_kernel("embed", quantize_table(table, Scheme(4)).codes(), Format.ORT)
+    fast, kernel = choose_table_kernel("embed", quantize_table(table, Scheme(4)).codes, Format.ORT)
     assert not fast and "whole bytes" in kernel.fallback
     (table,), _ = find_tables(table_model())
-    fast, kernel = choose_table_kernel("embed", quantize_table(table, Scheme(4, Granularity.BLOCK, 12)).codes(),
+    fast, kernel = choose_table_kernel("embed", quantize_table(table, Scheme(4, Granularity.BLOCK, 12)).codes,
                                        Format.ORT)
     assert not fast and "blocks of 12" in kernel.fallback
-    assert choose_table_kernel("embed", quantize_table(table, Scheme(4)).codes(), Format.QDQ)[0] is False
+    assert choose_table_kernel("embed", quantize_table(table, Scheme(4)).codes, Format.QDQ)[0] is False
 
 
 def test_scale_search_beats_the_full_range_and_rounds_to_nearest():
@@ -138,14 +138,15 @@ def test_scale_search_beats_the_full_range_and_rounds_to_nearest():
     q = quantize_table(table, scheme)
     ranges = GroupRanges(table.table, scheme)
     full = ranges.scales(np.ones(ranges.shape))
-    full_error = full.dequantize(scheme.grid.round_nearest(table.table / full.scale)) - table.table
+    full_error = WeightCodes(scheme.grid.round_nearest(table.table / full.scale).astype(np.int64), full,
+                             scheme).dequantize() - table.table
     assert q.mean_squared_error() < float((full_error ** 2).sum(axis=1).mean())
-    codes = q.codes()
+    codes = q.codes
     step = np.asarray(codes.scale, np.float64)[:, None]
     # each code is the grid point nearest its weight (the optimum with G = I), clipped weights included
     grid = np.arange(-4, 4)
     best = np.abs(grid[None, None, :] * step[:, :, None] - table.table[:, :, None]).min(axis=2)
-    assert np.all(np.abs(q.integers * step - table.table) <= best + 1e-12)
+    assert np.all(np.abs(q.codes.integers * step - table.table) <= best + 1e-12)
     assert np.any(np.abs(table.table / step) > 3.5)  # the search clipped some weights
 
 
@@ -161,7 +162,7 @@ def test_out_of_range_index_fails_like_gather_in_the_portable_form_and_reads_zer
     fast = run_passes(model, [LowerTables([TableLowering(q, fast=True)])]).model
     got = run(fast, bad, LEVELS[2])  # onnxruntime 1.32's GatherBlockQuantized: a row of zeros
     assert np.array_equal(got[0, 1], np.zeros(32, np.float32))
-    assert np.array_equal(got[0, 0], q.codes().dequantized().astype(np.float32)[1])
+    assert np.array_equal(got[0, 0], q.codes.dequantize().astype(np.float32)[1])
 
 
 def test_tied_table_is_skipped_with_the_reason():
@@ -197,5 +198,5 @@ def test_rewrite_lowers_tables_after_the_dense_layers_and_checks_the_model():
     result = rewrite(model, [], tables=[q])
     assert [k.kernel for k in result.kernels] == ["Gather+Mul"]
     ids = np.array([[3, 4]], np.int64)
-    expected = q.codes().dequantized().astype(np.float32)[ids] @ numpy_helper.to_array(model.graph.initializer[1])
+    expected = q.codes.dequantize().astype(np.float32)[ids] @ numpy_helper.to_array(model.graph.initializer[1])
     np.testing.assert_allclose(run(result.model, ids, LEVELS[2]), expected, rtol=1e-5, atol=1e-5)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import shutil
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
 import runs
 from click.testing import CliRunner
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 import onnx_qubo
@@ -168,3 +169,19 @@ def test_a_model_object_with_unloaded_external_data_is_a_clear_error(tmp_path):
     with pytest.raises(onnx_qubo.QuboInputError, match="refers to external data that was not loaded"):
         runs.quantize(model, tmp_path / "out.onnx", calibration={"x": X}, speed=False)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_two_bit_tensors_in_external_data_take_their_packed_bytes(tmp_path):
+    """An INT2 initializer's external data holds four values a byte: its length entry is checked
+    against that (a model quantized to 2 bits and saved with external data loads again)."""
+    codes = numpy_helper.from_array(np.zeros((4, 8), ml_dtypes.int2), "q")
+    graph = helper.make_graph([helper.make_node("DequantizeLinear", ["q", "s"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+                              [codes, numpy_helper.from_array(np.array(0.5, np.float32), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)])
+    path = external_model(tmp_path, model)
+    stored = next(i for i in onnx.load(path, load_external_data=False).graph.initializer if i.name == "q")
+    assert {e.key: e.value for e in stored.external_data}["length"] == "8"
+    assert external.tensor_bytes(stored) == 8
+    assert external.data_info(stored).length == 8
+    load_model(path)  # no ModelError about the length

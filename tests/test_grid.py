@@ -3,7 +3,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_qubo.grid import GroupScales, InputQuantizer, IntegerGrid, Scheme, split_rounding
+from onnx_qubo.grid import Granularity, GroupScales, InputQuantizer, IntegerGrid, Scheme, WeightCodes, split_rounding
 from onnx_qubo.scales import GroupRanges, choose_scales
 
 from problems import channel_problem, max_abs_scale
@@ -41,7 +41,8 @@ def test_asymmetric_ranges_span_min_to_max_with_zero_exact():
     scales = GroupRanges(w, Scheme(2, symmetric=False)).scales(np.ones((2, 1)))
     np.testing.assert_allclose(scales.scale[:, 0], [2.0 / 3, 1.0])  # [0, 2] and [-3, 0] over 3 steps
     np.testing.assert_array_equal(scales.zero_point[:, 0], [0, 3])
-    np.testing.assert_allclose(scales.dequantize(np.array([[0, 3, 0], [0, 3, 3]])), [[0, 2, 0], [-3, 0, 0]])
+    codes = WeightCodes(np.array([[0, 3, 0], [0, 3, 3]]), scales, Scheme(2, symmetric=False))
+    np.testing.assert_allclose(codes.dequantize(), [[0, 2, 0], [-3, 0, 0]])
 
 
 @pytest.mark.parametrize("granularity,block,groups", [("tensor", 0, 1), ("channel", 0, 1), ("block", 4, 3)])
@@ -69,7 +70,7 @@ def test_mse_search_never_costs_more_than_minmax_under_round_to_nearest():
             scales = choose_scales(method, w, scheme, gram)
             grid = scheme.grid
             scaled = w / scales.per_column(scales.scale, 40) + scales.per_column(scales.zero_point, 40)
-            delta = w - scales.dequantize(grid.round_nearest(scaled).astype(np.int64))
+            delta = w - WeightCodes(grid.round_nearest(scaled).astype(np.int64), scales, scheme).dequantize()
             costs[method] = np.einsum("if,fg,ig->", delta, gram, delta)
         assert costs["mse"] <= costs["minmax"] * (1 + 1e-6)
 
@@ -115,6 +116,17 @@ def test_input_quantizer_matches_onnxruntime_quantize_dequantize(signed):
     assert quantizer.fake_quantize(np.zeros(1))[0] == 0.0
 
 
-def test_group_scales_dequantize_with_blocks():
-    scales = GroupScales(np.array([[1.0, 2.0]]), np.array([[1, 0]]), width=2)
-    np.testing.assert_allclose(scales.dequantize(np.array([[1, 2, 3]])), [[0, 1, 6]])
+def test_weight_codes_dequantize_with_blocks():
+    codes = WeightCodes(np.array([[1, 2, 3]]), GroupScales(np.array([[1.0, 2.0]]), np.array([[1, 0]]), width=2),
+                        Scheme(3, Granularity.BLOCK, 2, symmetric=False))
+    np.testing.assert_allclose(codes.dequantize(), [[0, 1, 6]])
+    assert codes.block_size == 2 and codes.scale.shape == (1, 2) and codes.zero_point is not None
+
+
+def test_weight_codes_with_one_scale_per_row_look_per_row_to_the_kernels():
+    """A tensor's scale, or one block spanning the row, is one scale per row ([n]) to the kernel
+    builders; the signed grid has no zero point."""
+    scales = GroupScales(np.array([[0.5], [0.5]]), np.zeros((2, 1), np.int64), width=3)
+    codes = WeightCodes(np.array([[1, -2, 0], [3, 0, -4]]), scales, Scheme(3, Granularity.TENSOR))
+    assert codes.block_size == 0 and codes.scale.shape == (2,) and codes.zero_point is None
+    np.testing.assert_allclose(codes.scaled(2.0).dequantize(), [[1, -2, 0], [3, 0, -4]])

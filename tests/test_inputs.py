@@ -9,11 +9,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_qubo import verify
 from onnx_qubo.calibration import collect_statistics
-from onnx_qubo.data import batch_axes, load_dataset, model_inputs
+from onnx_qubo.data import batch_axes, load_dataset
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.errors import DataError
 from onnx_qubo.progress import Progress
 from onnx_qubo.runtime import NONE, make_session
+from onnx_qubo.signature import model_inputs
 
 F, N_OUT = 4, 3
 

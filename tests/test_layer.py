@@ -51,7 +51,7 @@ def test_prepared_layer_cost_is_the_layer_error_in_numpy(arguments):
     solved = work.finish(work.solve(Progress()), 0.0)
     q = solved.quantized()
     bias = layer.bias if q.bias is None else (q.bias.integers - q.bias.zero_point) * q.bias.scale
-    error = numpy_error(layer, q.scales.dequantize(q.integers), x, x, bias)
+    error = numpy_error(layer, q.codes.dequantize(), x, x, bias)
     assert solved.report.cost_solved == pytest.approx(error, rel=1e-9)
     assert solved.report.cost_solved <= solved.report.cost_rtn * (1 + 1e-12)
 
@@ -65,7 +65,7 @@ def test_int32_bias_and_quantized_inputs_fold_the_bias_correction():
     solved = work.finish(work.solve(Progress()), 0.0)
     q = solved.quantized()
     assert q.bias is not None and q.bias.storage == TensorProto.INT32 and q.bias_shift is None
-    dequantized = q.scales.dequantize(q.integers)
+    dequantized = q.codes.dequantize()
     corrected = numpy_error(layer, dequantized, x, x_seen, q.bias.integers * q.bias.scale)
     uncorrected = numpy_error(layer, dequantized, x, x_seen, layer.bias)
     assert solved.report.cost_bias_corrected == pytest.approx(corrected, rel=1e-3)  # up to INT32 rounding

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from onnx_qubo.compat import scheme_refusal
+from onnx_qubo.backends.portable import scheme_refusal
 from onnx_qubo.config import PerBlock, QuantizeConfig
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.errors import OptionError
@@ -39,6 +39,8 @@ def test_flat_options_turn_strings_into_enums_and_granularity_objects():
     ({"granularity": "block"}, ("granularity", "block_size"), "block_size goes with granularity block"),
     ({"bits": 2, "symmetric": False, "activations": "int8"}, ("symmetric", "granularity", "activations"),
      "onnxruntime 1.32 fuses them into QGemm"),
+    ({"auto_scheme": True, "format": "ort"}, ("auto_scheme", "format"), "format ort serves only some of them"),
+    ({"ort_accuracy_level": 4}, ("ort_accuracy_level", "format"), "applies to format ort weight-only layers"),
 ])
 def test_bad_options_are_refused_in_the_api_s_terms(arguments, options, message):
     with pytest.raises(OptionError) as error:
@@ -54,7 +56,7 @@ def test_option_error_leaves_braces_that_name_no_option_alone():
     assert error.render({"bits": "--bits"}) == "--bits got {'x': 1} and {other}"
 
 
-def test_compat_refuses_only_the_scheme_onnxruntime_cannot_load():
+def test_portable_form_refuses_only_the_scheme_onnxruntime_cannot_load():
     assert scheme_refusal(Scheme(2, symmetric=False), quantized_inputs=True)
     assert scheme_refusal(Scheme(2, Granularity.BLOCK, 4, symmetric=False), quantized_inputs=True) is None
     assert scheme_refusal(Scheme(2, symmetric=False), quantized_inputs=False) is None

@@ -15,15 +15,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_qubo.ort_forms import (
-    ActivationCodes,
-    LayerCodes,
-    OrtForm,
-    matmul_integer_to_float,
-    matmul_nbits,
-    pack_bits,
-    reference,
-)
+from onnx_qubo.backends.ort import OrtForm, matmul_integer_to_float, matmul_nbits, pack_bits, reference
+from onnx_qubo.grid import Granularity, GroupScales, InputQuantizer, Scheme, WeightCodes
 
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
@@ -41,18 +34,30 @@ class Fresh:
         return f"{base}_{self.count}"
 
 
+def codes_of(integers: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, bits: int,
+             block: int = 0) -> WeightCodes:
+    """Codes from a scale per tensor (``()``), per row (``[n]``) or per block of ``block`` inputs
+    (``[n, g]``), and a zero point of the same shape (None: the signed grid)."""
+    n, f = integers.shape
+    scale = np.asarray(scale, np.float64)
+    granularity = Granularity.BLOCK if block else Granularity.CHANNEL if scale.ndim else Granularity.TENSOR
+    groups = np.broadcast_to(scale.reshape(n, -1) if scale.ndim else scale, (n, scale.shape[1] if block else 1))
+    zero = np.zeros(groups.shape, np.int64) if zero_point is None else np.broadcast_to(
+        np.asarray(zero_point).reshape(n, -1) if np.ndim(zero_point) else zero_point, groups.shape)
+    scheme = Scheme(bits, granularity, block, symmetric=zero_point is None)
+    return WeightCodes(np.asarray(integers), GroupScales(groups, zero, block or f), scheme)
+
+
 def make_codes(rng: np.random.Generator, n: int, f: int, bits: int, granularity: str, symmetric: bool,
-               bias: bool, block: int = 0) -> LayerCodes:
+               bias: bool, block: int = 0) -> tuple[WeightCodes, np.ndarray | None]:
+    """Random codes on the grid, and a bias (or None)."""
     low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)
     shape = {"tensor": (), "channel": (n,), "block": (n, -(-f // block) if block else 0)}[granularity]
-    return LayerCodes(
-        integers=rng.integers(low, high + 1, size=(n, f)),
-        scale=np.asarray(rng.uniform(0.01, 0.1, size=shape), np.float32),
-        zero_point=None if symmetric else np.asarray(rng.integers(low, high + 1, size=shape)),
-        bits=bits,
-        block_size=block if granularity == "block" else 0,
-        bias=rng.normal(size=n).astype(np.float32) if bias else None,
-    )
+    codes = codes_of(rng.integers(low, high + 1, size=(n, f)),
+                     np.asarray(rng.uniform(0.01, 0.1, size=shape), np.float32),
+                     None if symmetric else np.asarray(rng.integers(low, high + 1, size=shape)),
+                     bits, block if granularity == "block" else 0)
+    return codes, rng.normal(size=n).astype(np.float32) if bias else None
 
 
 def model_of(form: OrtForm, rank: int) -> onnx.ModelProto:
@@ -102,18 +107,18 @@ GRANULARITIES = [("tensor", 0), ("channel", 0), ("block", 16), ("block", 32), ("
 def test_matmul_nbits_computes_the_codes(n: int, f: int, bits: int, granularity: tuple[str, int],
                                          symmetric: bool, bias: bool, rank: int) -> None:
     rng = np.random.default_rng([n, f, bits, symmetric, bias, rank, granularity[1]])
-    codes = make_codes(rng, n, f, bits, granularity[0], symmetric, bias, granularity[1])
+    codes, b = make_codes(rng, n, f, bits, granularity[0], symmetric, bias, granularity[1])
     x = activations(rng, rank, f)
     accuracy = 4 if bits == 8 else 0  # 8-bit weights are only fast with int8 compute
-    form = matmul_nbits(codes, "x", "y", Fresh(), accuracy_level=accuracy)
+    form = matmul_nbits(codes, b, "x", "y", Fresh(), accuracy_level=accuracy)
     assert isinstance(form, OrtForm), form
     if accuracy == 0:
-        assert max(relative_errors(form, reference(codes, x), x)) < TOLERANCE
+        assert max(relative_errors(form, reference(codes, x, bias=b), x)) < TOLERANCE
     else:
-        expected = reference(codes, x, int8_blocks=kernel_block(form))
+        expected = reference(codes, x, int8_blocks=kernel_block(form), bias=b)
         # At int8 compute one activation code may round the other way (seen once in this grid):
         # that moves an output by up to one activation step times the largest weight.
-        slack = np.abs(x).max() / 127 * np.abs(codes.dequantized()).max() / np.abs(expected).max()
+        slack = np.abs(x).max() / 127 * np.abs(codes.dequantize()).max() / np.abs(expected).max()
         assert max(relative_errors(form, expected, x)) < TOLERANCE + slack
 
 
@@ -122,13 +127,13 @@ def test_matmul_nbits_slow_kernels_are_correct_but_refused(n: int, kernel_bits: 
     """2-bit weights (N not a multiple of 4 included), 8-bit at fp32 compute and blocks above 256
     have no prepacked kernel: refused by default, correct when allowed."""
     rng = np.random.default_rng(n)
-    codes = make_codes(rng, n, 70, 2, "channel", False, True)
-    refusal = matmul_nbits(codes, "x", "y", Fresh(), kernel_bits=kernel_bits, block_size=block)
+    codes, bias = make_codes(rng, n, 70, 2, "channel", False, True)
+    refusal = matmul_nbits(codes, bias, "x", "y", Fresh(), kernel_bits=kernel_bits, block_size=block)
     assert isinstance(refusal, str) and "prepacked" in refusal
-    form = matmul_nbits(codes, "x", "y", Fresh(), kernel_bits=kernel_bits, block_size=block, allow_slow=True)
+    form = matmul_nbits(codes, bias, "x", "y", Fresh(), kernel_bits=kernel_bits, block_size=block, allow_slow=True)
     assert isinstance(form, OrtForm)
     x = activations(rng, 3, 70)
-    assert max(relative_errors(form, reference(codes, x), x)) < TOLERANCE
+    assert max(relative_errors(form, reference(codes, x, bias=bias), x)) < TOLERANCE
 
 
 def test_onnxruntime_fuses_int2_dequantize_matmul_wrongly_for_odd_widths() -> None:
@@ -157,12 +162,12 @@ def test_matmul_nbits_int8_compute_quantizes_activation_blocks(block: int) -> No
     """accuracy_level 4 is exactly "round each block of a row's inputs to int8, max-abs scale":
     far from the float result, equal to that model of it."""
     rng = np.random.default_rng(block)
-    codes = make_codes(rng, 37, 300, 4, "channel", True, True)
-    form = matmul_nbits(codes, "x", "y", Fresh(), accuracy_level=4, block_size=block)
+    codes, bias = make_codes(rng, 37, 300, 4, "channel", True, True)
+    form = matmul_nbits(codes, bias, "x", "y", Fresh(), accuracy_level=4, block_size=block)
     assert isinstance(form, OrtForm)
     x = activations(rng, 3, 300)
-    assert min(relative_errors(form, reference(codes, x), x)) > 1e-4
-    assert max(relative_errors(form, reference(codes, x, int8_blocks=block), x)) < TOLERANCE
+    assert min(relative_errors(form, reference(codes, x, bias=bias), x)) > 1e-4
+    assert max(relative_errors(form, reference(codes, x, int8_blocks=block, bias=bias), x)) < TOLERANCE
 
 
 @pytest.mark.parametrize("n,f,bits,granularity,symmetric,signed_input,bias,rank", [
@@ -176,13 +181,13 @@ def test_matmul_integer_to_float_computes_the_codes(n: int, f: int, bits: int, g
     one step away from numpy's rounding (one code of ``x/scale`` off by one moves y by
     ``scale * |w|``, under 1e-3 of max |y| here)."""
     rng = np.random.default_rng([n, f, bits, symmetric, signed_input, bias, rank])
-    codes = make_codes(rng, n, f, bits, granularity, symmetric, bias)
-    quant = ActivationCodes(scale=float(rng.uniform(0.01, 0.03)), zero_point=int(rng.integers(-20, 20)) +
-                            (0 if signed_input else 128), signed=signed_input)
+    codes, b = make_codes(rng, n, f, bits, granularity, symmetric, bias)
+    quant = InputQuantizer(scale=float(rng.uniform(0.01, 0.03)), zero_point=int(rng.integers(-20, 20)) +
+                           (0 if signed_input else 128), signed=signed_input)
     x = activations(rng, rank, f)
-    form = matmul_integer_to_float(codes, quant, "x", "y", Fresh())
+    form = matmul_integer_to_float(codes, b, quant, "x", "y", Fresh())
     assert isinstance(form, OrtForm), form
-    assert max(relative_errors(form, reference(codes, x, quant), x)) < TOLERANCE
+    assert max(relative_errors(form, reference(codes, x, quant, bias=b), x)) < TOLERANCE
 
 
 def test_matmul_integer_to_float_keeps_the_bias_float() -> None:
@@ -190,8 +195,8 @@ def test_matmul_integer_to_float_keeps_the_bias_float() -> None:
     re-quantization at scale a_scale * w_scale would round it)."""
     rng = np.random.default_rng(3)
     bias = rng.normal(size=8).astype(np.float32)
-    codes = LayerCodes(np.zeros((8, 32), np.int64), np.full(8, 0.01, np.float32), None, 8, bias=bias)
-    form = matmul_integer_to_float(codes, ActivationCodes(0.02, 0, True), "x", "y", Fresh())
+    codes = codes_of(np.zeros((8, 32), np.int64), np.full(8, 0.01, np.float32), None, 8)
+    form = matmul_integer_to_float(codes, bias, InputQuantizer(0.02, 0, True), "x", "y", Fresh())
     assert isinstance(form, OrtForm)
     model = model_of(form, 2)
     x = rng.normal(size=(4, 32)).astype(np.float32)
@@ -214,10 +219,10 @@ def test_matmul_integer_to_float_is_exact_where_int16_pair_sums_would_saturate(b
                          np.random.default_rng(bits).integers(low, high + 1, f)])
     scale = np.full((n,) if granularity == "channel" else (), 0.01, np.float32)
     zero_point = None if symmetric else np.full(scale.shape, (low + high) // 2 + 3)
-    codes = LayerCodes(integers, scale, zero_point, bits)
-    quant = ActivationCodes(scale=1.0, zero_point=0, signed=False)
+    codes = codes_of(integers, scale, zero_point, bits)
+    quant = InputQuantizer(scale=1.0, zero_point=0, signed=False)
     x = np.full((3, f), 255.0, np.float32)
-    form = matmul_integer_to_float(codes, quant, "x", "y", Fresh())
+    form = matmul_integer_to_float(codes, None, quant, "x", "y", Fresh())
     if bits == 8:
         assert isinstance(form, str) and "saturate" in form
         return
@@ -230,16 +235,16 @@ def test_matmul_integer_to_float_is_exact_where_int16_pair_sums_would_saturate(b
 def test_refusals() -> None:
     rng = np.random.default_rng(0)
     fresh = Fresh()
-    blocked = make_codes(rng, 8, 64, 4, "block", True, False, 24)
-    assert "power of two" in str(matmul_nbits(blocked, "x", "y", fresh))
-    assert "power of two" in str(matmul_nbits(make_codes(rng, 8, 64, 4, "channel", True, False), "x", "y",
-                                              fresh, block_size=24))
-    assert "cannot be split" in str(matmul_nbits(make_codes(rng, 8, 64, 4, "block", True, False, 32), "x",
-                                                 "y", fresh, block_size=64))
-    assert "do not fit" in str(matmul_nbits(make_codes(rng, 8, 64, 8, "channel", True, False), "x", "y",
-                                            fresh, kernel_bits=4))
-    assert "per block" in str(matmul_integer_to_float(make_codes(rng, 8, 64, 8, "block", True, False, 32),
-                                                      ActivationCodes(0.1, 0, True), "x", "y", fresh))
+    blocked = make_codes(rng, 8, 64, 4, "block", True, False, 24)[0]
+    assert "power of two" in str(matmul_nbits(blocked, None, "x", "y", fresh))
+    assert "power of two" in str(matmul_nbits(make_codes(rng, 8, 64, 4, "channel", True, False)[0], None, "x",
+                                              "y", fresh, block_size=24))
+    assert "cannot be split" in str(matmul_nbits(make_codes(rng, 8, 64, 4, "block", True, False, 32)[0], None,
+                                                 "x", "y", fresh, block_size=64))
+    assert "do not fit" in str(matmul_nbits(make_codes(rng, 8, 64, 8, "channel", True, False)[0], None, "x",
+                                            "y", fresh, kernel_bits=4))
+    assert "per block" in str(matmul_integer_to_float(make_codes(rng, 8, 64, 8, "block", True, False, 32)[0],
+                                                      None, InputQuantizer(0.1, 0, True), "x", "y", fresh))
 
 
 def test_pack_bits_puts_the_first_value_in_the_low_bits() -> None:
@@ -248,10 +253,16 @@ def test_pack_bits_puts_the_first_value_in_the_low_bits() -> None:
     np.testing.assert_array_equal(pack_bits(np.array([7, 200]), 8), [7, 200])
 
 
-def test_layer_codes_reject_what_they_cannot_mean() -> None:
-    with pytest.raises(ValueError, match="grid"):
-        LayerCodes(np.array([[8]]), np.array(1.0, np.float32), None, 4)
+def test_weight_codes_reject_what_they_cannot_mean() -> None:
+    ones = GroupScales(np.ones((1, 1)), np.zeros((1, 1), np.int64), 1)
+    with pytest.raises(ValueError, match="integers outside the 4-bit grid"):
+        WeightCodes(np.array([[8]]), ones, Scheme(4))
     with pytest.raises(ValueError, match="scale shape"):
-        LayerCodes(np.zeros((2, 40), np.int64), np.ones((2, 2), np.float32), None, 4, block_size=16)
-    with pytest.raises(ValueError, match="zero_point"):
-        LayerCodes(np.zeros((2, 4), np.int64), np.ones(2, np.float32), np.zeros(3, np.int64), 4)
+        WeightCodes(np.zeros((2, 40), np.int64), GroupScales(np.ones((2, 2)), np.zeros((2, 2), np.int64), 16),
+                    Scheme(4, Granularity.BLOCK, 16))
+    with pytest.raises(ValueError, match="zero_point shape"):
+        WeightCodes(np.zeros((2, 4), np.int64), GroupScales(np.ones((2, 1)), np.zeros((3, 1), np.int64), 4),
+                    Scheme(4, symmetric=False))
+    with pytest.raises(ValueError, match="zero_point outside"):
+        WeightCodes(np.zeros((1, 4), np.int64), GroupScales(np.ones((1, 1)), np.full((1, 1), 16), 4),
+                    Scheme(4, symmetric=False))

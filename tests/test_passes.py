@@ -177,7 +177,7 @@ def test_scales_zero_points_biases_and_quantized_inputs_are_exact(form, variant)
 
 
 def test_a_float_gemm_bias_stays_float_with_quantized_inputs():
-    """compat.py rule 4: onnxruntime re-quantizes the float C of a Gemm whose inputs are
+    """backends/portable.py rule 4: onnxruntime re-quantizes the float C of a Gemm whose inputs are
     quantized and whose output (through a Relu) is quantized again to INT32 at the basic level
     and above; the bias is added after the Gemm instead."""
     model = mlp_model(widths=(12, 9, 7), seed=3)

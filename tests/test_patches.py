@@ -17,7 +17,6 @@ from onnx.reference import ReferenceEvaluator
 
 from onnx_qubo.grid import IntegerGrid
 from onnx_qubo.patches import (
-    ConvGeometry,
     PatchGram,
     flatten_weight,
     iter_patches,
@@ -25,6 +24,7 @@ from onnx_qubo.patches import (
     unflatten_weight,
 )
 from onnx_qubo.qubo import LayerProblem, build_problem
+from onnx_qubo.views import ConvGeometry
 
 LEVELS = {"default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
           "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

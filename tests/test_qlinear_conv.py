@@ -1,6 +1,6 @@
 """Format ort with quantized activations: a Conv runs as QuantizeLinear -> QLinearConv ->
 DequantizeLinear. The written model, at onnxruntime's default, basic and disabled levels, equals
-the numpy reference (ort_forms.qlinear_conv_reference) on the integers read back from the written
+the numpy reference (backends/ort_conv.qlinear_conv_reference) on the integers read back from the written
 file, to within one output code where the float requantization ties; the QUBO energy is still the
 portable model's error, and the fast model differs from it by the output rounding only."""
 
@@ -11,15 +11,16 @@ import pytest
 from onnx import numpy_helper
 from runs import quantize
 from test_conv import conv_model, measured_error
+from test_ort_forms import codes_of
 
+from onnx_qubo.backends.kernels import Format
+from onnx_qubo.backends.ort_conv import qlinear_conv, qlinear_conv_reference
 from onnx_qubo.data import load_dataset
 from onnx_qubo.grid import InputQuantizer
-from onnx_qubo.kernels import Format
 from onnx_qubo.options import Activations, RangeMethod
-from onnx_qubo.ort_forms import ActivationCodes, LayerCodes, qlinear_conv, qlinear_conv_reference
-from onnx_qubo.patches import ConvGeometry
 from onnx_qubo.pipeline import calibrate
 from onnx_qubo.progress import Progress
+from onnx_qubo.views import ConvGeometry
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_DISABLE_ALL]
@@ -114,6 +115,23 @@ def test_qlinear_conv_computes_the_reference_on_the_written_integers(model_name,
     assert_equals_reference(written, xq, near, geometry_of(written, node))
 
 
+@pytest.mark.slow
+def test_the_automatic_choice_runs_qlinear_conv_like_the_plain_path(tmp_path):
+    """Both paths end in pipeline.finish: a Conv the automatic choice quantizes gets its calibrated
+    output range and runs as QLinearConv, as with fixed bits (it kept the portable form before)."""
+    model = MODELS["2d-stride-pad"]()
+    shape = [d.dim_value or 24 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = (np.random.default_rng(1).standard_normal(shape) + 0.3).astype(np.float32)
+    common = dict(calibration={"x": x}, bits=4, activations="uint8", format="ort", speed=False)
+    plain = quantize(model, tmp_path / "plain.onnx", **common)
+    auto = quantize(model, tmp_path / "auto.onnx", max_error=1.0, **common)
+    assert [(layer.kernel, layer.kernel_fallback) for layer in auto.layers] == [("QLinearConv", None)]
+    assert auto.layers[0].kernel == plain.layers[0].kernel
+    assert "QLinearConv also rounds each such Conv's output to 8 bits" in auto.to_text()
+    assert [n.op_type for n in onnx.load(tmp_path / "auto.onnx").graph.node] == [
+        "QuantizeLinear", "QLinearConv", "DequantizeLinear"]
+
+
 @pytest.mark.parametrize("method", [RangeMethod.MINMAX, RangeMethod.PERCENTILE])
 def test_output_ranges_are_calibrated_in_the_input_passes_only_for_convs_the_kernel_may_run(method):
     model = conv_model(spatial=(32, 32), channels=(8, 5), pads=[1, 1, 1, 1], second=True)  # conv2: 5 channels, too few
@@ -167,11 +185,11 @@ def fresh(base: str) -> str:
 def test_the_builder_refuses_what_the_kernel_cannot_compute():
     geometry = ConvGeometry.from_attributes({}, (4, 8, 3, 3))
     rng = np.random.default_rng(4)
-    quant = ActivationCodes(0.1, 3, False)
-    codes = LayerCodes(rng.integers(-8, 8, (4, 72)), np.full(4, 0.1, np.float32), None, 4)
-    assert not isinstance(qlinear_conv(codes, geometry, quant, quant, "x", "y", fresh), str)
-    blocks = LayerCodes(codes.integers, np.full((4, 3), 0.1, np.float32), None, 4, block_size=32)
-    assert "not per block" in qlinear_conv(blocks, geometry, quant, quant, "x", "y", fresh)
-    huge_bias = LayerCodes(codes.integers, np.full(4, 1e-6, np.float32), None, 4, bias=np.full(4, 1e6))
-    assert "does not fit INT32" in qlinear_conv(huge_bias, geometry, quant, ActivationCodes(1e-7, 0, False),
+    quant = InputQuantizer(0.1, 3, False)
+    codes = codes_of(rng.integers(-8, 8, (4, 72)), np.full(4, 0.1, np.float32), None, 4)
+    assert not isinstance(qlinear_conv(codes, None, geometry, quant, quant, "x", "y", fresh), str)
+    blocks = codes_of(codes.integers, np.full((4, 3), 0.1, np.float32), None, 4, block=32)
+    assert "not per block" in qlinear_conv(blocks, None, geometry, quant, quant, "x", "y", fresh)
+    tiny = codes_of(codes.integers, np.full(4, 1e-6, np.float32), None, 4)
+    assert "does not fit INT32" in qlinear_conv(tiny, np.full(4, 1e6), geometry, quant, InputQuantizer(1e-7, 0, False),
                                                 "x", "y", fresh)

@@ -16,8 +16,8 @@ from runs import quantize
 
 from onnx_qubo.discovery import find_dense_layers
 from onnx_qubo.errors import ModelError
-from onnx_qubo.forms.recurrent import RecurrentCell
 from onnx_qubo.pipeline import find_layers
+from onnx_qubo.views import RecurrentCell
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_DISABLE_ALL]

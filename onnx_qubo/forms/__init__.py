@@ -4,8 +4,7 @@ To add a form: a module here with a class holding ``op_type``, ``match`` (node -
 or Skip with its reason) and ``lower`` (node + integers -> nodes), and one entry in ``FORMS``.
 """
 
-from ..types import DenseForm
-from .base import GraphIndex, Skip
+from .base import DenseForm, GraphIndex, Skip
 from .conv import ConvForm
 from .gemm import GemmForm
 from .matmul import MatMulForm

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import onnx
@@ -19,8 +19,8 @@ from onnx.external_data_helper import uses_external_data
 
 from .. import external
 from ..passes.shapes import tensor_types
-from ..subgraphs import outer_reads, subgraphs
-from ..types import FromFile, InMemory, WeightValues
+from ..subgraphs import outer_reads, skeleton, subgraphs
+from ..types import DenseLayer, FromFile, InMemory, LayerForm, WeightValues
 
 SUPPORTED_WEIGHT_TYPES = (onnx.TensorProto.FLOAT,)
 
@@ -30,6 +30,12 @@ class Skip:
     """A node of a form's op type that is not quantized, and why."""
 
     reason: str
+
+
+class DenseForm(LayerForm, Protocol):
+    """One graph pattern of a dense layer (forms/): how to find it and how to rewrite it."""
+
+    def match(self, node: onnx.NodeProto, name: str, index: "GraphIndex") -> DenseLayer | Skip: ...
 
 
 class GraphIndex:
@@ -136,7 +142,6 @@ def count_uses(graph: onnx.GraphProto) -> Counter:
     return uses
 
 
-SHAPE_VALUES = 1 << 10  # initializers up to this many elements keep their values for shape inference
 
 
 def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
@@ -146,21 +151,8 @@ def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     protobuf's 2 GB limit included, costs only its graph. Inference tolerates contrib ops and
     declared shapes that contradict it; a tensor it cannot reach keeps its declared rank
     (``passes.shapes.tensor_types``). If/Loop/Scan bodies included."""
-    return {name: len(kind.tensor_type.shape.dim) for name, kind in tensor_types(_skeleton(model)).items()
+    return {name: len(kind.tensor_type.shape.dim) for name, kind in tensor_types(skeleton(model)).items()
             if kind.tensor_type.HasField("shape")}
-
-
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` without the values of initializers over SHAPE_VALUES elements."""
-    source = model.graph
-    graph = onnx.GraphProto(name=source.name, node=source.node, input=source.input, output=source.output,
-                            value_info=source.value_info)
-    for init in source.initializer:
-        small = int(np.prod(init.dims)) <= SHAPE_VALUES
-        graph.initializer.append(init if small else onnx.TensorProto(name=init.name, data_type=init.data_type,
-                                                                     dims=init.dims))
-    return onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions,
-                           graph=graph)
 
 
 def transposed(stored: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ the dense forms) -> ``Reshape`` to the weight's shape -> ``Conv``: exact at ever
 level (tests/test_conv.py). A grouped or depthwise Conv is solved as one layer per group (each
 group has its own Gram matrix; pipeline.split_groups), its groups merged again for the rewrite.
 With format ort and quantized inputs, onnxruntime's QLinearConv may run it instead
-(ort_forms.qlinear_conv, chosen by kernels.py), which also quantizes its output.
+(backends/ort_conv.py, chosen by backends/kernels.py), which also quantizes its output.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import onnx
 from onnx import helper
 
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
-from ..patches import ConvGeometry, flatten_weight
+from ..patches import flatten_weight
 from ..types import DenseLayer
+from ..views import ConvGeometry
 from .base import GraphIndex, Skip, attributes
 
 
@@ -32,7 +33,6 @@ def flat_float64(stored: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
 
 class ConvForm:
     op_type = "Conv"
-    fast_kernels = True  # format ort with quantized inputs: QLinearConv (kernels.py); weight-only: none
 
     def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
         activation, weight_name = node.input[0], node.input[1]

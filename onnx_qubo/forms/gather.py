@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..grid import Granularity, GroupScales, Scheme
-from ..ort_forms import MS_DOMAIN, LayerCodes, gather_block_quantized, pack_bits
+from ..backends.ort import MS_DOMAIN, gather_block_quantized, pack_bits
+from ..grid import Granularity, GroupScales, Scheme, WeightCodes
 from ..passes.base import PassResult, copy_model
 from ..passes.insert_dequantize import GraphEdit
 from ..report import LayerReport
@@ -54,35 +54,26 @@ class EmbeddingTable:
 
 @dataclass(frozen=True, eq=False)
 class QuantizedTable:
-    """A table's codes: row ``v`` dequantizes to ``scales.dequantize(integers)[v]``."""
+    """A table's codes [V, d]: row ``v`` dequantizes to ``codes.dequantize()[v]`` (scales float32
+    values, as stored)."""
 
     table: EmbeddingTable
-    scheme: Scheme
-    integers: np.ndarray  # int64 [V, d], on scheme.grid
-    scales: GroupScales  # [V, g]
+    codes: WeightCodes
     seconds: float
-
-    def codes(self) -> LayerCodes:
-        """The codes as the graph forms take them (scale [V, g], in float32 as stored)."""
-        block = self.scales.width if self.scheme.granularity == Granularity.BLOCK else 0
-        scale = np.asarray(self.scales.scale, np.float32)
-        zero_point = None if self.scheme.symmetric else self.scales.zero_point
-        if not block:
-            scale, zero_point = scale[:, 0], None if zero_point is None else zero_point[:, 0]
-        return LayerCodes(self.integers, scale, zero_point, self.scheme.bits, block)
 
     def mean_squared_error(self) -> float:
         """Mean over rows of a row's squared error: a uniformly drawn lookup's output error."""
-        error = self.codes().dequantized() - self.table.table
+        error = self.codes.dequantize() - self.table.table
         return float(np.einsum("vd,vd->", error, error) / len(error))
 
     def report(self) -> LayerReport:
         """The report row: round-to-nearest is the optimum on these scales, so the cost is its own
         certified lower bound (gap 0) and no weight has a choice left to solve."""
-        v, d = self.integers.shape
+        v, d = self.codes.integers.shape
         cost = self.mean_squared_error()
-        return LayerReport(name=self.table.name, form="Gather (table)", n_out=v, f_in=d, bits=self.scheme.bits,
-                           storage=onnx.TensorProto.DataType.Name(self.scheme.grid.storage[0]), free_fraction=0.0,
+        scheme = self.codes.scheme
+        return LayerReport(name=self.table.name, form="Gather (table)", n_out=v, f_in=d, bits=scheme.bits,
+                           storage=onnx.TensorProto.DataType.Name(scheme.grid.storage[0]), free_fraction=0.0,
                            cost_rtn=cost, cost_solved=cost, lower_bound=cost, solve_seconds=self.seconds)
 
 
@@ -149,14 +140,17 @@ def quantize_table(table: EmbeddingTable, scheme: Scheme) -> QuantizedTable:
     ratios = np.concatenate([coarse, fine])
     errors = np.concatenate([coarse_errors, np.stack([_squared_errors(table.table, ranges, r) for r in fine])])
     chosen = np.take_along_axis(ratios, errors.argmin(axis=0)[None], axis=0)[0]
-    scales = ranges.scales(chosen)
-    return QuantizedTable(table, scheme, _nearest(table.table, scales, scheme), scales, time.perf_counter() - start)
+    chosen_scales = ranges.scales(chosen)
+    stored = GroupScales(np.float32(chosen_scales.scale).astype(np.float64), chosen_scales.zero_point,
+                         chosen_scales.width)  # the float32 scales that will be stored
+    codes = WeightCodes(_nearest(table.table, stored, scheme), stored, scheme)
+    return QuantizedTable(table, codes, time.perf_counter() - start)
 
 
 def _nearest(table: np.ndarray, scales: GroupScales, scheme: Scheme) -> np.ndarray:
-    """Round-to-nearest codes of ``table`` with the float32 scales that will be stored."""
+    """Round-to-nearest codes of ``table`` with ``scales``."""
     f = table.shape[1]
-    step = scales.per_column(np.float32(scales.scale).astype(np.float64), f)
+    step = scales.per_column(scales.scale, f)
     return scheme.grid.round_nearest(table / step + scales.per_column(scales.zero_point, f)).astype(np.int64)
 
 
@@ -200,7 +194,7 @@ class LowerTables:
             k = next(i for i, node in enumerate(graph.node) if node.op_type == "Gather"
                      and node.input[0] == table.table_name)
             node = graph.node[k]
-            codes = lowering.quantized.codes()
+            codes = lowering.quantized.codes
             if lowering.fast:
                 form = gather_block_quantized(codes, node.input[1], node.output[0], edit.fresh)
                 if isinstance(form, str):  # kernels.choose_table_kernel accepted it
@@ -222,7 +216,7 @@ class LowerTables:
         return PassResult(out, modified=True)
 
 
-def stored_width(codes: LayerCodes) -> int:
+def stored_width(codes: WeightCodes) -> int:
     """Codes per stored row: ``d`` rounded up to whole blocks, then to whole bytes."""
     d = codes.integers.shape[1]
     width = -(-d // codes.block_size) * codes.block_size if codes.block_size else d
@@ -234,7 +228,7 @@ def _container_bits(bits: int) -> int:
     return 2 if bits <= 2 else 4 if bits <= 4 else 8
 
 
-def packed_bytes(codes: LayerCodes) -> np.ndarray:
+def packed_bytes(codes: WeightCodes) -> np.ndarray:
     """The table as stored by the portable form: unsigned codes (signed ones offset by
     ``2^(bits-1)``; padding holds the offset or the zero point) packed ``8 // bits`` per byte."""
     v, d = codes.integers.shape
@@ -247,9 +241,9 @@ def packed_bytes(codes: LayerCodes) -> np.ndarray:
     return padded.astype(np.uint8) if bits == 8 else pack_bits(padded, bits)
 
 
-def packed_gather(codes: LayerCodes, indices: str, output: str, edit: GraphEdit) -> list[onnx.NodeProto]:
+def packed_gather(codes: WeightCodes, indices: str, output: str, edit: GraphEdit) -> list[onnx.NodeProto]:
     """The portable lowering of a table lookup (module docstring): ``indices.shape + [d]`` floats
-    equal to ``codes.dequantized()`` (in float32) at the rows looked up."""
+    equal to ``codes.dequantize()`` (in float32) at the rows looked up."""
     v, d = codes.integers.shape
     bits, block = _container_bits(codes.bits), codes.block_size
     per_byte, width = 8 // bits, stored_width(codes)

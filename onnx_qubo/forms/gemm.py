@@ -2,8 +2,8 @@
 
 Found for any transB, alpha != 0, beta and optional C, with transA=0. The weight maps to
 [n_out, f_in] as B when transB=1, else as B^T; alpha is the layer's gain, beta * C its bias.
-Lowered to ``DequantizeLinear -> Gemm(transB=1)`` (weight as rows: compat.py rule 1), the
-dequantized bias (if any) as C with beta 1, or added after the Gemm where compat.py says so.
+Lowered to ``DequantizeLinear -> Gemm(transB=1)`` (weight as rows: backends/portable.py rule 1), the
+dequantized bias (if any) as C with beta 1, or added after the Gemm where backends/portable.py says so.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from .. import compat
+from ..backends import portable
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
 from ..types import DenseLayer
 from .base import GraphIndex, Skip, as_float64, attributes, transposed
@@ -19,7 +19,6 @@ from .base import GraphIndex, Skip, as_float64, attributes, transposed
 
 class GemmForm:
     op_type = "Gemm"
-    fast_kernels = True  # format ort: MatMulNBits / MatMulIntegerToFloat (kernels.py)
 
     def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
         attrs = attributes(node)
@@ -52,14 +51,14 @@ class GemmForm:
         if weight.bias is not None and weight.bias_name is not None:
             bias_nodes, bias_deq = edit.dequantize(weight.bias_name, weight.bias)
             nodes += bias_nodes
-            if compat.int32_bias_after_gemm(weight.weight.storage_type, weight.bias.storage_type):
+            if portable.int32_bias_after_gemm(weight.weight.storage_type, weight.bias.storage_type):
                 bias_after = bias_deq
             else:
                 bias_input = bias_deq
         elif weight.float_bias is not None and weight.bias_name is not None:  # beta folded in: C' = beta C + shift
             bias_input = edit.constant(f"{weight.bias_name}_corrected", weight.float_bias)
         elif weight.activation is not None and len(node.input) > 2 and node.input[2]:
-            bias_after = compat.float_bias_after_quantized_gemm(node, edit)
+            bias_after = portable.float_bias_after_quantized_gemm(node, edit)
         qdq, activation = edit.quantize_activation(node.input[0], weight.activation)
         gemm = onnx.NodeProto()
         gemm.CopyFrom(node)

@@ -2,7 +2,7 @@
 an ``Add`` of a constant (the bias), as skl2onnx, Keras and transformer exports write it.
 
 The weight maps to [n_out, f_in] as W^T; the gain is 1. Lowered to ``DequantizeLinear ->
-Gemm(transB=1)`` (compat.py rule 1): on 2-D activations the Gemm replaces the MatMul; on N-D
+Gemm(transB=1)`` (backends/portable.py rule 1): on 2-D activations the Gemm replaces the MatMul; on N-D
 ones it is wrapped in ``Reshape [-1, f] -> Gemm -> Reshape`` back to the activation's leading
 axes plus n, with a quantized input quantized after the flattening Reshape (rule 3). A
 quantized bias replaces the Add's constant operand, which the Add keeps reading.
@@ -21,7 +21,6 @@ from .base import GraphIndex, Skip, transposed
 
 class MatMulForm:
     op_type = "MatMul"
-    fast_kernels = True  # format ort: MatMulNBits / MatMulIntegerToFloat (kernels.py)
 
     def match(self, node: onnx.NodeProto, name: str, index: GraphIndex) -> DenseLayer | Skip:
         activation, weight_name = node.input[0], node.input[1]

@@ -22,14 +22,13 @@ Lowered to one ``DequantizeLinear`` of the [D*G*H, I+H] integers -> ``Slice`` co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import helper
 
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
 from ..types import DenseLayer, InMemory
+from ..views import RecurrentCell
 from .base import GraphIndex, Skip, attributes
 
 GATES = {"LSTM": 4, "RNN": 1}
@@ -37,70 +36,7 @@ DIRECTIONS = {"forward": (False,), "reverse": (True,), "bidirectional": (False, 
 SEQUENCE_LENS, INITIAL_H = 4, 5  # input positions, the same for LSTM, GRU and RNN
 
 
-@dataclass(frozen=True, eq=False)
-class RecurrentCell:
-    """What calibration needs to build one recurrent node's gate inputs from its tensors."""
-
-    op_type: str
-    reverse: tuple[bool, ...]  # per direction (W's first axis): whether it runs backwards in time
-    input_size: int  # I
-    hidden: int  # H
-    layout: int  # 0: X [T, B, I], Y [T, D, B, H]; 1: X [B, T, I], Y [B, T, D, H]
-    output: str  # Y (a name of our own when the node does not write Y: ``named`` False)
-    named: bool
-    initial_h: str | np.ndarray | None  # a tensor to read, a constant, or zeros
-    sequence_lens: str | np.ndarray | None  # a tensor to read, a constant, or every step
-
-    @property
-    def directions(self) -> int:
-        return len(self.reverse)
-
-    @property
-    def tensors(self) -> tuple[str, ...]:
-        """The tensors besides X to read on every calibration batch."""
-        return (self.output,) + tuple(t for t in (self.initial_h, self.sequence_lens) if isinstance(t, str))
-
-    def gate_inputs(self, x: np.ndarray, tensors: dict[str, np.ndarray]) -> np.ndarray:
-        """``[x_t; h_(t-1)]`` of every step each sample runs, per direction: [D, rows, I+H]
-        (rows ordered by step, then sample). ``x``: X as the node sees it; ``tensors``: Y (and
-        initial_h, sequence_lens when they are tensors) from the same run."""
-        x = np.asarray(x, np.float64)
-        y = np.asarray(tensors[self.output], np.float64)
-        if self.layout:
-            x, y = x.transpose(1, 0, 2), y.transpose(1, 2, 0, 3)  # -> [T, B, I], [T, D, B, H]
-        steps, batch = x.shape[:2]
-        if x.shape[2] != self.input_size or y.shape != (steps, self.directions, batch, self.hidden):
-            raise ValueError(f"{self.op_type} input {x.shape} and output {y.shape} do not fit I={self.input_size}, "
-                             f"H={self.hidden}, {self.directions} direction(s)")
-        h0: np.ndarray = np.zeros((self.directions, batch, self.hidden))
-        if self.initial_h is not None:
-            given = np.asarray(self._value(self.initial_h, tensors), np.float64)
-            h0 = given.reshape(batch, self.directions, self.hidden).transpose(1, 0, 2) if self.layout else \
-                given.reshape(h0.shape)
-        lengths = np.full(batch, steps)
-        if self.sequence_lens is not None:
-            lengths = np.asarray(self._value(self.sequence_lens, tensors), np.int64).reshape(batch)
-        run = np.arange(steps)[:, None] < lengths[None, :]  # [T, B]: the steps each sample runs
-        started = np.nonzero(lengths > 0)[0]
-        out = []
-        for d, backwards in enumerate(self.reverse):
-            previous = np.empty((steps, batch, self.hidden))
-            if backwards:  # step t follows step t+1; the sample's last step starts from initial_h
-                previous[:-1] = y[1:, d]
-                previous[lengths[started] - 1, started] = h0[d, started]
-            else:
-                previous[0] = h0[d]
-                previous[1:] = y[:-1, d]
-            out.append(np.hstack([x[run], previous[run]]))
-        return np.stack(out)
-
-    @staticmethod
-    def _value(tensor: str | np.ndarray, tensors: dict[str, np.ndarray]) -> np.ndarray:
-        return tensors[tensor] if isinstance(tensor, str) else tensor
-
-
 class RecurrentForm:
-    fast_kernels = False  # format ort: no faster onnxruntime kernel for a weight-only recurrent cell
 
     def __init__(self, op_type: str):
         self.op_type = op_type

@@ -10,7 +10,7 @@ initializers of the form, or a string saying why the layer cannot use it:
   ``QuantizeLinear -> com.microsoft.MatMulIntegerToFloat`` (float output, float bias);
 - :func:`gather_block_quantized`: an embedding table's row lookups (forms/gather.py),
   ``com.microsoft.GatherBlockQuantized``;
-- :func:`qlinear_conv`: a Conv with 8-bit quantized input and output, ``QuantizeLinear ->
+- ``ort_conv.qlinear_conv``: a Conv with 8-bit quantized input and output, ``QuantizeLinear ->
   QLinearConv -> DequantizeLinear`` (float in, float out; the output rounding is extra error).
 
 The MatMul kernels read the weight as the layer's ``[n_out, f_in]`` codes and compute ``x @ W^T + bias`` on
@@ -42,86 +42,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .patches import ConvGeometry, patches
+from ..grid import InputQuantizer, WeightCodes
 
 MS_DOMAIN = "com.microsoft"
 SATURATION_FREE = 64  # u8s8 pair sums stay in int16 for stored weights within +-64: 2 * 255 * 64 < 2^15
 NBITS_FAST_BLOCKS = (16, 32, 64, 128, 256)  # MLAS's prepacked MatMulNBits kernels
-# QLinearConv is slower than float Conv below these input channels per group (benchmarks/conv_forms.py):
-QLINEAR_CONV_MIN_CHANNELS = 8  # one group: 4.4x float's time at 1 channel, 1.3x at 4, 0.8x at 8
-QLINEAR_CONV_MIN_GROUP_CHANNELS = 32  # several groups: 1.2x at 16 per group, 0.6x at 32; depthwise 1.1x
 Names = Callable[[str], str]  # hands out a fresh tensor/node name from a base name
-
-
-@dataclass(frozen=True, eq=False)
-class LayerCodes:
-    """One dense layer ``y = x @ W^T + bias`` as stored integer codes.
-
-    ``W = (integers - zero_point) * scale``, with ``scale`` per tensor (shape ``()``), per output
-    row (``[n]``) or per block of ``block_size`` inputs within a row (``[n, ceil(f / block_size)]``,
-    the last block of a row may be shorter). Without ``zero_point`` the codes are on the signed
-    grid ``[-2^(bits-1), 2^(bits-1) - 1]``; with one (the shape of ``scale``) both are on the
-    unsigned grid ``[0, 2^bits - 1]``.
-    """
-
-    integers: np.ndarray  # [n, f] int64
-    scale: np.ndarray
-    zero_point: np.ndarray | None
-    bits: int
-    block_size: int = 0
-    bias: np.ndarray | None = None  # [n] float
-
-    def __post_init__(self) -> None:
-        n, f = self.integers.shape
-        groups = {0: (), 1: (n,), 2: (n, -(-f // self.block_size) if self.block_size else -1)}
-        if self.scale.ndim not in groups or self.scale.shape != groups[self.scale.ndim]:
-            raise ValueError(f"scale shape {self.scale.shape} does not fit weights {n}x{f} "
-                             f"(block_size {self.block_size})")
-        if self.zero_point is not None and self.zero_point.shape != self.scale.shape:
-            raise ValueError("zero_point must have the shape of scale")
-        low, high = self.grid
-        for name, values in (("integers", self.integers), ("zero_point", self.zero_point)):
-            if values is not None and values.size and (values.min() < low or values.max() > high):
-                raise ValueError(f"{name} outside the {self.bits}-bit grid [{low}, {high}]")
-        if self.bias is not None and self.bias.shape != (n,):
-            raise ValueError(f"bias shape {self.bias.shape} is not ({n},)")
-
-    @property
-    def signed(self) -> bool:
-        return self.zero_point is None
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        if self.signed:
-            return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
-        return 0, (1 << self.bits) - 1
-
-    def per_weight(self, values: np.ndarray) -> np.ndarray:
-        """``values`` (one per scale group) spread to one per weight, [n, f]."""
-        n, f = self.integers.shape
-        if values.ndim == 2:
-            return np.repeat(values, self.block_size, axis=1)[:, :f]
-        return np.broadcast_to(values.reshape(-1, 1) if values.ndim else values, (n, f))
-
-    def dequantized(self) -> np.ndarray:
-        """The float weights [n, f] the codes stand for, in float64."""
-        zero = 0 if self.zero_point is None else self.per_weight(self.zero_point)
-        return (self.integers - zero) * self.per_weight(self.scale.astype(np.float64))
-
-
-@dataclass(frozen=True)
-class ActivationCodes:
-    """Per-tensor 8-bit quantization of the layer's input: ``QuantizeLinear(x, scale, zero_point)``."""
-
-    scale: float
-    zero_point: int
-    signed: bool  # int8 (True) or uint8
-
-    def quantized(self, x: np.ndarray) -> np.ndarray:
-        """What the layer sees after ``QuantizeLinear -> DequantizeLinear``, float64."""
-        low, high = (-128, 127) if self.signed else (0, 255)
-        q = np.clip(np.rint(x / np.float32(self.scale)) + self.zero_point, low, high)
-        return (q - self.zero_point) * np.float64(np.float32(self.scale))
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,8 +60,8 @@ class OrtForm:
     opsets: dict[str, int]
 
 
-def reference(codes: LayerCodes, x: np.ndarray, activation: ActivationCodes | None = None,
-              int8_blocks: int = 0) -> np.ndarray:
+def reference(codes: WeightCodes, x: np.ndarray, activation: InputQuantizer | None = None,
+              int8_blocks: int = 0, bias: np.ndarray | None = None) -> np.ndarray:
     """What every form computes, in float64 numpy: ``q(x) @ W^T + bias``.
 
     ``q`` is ``activation``'s quantization, or with ``int8_blocks`` what MatMulNBits does at
@@ -143,7 +69,7 @@ def reference(codes: LayerCodes, x: np.ndarray, activation: ActivationCodes | No
     int8 with scale ``max|x| / 127``.
     """
     if activation is not None:
-        x = activation.quantized(x)
+        x = activation.fake_quantize(x)
     if int8_blocks:
         f = x.shape[-1]
         padded = np.zeros((*x.shape[:-1], -(-f // int8_blocks) * int8_blocks))
@@ -152,8 +78,8 @@ def reference(codes: LayerCodes, x: np.ndarray, activation: ActivationCodes | No
         step = np.abs(runs).max(axis=-1, keepdims=True) / 127
         step[step == 0] = 1
         x = (np.rint(runs / step) * step).reshape(padded.shape)[..., :f]
-    y = np.asarray(x, np.float64) @ codes.dequantized().T
-    return y if codes.bias is None else y + codes.bias
+    y = np.asarray(x, np.float64) @ codes.dequantize().T
+    return y if bias is None else y + bias
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
@@ -165,12 +91,12 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
 
 
-def matmul_nbits(codes: LayerCodes, activation: str, output: str, fresh: Names, *,
+def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, output: str, fresh: Names, *,
                  accuracy_level: int = 0, kernel_bits: int | None = None,
                  block_size: int | None = None, allow_slow: bool = False) -> OrtForm | str:
     """``com.microsoft.MatMulNBits(activation)`` computing ``x @ W^T + bias`` in float.
 
-    Numpy meaning: ``reference(codes, x)``; the kernel stores ``u = q + 2^(kernel_bits-1)`` for
+    Numpy meaning: ``reference(codes, x, bias=bias)``; the kernel stores ``u = q + 2^(kernel_bits-1)`` for
     signed codes (no zero-point input: it defaults to ``2^(kernel_bits-1)``) and ``u = q`` with
     packed uint8 zero points for unsigned ones, so ``(u - zp) * scale`` is exactly ``W``.
 
@@ -212,7 +138,7 @@ def matmul_nbits(codes: LayerCodes, activation: str, output: str, fresh: Names, 
     def blocks(values: np.ndarray) -> np.ndarray:  # one per scale group -> one per kernel block [n, k_blocks]
         if values.ndim == 2:
             return np.repeat(values, per_block, axis=1)[:, :k_blocks]
-        return np.broadcast_to(values.reshape(-1, 1) if values.ndim else values, (n, k_blocks))
+        return np.broadcast_to(values.reshape(-1, 1), (n, k_blocks))
 
     zero_blocks = None if codes.zero_point is None else blocks(codes.zero_point).astype(np.int64)
     unsigned = np.empty((n, padded), np.int64)  # the tail of the last block reads as 0
@@ -231,8 +157,8 @@ def matmul_nbits(codes: LayerCodes, activation: str, output: str, fresh: Names, 
         padded_zero[:, :k_blocks] = zero_blocks
         initializers.append(numpy_helper.from_array(pack_bits(padded_zero, bits), names[2]))
         inputs[3] = names[2]
-    if codes.bias is not None:
-        initializers.append(numpy_helper.from_array(codes.bias.astype(np.float32), names[3]))
+    if bias is not None:
+        initializers.append(numpy_helper.from_array(np.asarray(bias, np.float32), names[3]))
         inputs[5] = names[3]
     node = helper.make_node("MatMulNBits", _trim(inputs), [output], name=fresh(f"{output}_MatMulNBits"),
                             domain=MS_DOMAIN, K=f, N=n, bits=bits, block_size=block,
@@ -240,7 +166,7 @@ def matmul_nbits(codes: LayerCodes, activation: str, output: str, fresh: Names, 
     return OrtForm([node], initializers, {MS_DOMAIN: 1})
 
 
-def int8_weights(codes: LayerCodes) -> tuple[np.ndarray, np.ndarray | None] | str:
+def int8_weights(codes: WeightCodes) -> tuple[np.ndarray, np.ndarray | None] | str:
     """8-bit kernels' weights: the codes as INT8 (unsigned ones shifted by ``2^(bits-1)``, their
     zero point too: the same numbers) and the zero point, or why they cannot be run exactly.
 
@@ -257,18 +183,16 @@ def int8_weights(codes: LayerCodes) -> tuple[np.ndarray, np.ndarray | None] | st
     return integers.astype(np.int8), zero_point
 
 
-def matmul_integer_to_float(codes: LayerCodes, quant: ActivationCodes, activation: str, output: str,
-                            fresh: Names) -> OrtForm | str:
+def matmul_integer_to_float(codes: WeightCodes, bias: np.ndarray | None, quant: InputQuantizer, activation: str,
+                            output: str, fresh: Names) -> OrtForm | str:
     """``QuantizeLinear(activation) -> com.microsoft.MatMulIntegerToFloat`` with a float bias.
 
-    Numpy meaning: ``reference(codes, x, quant)``: ``y = a_scale * b_scale[n] * sum_k (xq - xz)
+    Numpy meaning: ``reference(codes, x, quant, bias=bias)``: ``y = a_scale * b_scale[n] * sum_k (xq - xz)
     (wq[n, k] - wz[n]) + bias[n]`` with exact int32 accumulation. Signed activations are written
     as uint8 with zero point + 128 (the same numbers; onnxruntime's s8s8 kernel is slow on x86).
     Weights: codes of up to 8 bits per tensor or per row, as ``int8_weights`` stores them (codes
     that could saturate the kernel on some CPUs are refused: the layer keeps the portable form).
     """
-    if codes.bits > 8:
-        return f"MatMulIntegerToFloat takes 8-bit weights, not {codes.bits}-bit codes"
     if codes.scale.ndim == 2:
         return "MatMulIntegerToFloat takes a weight scale per tensor or per output, not per block"
     weights = int8_weights(codes)
@@ -290,8 +214,8 @@ def matmul_integer_to_float(codes: LayerCodes, quant: ActivationCodes, activatio
     if zero_point is not None:
         initializers.append(numpy_helper.from_array(zero_point, names[5]))
         inputs[5] = names[5]
-    if codes.bias is not None:
-        initializers.append(numpy_helper.from_array(codes.bias.astype(np.float32), names[6]))
+    if bias is not None:
+        initializers.append(numpy_helper.from_array(np.asarray(bias, np.float32), names[6]))
         inputs[6] = names[6]
     nodes = [
         helper.make_node("QuantizeLinear", [activation, names[0], names[1]], [names[2]],
@@ -302,9 +226,9 @@ def matmul_integer_to_float(codes: LayerCodes, quant: ActivationCodes, activatio
     return OrtForm(nodes, initializers, {"": 10, MS_DOMAIN: 1})
 
 
-def gather_block_quantized(codes: LayerCodes, indices: str, output: str, fresh: Names) -> OrtForm | str:
+def gather_block_quantized(codes: WeightCodes, indices: str, output: str, fresh: Names) -> OrtForm | str:
     """``com.microsoft.GatherBlockQuantized``: rows ``indices`` of the table ``codes`` ([V, d],
-    a scale per row or per block of a row), dequantized: ``codes.dequantized()[indices]`` in
+    a scale per row or per block of a row), dequantized: ``codes.dequantize()[indices]`` in
     float32, ``indices.shape + [d]``.
 
     The table is stored as uint8 (``bits`` 2, 4 or 8: codes of 1-2, 3-4, 5-8 bits; first code in
@@ -353,112 +277,6 @@ def gather_block_quantized(codes: LayerCodes, indices: str, output: str, fresh: 
     node = helper.make_node("GatherBlockQuantized", inputs, [output], name=fresh(f"{output}_GatherBlockQuantized"),
                             domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=block, bits=bits)
     return OrtForm([node], initializers, {MS_DOMAIN: 1})
-
-
-def qlinear_conv_slow(geometry: ConvGeometry) -> str | None:
-    """Why QLinearConv would run this Conv slower than float Conv (too few input channels per
-    group for its integer GEMM to pay for quantizing, transposing and requantizing), or None."""
-    per_group = geometry.in_channels // geometry.groups
-    least = QLINEAR_CONV_MIN_CHANNELS if geometry.groups == 1 else QLINEAR_CONV_MIN_GROUP_CHANNELS
-    if per_group >= least:
-        return None
-    shape = ("a depthwise Conv" if per_group == 1 and geometry.channels_per_group == 1 and geometry.groups > 1
-             else f"{per_group} input channel{'s' * (per_group > 1)} per group"
-             + (f" in {geometry.groups} groups" if geometry.groups > 1 else ""))
-    return (f"onnxruntime's QLinearConv runs slower than float Conv on {shape} (it needs at least {least} input "
-            "channels per group to be faster; benchmarks/conv_forms.py)")
-
-
-def qlinear_conv(codes: LayerCodes, geometry: ConvGeometry, quant: ActivationCodes, out: ActivationCodes,
-                 activation: str, output: str, fresh: Names) -> OrtForm | str:
-    """``QuantizeLinear(activation) -> QLinearConv -> DequantizeLinear``: a Conv (``geometry``,
-    weights ``codes`` [M, C/groups * k1..kd]) whose input is quantized by ``quant`` and whose
-    output is quantized by ``out`` and dequantized again, so the graph around stays float.
-
-    Numpy meaning: ``qlinear_conv_reference`` on the written integers: an int32 sum over each
-    patch of ``(xq - xz) (wq - wz)`` plus the bias, times ``x_scale * w_scale[m] / y_scale`` in
-    float32, rounded half to even, plus ``y_zero_point``, saturated; then dequantized. The float
-    bias (with any bias correction already in it) is stored as INT32 at ``x_scale * w_scale[m]``.
-    Activations and output are written as uint8 (signed ones with zero point + 128: the same
-    numbers), weights as ``int8_weights`` stores them. onnxruntime's CPU kernel takes one
-    weight zero point for all channels and no block scales; shapes it runs slower than float
-    are refused (``qlinear_conv_slow``).
-    """
-    n, f = codes.integers.shape
-    if codes.bits > 8:
-        return f"QLinearConv takes 8-bit weights, not {codes.bits}-bit codes"
-    if codes.scale.ndim == 2:
-        return "QLinearConv takes a weight scale per tensor or per output channel, not per block"
-    if codes.zero_point is not None and np.unique(codes.zero_point).size > 1:
-        return ("onnxruntime's QLinearConv takes one weight zero point for all channels; these asymmetric weights "
-                "have one per channel (use symmetric weights)")
-    slow = qlinear_conv_slow(geometry)
-    if slow is not None:
-        return slow
-    x_scale, y_scale = np.float32(quant.scale), np.float32(out.scale)
-    bias_scale = np.float64(x_scale) * np.broadcast_to(np.asarray(codes.scale, np.float32), (n,)).astype(np.float64)
-    bias = None
-    if codes.bias is not None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bias = np.rint(np.asarray(codes.bias, np.float64) / bias_scale)
-        if not np.isfinite(bias).all() or np.abs(bias).max() > np.iinfo(np.int32).max:
-            return "the bias does not fit INT32 at the input scale times the weight scale"
-    weights = int8_weights(codes)
-    if isinstance(weights, str):
-        return weights
-    integers, zero_point = weights
-    w_zero = 0 if zero_point is None else int(zero_point.reshape(-1)[0])
-    largest = 255 * f * int(np.abs(integers.astype(np.int64) - w_zero).max(initial=0))
-    if largest + (0 if bias is None else np.abs(bias).max()) >= 2 ** 31:
-        return f"the int32 accumulator could overflow over {f} weights"
-    names = [fresh(f"{output}_{suffix}") for suffix in ("x_scale", "x_zero_point", "x_quantized", "W", "w_scale",
-                                                         "w_zero_point", "y_scale", "y_zero_point", "y_quantized", "B")]
-    weight_shape = (n, geometry.in_channels // geometry.groups, *geometry.kernel)
-    initializers = [
-        numpy_helper.from_array(np.array(x_scale, np.float32), names[0]),
-        numpy_helper.from_array(np.array(quant.zero_point + 128 * quant.signed, np.uint8), names[1]),
-        numpy_helper.from_array(integers.reshape(weight_shape), names[3]),
-        numpy_helper.from_array(np.asarray(codes.scale, np.float32), names[4]),
-        numpy_helper.from_array(np.array(w_zero, np.int8), names[5]),
-        numpy_helper.from_array(np.array(y_scale, np.float32), names[6]),
-        numpy_helper.from_array(np.array(out.zero_point + 128 * out.signed, np.uint8), names[7]),
-    ]
-    inputs = [names[2], names[0], names[1], names[3], names[4], names[5], names[6], names[7]]
-    if bias is not None:
-        initializers.append(numpy_helper.from_array(bias.astype(np.int32), names[9]))
-        inputs.append(names[9])
-    padding = {"pads": list(geometry.pads)} if geometry.auto_pad == "NOTSET" else {"auto_pad": geometry.auto_pad}
-    nodes = [
-        helper.make_node("QuantizeLinear", [activation, names[0], names[1]], [names[2]],
-                         name=fresh(f"{output}_QuantizeLinear")),
-        helper.make_node("QLinearConv", inputs, [names[8]], name=fresh(f"{output}_QLinearConv"),
-                         kernel_shape=list(geometry.kernel), strides=list(geometry.strides),
-                         dilations=list(geometry.dilations), group=geometry.groups, **padding),
-        helper.make_node("DequantizeLinear", [names[8], names[6], names[7]], [output],
-                         name=fresh(f"{output}_DequantizeLinear")),
-    ]
-    return OrtForm(nodes, initializers, {"": 10})
-
-
-def qlinear_conv_reference(xq: np.ndarray, inputs: list[np.ndarray], geometry: ConvGeometry) -> np.ndarray:
-    """QLinearConv's output codes, in numpy, from its input codes ``xq [B, C, *spatial]`` and its
-    other inputs as arrays: ``x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
-    y_zero_point[, B]``. The patches of ``xq - x_zero_point`` (padding reads as the zero point)
-    times ``w - w_zero_point`` summed exactly, plus B; converted to float32 and multiplied by the
-    float32 ``x_scale * w_scale / y_scale``; rounded half to even; ``y_zero_point`` added;
-    saturated to its type."""
-    x_scale, x_zero, w, w_scale, w_zero, y_scale, y_zero, *rest = inputs
-    m = geometry.out_channels
-    columns = patches(xq.astype(np.float64) - x_zero.astype(np.float64), geometry)  # [groups, rows, f]
-    flat = w.reshape(m, -1).astype(np.float64) - w_zero.astype(np.float64)
-    sums = np.concatenate([columns[g] @ flat[geometry.rows_of(g)].T for g in range(geometry.groups)], axis=1)
-    acc = np.rint(sums).astype(np.int64) + (rest[0].astype(np.int64) if rest else 0)  # [rows, M]
-    multiplier = (np.float32(x_scale) * np.asarray(w_scale, np.float32)) / np.float32(y_scale)
-    value = acc.astype(np.float32) * multiplier
-    info = np.iinfo(y_zero.dtype)
-    codes = np.clip(np.rint(value).astype(np.int64) + int(y_zero), info.min, info.max)
-    spatial = geometry.output_shape(tuple(xq.shape[2:]))
-    return np.moveaxis(codes.reshape(len(xq), *spatial, m), -1, 1)
 
 
 def _largest_power_dividing(block: int) -> int:

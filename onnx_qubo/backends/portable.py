@@ -1,8 +1,10 @@
-"""What onnxruntime (1.32, CPU provider) computes wrongly or refuses, and how we stay clear of it.
+"""The portable (QDQ) form under onnxruntime (1.32, CPU provider): what its optimizer computes
+wrongly or refuses on ``DequantizeLinear`` graphs, and how the portable form stays clear of it.
 
 Every rule here was found by running an emitted form at onnxruntime's default and basic
 optimization levels against numpy; each has a test (tests/test_passes.py, tests/test_schemes.py).
-The forms (forms/) and the options (options.py) ask this module instead of knowing the rules.
+The forms (forms/) and the options ask this module instead of knowing the rules; the rules of
+onnxruntime's own kernels (format ort) are in ort.py, ort_conv.py and kernels.py.
 
 1. ``DequantizeLinear(axis=1) -> MatMul`` (also ``-> Gemm`` reading the weight as [f_in, n_out],
    through a ``Transpose``, or a per-tensor DQ into ``MatMul``) is rewritten at the default level
@@ -23,17 +25,8 @@ The forms (forms/) and the options (options.py) ask this module instead of knowi
    float bias ``C`` to INT32 (0.5% of the largest output on the digits demo, seen by the report's
    comparison with optimizations disabled); so a float bias is added by an ``Add`` after the
    Gemm there (``float_bias_after_quantized_gemm``).
-5. A weight-only Conv has no fast form in format ort (``conv_fast_kernel_refusal``): onnxruntime
-   has no weight-only integer Conv kernel. With quantized inputs its fast kernel is QLinearConv,
-   written directly (ort_forms.qlinear_conv), which also quantizes the Conv's output: that output's
-   range is calibrated for it (kernels.needs_output_range). Its CPU kernel takes one weight zero
-   point for all channels (it refuses to run otherwise) and runs slower than float on few input
-   channels per group (``ort_forms.qlinear_conv_slow``: 4.4x float's time at 1 channel, 1.1x on a
-   depthwise Conv); ConvInteger keeps a float output but runs slower than float
-   (benchmarks/conv_forms.py: 1.3-5x float's time).
-6. ``Gather`` does not take INT4/INT2 tensors, so a portable table lookup reads codes packed in
-   bytes (forms/gather.py); ``GatherBlockQuantized`` returns a row of zeros for an index outside
-   the table where ``Gather`` fails (tests/test_embeddings.py).
+5. ``Gather`` does not take INT4/INT2 tensors, so a portable table lookup reads codes packed in
+   bytes (forms/gather.py).
 """
 
 from __future__ import annotations
@@ -42,8 +35,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .grid import Granularity, Scheme
-from .passes.insert_dequantize import GraphEdit
+from ..grid import Granularity, InputQuantizer, Scheme, WeightCodes
+from ..passes.insert_dequantize import ActivationQuantization, GraphEdit, QuantizedTensor
+from ..types import QuantizedBias
 
 TWO_BIT_TYPES = (TensorProto.INT2, TensorProto.UINT2)
 
@@ -81,6 +75,30 @@ def float_bias_after_quantized_gemm(gemm: onnx.NodeProto, edit: GraphEdit) -> st
     return edit.constant(f"{bias}_times_beta", (beta * edit.read(initializer)).astype(np.float32))
 
 
-def conv_fast_kernel_refusal() -> str:
-    """Why a Conv keeps the portable form with format ort weight-only (rule 5)."""
-    return "onnxruntime has no weight-only integer Conv kernel"
+
+def weight_tensor(codes: WeightCodes) -> QuantizedTensor:
+    """The codes as ``DequantizeLinear`` reads them (the graph pass's view): a scale per tensor (a
+    scalar), per row (``axis=0``) or per block of inputs (``axis=1``, ``block_size``), a zero-point
+    input only on the unsigned grid (rule 2)."""
+    scheme, scales = codes.scheme, codes.scales
+    if scheme.granularity == Granularity.TENSOR:
+        scale, zero_point = scales.scale[0, 0], scales.zero_point[0, 0]
+    elif scheme.granularity == Granularity.CHANNEL:
+        scale, zero_point = scales.scale[:, 0], scales.zero_point[:, 0]
+    else:
+        scale, zero_point = scales.scale, scales.zero_point
+    block = scales.width if scheme.granularity == Granularity.BLOCK else 0
+    return QuantizedTensor(codes.integers, np.asarray(scale),
+                           np.asarray(zero_point) if weight_zero_point_input(scheme.symmetric) else None,
+                           scheme.grid.storage[0], block)
+
+
+def bias_tensor(bias: QuantizedBias) -> QuantizedTensor:
+    """A quantized bias as ``DequantizeLinear`` reads it (a zero-point input only when one is not 0)."""
+    zero_point = np.broadcast_to(bias.zero_point, bias.scale.shape) if np.any(bias.zero_point) else None
+    return QuantizedTensor(bias.integers, bias.scale, zero_point, bias.storage)
+
+
+def activation_quantization(quantizer: InputQuantizer) -> ActivationQuantization:
+    """An input quantizer as the graph pass writes it (``QuantizeLinear -> DequantizeLinear``)."""
+    return ActivationQuantization(quantizer.scale, quantizer.zero_point, quantizer.storage)

@@ -1,0 +1,30 @@
+"""The modules of onnx_qubo import one another without a circle (tests/imports.py reads the
+imports with ast: module level, inside functions and type-only ones alike)."""
+
+from imports import cycles, edges, modules
+
+
+def test_no_import_circle_inside_onnx_qubo():
+    graph = edges(modules())
+    assert len(graph) > 40 and "onnx_qubo.lowering" in graph["onnx_qubo.pipeline"]  # the package was read
+    assert cycles(graph) == []
+
+
+def test_circles_are_found_type_only_and_function_level_imports_included():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_edges_count_imports_made_inside_functions_and_under_type_checking(tmp_path):
+    package = tmp_path / "onnx_qubo"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import X\n")
+    (package / "b.py").write_text("def f():\n    from .sub import c\n")
+    (package / "sub" / "c.py").write_text("from .. import a\n")
+    graph = edges(modules(package), package)
+    assert graph["onnx_qubo.a"] == {"onnx_qubo.b"} and graph["onnx_qubo.b"] == {"onnx_qubo.sub.c"}
+    assert graph["onnx_qubo.sub.c"] == {"onnx_qubo.a"}
+    assert cycles(graph) == [["onnx_qubo.a", "onnx_qubo.b", "onnx_qubo.sub.c"]]
