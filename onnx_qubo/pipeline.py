@@ -80,7 +80,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
     calibrated = calibrate(model, calibration, progress, config.automatic.exclude, config.activations.dtype,
                            config.activations.range, config.execution.max_memory_bytes, config.output.format)
     plan = make_plan(config, calibrated.layers)
-    integers, reports = solve_all(calibrated, plan, progress)
+    integers, reports = solve_all(calibrated, plan, progress, release=True)  # each layer solved once
     tables, skipped, notes = [], calibrated.skipped, []
     if config.output.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
         found, table_skips = find_tables(model)
@@ -94,11 +94,13 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
     return finish(calibrated, integers, reports, skipped, plan.format, plan.accuracy_level, tables, notes)
 
 
-def solve_all(calibrated: Calibrated, plan: Plan, progress: Progress) -> tuple[list[QuantizedLayer], list[LayerReport]]:
+def solve_all(calibrated: Calibrated, plan: Plan, progress: Progress, release: bool = False
+              ) -> tuple[list[QuantizedLayer], list[LayerReport]]:
     """Every layer's codes and report row (a grouped Conv's groups and a recurrent node's directions
-    merged), keeping only the codes of each layer solved (its QUBO freed before the next)."""
+    merged), keeping only the codes of each layer solved (its QUBO freed before the next);
+    ``release`` as for ``solve_layers``."""
     integers, reports = [], []
-    for solved in solve_layers(calibrated, plan, progress):
+    for solved in solve_layers(calibrated, plan, progress, release):
         integers.append(solved.quantized())
         reports.append(solved.report)
         del solved  # before the next layer's calibration pass and solve
@@ -172,13 +174,16 @@ def _drop_never_run(layers: list[DenseLayer], skipped: list[SkippedNode], statis
     return layers, skipped
 
 
-def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iterator[SolvedLayer]:
+def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress, release: bool = False
+                 ) -> Iterator[SolvedLayer]:
     """Solve the layers one at a time, in graph order (a caller that keeps only the integers
-    frees each QUBO)."""
+    frees each QUBO); ``release``: free each input view's statistics after its last layer (for a
+    caller that solves each layer once)."""
     deployed = None  # with ``sequential``: the model with the layers solved so far quantized
     pending = []  # the groups of a grouped Conv solved so far: deployed once the Conv is complete
     layers = [p.layer for p in plan.layers]
     fed = discovery.fed_by_earlier(calibrated.model, layers) if plan.sequential else [False] * len(layers)
+    last_use = {layer.statistics_key: k for k, layer in enumerate(layers)}
     for k, layer_plan in enumerate(plan.layers):
         key = layer_plan.layer.statistics_key
         statistics = calibrated.statistics[key]
@@ -201,6 +206,8 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress) -> Iter
             deployed = rewrite(calibrated.model if deployed is None else deployed, merge_groups(pending)).model
         if complete:
             pending = []
+        if release and last_use[key] == k and isinstance(calibrated.statistics, LayerStatistics):
+            calibrated.statistics.release(key)
         yield solved
         del work, solved, statistics  # the next layer may start a calibration pass: hold nothing of this one
     if plan.dump_dir is not None:

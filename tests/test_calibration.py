@@ -59,3 +59,21 @@ def test_input_ranges_by_minmax_and_percentile():
     percentile = input_quantizers(model, layers, data, "int8", "percentile", Progress())["x"]
     assert percentile.scale < minmax.scale / 5  # the outlier is clipped
     assert percentile.grid.qmin == -128 and percentile.fake_quantize(np.zeros(1))[0] == 0.0
+
+
+def test_each_views_statistics_are_freed_after_its_last_layer(monkeypatch):
+    """The plain path solves each layer once: a view's Gram matrix goes once its last layer is
+    solved (two layers reading one tensor share it), not at the end of the run."""
+    from onnx_qubo import calibration
+    from onnx_qubo.api import quantize
+    from onnx_qubo.config import QuantizeConfig
+
+    events = []
+    real_release = calibration.LayerStatistics.release
+    monkeypatch.setattr(calibration.LayerStatistics, "release",
+                        lambda self, key: events.append(("release", key, sorted(self.held))) or real_release(self, key))
+    x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+    quantize(mlp_model(widths=(8, 6, 4)), QuantizeConfig.from_flat({"solver": "rtn"}), {"x": x})
+    released = [key for _, key, _ in events]
+    assert len(released) == len(set(released)) == 2
+    assert events[-1][2] == [released[-1]]  # the last view is all that is held when it goes
