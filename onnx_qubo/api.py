@@ -14,6 +14,7 @@ import onnx
 
 from . import workers as distributed
 from .autoscheme import quantize_auto
+from .backends.kernels import Format, auto_accuracy_level
 from .choice import parse_choice
 from .compare import Comparison
 from .compare import compare as run_comparison
@@ -82,6 +83,7 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
     if config.execution.ray_address is not None:
         distributed.connect(config.execution.ray_address)
     float_model = prepare(model if isinstance(model, onnx.ModelProto) else load_model(model))
+    config = _resolved_accuracy_level(config, float_model)
     calib_data = _dataset(float_model, input_path, calibration, CALIB_SUFFIX, config.execution.batch_size)
     bar = Progress(enabled=progress)
     input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(  # external data files included
@@ -100,6 +102,19 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
         seconds=time.perf_counter() - started, scheme=config.describe(), notes=quantized.notes)
     return Result(quantized.model, report, config, float_model, quantized.reference, input_path, reads, calib_data,
                   started)
+
+
+def _resolved_accuracy_level(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
+    """``config`` with accuracy level ``auto`` (None) made a number for ``model``
+    (backends.kernels.auto_accuracy_level; 0 where no MatMulNBits is written)."""
+    output = config.output
+    if output.ort_accuracy_level is not None:
+        return config
+    level = 0
+    if output.format == Format.ORT and not config.activations.quantized:
+        bits = [config.weights.bits, *config.automatic.layer_bits.values()]
+        level = auto_accuracy_level(language_model(model) is not None, bits)
+    return config.updated(ort_accuracy_level=level)
 
 
 def evaluate(result: Result, evaluation: Any = None, *, progress: bool = False) -> Result:

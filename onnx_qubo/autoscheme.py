@@ -162,4 +162,4 @@ def quantize_auto(calibrated: Calibrated, options: QuantizeConfig, progress: Pro
     skipped = calibrated.skipped + [SkippedNode(name, "", "kept float by the automatic choice")
                                     for name in chosen.kept_float]
     return finish(calibrated, chosen.quantized, chosen.reports, skipped, options.output.format,
-                  options.output.ort_accuracy_level, notes=[chosen.summary()])
+                  options.output.ort_accuracy_level or 0, notes=[chosen.summary()])  # format ort is refused here

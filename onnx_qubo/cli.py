@@ -141,6 +141,9 @@ def config_option(name: str, default: object = None):
                             **kind)
     if name == "layer_bits":
         return click.option(*flags, multiple=True, default=(), callback=_layer_bits, **kind)
+    if name == "ort_accuracy_level":  # auto (None in the config) or a level
+        return click.option(*flags, type=click.Choice(["auto", "0", "1", "2", "3", "4"]), default="auto",
+                            show_default=True, callback=_accuracy_level, **kind)
     if isinstance(default, tuple):
         return click.option(*flags, multiple=True, default=(), **kind)
     if name in ("dump_qubo", "load_solution"):
@@ -148,6 +151,10 @@ def config_option(name: str, default: object = None):
     scalar = {"int": int, "float": float}.get(type(default).__name__) or (
         float if name in ("max_memory", "size_budget", "max_error") else int if name.startswith("neal") else str)
     return click.option(*flags, type=scalar, default=default, show_default=default is not None, **kind)
+
+
+def _accuracy_level(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    return None if value == "auto" else int(value)
 
 
 def block_size_option(command):

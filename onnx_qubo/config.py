@@ -224,9 +224,11 @@ class OutputConfig(_Section):
     format: Format = _option(Format.QDQ, "qdq: standard ONNX (integers -> DequantizeLinear), runs anywhere; ort: "
                              "onnxruntime's fast CPU kernels from the same codes (MatMulNBits, MatMulIntegerToFloat; "
                              "QLinearConv with --activations).")
-    ort_accuracy_level: int = _option(0, "With --format ort, weight-only: 4 lets MatMulNBits quantize activations "
-                                         "to int8 inside the kernel (faster; the report states the output error it "
-                                         "costs).")
+    ort_accuracy_level: int | None = _option(None, "With --format ort, weight-only: 4 lets MatMulNBits quantize "
+                                                "activations to int8 inside the kernel (faster; the report states the "
+                                                "output error it costs), 0 computes in float; auto: 4 for a language "
+                                                "model or 8-bit weights (as onnxruntime-genai's builder writes), "
+                                                "else 0.")
     embeddings: bool = _option(False, "Also quantize embedding tables (constant tables Gather reads rows of) at "
                                       "--bits, a scale per row (or per --block-size block) by least squared error; "
                                       "with --format ort as GatherBlockQuantized.")
@@ -235,7 +237,8 @@ class OutputConfig(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_accuracy_level(self.ort_accuracy_level)
+        if self.ort_accuracy_level is not None:
+            check_accuracy_level(self.ort_accuracy_level)
 
 
 @dataclass(frozen=True)
@@ -477,7 +480,7 @@ class QuantizeConfig:
             text += "; per layer: " + ", ".join(chosen)
         if self.output.format == Format.ORT:
             level = self.output.ort_accuracy_level
-            text += "; format ort" + (f" (accuracy level {level})" if level else "")
+            text += "; format ort" + ("" if level == 0 else f" (accuracy level {'auto' if level is None else level})")
         return text
 
 

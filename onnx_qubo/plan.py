@@ -77,7 +77,7 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer]) -> Plan:
         for layer, stem in zip(layers, stems)]
     return Plan(planned, config.activations.dtype, config.activations.range, rounding.sequential,
                 _path(rounding.dump_qubo), _path(rounding.load_solution), config.describe(), config.output.format,
-                config.output.ort_accuracy_level)
+                config.output.ort_accuracy_level or 0)  # auto is resolved by api.quantize; the studies write nothing
 
 
 def _path(text: str | None) -> Path | None:

@@ -58,6 +58,9 @@ def test_every_config_option_is_a_quantize_flag_with_its_default_and_choices():
             assert list(param.type.choices) == ["channel", "tensor", "block"]
         elif isinstance(default, (tuple, dict)):
             assert param.multiple and param.default == (), name
+        elif name == "ort_accuracy_level":  # auto, the config's None
+            assert default is None and param.default == "auto"
+            assert list(param.type.choices) == ["auto", "0", "1", "2", "3", "4"]
         else:
             assert param.default == default, name
         if hasattr(default, "value"):  # an enum: the same choices

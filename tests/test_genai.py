@@ -103,8 +103,9 @@ def test_quantized_folder_runs_in_onnxruntime_genai_and_equals_the_portable_mode
         folder = tmp_path / format
         folder.mkdir()
         written[format] = folder / "model_q.onnx"
+        exact = {"ort_accuracy_level": 0} if format == "ort" else {}  # float compute: equal to the portable model
         report = runs.quantize(str(MODEL), written[format], bits=bits, granularity="block", block_size=32,
-                                    format=format, embeddings=bits == 4, speed=False)
+                               format=format, embeddings=bits == 4, speed=False, **exact)
         assert {layer.name for layer in report.layers} >= {*LAYERS, "/lm_head/MatMul"}
         config = json.loads((folder / "genai_config.json").read_text())
         assert config["model"]["decoder"]["filename"] == "model_q.onnx"
@@ -215,3 +216,21 @@ BAD_INPUTS = [  # shown in docs/bad_inputs.md
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.title for c in BAD_INPUTS])
 def test_bad_language_model_input_is_refused_in_one_line_and_nothing_changes(case, tmp_path):
     assert_refused(case, tmp_path)
+
+
+def test_format_ort_defaults_to_accuracy_level_4_for_a_language_model_only(tmp_path):
+    """auto: MatMulNBits computes with int8 activations in a language model, as the genai builder
+    writes it (its fast path for decoding), and in float elsewhere."""
+    from onnx_qubo.api import quantize
+    from onnx_qubo.config import QuantizeConfig
+
+    from graphs import mlp_model
+
+    config = QuantizeConfig.from_flat({"bits": 4, "solver": "rtn", "format": "ort"})
+    x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    for model, data, level in ((str(MODEL), None, 4), (mlp_model(widths=(8, 16)), {"x": x}, 0)):
+        result = quantize(model, config, data)
+        levels = {a.i for n in result.model.graph.node if n.op_type == "MatMulNBits"
+                  for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == {level} and result.config.output.ort_accuracy_level == level
+        assert config.output.ort_accuracy_level is None

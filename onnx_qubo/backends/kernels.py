@@ -49,13 +49,23 @@ def check_accuracy_level(accuracy_level: int) -> None:
         raise OptionError(f"{{ort_accuracy_level}} must be 0-4, got {accuracy_level}", "ort_accuracy_level")
 
 
-def check_format(format: Format, accuracy_level: int, activations: str, granularity: Granularity,
+def auto_accuracy_level(language_model: bool, bits: Collection[int]) -> int:
+    """The accuracy level ``auto`` stands for: 4 (int8 activations inside MatMulNBits) for a
+    language model, as onnxruntime-genai's builder writes its CPU int4 models (decoding is bound
+    by these kernels, and 4 is their fast path), and for 8-bit weights, which MatMulNBits runs
+    fast at 4 only; else 0 (float compute: the output equals the DequantizeLinear model's)."""
+    return 4 if language_model or min(bits) > 4 else 0
+
+
+def check_format(format: Format, accuracy_level: int | None, activations: str, granularity: Granularity,
                  block_size: int, bits: Collection[int], auto_scheme: bool = False) -> None:
     """An OptionError for what format ort cannot serve for any layer (single layers fall back to the
     portable form, reported): ``activations`` is the option's value ("none": weight-only),
     ``bits`` every bit width the run uses; ``auto_scheme`` tries schemes format ort serves only
     some of."""
     quantized_inputs = activations != "none"
+    if accuracy_level is None:  # auto: resolved per model (auto_accuracy_level), never against the options
+        accuracy_level = 4 if format == Format.ORT and not quantized_inputs and min(bits) > 4 else 0
     check_accuracy_level(accuracy_level)
     if accuracy_level and format != Format.ORT:
         raise OptionError(f"{{ort_accuracy_level}} applies to {{format}} ort weight-only layers (MatMulNBits), "
