@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 from olive.model import ONNXModelHandler
 from olive.model.utils import resolve_onnx_path
@@ -64,7 +64,7 @@ class QuboQuantization(Pass):
                 description="A QuantizeConfig saved as JSON (QuantizeConfig.save, onnx-qubo --save-config), "
                             "instead of quantize_config."),
             "calibration": PassConfigParam(
-                type_=Union[str, None], default_value=None, category=ParamCategory.PATH,
+                type_=str, default_value=None, category=ParamCategory.PATH,
                 description="Calibration data: an .npz of arrays keyed by input name; default "
                             "<stem>.calib.npz beside the input model."),
         }

@@ -14,7 +14,9 @@ if find_spec("olive") is None:  # only its absence skips: a broken install fails
                 allow_module_level=True)
 os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")  # read when Olive starts: no reports sent or cached
 
+from olive.model import ONNXModelHandler  # noqa: E402
 from olive.package_config import OlivePackageConfig  # noqa: E402
+from olive.passes.olive_pass import create_pass_from_dict  # noqa: E402
 from olive.workflows import run as olive_run  # noqa: E402
 
 from onnx_qubo import OptionError, QuantizeConfig, api  # noqa: E402
@@ -56,6 +58,19 @@ def test_workflow_writes_the_bytes_quantize_and_save_write(tmp_path, given):
     outputs = written_models(tmp_path / "olive")
     assert len(outputs) == 1
     assert outputs[0].read_bytes() == (tmp_path / "api.onnx").read_bytes()
+
+
+@pytest.mark.slow
+def test_pass_with_external_data_returns_the_folder_of_model_and_data(tmp_path):
+    with_data = {**TWO_BITS, "output": {"external_data": True}}
+    (tmp_path / "api").mkdir()
+    api.save(api.quantize(MODEL, QuantizeConfig.from_dict(with_data), CALIBRATION), tmp_path / "api" / MODEL.name)
+    qubo = create_pass_from_dict(QuboQuantization, {"quantize_config": with_data, "calibration": str(CALIBRATION)},
+                                 disable_search=True)
+    handler = qubo.run(ONNXModelHandler(model_path=str(MODEL)), str(tmp_path / "olive"))
+    assert handler.get_resource("model_path") == str(tmp_path / "olive") and handler.onnx_file_name == MODEL.name
+    for name in (MODEL.name, MODEL.name + ".data"):
+        assert (tmp_path / "olive" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()
 
 
 def test_workflow_refuses_a_bad_option_naming_it(tmp_path):
