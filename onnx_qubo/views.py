@@ -150,7 +150,7 @@ class RecurrentCell:
         """The tensors besides X to read on every calibration batch."""
         return (self.output,) + tuple(t for t in (self.initial_h, self.sequence_lens) if isinstance(t, str))
 
-    def gate_inputs(self, x: np.ndarray, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    def gate_inputs(self, x: np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         """``[x_t; h_(t-1)]`` of every step each sample runs, per direction: [D, rows, I+H]
         (rows ordered by step, then sample). ``x``: X as the node sees it; ``tensors``: Y (and
         initial_h, sequence_lens when they are tensors) from the same run."""
@@ -185,5 +185,5 @@ class RecurrentCell:
         return np.stack(out)
 
     @staticmethod
-    def _value(tensor: str | np.ndarray, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    def _value(tensor: str | np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         return tensors[tensor] if isinstance(tensor, str) else tensor
