@@ -1,10 +1,11 @@
 """Run calibration data through the model and stream each dense layer's input statistics.
 
 One onnxruntime session (graph optimizations off, so no fusion hides a tensor) exposes every
-layer input as an extra output. Per input view (a tensor's last axis for the dense forms,
-shared by layers reading the same tensor; a Conv's im2col patches, patches.py) we accumulate,
-in float64, ``G = E[z z^T]`` with ``z = [x; 1]``: memory O(f^2) whatever the number of samples
-(the running sum of IST-DASLab/gptq's ``add_batch``).
+layer input as an extra output. Per input view (``types.InputView``, provided by the form that
+found the layer: a tensor's last axis, shared by the layers reading it; a Conv's im2col patches;
+a recurrent node's gate inputs) the view's accumulator (grams.py) sums, in float64,
+``G = E[z z^T]`` with ``z = [x; 1]``: memory O(f^2) whatever the number of samples (the running
+sum of IST-DASLab/gptq's ``add_batch``).
 
 When the quantized layer will see other inputs ``x~`` than the float model's ``x`` (its input
 is quantized, or earlier layers are: ``--sequential``), z is built from x~, the target stays

@@ -1,12 +1,13 @@
-"""A layer's input view: what its input vectors are built from, when not one tensor read as is.
+"""The records behind a layer's input view (``types.InputView``, made by forms/) when its vectors
+are not one tensor read as is:
 
 - ``ConvGeometry``: a Conv's patches (patches.py builds them, im2col): one input vector per
   output position, one layer problem per group;
 - ``RecurrentCell``: an LSTM/RNN's gate inputs ``[x_t; h_(t-1)]`` (forms/recurrent.py), one layer
   problem per direction.
 
-Plain records with their arithmetic; they import nothing of onnx_qubo, so ``types.DenseLayer``
-can carry them.
+Plain records with their arithmetic; they import nothing of onnx_qubo, so patches.py, grams.py
+and backends/ can use them below forms/.
 """
 
 from __future__ import annotations

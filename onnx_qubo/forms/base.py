@@ -1,9 +1,9 @@
 """What every dense form's matching needs to know of a graph, and the checks they share.
 
 A form (gemm.py, matmul.py) is one object per graph pattern, after onnxscript's rewrite rules:
-``match`` turns a node into a ``DenseLayer`` or a ``Skip`` saying why it cannot be quantized
-exactly; ``lower`` rewrites the node around the weight's integers (the ``DenseLowering`` of
-passes/insert_dequantize.py).
+``match`` turns a node into a ``DenseLayer`` (with its input view: ``LastAxis`` here for the
+dense forms) or a ``Skip`` saying why it cannot be quantized exactly; ``lower`` rewrites the
+node around the weight's integers (the ``DenseLowering`` of passes/insert_dequantize.py).
 """
 
 from __future__ import annotations
