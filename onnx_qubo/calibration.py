@@ -1,10 +1,11 @@
 """Run calibration data through the model and stream each dense layer's input statistics.
 
 One onnxruntime session (graph optimizations off, so no fusion hides a tensor) exposes every
-layer input as an extra output. Per input view (a tensor's last axis for the dense forms,
-shared by layers reading the same tensor; a Conv's im2col patches, patches.py) we accumulate,
-in float64, ``G = E[z z^T]`` with ``z = [x; 1]``: memory O(f^2) whatever the number of samples
-(the running sum of IST-DASLab/gptq's ``add_batch``).
+layer input as an extra output. Per input view (``types.InputView``, provided by the form that
+found the layer: a tensor's last axis, shared by the layers reading it; a Conv's im2col patches;
+a recurrent node's gate inputs) the view's accumulator (grams.py) sums, in float64,
+``G = E[z z^T]`` with ``z = [x; 1]``: memory O(f^2) whatever the number of samples (the running
+sum of IST-DASLab/gptq's ``add_batch``).
 
 When the quantized layer will see other inputs ``x~`` than the float model's ``x`` (its input
 is quantized, or earlier layers are: ``--sequential``), z is built from x~, the target stays
@@ -15,17 +16,16 @@ in another form): ``E[z d^T]`` and ``E[d d^T]`` with ``d = x - x~``.
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, Iterator, Mapping, Protocol
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
 
 from .data import Dataset
 from .determinism import map_threads, one_blas_thread
-from .errors import DataError, ModelError
+from .errors import DataError
 from .forms.recurrent import expose_outputs
 from .grid import InputQuantizer
-from .patches import ConvStatistics, PatchGram
 from .progress import Progress
 from .runtime import NONE, ORT_ERRORS, make_session, run_session
 from .subgraphs import Exposed, expose
@@ -93,87 +93,6 @@ def _captured(exposed: Mapping[str, Exposed], values: Mapping[str, np.ndarray], 
     return found
 
 
-class Accumulator(Protocol):
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None: ...
-
-    def statistics(self, group: int | None) -> InputStatistics: ...
-
-
-class DenseGram:
-    """Running sums over a dense layer's input vectors (the last axis, f wide): ``sum z z^T``
-    and, when the layer sees other inputs than the float model's, ``sum z d^T``, ``sum d d^T``."""
-
-    def __init__(self, f: int, with_drift: bool):
-        self.f = f
-        self.zz = np.zeros((f + 1, f + 1))
-        self.zd = np.zeros((f + 1, f)) if with_drift else None
-        self.dd = np.zeros((f, f)) if with_drift else None
-        self.count = 0
-        self.result: InputStatistics | None = None
-
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
-        x = x.reshape(-1, self.f).astype(np.float64)
-        x_seen = x if seen is None else seen.reshape(-1, self.f).astype(np.float64)
-        z = np.hstack([x_seen, np.ones((len(x), 1))])
-        self.zz += z.T @ z
-        if self.zd is not None and self.dd is not None:
-            d = x - x_seen
-            self.zd += z.T @ d
-            self.dd += d.T @ d
-        self.count += len(x)
-
-    def statistics(self, group: int | None = None) -> InputStatistics:
-        """The means, computed once (in place: the sums are not held twice)."""
-        if self.result is None:
-            n = max(self.count, 1)  # count 0: a layer that never ran (the pipeline skips it)
-            for total in (self.zz, self.zd, self.dd):
-                if total is not None:
-                    total /= n
-            self.result = InputStatistics(self.zz, self.count, self.zd, self.dd)
-        return self.result
-
-
-class ConvGram:
-    """The same over a Conv's patches (patches.py), per group."""
-
-    def __init__(self, layer: DenseLayer, with_drift: bool):
-        assert layer.geometry is not None
-        self.gram = PatchGram(layer.geometry, with_drift)
-        self.name = layer.parent or layer.name
-        self.result: ConvStatistics | None = None  # the means, computed once for all groups
-
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
-        """Add a batch; a ModelError naming the Conv when its input does not fit it (a group that
-        does not divide the channels, a kernel larger than the input), as onnxruntime would."""
-        if x.size:  # empty: the If branch holding the Conv did not run on this batch
-            problem = self.gram.geometry.input_problem(x.shape)
-            if problem is not None:
-                raise ModelError(f"Conv '{self.name}' cannot run on its input: {problem}")
-            self.gram.update(x, seen)
-
-    def statistics(self, group: int | None = None) -> InputStatistics:
-        if not self.gram.count:  # never ran (the pipeline skips it)
-            return DenseGram(self.gram.geometry.features, False).statistics()
-        if self.result is None:
-            self.result = self.gram.result()
-        return self.result.group(group or 0)
-
-
-class RecurrentGram:
-    """The same over a recurrent node's gate inputs ``[x_t; h_(t-1)]`` (forms/recurrent.py), one
-    Gram matrix per direction (each has its own hidden states)."""
-
-    def __init__(self, layer: DenseLayer, with_drift: bool):
-        self.grams = [DenseGram(layer.shape[1], with_drift) for _ in range(layer.groups)]
-
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
-        for d, gram in enumerate(self.grams):  # x, seen: [directions, rows, f]
-            gram.update(x[d], None if seen is None else seen[d])
-
-    def statistics(self, group: int | None = None) -> InputStatistics:
-        return self.grams[group or 0].statistics()
-
-
 @one_blas_thread()
 def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset,
                        progress: Progress, deployed: onnx.ModelProto | None = None,
@@ -188,10 +107,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
     quantizers = dict(quantizers or {})
     tensors = {name for layer in layers for name in layer.input_tensors}
     mismatch = deployed is not None or bool(quantizers.keys() & tensors)
-    sums: dict[str, Accumulator] = {
-        key: RecurrentGram(layer, mismatch) if layer.cell is not None else
-        DenseGram(layer.shape[1], mismatch) if layer.geometry is None else ConvGram(layer, mismatch)
-        for key, layer in views.items()}
+    sums = {key: layer.view.accumulator(layer.shape[1], mismatch, layer.owner) for key, layer in views.items()}
     streams = [stream_inputs(expose_outputs(model, layers), tensors, dataset, "the float model")]
     if deployed is not None:
         streams.append(stream_inputs(expose_outputs(deployed, layers), tensors, dataset,
@@ -200,12 +116,11 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
     def update(key: str, *, floats: dict[str, np.ndarray], seen: dict[str, np.ndarray]) -> None:
         layer = views[key]
         name = layer.input_name
-        x = floats[name]
-        x_seen = seen[name] if name not in quantizers else quantizers[name].fake_quantize(seen[name])
-        if layer.cell is not None:  # its input vectors: [x_t; h_(t-1)] per direction
-            x_seen = layer.cell.gate_inputs(x_seen, seen) if mismatch else x_seen
-            x = layer.cell.gate_inputs(x, floats)
-        sums[key].update(x, x_seen if mismatch else None)
+        x_seen = None
+        if mismatch:
+            x_seen = layer.view.vectors(seen[name] if name not in quantizers else
+                                        quantizers[name].fake_quantize(seen[name]), seen)
+        sums[key].update(layer.view.vectors(floats[name], floats), x_seen)
 
     # each view's sums on one thread at a time, in batch order: the same bits for any thread count
     with progress.bar(dataset.num_samples, "calibrating") as bar:

@@ -22,7 +22,7 @@ def split_groups(layers: list[DenseLayer]) -> list[DenseLayer]:
     of the weight and bias."""
     split = []
     for layer in layers:
-        groups = layer.groups
+        groups = layer.view.problems
         if groups == 1:
             split.append(layer)
             continue
@@ -44,7 +44,7 @@ def merge_groups(quantized: list[QuantizedLayer]) -> list[QuantizedLayer]:
             merged[-1] = _join(last, q)
         else:
             merged.append(q)
-    return [_as_conv(q) if q.layer.parent is not None else q for q in merged]
+    return [_as_whole(q) if q.layer.parent is not None else q for q in merged]
 
 
 def merge_reports(layers: list[DenseLayer], reports: list[LayerReport]) -> list[LayerReport]:
@@ -69,7 +69,7 @@ def merge_reports(layers: list[DenseLayer], reports: list[LayerReport]) -> list[
 
 
 def _join(a: QuantizedLayer, b: QuantizedLayer) -> QuantizedLayer:
-    """Two consecutive row runs of one Conv as one (still marked as a group until _as_conv)."""
+    """Two consecutive row runs of one Conv as one (still marked as a group until _as_whole)."""
     bias = None
     if a.bias is not None and b.bias is not None:
         parts = (a.bias, b.bias)
@@ -87,12 +87,12 @@ def _join(a: QuantizedLayer, b: QuantizedLayer) -> QuantizedLayer:
     return QuantizedLayer(layer, codes, bias, a.input_quantizer, shift)
 
 
-def _as_conv(q: QuantizedLayer) -> QuantizedLayer:
-    """The merged groups named and typed as the Conv they came from."""
+def _as_whole(q: QuantizedLayer) -> QuantizedLayer:
+    """The merged groups named and typed as the node they came from."""
     scheme = q.codes.scheme
     if scheme.granularity == Granularity.TENSOR:  # one scale per group: written per output channel
         scheme = replace(scheme, granularity=Granularity.CHANNEL)
-    return replace(q, layer=replace(q.layer, name=q.layer.parent or q.layer.name, group=None, parent=None),
+    return replace(q, layer=replace(q.layer, name=q.layer.owner, group=None, parent=None),
                    codes=replace(q.codes, scheme=scheme))
 
 

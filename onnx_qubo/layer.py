@@ -170,7 +170,7 @@ class LayerWork:
         plan = self.plan
         if self.presolved is not None and plan.solver.name == FastSolver.name:
             return self.presolved
-        if plan.layer.group is not None and plan.layer.geometry is not None and plan.solver.name == FastSolver.name:
+        if plan.layer.group is not None and plan.layer.view.small_problems and plan.solver.name == FastSolver.name:
             # one group of a grouped Conv: a few neurons of a few weights, often hundreds of groups:
             # proven optima by branch and bound cost under a millisecond up to SMALL_GROUP_FREE
             # weights; above, the engine without its tabu stage, whose fixed budget is a layer's

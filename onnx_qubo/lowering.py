@@ -120,7 +120,7 @@ def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
             and activation is None):  # the correction folded into the float bias: no Add after the node
         shift, float_bias = None, (q.layer.bias + q.bias_shift).astype(np.float32)
     if shift is not None:  # one value per output channel, broadcast over the axes after it
-        shift = shift.reshape(-1, *[1] * q.layer.output_axes_after_channel)
+        shift = shift.reshape(-1, *[1] * q.layer.view.output_axes)
     return QuantizedWeight(q.layer.weight_name, weight, q.layer.form, q.layer.input_rank, shift,
                            q.layer.bias_name if replaced_bias or float_bias is not None else None, bias, activation,
                            fast, float_bias), kernel

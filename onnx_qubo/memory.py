@@ -99,7 +99,7 @@ def calibration_groups(layers: list[DenseLayer], max_memory: int | None, model_b
         room = min(room, max(STATISTICS_ROOM, view_bytes[largest]))
     if view_bytes[largest] > room:
         needed = model_bytes + solving + view_bytes[largest]
-        owner = views[largest][0].parent or views[largest][0].name
+        owner = views[largest][0].owner
         raise OptionError(
             f"{{max_memory}} {readable(budget)} is too small: the model's weights take {readable(model_bytes)}, "
             f"solving its largest layer {readable(solving)}, and the input statistics of layer '{owner}' alone "

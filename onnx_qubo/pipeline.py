@@ -114,7 +114,7 @@ def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: lis
     Conv QLinearConv may run given its output's quantizer, the model rewritten in ``format``, the
     portable model of the same codes as the reference, each report row (layers, then tables) given
     the kernel that runs it, and the notes of the rewrite before ``notes``."""
-    quantized = [replace(q, output_quantizer=calibrated.output_quantizers.get(q.layer.output_name or ""))
+    quantized = [replace(q, output_quantizer=calibrated.output_quantizers.get(q.layer.view.output or ""))
                  for q in quantized]
     written = rewrite(calibrated.model, quantized, format, accuracy_level, tables)
     portable = written.model if format == Format.QDQ else rewrite(calibrated.model, quantized, tables=tables).model
@@ -137,7 +137,7 @@ def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, 
     check_declared_shapes(model)
     found, skipped = find_layers(model, exclude)
     layers = split_groups(found)  # a grouped Conv: one layer per group, each with its own Gram matrix
-    outputs = [layer.output_name for layer in found if layer.output_name is not None
+    outputs = [layer.view.output for layer in found if layer.view.output is not None
                and needs_output_range(layer, format, activations != Activations.NONE)]
     ranged = input_quantizers(model, layers, calibration, activations, activation_range, progress, outputs)
     quantizers = {layer.input_name: ranged[layer.input_name] for layer in layers if layer.input_name in ranged}
@@ -162,12 +162,12 @@ def _drop_never_run(layers: list[DenseLayer], skipped: list[SkippedNode], statis
             if layer.statistics_key in statistics and statistics[layer.statistics_key].count == 0]
     if not idle:
         return layers, skipped
-    names = list(dict.fromkeys(layer.parent or layer.name for layer in idle))
-    skipped = skipped + [SkippedNode(name, next(x.op_type for x in idle if (x.parent or x.name) == name),
+    names = list(dict.fromkeys(layer.owner for layer in idle))
+    skipped = skipped + [SkippedNode(name, next(x.op_type for x in idle if x.owner == name),
                                      "never ran on the calibration data (its If branch was not taken, or its "
                                      "Loop/Scan ran no iteration), so there is nothing to fit its rounding to")
                          for name in names]
-    layers = [layer for layer in layers if (layer.parent or layer.name) not in names]
+    layers = [layer for layer in layers if layer.owner not in names]
     if not layers:
         raise ModelError("no dense layer ran on the calibration data: "
                          + "; ".join(f"{s.name}: {s.reason}" for s in skipped))
@@ -201,7 +201,7 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress, release
         solved = work.finish(choice, time.perf_counter() - start)
         pending.append(solved.quantized())
         layer = layer_plan.layer
-        complete = layer.group is None or layer.group + 1 == layer.groups
+        complete = layer.group is None or layer.group + 1 == layer.view.problems
         if plan.sequential and k + 1 < len(plan.layers) and complete:
             deployed = rewrite(calibrated.model if deployed is None else deployed, merge_groups(pending)).model
         if complete:

@@ -62,14 +62,14 @@ class Plan:
 def make_plan(config: QuantizeConfig, layers: list[DenseLayer]) -> Plan:
     """Resolve ``config`` for each of ``layers`` (graph order)."""
     layer_bits, rounding = config.automatic.layer_bits, config.rounding
-    unknown = set(layer_bits) - {layer.parent or layer.name for layer in layers}
+    unknown = set(layer_bits) - {layer.owner for layer in layers}
     if unknown:
         raise OptionError(f"{{layer_bits}} names no quantized dense layer: {', '.join(sorted(unknown))} "
                           "(onnx-qubo inspect lists the layers)", "layer_bits")
     stems = exchange.file_stems([layer.name for layer in layers])
     solver = rounding.make_solver()
     planned = [
-        LayerPlan(layer=layer, scheme=config.weights.scheme(layer_bits.get(layer.parent or layer.name)),
+        LayerPlan(layer=layer, scheme=config.weights.scheme(layer_bits.get(layer.owner)),
                   scale=rounding.scale, bias=rounding.bias if layer.bias is not None else BiasMode.FLOAT,
                   bias_correction=rounding.bias_correction, lower_bound=rounding.lower_bound,
                   solver=solver, seed=rounding.seed, stem=stem, workers=config.execution.workers,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 import numpy as np
 import onnx
@@ -13,7 +13,7 @@ from .grid import InputQuantizer, WeightCodes
 
 if TYPE_CHECKING:
     from .passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
-    from .views import ConvGeometry, RecurrentCell
+    from .views import ConvGeometry
 
 
 class LayerForm(Protocol):
@@ -77,6 +77,61 @@ class RowsOf:
         return self.values.read()[self.rows]
 
 
+class Accumulator(Protocol):
+    """Running sums of one input view's vectors over the calibration batches (grams.py)."""
+
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None: ...
+
+    def statistics(self, group: int | None) -> InputStatistics: ...
+
+
+class InputView(Protocol):
+    """What a layer's input vectors are, as the form that found it builds them (forms/): the last
+    axis of its input (``forms.base.LastAxis``), a Conv's im2col patches (``forms.conv.Patches``),
+    a recurrent node's gate inputs ``[x_t; h_(t-1)]`` per direction (``forms.recurrent.GateInputs``).
+    Calibration, memory planning and grouping ask it, never the layer's kind."""
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """Tensors besides the layer's input that its vectors are built from (a cell's Y...)."""
+
+    @property
+    def problems(self) -> int:
+        """Separate layer problems it is solved as (groups.split_groups): a grouped Conv's
+        groups, a recurrent node's directions; 1 otherwise."""
+
+    @property
+    def small_problems(self) -> bool:
+        """Its problems are a grouped Conv's groups: a few neurons over a few weights each, often
+        hundreds (layer.py solves them exactly when few weights are free)."""
+
+    @property
+    def output_axes(self) -> int:
+        """Axes after the output channel: a per-channel vector added to the output is [n, 1...]."""
+
+    @property
+    def geometry(self) -> "ConvGeometry | None":
+        """The Conv it is, for the kernels that run Convs (backends/kernels.py); None otherwise."""
+
+    @property
+    def output(self) -> str | None:
+        """The output tensor whose range is calibrated when a kernel quantizes it (a Conv's:
+        QLinearConv); None otherwise."""
+
+    def source(self, input_name: str, owner: str) -> str:
+        """The key its statistics are accumulated under: layers reading one tensor's last axis
+        share it; a Conv's patches are its own (all groups share one pass), and so are a
+        recurrent node's gate inputs (all its directions)."""
+
+    def accumulator(self, features: int, drift: bool, owner: str) -> Accumulator:
+        """Empty running sums for vectors ``features`` wide (``drift``: with the cross and drift
+        sums); ``owner`` names the node in errors."""
+
+    def vectors(self, x: np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """What the accumulator takes for a batch of the input ``x`` (``tensors``: the batch's
+        other captured tensors, by name)."""
+
+
 @dataclass(frozen=True, eq=False)
 class DenseLayer:
     """One dense layer found in the graph: ``y = gain * weight @ x (+ bias)``.
@@ -99,43 +154,29 @@ class DenseLayer:
     bias: np.ndarray | None = None  # [n_out], float64
     bias_name: str | None = None
     bias_in_node: bool = False  # the node itself adds a bias (Gemm's C), not a following Add
-    geometry: "ConvGeometry | None" = None  # a Conv's: its input vectors are patches (patches.py)
-    group: int | None = None  # one group of a grouped Conv: its rows of ``parent``'s weight
-    parent: str | None = None  # the grouped Conv (or recurrent node) this group belongs to
-    cell: "RecurrentCell | None" = None  # an LSTM/RNN's: its input vectors are [x_t; h_(t-1)] (forms/recurrent.py)
-    output_name: str | None = None  # a Conv's output tensor: its range is calibrated for QLinearConv (kernels.py)
+    group: int | None = None  # one problem of a split layer (groups.py): its rows of ``parent``'s weight
+    parent: str | None = None  # the node (grouped Conv, recurrent node) this problem belongs to
+    view: InputView = field(kw_only=True)  # what its input vectors are, from the form that found it
+
+    @property
+    def owner(self) -> str:
+        """The node it is (or is one problem of)."""
+        return self.parent or self.name
 
     @property
     def source_key(self) -> str:
-        """The input view its statistics are accumulated from: dense layers reading one tensor
-        share it; a Conv's patches are its own (all groups of one Conv share one pass), and so
-        are a recurrent node's gate inputs (all its directions)."""
-        if self.cell is not None:
-            return f"{self.input_name}#gates:{self.parent or self.name}"
-        return self.input_name if self.geometry is None else f"{self.input_name}#patches:{self.parent or self.name}"
+        """The input view its statistics are accumulated from (``InputView.source``)."""
+        return self.view.source(self.input_name, self.owner)
 
     @property
     def input_tensors(self) -> tuple[str, ...]:
         """The tensors its input vectors are built from (a recurrent node's also need Y...)."""
-        return (self.input_name,) + (self.cell.tensors if self.cell is not None else ())
-
-    @property
-    def groups(self) -> int:
-        """Separate layer problems it is solved as (groups.split_groups): a grouped Conv's
-        groups, a recurrent node's directions."""
-        if self.cell is not None:
-            return self.cell.directions
-        return 1 if self.geometry is None else self.geometry.groups
+        return (self.input_name,) + self.view.tensors
 
     @property
     def statistics_key(self) -> str:
         """What its input statistics are stored under (a group's own Gram matrix for a group)."""
         return self.source_key if self.group is None else f"{self.source_key}[{self.group}]"
-
-    @property
-    def output_axes_after_channel(self) -> int:
-        """Axes after the output channel: a per-channel vector added to the output is [n, 1...]."""
-        return 0 if self.geometry is None else len(self.geometry.kernel)
 
     @property
     def weight(self) -> np.ndarray:

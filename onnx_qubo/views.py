@@ -1,12 +1,13 @@
-"""A layer's input view: what its input vectors are built from, when not one tensor read as is.
+"""The records behind a layer's input view (``types.InputView``, made by forms/) when its vectors
+are not one tensor read as is:
 
 - ``ConvGeometry``: a Conv's patches (patches.py builds them, im2col): one input vector per
   output position, one layer problem per group;
 - ``RecurrentCell``: an LSTM/RNN's gate inputs ``[x_t; h_(t-1)]`` (forms/recurrent.py), one layer
   problem per direction.
 
-Plain records with their arithmetic; they import nothing of onnx_qubo, so ``types.DenseLayer``
-can carry them.
+Plain records with their arithmetic; they import nothing of onnx_qubo, so patches.py, grams.py
+and backends/ can use them below forms/.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class RecurrentCell:
         """The tensors besides X to read on every calibration batch."""
         return (self.output,) + tuple(t for t in (self.initial_h, self.sequence_lens) if isinstance(t, str))
 
-    def gate_inputs(self, x: np.ndarray, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    def gate_inputs(self, x: np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         """``[x_t; h_(t-1)]`` of every step each sample runs, per direction: [D, rows, I+H]
         (rows ordered by step, then sample). ``x``: X as the node sees it; ``tensors``: Y (and
         initial_h, sequence_lens when they are tensors) from the same run."""
@@ -185,5 +186,5 @@ class RecurrentCell:
         return np.stack(out)
 
     @staticmethod
-    def _value(tensor: str | np.ndarray, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    def _value(tensor: str | np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         return tensors[tensor] if isinstance(tensor, str) else tensor

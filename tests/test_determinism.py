@@ -19,7 +19,7 @@ import pytest
 from runs import quantize
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from onnx_qubo import calibration, layer
+from onnx_qubo import grams, layer
 from onnx_qubo.grid import IntegerGrid, Scheme
 from onnx_qubo.qubo import build_problem
 from onnx_qubo.scales import choose_scales
@@ -44,7 +44,7 @@ def test_every_stage_that_decides_codes_runs_blas_on_one_thread(monkeypatch, tmp
             return original(*args, **kwargs)
         monkeypatch.setattr(module, name, wrapper)
 
-    recording(calibration.DenseGram, "update")  # calibration statistics
+    recording(grams.DenseGram, "update")  # calibration statistics
     recording(layer, "choose_scales")  # the scale search
     recording(fast, "feedback_factor")  # the fast solver's Cholesky
     recording(fast, "sequential_start")  # and its matrix products

@@ -133,8 +133,8 @@ def needs_output_range(layer: DenseLayer, format: Format, quantized_inputs: bool
     """Whether ``layer`` may run as QLinearConv, which quantizes its output too: the range of its
     output is then calibrated (a Conv of a shape the kernel runs faster than float, format ort,
     quantized inputs)."""
-    return (format == Format.ORT and quantized_inputs and layer.geometry is not None
-            and qlinear_conv_slow(layer.geometry) is None)
+    return (format == Format.ORT and quantized_inputs and layer.view.geometry is not None
+            and qlinear_conv_slow(layer.view.geometry) is None)
 
 
 def choose_kernel(q: QuantizedLayer, bias: np.ndarray | None, has_other_bias: bool,
@@ -149,7 +149,7 @@ def choose_kernel(q: QuantizedLayer, bias: np.ndarray | None, has_other_bias: bo
         return None, KernelChoice(name, PORTABLE)
     if q.layer.op_type not in KERNEL_OPS:
         return None, KernelChoice(name, PORTABLE, f"no faster onnxruntime kernel for a {q.layer.op_type} layer yet")
-    geometry = q.layer.geometry
+    geometry = q.layer.view.geometry
     if geometry is not None and q.input_quantizer is None:
         return None, KernelChoice(name, PORTABLE, "onnxruntime has no weight-only integer Conv kernel")
     if geometry is not None and q.output_quantizer is None:

@@ -1,9 +1,9 @@
 """What every dense form's matching needs to know of a graph, and the checks they share.
 
 A form (gemm.py, matmul.py) is one object per graph pattern, after onnxscript's rewrite rules:
-``match`` turns a node into a ``DenseLayer`` or a ``Skip`` saying why it cannot be quantized
-exactly; ``lower`` rewrites the node around the weight's integers (the ``DenseLowering`` of
-passes/insert_dequantize.py).
+``match`` turns a node into a ``DenseLayer`` (with its input view: ``LastAxis`` here for the
+dense forms) or a ``Skip`` saying why it cannot be quantized exactly; ``lower`` rewrites the
+node around the weight's integers (the ``DenseLowering`` of passes/insert_dequantize.py).
 """
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 import onnx
 from onnx.external_data_helper import uses_external_data
 
 from .. import external
+from ..grams import DenseGram
 from ..passes.shapes import tensor_types
 from ..subgraphs import outer_reads, skeleton, subgraphs
-from ..types import DenseLayer, FromFile, InMemory, LayerForm, WeightValues
+from ..types import Accumulator, DenseLayer, FromFile, InMemory, LayerForm, WeightValues
 
 SUPPORTED_WEIGHT_TYPES = (onnx.TensorProto.FLOAT,)
 
@@ -30,6 +31,30 @@ class Skip:
     """A node of a form's op type that is not quantized, and why."""
 
     reason: str
+
+
+class LastAxis:
+    """The dense forms' input view (``types.InputView``): the last axis of the input tensor, one
+    vector per leading index; the layers reading one tensor share its statistics."""
+
+    tensors: tuple[str, ...] = ()
+    problems = 1
+    small_problems = False
+    output_axes = 0
+    geometry = None
+    output = None
+
+    def source(self, input_name: str, owner: str) -> str:
+        return input_name
+
+    def accumulator(self, features: int, drift: bool, owner: str) -> Accumulator:
+        return DenseGram(features, drift)
+
+    def vectors(self, x: np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        return x
+
+
+LAST_AXIS = LastAxis()
 
 
 class DenseForm(LayerForm, Protocol):

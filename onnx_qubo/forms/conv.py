@@ -13,17 +13,52 @@ With format ort and quantized inputs, onnxruntime's QLinearConv may run it inste
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Mapping
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from ..grams import ConvGram
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
 from ..patches import flatten_weight
-from ..types import DenseLayer
+from ..types import Accumulator, DenseLayer
 from ..views import ConvGeometry
 from .base import GraphIndex, Skip, attributes
+
+
+@dataclass(frozen=True)
+class Patches:
+    """A Conv's input view (``types.InputView``): its im2col patches, one vector per output
+    position, one layer problem per group; ``output``: the Conv's output tensor, whose range is
+    calibrated when QLinearConv may run it."""
+
+    geometry: ConvGeometry
+    output: str
+    tensors: tuple[str, ...] = ()
+
+    @property
+    def problems(self) -> int:
+        return self.geometry.groups
+
+    @property
+    def small_problems(self) -> bool:
+        return self.geometry.groups > 1
+
+    @property
+    def output_axes(self) -> int:
+        return len(self.geometry.kernel)
+
+    def source(self, input_name: str, owner: str) -> str:
+        return f"{input_name}#patches:{owner}"
+
+    def accumulator(self, features: int, drift: bool, owner: str) -> Accumulator:
+        return ConvGram(self.geometry, drift, owner)
+
+    def vectors(self, x: np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        return x  # the input itself: ConvGram cuts it into patches a chunk at a time
 
 
 def flat_float64(stored: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
@@ -53,8 +88,8 @@ class ConvForm:
             return bias
         return DenseLayer(name, self, f"Conv {'x'.join(map(str, geometry.kernel))}", activation,
                           index.ranks.get(activation), weight_name, weight, 1.0, bias,
-                          bias_name if bias is not None else None, bias_in_node=bool(bias_name), geometry=geometry,
-                          output_name=node.output[0])
+                          bias_name if bias is not None else None, bias_in_node=bool(bias_name),
+                          view=Patches(geometry, node.output[0]))
 
     def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
         if weight.fast is not None:  # QLinearConv: the bias and its correction are in its INT32 B (kernels.py)

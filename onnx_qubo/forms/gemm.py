@@ -14,7 +14,7 @@ from onnx import helper
 from ..backends import portable
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
 from ..types import DenseLayer
-from .base import GraphIndex, Skip, as_float64, attributes, transposed
+from .base import LAST_AXIS, GraphIndex, Skip, as_float64, attributes, transposed
 
 
 class GemmForm:
@@ -41,7 +41,7 @@ class GemmForm:
             return bias
         return DenseLayer(name, self, f"Gemm(transB={trans_b})", activation, index.ranks.get(activation),
                           weight_name, weight, gain, None if bias is None else float(attrs.get("beta", 1.0)) * bias,
-                          bias_name if bias is not None else None, bias_in_node=bool(bias_name))
+                          bias_name if bias is not None else None, bias_in_node=bool(bias_name), view=LAST_AXIS)
 
     def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
         if weight.fast is not None:  # alpha and the bias are in the kernel (kernels.py)

@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight, dequantized
 from ..types import DenseLayer
-from .base import GraphIndex, Skip, transposed
+from .base import LAST_AXIS, GraphIndex, Skip, transposed
 
 
 class MatMulForm:
@@ -40,7 +40,7 @@ class MatMulForm:
         if isinstance(bias, Skip):
             return bias
         return DenseLayer(name, self, label, activation, index.ranks.get(activation), weight_name, weight, 1.0,
-                          bias, bias_name if bias is not None else None)
+                          bias, bias_name if bias is not None else None, view=LAST_AXIS)
 
     def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
         if weight.fast is not None:  # any activation rank; a quantized bias stays in the Add, as floats

@@ -22,18 +22,51 @@ Lowered to one ``DequantizeLinear`` of the [D*G*H, I+H] integers -> ``Slice`` co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Mapping
+
 import numpy as np
 import onnx
 from onnx import helper
 
+from ..grams import RecurrentGram
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
-from ..types import DenseLayer, InMemory
+from ..types import Accumulator, DenseLayer, InMemory
 from ..views import RecurrentCell
 from .base import GraphIndex, Skip, attributes
 
 GATES = {"LSTM": 4, "RNN": 1}
 DIRECTIONS = {"forward": (False,), "reverse": (True,), "bidirectional": (False, True)}
 SEQUENCE_LENS, INITIAL_H = 4, 5  # input positions, the same for LSTM, GRU and RNN
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """A recurrent node's input view (``types.InputView``): its gate inputs ``[x_t; h_(t-1)]``,
+    built from X and Y (``RecurrentCell.gate_inputs``), one layer problem per direction."""
+
+    cell: RecurrentCell
+    small_problems = False
+    output_axes = 0
+    geometry = None
+    output = None
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return self.cell.tensors
+
+    @property
+    def problems(self) -> int:
+        return self.cell.directions
+
+    def source(self, input_name: str, owner: str) -> str:
+        return f"{input_name}#gates:{owner}"
+
+    def accumulator(self, features: int, drift: bool, owner: str) -> Accumulator:
+        return RecurrentGram(features, self.cell.directions, drift)
+
+    def vectors(self, x: np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.cell.gate_inputs(x, tensors)
 
 
 class RecurrentForm:
@@ -78,7 +111,7 @@ class RecurrentForm:
                              extra[SEQUENCE_LENS])
         weight = np.hstack([w.reshape(d * rows, -1), r.reshape(d * rows, hidden)])
         return DenseLayer(name, self, f"{self.op_type} {direction}", activation, index.ranks.get(activation),
-                          node.input[1], InMemory(weight), 1.0, cell=cell)
+                          node.input[1], InMemory(weight), 1.0, view=GateInputs(cell))
 
     def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
         nodes, deq = edit.dequantize(weight.name, weight.weight)
@@ -115,8 +148,8 @@ class RecurrentForm:
 def expose_outputs(model: onnx.ModelProto, layers: list[DenseLayer]) -> onnx.ModelProto:
     """``model``, or a copy whose recurrent nodes that write no Y write it under the name
     calibration reads it by (``RecurrentCell.output``)."""
-    unnamed = {layer.weight_name: layer.cell.output for layer in layers if layer.cell is not None
-               and not layer.cell.named}
+    unnamed = {layer.weight_name: layer.view.cell.output for layer in layers
+               if isinstance(layer.view, GateInputs) and not layer.view.cell.named}
     if not unnamed:
         return model
     copy = onnx.ModelProto()
