@@ -90,7 +90,7 @@ def test_8_bit_codes_that_could_saturate_the_integer_kernel_keep_the_portable_fo
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (dict(bits=8), "MatMulNBits has a fast float kernel for 1-4 bit weights only"),
+    (dict(bits=8, ort_accuracy_level=0), "MatMulNBits has a fast float kernel for 1-4 bit weights only"),
     (dict(bits=4, granularity="block", block_size=24), "not block_size 24"),
     (dict(bits=8, activations="uint8", granularity="block", block_size=32), "not blocks"),
     (dict(bits=4, activations="uint8", ort_accuracy_level=4), "ort_accuracy_level applies to weight-only layers"),
