@@ -104,8 +104,8 @@ class KernelNodes(Protocol):
 
 
 class KernelLayer(Protocol):
-    """A layer written as a runtime's own kernel instead of DequantizeLinear (onnx_qubo: kernels.py's
-    FastLayer). ``build`` returns the kernel's nodes, or why the layer cannot use it."""
+    """A layer written as a runtime's own kernel instead of DequantizeLinear (onnx_qubo:
+    backends/kernels.py's FastLayer). ``build`` returns the kernel's nodes, or why the layer cannot use it."""
 
     def build(self, activation: str, output: str, fresh: Callable[[str], str]) -> KernelNodes | str: ...
 
