@@ -20,11 +20,15 @@ from .data import Dataset, load_dataset
 from .errors import OptionError, OutputError
 from .files import Outputs, dump_directory, external_data_path, genai_folder, inputs_read, load_model, writable_path
 from .options import QuantizeOptions, ScaleMethod, check_bits, check_integer, solver_for
+from .passes import online_rotations
 from .perplexity import check_tokens, evaluate_language_model, first_run, language_model
 from .pipeline import calibrate, prepare, quantize_model
 from .plan import make_plan
 from .progress import Progress
 from .report import Report
+from .rotation import describe as describe_rotation
+from .rotation import parse_rotation
+from .rotation import rotate as rotate_inputs
 from .solvers import Solver
 from .verify import evaluate, measure_speed, reference_scores
 
@@ -43,7 +47,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
              format: str = "qdq", ort_accuracy_level: int = 0, lower_bound: bool = False, workers: int = 1,
              ray_address: str | None = None, external_data: bool = False, max_memory: float | None = None,
              speed: bool = True, progress: bool = False, embeddings: bool = False, auto_scheme: bool = False,
-             size_budget: float | None = None, max_error: float | None = None) -> Report:
+             size_budget: float | None = None, max_error: float | None = None,
+             rotate: str = "none", rotate_block: int = 64) -> Report:  # rotation: issue 19
     """Quantize the dense layers of ``model`` to ``bits`` and write the result to ``output_path``.
 
     ``solver``: a name from ``SOLVERS`` or any object with the ``Solver`` interface.
@@ -88,6 +93,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     32, symmetric and asymmetric, per layer; ``size_budget`` (MB, the whole model) keeps the
     layers that damage the output most per byte at 8 bits or float while the model fits;
     ``max_error`` does so until the estimated relative output error is reached.
+    ``rotate`` "hadamard": rotate each layer's input space first (random signs from ``seed``, then
+    a Hadamard transform per block of at most ``rotate_block`` inputs; rotation.py), the float
+    model still the reference.
     Raises a ``QuboInputError`` (errors.py: ``ModelError``, ``DataError``, ``OptionError``,
     ``OutputError``) on bad input, before any output is written; the input model is never modified.
     """
@@ -101,6 +109,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
         ort_accuracy_level=ort_accuracy_level, lower_bound=lower_bound, workers=workers, ray_address=ray_address,
         max_memory=max_memory, embeddings=embeddings, auto_scheme=auto_scheme, size_budget=size_budget,
         max_error=max_error)
+    rotation, rotation_block = parse_rotation(rotate, rotate_block)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     reads = inputs_read(model, calibration, evaluation, load_solution)  # never written
     output_path = writable_path(output_path, reads=reads, what="output")
@@ -125,13 +134,16 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
     bar = Progress(enabled=progress)
     input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(  # external data files included
         path.stat().st_size for path, role in reads.items() if "input model" in role)
+    rotated = rotate_inputs(float_model, rotation, rotation_block, options.seed)
     if options.automatic:
-        calibrated = calibrate(float_model, calib_data, bar, options.exclude, options.activations,
+        calibrated = calibrate(rotated, calib_data, bar, options.exclude, options.activations,
                                options.activation_range, options.max_memory)
         result = quantize_auto(calibrated, options, bar, input_bytes=input_bytes)
     else:
-        result = quantize_model(float_model, calib_data, options, bar)
+        result = quantize_model(rotated, calib_data, options, bar)
     quantized = result.model
+    inserted = online_rotations(rotated)
+    skipped = [node for node in result.skipped if node.name not in inserted]
     lm = language_model(float_model)
     if lm is not None:  # next-token perplexity, streamed: an LM's logits over all windows need not fit in memory
         evaluation = evaluate_language_model(lm, float_model, quantized, eval_data, bar, portable=result.reference)
@@ -146,11 +158,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, output_path: str | os.P
             input_path=None if input_path is None else str(input_path), output_path=str(output_path),
             bits=options.bits, scale=str(options.scale), solver="loaded" if load_solution else options.solver.name,
             calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=result.layers,
-            skipped=result.skipped,
+            skipped=skipped,
             evaluation=evaluation, speed=timing,
             input_bytes=input_bytes,
             output_bytes=outputs.size(written),
-            seconds=time.perf_counter() - started, scheme=options.describe(), notes=result.notes + genai_notes)
+            seconds=time.perf_counter() - started, notes=result.notes + genai_notes,
+            scheme=options.describe() + describe_rotation(rotation, rotation_block))
         for path, content in genai.items():
             outputs.add(path, content, "onnxruntime-genai file")
         if report_path is not None:

@@ -233,13 +233,18 @@ def main():
                    "until the estimate (per-layer errors added in squares) is below it.")
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Time the float and the quantized model (batch 1 and one evaluation batch) for the report.")
+@click.option("--rotate", type=click.Choice(["none", "hadamard"]), default="none", show_default=True,
+              help="hadamard: rotate each layer's input space first (random signs from --seed, a Hadamard transform "
+                   "per block; folded into a linear producer, else run before the layer): incoherence processing.")
+@click.option("--rotate-block", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Largest Hadamard block of --rotate (a power of two).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @verbose_option
 def quantize(input_model, output_model, bits, calib, eval_path, scale, granularity, block_size, symmetric,
              bias_mode, activations, activation_range, sequential, solver, neal_reads, neal_sweeps, seed,
              batch_size, report_path, dump_qubo, load_solution, exclude, layer_bits, bias_correction, output_format,
              ort_accuracy_level, embeddings, bound, workers, ray_address, external_data, max_memory, auto_scheme,
-             size_budget, max_error, speed, quiet):
+             size_budget, max_error, speed, rotate, rotate_block, quiet):
     """Quantize INPUT_MODEL's dense layers and write OUTPUT_MODEL."""
     if solver != "neal" and (neal_reads or neal_sweeps):
         raise click.UsageError("--neal-reads/--neal-sweeps apply only to --solver neal")
@@ -254,7 +259,8 @@ def quantize(input_model, output_model, bits, calib, eval_path, scale, granulari
                               ort_accuracy_level=ort_accuracy_level, lower_bound=bound, workers=workers,
                               ray_address=ray_address, external_data=external_data, max_memory=max_memory,
                               speed=speed, progress=not quiet, embeddings=embeddings, auto_scheme=auto_scheme,
-                              size_budget=size_budget, max_error=max_error, **scheme)
+                              size_budget=size_budget, max_error=max_error, rotate=rotate,
+                              rotate_block=rotate_block, **scheme)
     click.echo(report.to_text())
 
 
