@@ -231,6 +231,54 @@ def diagnose(work: Path, name: str, solved_from: str | None) -> dict:
     return result
 
 
+def rtn(w: np.ndarray, bits: int, symmetric: bool, block: int = 32) -> np.ndarray:
+    """Round to nearest on the full range of each block of ``block`` inputs (``w`` [f, n]):
+    onnx-qubo's symmetric grid (scale max|w| / (2^(B-1) - 1), levels -2^(B-1)..2^(B-1)-1) or the
+    asymmetric one onnxruntime's RTN writes (min..max over 2^B levels, integer zero point)."""
+    f, n = w.shape
+    blocks = w.astype(np.float64).reshape(f // block, block, n)
+    if symmetric:
+        top = 2 ** (bits - 1) - 1
+        scale = np.abs(blocks).max(axis=1, keepdims=True) / top
+        scale[scale == 0] = 1
+        q = np.clip(np.round(blocks / scale), -top - 1, top)
+        return (q * scale).reshape(f, n).astype(np.float32)
+    lo = np.minimum(blocks.min(axis=1, keepdims=True), 0)
+    hi = np.maximum(blocks.max(axis=1, keepdims=True), 0)
+    scale = (hi - lo) / (2 ** bits - 1)
+    scale[scale == 0] = 1
+    zero = np.round(-lo / scale)
+    q = np.clip(np.round(blocks / scale) + zero, 0, 2 ** bits - 1)
+    return ((q - zero) * scale).reshape(f, n).astype(np.float32)
+
+
+def rtn_study(work: Path, names: list[str], bits: int) -> dict[str, float]:
+    """Perplexity of numpy round-to-nearest models (every layer of the run ``names`` lists), with
+    and without the rotation, on both grids: what the grid and the rotation do without any solver."""
+    from onnx_qubo.external import read_array
+
+    out = {}
+    for rotated in (False, True):
+        fmodel = float_model(rotated)
+        inits = {i.name: i for i in fmodel.graph.initializer}
+        layers = {n.name: n.input[1] for n in fmodel.graph.node if n.name in names}
+        for symmetric in (True, False):
+            model = onnx.ModelProto()
+            model.CopyFrom(fmodel)
+            for node in model.graph.node:
+                if node.name in layers:
+                    w = rtn(read_array(inits[layers[node.name]], fmodel), bits, symmetric)
+                    model.graph.initializer.append(numpy_helper.from_array(w, node.name + "_rtn"))
+                    node.input[1] = node.name + "_rtn"
+            label = f"RTN {bits}-bit {'symmetric (onnx-qubo grid)' if symmetric else 'asymmetric (onnxruntime grid)'}" \
+                    f"{', rotated' if rotated else ''}"
+            out[label] = perplexity(model, EVAL)
+            print(f"{label}: perplexity {out[label]:.4g}", flush=True)
+            del model
+    (work / f"rtn_study_b{bits}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # results
 
@@ -257,6 +305,10 @@ def write(work: Path, out: Path, started: str) -> None:
         solved = sum(layer["cost_solved"] for layer in r["layers"])
         lines.append(f"| {name} | `{' '.join(flags)}` | {ev['float_perplexity']:.4g} | {ev['quantized_perplexity']:.4g} | "
                      f"{ev['quantized_perplexity'] / ev['float_perplexity']:.3g} | {rtn:.4g} -> {solved:.4g} | {r['seconds']:.0f} |")
+    for study in sorted(work.glob("rtn_study_b*.json")):
+        lines += ["", f"## Round to nearest in numpy, every layer, blocks of 32 ({study.name})", "",
+                  "| model | perplexity |", "|---|---|"]
+        lines += [f"| {label} | {ppl:.4g} |" for label, ppl in json.loads(study.read_text()).items()]
     for diag in sorted(work.glob("*/diagnosis.json")):
         d = json.loads(diag.read_text())
         lines += ["", f"## Diagnosis of {d['run']}", "", "Perplexity of hybrids (eval windows):", "",
@@ -275,13 +327,14 @@ def write(work: Path, out: Path, started: str) -> None:
 def main() -> int:
     global LM, CALIB, EVAL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["lm", "diagnose", "write"])
+    ap.add_argument("action", choices=["lm", "diagnose", "rtn", "write"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/rot"))
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--run", default="b2_mse", help="diagnose: the run to read back")
     ap.add_argument("--against", default="b2_rtn", help="diagnose: a run whose weights are priced alike")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "rotation.md")
     ap.add_argument("--model", type=Path, default=LM, help="another genai fp32 model (a quick check: models/tiny_lm)")
+    ap.add_argument("--bits", type=int, default=2, help="rtn: the bit width")
     ap.add_argument("--calib", type=Path, default=CALIB)
     ap.add_argument("--eval", type=Path, default=EVAL)
     args = ap.parse_args()
@@ -291,6 +344,9 @@ def main() -> int:
         run_lm(args.work, args.configs.split(","))
     elif args.action == "diagnose":
         diagnose(args.work, args.run, args.against or None)
+    elif args.action == "rtn":
+        from onnx_qubo.discovery import find_dense_layers
+        rtn_study(args.work, [layer.name for layer in find_dense_layers(float_model(False))[0]], args.bits)
     write(args.work, args.out, started)
     return 0
 

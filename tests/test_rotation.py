@@ -58,6 +58,7 @@ MODELS = {
 @pytest.mark.parametrize("scheme", [dict(bits=2), dict(bits=3, granularity="block", block_size=8, symmetric=False)],
                          ids=["int2-channel", "uint3-block8"])
 @pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.slow
 def test_the_reported_cost_of_a_rotated_layer_is_its_measured_output_error(model_name, scheme, tmp_path):
     model = MODELS[model_name]()
     shape = (300, 32) if model_name == "gemm" else (100, 3, 32)
@@ -75,6 +76,7 @@ def test_the_reported_cost_of_a_rotated_layer_is_its_measured_output_error(model
 
 @pytest.mark.parametrize("scheme", [dict(bits=4), dict(bits=2, granularity="block", block_size=16)],
                          ids=["int4-channel", "int2-block16"])
+@pytest.mark.slow
 def test_both_formats_emit_and_run_the_same_codes(scheme, tmp_path):
     model = mlp_model(widths=(64, 32, 16))
     x = (np.random.default_rng(2).standard_normal((128, 64)) + 0.2).astype(np.float32)
