@@ -45,6 +45,8 @@ CONFIGS = {  # name -> extra flags
     "b2_minmax": ["--bits", "2", "--scale", "minmax"],
     "b2_mse_rot": ["--bits", "2", "--rotate", "hadamard"],
     "b2_minmax_rot": ["--bits", "2", "--scale", "minmax", "--rotate", "hadamard"],
+    "b2_mse_asym": ["--bits", "2", "--asymmetric"],
+    "b2_mse_asym_rot": ["--bits", "2", "--asymmetric", "--rotate", "hadamard"],
     "b3_mse": ["--bits", "3"],
     "b3_mse_rot": ["--bits", "3", "--rotate", "hadamard"],
 }
