@@ -285,6 +285,31 @@ def rtn_study(work: Path, names: list[str], bits: int) -> dict[str, float]:
 # results
 
 
+FINDINGS = """\
+- The default 2-bit run collapses here as in the issue (row b2_mse). Each layer's QUBO still does
+  what it reports: the solved costs sum to about a third of round-to-nearest's on the same scales.
+- **The symmetric 2-bit grid wastes a level.** onnx-qubo's signed INT2 grid is {-2, -1, 0, 1} x s
+  with s = max|w| x ratio / 1: at the full range -2s lies outside the weights and only 3 levels are
+  used; the `mse` ratio search can reach -2s only by clipping the positive side to half. Round to
+  nearest in numpy on every layer (table above): the symmetric grid is about 190x worse in
+  perplexity than the asymmetric one onnxruntime's RTN uses (4 levels over [min, max]).
+- **Rotation does not fix it.** The same numpy RTN on the rotated model (random-sign Hadamard,
+  blocks of 64, the largest power of two dividing 576) is worse on both grids. A likely reason
+  (not measured): the model's outlier input channels have small weights, which per-block scales
+  already exploit; the online rotation mixes them with 63 ordinary channels.
+- onnx-qubo quantizes the tied LM head (49152 x 576, the largest layer and the one writing the
+  logits) at 2 bits; onnxruntime's MatMulNBits quantizer only takes a MatMul whose weight is an
+  initializer, so on a torch export (head reading `Transpose(weight)`) its RTN left the head float:
+  the issue's 8,515 is likely not like for like. The hybrids above (when run) show what the head's
+  2 bits cost.
+- Real models (`results/rotation_real.md`, `benchmarks/real_models.py --models magika --configs
+  qubo-b2-blk32,qubo-b2-blk32-rot,qubo-b3-blk32,qubo-b3-blk32-rot,...`): on magika only Dense_1
+  (512 inputs) is rotated (Dense_0's 257 inputs have no even factor, Convs are not rotated); 2 bits
+  lose 3 of 128 top-1 agreements with rotation, 3 bits gain a little relative error. The MiniLM
+  model needs torch (not installed here); the other models are Conv/LSTM networks rotation leaves.
+"""
+
+
 def write(work: Path, out: Path, started: str) -> None:
     lines = ["# Incoherence processing on SmolLM2-135M (issue 19)", "",
              f"Command: `python benchmarks/rotation.py lm --work {work}`, then `diagnose`, then `write` (run {started})  ",
@@ -322,6 +347,7 @@ def write(work: Path, out: Path, started: str) -> None:
         lines += ["| layer | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for layer, row in d["layers"].items():
             lines.append(f"| {layer} | " + " | ".join(f"{row[k]:.4g}" for k in keys) + " |")
+    lines += ["", "## Findings", "", FINDINGS]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 
