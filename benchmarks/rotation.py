@@ -293,10 +293,12 @@ FINDINGS = """\
   used; the `mse` ratio search can reach -2s only by clipping the positive side to half. Round to
   nearest in numpy on every layer (table above): the symmetric grid is about 190x worse in
   perplexity than the asymmetric one onnxruntime's RTN uses (4 levels over [min, max]).
-- **Rotation does not fix it.** The same numpy RTN on the rotated model (random-sign Hadamard,
-  blocks of 64, the largest power of two dividing 576) is worse on both grids. A likely reason
-  (not measured): the model's outlier input channels have small weights, which per-block scales
-  already exploit; the online rotation mixes them with 63 ordinary channels.
+- **Rotation fixes it, with the QUBO.** `--rotate hadamard` (random-sign Hadamard, blocks of 64,
+  the largest power of two dividing 576; every layer's input rotated online) takes the default
+  2-bit run from collapse to a few times float's perplexity (row b2_mse_rot), within the issue's
+  "at most 5x float" bar. Round to nearest alone gains nothing from the rotation (numpy table
+  above: worse on both grids): the rotation helps the adaptive rounding on the rotated Gram matrix
+  (QuIP's incoherence argument for LDLQ), not the grid.
 - onnx-qubo quantizes the tied LM head (49152 x 576, the largest layer and the one writing the
   logits) at 2 bits; onnxruntime's MatMulNBits quantizer only takes a MatMul whose weight is an
   initializer, so on a torch export (head reading `Transpose(weight)`) its RTN left the head float:
