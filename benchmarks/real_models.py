@@ -64,6 +64,10 @@ CONFIGS = {
                                "others --exclude'd)",
     "qubo-b4-budget": "onnx-qubo blocks of 32 at 4 bits, --bias-correction --size-budget 20% of the float model: "
                       "the layers that damage the output most per byte at 8 bits or float",
+    "qubo-b2-blk32": "onnx-qubo 2 bits, blocks of 32",
+    "qubo-b2-blk32-rot": "onnx-qubo 2 bits, blocks of 32, --rotate hadamard (incoherence processing)",
+    "qubo-b3-blk32": "onnx-qubo 3 bits, blocks of 32",
+    "qubo-b3-blk32-rot": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard (incoherence processing)",
     "ort-rtn-b4-blk32": "MatMulNBitsQuantizer RTN (DefaultWeightOnlyQuantConfig) 4 bits, block 32",
     "ort-hqq-b4-blk32": "MatMulNBitsQuantizer HQQ 4 bits, block 32",
     "ort-gptq-b4-blk32": "MatMulNBitsQuantizer GPTQ 4 bits, block 32",
@@ -825,6 +829,8 @@ def worker(args) -> int:
                 kw["bias_correction"] = True
             if cfg.endswith("-ortlayers") or "-asym" in cfg:
                 kw["symmetric"] = False
+            if cfg.endswith("-rot"):
+                kw["rotate"] = "hadamard"
             if "budget" in cfg:
                 kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
             if cfg.endswith("-ortlayers"):

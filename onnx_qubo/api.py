@@ -24,11 +24,13 @@ from .data import Dataset, load_dataset
 from .errors import OptionError, OutputError
 from .files import Outputs, dump_directory, external_data_path, genai_folder, inputs_read, load_model, writable_path
 from .options import ScaleMethod, check_bits, check_integer
+from .passes import online_rotations
 from .perplexity import check_tokens, evaluate_language_model, first_run, language_model
 from .pipeline import calibrate, prepare, quantize_model
 from .plan import make_plan
 from .progress import Progress
 from .report import Report
+from .rotation import rotate
 from .solvers import SOLVERS
 from .verify import evaluate as evaluate_scores
 from .verify import measure_speed as time_models
@@ -88,17 +90,21 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
     bar = Progress(enabled=progress)
     input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(  # external data files included
         path.stat().st_size for path, role in reads.items() if "input model" in role)
+    rounding = config.rounding  # a rotated model computes what the float one does: the float one stays the reference
+    rotated = rotate(float_model, rounding.rotate, rounding.rotate_block, rounding.seed)
     if config.automatic.enabled:
-        calibrated = calibrate(float_model, calib_data, bar, config.automatic.exclude, config.activations.dtype,
+        calibrated = calibrate(rotated, calib_data, bar, config.automatic.exclude, config.activations.dtype,
                                config.activations.range, config.execution.max_memory_bytes, config.output.format)
         quantized = quantize_auto(calibrated, config, bar, input_bytes=input_bytes)
     else:
-        quantized = quantize_model(float_model, calib_data, config, bar)
+        quantized = quantize_model(rotated, calib_data, config, bar)
+    inserted = online_rotations(rotated)  # the online rotations' MatMuls are ours, not skipped layers
     report = Report(
         input_path=None if input_path is None else str(input_path), output_path=None, bits=config.weights.bits,
         scale=str(config.rounding.scale), solver="loaded" if load_solution else config.rounding.solver,
         calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=quantized.layers,
-        skipped=quantized.skipped, evaluation=None, input_bytes=input_bytes, output_bytes=None,
+        skipped=[node for node in quantized.skipped if node.name not in inserted], evaluation=None,
+        input_bytes=input_bytes, output_bytes=None,
         seconds=time.perf_counter() - started, scheme=config.describe(), notes=quantized.notes)
     return Result(quantized.model, report, config, float_model, quantized.reference, input_path, reads, calib_data,
                   started)

@@ -27,6 +27,7 @@ from .options import (
     Activations,
     BiasMode,
     RangeMethod,
+    Rotation,
     ScaleMethod,
     check_bits,
     check_integer,
@@ -122,6 +123,7 @@ def _checked(kind: object, value: object, option: str) -> object:
               "BiasMode": lambda v, o: parse_choice(BiasMode, v, o),
               "Activations": lambda v, o: parse_choice(Activations, v, o),
               "RangeMethod": lambda v, o: parse_choice(RangeMethod, v, o),
+              "Rotation": lambda v, o: parse_choice(Rotation, v, o),
               "Format": lambda v, o: parse_choice(Format, v, o),
               "WeightGranularity": lambda v, o: granularity_of(v),
               "tuple[str, ...]": _check_names, "Mapping[str, int]": _check_layer_bits}
@@ -185,9 +187,16 @@ class RoundingConfig(_Section):
                                           "directory.")
     load_solution: str | None = _option(None, "Use the roundings <layer>.solution.npy in this --dump-qubo directory "
                                               "instead of solving.")
+    rotate: Rotation = _option(Rotation.NONE, "hadamard: rotate each layer's input space first (random signs from "
+                               "--seed, a Hadamard transform per block; folded into a linear producer, else run "
+                               "before the layer): incoherence processing.")
+    rotate_block: int = _option(64, "Largest Hadamard block of --rotate (a power of two).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.rotate_block < 2 or self.rotate_block & (self.rotate_block - 1):
+            raise OptionError(f"{{rotate_block}} must be a power of two, at least 2, got {self.rotate_block}",
+                              "rotate_block")
         if self.solver not in SOLVERS:
             raise OptionError(f"{{solver}} must be one of {', '.join(SOLVERS)}, got {self.solver!r}", "solver")
         for name in ("neal_reads", "neal_sweeps"):
@@ -471,6 +480,8 @@ class QuantizeConfig:
         if activations.quantized:
             text += f" ({activations.range} ranges)"
         text += "; sequential calibration" if self.rounding.sequential else ""
+        if self.rounding.rotate != Rotation.NONE:
+            text += f"; inputs rotated (random-sign Hadamard, blocks up to {self.rounding.rotate_block})"
         text += "; embedding tables per row" if self.output.embeddings else ""
         automatic = self.automatic
         if automatic.enabled:

@@ -19,6 +19,11 @@ class ScaleMethod(Choice):
     QUBO = "qubo"  # the best few ratios of mse, re-ranked by the solved cost
 
 
+class Rotation(Choice):
+    NONE = "none"
+    HADAMARD = "hadamard"  # random signs, then a Hadamard transform per block of inputs (rotation.py)
+
+
 class BiasMode(Choice):
     FLOAT = "float"  # kept as it is
     QUANTIZE = "quantize"  # one more QUBO variable per neuron, at the weights' bit width (the paper)

@@ -22,10 +22,11 @@ from .insert_dequantize import (
     QuantizedWeight,
 )
 from .opset import RaiseOpset
+from .rotate import RotateInputs, online_rotations
 from .shapes import ReinferDeclaredShapes
 from .subgraph_weights import PrepareSubgraphs
 
 __all__ = ["GraphPass", "PassResult", "run_passes", "PassError", "PassFailed", "UnsupportedModel", "CheckModel",
            "FoldConstantWeights", "InsertDequantize", "QuantizedWeight", "QuantizedTensor", "ActivationQuantization",
            "DenseLowering", "KernelLayer", "Lowered", "GraphEdit", "TensorReader", "read_in_proto", "RaiseOpset",
-           "ReinferDeclaredShapes", "PrepareSubgraphs"]
+           "ReinferDeclaredShapes", "PrepareSubgraphs", "RotateInputs", "online_rotations"]

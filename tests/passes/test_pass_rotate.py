@@ -1,0 +1,173 @@
+"""RotateInputs: every rotatable layer's input space turned by a random-sign block Hadamard
+transform, folded into the producer where the algebra allows, else an online transform; the
+rotated model computes what the original does at every onnxruntime level."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from onnx_qubo.passes import RotateInputs, UnsupportedModel, online_rotations
+from onnx_qubo.passes.rotate import hadamard
+
+from helpers_passes import external, floats
+
+RNG = np.random.default_rng(0)
+LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          ort.GraphOptimizationLevel.ORT_DISABLE_ALL]
+
+
+def _init(name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
+
+
+def _model(nodes, initializers, inputs, outputs) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _run(model: onnx.ModelProto, feeds: dict, level) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _weight(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
+
+
+def assert_same_outputs(original: onnx.ModelProto, rotated: onnx.ModelProto, feeds: dict) -> None:
+    for level in LEVELS:
+        for a, b in zip(_run(original, feeds, level), _run(rotated, feeds, level)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+def matmul_nd() -> onnx.ModelProto:
+    """x [B, T, 48] @ W: blocks of 16 (48 = 16 x 3)."""
+    return _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_init("W", 48, 5)],
+                  [floats("x", ["B", "T", 48])], [floats("y", ["B", "T", 5])])
+
+
+def gemm(trans_b: int) -> onnx.ModelProto:
+    w = _init("W", 6, 32) if trans_b else _init("W", 32, 6)
+    return _model([helper.make_node("Gemm", ["x", "W", "C"], ["y"], transB=trans_b, alpha=0.5, beta=2.0)],
+                  [w, _init("C", 6)], [floats("x", ["B", 32])], [floats("y", ["B", 6])])
+
+
+def mlp() -> onnx.ModelProto:
+    """MatMul+Add -> Relu -> MatMul+Add: both layers get an online transform."""
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h"]), helper.make_node("MatMul", ["h", "W2"], ["y0"]),
+             helper.make_node("Add", ["y0", "b2"], ["y"])]
+    return _model(nodes, [_init("W1", 64, 32), _init("b1", 32), _init("W2", 32, 10), _init("b2", 10)],
+                  [floats("x", ["B", 64])], [floats("y", ["B", 10])])
+
+
+def chain(producer: str) -> onnx.ModelProto:
+    """A linear producer feeding one layer only: its rotation folds into the producer."""
+    if producer == "matmul_add":
+        first = [helper.make_node("MatMul", ["x", "P"], ["m"]), helper.make_node("Add", ["b", "m"], ["h"])]
+        inits = [_init("P", 16, 32), _init("b", 1, 32)]
+    else:
+        first = [helper.make_node("Gemm", ["x", "P", "b"], ["h"], transB=1)]
+        inits = [_init("P", 32, 16), _init("b", 1)]
+    return _model(first + [helper.make_node("MatMul", ["h", "W"], ["y"])], inits + [_init("W", 32, 8)],
+                  [floats("x", ["B", 16])], [floats("y", ["B", 8])])
+
+
+def shared_input() -> onnx.ModelProto:
+    """x read by two layers and a residual Add: one online transform for the two layers."""
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"]), helper.make_node("MatMul", ["x", "Wk"], ["k"]),
+             helper.make_node("Add", ["q", "x"], ["r"]), helper.make_node("Mul", ["r", "k"], ["y"])]
+    return _model(nodes, [_init("Wq", 32, 32), _init("Wk", 32, 32)], [floats("x", ["B", 32])],
+                  [floats("y", ["B", 32])])
+
+
+def _feeds(model: onnx.ModelProto) -> dict:
+    shapes = {"x": [3, 7]}
+    first = model.graph.input[0]
+    width = first.type.tensor_type.shape.dim[-1].dim_value
+    rank = len(first.type.tensor_type.shape.dim)
+    return {"x": RNG.standard_normal([*shapes["x"][:rank - 1], width]).astype(np.float32)}
+
+
+@pytest.mark.parametrize("make", [matmul_nd, lambda: gemm(0), lambda: gemm(1), mlp, shared_input],
+                         ids=["matmul_nd", "gemm", "gemm_transB", "mlp", "shared_input"])
+def test_online_rotation_computes_the_same_outputs_at_every_level(make):
+    model = make()
+    before = model.SerializeToString()
+    result = RotateInputs(seed=3).call(model)
+    assert result.modified and model.SerializeToString() == before  # the input is untouched
+    rotated = result.model
+    online = online_rotations(rotated)
+    matmuls = [n for n in rotated.graph.node if n.name in online and n.op_type == "MatMul"]
+    layers = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert len(matmuls) == len({n.input[0] for n in layers})  # one transform per input tensor
+    for node in layers:  # every layer's weight changed, and now reads a rotated input
+        assert not np.allclose(_weight(model, node.input[1]), _weight(rotated, node.input[1]))
+    onnx.checker.check_model(rotated, full_check=True)
+    assert_same_outputs(model, rotated, _feeds(model))
+
+
+@pytest.mark.parametrize("producer", ["matmul_add", "gemm"])
+def test_a_linear_producer_takes_the_rotation_and_nothing_is_inserted_before_its_reader(producer):
+    model = chain(producer)
+    rotated = RotateInputs().call(model).model
+    last = rotated.graph.node[-1]
+    assert last.op_type == "MatMul" and list(last.input) == ["h", "W"]  # no transform before it
+    online = [n for n in rotated.graph.node if n.name in online_rotations(rotated) and n.op_type == "MatMul"]
+    assert len(online) == 1 and online[0].input[0] != "h"  # the graph input's only
+    assert_same_outputs(model, rotated, _feeds(model))
+    assert not np.allclose(_weight(rotated, "P"), _weight(model, "P"))  # rotated on both sides
+    assert not np.allclose(_weight(rotated, "b"), _weight(model, "b"))
+
+
+def test_the_residual_reader_keeps_the_unrotated_tensor():
+    rotated = RotateInputs().call(shared_input()).model
+    add = next(n for n in rotated.graph.node if n.op_type == "Add")
+    assert list(add.input) == ["q", "x"]
+    readers = [n for n in rotated.graph.node if n.op_type == "MatMul" and n.input[1] in ("Wq", "Wk")]
+    assert len({n.input[0] for n in readers}) == 1 and readers[0].input[0] != "x"
+
+
+def test_the_rotation_is_orthogonal_and_the_blocks_fit_the_width():
+    h = hadamard(16)
+    np.testing.assert_allclose(h @ h.T, np.eye(16), atol=1e-12)
+    model = matmul_nd()  # 48 = 16 x 3: blocks of 16 even with a larger maximum
+    rotated = RotateInputs(max_block=64).call(model).model
+    constant = next(n for n in rotated.graph.node if n.op_type == "Constant")
+    assert numpy_helper.to_array(constant.attribute[0].t).shape == (16, 16)
+    small = RotateInputs(max_block=4).call(model).model
+    constant = next(n for n in small.graph.node if n.op_type == "Constant")
+    assert numpy_helper.to_array(constant.attribute[0].t).shape == (4, 4)
+
+
+def test_an_odd_width_is_left_alone_and_a_bad_block_is_refused():
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_init("W", 7, 3)],
+                   [floats("x", ["B", 7])], [floats("y", ["B", 3])])
+    result = RotateInputs().call(model)
+    assert result.modified is False and result.model is model
+    with pytest.raises(ValueError, match="power of two"):
+        RotateInputs(max_block=48)
+
+
+def test_the_seed_decides_the_signs_deterministically():
+    model = mlp()
+    a = RotateInputs(seed=1).call(model).model.SerializeToString()
+    assert a == RotateInputs(seed=1).call(model).model.SerializeToString()
+    assert a != RotateInputs(seed=2).call(model).model.SerializeToString()
+
+
+def test_weights_in_external_data_come_through_the_reader():
+    model = matmul_nd()
+    values = numpy_helper.to_array(model.graph.initializer[0])
+    model.graph.initializer[0].CopyFrom(external(model.graph.initializer[0]))
+    with pytest.raises(UnsupportedModel, match="tensor 'W' refers to external data"):
+        RotateInputs().call(model)
+    rotated = RotateInputs(read=lambda tensor, owner: values).call(model).model
+    assert rotated.graph.initializer[0].HasField("raw_data")
+

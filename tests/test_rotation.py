@@ -1,0 +1,129 @@
+"""``rotate="hadamard"`` (incoherence processing, rotation.py + passes/rotate.py) end to end: the
+rotated float model computes the original's outputs (the genai tiny LM included) at every
+onnxruntime level; the cost the report states for a rotated layer is still the output error
+measured in onnxruntime; both formats emit and run, the fast one against the portable model of the
+same codes run unoptimized; a bad block size is refused in one line."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+from runs import quantize
+
+from onnx_qubo import OptionError
+from onnx_qubo.cli import main
+from onnx_qubo.data import load_dataset
+from onnx_qubo.files import load_model
+from onnx_qubo.options import Rotation
+from onnx_qubo.passes import online_rotations
+from onnx_qubo.pipeline import prepare
+from onnx_qubo.rotation import rotate
+from onnx_qubo.runtime import make_session
+
+from graphs import gemm_model, matmul_model, mlp_model
+
+LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          ort.GraphOptimizationLevel.ORT_DISABLE_ALL]
+TINY_LM = Path(__file__).resolve().parents[1] / "models" / "tiny_lm" / "model.onnx"
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, level=LEVELS[0]) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0].astype(np.float64)
+
+
+def test_the_rotated_tiny_language_model_computes_the_same_logits_at_every_level():
+    model = prepare(load_model(TINY_LM))
+    rotated = rotate(model, Rotation.HADAMARD, 64, seed=0)
+    online = [n for n in rotated.graph.node if n.name in online_rotations(rotated) and n.op_type == "MatMul"]
+    assert len(online) == 9  # per block: qkv, o, gate and up (one input), down; and the head
+    tokens = np.load(TINY_LM.with_name("model.eval.npz"))["input_ids"][:3, :32]
+    feeds = load_dataset({"input_ids": tokens}, model).batches[0]
+    for level in LEVELS:
+        original = make_session(model, level).run(["logits"], feeds)[0]
+        turned = make_session(rotated, level).run(["logits"], feeds)[0]
+        np.testing.assert_allclose(turned, original, atol=1e-4 * float(np.abs(original).max()))
+
+
+MODELS = {
+    "gemm": lambda: gemm_model(f=32, n=7, trans_b=0, alpha=-0.7, beta=0.5, relu=False),
+    "matmul-3d": lambda: matmul_model(f=32, n=7, bias=True, leading=(3,)),
+}
+
+
+@pytest.mark.parametrize("scheme", [dict(bits=2), dict(bits=3, granularity="block", block_size=8, symmetric=False)],
+                         ids=["int2-channel", "uint3-block8"])
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.slow
+def test_the_reported_cost_of_a_rotated_layer_is_its_measured_output_error(model_name, scheme, tmp_path):
+    model = MODELS[model_name]()
+    shape = (300, 32) if model_name == "gemm" else (100, 3, 32)
+    x = (np.random.default_rng(1).standard_normal(shape) + 0.3).astype(np.float32)
+    out = tmp_path / "q.onnx"
+    report = quantize(model, out, calibration={"x": x}, batch_size=64, rotate="hadamard", rotate_block=16,
+                      speed=False, **scheme)
+    written = onnx.load(out)
+    assert "MatMul" in {n.op_type for n in written.graph.node if "rotated" in n.name}  # the online transform
+    assert len(report.layers) == 1 and report.skipped == [] and "inputs rotated" in report.scheme
+    y_float, y_quant = run(model, x), run(written, x)
+    measured = float(((y_quant - y_float) ** 2).reshape(-1, y_float.shape[-1]).sum(axis=1).mean())
+    assert report.layers[0].cost_solved == pytest.approx(measured, rel=1e-3)
+
+
+@pytest.mark.parametrize("scheme", [dict(bits=4), dict(bits=2, granularity="block", block_size=16)],
+                         ids=["int4-channel", "int2-block16"])
+@pytest.mark.slow
+def test_both_formats_emit_and_run_the_same_codes(scheme, tmp_path):
+    model = mlp_model(widths=(64, 32, 16))
+    x = (np.random.default_rng(2).standard_normal((128, 64)) + 0.2).astype(np.float32)
+    common = dict(calibration={"x": x}, speed=False, rotate="hadamard", **scheme)
+    portable = quantize(model, tmp_path / "qdq.onnx", **common)
+    fast = quantize(model, tmp_path / "ort.onnx", format="ort", **common)
+    assert [layer.kernel for layer in fast.layers] == ["MatMulNBits"] * 2
+    assert [layer.cost_solved for layer in fast.layers] == [layer.cost_solved for layer in portable.layers]
+    reference = run(onnx.load(tmp_path / "qdq.onnx"), x, LEVELS[-1])  # DequantizeLinear, no rewrites
+    for path in ("qdq.onnx", "ort.onnx"):
+        written = onnx.load(tmp_path / path)
+        for level in LEVELS:
+            y = run(written, x, level)
+            assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 1e-3, (path, level)
+    assert fast.evaluation.default_vs_unoptimized < 1e-3 and fast.evaluation.basic_vs_unoptimized < 1e-3
+
+
+def test_rotation_spreads_an_outlier_weight_and_lowers_the_2_bit_error(tmp_path):
+    """One large weight per row makes a per-row 2-bit grid coarse for the rest; rotated, the row's
+    energy is spread over its block and the same grid serves it better."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    w[rng.integers(0, 32, 8), np.arange(8)] = 12.0
+    model = matmul_model(f=32, n=8, bias=False)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
+    x = rng.standard_normal((256, 32)).astype(np.float32)
+    errors = {}
+    for rotation in ("none", "hadamard"):
+        out = tmp_path / f"{rotation}.onnx"
+        quantize(model, out, bits=2, calibration={"x": x}, rotate=rotation, rotate_block=32, speed=False)
+        errors[rotation] = float(((run(onnx.load(out), x) - run(model, x)) ** 2).sum(axis=1).mean())
+    assert errors["hadamard"] < 0.7 * errors["none"], errors  # about half here
+
+
+def test_a_block_that_is_not_a_power_of_two_is_refused_in_one_line(tmp_path):
+    model = matmul_model(f=32, n=4)
+    x = np.zeros((8, 32), np.float32)
+    with pytest.raises(OptionError, match="rotate_block"):
+        quantize(model, tmp_path / "q.onnx", calibration={"x": x}, rotate="hadamard", rotate_block=48)
+    with pytest.raises(OptionError, match="rotate must be one of none, hadamard"):
+        quantize(model, tmp_path / "q.onnx", calibration={"x": x}, rotate="givens")
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "m.calib.npz", x=x)
+    result = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"), "--rotate", "hadamard",
+                                       "--rotate-block", "48"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: --rotate-block must be a power of two, at least 2, got 48"
+    assert not (tmp_path / "out.onnx").exists()
