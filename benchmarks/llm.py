@@ -87,13 +87,14 @@ class Cell:
     @staticmethod
     def parse(text: str) -> Cell:
         parts = text.split(":")
-        if parts[0] not in KINDS or (parts[0] == "float") != (len(parts) == 1) or len(parts) > 4 \
-                or (len(parts) == 4 and (parts[0], parts[3]) != ("ours", "acc0")):
+        if parts == ["float"]:
+            return Cell("float")
+        variant = parts[3] if len(parts) == 4 else ""
+        if parts[0] not in KINDS[1:] or len(parts) not in (3, 4) or not all(x.isdigit() for x in parts[1:3]) \
+                or variant not in ("", "acc0") or (variant and parts[0] != "ours"):
             raise SystemExit(f"bad cell '{text}': float, or KIND:BITS:BLOCK with KIND in {KINDS[1:]}, "
                              "or ours:BITS:BLOCK:acc0")
-        if parts[0] == "float":
-            return Cell("float")
-        return Cell(parts[0], int(parts[1]), int(parts[2]), parts[3] if len(parts) == 4 else "")
+        return Cell(parts[0], int(parts[1]), int(parts[2]), variant)
 
     @property
     def name(self) -> str:
@@ -322,7 +323,7 @@ def evaluate(work: Work, cell: Cell, redo: bool) -> dict[str, Any] | None:
         return data
     _, evaluation = work.data()
     result = work.path("cells", f"{cell.slug}.ppl.json")
-    cmd = [sys.executable, __file__, "_eval", str(folder), str(evaluation), str(result)]
+    cmd = [sys.executable, __file__, "_eval", str(folder), str(evaluation), str(result), "--threads", str(work.args.threads)]
     step = run_timed(cmd, work.path("logs", f"{cell.slug}.eval.log"), env=ours_env())
     update: dict[str, Any] = {"eval": step, "weights": weight_bits(folder), "folder": str(folder)}
     if result.exists():
@@ -409,7 +410,7 @@ def child_ort(args: argparse.Namespace) -> None:
     quantizer.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=True)
 
 
-def perplexity(folder: Path, windows: np.ndarray) -> dict[str, Any]:
+def perplexity(folder: Path, windows: np.ndarray, threads: int = 0) -> dict[str, Any]:
     """Next-token perplexity of a genai folder's model on token windows: onnx-qubo's own feeds
     (lm_inputs: mask, positions, empty past) and NLL (perplexity.next_token_nll), one window a run."""
     import onnx
@@ -421,7 +422,9 @@ def perplexity(folder: Path, windows: np.ndarray) -> dict[str, Any]:
     name = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"].get("filename", "model.onnx")
     path = folder / name
     inputs = LmInputs(onnx.load(str(path), load_external_data=False))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: onnxruntime's default (every core)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     total, count, start = 0.0, 0, time.perf_counter()
     for window in windows:
         feeds = inputs.derive({"input_ids": window[None]}, str(path))
@@ -522,7 +525,8 @@ def weight_bits(folder: Path) -> dict[str, Any]:
 
     groups: dict[str, dict[str, float]] = {g: {"weights": 0, "bytes": 0} for g in ("blocks", "lm_head", "embedding")}
     head_inits: set[str] = set()
-    embedding = "float"
+    tables: list[Any] = []
+    embedding = "none"
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "MatMulNBits":
@@ -532,14 +536,7 @@ def weight_bits(folder: Path) -> dict[str, Any]:
             inits = {root(node.input[1])}
             weights, width = math.prod(dims[root(node.input[1])]), dims[root(node.input[1])][-1]
         elif node.op_type in ("Gather", "GatherBlockQuantized") and root(node.input[0]) in sizes:
-            inits = {root(x) for x in node.input if x and root(x) in sizes}
-            table = [x for x in node.input if x][:1] + [x for x in node.input[2:] if x]
-            table_inits = {root(x) for x in table}
-            groups["embedding"]["weights"] += config["vocab_size"] * config["decoder"]["hidden_size"]
-            embedding = node.op_type
-            if table_inits & head_inits:
-                embedding += " (shares the head's codes and scales)"
-            groups["embedding"]["bytes"] += sum(sizes[x] for x in table_inits - head_inits)
+            tables.append(node)  # after the head: it may read the head's initializers
             continue
         else:
             continue
@@ -548,6 +545,11 @@ def weight_bits(folder: Path) -> dict[str, Any]:
             head_inits |= inits
         groups[group]["weights"] += weights
         groups[group]["bytes"] += sum(sizes[x] for x in inits)
+    for node in tables:  # the table, its scales and zero points (input 1 is the token ids)
+        table = {root(x) for k, x in enumerate(node.input) if x and k != 1 and root(x) in sizes}
+        groups["embedding"]["weights"] += config["vocab_size"] * config["decoder"]["hidden_size"]
+        embedding = node.op_type + (" (shares the head's codes and scales)" if table & head_inits else "")
+        groups["embedding"]["bytes"] += sum(sizes[x] for x in table - head_inits)
     files = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(path.name))
     return {**{g: {**v, "bits_per_weight": 8 * v["bytes"] / v["weights"] if v["weights"] else None}
                for g, v in groups.items()}, "embedding_form": embedding, "model_files_bytes": files}
@@ -678,6 +680,7 @@ def child_main(argv: list[str]) -> None:
     ev.add_argument("folder", type=Path)
     ev.add_argument("windows", type=Path)
     ev.add_argument("out", type=Path)
+    ev.add_argument("--threads", type=int, default=0)
     sp = sub.add_parser("_speed")
     sp.add_argument("--repeat", type=int, required=True)
     sp.add_argument("--new", type=int, required=True)
@@ -689,7 +692,7 @@ def child_main(argv: list[str]) -> None:
     elif args.child == "_ort":
         child_ort(args)
     elif args.child == "_eval":
-        args.out.write_text(json.dumps(perplexity(args.folder, np.load(args.windows)["input_ids"])))
+        args.out.write_text(json.dumps(perplexity(args.folder, np.load(args.windows)["input_ids"], args.threads)))
     else:
         child_speed(args.folders, args.repeat, args.new, args.out)
 
@@ -715,6 +718,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--float-folder", default=None, help="a genai fp32 folder to use as the float model (no builder cells)")
     parser.add_argument("--calib", default=None, help="calibration windows .npz (default: made in the work folder)")
     parser.add_argument("--eval", default=None, help="evaluation windows .npz (default: made in the work folder)")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads of the perplexity runs (0: all cores)")
     parser.add_argument("--gptq-windows", type=int, default=8,
                         help="calibration windows GPTQ runs (it runs the whole model once per MatMul input per window)")
     parser.add_argument("--ours-flags", default="", help="more onnx-qubo flags for the ours cells (e.g. '--batch-size 8')")
