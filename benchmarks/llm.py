@@ -548,10 +548,12 @@ def weight_bits(folder: Path) -> dict[str, Any]:
     for node in tables:  # the table, its scales and zero points (input 1 is the token ids)
         table = {root(x) for k, x in enumerate(node.input) if x and k != 1 and root(x) in sizes}
         groups["embedding"]["weights"] += config["vocab_size"] * config["decoder"]["hidden_size"]
-        embedding = node.op_type + (" (shares the head's codes and scales)" if table & head_inits else "")
+        embedding = node.op_type + (" (shared with the head)" if table & head_inits else "")
         groups["embedding"]["bytes"] += sum(sizes[x] for x in table - head_inits)
     files = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(path.name))
-    return {**{g: {**v, "bits_per_weight": 8 * v["bytes"] / v["weights"] if v["weights"] else None}
+    weights = groups["blocks"]["weights"] + groups["lm_head"]["weights"]  # the table is the head's parameters (tied)
+    overall = 8 * sum(g["bytes"] for g in groups.values()) / weights if weights else None
+    return {"overall_bits_per_weight": overall, **{g: {**v, "bits_per_weight": 8 * v["bytes"] / v["weights"] if v["weights"] else None}
                for g, v in groups.items()}, "embedding_form": embedding, "model_files_bytes": files}
 
 
@@ -587,23 +589,26 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
              "x RTN: that increase over onnxruntime RTN's at 4 bits and the same block size. Bits per weight "
              "include scales and zero points, counted from the written model's initializers: blocks = the "
              "transformer blocks' MatMuls; head = lm_head; embedding = the token table "
-             "(\"shared\": it reads the head's codes).", "",
-             "| cell | perplexity | ppl + | x RTN | bits/w blocks | bits/w head | embedding | model files MB | make wall s | make peak MB | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(\"shared\": it reads the head's codes); overall = every byte of the three over the blocks' "
+             "and the head's weights (the table is the head's weights: tied).", "",
+             "| cell | perplexity | ppl + | x RTN | bits/w overall | bits/w blocks | bits/w head | embedding bits/w | model files MB | make wall s | make peak MB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in cells:
         cell = Cell.parse(d["cell"])
         ppl = d.get("perplexity")
         rise = ppl - float_ppl if ppl is not None and float_ppl is not None else None
         rtn = by_name.get(f"rtn:4:{cell.block}", {}).get("perplexity")
         ratio = rise / (rtn - float_ppl) if rise is not None and rtn is not None and float_ppl is not None and rtn > float_ppl else None
-        w = d.get("weights") or {}
+        folder = Path(d.get("folder", ""))
+        w = weight_bits(folder) if (folder / "genai_config.json").exists() else d.get("weights") or {}
         make_step = d.get("make") or {}
         if make_step.get("exit_status"):
-            lines.append(f"| {d['cell']} | failed: {make_step.get('error', '')[:200]} |||||||||")
+            lines.append(f"| {d['cell']} | failed: {make_step.get('error', '')[:200]} ||||||||||")
             continue
         emb = w.get("embedding", {})
-        emb_text = f"{fmt(emb.get('bits_per_weight'), 2)} ({w.get('embedding_form', '')})" if emb else ""
-        lines.append(" | ".join([f"| {d['cell']}", fmt(ppl, 3), fmt(rise, 3), fmt(ratio, 2),
+        form = w.get("embedding_form", "")
+        emb_text = form if "shared" in form else f"{fmt(emb.get('bits_per_weight'), 2)} ({form})" if emb else ""
+        lines.append(" | ".join([f"| {d['cell']}", fmt(ppl, 3), fmt(rise, 3), fmt(ratio, 2), fmt(w.get("overall_bits_per_weight"), 2),
                                  fmt(w.get("blocks", {}).get("bits_per_weight"), 2),
                                  fmt(w.get("lm_head", {}).get("bits_per_weight"), 2), emb_text,
                                  fmt(w.get("model_files_bytes", 0) / 1e6, 1) if w else "",

@@ -43,7 +43,7 @@ def test_float_bits_per_weight_count_the_tied_table_once():
     bits = llm.weight_bits(TINY)
     assert bits["blocks"]["bits_per_weight"] == 32 and bits["lm_head"]["bits_per_weight"] == 32
     assert bits["blocks"]["weights"] == 2 * 64 * (128 + 64 + 128 + 128 + 128)  # qkv, o, gate, up, down
-    assert bits["embedding"]["bytes"] == 0 and bits["embedding_form"] == "Gather (shares the head's codes and scales)"
+    assert bits["embedding"]["bytes"] == 0 and bits["embedding_form"] == "Gather (shared with the head)"
 
 
 @pytest.mark.slow
@@ -61,6 +61,7 @@ def test_tiny_model_end_to_end(tmp_path):
     # 4-bit codes + one float32 scale per 32 weights, the head and the embedding (--embeddings) alike
     assert ours["weights"]["blocks"]["bits_per_weight"] == pytest.approx(5.0)
     assert ours["weights"]["embedding_form"] == "GatherBlockQuantized"
+    assert ours["weights"]["overall_bits_per_weight"] == pytest.approx(5.0 * (1 + 2 * 64 * 512 / 106496))
     assert ours["make"]["exit_status"] == 0 and ours["make"]["peak_rss_mb"] > 0
     speed = json.loads((tmp_path / "work" / "speed.json").read_text())["models"]
     assert speed["ours:4:32"]["decode_tok_s"] > 0 and speed["float"]["prefill_tok_s"] > 0
