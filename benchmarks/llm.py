@@ -294,7 +294,8 @@ def make(work: Work, cell: Cell, redo: bool) -> dict[str, Any] | None:
             step["report"] = summary_of_report(json.loads(report.read_text()))
     else:
         cmd = [work.torch_python, __file__, "_ort", str(src), str(out), "--algo", cell.kind, "--bits", str(cell.bits),
-               "--block", str(cell.block), "--calib", str(calib), "--gptq-windows", str(work.args.gptq_windows)]
+               "--block", str(cell.block), "--calib", str(calib)]
+        cmd += ["--gptq-windows", str(work.args.gptq_windows)] if cell.kind == "gptq" else []
         step = run_timed(cmd, log)
     return save_cell(work, cell, {"make": step})
 
@@ -582,17 +583,16 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
     float_ppl = by_name.get("float", {}).get("perplexity")
     speed_data = json.loads(work.path("speed.json").read_text()) if work.path("speed.json").exists() else None
     lines = [f"# Language-model benchmark: SmolLM2-135M ({PACKAGE}=={VERSION})", "",
-             f"Made by `python benchmarks/llm.py --table` on {platform.node()} ({os.cpu_count()} cores, "
-             f"{platform.processor() or platform.machine()}), {datetime.date.today()}; every cell's command, "
-             "wall time, peak RSS and load average (1/5/15 min, before the step) below. Perplexity: "
+             f"Made by `python benchmarks/llm.py --table` ({machine()}), {datetime.date.today()}; every cell's "
+             "command, wall time, peak RSS and load average (1/5/15 min, before the step) below. Perplexity: "
              f"next-token, on the evaluation windows ({eval_description(work)}); ppl +: the increase over float; "
              "x RTN: that increase over onnxruntime RTN's at 4 bits and the same block size. Bits per weight "
              "include scales and zero points, counted from the written model's initializers: blocks = the "
              "transformer blocks' MatMuls; head = lm_head; embedding = the token table "
              "(\"shared\": it reads the head's codes); overall = every byte of the three over the blocks' "
              "and the head's weights (the table is the head's weights: tied).", "",
-             "| cell | perplexity | ppl + | x RTN | bits/w overall | bits/w blocks | bits/w head | embedding bits/w | model files MB | make wall s | make peak MB | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| cell | perplexity | ppl + | x RTN | bits/w overall | bits/w blocks | bits/w head | embedding bits/w | model files MB | make wall s | make CPU s | make peak MB | load 1 min before, after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in cells:
         cell = Cell.parse(d["cell"])
         ppl = d.get("perplexity")
@@ -603,7 +603,7 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
         w = weight_bits(folder) if (folder / "genai_config.json").exists() else d.get("weights") or {}
         make_step = d.get("make") or {}
         if make_step.get("exit_status"):
-            lines.append(f"| {d['cell']} | failed: {make_step.get('error', '')[:200]} ||||||||||")
+            lines.append(f"| {d['cell']} | failed: {make_step.get('error', '')[:200]} |||||||||||")
             continue
         emb = w.get("embedding", {})
         form = w.get("embedding_form", "")
@@ -612,8 +612,8 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
                                  fmt(w.get("blocks", {}).get("bits_per_weight"), 2),
                                  fmt(w.get("lm_head", {}).get("bits_per_weight"), 2), emb_text,
                                  fmt(w.get("model_files_bytes", 0) / 1e6, 1) if w else "",
-                                 fmt(make_step.get("wall_s"), 0), fmt(make_step.get("peak_rss_mb"), 0),
-                                 "/".join(str(x) for x in make_step.get("load_before", []))]) + " |")
+                                 fmt(make_step.get("wall_s"), 0), fmt(make_step.get("cpu_s"), 0),
+                                 fmt(make_step.get("peak_rss_mb"), 0), loads(make_step)]) + " |")
     lines += ["", "Not run (no such quantizer): " + "; ".join(f"{k} at {sorted(b)} bits: {why}"
                                                             for k, (b, why) in UNSUPPORTED.items()) + ".", ""]
     if speed_data:
@@ -622,12 +622,15 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
                   f"Greedy, prompt {PROMPT[:40]!r}... ({next(iter(speed_data['models'].values()))['prompt_tokens']} tokens), "
                   f"{speed_data['new']} new tokens, median of {speed_data['repeat']} runs after a warm-up; "
                   f"load average {'/'.join(map(str, step['load_before']))} before, {'/'.join(map(str, step['load_after']))} after.", "",
-                  "| model | prefill tok/s | decode tok/s | decode / float | runs (prefill, decode) |", "|---|---|---|---|---|"]
+                  "| model | prefill tok/s | decode tok/s | decode / float | decode / builder:4:32 | runs (prefill, decode) |",
+                  "|---|---|---|---|---|---|"]
         base = (speed_data["models"].get("float") or {}).get("decode_tok_s")
+        builder = (speed_data["models"].get("builder:4:32") or {}).get("decode_tok_s")
         for name, m in speed_data["models"].items():
             runs = ", ".join(f"({r['prefill_tok_s']:.0f}, {r['decode_tok_s']:.1f})" for r in m["runs"])
             lines.append(f"| {name} | {m['prefill_tok_s']:.1f} | {m['decode_tok_s']:.1f} | "
-                         f"{fmt(m['decode_tok_s'] / base if base else None, 2)} | {runs} |")
+                         f"{fmt(m['decode_tok_s'] / base if base else None, 2)} | "
+                         f"{fmt(m['decode_tok_s'] / builder if builder else None, 2)} | {runs} |")
         lines += ["", f"Command: `{step['command']}`", ""]
     lines += ["## Commands", ""]
     for d in cells:
@@ -643,6 +646,18 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
     out_md.write_text("\n".join(lines) + "\n")
     out_json.write_text(json.dumps({"cells": cells, "speed": speed_data}, indent=1, default=str))
     print(f"wrote {out_md} and {out_json}")
+
+
+def loads(step: dict[str, Any]) -> str:
+    """The 1-minute load average before and after a step."""
+    return ", ".join(str(step[k][0]) for k in ("load_before", "load_after") if step.get(k))
+
+
+def machine() -> str:
+    """CPU model and core count, for the table's heading."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def eval_description(work: Work) -> str:
@@ -680,7 +695,7 @@ def child_main(argv: list[str]) -> None:
     ort_child.add_argument("--bits", type=int, required=True)
     ort_child.add_argument("--block", type=int, required=True)
     ort_child.add_argument("--calib", required=True)
-    ort_child.add_argument("--gptq-windows", type=int, required=True)
+    ort_child.add_argument("--gptq-windows", type=int, default=8)
     ev = sub.add_parser("_eval")
     ev.add_argument("folder", type=Path)
     ev.add_argument("windows", type=Path)
