@@ -599,7 +599,7 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
         rise = ppl - float_ppl if ppl is not None and float_ppl is not None else None
         rtn = by_name.get(f"rtn:4:{cell.block}", {}).get("perplexity")
         ratio = rise / (rtn - float_ppl) if rise is not None and rtn is not None and float_ppl is not None and rtn > float_ppl else None
-        folder = Path(d.get("folder", ""))
+        folder = Path(d.get("folder") or work.folder(cell))
         w = weight_bits(folder) if (folder / "genai_config.json").exists() else d.get("weights") or {}
         make_step = d.get("make") or {}
         if make_step.get("exit_status"):
