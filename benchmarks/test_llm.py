@@ -1,0 +1,69 @@
+"""benchmarks/llm.py end to end on models/tiny_lm (float and an onnx-qubo cell, perplexity, bits per
+weight, og speed, the table), and its cell names. Kept beside the script (tests/ belongs to other
+work now): `python -m pytest -q benchmarks/test_llm.py`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TINY = HERE.parent / "models" / "tiny_lm"
+_spec = importlib.util.spec_from_file_location("llm_bench", HERE / "llm.py")
+assert _spec is not None and _spec.loader is not None
+llm = importlib.util.module_from_spec(_spec)
+sys.modules["llm_bench"] = llm
+_spec.loader.exec_module(llm)
+
+
+def test_cell_names_round_trip_and_bad_names_are_refused():
+    for name in ("float", "builder:4:128", "rtn:2:32", "ours:4:32:acc0"):
+        assert llm.Cell.parse(name).name == name
+    assert llm.Cell.parse("rtn:3:32").unsupported()
+    assert llm.Cell.parse("ours:3:32").unsupported() is None
+    for bad in ("float:4:32", "ours:4", "awq:4:32", "rtn:4:32:acc0"):
+        with pytest.raises(SystemExit):
+            llm.Cell.parse(bad)
+
+
+def test_spread_windows_do_not_overlap_and_cover_the_span():
+    windows = llm.spread_windows(np.arange(1000), 4, 100)
+    assert windows.shape == (4, 100) and windows[0, 0] == 0 and windows[-1, -1] == 999
+    assert len(np.unique(windows)) == windows.size
+    with pytest.raises(SystemExit):
+        llm.spread_windows(np.arange(300), 4, 100)
+
+
+def test_float_bits_per_weight_count_the_tied_table_once():
+    bits = llm.weight_bits(TINY)
+    assert bits["blocks"]["bits_per_weight"] == 32 and bits["lm_head"]["bits_per_weight"] == 32
+    assert bits["blocks"]["weights"] == 2 * 64 * (128 + 64 + 128 + 128 + 128)  # qkv, o, gate, up, down
+    assert bits["embedding"]["bytes"] == 0 and bits["embedding_form"] == "Gather (shared with the head)"
+
+
+@pytest.mark.slow
+def test_tiny_model_end_to_end(tmp_path):
+    args = ["--work", str(tmp_path / "work"), "--float-folder", str(TINY), "--calib", str(TINY / "model.calib.npz"),
+            "--eval", str(TINY / "model.eval.npz")]
+    llm.main([*args, "--only", "float,ours:4:32,rtn:3:32", "--speed", "float,ours:4:32", "--repeat", "1",
+              "--new", "4", "--table", "--out", str(tmp_path / "llm")])
+    cells = {d["cell"]: d for d in json.loads((tmp_path / "llm.json").read_text())["cells"]}
+    assert set(cells) == {"float", "ours:4:32"}  # rtn:3:32 has no quantizer: not run
+    ours = cells["ours:4:32"]
+    # one perplexity function for every cell, and it agrees with onnx-qubo's own streamed evaluation
+    assert ours["perplexity"] == pytest.approx(ours["make"]["report"]["quantized_perplexity"], rel=1e-6)
+    assert cells["float"]["perplexity"] == pytest.approx(ours["make"]["report"]["float_perplexity"], rel=1e-6)
+    # 4-bit codes + one float32 scale per 32 weights, the head and the embedding (--embeddings) alike
+    assert ours["weights"]["blocks"]["bits_per_weight"] == pytest.approx(5.0)
+    assert ours["weights"]["embedding_form"] == "GatherBlockQuantized"
+    assert ours["weights"]["overall_bits_per_weight"] == pytest.approx(5.0 * (1 + 2 * 64 * 512 / 106496))
+    assert ours["make"]["exit_status"] == 0 and ours["make"]["peak_rss_mb"] > 0
+    speed = json.loads((tmp_path / "work" / "speed.json").read_text())["models"]
+    assert speed["ours:4:32"]["decode_tok_s"] > 0 and speed["float"]["prefill_tok_s"] > 0
+    table = (tmp_path / "llm.md").read_text()
+    assert "| ours:4:32 |" in table and "og.Generator speed" in table
