@@ -1,6 +1,5 @@
 """benchmarks/llm.py end to end on models/tiny_lm (float and an onnx-qubo cell, perplexity, bits per
-weight, og speed, the table), and its cell names. Kept beside the script (tests/ belongs to other
-work now): `python -m pytest -q benchmarks/test_llm.py`."""
+weight, og speed, the table), and its cell names."""
 
 from __future__ import annotations
 
@@ -12,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-HERE = Path(__file__).resolve().parent
-TINY = HERE.parent / "models" / "tiny_lm"
-_spec = importlib.util.spec_from_file_location("llm_bench", HERE / "llm.py")
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "models" / "tiny_lm"
+_spec = importlib.util.spec_from_file_location("llm_bench", ROOT / "benchmarks" / "llm.py")
 assert _spec is not None and _spec.loader is not None
 llm = importlib.util.module_from_spec(_spec)
 sys.modules["llm_bench"] = llm
@@ -61,7 +60,8 @@ def test_tiny_model_end_to_end(tmp_path):
     # 4-bit codes + one float32 scale per 32 weights, the head and the embedding (--embeddings) alike
     assert ours["weights"]["blocks"]["bits_per_weight"] == pytest.approx(5.0)
     assert ours["weights"]["embedding_form"] == "GatherBlockQuantized"
-    assert ours["weights"]["overall_bits_per_weight"] == pytest.approx(5.0 * (1 + 2 * 64 * 512 / 106496))
+    # every byte of blocks, head and table (each 5 bits a weight) over the blocks' and the head's 106,496 weights
+    assert ours["weights"]["overall_bits_per_weight"] == pytest.approx(5.0 * (1 + 64 * 512 / 106496))
     assert ours["make"]["exit_status"] == 0 and ours["make"]["peak_rss_mb"] > 0
     speed = json.loads((tmp_path / "work" / "speed.json").read_text())["models"]
     assert speed["ours:4:32"]["decode_tok_s"] > 0 and speed["float"]["prefill_tok_s"] > 0
