@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import click
 
-from . import api, memory
+from . import api
 from .choice import Choice
 from .config import OPTIONS, PerBlock, QuantizeConfig, granularity_of
 from .discovery import find_dense_layers
@@ -208,7 +208,6 @@ def main():
     onnx-qubo compare model.onnx --samples 30   (bit widths x scales x solvers)
     onnx-qubo inspect model.onnx
     """
-    memory.return_freed_memory()  # the process is ours: large freed arrays go back to the system
 
 
 QUANTIZE = ["bits", "scale", *SCHEME, "solver", "neal_reads", "neal_sweeps", "seed", "batch_size", "dump_qubo",

@@ -11,7 +11,6 @@ says how much it needs. Estimates, not measurements: they count the large arrays
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 
@@ -24,21 +23,6 @@ from .types import DenseLayer
 DEFAULT_SHARE = 0.6  # of physical memory: the most a run takes without --max-memory
 STATISTICS_ROOM = 10 ** 9  # without --max-memory, statistics held at once beyond the largest layer's
 GB = 1e9
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial value
-
-
-def return_freed_memory() -> None:
-    """Keep glibc's mmap threshold at its initial 128 KB, so every large array is its own mapping,
-    given back to the system when freed. By default glibc raises the threshold to the size of a
-    freed mapping (up to 32 MB): later arrays then come from the heap, which fragments and keeps
-    freed memory (0.7 GB after a small language model's calibration). No-op off glibc."""
-    try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
 
 
 def physical_share() -> int:
