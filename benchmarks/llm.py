@@ -302,7 +302,7 @@ def make(work: Work, cell: Cell, redo: bool) -> dict[str, Any] | None:
 
 def ours_command(python: str, src: Path, out: Path, cell: Cell, calib: Path, evaluation: Path, report: Path,
                  extra: str) -> list[str]:
-    level = [] if cell.variant == "acc0" else ["--ort-accuracy-level", "4", "--embeddings"]
+    level = ["--ort-accuracy-level", "0"] if cell.variant == "acc0" else ["--ort-accuracy-level", "4", "--embeddings"]
     return [python, "-m", "onnx_qubo", "quantize", str(src / "model.onnx"), str(out / "model.onnx"),
             "--bits", str(cell.bits), "--granularity", "block", "--block-size", str(cell.block), "--format", "ort",
             *level, "--calib", str(calib), "--eval", str(evaluation), "--no-speed", "--report", str(report),
