@@ -229,6 +229,9 @@ def test_a_signal_during_the_renames_is_deferred_then_undoes_them(signum, tmp_pa
     out.mkdir()
     quantize_into(out, model, bits=4)
     before = digests(out)
+    # a shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored: give
+    # this test Python's own SIGINT handler whatever launched it
+    launched = signal.signal(signal.SIGINT, signal.default_int_handler)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     replace = os.replace
 
@@ -237,10 +240,13 @@ def test_a_signal_during_the_renames_is_deferred_then_undoes_them(signum, tmp_pa
         if Path(dst).name == "o.onnx.data":  # between the data file's rename and the model's
             os.kill(os.getpid(), signum)
     monkeypatch.setattr(files.os, "replace", signalled)
-    with pytest.raises(KeyboardInterrupt):
-        quantize_into(out, model)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            quantize_into(out, model)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
+    finally:
+        signal.signal(signal.SIGINT, launched)
     assert digests(out) == before
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
 
 
 def test_the_memory_a_refusal_asks_for_is_accepted(tmp_path):
