@@ -64,8 +64,8 @@ def check_format(format: Format, accuracy_level: int | None, activations: str, g
     ``bits`` every bit width the run uses; ``auto_scheme`` tries schemes format ort serves only
     some of."""
     quantized_inputs = activations != "none"
-    if accuracy_level is None:  # auto: resolved per model (auto_accuracy_level), never against the options
-        accuracy_level = 4 if format == Format.ORT and not quantized_inputs and min(bits) > 4 else 0
+    if accuracy_level is None:  # auto: checked as it resolves for a model that is not a language model
+        accuracy_level = auto_accuracy_level(False, bits) if format == Format.ORT and not quantized_inputs else 0
     check_accuracy_level(accuracy_level)
     if accuracy_level and format != Format.ORT:
         raise OptionError(f"{{ort_accuracy_level}} applies to {{format}} ort weight-only layers (MatMulNBits), "
