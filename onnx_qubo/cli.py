@@ -212,7 +212,7 @@ def main():
 
 QUANTIZE = ["bits", "scale", *SCHEME, "solver", "neal_reads", "neal_sweeps", "seed", "batch_size", "dump_qubo",
             "load_solution", "exclude", "layer_bits", "bias_correction", "format", "ort_accuracy_level", "embeddings",
-            "lower_bound", "rotate", "rotate_block", "workers", "ray_address", "external_data", "max_memory",
+            "lower_bound", "rotate", "rotate_block", "levels", "workers", "ray_address", "external_data", "max_memory",
             "auto_scheme", "size_budget", "max_error"]  # every config option, in --help order
 
 

@@ -163,6 +163,9 @@ class WeightConfig(_Section):
         return Scheme(self.bits if bits is None else bits, self.granularity.kind, self.granularity.size, self.symmetric)
 
 
+LEVELS = (2, 3, 4)  # grid points a weight may round to (--levels)
+
+
 @dataclass(frozen=True)
 class RoundingConfig(_Section):
     """How each layer's rounding is chosen."""
@@ -191,6 +194,9 @@ class RoundingConfig(_Section):
                                "--seed, a Hadamard transform per block; folded into a linear producer, else run "
                                "before the layer): incoherence processing.")
     rotate_block: int = _option(64, "Largest Hadamard block of --rotate (a power of two).")
+    levels: int = _option(2, "Grid points each weight may round to: 2 (floor or ceiling, the paper), 3 or 4 "
+                             "(around its value; at 2 bits, 4 is the whole grid), encoded exactly in the QUBO with "
+                             "1-2 binary variables per weight.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -199,6 +205,8 @@ class RoundingConfig(_Section):
                               "rotate_block")
         if self.solver not in SOLVERS:
             raise OptionError(f"{{solver}} must be one of {', '.join(SOLVERS)}, got {self.solver!r}", "solver")
+        if check_integer(self.levels, "levels") not in LEVELS:
+            raise OptionError(f"{{levels}} must be one of {', '.join(map(str, LEVELS))}, got {self.levels}", "levels")
         for name in ("neal_reads", "neal_sweeps"):
             if getattr(self, name) is not None:
                 check_integer(getattr(self, name), name, minimum=1)
@@ -354,6 +362,9 @@ class QuantizeConfig:
         if rounding.bias == BiasMode.QUANTIZE and rounding.bias_correction:
             raise OptionError("{bias_correction} re-fits a float bias; with {bias} quantize the bias is already "
                               "a variable of each neuron's QUBO", "bias_correction", "bias")
+        if rounding.levels > 2 ** self.weights.bits:
+            raise OptionError(f"{{levels}} {rounding.levels}: a {self.weights.bits}-bit grid has "
+                              f"{2 ** self.weights.bits} levels", "levels", "bits")
         for bits in {self.weights.bits, *self.automatic.layer_bits.values()}:
             reason = portable.scheme_refusal(self.weights.scheme(bits), activations.quantized)
             if reason:

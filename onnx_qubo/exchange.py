@@ -13,6 +13,10 @@ Layout of a dump directory (``--dump-qubo DIR``):
         base   [n, m]   integer the variable takes when v=0 (clamped value when not free)
         cross  [n, m]   linear coefficient (zero unless inputs are quantized or --sequential)
         offset [n]      error no rounding changes
+        digits [D]      grid steps each of a weight's variables adds (``--levels``, grid.py):
+                        [1] with two levels; with more, weight j is the D variables j*D ..
+                        j*D+D-1, ``base`` is zero but on the last, and its code is the sum of
+                        ``base + digits * v`` over them (absent in dumps before --levels: [1])
     neuron i's QUBO, with e = step_i * (frac_i - v) and v = 0 outside the free set J:
         E(v) = e^T G e + 2 cross_i . e + offset_i,
     i.e. v^T A v + l . v + c over J, A = P G[J, J] P with P = diag(step_i[J]),
@@ -65,7 +69,7 @@ def write_problem(directory: Path, stem: str, problem: LayerProblem) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, gram=problem.gram, step=np.broadcast_to(problem.step, problem.shape),
              frac=problem.rounding.frac, free=problem.rounding.free, base=problem.rounding.base,
-             cross=problem.cross, offset=problem.offset)
+             cross=problem.cross, offset=problem.offset, digits=np.asarray(problem.rounding.digits))
     _write(directory, stem + PROBLEM_SUFFIX, buffer.getvalue())
 
 
@@ -90,7 +94,8 @@ def read_problem(path: Path) -> LayerProblem:
     """The layer problem stored at ``path`` (a ``.qubo.npz`` this module wrote)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return LayerProblem(npz["gram"], npz["step"], Rounding(npz["base"], npz["frac"], npz["free"]),
+            digits = tuple(int(d) for d in npz["digits"]) if "digits" in npz else (1,)  # two levels before --levels
+            return LayerProblem(npz["gram"], npz["step"], Rounding(npz["base"], npz["frac"], npz["free"], digits),
                                 npz["cross"], npz["offset"])
     except (OSError, ValueError, KeyError, EOFError, AttributeError, TypeError, zipfile.BadZipFile) as exc:
         raise DataError(f"'{path}' is not a QUBO dump (.qubo.npz with gram, step, base, frac, free, "

@@ -171,16 +171,28 @@ class WeightCodes:
 
 @dataclass(frozen=True, eq=False)
 class Rounding:
-    """Where each weight sits on the grid: ``w / s + zero_point = base + frac``.
+    """Where each weight sits on the grid, as binary variables: ``w / s + zero_point = base + frac``.
 
-    ``free`` weights may round to ``base`` or ``base + 1``; the others are clamped to
-    ``base`` (their floor or ceiling leaves the grid), and ``frac`` then holds their
-    clamping residual, which still counts in the error.
+    With two levels (``digits == (1,)``) each weight is one variable: ``free`` weights may
+    round to ``base`` or ``base + 1``; the others are clamped to ``base`` (their floor or
+    ceiling leaves the grid), and ``frac`` then holds their clamping residual, which still
+    counts in the error. With more levels (``split_levels``) weight j is the D = len(digits)
+    consecutive variables j*D .. j*D+D-1 (most significant first); variable c adds
+    ``digits[c]`` grid steps when set, its ``frac`` is in units of its own ``digits[c]`` steps,
+    and ``base`` is zero but on the last variable, so a weight's code is the sum over its
+    variables of ``base + digits * v``.
     """
 
-    base: np.ndarray  # int64 [n, m]
-    frac: np.ndarray  # float64 [n, m]
-    free: np.ndarray  # bool [n, m]
+    base: np.ndarray  # int64 [n, m * D]
+    frac: np.ndarray  # float64 [n, m * D]
+    free: np.ndarray  # bool [n, m * D]
+    digits: tuple[int, ...] = (1,)
+
+    def integers(self, choice: np.ndarray) -> np.ndarray:
+        """The grid codes [n, m] of a choice (bool [n, m * D]; ignored where not free)."""
+        digits = np.asarray(self.digits, dtype=np.int64)
+        codes = self.base + np.tile(digits, self.base.shape[1] // len(digits)) * (choice & self.free)
+        return codes.reshape(len(codes), -1, len(digits)).sum(axis=2)
 
 
 def split_rounding(scaled: np.ndarray, grid: IntegerGrid) -> Rounding:
@@ -190,6 +202,41 @@ def split_rounding(scaled: np.ndarray, grid: IntegerGrid) -> Rounding:
     free = (floor >= grid.qmin) & (floor + 1 <= grid.qmax)
     base = np.clip(floor, grid.qmin, grid.qmax)
     return Rounding(base.astype(np.int64), scaled - base, free)
+
+
+def level_digits(levels: int) -> tuple[int, ...]:
+    """Step weights of the binary variables choosing among ``levels`` consecutive grid points:
+    ``levels - 1`` variables of one step each (a weight's offset is how many are set). Every
+    offset is reachable and none leaves the window, so the encoding is exact without a
+    penalty; unlike binary digits (2, 1), every move to a neighbouring level is one flip, which
+    is what the solvers' local moves need (with (2, 1), 1 -> 2 takes two flips at once)."""
+    return (1,) * (levels - 1)
+
+
+def split_levels(scaled: np.ndarray, grid: IntegerGrid, levels: int) -> Rounding:
+    """Each value [n, m] may take any of ``levels`` consecutive grid points centred on it (the
+    window slid inside the grid at its ends): ``levels - 1`` = 1 is ``split_rounding``. The
+    variables' fracs put round-to-nearest at every variable's own nearest value, so rounding each
+    variable alone (the rtn solver) is round-to-nearest on the grid."""
+    if levels == 2:
+        return split_rounding(scaled, grid)
+    top = grid.qmax - (levels - 1)
+    if top < grid.qmin:
+        raise ValueError(f"a {grid.bits}-bit grid has fewer than {levels} levels")
+    digits = level_digits(levels)
+    base = np.clip(np.floor(scaled + 0.5 - (levels - 1) / 2), grid.qmin, top)
+    offset = scaled - base  # in [0, levels - 1] unless clamped
+    rest = np.clip(np.floor(offset + 0.5), 0, levels - 1)  # round-to-nearest's offset
+    frac = np.empty(scaled.shape + (len(digits),))
+    for c, digit in enumerate(digits[:-1]):  # its greedy digits; the last variable takes the remainder
+        bit = rest >= digit
+        frac[..., c] = bit
+        rest, offset = rest - digit * bit, offset - digit * bit
+    frac[..., -1] = offset / digits[-1]
+    n, m = scaled.shape
+    codes = np.zeros(frac.shape, dtype=np.int64)
+    codes[..., -1] = base
+    return Rounding(codes.reshape(n, -1), frac.reshape(n, -1), np.ones((n, m * len(digits)), dtype=bool), digits)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,8 @@ class LayerTerms:
         w = self.weight
         return self.layer.gain ** 2 * np.einsum("if,if->i", w @ drift, w)
 
-    def problem(self, scheme: Scheme, scales: GroupScales, bias_scales: GroupScales | None) -> LayerProblem:
+    def problem(self, scheme: Scheme, scales: GroupScales, bias_scales: GroupScales | None,
+                levels: int = 2) -> LayerProblem:
         n, f = self.layer.shape
         scale = scales.per_column(scales.scale, f)
         zero_point = scales.per_column(scales.zero_point, f)
@@ -104,11 +105,12 @@ class LayerTerms:
             scale = np.hstack([np.broadcast_to(scale, (n, f)), bias_scales.scale])
             zero_point = np.hstack([np.broadcast_to(zero_point, (n, f)), bias_scales.zero_point])
             gain = np.r_[np.full(f, self.layer.gain), 1.0]
-        return build_problem(values, scale, zero_point, gain, scheme.grid, self.gram, self.cross, self.offset)
+        return build_problem(values, scale, zero_point, gain, scheme.grid, self.gram, self.cross, self.offset,
+                             levels)
 
     def mean_error(self, problem: LayerProblem, choice: np.ndarray) -> np.ndarray:
         """E[y - y_q] per output: cancelled by adding it to the output (bias correction)."""
-        shift = problem.errors(choice) @ self.statistics.gram[-1, :problem.shape[1]]  # E[z~]
+        shift = problem.errors(choice) @ self.statistics.gram[-1, :problem.weights]  # E[z~]
         if self.statistics.cross is not None:
             shift = shift + self.layer.gain * self.weight @ self.statistics.cross[-1]
         return shift
@@ -226,16 +228,16 @@ def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: Input
     presolved, search_seconds = None, 0.0
     if plan.scale == ScaleMethod.QUBO:
         start = time.perf_counter()
-        scales, presolved = _solved_best_scales(terms, scheme, bias_scales, plan.seed)
+        scales, presolved = _solved_best_scales(terms, scheme, bias_scales, plan.seed, plan.levels)
         search_seconds = time.perf_counter() - start
     else:
         scales = choose_scales(plan.scale, terms.weight, scheme, terms.weight_gram, terms.weight_cross)
-    return LayerWork(plan, terms, scales, bias_scales, terms.problem(scheme, scales, bias_scales), quantizer,
-                     presolved, search_seconds)
+    problem = terms.problem(scheme, scales, bias_scales, plan.levels)
+    return LayerWork(plan, terms, scales, bias_scales, problem, quantizer, presolved, search_seconds)
 
 
 def _solved_best_scales(terms: LayerTerms, scheme: Scheme, bias_scales: GroupScales | None,
-                        seed: int) -> tuple[GroupScales, np.ndarray]:
+                        seed: int, levels: int) -> tuple[GroupScales, np.ndarray]:
     """``scale qubo``: the best few clipping ratios by round-to-nearest cost, each solved by
     the fast engine; per row (one set for a tensor-wide scale) the one with the least cost.
     Rows are independent problems, so the chosen rows' roundings are returned too. The first
@@ -245,7 +247,7 @@ def _solved_best_scales(terms: LayerTerms, scheme: Scheme, bias_scales: GroupSca
                                   QUBO_CANDIDATES)
     costs, choices = [], []
     for scales in candidates:
-        problem = terms.problem(scheme, scales, bias_scales)
+        problem = terms.problem(scheme, scales, bias_scales, levels)
         choices.append(FastSolver().solve(problem, seed))
         costs.append(problem.neuron_energies(choices[-1]))
     cost_table = np.array(costs)  # [candidates, n]

@@ -14,7 +14,7 @@ from . import exchange
 from .backends.kernels import Format
 from .config import QuantizeConfig
 from .errors import OptionError
-from .grid import Scheme
+from .grid import Scheme, level_digits
 from .options import Activations, BiasMode, RangeMethod, ScaleMethod
 from .solvers import Solver
 from .types import DenseLayer
@@ -32,6 +32,7 @@ class LayerPlan:
     lower_bound: bool
     solver: Solver
     seed: int
+    levels: int  # grid points each weight may round to (at most the grid's)
     stem: str  # file-system-safe name of its exchange files
     workers: int  # local processes for its rows (1: in this process)
     ray_address: str | None  # or a Ray cluster
@@ -42,8 +43,9 @@ class LayerPlan:
 
     @property
     def variables(self) -> int:
-        """Binary variables per neuron: the weights, and the bias when it is one."""
-        return self.layer.shape[1] + self.bias_is_variable
+        """Binary variables per neuron: for each weight, and the bias when it is one, one per
+        digit of its choice among ``levels`` grid points."""
+        return (self.layer.shape[1] + self.bias_is_variable) * len(level_digits(self.levels))
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,13 +70,14 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer]) -> Plan:
                           "(onnx-qubo inspect lists the layers)", "layer_bits")
     stems = exchange.file_stems([layer.name for layer in layers])
     solver = rounding.make_solver()
+    schemes = [config.weights.scheme(layer_bits.get(layer.owner)) for layer in layers]
     planned = [
-        LayerPlan(layer=layer, scheme=config.weights.scheme(layer_bits.get(layer.owner)),
+        LayerPlan(layer=layer, scheme=scheme,
                   scale=rounding.scale, bias=rounding.bias if layer.bias is not None else BiasMode.FLOAT,
                   bias_correction=rounding.bias_correction, lower_bound=rounding.lower_bound,
-                  solver=solver, seed=rounding.seed, stem=stem, workers=config.execution.workers,
-                  ray_address=config.execution.ray_address)
-        for layer, stem in zip(layers, stems)]
+                  solver=solver, seed=rounding.seed, levels=min(rounding.levels, 2 ** scheme.bits), stem=stem,
+                  workers=config.execution.workers, ray_address=config.execution.ray_address)
+        for layer, scheme, stem in zip(layers, schemes, stems)]
     return Plan(planned, config.activations.dtype, config.activations.range, rounding.sequential,
                 _path(rounding.dump_qubo), _path(rounding.load_solution), config.describe(), config.output.format,
                 config.output.ort_accuracy_level or 0)  # auto is resolved by api.quantize; the studies write nothing

@@ -15,6 +15,12 @@ zero when the layer's inputs are the float model's). Over the free set J this is
 ``v^T A v + l . v + c`` with ``A = P G[J, J] P`` (P = diag(step_i[J])),
 ``l = -2 P ((G a)[J] + cross_i[J])``, ``a = step_i * frac_i``, ``c = C_i(0)``. The layer's
 cost is the sum over neurons.
+
+More than two levels per weight (``levels``, grid.split_levels) is the same QUBO over more
+variables: weight j becomes D binary variables worth ``digits`` grid steps each, all seeing
+input z_j, so the problem is the one above on the inputs z repeated D times (Gram
+``kron(G, ones(D, D))``, step ``step_ij * digits``) and the energy is still exactly the
+output error of the codes ``base + digits . v``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .determinism import map_threads
-from .grid import IntegerGrid, Rounding, split_rounding
+from .grid import IntegerGrid, Rounding, split_levels
 
 ENERGY_ROWS = 2048  # neurons per run of neuron_energies: a fixed split, so the same sums on any machine
 
@@ -55,17 +61,25 @@ class LayerProblem:
 
     gram: np.ndarray  # [m, m] E[z z^T] over the inputs the quantized layer sees
     step: np.ndarray  # [n, m], or [n, 1] when a row's variables share one scale
-    rounding: Rounding  # [n, m]
+    rounding: Rounding  # [n, variables]
     cross: np.ndarray  # [n, m] linear coefficient of e_i (zero when inputs are the float ones)
     offset: np.ndarray  # [n] error no rounding can change
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(neurons, binary variables per neuron)."""
         return self.rounding.frac.shape
 
+    @property
+    def weights(self) -> int:
+        """Weights per neuron (each is ``len(rounding.digits)`` variables)."""
+        return self.shape[1] // len(self.rounding.digits)
+
     def errors(self, choice: np.ndarray) -> np.ndarray:
-        """e = step * (frac - v) [n, m] for a choice (bool [n, m]; ignored where not free)."""
-        return self.step * (self.rounding.frac - (choice & self.rounding.free))
+        """Each weight's output-unit error [n, weights] for a choice (bool [n, variables];
+        ignored where not free): e = step * (frac - v), summed over a weight's variables."""
+        e = self.step * (self.rounding.frac - (choice & self.rounding.free))
+        return e.reshape(len(e), self.weights, -1).sum(axis=2)
 
     def neuron_energies(self, choice: np.ndarray) -> np.ndarray:
         """Per-neuron cost [n] of a choice, computed in the Gram matrix's precision (in runs of
@@ -83,7 +97,8 @@ class LayerProblem:
         return float(self.neuron_energies(choice).sum())
 
     def integers(self, choice: np.ndarray) -> np.ndarray:
-        return self.rounding.base + (choice & self.rounding.free)
+        """The grid codes [n, weights] of a choice."""
+        return self.rounding.integers(choice)
 
     def neuron_qubo(self, i: int) -> NeuronQubo:
         """The QUBO of output neuron i, over its free variables only."""
@@ -99,12 +114,19 @@ class LayerProblem:
 
 def build_problem(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int, gain,
                   grid: IntegerGrid, gram: np.ndarray, cross: np.ndarray | None = None,
-                  offset: np.ndarray | None = None) -> LayerProblem:
+                  offset: np.ndarray | None = None, levels: int = 2) -> LayerProblem:
     """The QUBO for ``values`` [n, m] quantized as ``scale * (q - zero_point)`` on ``grid``
     (scale and zero point [n, m] or broadcastable), each column's output scaled by ``gain``
-    (a number or [m])."""
-    rounding = split_rounding(values / scale + zero_point, grid)
+    (a number or [m]), each value choosing among ``levels`` grid points around it."""
+    rounding = split_levels(values / scale + zero_point, grid, levels)
     n, m = values.shape
-    return LayerProblem(gram, gain * scale, rounding,
-                        np.broadcast_to(0.0, (n, m)) if cross is None else cross,  # read-only zeros: no n x m array
+    step = gain * scale
+    digits = rounding.digits
+    if len(digits) > 1:  # the inputs repeated once per variable of a weight (see the module's docstring)
+        step = (np.broadcast_to(step, (n, m))[:, :, None] * np.asarray(digits, dtype=float)).reshape(n, -1)
+        gram = np.kron(gram, np.ones((len(digits), len(digits)), dtype=gram.dtype))
+        cross = None if cross is None else np.repeat(cross, len(digits), axis=1)
+    variables = rounding.frac.shape[1]
+    return LayerProblem(gram, step, rounding,
+                        np.broadcast_to(0.0, (n, variables)) if cross is None else cross,  # read-only zeros, no copy
                         np.zeros(n) if offset is None else offset)

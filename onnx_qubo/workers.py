@@ -87,7 +87,7 @@ def rows_of(problem: LayerProblem, rows: slice) -> LayerProblem:
     """The problem of some of a layer's neurons (the Gram matrix is shared, not copied)."""
     r = problem.rounding
     step = problem.step if problem.step.shape[0] == 1 else problem.step[rows]
-    return LayerProblem(problem.gram, step, Rounding(r.base[rows], r.frac[rows], r.free[rows]),
+    return LayerProblem(problem.gram, step, Rounding(r.base[rows], r.frac[rows], r.free[rows], r.digits),
                         problem.cross[rows], problem.offset[rows])
 
 

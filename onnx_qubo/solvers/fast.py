@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 
 import numpy as np
@@ -102,8 +102,8 @@ class FastSolver:
         """Solve the neurons of consecutive chunks ``first_chunk, ...`` of ``plan(layer_rows, f)``:
         ``part`` holds exactly their rows (the whole layer when first_chunk is 0 and part has
         ``layer_rows`` rows). Gives those rows' choice, the same bits as solving the whole layer,
-        whatever this process's BLAS thread count. ``upper``: ``feedback_factor(part.gram)``
-        when the caller has it already."""
+        whatever this process's BLAS thread count. ``upper``: ``start_factor(part)`` when the
+        caller has it already."""
         with one_blas_thread():
             return self._solve_part(part, seed, layer_rows, first_chunk, progress, upper)
 
@@ -117,7 +117,7 @@ class FastSolver:
             raise ValueError("a layer searched in replicas is solved whole")
         # float32 for the start and the descent's first stage: they guide the search, and the
         # float64 stage that ends it decides
-        rough_upper = (feedback_factor(gram) if upper is None else upper).astype(np.float32)
+        rough_upper = (start_factor(part) if upper is None else upper).astype(np.float32)
         rough_gram = gram.astype(np.float32)
         step, frac, free, cross = (np.broadcast_to(part.step, (n, f)), part.rounding.frac,
                                    part.rounding.free, part.cross)
@@ -132,22 +132,33 @@ class FastSolver:
         if chunks[-1][1].stop != n * replicas:
             raise ValueError(f"rows {origin}..{origin + n} of the layer do not end on a chunk boundary")
         terms = [_Terms(gram, rough_gram, step[rows], frac[rows], free[rows], cross[rows]) for _, rows in chunks]
-        pairs = self.pair_candidates
-        with progress.bar(n, "fast") as bar, ThreadPoolExecutor(self.workers) as pool:
-            starts = list(pool.map(lambda chunk: best_start(chunk, sequential_start(chunk, rough_upper)), terms))
-            states = [state for state, _, _ in starts]
-            list(pool.map(lambda state: state.descend(pairs), states))
-            if plan.tabu_steps >= MIN_TABU_STEPS:
-                def search(index: int) -> None:
-                    state, rng = states[index], np.random.default_rng([seed, chunks[index][0]])
-                    state.reset(tabu_search(state, plan.tabu_steps, self.tabu_rounds, rng, self.tabu_patience))
-                    state.descend(pairs)
+        digits = part.rounding.digits
 
-                list(pool.map(search, range(len(chunks))))
+        def search(chunk: _Terms, start: np.ndarray, rng: np.random.Generator, tabu_steps: int) -> np.ndarray:
+            """Descent and tabu from the better of ``start`` and round-to-nearest; never worse
+            than round-to-nearest, exactly (the start was chosen in float32)."""
+            state, nearest, nearest_energy = best_start(chunk, start)
+            state.descend(self.pair_candidates)
+            if tabu_steps >= MIN_TABU_STEPS:
+                state.reset(tabu_search(state, tabu_steps, self.tabu_rounds, rng, self.tabu_patience))
+                state.descend(self.pair_candidates)
+            return np.where((state.energy <= nearest_energy)[:, None], state.choice, nearest)
+
+        def solve_chunk(index: int) -> np.ndarray:
+            chunk, rng = terms[index], np.random.default_rng([seed, chunks[index][0]])
+            start = sequential_start(chunk, rough_upper, digits)
+            if len(digits) > 1:  # the floor-or-ceiling problem first: the levels never do worse than it
+                binary, floor = chunk.floor_or_ceiling(len(digits))
+                binary_choice = search(binary, sequential_start(binary, rough_upper),
+                                       np.random.default_rng([seed, chunks[index][0], 1]),
+                                       min(1024, plan.tabu_steps * len(digits)))
+                lifted = unary(floor + binary_choice, len(digits))
+                start = np.where((chunk.energies(lifted) < chunk.energies(start))[:, None], lifted, start)
+            return search(chunk, start, rng, plan.tabu_steps)
+
+        with progress.bar(n, "fast") as bar, ThreadPoolExecutor(self.workers) as pool:
+            choice = np.concatenate(list(pool.map(solve_chunk, range(len(chunks)))))
             bar.update(n)
-        # never worse than round-to-nearest, exactly (the start was chosen in float32)
-        choice = np.concatenate([np.where((state.energy <= nearest_energy)[:, None], state.choice, nearest)
-                                 for state, nearest, nearest_energy in starts])
         if replicas == 1:
             return choice
         best = _Terms(gram, rough_gram, step, frac, free, cross).energies(choice).reshape(n, replicas).argmin(axis=1)
@@ -172,6 +183,13 @@ class FastPlan:
     replicas: int
     tabu_steps: int
     chunks: tuple[slice, ...]
+
+
+def start_factor(problem: LayerProblem) -> np.ndarray:
+    """The sequential start's ``feedback_factor``, on the Gram of the weights (each weight's D
+    variables see the same input: one row and column of G per weight)."""
+    d = len(problem.rounding.digits)
+    return feedback_factor(problem.gram[::d, ::d] if d > 1 else problem.gram)
 
 
 def feedback_factor(gram: np.ndarray) -> np.ndarray:
@@ -223,11 +241,44 @@ class _Terms:
         e = self.step * (self.frac - v)
         return np.einsum("if,if->i", e @ self.gram + 2.0 * self.cross, e)
 
+    def per_weight(self, d: int) -> _Terms:
+        """For weights of ``d`` one-step variables each (``levels`` d + 1, grid.level_digits):
+        one variable per weight on the weights' Gram, its frac the offset above its window's
+        base (0 .. d inside the window)."""
+        n = len(self.frac)
+        return _Terms(self.gram[::d, ::d], self.rough_gram[::d, ::d], self.step[:, ::d],
+                      self.frac.reshape(n, -1, d).sum(axis=2), np.asarray(self.free.reshape(n, -1, d).all(axis=2)),
+                      self.cross[:, ::d])
 
-def sequential_start(terms: _Terms, upper: np.ndarray, block: int = 128, inner: int = 16) -> np.ndarray:
-    """Round variables in input order, each to floor or ceiling, feeding its error forward
-    (GPTQ's lazy-batch update restricted to the binary choice), in output units, in the
-    precision of ``upper``. The target is the unconstrained optimum ``e = -c H^-1``, i.e.
+    def floor_or_ceiling(self, d: int) -> tuple[_Terms, np.ndarray]:
+        """The problem restricted to each weight's floor or ceiling (``per_weight``, frac above
+        the floor), and the floor's offset in its window [n, weights]."""
+        weights = self.per_weight(d)
+        floor = np.clip(np.floor(weights.frac), 0, d - 1)
+        return replace(weights, frac=weights.frac - floor), floor.astype(np.int64)
+
+
+def unary(offsets: np.ndarray, d: int) -> np.ndarray:
+    """Offsets [n, weights] in 0..d as ``d`` one-step variables per weight (the first ones set)."""
+    return (offsets[:, :, None] > np.arange(d)).reshape(len(offsets), -1)
+
+
+def sequential_start(terms: _Terms, upper: np.ndarray, digits: tuple[int, ...] = (1,), block: int = 128,
+                     inner: int = 16) -> np.ndarray:
+    """Round weights in input order, each to the nearest of its levels (floor or ceiling with
+    two), feeding its error forward (GPTQ's lazy-batch update restricted to the weight's
+    levels), in output units, in the precision of ``upper`` (``start_factor``). With more than
+    two levels (``digits``: one-step variables, grid.level_digits) each weight's variables are
+    rounded as one, and the chosen offset written back as that many set variables."""
+    d = len(digits)
+    if d == 1:
+        return _sequential_offsets(terms, upper, 1, block, inner).astype(bool)
+    return unary(_sequential_offsets(terms.per_weight(d), upper, d, block, inner), d)
+
+
+def _sequential_offsets(terms: _Terms, upper: np.ndarray, top: int, block: int, inner: int) -> np.ndarray:
+    """``sequential_start``'s rounding of one variable per weight to an offset in 0 .. ``top``
+    grid steps above its base. The target is the unconstrained optimum ``e = -c H^-1``, i.e.
     ``p v = p u + c H^-1``.
 
     Two levels of lazy batches: the error of a variable reaches the rest of its ``inner`` run
@@ -238,17 +289,17 @@ def sequential_start(terms: _Terms, upper: np.ndarray, block: int = 128, inner: 
     if terms.cross.any():
         target += (terms.cross.astype(upper.dtype) @ upper.T) @ upper
     n, f = target.shape
-    v = np.zeros((n, f), dtype=bool)
+    v = np.zeros((n, f), dtype=np.int8)
     for b0 in range(0, f, block):
         b1 = min(b0 + block, f)
         local, step, free = (a[:, b0:b1].T.astype(dtype, order="C") for a, dtype in
                              ((target, upper.dtype), (terms.step, upper.dtype), (terms.free, bool)))
-        chosen, errors = np.zeros(local.shape, dtype=bool), np.empty_like(local)
+        chosen, errors = np.zeros(local.shape, dtype=upper.dtype), np.empty_like(local)
         diagonal = upper[b0:b1, b0:b1]
         for i0 in range(0, b1 - b0, inner):
             i1 = min(i0 + inner, b1 - b0)
             for j in range(i0, i1):
-                chosen[j] = free[j] & (local[j] / step[j] >= 0.5)
+                chosen[j] = free[j] * np.clip(np.floor(local[j] / step[j] + 0.5), 0, top)
                 errors[j] = (local[j] - step[j] * chosen[j]) / diagonal[j, j]
                 local[j + 1:i1] -= np.outer(diagonal[j, j + 1:i1], errors[j])
             local[i1:] -= np.einsum("ir,in->rn", diagonal[i0:i1, i1:], errors[i0:i1])  # no BLAS call
