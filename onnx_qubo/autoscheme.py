@@ -3,7 +3,9 @@ or in float, from the model's output error each one causes alone (contribution.p
 
 Candidates per layer: the requested scheme at ``bits`` (with ``auto_scheme``: per channel and
 blocks of 32 inputs, each symmetric and asymmetric); with a budget or an error target also the
-requested scheme at 8 bits, and float. Each
+requested scheme at 8 bits (with a bits-per-weight target, at every width from ``bits + 1`` to
+``ceil(target) + 1`` as well), and float. A bits-per-weight target is a size budget on the
+quantized layers' bytes (codes, scales and zero points as stored). Each
 scheme is solved once for all layers; every candidate's contribution is measured alone in
 onnxruntime. Contributions of different layers are taken to add in squares (independent
 perturbations of the output), so the model's error is estimated as ``sqrt(sum e_i^2)``. The
@@ -70,27 +72,35 @@ class Choice:
             label = "float" if c.quantized is None else f"{c.sensitivity.bits} bits {c.sensitivity.scheme}"
             counts[label] = counts.get(label, 0) + 1
         kinds = ", ".join(f"{n} at {label}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        weights = sum(c.sensitivity.float_bytes for c in self.chosen) // FLOAT_BYTES
         return (f"automatic choice from each layer's output error alone (calibration data): {kinds}; "
-                f"estimated output error {self.estimated_error:.3g}, weights {self.weight_bytes:,} bytes")
+                f"estimated output error {self.estimated_error:.3g}, weights {self.weight_bytes:,} bytes "
+                f"({8 * self.weight_bytes / max(weights, 1):.3g} bits per weight, scales included)")
 
 
 def candidate_options(config: QuantizeConfig, auto_scheme: bool, promote: bool) -> list[QuantizeConfig]:
     """The configs solved for all layers: the schemes at ``bits``, then (``promote``) the
-    requested scheme at 8 bits."""
+    requested scheme at more bits: 8, and with a bits-per-weight target the widths up to one
+    above it."""
     base = config.updated(layer_bits={}, exclude=())
     schemes = [base]
     if auto_scheme:
         schemes = [base.updated(granularity=granularity, symmetric=symmetric)
                    for granularity in (PerChannel(), PerBlock(AUTO_BLOCK)) for symmetric in (True, False)]
-    if not promote or config.weights.bits >= PROMOTED_BITS:
+    if not promote:
         return schemes
-    return schemes + [base.updated(bits=PROMOTED_BITS)]
+    target = config.automatic.bits_per_weight
+    top = PROMOTED_BITS if target is None else min(PROMOTED_BITS - 1, math.ceil(target) + 1)
+    more = [*range(config.weights.bits + 1, top + 1), PROMOTED_BITS] if target is not None else [PROMOTED_BITS]
+    return schemes + [base.updated(bits=bits) for bits in sorted(set(more)) if bits > config.weights.bits]
 
 
 def choose(calibrated: Calibrated, options: QuantizeConfig, reference: Reference, progress: Progress, *,
-           auto_scheme: bool, size_budget: int | None, max_error: float | None, base_bytes: int) -> Choice:
+           auto_scheme: bool, size_budget: int | None, max_error: float | None, base_bytes: int,
+           weights: int | None = None) -> Choice:
     """Measure every candidate of every layer and choose (``size_budget``: bytes of the whole
-    model, ``base_bytes`` being what is not a quantizable weight)."""
+    model, ``base_bytes`` being what is not a quantizable weight; ``weights``: their number, when
+    the budget was asked for in bits per weight)."""
     measured = [measure(calibrated, make_plan(o, calibrated.layers), reference, progress)
                 for o in candidate_options(options, auto_scheme, size_budget is not None or max_error is not None)]
     candidates = []
@@ -101,11 +111,11 @@ def choose(calibrated: Calibrated, options: QuantizeConfig, reference: Reference
         per_layer.append(Candidate(None, None, replace(floats, bits=32, scheme="float", output_error=0.0,
                                                        weight_bytes=floats.float_bytes), 0.0, floats.float_bytes))
         candidates.append(per_layer)
-    return greedy(candidates, size_budget, max_error, base_bytes)
+    return greedy(candidates, size_budget, max_error, base_bytes, weights)
 
 
 def greedy(candidates: list[list[Candidate]], size_budget: int | None, max_error: float | None,
-           base_bytes: int) -> Choice:
+           base_bytes: int, weights: int | None = None) -> Choice:
     """From each layer's cheapest candidate (least error among equals), upgrade by error removed per byte."""
     chosen = [min(cands, key=lambda c: (c.bytes, c.error)) for cands in candidates]
     if size_budget is None and max_error is None:  # --auto-scheme alone: the least error at --bits
@@ -113,6 +123,10 @@ def greedy(candidates: list[list[Candidate]], size_budget: int | None, max_error
         chosen = [min(cands, key=lambda c: (c.error, c.bytes)) for cands in quantized]
         return _choice(chosen, candidates, base_bytes)
     total = base_bytes + sum(c.bytes for c in chosen)
+    if size_budget is not None and total > size_budget and weights:
+        raise OptionError(f"{{bits_per_weight}} {8 * (size_budget - base_bytes) / weights:.3g} is below what these "
+                          f"schemes store at least ({8 * (total - base_bytes) / weights:.3g} bits per weight, scales "
+                          "included)", "bits_per_weight")
     if size_budget is not None and total > size_budget:
         raise OptionError(f"{{size_budget}} {size_budget / 1e6:.3g} MB is below the smallest model these schemes "
                           f"make ({total / 1e6:.3g} MB)", "size_budget")
@@ -149,11 +163,15 @@ def quantize_auto(calibrated: Calibrated, options: QuantizeConfig, progress: Pro
     """``pipeline.quantize_model`` with the per-layer choices made here, measured on the
     calibration data (the evaluation data stays out of the choice)."""
     reference = reference_scores(calibrated.model, calibrated.dataset, progress)
-    layer_floats = sum(layer.weight.size for layer in calibrated.layers) * FLOAT_BYTES
+    weights = sum(layer.weight.size for layer in calibrated.layers)
     automatic = options.automatic
+    base_bytes = max(input_bytes - weights * FLOAT_BYTES, 0)
     budget = None if automatic.size_budget is None else int(automatic.size_budget * 1e6)
+    if automatic.bits_per_weight is not None:  # the same budget, on the quantized layers' bytes
+        budget = base_bytes + int(automatic.bits_per_weight * weights / 8)
     chosen = choose(calibrated, options, reference, progress, auto_scheme=automatic.auto_scheme, size_budget=budget,
-                    max_error=automatic.max_error, base_bytes=max(input_bytes - layer_floats, 0))
+                    max_error=automatic.max_error, base_bytes=base_bytes,
+                    weights=None if automatic.bits_per_weight is None else weights)
     if not chosen.quantized:  # nothing left to quantize: say which request led there
         least = min(c.error for cands in chosen.candidates for c in cands if c.quantized is not None)
         raise OptionError("every layer would stay float: {size_budget} fits the float model, or {max_error} is "

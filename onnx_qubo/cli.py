@@ -30,7 +30,7 @@ from .solvers import SOLVERS
 FLAGS = {"calibration": "--calib", "evaluation": "--eval", "report_path": "--report", "block_size": "--block-size",
          **{name: option.flag for name, option in OPTIONS.items()}}  # API name -> flag
 METAVARS = {"exclude": "LAYER", "layer_bits": "LAYER=BITS", "ray_address": "ADDRESS", "max_memory": "GB",
-            "size_budget": "MB"}
+            "size_budget": "MB", "bits_per_weight": "BITS"}
 
 
 def flag(option: str) -> str:
@@ -149,7 +149,8 @@ def config_option(name: str, default: object = None):
     if name in ("dump_qubo", "load_solution"):
         return click.option(*flags, type=click.Path(file_okay=False), default=None, **kind)
     scalar = {"int": int, "float": float}.get(type(default).__name__) or (
-        float if name in ("max_memory", "size_budget", "max_error") else int if name.startswith("neal") else str)
+        float if name in ("max_memory", "size_budget", "bits_per_weight", "max_error")
+        else int if name.startswith("neal") else str)
     return click.option(*flags, type=scalar, default=default, show_default=default is not None, **kind)
 
 
@@ -213,7 +214,7 @@ def main():
 QUANTIZE = ["bits", "scale", *SCHEME, "solver", "neal_reads", "neal_sweeps", "seed", "batch_size", "dump_qubo",
             "load_solution", "exclude", "layer_bits", "bias_correction", "format", "ort_accuracy_level", "embeddings",
             "lower_bound", "rotate", "rotate_block", "levels", "workers", "ray_address", "external_data", "max_memory",
-            "auto_scheme", "size_budget", "max_error"]  # every config option, in --help order
+            "auto_scheme", "size_budget", "bits_per_weight", "max_error"]  # every config option, in --help order
 
 
 @main.command()

@@ -301,15 +301,28 @@ class AutomaticConfig(_Section):
     max_error: float | None = _option(None, "Relative output error to reach: the most damaging layers per byte go "
                                             "to 8 bits or float until the estimate (per-layer errors added in "
                                             "squares) is below it.")
+    bits_per_weight: float | None = _option(None, "Average bits per quantized weight to fit, scales and zero points "
+                                                  "included (e.g. 2.5 with --bits 2): the layers that damage the "
+                                                  "output most per byte get --bits + 1 .. 8 bits while it fits "
+                                                  "(measured alone on the calibration data).")
 
     def __post_init__(self) -> None:
         check_positive(self.size_budget, "size_budget", MAX_GB * 1e3, "a number of MB above 0")  # its own words
+        check_positive(self.bits_per_weight, "bits_per_weight", 32.0, "a number of bits above 0, at most 32")
+        if self.bits_per_weight is not None and self.size_budget is not None:
+            raise OptionError("{size_budget} and {bits_per_weight} both set the size: give one",
+                              "size_budget", "bits_per_weight")
         super().__post_init__()
+
+    @property
+    def sized(self) -> bool:
+        """Whether the size is a target (--size-budget or --bits-per-weight)."""
+        return self.size_budget is not None or self.bits_per_weight is not None
 
     @property
     def enabled(self) -> bool:
         """Whether layers' schemes are chosen by measuring them."""
-        return self.auto_scheme or self.size_budget is not None or self.max_error is not None
+        return self.auto_scheme or self.sized or self.max_error is not None
 
 
 SECTIONS = {"weights": WeightConfig, "rounding": RoundingConfig, "activations": ActivationConfig,
@@ -385,18 +398,19 @@ class QuantizeConfig:
         automatic = self.automatic
         if not automatic.enabled:
             return
-        names = ["auto_scheme", "size_budget", "max_error"]
+        names = ["auto_scheme", "size_budget", "bits_per_weight", "max_error"]
+        automatic_flags = "{auto_scheme}/{size_budget}/{bits_per_weight}/{max_error}"
         if self.rounding.sequential:
-            raise OptionError("{auto_scheme}/{size_budget}/{max_error} measure each layer alone on the float model; "
+            raise OptionError(f"{automatic_flags} measure each layer alone on the float model; "
                               "they do not combine with {sequential}", *names, "sequential")
         if automatic.layer_bits:
-            raise OptionError("{layer_bits} sets bit widths by hand, {auto_scheme}/{size_budget}/{max_error} "
+            raise OptionError(f"{{layer_bits}} sets bit widths by hand, {automatic_flags} "
                               "choose them: give one or the other", "layer_bits", *names)
         if self.rounding.dump_qubo is not None or self.rounding.load_solution is not None:
-            raise OptionError("{dump_qubo}/{load_solution} exchange one scheme's QUBOs; {auto_scheme}/{size_budget}/"
-                              "{max_error} solve several", "dump_qubo", "load_solution", *names)
+            raise OptionError(f"{{dump_qubo}}/{{load_solution}} exchange one scheme's QUBOs; {automatic_flags} "
+                              "solve several", "dump_qubo", "load_solution", *names)
         if self.output.embeddings:
-            raise OptionError("{embeddings} tables are not measured by {auto_scheme}/{size_budget}/{max_error} yet: "
+            raise OptionError(f"{{embeddings}} tables are not measured by {automatic_flags} yet: "
                               "give one or the other", "embeddings", *names)
 
     # flat view: the CLI's flags and the API's keywords
@@ -498,6 +512,8 @@ class QuantizeConfig:
         if automatic.enabled:
             chosen = ["scheme chosen"] if automatic.auto_scheme else []
             chosen += [] if automatic.size_budget is None else [f"within {automatic.size_budget:g} MB"]
+            chosen += [] if automatic.bits_per_weight is None else [
+                f"within {automatic.bits_per_weight:g} bits per weight"]
             chosen += [] if automatic.max_error is None else [f"to output error {automatic.max_error:g}"]
             text += "; per layer: " + ", ".join(chosen)
         if self.output.format == Format.ORT:

@@ -113,6 +113,34 @@ def test_size_budget_keeps_the_model_within_it_and_at_most_the_error_of_the_smal
 
 
 @pytest.mark.slow
+def test_bits_per_weight_target_mixes_widths_within_it(tmp_path, data):
+    """One bit per weight above what 2-bit codes store (scales included): some layers get more
+    bits, the written codes, scales and zero points stay within the target, and the output error
+    drops below plain 2 bits'."""
+    calib, evaluation = data
+    model = mlp_model(WIDTHS)
+    weights = {f"W{k}" for k in range(3)}
+    count = sum(numpy_helper.to_array(i).size for i in model.graph.initializer if i.name in weights)
+
+    def bits_per_weight(path):  # codes (packed), scales and zero points of the three weights
+        return 8 * sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes
+                       for t in onnx.load(path).graph.initializer if t.name.split("_")[0] in weights) / count
+
+    plain = runs.quantize(model, tmp_path / "plain.onnx", bits=2, calibration=calib, evaluation=evaluation,
+                          speed=False)
+    target = bits_per_weight(tmp_path / "plain.onnx") + 1.0
+    report = runs.quantize(model, tmp_path / "auto.onnx", bits=2, bits_per_weight=target, calibration=calib,
+                           evaluation=evaluation, speed=False)
+    assert bits_per_weight(tmp_path / "plain.onnx") < bits_per_weight(tmp_path / "auto.onnx") <= target
+    assert sorted({layer.bits for layer in report.layers}) != [2]
+    assert report.evaluation.relative_output_error < plain.evaluation.relative_output_error
+    assert "bits per weight" in next(note for note in report.notes if "automatic choice" in note)
+    with pytest.raises(OptionError, match="below what these schemes store at least"):
+        runs.quantize(model, tmp_path / "low.onnx", bits=2, bits_per_weight=target - 1.5, calibration=calib,
+                      speed=False)
+
+
+@pytest.mark.slow
 def test_auto_scheme_gives_each_layer_the_scheme_of_least_error_on_the_calibration_data(tmp_path, data):
     calib, evaluation = data
     model = mlp_model(WIDTHS)
@@ -146,6 +174,8 @@ def test_max_error_no_layer_can_meet_is_refused(tmp_path, data):
     (dict(max_error=0.1, layer_bits={"fc0": 8}), "layer_bits"),
     (dict(size_budget=-1.0), "size_budget"),
     (dict(max_error=float("nan")), "max_error"),
+    (dict(bits_per_weight=2.5, size_budget=1.0), "bits_per_weight"),
+    (dict(bits_per_weight=0.0), "bits_per_weight"),
     (dict(auto_scheme=True, format="ort", bits=4), "format"),
 ])
 def test_automatic_option_errors(tmp_path, data, kwargs, names):
