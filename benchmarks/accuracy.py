@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime
 
 import onnx_qubo
-from onnx_qubo.solvers import SOLVERS
+from onnx_qubo.rounding.solvers import SOLVERS
 
 ROOT = Path(__file__).resolve().parent.parent
 

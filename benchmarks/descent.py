@@ -29,11 +29,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from scale import correlated_inputs  # noqa: E402
 
-from onnx_qubo.grid import Scheme  # noqa: E402
-from onnx_qubo.qubo import LayerProblem, build_problem  # noqa: E402
-from onnx_qubo.scales import choose_scales  # noqa: E402
-from onnx_qubo.solvers import RoundToNearest  # noqa: E402
-from onnx_qubo.solvers import fast as new_fast  # noqa: E402
+from onnx_qubo.core.grid import Scheme  # noqa: E402
+from onnx_qubo.rounding.qubo import LayerProblem, build_problem  # noqa: E402
+from onnx_qubo.rounding.scales import choose_scales  # noqa: E402
+from onnx_qubo.rounding.solvers import RoundToNearest  # noqa: E402
+from onnx_qubo.rounding.solvers import fast as new_fast  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,11 +42,11 @@ def old_module(revision: str) -> ModuleType:
     """``onnx_qubo/solvers/fast.py`` at ``revision``, imported as a sibling of the current one."""
     source = subprocess.run(["git", "show", f"{revision}:onnx_qubo/solvers/fast.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
-    name = "onnx_qubo.solvers._fast_" + revision.replace("/", "_").replace("~", "_").replace("^", "_")
+    name = "onnx_qubo.rounding.solvers._fast_" + revision.replace("/", "_").replace("~", "_").replace("^", "_")
     spec = importlib.util.spec_from_loader(name, loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
-    module.__package__ = "onnx_qubo.solvers"
+    module.__package__ = "onnx_qubo.rounding.solvers"
     sys.modules[name] = module
     exec(compile(source, f"{revision}:fast.py", "exec"), module.__dict__)
     return module

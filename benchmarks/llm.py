@@ -24,8 +24,8 @@ waits for). A cell is KIND:BITS:BLOCK[:VARIANT]:
 - ours:b:B: `onnx-qubo --format ort --granularity block --ort-accuracy-level 4 --embeddings`
   (like the builder's int4); ours:b:B:acc0: the same at the default accuracy level 0.
 
-Every cell's perplexity comes from one function (`perplexity`: onnx_qubo.lm_inputs makes the
-feeds, onnx_qubo.perplexity.next_token_nll scores, one window per onnxruntime run) on the same
+Every cell's perplexity comes from one function (`perplexity`: onnx_qubo.calibration.lm_inputs makes the
+feeds, onnx_qubo.evaluation.perplexity.next_token_nll scores, one window per onnxruntime run) on the same
 evaluation windows; bits per weight are counted from the written file's initializers. Each cell's
 result is work/cells/<cell>.json, so cells run in separate invocations; --table assembles them.
 Stages needing torch/transformers/onnx_ir (convert, build, the ORT quantizers) run under
@@ -417,8 +417,8 @@ def perplexity(folder: Path, windows: np.ndarray, threads: int = 0) -> dict[str,
     import onnx
     import onnxruntime as ort
 
-    from onnx_qubo.lm_inputs import LmInputs
-    from onnx_qubo.perplexity import next_token_nll
+    from onnx_qubo.calibration.lm_inputs import LmInputs
+    from onnx_qubo.evaluation.perplexity import next_token_nll
 
     name = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"].get("filename", "model.onnx")
     path = folder / name

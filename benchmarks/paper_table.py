@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import onnx_qubo
-from onnx_qubo.plots import write_plots
+from onnx_qubo.studies.plots import write_plots
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -888,15 +888,15 @@ def ort_input(src: Path) -> onnx.ModelProto:
     """The model onnxruntime's weight-only quantizers get: with weights in Constant nodes folded into
     initializers by onnx-qubo's own first step (same outputs), as MatMulNBitsQuantizer only takes
     initializers: the comparison is then on the same layers, not on a file format."""
-    from onnx_qubo.files import load_model
+    from onnx_qubo.graph.files import load_model
     from onnx_qubo.pipeline import prepare
     return prepare(load_model(src))
 
 
 def not_matmul_layers(src: Path) -> list[str]:
     """onnx-qubo's layers that MatMulNBitsQuantizer does not quantize (all but MatMul)."""
-    from onnx_qubo.discovery import find_dense_layers
-    from onnx_qubo.files import load_model
+    from onnx_qubo.graph.files import load_model
+    from onnx_qubo.model.discovery import find_dense_layers
     from onnx_qubo.pipeline import prepare
     layers, _ = find_dense_layers(prepare(load_model(src)))
     return [layer.name for layer in layers if layer.op_type != "MatMul"]

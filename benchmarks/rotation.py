@@ -78,9 +78,9 @@ def run_lm(work: Path, names: list[str]) -> None:
 
 
 def float_model(rotated: bool) -> onnx.ModelProto:
-    from onnx_qubo.files import load_model
+    from onnx_qubo.graph.files import load_model
+    from onnx_qubo.model.rotation import Rotation, rotate
     from onnx_qubo.pipeline import prepare
-    from onnx_qubo.rotation import Rotation, rotate
 
     model = prepare(load_model(LM))
     return rotate(model, Rotation.HADAMARD, 64, seed=0) if rotated else model
@@ -88,7 +88,7 @@ def float_model(rotated: bool) -> onnx.ModelProto:
 
 def layer_weights(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
     """Each named layer's float weight [f, n] (MatMul nodes, weights possibly external)."""
-    from onnx_qubo.external import read_array
+    from onnx_qubo.core.external import read_array
 
     inits = {i.name: i for i in model.graph.initializer}
     return {n.name: read_array(inits[n.input[1]], model) for n in model.graph.node if n.name in names}
@@ -120,8 +120,8 @@ def dequantized(qmodel: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def input_grams(model: onnx.ModelProto, tensors: list[str], data: Path) -> tuple[dict[str, np.ndarray], int]:
     """Sum of x x^T (float64) over every token of ``data`` for each tensor, and the token count."""
-    from onnx_qubo.data import load_dataset
-    from onnx_qubo.runtime import make_session
+    from onnx_qubo.calibration.data import load_dataset
+    from onnx_qubo.graph.runtime import make_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -149,8 +149,8 @@ def costs(weights: dict, quantized: dict, inputs: dict[str, str], grams: dict, c
 
 def perplexity(model: onnx.ModelProto, data: Path) -> float:
     """Next-token perplexity over every window of ``data`` (positions 0..T-2 predict 1..T-1)."""
-    from onnx_qubo.data import load_dataset
-    from onnx_qubo.runtime import make_session
+    from onnx_qubo.calibration.data import load_dataset
+    from onnx_qubo.graph.runtime import make_session
 
     session = make_session(model, lean=True)
     nll, count = 0.0, 0
@@ -181,8 +181,8 @@ def hybrid(qmodel: onnx.ModelProto, weights: dict[str, np.ndarray], names: list[
 def residual_errors(fmodel: onnx.ModelProto, qmodel: onnx.ModelProto, windows: int = 2) -> list[float]:
     """Relative error ||r_q - r_f|| / ||r_f|| of the residual stream after each block (the
     SkipSimplifiedLayerNormalization sums), on the first ``windows`` evaluation windows."""
-    from onnx_qubo.data import load_dataset
-    from onnx_qubo.runtime import make_session
+    from onnx_qubo.calibration.data import load_dataset
+    from onnx_qubo.graph.runtime import make_session
 
     sums = [n.output[3] for n in fmodel.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"
             and len(n.output) > 3 and n.output[3]]
@@ -257,7 +257,7 @@ def rtn(w: np.ndarray, bits: int, symmetric: bool, block: int = 32) -> np.ndarra
 def rtn_study(work: Path, names: list[str], bits: int) -> dict[str, float]:
     """Perplexity of numpy round-to-nearest models (every layer of the run ``names`` lists), with
     and without the rotation, on both grids: what the grid and the rotation do without any solver."""
-    from onnx_qubo.external import read_array
+    from onnx_qubo.core.external import read_array
 
     out = {}
     for rotated in (False, True):
@@ -375,7 +375,7 @@ def main() -> int:
     elif args.action == "diagnose":
         diagnose(args.work, args.run, args.against or None)
     elif args.action == "rtn":
-        from onnx_qubo.discovery import find_dense_layers
+        from onnx_qubo.model.discovery import find_dense_layers
         rtn_study(args.work, [layer.name for layer in find_dense_layers(float_model(False))[0]], args.bits)
     write(args.work, args.out, started)
     return 0

@@ -139,11 +139,11 @@ def part_run(width: int, samples: int, bits_list: list[int]) -> None:
 
 def layer_stages(width: int, samples: int, bits: int) -> dict[str, float]:
     """Seconds of each stage of one n = f = width layer, from the Gram matrix on (no ONNX)."""
-    from onnx_qubo.bounds import lower_bounds
-    from onnx_qubo.grid import Scheme
-    from onnx_qubo.qubo import build_problem
-    from onnx_qubo.scales import choose_scales
-    from onnx_qubo.solvers import FastSolver, RoundToNearest
+    from onnx_qubo.core.grid import Scheme
+    from onnx_qubo.rounding.bounds import lower_bounds
+    from onnx_qubo.rounding.qubo import build_problem
+    from onnx_qubo.rounding.scales import choose_scales
+    from onnx_qubo.rounding.solvers import FastSolver, RoundToNearest
 
     x = correlated_inputs(samples, width).astype(np.float64)
     w = np.random.default_rng(0).standard_normal((width, width)) / np.sqrt(width)
@@ -193,10 +193,10 @@ def part_fit(widths: list[int], samples: int, bits: int) -> None:
 
 def part_workers(width: int, samples: int, bits: int, workers: int) -> None:
     """Solve time of one layer on 1 and on ``workers`` local processes (the same rounding)."""
-    from onnx_qubo.grid import Scheme
-    from onnx_qubo.qubo import build_problem
-    from onnx_qubo.scales import choose_scales
-    from onnx_qubo.workers import solve_layer
+    from onnx_qubo.core.grid import Scheme
+    from onnx_qubo.rounding.qubo import build_problem
+    from onnx_qubo.rounding.scales import choose_scales
+    from onnx_qubo.rounding.workers import solve_layer
 
     x = correlated_inputs(samples, width).astype(np.float64)
     w = np.random.default_rng(0).standard_normal((width, width)) / np.sqrt(width)

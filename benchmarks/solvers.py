@@ -29,15 +29,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_qubo.bounds import lower_bounds
-from onnx_qubo.calibration import collect_statistics
-from onnx_qubo.data import load_dataset
-from onnx_qubo.discovery import find_dense_layers
-from onnx_qubo.grid import Scheme
-from onnx_qubo.progress import Progress
-from onnx_qubo.qubo import LayerProblem, build_problem
-from onnx_qubo.scales import choose_scales
-from onnx_qubo.solvers import ExactSolver, FastSolver, NealSolver, RoundToNearest
+from onnx_qubo.calibration.data import load_dataset
+from onnx_qubo.calibration.statistics import collect_statistics
+from onnx_qubo.core.grid import Scheme
+from onnx_qubo.core.progress import Progress
+from onnx_qubo.model.discovery import find_dense_layers
+from onnx_qubo.rounding.bounds import lower_bounds
+from onnx_qubo.rounding.qubo import LayerProblem, build_problem
+from onnx_qubo.rounding.scales import choose_scales
+from onnx_qubo.rounding.solvers import ExactSolver, FastSolver, NealSolver, RoundToNearest
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = Progress()

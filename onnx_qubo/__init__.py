@@ -2,7 +2,7 @@
 
 from .api import Result, compare, evaluate, measure_speed, quantize, run, save, sensitivity
 from .config import PerBlock, PerChannel, PerTensor, QuantizeConfig
-from .errors import (
+from .core.errors import (
                      DataError,
                      ModelError,
                      OptionError,
@@ -12,7 +12,7 @@ from .errors import (
                      RuntimeFailure,
                      SolverLimitError,
 )
-from .report import Report
+from .core.report import Report
 
 __all__ = ["compare", "evaluate", "measure_speed", "quantize", "run", "save", "sensitivity", "QuantizeConfig", "Result",
            "PerBlock", "PerChannel", "PerTensor", "DataError", "ModelError", "OptionError", "OutputError", "QuboError",

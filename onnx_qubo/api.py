@@ -12,29 +12,37 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
-from . import workers as distributed
 from .autoscheme import quantize_auto
 from .backends.kernels import Format, auto_accuracy_level
-from .choice import parse_choice
-from .compare import Comparison
-from .compare import compare as run_comparison
+from .calibration.data import Dataset, load_dataset
 from .config import QuantizeConfig
-from .contribution import Sensitivity, measure
-from .data import Dataset, load_dataset
-from .errors import OptionError, OutputError
-from .files import Outputs, dump_directory, external_data_path, genai_folder, inputs_read, load_model, writable_path
-from .options import ScaleMethod, check_bits, check_integer
+from .core.choice import parse_choice
+from .core.errors import OptionError, OutputError
+from .core.options import ScaleMethod, check_bits, check_integer
+from .core.progress import Progress
+from .core.report import Report
+from .evaluation.perplexity import check_tokens, evaluate_language_model, first_run, language_model
+from .evaluation.verify import evaluate as evaluate_scores
+from .evaluation.verify import measure_speed as time_models
+from .evaluation.verify import reference_scores
+from .graph.files import (
+    Outputs,
+    dump_directory,
+    external_data_path,
+    genai_folder,
+    inputs_read,
+    load_model,
+    writable_path,
+)
+from .model.rotation import rotate
 from .passes import online_rotations
-from .perplexity import check_tokens, evaluate_language_model, first_run, language_model
 from .pipeline import calibrate, prepare, quantize_model
 from .plan import make_plan
-from .progress import Progress
-from .report import Report
-from .rotation import rotate
-from .solvers import SOLVERS
-from .verify import evaluate as evaluate_scores
-from .verify import measure_speed as time_models
-from .verify import reference_scores
+from .rounding import workers as distributed
+from .rounding.solvers import SOLVERS
+from .studies.compare import Comparison
+from .studies.compare import compare as run_comparison
+from .studies.contribution import Sensitivity, measure
 
 CALIB_SUFFIX, EVAL_SUFFIX = ".calib.npz", ".eval.npz"
 ModelSource = str | os.PathLike | onnx.ModelProto

@@ -20,14 +20,14 @@ import math
 from dataclasses import dataclass, replace
 
 from .config import PerBlock, PerChannel, QuantizeConfig
-from .contribution import FLOAT_BYTES, LayerSensitivity, measure
-from .errors import OptionError
+from .core.errors import OptionError
+from .core.progress import Progress
+from .core.report import LayerReport
+from .core.types import QuantizedLayer, SkippedNode
+from .evaluation.verify import Reference, reference_scores
 from .pipeline import Calibrated, Quantized, finish
 from .plan import make_plan
-from .progress import Progress
-from .report import LayerReport
-from .types import QuantizedLayer, SkippedNode
-from .verify import Reference, reference_scores
+from .studies.contribution import FLOAT_BYTES, LayerSensitivity, measure
 
 AUTO_BLOCK = 32  # the block size --auto-scheme tries beside per channel
 PROMOTED_BITS = 8

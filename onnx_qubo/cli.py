@@ -17,15 +17,15 @@ from typing import Any, Iterator
 import click
 
 from . import api
-from .choice import Choice
 from .config import OPTIONS, PerBlock, QuantizeConfig, granularity_of
-from .discovery import find_dense_layers
-from .errors import Interrupted, NamesOptions, QuboError
-from .files import inputs_read, load_model, writable_path, write_atomically
-from .grid import Granularity
-from .options import ScaleMethod
+from .core.choice import Choice
+from .core.errors import Interrupted, NamesOptions, QuboError
+from .core.grid import Granularity
+from .core.options import ScaleMethod
+from .graph.files import inputs_read, load_model, writable_path, write_atomically
+from .model.discovery import find_dense_layers
 from .pipeline import prepare
-from .solvers import SOLVERS
+from .rounding.solvers import SOLVERS
 
 FLAGS = {"calibration": "--calib", "evaluation": "--eval", "report_path": "--report", "block_size": "--block-size",
          **{name: option.flag for name, option in OPTIONS.items()}}  # API name -> flag
@@ -310,7 +310,7 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, samples, json_p
                 markdown_path).resolve():
             raise click.UsageError("--json and --markdown name the same file; give each its own")
         if plots_dir is not None:
-            from .plots import PLOT_FILES, require_matplotlib
+            from .studies.plots import PLOT_FILES, require_matplotlib
             require_matplotlib()
             for name in PLOT_FILES if Path(plots_dir).is_dir() else ():  # checked before the long run
                 writable_path(Path(plots_dir) / name, reads=inputs_read(model, calib, eval_path), what="--plots")
@@ -322,7 +322,7 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, samples, json_p
         if markdown_path is not None:
             write_atomically(Path(markdown_path), (result.to_markdown() + "\n").encode(), "--markdown")
         if plots_dir is not None:
-            from .plots import write_plots
+            from .studies.plots import write_plots
             for path in write_plots(result, Path(plots_dir), inputs_read(model, calib, eval_path)):
                 click.echo(f"wrote {path}", err=True)
     click.echo(result.to_markdown())
@@ -396,7 +396,7 @@ def tokenize(tokenizer, text, output, window, windows, stride, skip):
     """Tokenize TEXT with TOKENIZER (a model folder holding tokenizer.json, or the file) and write
     OUTPUT.npz: 'input_ids' [windows, window] int64, calibration or evaluation data for a language
     model (needs pip install 'onnx-qubo[text]')."""
-    from .text import write_token_windows
+    from .calibration.text import write_token_windows
 
     with failures_as_exit():
         ids = write_token_windows(tokenizer, text, output, window=window, windows=windows, stride=stride, skip=skip)

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
-from .activations import PERCENTILE
 from .backends import portable
 from .backends.kernels import Format, check_accuracy_level, check_format
-from .choice import Choice, parse_choice
-from .errors import OptionError
-from .grid import Granularity, Scheme
-from .options import (
+from .calibration.activations import PERCENTILE
+from .core.choice import Choice, parse_choice
+from .core.errors import OptionError
+from .core.grid import Granularity, Scheme
+from .core.options import (
     MAX_GB,
     Activations,
     BiasMode,
@@ -33,7 +33,7 @@ from .options import (
     check_integer,
     check_positive,
 )
-from .solvers import SOLVERS, NealSolver, Solver
+from .rounding.solvers import SOLVERS, NealSolver, Solver
 
 
 @dataclass(frozen=True)
@@ -186,8 +186,8 @@ class RoundingConfig(_Section):
                                       "(target: the float model's outputs).")
     lower_bound: bool = _option(False, "Certify a lower bound on each layer's optimal cost (the report's bound and "
                                        "gap columns).", flag="--bound")
-    dump_qubo: str | None = _option(None, "Write each layer's QUBOs (npz, format in onnx_qubo/exchange.py) to this "
-                                          "directory.")
+    dump_qubo: str | None = _option(None, "Write each layer's QUBOs (npz, format in onnx_qubo/rounding/exchange.py) "
+                                          "to this directory.")
     load_solution: str | None = _option(None, "Use the roundings <layer>.solution.npy in this --dump-qubo directory "
                                               "instead of solving.")
     rotate: Rotation = _option(Rotation.NONE, "hadamard: rotate each layer's input space first (random signs from "

@@ -15,20 +15,20 @@ from functools import cached_property
 import numpy as np
 import onnx
 
-from . import workers
-from .bounds import lower_bounds
-from .determinism import one_blas_thread
-from .errors import OptionError
-from .grid import Granularity, GroupScales, InputQuantizer, Scheme, WeightCodes
-from .options import BiasMode, ScaleMethod
+from .core.determinism import one_blas_thread
+from .core.errors import OptionError
+from .core.grid import Granularity, GroupScales, InputQuantizer, Scheme, WeightCodes
+from .core.options import BiasMode, ScaleMethod
+from .core.progress import Progress
+from .core.report import LayerReport
+from .core.types import DenseLayer, InputStatistics, QuantizedBias, QuantizedLayer
 from .plan import LayerPlan
-from .progress import Progress
-from .qubo import LayerProblem, build_problem
-from .report import LayerReport
-from .scales import QUBO_CANDIDATES, candidate_scales, choose_scales, tensor_scales
-from .solvers import FastSolver, RoundToNearest
-from .solvers.exact import optimal_rounding
-from .types import DenseLayer, InputStatistics, QuantizedBias, QuantizedLayer
+from .rounding import workers
+from .rounding.bounds import lower_bounds
+from .rounding.qubo import LayerProblem, build_problem
+from .rounding.scales import QUBO_CANDIDATES, candidate_scales, choose_scales, tensor_scales
+from .rounding.solvers import FastSolver, RoundToNearest
+from .rounding.solvers.exact import optimal_rounding
 
 INT32_MAX = 2 ** 31 - 1
 SMALL_GROUP_FREE = 12  # a Conv group's neurons with at most this many free weights are solved exactly

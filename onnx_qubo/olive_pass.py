@@ -20,8 +20,8 @@ from olive.passes.pass_config import BasePassConfig, ParamCategory, PassConfigPa
 
 from . import api
 from .config import QuantizeConfig
-from .errors import OptionError
-from .files import external_data_path
+from .core.errors import OptionError
+from .graph.files import external_data_path
 
 PASS_TYPE = "QuboQuantization"
 

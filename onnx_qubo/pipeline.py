@@ -19,24 +19,27 @@ from typing import Collection, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from . import discovery, exchange, external, memory
-from .activations import input_quantizers
 from .backends.kernels import Format, needs_output_range
-from .calibration import LayerStatistics, collect_statistics
+from .calibration import memory
+from .calibration.activations import input_quantizers
+from .calibration.data import Dataset
+from .calibration.statistics import LayerStatistics, collect_statistics
 from .config import QuantizeConfig
-from .data import Dataset
-from .errors import ModelError, OptionError
+from .core import external
+from .core.errors import ModelError, OptionError
+from .core.grid import InputQuantizer
+from .core.options import Activations, RangeMethod
+from .core.progress import Progress
+from .core.report import LayerReport
+from .core.types import DenseLayer, InputStatistics, QuantizedLayer, SkippedNode
 from .forms.gather import QuantizedTable, find_tables, quantize_table
-from .grid import InputQuantizer
-from .groups import merge_groups, merge_reports, split_groups
 from .layer import SolvedLayer, prepare_layer
-from .lowering import rewrite, run_passes
-from .options import Activations, RangeMethod
+from .model import discovery
+from .model.groups import merge_groups, merge_reports, split_groups
+from .model.lowering import rewrite, run_passes
 from .passes import FoldConstantWeights, PrepareSubgraphs
 from .plan import Plan, make_plan
-from .progress import Progress
-from .report import LayerReport
-from .types import DenseLayer, InputStatistics, QuantizedLayer, SkippedNode
+from .rounding import exchange
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import exchange
 from .backends.kernels import Format
 from .config import QuantizeConfig
-from .errors import OptionError
-from .grid import Scheme, level_digits
-from .options import Activations, BiasMode, RangeMethod, ScaleMethod
-from .solvers import Solver
-from .types import DenseLayer
+from .core.errors import OptionError
+from .core.grid import Scheme, level_digits
+from .core.options import Activations, BiasMode, RangeMethod, ScaleMethod
+from .core.types import DenseLayer
+from .rounding import exchange
+from .rounding.solvers import Solver
 
 
 @dataclass(frozen=True, eq=False)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_qubo.grid import IntegerGrid, Scheme
-from onnx_qubo.qubo import LayerProblem, build_problem
-from onnx_qubo.scales import choose_scales
+from onnx_qubo.core.grid import IntegerGrid, Scheme
+from onnx_qubo.rounding.qubo import LayerProblem, build_problem
+from onnx_qubo.rounding.scales import choose_scales
 
 
 def max_abs_scale(w: np.ndarray, bits: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from onnx_qubo import api
 from onnx_qubo.config import QuantizeConfig
-from onnx_qubo.report import Report
+from onnx_qubo.core.report import Report
 
 
 def quantize(model, output_path, *, calibration=None, evaluation=None, report_path=None, speed=True,

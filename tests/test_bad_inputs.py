@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_refusals import BadInput, X, assert_refused, mlp_dir
 
 import onnx_qubo
-from onnx_qubo.errors import DataError, ModelError, OptionError
+from onnx_qubo.core.errors import DataError, ModelError, OptionError
 
 from graphs import mlp_model
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from onnx_qubo.bounds import lower_bounds
-from onnx_qubo.progress import Progress
-from onnx_qubo.solvers import ExactSolver
+from onnx_qubo.core.progress import Progress
+from onnx_qubo.rounding.bounds import lower_bounds
+from onnx_qubo.rounding.solvers import ExactSolver
 
 from problems import channel_problem, max_abs_scale, random_problem
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from onnx_qubo.calibration import collect_statistics
-from onnx_qubo.data import load_dataset
-from onnx_qubo.discovery import find_dense_layers
-from onnx_qubo.progress import Progress
+from onnx_qubo.calibration.data import load_dataset
+from onnx_qubo.calibration.statistics import collect_statistics
+from onnx_qubo.core.progress import Progress
+from onnx_qubo.model.discovery import find_dense_layers
 
 from graphs import mlp_model
 
@@ -29,7 +29,7 @@ def test_gram_of_every_layer_input_matches_numpy_and_does_not_depend_on_batching
 def test_quantized_input_statistics_match_numpy():
     """With a quantizer on an input, G is built from the quantized input x~, and the two extra
     sums E[z d^T], E[d d^T] (d = x - x~) from both."""
-    from onnx_qubo.grid import InputQuantizer
+    from onnx_qubo.core.grid import InputQuantizer
 
     model = mlp_model(widths=(8, 6, 4))
     x = np.random.default_rng(2).standard_normal((50, 8)).astype(np.float32)
@@ -46,7 +46,7 @@ def test_quantized_input_statistics_match_numpy():
 
 
 def test_input_ranges_by_minmax_and_percentile():
-    from onnx_qubo.activations import input_quantizers
+    from onnx_qubo.calibration.activations import input_quantizers
 
     model = mlp_model(widths=(8, 6, 4))
     rng = np.random.default_rng(3)
@@ -64,8 +64,8 @@ def test_input_ranges_by_minmax_and_percentile():
 def test_each_views_statistics_are_freed_after_its_last_layer(monkeypatch):
     """The plain path solves each layer once: a view's Gram matrix goes once its last layer is
     solved (two layers reading one tensor share it), not at the end of the run."""
-    from onnx_qubo import calibration
     from onnx_qubo.api import quantize
+    from onnx_qubo.calibration import statistics as calibration
     from onnx_qubo.config import QuantizeConfig
 
     events = []

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import onnx_qubo
 from onnx_qubo import QuboInputError
 from onnx_qubo.cli import main
-from onnx_qubo.compare import Comparison, CostSample
+from onnx_qubo.studies.compare import Comparison, CostSample
 
 from graphs import mlp_model
 

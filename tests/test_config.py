@@ -8,7 +8,7 @@ import pytest
 
 from onnx_qubo.cli import quantize as quantize_command
 from onnx_qubo.config import OPTIONS, PerBlock, PerTensor, QuantizeConfig
-from onnx_qubo.errors import OptionError
+from onnx_qubo.core.errors import OptionError
 
 
 def test_json_round_trip_is_byte_stable():

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from runs import quantize
 
-from onnx_qubo.discovery import find_dense_layers
+from onnx_qubo.model.discovery import find_dense_layers
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_DISABLE_ALL]

@@ -2,7 +2,7 @@
 
 A BLAS call can take another code path with another thread count (OpenBLAS's single-threaded
 small-matrix kernels, a threaded Cholesky), so every stage whose numbers decide codes must run
-its BLAS calls on one thread (onnx_qubo/determinism.py): checked directly, then end to end in
+its BLAS calls on one thread (onnx_qubo/core/determinism.py): checked directly, then end to end in
 fresh processes with different ``OPENBLAS_NUM_THREADS`` and ``--workers``.
 """
 
@@ -19,11 +19,12 @@ import pytest
 from runs import quantize
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from onnx_qubo import grams, layer
-from onnx_qubo.grid import IntegerGrid, Scheme
-from onnx_qubo.qubo import build_problem
-from onnx_qubo.scales import choose_scales
-from onnx_qubo.solvers import fast
+from onnx_qubo import layer
+from onnx_qubo.calibration import grams
+from onnx_qubo.core.grid import IntegerGrid, Scheme
+from onnx_qubo.rounding.qubo import build_problem
+from onnx_qubo.rounding.scales import choose_scales
+from onnx_qubo.rounding.solvers import fast
 
 from graphs import mlp_model
 

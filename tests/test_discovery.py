@@ -1,7 +1,7 @@
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_qubo.discovery import find_dense_layers
+from onnx_qubo.model.discovery import find_dense_layers
 
 from graphs import gemm_model, matmul_model, weight_of
 
@@ -107,7 +107,7 @@ def test_ranks_are_inferred_without_the_weights_values():
     """Shape inference runs on a copy without large weight values (a model over 2 GB cannot be
     serialized for it); small initializers such as a Reshape's target shape keep theirs."""
     from onnx_qubo.forms.base import tensor_ranks
-    from onnx_qubo.subgraphs import SHAPE_VALUES, skeleton
+    from onnx_qubo.graph.subgraphs import SHAPE_VALUES, skeleton
     model = matmul_model(f=64, n=40, leading=(3,))  # W has 2,560 > SHAPE_VALUES elements
     shape = numpy_helper.from_array(np.array([-1, 120], np.int64), "shape")
     model.graph.initializer.append(shape)

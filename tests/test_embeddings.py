@@ -12,11 +12,11 @@ import runs
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_qubo.backends.kernels import Format, choose_table_kernel
+from onnx_qubo.core.grid import Granularity, Scheme, WeightCodes
 from onnx_qubo.forms.gather import LowerTables, TableLowering, find_tables, quantize_table
-from onnx_qubo.grid import Granularity, Scheme, WeightCodes
-from onnx_qubo.lowering import rewrite
+from onnx_qubo.model.lowering import rewrite
 from onnx_qubo.passes import run_passes
-from onnx_qubo.scales import GroupRanges
+from onnx_qubo.rounding.scales import GroupRanges
 
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_ENABLE_ALL)

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from onnx_qubo.cli import main
-from onnx_qubo.exchange import file_stems, read_problem
-from onnx_qubo.progress import Progress
-from onnx_qubo.solvers import ExactSolver
+from onnx_qubo.core.progress import Progress
+from onnx_qubo.rounding.exchange import file_stems, read_problem
+from onnx_qubo.rounding.solvers import ExactSolver
 
 from graphs import mlp_model
 

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from runs import quantize
 
-from onnx_qubo.discovery import find_dense_layers
+from onnx_qubo.model.discovery import find_dense_layers
 from onnx_qubo.passes import FoldConstantWeights
 
 RNG = np.random.default_rng(0)

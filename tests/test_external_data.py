@@ -16,16 +16,17 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 import onnx_qubo
-from onnx_qubo import external, memory
+from onnx_qubo.calibration import memory
+from onnx_qubo.calibration.data import load_dataset
 from onnx_qubo.cli import main
-from onnx_qubo.data import load_dataset
-from onnx_qubo.errors import OptionError
-from onnx_qubo.files import load_model
+from onnx_qubo.core import external
+from onnx_qubo.core.errors import OptionError
+from onnx_qubo.core.progress import Progress
+from onnx_qubo.core.types import FromFile, InMemory
 from onnx_qubo.forms import GraphIndex
+from onnx_qubo.graph.files import load_model
+from onnx_qubo.graph.runtime import make_session
 from onnx_qubo.pipeline import calibrate, find_layers, prepare
-from onnx_qubo.progress import Progress
-from onnx_qubo.runtime import make_session
-from onnx_qubo.types import FromFile, InMemory
 
 from graphs import mlp_model
 
@@ -141,7 +142,7 @@ def test_max_memory_must_be_a_positive_number(tmp_path, value):
 def test_batches_run_in_pieces_give_the_same_statistics(monkeypatch):
     """Captured tensors past CAPTURE_BYTES: each batch runs in pieces of fewer samples, and the
     sums are those of whole batches (up to float rounding)."""
-    from onnx_qubo import calibration
+    from onnx_qubo.calibration import statistics as calibration
 
     model = mlp_model(widths=(8, 16, 4))
     layers, _ = find_layers(model)

@@ -29,7 +29,7 @@ import runs
 from hypothesis import HealthCheck, given, seed, settings
 
 from onnx_qubo import QuboInputError
-from onnx_qubo.runtime import BASIC, DEFAULT, NONE, make_session
+from onnx_qubo.graph.runtime import BASIC, DEFAULT, NONE, make_session
 
 CASES = int(os.environ.get("ONNX_QUBO_FUZZ_CASES", "40"))
 SEED = int(os.environ.get("ONNX_QUBO_FUZZ_SEED", str(0x0A11CE)))

@@ -19,10 +19,10 @@ from onnx import TensorProto, helper
 from test_refusals import BadInput, assert_refused
 
 import onnx_qubo
+from onnx_qubo.calibration.data import load_dataset
 from onnx_qubo.cli import main
-from onnx_qubo.data import load_dataset
-from onnx_qubo.errors import DataError
-from onnx_qubo.files import load_model
+from onnx_qubo.core.errors import DataError
+from onnx_qubo.graph.files import load_model
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "tiny_lm"
 MODEL = TINY / "model.onnx"

@@ -3,8 +3,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_qubo.grid import Granularity, GroupScales, InputQuantizer, IntegerGrid, Scheme, WeightCodes, split_rounding
-from onnx_qubo.scales import GroupRanges, choose_scales
+from onnx_qubo.core.grid import (
+    Granularity,
+    GroupScales,
+    InputQuantizer,
+    IntegerGrid,
+    Scheme,
+    WeightCodes,
+    split_rounding,
+)
+from onnx_qubo.rounding.scales import GroupRanges, choose_scales
 
 from problems import channel_problem, max_abs_scale
 
@@ -86,7 +94,7 @@ def test_split_rounding_clamps_weights_whose_choice_leaves_the_grid():
 
 
 def test_round_nearest_is_what_the_rtn_solver_chooses():
-    from onnx_qubo.solvers import RoundToNearest
+    from onnx_qubo.rounding.solvers import RoundToNearest
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((5, 40)) * 2

@@ -7,14 +7,14 @@ import pytest
 import runs
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_qubo import verify
-from onnx_qubo.calibration import collect_statistics
-from onnx_qubo.data import batch_axes, load_dataset
-from onnx_qubo.discovery import find_dense_layers
-from onnx_qubo.errors import DataError
-from onnx_qubo.progress import Progress
-from onnx_qubo.runtime import NONE, make_session
-from onnx_qubo.signature import model_inputs
+from onnx_qubo.calibration.data import batch_axes, load_dataset
+from onnx_qubo.calibration.statistics import collect_statistics
+from onnx_qubo.core.errors import DataError
+from onnx_qubo.core.progress import Progress
+from onnx_qubo.evaluation import verify
+from onnx_qubo.graph.runtime import NONE, make_session
+from onnx_qubo.graph.signature import model_inputs
+from onnx_qubo.model.discovery import find_dense_layers
 
 F, N_OUT = 4, 3
 

@@ -6,13 +6,13 @@ import pytest
 from onnx import TensorProto
 
 from onnx_qubo.config import QuantizeConfig
-from onnx_qubo.discovery import find_dense_layers
-from onnx_qubo.grid import InputQuantizer
+from onnx_qubo.core.grid import InputQuantizer
+from onnx_qubo.core.progress import Progress
+from onnx_qubo.core.types import InputStatistics
 from onnx_qubo.layer import prepare_layer
-from onnx_qubo.lowering import quantized_weight
+from onnx_qubo.model.discovery import find_dense_layers
+from onnx_qubo.model.lowering import quantized_weight
 from onnx_qubo.plan import make_plan
-from onnx_qubo.progress import Progress
-from onnx_qubo.types import InputStatistics
 
 from graphs import gemm_model
 

@@ -14,13 +14,13 @@ from runs import quantize
 from test_schemes import measured_error
 
 from onnx_qubo.config import QuantizeConfig
-from onnx_qubo.errors import OptionError
-from onnx_qubo.exchange import read_problem, write_problem
-from onnx_qubo.grid import IntegerGrid, level_digits, split_levels
-from onnx_qubo.qubo import build_problem
-from onnx_qubo.solvers import FastSolver, RoundToNearest
-from onnx_qubo.solvers.exact import ExactSolver
-from onnx_qubo.workers import solve_many, split_layer
+from onnx_qubo.core.errors import OptionError
+from onnx_qubo.core.grid import IntegerGrid, level_digits, split_levels
+from onnx_qubo.rounding.exchange import read_problem, write_problem
+from onnx_qubo.rounding.qubo import build_problem
+from onnx_qubo.rounding.solvers import FastSolver, RoundToNearest
+from onnx_qubo.rounding.solvers.exact import ExactSolver
+from onnx_qubo.rounding.workers import solve_many, split_layer
 
 from graphs import gemm_model, mlp_model
 

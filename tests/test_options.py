@@ -6,10 +6,10 @@ import pytest
 
 from onnx_qubo.backends.portable import scheme_refusal
 from onnx_qubo.config import PerBlock, QuantizeConfig
-from onnx_qubo.discovery import find_dense_layers
-from onnx_qubo.errors import OptionError
-from onnx_qubo.grid import Granularity, Scheme
-from onnx_qubo.options import Activations, BiasMode, ScaleMethod
+from onnx_qubo.core.errors import OptionError
+from onnx_qubo.core.grid import Granularity, Scheme
+from onnx_qubo.core.options import Activations, BiasMode, ScaleMethod
+from onnx_qubo.model.discovery import find_dense_layers
 from onnx_qubo.plan import make_plan
 
 from graphs import mlp_model

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_qubo.backends.ort import OrtForm, matmul_integer_to_float, matmul_nbits, pack_bits, reference
-from onnx_qubo.grid import Granularity, GroupScales, InputQuantizer, Scheme, WeightCodes
+from onnx_qubo.core.grid import Granularity, GroupScales, InputQuantizer, Scheme, WeightCodes
 
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_ENABLE_ALL)

@@ -19,9 +19,9 @@ import runs
 from click.testing import CliRunner
 
 import onnx_qubo
-from onnx_qubo import files
 from onnx_qubo.cli import main
-from onnx_qubo.errors import OutputError
+from onnx_qubo.core.errors import OutputError
+from onnx_qubo.graph import files
 
 from graphs import mlp_model
 
@@ -251,8 +251,8 @@ def test_a_signal_during_the_renames_is_deferred_then_undoes_them(signum, tmp_pa
 
 def test_the_memory_a_refusal_asks_for_is_accepted(tmp_path):
     """"give at least 7.84 MB" used to be rounded down, so 7.84 was refused in turn."""
-    from onnx_qubo.errors import OptionError
-    from onnx_qubo.memory import readable
+    from onnx_qubo.calibration.memory import readable
+    from onnx_qubo.core.errors import OptionError
 
     assert readable(7_841_234) == "7.84 MB" and readable(7_841_234, up=True) == "7.85 MB"
     assert readable(999_600) == readable(999_600, up=True) == "1 MB" and readable(7_850_000, up=True) == "7.86 MB"

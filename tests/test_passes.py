@@ -7,9 +7,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_qubo import lowering
-from onnx_qubo.errors import DataError, ModelError, RuntimeFailure
+from onnx_qubo.core.errors import DataError, ModelError, RuntimeFailure
 from onnx_qubo.forms import FORMS as DENSE_FORMS
+from onnx_qubo.model import lowering
 from onnx_qubo.passes import (
     ActivationQuantization,
     CheckModel,

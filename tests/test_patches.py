@@ -1,4 +1,4 @@
-"""Conv layers as dense layers over patches (onnx_qubo/patches.py), checked against
+"""Conv layers as dense layers over patches (onnx_qubo/calibration/patches.py), checked against
 onnxruntime: the patches reproduce its Conv output, and the QUBO energy built from the streamed
 patch Gram equals the squared Conv output error it measures (sum over channels, mean over
 samples x output positions). Also: the lowered form DequantizeLinear -> Conv runs alike at every
@@ -15,16 +15,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnx_qubo.grid import IntegerGrid
-from onnx_qubo.patches import (
+from onnx_qubo.calibration.patches import (
     PatchGram,
     flatten_weight,
     iter_patches,
     patches,
     unflatten_weight,
 )
-from onnx_qubo.qubo import LayerProblem, build_problem
-from onnx_qubo.views import ConvGeometry
+from onnx_qubo.core.grid import IntegerGrid
+from onnx_qubo.core.views import ConvGeometry
+from onnx_qubo.rounding.qubo import LayerProblem, build_problem
 
 LEVELS = {"default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
           "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

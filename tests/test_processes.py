@@ -19,8 +19,8 @@ import onnx
 import pytest
 import runs
 
-from onnx_qubo.errors import SolverLimitError, WorkerError
-from onnx_qubo.workers import SolveTask, solve_many
+from onnx_qubo.core.errors import SolverLimitError, WorkerError
+from onnx_qubo.rounding.workers import SolveTask, solve_many
 
 from graphs import mlp_model
 from problems import random_problem
@@ -233,7 +233,7 @@ def test_ray_local_starts_its_own_cluster_and_an_interrupt_ends_it(run, signum):
 @pytest.mark.slow
 def test_ray_errors_become_one_line():
     ray = pytest.importorskip("ray")
-    from onnx_qubo.workers import _ray_error
+    from onnx_qubo.rounding.workers import _ray_error
 
     limit = SolverLimitError("exact solver: 45 free weights, over its limit")
     assert _ray_error(ray, ray.exceptions.RayTaskError("_run_ray_task", "Traceback...", limit)) is limit

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import sys
 
-from onnx_qubo import progress
-from onnx_qubo.progress import Progress
+from onnx_qubo.core import progress
+from onnx_qubo.core.progress import Progress
 
 
 class Terminal(io.StringIO):

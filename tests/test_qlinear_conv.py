@@ -15,12 +15,12 @@ from test_ort_forms import codes_of
 
 from onnx_qubo.backends.kernels import Format
 from onnx_qubo.backends.ort_conv import qlinear_conv, qlinear_conv_reference
-from onnx_qubo.data import load_dataset
-from onnx_qubo.grid import InputQuantizer
-from onnx_qubo.options import Activations, RangeMethod
+from onnx_qubo.calibration.data import load_dataset
+from onnx_qubo.core.grid import InputQuantizer
+from onnx_qubo.core.options import Activations, RangeMethod
+from onnx_qubo.core.progress import Progress
+from onnx_qubo.core.views import ConvGeometry
 from onnx_qubo.pipeline import calibrate
-from onnx_qubo.progress import Progress
-from onnx_qubo.views import ConvGeometry
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_DISABLE_ALL]

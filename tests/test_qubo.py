@@ -6,11 +6,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_qubo.calibration import collect_statistics
-from onnx_qubo.data import load_dataset
-from onnx_qubo.discovery import find_dense_layers
-from onnx_qubo.grid import IntegerGrid
-from onnx_qubo.progress import Progress
+from onnx_qubo.calibration.data import load_dataset
+from onnx_qubo.calibration.statistics import collect_statistics
+from onnx_qubo.core.grid import IntegerGrid
+from onnx_qubo.core.progress import Progress
+from onnx_qubo.model.discovery import find_dense_layers
 
 from graphs import gemm_model
 from problems import channel_problem, max_abs_scale, random_problem

@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from runs import quantize
 
-from onnx_qubo.discovery import find_dense_layers
-from onnx_qubo.errors import ModelError
+from onnx_qubo.core.errors import ModelError
+from onnx_qubo.core.views import RecurrentCell
+from onnx_qubo.model.discovery import find_dense_layers
 from onnx_qubo.pipeline import find_layers
-from onnx_qubo.views import RecurrentCell
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_DISABLE_ALL]

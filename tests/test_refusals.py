@@ -22,11 +22,12 @@ import runs
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_qubo import api, files
+from onnx_qubo import api
 from onnx_qubo.cli import main
-from onnx_qubo.errors import DataError, ModelError, OptionError, OutputError, QuboInputError
-from onnx_qubo.exchange import file_stems, read_problem
-from onnx_qubo.runtime import make_session
+from onnx_qubo.core.errors import DataError, ModelError, OptionError, OutputError, QuboInputError
+from onnx_qubo.graph import files
+from onnx_qubo.graph.runtime import make_session
+from onnx_qubo.rounding.exchange import file_stems, read_problem
 
 from graphs import matmul_model, mlp_model
 

@@ -15,14 +15,14 @@ from onnx import numpy_helper
 from runs import quantize
 
 from onnx_qubo import OptionError
+from onnx_qubo.calibration.data import load_dataset
 from onnx_qubo.cli import main
-from onnx_qubo.data import load_dataset
-from onnx_qubo.files import load_model
-from onnx_qubo.options import Rotation
+from onnx_qubo.core.options import Rotation
+from onnx_qubo.graph.files import load_model
+from onnx_qubo.graph.runtime import make_session
+from onnx_qubo.model.rotation import rotate
 from onnx_qubo.passes import online_rotations
 from onnx_qubo.pipeline import prepare
-from onnx_qubo.rotation import rotate
-from onnx_qubo.runtime import make_session
 
 from graphs import gemm_model, matmul_model, mlp_model
 

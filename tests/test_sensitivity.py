@@ -13,8 +13,8 @@ from onnx import numpy_helper
 import onnx_qubo
 from onnx_qubo.autoscheme import Candidate, greedy
 from onnx_qubo.cli import main
-from onnx_qubo.contribution import LayerSensitivity
-from onnx_qubo.errors import OptionError
+from onnx_qubo.core.errors import OptionError
+from onnx_qubo.studies.contribution import LayerSensitivity
 
 from graphs import mlp_model
 

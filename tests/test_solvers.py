@@ -4,11 +4,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from onnx_qubo.errors import SolverLimitError
-from onnx_qubo.progress import Progress
-from onnx_qubo.solvers import ExactSolver, FastSolver, NealSolver, RoundToNearest
-from onnx_qubo.solvers.exact import minimize_binary_quadratic
-from onnx_qubo.solvers.fast import feedback_factor
+from onnx_qubo.core.errors import SolverLimitError
+from onnx_qubo.core.progress import Progress
+from onnx_qubo.rounding.solvers import ExactSolver, FastSolver, NealSolver, RoundToNearest
+from onnx_qubo.rounding.solvers.exact import minimize_binary_quadratic
+from onnx_qubo.rounding.solvers.fast import feedback_factor
 
 from oracles import brute_force_minimum
 from problems import random_problem
@@ -146,7 +146,7 @@ def reference_sequential(problem, upper):
 
 @pytest.mark.parametrize("general", [False, True])
 def test_sequential_start_in_lazy_batches_equals_one_variable_at_a_time(general):
-    from onnx_qubo.solvers import fast
+    from onnx_qubo.rounding.solvers import fast
 
     problem = random_problem(n=9, f=75, clip=0.7, seed=4, general=general)
     problem = replace(problem, cross=np.zeros_like(problem.cross))  # the start's target is then step * frac
@@ -165,7 +165,7 @@ def test_fast_ends_in_an_exact_local_minimum_whatever_its_float32_stage_did(gene
     exact energy, even when the float32 stage's tolerance lets it make no move at all, or when it
     takes every move for a gain (as rounding noise did on all-zero neurons of PP-OCRv4's 1x1
     Convs) and only its step limit stops it."""
-    from onnx_qubo.solvers import fast
+    from onnx_qubo.rounding.solvers import fast
 
     problem = random_problem(n=12, f=40, clip=0.7, seed=8, general=general)
     for tolerance, floor in ((fast.ROUGH_TOLERANCE, fast.ROUGH_FLOOR), (1e6, fast.ROUGH_FLOOR), (-1e6, -1e9)):

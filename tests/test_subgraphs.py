@@ -11,10 +11,10 @@ import pytest
 from onnx import helper, numpy_helper
 from runs import quantize
 
-from onnx_qubo.discovery import fed_by_earlier, find_dense_layers
-from onnx_qubo.errors import ModelError
+from onnx_qubo.core.errors import ModelError
+from onnx_qubo.graph.subgraphs import Exposed, all_graphs, expose
+from onnx_qubo.model.discovery import fed_by_earlier, find_dense_layers
 from onnx_qubo.pipeline import prepare
-from onnx_qubo.subgraphs import Exposed, all_graphs, expose
 
 from graphs import if_in_loop_model, if_in_scan_model, if_model, loop_model, scan_model
 

@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from test_refusals import BadInput, assert_refused
 
-from onnx_qubo import perplexity
+from onnx_qubo.calibration.text import cut_windows, token_windows
 from onnx_qubo.cli import main
-from onnx_qubo.errors import DataError, OptionError
-from onnx_qubo.perplexity import language_model, next_token_nll
-from onnx_qubo.text import cut_windows, token_windows
+from onnx_qubo.core.errors import DataError, OptionError
+from onnx_qubo.evaluation import perplexity
+from onnx_qubo.evaluation.perplexity import language_model, next_token_nll
 
 WORDS = [f"w{k}" for k in range(40)]
 VOCAB = len(WORDS) + 1  # [UNK] first
@@ -212,7 +212,7 @@ def test_tokenize_then_quantize_from_the_command_line_reports_perplexity(folder)
 @pytest.mark.slow
 def test_the_speed_check_times_a_run_of_windows_whose_logits_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(perplexity, "LOGITS_BYTES", 2 * 12 * VOCAB * 4)  # two windows a run
-    monkeypatch.setattr("onnx_qubo.verify.SPEED_BUDGET", 0.0)
+    monkeypatch.setattr("onnx_qubo.evaluation.verify.SPEED_BUDGET", 0.0)
     ids = np.random.default_rng(3).integers(0, VOCAB, size=(6, 12))
     report = runs.quantize(lm_model()[0], tmp_path / "q.onnx", bits=4, calibration={"input_ids": ids},
                                 batch_size=6)

@@ -12,18 +12,18 @@ import pytest
 from test_conv import conv_model
 from test_recurrent import BATCH, HIDDEN, INPUT, STEPS, recurrent_model
 
+from onnx_qubo.calibration.patches import patches
 from onnx_qubo.forms.base import LastAxis
 from onnx_qubo.forms.conv import Patches
 from onnx_qubo.forms.recurrent import GateInputs
-from onnx_qubo.groups import split_groups
-from onnx_qubo.patches import patches
+from onnx_qubo.model.groups import split_groups
 from onnx_qubo.pipeline import find_layers
 
 from graphs import mlp_model
 
 PACKAGE = Path(__file__).resolve().parents[1] / "onnx_qubo"
-STAGES = ["calibration.py", "memory.py", "groups.py", "pipeline.py", "plan.py", "layer.py", "lowering.py",
-          "discovery.py"]
+STAGES = ["calibration/statistics.py", "calibration/memory.py", "model/groups.py", "pipeline.py", "plan.py",
+          "layer.py", "model/lowering.py", "model/discovery.py"]
 KIND_NAMES = {"geometry", "cell", "ConvGeometry", "RecurrentCell", "LastAxis", "Patches", "GateInputs",
               "output_name", "patches", "grams", "ConvGram", "RecurrentGram"}
 RNG = np.random.default_rng(0)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from runs import quantize
 
-from onnx_qubo.errors import OptionError
-from onnx_qubo.grid import IntegerGrid
-from onnx_qubo.qubo import build_problem
-from onnx_qubo.solvers import FastSolver, NealSolver
-from onnx_qubo.workers import SolveTask, rows_of, solve_layer, solve_many, split_layer
+from onnx_qubo.core.errors import OptionError
+from onnx_qubo.core.grid import IntegerGrid
+from onnx_qubo.rounding.qubo import build_problem
+from onnx_qubo.rounding.solvers import FastSolver, NealSolver
+from onnx_qubo.rounding.workers import SolveTask, rows_of, solve_layer, solve_many, split_layer
 
 from graphs import mlp_model
 
@@ -64,7 +64,7 @@ def test_fast_result_does_not_depend_on_threads():
 def test_wide_layer_blocks_and_inverse_give_the_same_bits():
     """Descent blocks of a few rows, and the blocked triangular inverse past its leaf size."""
     problem = layer(48, 300)
-    from onnx_qubo.solvers import fast
+    from onnx_qubo.rounding.solvers import fast
 
     lower = np.linalg.cholesky(problem.gram[::-1, ::-1] + np.eye(300))
     assert np.allclose(fast.lower_inverse(lower, leaf=64) @ lower, np.eye(300), atol=1e-9)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..choice import Choice
-from ..errors import OptionError
-from ..grid import Granularity, InputQuantizer, WeightCodes
-from ..types import DenseLayer, QuantizedLayer
-from ..views import ConvGeometry
+from ..core.choice import Choice
+from ..core.errors import OptionError
+from ..core.grid import Granularity, InputQuantizer, WeightCodes
+from ..core.types import DenseLayer, QuantizedLayer
+from ..core.views import ConvGeometry
 from .ort import OrtForm, gather_block_quantized, matmul_integer_to_float, matmul_nbits
 from .ort_conv import qlinear_conv, qlinear_conv_slow
 

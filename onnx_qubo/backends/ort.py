@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..grid import InputQuantizer, WeightCodes
+from ..core.grid import InputQuantizer, WeightCodes
 
 MS_DOMAIN = "com.microsoft"
 SATURATION_FREE = 64  # u8s8 pair sums stay in int16 for stored weights within +-64: 2 * 255 * 64 < 2^15

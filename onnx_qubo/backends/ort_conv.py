@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
-from ..grid import InputQuantizer, WeightCodes
-from ..patches import patches
-from ..views import ConvGeometry
+from ..calibration.patches import patches
+from ..core.grid import InputQuantizer, WeightCodes
+from ..core.views import ConvGeometry
 from .ort import Names, OrtForm, int8_weights
 
 # QLinearConv is slower than float Conv below these input channels per group (benchmarks/conv_forms.py):

@@ -35,9 +35,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..grid import Granularity, InputQuantizer, Scheme, WeightCodes
+from ..core.grid import Granularity, InputQuantizer, Scheme, WeightCodes
+from ..core.types import QuantizedBias
 from ..passes.insert_dequantize import ActivationQuantization, GraphEdit, QuantizedTensor
-from ..types import QuantizedBias
 
 TWO_BIT_TYPES = (TensorProto.INT2, TensorProto.UINT2)
 

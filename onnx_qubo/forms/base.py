@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import uses_external_data
 
-from .. import external
-from ..grams import DenseGram
+from ..calibration.grams import DenseGram
+from ..core import external
+from ..core.types import Accumulator, DenseLayer, FromFile, InMemory, LayerForm, WeightValues
+from ..graph.subgraphs import outer_reads, skeleton, subgraphs
 from ..passes.shapes import tensor_types
-from ..subgraphs import outer_reads, skeleton, subgraphs
-from ..types import Accumulator, DenseLayer, FromFile, InMemory, LayerForm, WeightValues
 
 SUPPORTED_WEIGHT_TYPES = (onnx.TensorProto.FLOAT,)
 
@@ -43,6 +43,7 @@ class LastAxis:
     output_axes = 0
     geometry = None
     output = None
+    unwritten = None
 
     def source(self, input_name: str, owner: str) -> str:
         return input_name

@@ -21,11 +21,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..grams import ConvGram
+from ..calibration.grams import ConvGram
+from ..calibration.patches import flatten_weight
+from ..core.types import Accumulator, DenseLayer
+from ..core.views import ConvGeometry
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
-from ..patches import flatten_weight
-from ..types import Accumulator, DenseLayer
-from ..views import ConvGeometry
 from .base import GraphIndex, Skip, attributes
 
 
@@ -38,6 +38,7 @@ class Patches:
     geometry: ConvGeometry
     output: str
     tensors: tuple[str, ...] = ()
+    unwritten = None
 
     @property
     def problems(self) -> int:

@@ -31,12 +31,13 @@ import onnx
 from onnx import helper
 
 from ..backends.ort import MS_DOMAIN, gather_block_quantized, pack_bits
-from ..grid import Granularity, GroupScales, Scheme, WeightCodes
+from ..core.grid import Granularity, GroupScales, Scheme, WeightCodes
+from ..core.report import LayerReport
+from ..core.types import SkippedNode
+from ..graph.subgraphs import node_names
 from ..passes.base import PassResult, copy_model
 from ..passes.insert_dequantize import GraphEdit
-from ..report import LayerReport
-from ..scales import COARSE_RATIOS, FINE_STEPS, GroupRanges
-from ..types import SkippedNode
+from ..rounding.scales import COARSE_RATIOS, FINE_STEPS, GroupRanges
 from .base import GraphIndex, Skip, attributes
 
 TABLE_OPSET = 13  # Unsqueeze with an axes input; BitShift (11) and Gather work from there
@@ -46,7 +47,7 @@ TABLE_OPSET = 13  # Unsqueeze with an axes input; BitShift (11) and Gather work 
 class EmbeddingTable:
     """A Gather node reading rows of a constant float table."""
 
-    name: str  # the node's name (discovery.node_names)
+    name: str  # the node's name (graph.subgraphs.node_names)
     table_name: str
     table: np.ndarray  # [V, d] float64
     indices: str
@@ -105,7 +106,6 @@ class GatherForm:
 def find_tables(model: onnx.ModelProto) -> tuple[list[EmbeddingTable], list[SkippedNode]]:
     """The constant tables of the main graph's Gathers, and the Gathers of constant tables that
     stay float (with the reason)."""
-    from ..discovery import node_names  # discovery imports forms: import at call time
 
     form, index = GatherForm(), GraphIndex(model)
     tables, skipped = [], []

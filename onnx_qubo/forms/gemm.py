@@ -12,8 +12,8 @@ import onnx
 from onnx import helper
 
 from ..backends import portable
+from ..core.types import DenseLayer
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
-from ..types import DenseLayer
 from .base import LAST_AXIS, GraphIndex, Skip, as_float64, attributes, transposed
 
 

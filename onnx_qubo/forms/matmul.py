@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..core.types import DenseLayer
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight, dequantized
-from ..types import DenseLayer
 from .base import LAST_AXIS, GraphIndex, Skip, transposed
 
 

@@ -29,10 +29,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..grams import RecurrentGram
+from ..calibration.grams import RecurrentGram
+from ..core.types import Accumulator, DenseLayer, InMemory
+from ..core.views import RecurrentCell
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
-from ..types import Accumulator, DenseLayer, InMemory
-from ..views import RecurrentCell
 from .base import GraphIndex, Skip, attributes
 
 GATES = {"LSTM": 4, "RNN": 1}
@@ -50,6 +50,11 @@ class GateInputs:
     output_axes = 0
     geometry = None
     output = None
+
+    @property
+    def unwritten(self) -> str | None:
+        """The node's Y, under the name calibration reads it by, when the node writes no Y."""
+        return None if self.cell.named else self.cell.output
 
     @property
     def tensors(self) -> tuple[str, ...]:
@@ -143,20 +148,3 @@ class RecurrentForm:
                 cell.input[3] = corrected
         qdq, cell.input[0] = edit.quantize_activation(node.input[0], weight.activation)
         return Lowered(nodes + qdq + [cell], dropped={node.input[2]}, shift_folded=True)
-
-
-def expose_outputs(model: onnx.ModelProto, layers: list[DenseLayer]) -> onnx.ModelProto:
-    """``model``, or a copy whose recurrent nodes that write no Y write it under the name
-    calibration reads it by (``RecurrentCell.output``)."""
-    unnamed = {layer.weight_name: layer.view.cell.output for layer in layers
-               if isinstance(layer.view, GateInputs) and not layer.view.cell.named}
-    if not unnamed:
-        return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for node in copy.graph.node:
-        if len(node.input) > 1 and node.input[1] in unnamed:
-            if not node.output:
-                node.output.append("")
-            node.output[0] = unnamed[node.input[1]]
-    return copy

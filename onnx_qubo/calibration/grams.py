@@ -1,0 +1,92 @@
+"""Running sums of an input view's vectors over the calibration batches (the ``Accumulator``s
+that forms/ views make): ``sum z z^T`` with ``z = [x; 1]`` in float64 and, when the layer sees
+other inputs than the float model's, ``sum z d^T`` and ``sum d d^T`` (``d = x - x~``); their
+means are the ``InputStatistics`` the QUBO is built from.
+
+- ``DenseGram``: vectors along the last axis (the dense forms);
+- ``ConvGram``: a Conv's im2col patches, one Gram matrix per group (patches.PatchGram);
+- ``RecurrentGram``: a recurrent node's gate inputs, one Gram matrix per direction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..core.errors import ModelError
+from ..core.types import InputStatistics
+from ..core.views import ConvGeometry
+from .patches import ConvStatistics, PatchGram
+
+
+class DenseGram:
+    """Running sums over input vectors f wide (the last axis): ``sum z z^T`` and, when the layer
+    sees other inputs than the float model's, ``sum z d^T``, ``sum d d^T``."""
+
+    def __init__(self, f: int, with_drift: bool):
+        self.f = f
+        self.zz = np.zeros((f + 1, f + 1))
+        self.zd = np.zeros((f + 1, f)) if with_drift else None
+        self.dd = np.zeros((f, f)) if with_drift else None
+        self.count = 0
+        self.result: InputStatistics | None = None
+
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
+        x = x.reshape(-1, self.f).astype(np.float64)
+        x_seen = x if seen is None else seen.reshape(-1, self.f).astype(np.float64)
+        z = np.hstack([x_seen, np.ones((len(x), 1))])
+        self.zz += z.T @ z
+        if self.zd is not None and self.dd is not None:
+            d = x - x_seen
+            self.zd += z.T @ d
+            self.dd += d.T @ d
+        self.count += len(x)
+
+    def statistics(self, group: int | None = None) -> InputStatistics:
+        """The means, computed once (in place: the sums are not held twice)."""
+        if self.result is None:
+            n = max(self.count, 1)  # count 0: a layer that never ran (the pipeline skips it)
+            for total in (self.zz, self.zd, self.dd):
+                if total is not None:
+                    total /= n
+            self.result = InputStatistics(self.zz, self.count, self.zd, self.dd)
+        return self.result
+
+
+class ConvGram:
+    """The same over a Conv's patches (patches.py), per group; ``name``: the Conv's, for errors."""
+
+    def __init__(self, geometry: ConvGeometry, with_drift: bool, name: str):
+        self.gram = PatchGram(geometry, with_drift)
+        self.name = name
+        self.result: ConvStatistics | None = None  # the means, computed once for all groups
+
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
+        """Add a batch; a ModelError naming the Conv when its input does not fit it (a group that
+        does not divide the channels, a kernel larger than the input), as onnxruntime would."""
+        if x.size:  # empty: the If branch holding the Conv did not run on this batch
+            problem = self.gram.geometry.input_problem(x.shape)
+            if problem is not None:
+                raise ModelError(f"Conv '{self.name}' cannot run on its input: {problem}")
+            self.gram.update(x, seen)
+
+    def statistics(self, group: int | None = None) -> InputStatistics:
+        if not self.gram.count:  # never ran (the pipeline skips it)
+            return DenseGram(self.gram.geometry.features, False).statistics()
+        if self.result is None:
+            self.result = self.gram.result()
+        return self.result.group(group or 0)
+
+
+class RecurrentGram:
+    """The same over a recurrent node's gate inputs ``[x_t; h_(t-1)]`` (forms/recurrent.py), one
+    Gram matrix per direction (each has its own hidden states)."""
+
+    def __init__(self, f: int, directions: int, with_drift: bool):
+        self.grams = [DenseGram(f, with_drift) for _ in range(directions)]
+
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
+        for d, gram in enumerate(self.grams):  # x, seen: [directions, rows, f]
+            gram.update(x[d], None if seen is None else seen[d])
+
+    def statistics(self, group: int | None = None) -> InputStatistics:
+        return self.grams[group or 0].statistics()

@@ -1,0 +1,1 @@
+"""Evaluation: the float and the quantized model compared in onnxruntime."""

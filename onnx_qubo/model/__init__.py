@@ -1,0 +1,1 @@
+"""The model's dense layers: found in the graph, split into problems, written back."""

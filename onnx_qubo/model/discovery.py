@@ -1,0 +1,101 @@
+"""Find the dense layers of an ONNX graph, and say why every other candidate node was skipped.
+
+Each node whose op type has a form (forms/) is matched by that form: the result is a layer to
+quantize or a reason it cannot be quantized exactly. Dense nodes inside If branches and Loop/Scan
+bodies are matched too (named ``<holder>/<attribute>/<node>``, e.g. ``If_0/then_branch/fc``);
+calibration captures their inputs through subgraphs.expose. Weight-bearing nodes no form handles
+(ConvTranspose) and dense nodes in the bodies of other ops are listed as skipped with the
+reason, never silently invisible.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+from ..core.types import DenseLayer, SkippedNode
+from ..forms import FORMS, GraphIndex, Skip
+from ..graph.subgraphs import all_graphs, capture_problem, is_routed, node_names, subgraphs
+
+log = logging.getLogger(__name__)
+
+UNSUPPORTED = {  # op type -> why its weights stay float
+    "ConvTranspose": "transposed convolution: not quantized yet",
+}
+
+
+def find_dense_layers(model: onnx.ModelProto) -> tuple[list[DenseLayer], list[SkippedNode]]:
+    """Return the quantizable dense layers (main graph and If/Loop/Scan bodies, in graph
+    order, a body's layers after the nodes before its holder) and the skipped candidate nodes."""
+    layers: list[DenseLayer] = []
+    skipped: list[SkippedNode] = []
+    _visit(model.graph, "", GraphIndex(model), layers, skipped, None)
+    for node in skipped:
+        log.info("skipped %s '%s': %s", node.op_type, node.name, node.reason)
+    return layers, skipped
+
+
+def _visit(graph: onnx.GraphProto, prefix: str, index: GraphIndex, layers: list[DenseLayer],
+           skipped: list[SkippedNode], unroutable: str | None, holders: tuple[onnx.NodeProto, ...] = ()) -> None:
+    """Match the nodes of ``graph`` (names prefixed by ``prefix``; ``holders``: the nodes holding
+    it, outer first); ``unroutable``: why a layer found here cannot be calibrated (inside the body
+    of an op other than If/Loop/Scan, or an If branch inside a Scan: subgraphs.capture_problem)."""
+    for node, name in zip(graph.node, node_names(graph)):
+        name = prefix + name
+        default_domain = node.domain in ("", "ai.onnx")
+        form = FORMS.get(node.op_type) if default_domain else None
+        found = form.match(node, name, index) if form is not None else None
+        if default_domain and node.op_type in UNSUPPORTED:
+            found = Skip(UNSUPPORTED[node.op_type])
+        if unroutable is not None and found is not None:
+            found = Skip(unroutable)
+        if isinstance(found, Skip):
+            skipped.append(SkippedNode(name, node.op_type, found.reason))
+        elif found is not None:
+            layers.append(found)
+        for attr, body in subgraphs(node):
+            why = unroutable
+            if why is None and not is_routed(node):
+                why = (f"inside the {attr} subgraph of {node.op_type} '{name}': only If, Loop and Scan bodies "
+                       "are quantized")
+            elif why is None and (problem := capture_problem((*holders, node))) is not None:
+                why = f"its input cannot be captured for calibration: {problem}"
+            _visit(body, f"{name}/{attr}/", index.scoped(body), layers, skipped, why, (*holders, node))
+
+
+def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[bool]:
+    """For each layer (graph order), whether its input depends on an earlier layer's output: only
+    then can quantizing the earlier ones (``sequential``) change what it sees. Across bodies, a
+    node holding a body depends on everything inside it, and a body's inputs on its holder."""
+    graphs = all_graphs(model.graph)
+    producers: dict[str, onnx.NodeProto] = {}
+    inner: dict[int, list[str]] = {}  # id(holder) -> every name its bodies read or write
+    readers: dict[str, onnx.NodeProto] = {}  # a layer's node reads its weight
+    for graph in graphs:
+        for node in graph.node:
+            producers.update((out, node) for out in node.output)
+            readers.update((name, node) for name in node.input[1:2])
+            for _, body in subgraphs(node):
+                producers.update((v.name, node) for v in body.input)
+                inner.setdefault(id(node), []).extend(
+                    name for g in all_graphs(body) for n in g.node for name in [*n.input, *n.output] if name)
+    earlier: set[str] = set()
+    fed = []
+    ancestors: dict[tuple[str, ...], set[str]] = {}  # per input tensors (the groups of a Conv share them)
+    for layer in layers:
+        if layer.input_tensors not in ancestors:
+            seen, stack = set(), list(layer.input_tensors)  # a recurrent node's: X, Y, initial_h...
+            while stack:
+                tensor = stack.pop()
+                if tensor in seen:
+                    continue
+                seen.add(tensor)
+                node = producers.get(tensor)
+                if node is not None:
+                    stack.extend(name for name in [*node.input, *inner.get(id(node), [])] if name)
+            ancestors[layer.input_tensors] = seen
+        fed.append(bool(ancestors[layer.input_tensors] & earlier))
+        node = readers.get(layer.weight_name)
+        earlier.update(node.output if node is not None else ())
+    return fed

@@ -1,0 +1,23 @@
+"""``rotate``: incoherence processing before calibration (passes/rotate.py's ``RotateInputs``).
+
+The float model's dense layers get a random-sign block Hadamard rotation of their input space
+(folded into a linear producer, else an online transform the layers read), so calibration
+captures the rotated inputs and the QUBO rounds the rotated weights with no other change. The
+online transforms' MatMuls are not layers to quantize (``passes.online_rotations`` names them).
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ..core import external
+from ..core.options import Rotation
+from ..passes import RotateInputs
+from .lowering import run_passes
+
+
+def rotate(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int) -> onnx.ModelProto:
+    """``model`` with its layers' inputs rotated (itself with ``Rotation.NONE``); same outputs."""
+    if rotation == Rotation.NONE:
+        return model
+    return run_passes(model, [RotateInputs(seed, block, external.read_array)]).model

@@ -1,0 +1,1 @@
+"""Rounding: a layer's scales and QUBO, the solvers, and where the solving runs."""

@@ -1,0 +1,1 @@
+"""Studies beside quantization: ``compare`` (the paper's table) and per-layer sensitivity."""
