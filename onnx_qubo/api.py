@@ -15,6 +15,7 @@ import onnx
 from .autoscheme import quantize_auto
 from .backends.kernels import Format, auto_accuracy_level
 from .calibration.data import Dataset, load_dataset
+from .calibration.memory import return_freed_memory
 from .config import QuantizeConfig
 from .core.choice import parse_choice
 from .core.errors import OptionError, OutputError
@@ -138,6 +139,7 @@ def evaluate(result: Result, evaluation: Any = None, *, progress: bool = False) 
     basic levels against the portable model with optimizations disabled. A language model (an
     ``input_ids`` input and rank-3 logits, perplexity.py) is scored by next-token perplexity,
     streamed."""
+    return_freed_memory()  # what quantize freed (its statistics, QUBOs, sessions), before two more sessions
     data = _evaluation_data(result, evaluation)
     bar = Progress(enabled=progress)
     lm = language_model(result.float_model)

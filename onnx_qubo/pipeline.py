@@ -84,6 +84,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
                            config.activations.range, config.execution.max_memory_bytes, config.output.format)
     plan = make_plan(config, calibrated.layers)
     integers, reports = solve_all(calibrated, plan, progress, release=True)  # each layer solved once
+    memory.return_freed_memory()  # the solves' arrays, before the rewrite's copies
     tables, skipped, notes = [], calibrated.skipped, []
     if config.output.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
         found, table_skips = find_tables(model)
@@ -211,6 +212,7 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress, release
             pending = []
         if release and last_use[key] == k and isinstance(calibrated.statistics, LayerStatistics):
             calibrated.statistics.release(key)
+            memory.return_freed_memory()
         yield solved
         del work, solved, statistics  # the next layer may start a calibration pass: hold nothing of this one
     if plan.dump_dir is not None:

@@ -11,8 +11,12 @@ says how much it needs. Estimates, not measurements: they count the large arrays
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import math
 import os
+from functools import cache
 
 import onnx
 
@@ -23,6 +27,26 @@ from ..core.types import DenseLayer
 DEFAULT_SHARE = 0.6  # of physical memory: the most a run takes without --max-memory
 STATISTICS_ROOM = 10 ** 9  # without --max-memory, statistics held at once beyond the largest layer's
 GB = 1e9
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system after a stage that freed large arrays (a
+    view's statistics, a layer's QUBO, the calibration session): glibc keeps freed arrays of up to
+    32 MB in its heap, so without this the next stage's peak adds to the last one's. A no-op
+    where the C library has no ``malloc_trim``."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@cache
+def _malloc_trim() -> "ctypes._NamedFuncPointer | None":
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
 
 
 def physical_share() -> int:

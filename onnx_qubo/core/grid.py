@@ -183,7 +183,7 @@ class Rounding:
     variables of ``base + digits * v``.
     """
 
-    base: np.ndarray  # int64 [n, m * D]
+    base: np.ndarray  # int16 [n, m * D] (a grid of at most 8 bits: an LM head's is 56 MB, not 226)
     frac: np.ndarray  # float64 [n, m * D]
     free: np.ndarray  # bool [n, m * D]
     digits: tuple[int, ...] = (1,)
@@ -201,7 +201,7 @@ def split_rounding(scaled: np.ndarray, grid: IntegerGrid) -> Rounding:
     floor = np.floor(scaled)
     free = (floor >= grid.qmin) & (floor + 1 <= grid.qmax)
     base = np.clip(floor, grid.qmin, grid.qmax)
-    return Rounding(base.astype(np.int64), scaled - base, free)
+    return Rounding(base.astype(np.int16), scaled - base, free)
 
 
 def level_digits(levels: int) -> tuple[int, ...]:
@@ -234,7 +234,7 @@ def split_levels(scaled: np.ndarray, grid: IntegerGrid, levels: int) -> Rounding
         rest, offset = rest - digit * bit, offset - digit * bit
     frac[..., -1] = offset / digits[-1]
     n, m = scaled.shape
-    codes = np.zeros(frac.shape, dtype=np.int64)
+    codes = np.zeros(frac.shape, dtype=np.int16)
     codes[..., -1] = base
     return Rounding(codes.reshape(n, -1), frac.reshape(n, -1), np.ones((n, m * len(digits)), dtype=bool), digits)
 

@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from ..calibration.data import Dataset
+from ..calibration.memory import return_freed_memory
 from ..core.errors import DataError
 from ..core.progress import Progress
 from ..core.report import Evaluation
@@ -250,6 +251,7 @@ def evaluate_language_model(lm: LanguageModel, float_model: onnx.ModelProto, qua
                  "the quantized model", True)]
     scores, (quantized,) = stream(sessions, lm, dataset, progress, "perplexity", [(1, 0)])
     del sessions
+    return_freed_memory()
     default_vs_plain = basic_vs_plain = default_vs_basic = 0.0
     matches, checked = True, dataset
     if check_levels:
