@@ -6,8 +6,11 @@ see qubo.py; the constant offset does not change the minimizer). Three stages, a
 over neurons:
 
 1. Start: sequential rounding with error feedback (GPTQ's Cholesky form of the nearest-plane
-   algorithm), each weight restricted to its floor or ceiling, in float32; kept per neuron
-   where it beats round-to-nearest (and the final choice is never worse than it, exactly).
+   algorithm), each weight restricted to its floor or ceiling (with ``--levels`` above 2, the
+   nearest of its levels), in float32; kept per neuron where it beats round-to-nearest (and the
+   final choice is never worse than it, exactly). With more levels, each chunk first solves the
+   floor-or-ceiling restriction (all three stages, on the weights' Gram) and starts from the
+   better of that and the sequential start: the levels never end above the binary rounding.
 2. Descent: best-improvement single flips; when none pays, the best pair among each neuron's
    most promising flips. A move costs a row of G read from memory and a few passes over the
    neuron's variables, so the bulk of the moves is made in float32 (half the bytes); then the
