@@ -34,17 +34,17 @@ def make_session(model: onnx.ModelProto, level: ort.GraphOptimizationLevel = DEF
     """An InferenceSession on the CPU provider at the given graph optimization level; ``built``:
     the model is one this library wrote (a failure is then a RuntimeFailure, exit 4); ``lean``:
     without onnxruntime's memory arena and memory patterns, which otherwise keep every buffer of a
-    run (a DequantizeLinear model's float weights included) for the session's lifetime, and
-    without prepacked weights (a second copy of every MatMul weight: with weights in external
-    data, onnxruntime reads them in place): for the runs that calibrate and check, where memory
-    matters more than the last millisecond."""
+    run (a DequantizeLinear model's float weights included) for the session's lifetime: for the
+    runs that calibrate and check, where memory matters more than the last millisecond. Weights
+    stay prepacked although that is a second copy of each MatMul weight: without it MatMulNBits
+    at accuracy level 4 runs another kernel than the deployed model's, and MatMul's result
+    depends on how many rows a run has (calibration in pieces would change the statistics)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     options.log_severity_level = 4  # fatal only: a failed run is reported as one error (run_session)
     if lean:
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
-        options.add_session_config_entry("session.disable_prepacking", "1")
     folder = session_folder(model)
     if folder is not None:  # weights left in the input's external data files (external.py)
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
