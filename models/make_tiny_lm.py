@@ -1,8 +1,9 @@
 """Make the tiny onnxruntime-genai model of the tests: a random-weight Llama (2 layers, hidden 64,
 4 heads, 2 KV heads of 16, MLP 128, context 256, tied embeddings, seed 0) built by
-onnxruntime-genai's model builder (``-p fp32 -e cpu``) from a local Hugging Face folder.
+onnxruntime-genai's model builder (``-p fp32 -e cpu``, or ``-p fp16`` with ``--precision fp16``)
+from a local Hugging Face folder.
 
-Writes, beside this script, ``tiny_lm/``: the builder's folder (model.onnx + model.onnx.data,
+Writes, beside this script, ``tiny_lm/`` (``tiny_lm_fp16/``): the builder's folder (model.onnx + model.onnx.data,
 genai_config.json, tokenizer files), plus ``model.calib.npz`` (32 windows of 64 tokens) and
 ``model.eval.npz`` (16 windows) of ``input_ids`` cut from an English text. The weights are larger
 than transformers' initialization (embeddings std 0.5, projections std 0.3, RMSNorm weights
@@ -13,6 +14,7 @@ order, so keeping the ids < V and the merges whose result is < V is a valid smal
 
 Needs torch, transformers and onnxruntime-genai (only here). Usage:
     python models/make_tiny_lm.py --tokenizer HF_FOLDER [--text /usr/share/common-licenses/GPL-3]
+    python models/make_tiny_lm.py --tokenizer HF_FOLDER --precision fp16  # the same weights, half precision
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="a Hugging Face folder with tokenizer.json")
     parser.add_argument("--text", type=Path, default=Path("/usr/share/common-licenses/GPL-3"))
     parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--out", type=Path, default=HERE / "tiny_lm")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="the builder's -p")
+    parser.add_argument("--out", type=Path, help="default: tiny_lm/ (fp32) or tiny_lm_fp16/ beside this script")
     args = parser.parse_args()
+    args.out = args.out or HERE / ("tiny_lm" if args.precision == "fp32" else "tiny_lm_fp16")
 
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -83,7 +87,7 @@ def main() -> None:
         shutil.rmtree(args.out, ignore_errors=True)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(args.out),
-                        "-p", "fp32", "-e", "cpu", "-c", str(Path(work) / "cache")], env=env, check=True,
+                        "-p", args.precision, "-e", "cpu", "-c", str(Path(work) / "cache")], env=env, check=True,
                        capture_output=True)
         ids = AutoTokenizer.from_pretrained(hf)(args.text.read_text())["input_ids"]
     windows = np.asarray(ids[:(CALIB + EVAL) * WINDOW], np.int64).reshape(CALIB + EVAL, WINDOW)

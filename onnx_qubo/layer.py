@@ -224,7 +224,7 @@ def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: Input
     layer, scheme = plan.layer, plan.scheme
     # with bias correction the mean error is removed afterwards: solve (and choose scales) for what is left
     terms = LayerTerms(layer, statistics, plan.bias_is_variable, layer.weight, centered=plan.bias_correction)
-    bias_scales = tensor_scales(layer.bias, scheme.grid) if plan.bias_is_variable and layer.bias is not None else None
+    bias_scales = tensor_scales(layer.bias, scheme) if plan.bias_is_variable and layer.bias is not None else None
     presolved, search_seconds = None, 0.0
     if plan.scale == ScaleMethod.QUBO:
         start = time.perf_counter()

@@ -88,7 +88,8 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
     tables, skipped, notes = [], calibrated.skipped, []
     if config.output.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
         found, table_skips = find_tables(model)
-        tables = [quantize_table(table, config.weights.scheme()) for table in found]
+        tables = [quantize_table(table, replace(config.weights.scheme(), scale_type=table.float_type))
+                  for table in found]
         reports, skipped = reports + [table.report() for table in tables], skipped + table_skips
         if not tables:
             notes.append("embeddings: no Gather reads rows of a constant float table that only it reads")

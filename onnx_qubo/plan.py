@@ -7,8 +7,10 @@ rounds it. Checks that need the layers (names in ``layer_bits``) happen here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import onnx
 
 from .backends.kernels import Format
 from .config import QuantizeConfig
@@ -68,9 +70,14 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer]) -> Plan:
     if unknown:
         raise OptionError(f"{{layer_bits}} names no quantized dense layer: {', '.join(sorted(unknown))} "
                           "(onnx-qubo inspect lists the layers)", "layer_bits")
+    half = next((layer for layer in layers if layer.float_type != onnx.TensorProto.FLOAT), None)
+    if half is not None and config.activations.quantized:
+        raise OptionError(f"{{activations}} {config.activations.dtype} quantizes float32 inputs; layer '{half.name}' "
+                          "computes in float16 (a half-precision model): use {activations} none", "activations")
     stems = exchange.file_stems([layer.name for layer in layers])
     solver = rounding.make_solver()
-    schemes = [config.weights.scheme(layer_bits.get(layer.owner)) for layer in layers]
+    schemes = [replace(config.weights.scheme(layer_bits.get(layer.owner)), scale_type=layer.float_type)
+               for layer in layers]
     planned = [
         LayerPlan(layer=layer, scheme=scheme,
                   scale=rounding.scale, bias=rounding.bias if layer.bias is not None else BiasMode.FLOAT,

@@ -47,9 +47,16 @@ class QuantizedTensor:
         return {"axis": 1, "block_size": self.block_size}
 
 
+def float_dtype(tensor: QuantizedTensor) -> type[np.floating]:
+    """The float type ``tensor`` dequantizes to, its scale's: float16 for a half-precision layer,
+    else float32."""
+    return np.float16 if np.asarray(tensor.scale).dtype == np.float16 else np.float32
+
+
 def dequantized(tensor: QuantizedTensor) -> np.ndarray:
     """What DequantizeLinear computes from ``tensor`` (a scale per tensor, per row along axis 0,
-    or per block of ``block_size`` along axis 1), in float32."""
+    or per block of ``block_size`` along axis 1), in its ``float_dtype`` (products in float32,
+    exact for integers of up to 8 bits times a float16 scale, then rounded)."""
     integers = np.asarray(tensor.integers)
 
     def per_value(values: np.ndarray) -> np.ndarray:
@@ -62,7 +69,7 @@ def dequantized(tensor: QuantizedTensor) -> np.ndarray:
 
     zero = 0 if tensor.zero_point is None else per_value(tensor.zero_point)
     scale = per_value(np.asarray(tensor.scale, np.float32))
-    return ((integers - zero).astype(np.float32) * scale).astype(np.float32)
+    return ((integers - zero).astype(np.float32) * scale).astype(float_dtype(tensor))
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,7 @@ class QuantizedWeight:
     bias: QuantizedTensor | None = None  # [n_out]
     activation: ActivationQuantization | None = None
     fast: KernelLayer | None = None  # a runtime kernel to write instead of DequantizeLinear
-    float_bias: np.ndarray | None = None  # [n_out] float32: replaces ``bias_name`` (a float bias + the bias correction)
+    float_bias: np.ndarray | None = None  # [n_out], the weight's float type: replaces ``bias_name``
 
 
 class InsertDequantize:
@@ -161,7 +168,8 @@ class InsertDequantize:
             dropped |= lowered.dropped
             _import_opsets(out, lowered.opsets)
             if weight.output_shift is not None and not lowered.shift_folded:
-                shift = edit.constant(f"{nodes[-1].output[0]}_shift", weight.output_shift.astype(np.float32))
+                shift = edit.constant(f"{nodes[-1].output[0]}_shift",
+                                      weight.output_shift.astype(float_dtype(weight.weight)))
                 nodes += edit.add_to_output(nodes, shift, "bias_correction")
             replacements[where] = nodes
 
@@ -212,7 +220,7 @@ class GraphEdit:
         """Initializers for ``tensor`` and the DequantizeLinear reading them; returns its output."""
         storage = helper.tensor_dtype_to_np_dtype(tensor.storage_type)  # ml_dtypes int2/int4
         inputs = [self.constant(f"{base}_quantized", tensor.integers.astype(storage)),  # packed in raw_data
-                  self.constant(f"{base}_scale", np.asarray(tensor.scale, np.float32))]
+                  self.constant(f"{base}_scale", np.asarray(tensor.scale, float_dtype(tensor)))]
         if tensor.zero_point is not None:
             inputs.append(self.constant(f"{base}_zero_point", np.asarray(tensor.zero_point).astype(storage)))
         deq = self.fresh(f"{base}_dequantized")

@@ -1,7 +1,8 @@
 """Models built by onnxruntime-genai's model builder (models/tiny_lm: a 2-layer random-weight
-Llama made by models/make_tiny_lm.py): inspected, quantized from token windows alone, written as
-a complete onnxruntime-genai folder that og.Generator runs, and the kernel model checked against
-the portable DequantizeLinear model of the same codes run unoptimized."""
+Llama made by models/make_tiny_lm.py; models/tiny_lm_fp16: the same weights built with ``-p
+fp16``): inspected, quantized from token windows alone, written as a complete onnxruntime-genai
+folder that og.Generator runs, and the kernel model checked against the portable
+DequantizeLinear model of the same codes run unoptimized."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ MODEL = TINY / "model.onnx"
 LAYERS = [f"/model/layers.{i}/{part}/MatMul" for i in range(2)
           for part in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")]
 TOKENS = np.load(TINY / "model.eval.npz")["input_ids"][:4, :24]
+HALF = TINY.parent / "tiny_lm_fp16"  # q, k and v as separate MatMuls; the past read through a Concat
 
 try:
     import onnxruntime_genai as og
@@ -125,6 +127,77 @@ def test_quantized_folder_runs_in_onnxruntime_genai_and_equals_the_portable_mode
     for format in ("qdq", "ort"):
         tokens = _generate(written[format].parent, 12)
         assert len(tokens) == 12 and all(0 <= t < 512 for t in tokens)
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def test_a_half_precision_model_is_quantized_with_half_scales_and_runs_in_onnxruntime_genai(tmp_path):
+    """The builder's fp16 model: FLOAT16 weights quantized, their scales stored as FLOAT16 (what
+    DequantizeLinear and MatMulNBits then compute in), the codes and scales of both forms read back
+    equal, the kernel model equal to the unoptimized portable one at the default and basic levels,
+    and both forms generate in og.Generator."""
+    layers = [f"/model/layers.{i}/{part}/MatMul" for i in range(2)
+              for part in ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",
+                           "mlp/up_proj", "mlp/down_proj")] + ["/lm_head/MatMul"]
+    data = load_dataset({"input_ids": TOKENS}, load_model(HALF / "model.onnx")).batches[0]
+    assert all(data[f"past_key_values.{i}.{kv}"].shape == (4, 2, 0, 16) for i in range(2) for kv in ("key", "value"))
+    written, errors = {}, {}
+    for format, source in (("qdq", HALF), ("ort", HALF), ("fp32", TINY)):
+        (tmp_path / format).mkdir()
+        written[format] = tmp_path / format / "model.onnx"
+        exact = {"ort_accuracy_level": 0} if format == "ort" else {}
+        report = runs.quantize(str(source / "model.onnx"), written[format], bits=4, granularity="block",
+                               block_size=32, format="ort" if format == "ort" else "qdq", embeddings=True,
+                               speed=False, evaluation=source / "model.eval.npz", **exact)
+        assert report.evaluation is not None
+        errors[format] = report.evaluation.relative_output_error
+        if format != "fp32":
+            assert [layer.name for layer in report.layers if layer.form != "Gather (table)"] == layers
+    assert errors["qdq"] < 1.05 * errors["fp32"]  # half precision loses nothing that matters to the rounding
+    portable, kernels = (onnx.load(str(written[f])) for f in ("qdq", "ort"))
+    portable_inits, kernel_inits = _initializers(written["qdq"]), _initializers(written["ort"])
+    dq = {n.input[0]: n for n in portable.graph.node if n.op_type == "DequantizeLinear"}
+    nbits = {n.name: n for n in kernels.graph.node if n.op_type == "MatMulNBits"}
+    assert len(nbits) == len(layers) and len(dq) == len(layers)
+    assert all(kernel_inits[n.input[2]].dtype == np.float16 for n in nbits.values())
+    assert all(portable_inits[n.input[1]].dtype == np.float16 for n in dq.values())
+    head = next(n for n in nbits.values() if n.output[0] == "logits")  # the head's codes, read back from both files
+    codes = next(c for c in dq if "lm_head" in c)
+    unpacked = np.stack([kernel_inits[head.input[1]] & 15, kernel_inits[head.input[1]] >> 4], axis=-1)
+    v = unpacked.shape[0]
+    assert np.array_equal(unpacked.reshape(v, -1)[:, :64].astype(np.int64) - 8,
+                          portable_inits[codes].astype(np.int64))
+    assert np.array_equal(kernel_inits[head.input[2]].reshape(v, -1), portable_inits[dq[codes].input[1]])
+    reference = _logits(written["qdq"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    assert reference.dtype == np.float16
+    reference = reference.astype(np.float32)
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
+        difference = _logits(written["ort"], level).astype(np.float32) - reference  # float16 activations' rounding:
+        assert np.linalg.norm(difference) < 5e-3 * np.linalg.norm(reference)  # the fp16 float model is 3.3e-3 from fp32
+        assert np.abs(difference).max() < 1e-2 * np.abs(reference).max()
+    if og is None:
+        pytest.skip("onnxruntime-genai is not installed (pip install 'onnx-qubo[genai]'): generation not checked")
+    for format in ("qdq", "ort"):  # (the builder's own fp16 model fails at its second token: see docs/llm.md)
+        tokens = _generate(written[format].parent, 12)
+        assert len(tokens) == 12 and all(0 <= t < 512 for t in tokens)
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"activations": "int8"}, "--activations int8 quantizes float32 inputs; layer '/model/layers.0/attn/q_proj/MatMul' "
+                              "computes in float16"),
+    ({"rotate": "hadamard"}, "--rotate hadamard rotates FLOAT weights only; layer '/model/layers.0/attn/q_proj/MatMul' "
+                             "has FLOAT16 weights"),
+])
+def test_what_a_half_precision_model_cannot_take_is_refused_by_name(option, message, tmp_path):
+    result = CliRunner().invoke(main, [str(HALF / "model.onnx"), str(tmp_path / "q.onnx"), "--bits", "4",
+                                       *[x for k, v in option.items() for x in (f"--{k}", v)]])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_output_in_the_input_folder_leaves_its_genai_files_as_they_are(tmp_path):

@@ -138,3 +138,20 @@ def test_weight_codes_with_one_scale_per_row_look_per_row_to_the_kernels():
     codes = WeightCodes(np.array([[1, -2, 0], [3, 0, -4]]), scales, Scheme(3, Granularity.TENSOR))
     assert codes.block_size == 0 and codes.scale.shape == (2,) and codes.zero_point is None
     np.testing.assert_allclose(codes.scaled(2.0).dequantize(), [[1, -2, 0], [3, 0, -4]])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_half_precision_scales_are_chosen_as_they_will_be_stored(symmetric):
+    """A FLOAT16 scheme's scales are float16 values (the QUBO solves for the written model), kept
+    above zero for tiny weights; a FLOAT scheme's stay as computed."""
+    rng = np.random.default_rng(0)
+    w = np.vstack([rng.standard_normal((3, 16)), np.full((1, 16), 1e-9)])
+    half = Scheme(4, Granularity.BLOCK, 8, symmetric, TensorProto.FLOAT16)
+    scales = GroupRanges(w, half).scales(np.full((4, 2), 0.9))
+    assert np.array_equal(scales.scale, scales.scale.astype(np.float16).astype(np.float64))
+    assert scales.scale.min() > 0 and half.scale_dtype is np.float16
+    full = GroupRanges(w, Scheme(4, Granularity.BLOCK, 8, symmetric)).scales(np.full((4, 2), 0.9))
+    assert not np.array_equal(full.scale, full.scale.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(scales.scale[:3], full.scale[:3], rtol=2 ** -11)
+    with pytest.raises(ValueError, match="FLOAT or FLOAT16"):
+        Scheme(4, scale_type=TensorProto.DOUBLE)

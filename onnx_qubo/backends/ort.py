@@ -148,7 +148,7 @@ def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, o
     names = [fresh(f"{output}_{suffix}") for suffix in ("B", "scales", "zero_points", "bias")]
     initializers = [
         numpy_helper.from_array(pack_bits(unsigned, bits).reshape(n, k_blocks, block * bits // 8), names[0]),
-        numpy_helper.from_array(np.ascontiguousarray(blocks(codes.scale), np.float32), names[1]),
+        numpy_helper.from_array(np.ascontiguousarray(blocks(codes.scale), codes.scheme.scale_dtype), names[1]),
     ]
     inputs = [activation, names[0], names[1], "", "", ""]
     if zero_blocks is not None:
@@ -158,7 +158,7 @@ def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, o
         initializers.append(numpy_helper.from_array(pack_bits(padded_zero, bits), names[2]))
         inputs[3] = names[2]
     if bias is not None:
-        initializers.append(numpy_helper.from_array(np.asarray(bias, np.float32), names[3]))
+        initializers.append(numpy_helper.from_array(np.asarray(bias, codes.scheme.scale_dtype), names[3]))
         inputs[5] = names[3]
     node = helper.make_node("MatMulNBits", _trim(inputs), [output], name=fresh(f"{output}_MatMulNBits"),
                             domain=MS_DOMAIN, K=f, N=n, bits=bits, block_size=block,
@@ -265,8 +265,8 @@ def gather_block_quantized(codes: WeightCodes, indices: str, output: str, fresh:
     unsigned = codes.integers + offset
     data = unsigned.astype(np.uint8) if bits == 8 else pack_bits(unsigned, bits)
     names = [fresh(f"{output}_{suffix}") for suffix in ("table", "scales", "zero_points")]
-    initializers = [numpy_helper.from_array(data, names[0]),
-                    numpy_helper.from_array(np.ascontiguousarray(blocks(codes.scale), np.float32), names[1])]
+    scales = np.ascontiguousarray(blocks(codes.scale), codes.scheme.scale_dtype)
+    initializers = [numpy_helper.from_array(data, names[0]), numpy_helper.from_array(scales, names[1])]
     inputs = [names[0], indices, names[1]]
     if codes.zero_point is not None:
         zero = np.zeros((v, -(-k_blocks // per_byte) * per_byte), np.int64)

@@ -88,15 +88,16 @@ def weight_tensor(codes: WeightCodes) -> QuantizedTensor:
     else:
         scale, zero_point = scales.scale, scales.zero_point
     block = scales.width if scheme.granularity == Granularity.BLOCK else 0
-    return QuantizedTensor(codes.integers, np.asarray(scale),
+    return QuantizedTensor(codes.integers, np.asarray(scale, scheme.scale_dtype),
                            np.asarray(zero_point) if weight_zero_point_input(scheme.symmetric) else None,
                            scheme.grid.storage[0], block)
 
 
-def bias_tensor(bias: QuantizedBias) -> QuantizedTensor:
-    """A quantized bias as ``DequantizeLinear`` reads it (a zero-point input only when one is not 0)."""
+def bias_tensor(bias: QuantizedBias, scale_dtype: type[np.floating] = np.float32) -> QuantizedTensor:
+    """A quantized bias as ``DequantizeLinear`` reads it (a zero-point input only when one is not 0;
+    its scale in the weights' ``scale_dtype``, which is the type it dequantizes to)."""
     zero_point = np.broadcast_to(bias.zero_point, bias.scale.shape) if np.any(bias.zero_point) else None
-    return QuantizedTensor(bias.integers, bias.scale, zero_point, bias.storage)
+    return QuantizedTensor(bias.integers, np.asarray(bias.scale, scale_dtype), zero_point, bias.storage)
 
 
 def activation_quantization(quantizer: InputQuantizer) -> ActivationQuantization:

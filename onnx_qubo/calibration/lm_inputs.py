@@ -10,9 +10,11 @@ holds ``input_ids`` of shape ``[N, T]`` (N windows of T tokens):
 - a past key/value input (a KV cache: a float input with a symbolic axis whose name starts with
   ``past``, e.g. ``past_key_values.0.key [batch_size, 3, past_sequence_length, kv_cache_dim]``): an
   empty past, length 0 on that axis, N on the axis named like ``input_ids``' first axis, the
-  declared size on fixed axes; another symbolic axis is the head size of the attention node that
-  reads the input (``com.microsoft`` ``GroupQueryAttention`` or ``MultiHeadAttention``: the
-  query's width over its heads, a packed query-key-value over all of them).
+  declared size on fixed axes; another symbolic axis takes its size from the node that reads the
+  input: the head size of an attention node (``com.microsoft`` ``GroupQueryAttention`` or
+  ``MultiHeadAttention``: the query's width over its heads, a packed query-key-value over all of
+  them), or, for a ``Concat`` appending the new keys or values to the past (as the builder's fp16
+  graphs and exported caches do), the other operand's size on that axis.
 
 Any other missing input stays missing (the data check names it); a past input whose other axes
 cannot be told this way is a DataError naming the input and the axis.
@@ -41,7 +43,7 @@ class LmInputs:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.specs = {spec.name: spec for spec in model_inputs(model)}
-        self.heads: dict[str, int] | None = None
+        self.sizes: dict[str, dict[int, int]] | None = None
 
     def derive(self, arrays: dict[str, Any], origin: str) -> dict[str, Any]:
         """``arrays`` with the inputs the rule makes added (a new dict; ``arrays`` as it is when it
@@ -56,7 +58,7 @@ class LmInputs:
             if name in arrays:
                 continue
             if spec.shape is None:
-                if spec.dtype.kind == "f" and name in self.past_heads():
+                if spec.dtype.kind == "f" and name in self.past_sizes():
                     raise DataError(f"{origin}: input '{name}' is a KV cache (an attention node reads it as its past) "
                                     "but the model declares no shape for it, so no empty past can be made from "
                                     f"'{TOKENS}'; declare its shape in the model or give it in the data")
@@ -67,19 +69,21 @@ class LmInputs:
             elif name == POSITIONS and spec.dtype.kind in "iu" and len(spec.shape) == 2:
                 made[name] = np.broadcast_to(np.arange(length, dtype=spec.dtype), (count, length)).copy()
             elif spec.dtype.kind == "f" and any(d and d.startswith(PAST_PREFIX) for d in names):
-                shape = _empty_past_shape(name, spec.shape, names, batch_name, count, self.past_heads(), origin)
+                shape = _empty_past_shape(name, spec.shape, names, batch_name, count, self.past_sizes(), origin)
                 made[name] = np.zeros(shape, spec.dtype)
         return made
 
-    def past_heads(self) -> dict[str, int]:
-        """Past input name -> head size, for the inputs an attention contrib node reads as its past."""
-        if self.heads is None:
-            self.heads = _head_sizes(self.model)
-        return self.heads
+    def past_sizes(self) -> dict[str, dict[int, int]]:
+        """Past input name -> {axis: size} its readers tell (see the module's docstring)."""
+        if self.sizes is None:
+            self.sizes = _past_sizes(self.model)
+        return self.sizes
 
 
 def _empty_past_shape(name: str, shape: tuple[int | None, ...], names: tuple[str | None, ...],
-                      batch_name: str | None, count: int, heads: dict[str, int], origin: str) -> tuple[int, ...]:
+                      batch_name: str | None, count: int, sizes: dict[str, dict[int, int]],
+                      origin: str) -> tuple[int, ...]:
+    told = sizes.get(name, {})
     dims = []
     for axis, (size, dim) in enumerate(zip(shape, names)):
         if size is not None:
@@ -88,34 +92,43 @@ def _empty_past_shape(name: str, shape: tuple[int | None, ...], names: tuple[str
             dims.append(0)
         elif (dim is not None and dim == batch_name) or (axis == 0 and batch_name is None):
             dims.append(count)
-        elif name in heads:
-            dims.append(heads[name])
+        elif axis in told:
+            dims.append(told[axis])
         else:
             raise DataError(f"{origin}: input '{name}' (a KV cache, made as an empty past since the data holds only "
                             f"'{TOKENS}'): the size of its axis {axis} ('{dim or '?'}') cannot be told from the model "
-                            "(no GroupQueryAttention or MultiHeadAttention node reads it); give it in the data")
+                            "(neither an attention node nor a Concat with a known shape reads it); give it in the data")
     return tuple(dims)
 
 
-def _head_sizes(model: onnx.ModelProto) -> dict[str, int]:
-    """Past input name -> head size, for the past inputs an attention contrib node reads directly."""
+def _past_sizes(model: onnx.ModelProto) -> dict[str, dict[int, int]]:
+    """Past input name -> {axis: size}, from the attention contrib nodes and Concats that read it."""
     from ..graph.subgraphs import skeleton  # inference on the graph alone
     from ..passes.shapes import tensor_types
 
     types = tensor_types(skeleton(model))
 
-    def width(tensor: str) -> int | None:
+    def dims(tensor: str) -> list[int | None]:
         kind = types.get(tensor)
-        dims = kind.tensor_type.shape.dim if kind is not None and kind.tensor_type.HasField("shape") else []
-        return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None
+        shape = kind.tensor_type.shape.dim if kind is not None and kind.tensor_type.HasField("shape") else []
+        return [d.dim_value if d.HasField("dim_value") else None for d in shape]
 
-    sizes: dict[str, int] = {}
+    ranks = {spec.name: None if spec.shape is None else len(spec.shape) for spec in model_inputs(model)}
+    sizes: dict[str, dict[int, int]] = {}
     for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.domain == "" and node.op_type == "Concat" and len(node.input) == 2:
+            for past, other in (node.input, node.input[::-1]):
+                shape = dims(other)
+                if past in ranks and other not in ranks and len(shape) == ranks[past]:
+                    axis = int(attrs["axis"]) % len(shape)
+                    told = {a: size for a, size in enumerate(shape) if a != axis and size}
+                    sizes.setdefault(past, {}).update(told)
+            continue
         if node.domain != MS_DOMAIN or node.op_type not in ("GroupQueryAttention", "MultiHeadAttention"):
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         inputs = list(node.input) + [""] * 8
-        query = width(inputs[0])
+        query = (dims(inputs[0]) or [None])[-1]
         heads = int(attrs.get("num_heads", 0))
         if node.op_type == "GroupQueryAttention":
             past = inputs[3:5]
@@ -124,5 +137,9 @@ def _head_sizes(model: onnx.ModelProto) -> dict[str, int]:
         else:
             past = inputs[6:8]
         if query and heads and query % heads == 0:
-            sizes.update({name: query // heads for name in past if name})
+            for name in past:
+                rank = ranks.get(name)
+                told = sizes.setdefault(name, {}) if name in ranks else {}
+                if rank is not None:  # [batch, kv heads, past length, head size]
+                    told[rank - 1] = query // heads
     return sizes

@@ -11,6 +11,7 @@ from onnx import TensorProto
 from .choice import Choice
 
 MIN_BITS, MAX_BITS = 1, 8
+SCALE_DTYPES: dict[int, type[np.floating]] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 BLOCK_OPSET = 21  # DequantizeLinear's block_size attribute
 
 _STORAGE = {  # (signed, widest bits) -> (ONNX type, opset whose per-axis DequantizeLinear takes it)
@@ -60,20 +61,39 @@ class IntegerGrid:
 
 @dataclass(frozen=True)
 class Scheme:
-    """How one layer's weights are quantized: bit width, zero point, and which weights share
-    a scale (``channel``: each output row; ``tensor``: all; ``block``: runs of
-    ``block_size`` inputs within a row)."""
+    """How one layer's weights are quantized: bit width, zero point, which weights share a scale
+    (``channel``: each output row; ``tensor``: all; ``block``: runs of ``block_size`` inputs
+    within a row), and the float type the scales are stored in (the weight's own: FLOAT, or
+    FLOAT16 for a half-precision model, whose DequantizeLinear and kernels then compute in it)."""
 
     bits: int = 2
     granularity: Granularity = Granularity.CHANNEL
     block_size: int = 0  # only for granularity block
     symmetric: bool = True
+    scale_type: int = TensorProto.FLOAT
 
     def __post_init__(self) -> None:
         IntegerGrid(self.bits)  # validates bits
         object.__setattr__(self, "granularity", Granularity(self.granularity))
         if (self.granularity == Granularity.BLOCK) != (self.block_size > 0):
             raise ValueError("a block size (>= 1) goes with granularity 'block', and only with it")
+        if self.scale_type not in SCALE_DTYPES:
+            raise ValueError(f"scales are stored as FLOAT or FLOAT16, not {TensorProto.DataType.Name(self.scale_type)}")
+
+    @property
+    def scale_dtype(self) -> type[np.floating]:
+        """The numpy type of the stored scales (and of what they dequantize to)."""
+        return SCALE_DTYPES[self.scale_type]
+
+    def stored(self, scale: np.ndarray) -> np.ndarray:
+        """Scales [float64] as they will be read back from the file, so that the QUBO solves for
+        the model that is written. FLOAT16 scales are rounded (and kept above zero: its smallest
+        subnormal); FLOAT ones are left in float64, whose rounding to float32 on writing moves a
+        weight by at most 2^-24 of itself."""
+        if self.scale_type == TensorProto.FLOAT:
+            return scale
+        tiny = float(np.finfo(np.float16).smallest_subnormal)
+        return np.maximum(scale, tiny).astype(np.float16).astype(np.float64)
 
     @property
     def grid(self) -> IntegerGrid:

@@ -163,6 +163,7 @@ class DenseLayer:
     group: int | None = None  # one problem of a split layer (groups.py): its rows of ``parent``'s weight
     parent: str | None = None  # the node (grouped Conv, recurrent node) this problem belongs to
     view: InputView = field(kw_only=True)  # what its input vectors are, from the form that found it
+    float_type: int = field(default=onnx.TensorProto.FLOAT, kw_only=True)  # the weight's type: FLOAT or FLOAT16
 
     @property
     def owner(self) -> str:

@@ -23,7 +23,8 @@ from ..core.types import Accumulator, DenseLayer, FromFile, InMemory, LayerForm,
 from ..graph.subgraphs import outer_reads, skeleton, subgraphs
 from ..passes.shapes import tensor_types
 
-SUPPORTED_WEIGHT_TYPES = (onnx.TensorProto.FLOAT,)
+FLOAT_WEIGHTS = (onnx.TensorProto.FLOAT,)
+HALF_OR_FLOAT_WEIGHTS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # forms whose lowering writes either
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,11 @@ class GraphIndex:
         index.consumers = _consumers(body)
         return index
 
-    def constant_weight(self, activation: str, weight: str, rank: int | None = 2) -> onnx.TensorProto | Skip:
-        """The initializer ``weight`` when the node may be quantized through it: a FLOAT constant
-        that only this node reads and that no caller can override (of ``rank``, when given)."""
+    def constant_weight(self, activation: str, weight: str, rank: int | None = 2,
+                        types: tuple[int, ...] = FLOAT_WEIGHTS) -> onnx.TensorProto | Skip:
+        """The initializer ``weight`` when the node may be quantized through it: a constant of one
+        of ``types`` that only this node reads and that no caller can override (of ``rank``, when
+        given)."""
         if weight not in self.initializers:
             return Skip(f"weight '{weight}' is not a constant initializer")
         if activation in self.initializers:
@@ -101,23 +104,25 @@ class GraphIndex:
         if self.uses[weight] > 1:
             return Skip(f"weight '{weight}' is shared by {self.uses[weight]} nodes")
         init = self.initializers[weight]
-        if init.data_type not in SUPPORTED_WEIGHT_TYPES:
+        if init.data_type not in types:
             type_name = onnx.TensorProto.DataType.Name(init.data_type)
-            return Skip(f"weight '{weight}' is {type_name}; only FLOAT weights are supported")
+            supported = " or ".join(onnx.TensorProto.DataType.Name(t) for t in types)
+            return Skip(f"weight '{weight}' is {type_name}; only {supported} weights are supported here")
         if rank is not None and len(init.dims) != rank:
             return Skip(f"weight '{weight}' has rank {len(init.dims)}; a dense layer needs a 2-D weight")
         return init
 
-    def bias_vector(self, name: str, n: int, rank: int | None, axis: int = -1) -> np.ndarray | Skip | None:
-        """The bias as an [n] vector when it can be replaced by a quantized one: a FLOAT
-        initializer of n values along ``axis`` (its last, or its first for a Conv's [M]), read by
+    def bias_vector(self, name: str, n: int, rank: int | None, axis: int = -1,
+                    float_type: int = onnx.TensorProto.FLOAT) -> np.ndarray | Skip | None:
+        """The bias as an [n] vector when it can be replaced by a quantized one: an initializer of
+        the weight's ``float_type`` of n values along ``axis`` (its last, or its first for a Conv's [M]), read by
         this layer alone, of rank at most the layer output's ``rank`` (1 when unknown), so that
         an [n] vector broadcasts the same; a Skip when it holds NaN or Inf."""
         init = self.initializers.get(name)
         if init is None or name in self.overridable | self.outputs or self.uses[name] != 1:
             return None
         dims = list(init.dims)
-        if (init.data_type != onnx.TensorProto.FLOAT or not dims or dims[axis] != n or int(np.prod(dims)) != n
+        if (init.data_type != float_type or not dims or dims[axis] != n or int(np.prod(dims)) != n
                 or len(dims) > (rank or 1)):
             return None
         bias = self.array(init).astype(np.float64).reshape(n)

@@ -38,7 +38,7 @@ from ..graph.subgraphs import node_names
 from ..passes.base import PassResult, copy_model
 from ..passes.insert_dequantize import GraphEdit
 from ..rounding.scales import COARSE_RATIOS, FINE_STEPS, GroupRanges
-from .base import GraphIndex, Skip, attributes
+from .base import HALF_OR_FLOAT_WEIGHTS, GraphIndex, Skip, attributes
 
 TABLE_OPSET = 13  # Unsqueeze with an axes input; BitShift (11) and Gather work from there
 
@@ -51,12 +51,13 @@ class EmbeddingTable:
     table_name: str
     table: np.ndarray  # [V, d] float64
     indices: str
+    float_type: int = onnx.TensorProto.FLOAT  # the table's type: FLOAT or FLOAT16
 
 
 @dataclass(frozen=True, eq=False)
 class QuantizedTable:
-    """A table's codes [V, d]: row ``v`` dequantizes to ``codes.dequantize()[v]`` (scales float32
-    values, as stored)."""
+    """A table's codes [V, d]: row ``v`` dequantizes to ``codes.dequantize()[v]`` (scales as stored,
+    in the table's float type)."""
 
     table: EmbeddingTable
     codes: WeightCodes
@@ -87,7 +88,7 @@ class GatherForm:
         table_name, indices = node.input[0], node.input[1]
         if table_name not in index.initializers:
             return None
-        init = index.constant_weight(indices, table_name, rank=2)
+        init = index.constant_weight(indices, table_name, rank=2, types=HALF_OR_FLOAT_WEIGHTS)
         if isinstance(init, Skip):
             readers = [n for n in index.consumers.get(table_name, []) if n.output != node.output]
             if readers:
@@ -100,7 +101,7 @@ class GatherForm:
         table = index.array(init).astype(np.float64)
         if not np.isfinite(table).all():
             return Skip(f"table '{table_name}' holds NaN or Inf")
-        return EmbeddingTable(name, table_name, table, indices)
+        return EmbeddingTable(name, table_name, table, indices, init.data_type)
 
 
 def find_tables(model: onnx.ModelProto) -> tuple[list[EmbeddingTable], list[SkippedNode]]:
@@ -123,7 +124,7 @@ def find_tables(model: onnx.ModelProto) -> tuple[list[EmbeddingTable], list[Skip
 def table_scheme(scheme: Scheme) -> Scheme:
     """Tables get a scale per row (or per block of a row): ``tensor`` granularity means rows."""
     if scheme.granularity == Granularity.TENSOR:
-        return Scheme(scheme.bits, Granularity.CHANNEL, 0, scheme.symmetric)
+        return Scheme(scheme.bits, Granularity.CHANNEL, 0, scheme.symmetric, scheme.scale_type)
     return scheme
 
 
@@ -141,8 +142,8 @@ def quantize_table(table: EmbeddingTable, scheme: Scheme) -> QuantizedTable:
     errors = np.concatenate([coarse_errors, np.stack([_squared_errors(table.table, ranges, r) for r in fine])])
     chosen = np.take_along_axis(ratios, errors.argmin(axis=0)[None], axis=0)[0]
     chosen_scales = ranges.scales(chosen)
-    stored = GroupScales(np.float32(chosen_scales.scale).astype(np.float64), chosen_scales.zero_point,
-                         chosen_scales.width)  # the float32 scales that will be stored
+    stored = GroupScales(chosen_scales.scale.astype(scheme.scale_dtype).astype(np.float64), chosen_scales.zero_point,
+                         chosen_scales.width)  # the scales that will be stored
     codes = WeightCodes(_nearest(table.table, stored, scheme), stored, scheme)
     return QuantizedTable(table, codes, time.perf_counter() - start)
 
@@ -243,7 +244,7 @@ def packed_bytes(codes: WeightCodes) -> np.ndarray:
 
 def packed_gather(codes: WeightCodes, indices: str, output: str, edit: GraphEdit) -> list[onnx.NodeProto]:
     """The portable lowering of a table lookup (module docstring): ``indices.shape + [d]`` floats
-    equal to ``codes.dequantize()`` (in float32) at the rows looked up."""
+    equal to ``codes.dequantize()`` (in the scales' float type) at the rows looked up."""
     v, d = codes.integers.shape
     bits, block = _container_bits(codes.bits), codes.block_size
     per_byte, width = 8 // bits, stored_width(codes)
@@ -275,14 +276,15 @@ def packed_gather(codes: WeightCodes, indices: str, output: str, edit: GraphEdit
     used = groups * block if block else d
     if width != used:
         rows = _slice_last(node, const, rows, used)
-    values = node("Cast", [rows], to=onnx.TensorProto.FLOAT)
+    float_type, dtype = codes.scheme.scale_type, codes.scheme.scale_dtype
+    values = node("Cast", [rows], to=float_type)
     per_group = (lambda t: t[:, :, None]) if block else (lambda t: t.reshape(v, 1))
-    scale = np.asarray(codes.scale, np.float32).reshape(v, groups)
+    scale = np.asarray(codes.scale, dtype).reshape(v, groups)
     if codes.zero_point is None:
-        zero = const("offset", np.array(1 << (codes.bits - 1), np.float32))
+        zero = const("offset", np.array(1 << (codes.bits - 1), dtype))
     else:
         zero = gather_rows("zero_points", per_group(codes.zero_point.reshape(v, groups).astype(np.uint8)))
-        zero = node("Cast", [zero], to=onnx.TensorProto.FLOAT)
+        zero = node("Cast", [zero], to=float_type)
     if block:
         split = node("Concat", [lead, const("blocks", np.array([groups, block], np.int64))], axis=0)
         values = node("Reshape", [values, split])

@@ -14,7 +14,7 @@ from onnx import helper
 from ..backends import portable
 from ..core.types import DenseLayer
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight
-from .base import LAST_AXIS, GraphIndex, Skip, as_float64, attributes, transposed
+from .base import HALF_OR_FLOAT_WEIGHTS, LAST_AXIS, GraphIndex, Skip, as_float64, attributes, transposed
 
 
 class GemmForm:
@@ -25,7 +25,7 @@ class GemmForm:
         if attrs.get("transA", 0):
             return Skip("transA=1 (the activation is transposed); only transA=0 is supported")
         activation, weight_name = node.input[0], node.input[1]
-        init = index.constant_weight(activation, weight_name)
+        init = index.constant_weight(activation, weight_name, types=HALF_OR_FLOAT_WEIGHTS)
         if isinstance(init, Skip):
             return init
         gain = float(attrs.get("alpha", 1.0))
@@ -36,12 +36,13 @@ class GemmForm:
         n, f = (rows, columns) if trans_b else (columns, rows)
         weight = index.weight_values(init, as_float64 if trans_b else transposed, (n, f))
         bias_name = node.input[2] if len(node.input) > 2 else ""
-        bias = index.bias_vector(bias_name, n, rank=2)
+        bias = index.bias_vector(bias_name, n, rank=2, float_type=init.data_type)
         if isinstance(bias, Skip):
             return bias
         return DenseLayer(name, self, f"Gemm(transB={trans_b})", activation, index.ranks.get(activation),
                           weight_name, weight, gain, None if bias is None else float(attrs.get("beta", 1.0)) * bias,
-                          bias_name if bias is not None else None, bias_in_node=bool(bias_name), view=LAST_AXIS)
+                          bias_name if bias is not None else None, bias_in_node=bool(bias_name), view=LAST_AXIS,
+                          float_type=init.data_type)
 
     def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
         if weight.fast is not None:  # alpha and the bias are in the kernel (kernels.py)

@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 
 from ..core.types import DenseLayer
 from ..passes.insert_dequantize import GraphEdit, Lowered, QuantizedWeight, dequantized
-from .base import LAST_AXIS, GraphIndex, Skip, transposed
+from .base import HALF_OR_FLOAT_WEIGHTS, LAST_AXIS, GraphIndex, Skip, transposed
 
 
 class MatMulForm:
@@ -26,7 +26,7 @@ class MatMulForm:
         activation, weight_name = node.input[0], node.input[1]
         if weight_name not in index.initializers and activation in index.initializers:
             return Skip(f"the constant '{activation}' is the left operand (W @ x); only x @ W is supported")
-        init = index.constant_weight(activation, weight_name)
+        init = index.constant_weight(activation, weight_name, types=HALF_OR_FLOAT_WEIGHTS)
         if isinstance(init, Skip):
             return init
         n, f = init.dims[1], init.dims[0]
@@ -36,11 +36,11 @@ class MatMulForm:
         if index.ranks.get(activation) != 2:
             label += " (N-D)"
         bias_name = next((t for t in add.input if t != node.output[0]), "") if add else ""
-        bias = index.bias_vector(bias_name, n, rank=index.ranks.get(activation))
+        bias = index.bias_vector(bias_name, n, rank=index.ranks.get(activation), float_type=init.data_type)
         if isinstance(bias, Skip):
             return bias
         return DenseLayer(name, self, label, activation, index.ranks.get(activation), weight_name, weight, 1.0,
-                          bias, bias_name if bias is not None else None, view=LAST_AXIS)
+                          bias, bias_name if bias is not None else None, view=LAST_AXIS, float_type=init.data_type)
 
     def lower(self, node: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> Lowered:
         if weight.fast is not None:  # any activation rank; a quantized bias stays in the Add, as floats

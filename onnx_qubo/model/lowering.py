@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import onnx
 
 from .. import passes
@@ -102,14 +101,15 @@ def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
     """The graph pass's view of a layer (scales shaped as DequantizeLinear takes them), and the
     kernel that will run it."""
     weight = portable.weight_tensor(q.codes)
-    bias = None if q.bias is None else portable.bias_tensor(q.bias)
+    float_dtype = q.codes.scheme.scale_dtype  # the layer's float type (FLOAT16 in a half-precision model)
+    bias = None if q.bias is None else portable.bias_tensor(q.bias, float_dtype)
     activation = None if q.input_quantizer is None else portable.activation_quantization(q.input_quantizer)
     kernel_bias, other_bias = None, False  # what a fast kernel must add itself (Gemm's C)
     if q.layer.bias_in_node:
         if bias is not None:
             kernel_bias = dequantized(bias)
         elif q.layer.bias is not None:
-            kernel_bias = q.layer.bias.astype(np.float32)
+            kernel_bias = q.layer.bias.astype(float_dtype)
         else:
             other_bias = True
     fast, kernel = choose_kernel(q, kernel_bias, other_bias, format, accuracy_level)
@@ -119,7 +119,7 @@ def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
         shift = None
     if (shift is not None and not replaced_bias and q.layer.bias is not None and q.layer.bias_name
             and activation is None):  # the correction folded into the float bias: no Add after the node
-        shift, float_bias = None, (q.layer.bias + q.bias_shift).astype(np.float32)
+        shift, float_bias = None, (q.layer.bias + q.bias_shift).astype(float_dtype)
     if shift is not None:  # one value per output channel, broadcast over the axes after it
         shift = shift.reshape(-1, *[1] * q.layer.view.output_axes)
     return QuantizedWeight(q.layer.weight_name, weight, q.layer.form, q.layer.input_rank, shift,

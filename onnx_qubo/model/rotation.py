@@ -11,6 +11,7 @@ from __future__ import annotations
 import onnx
 
 from ..core import external
+from ..core.errors import OptionError
 from ..core.options import Rotation
 from ..passes import RotateInputs
 from .lowering import run_passes
@@ -20,4 +21,10 @@ def rotate(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int) ->
     """``model`` with its layers' inputs rotated (itself with ``Rotation.NONE``); same outputs."""
     if rotation == Rotation.NONE:
         return model
+    half = {init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT16}
+    layer = next((node for node in model.graph.node
+                  if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in half), None)
+    if layer is not None:
+        raise OptionError(f"{{rotate}} {rotation} rotates FLOAT weights only; layer '{layer.name}' has FLOAT16 weights "
+                          "(a half-precision model): use {rotate} none", "rotate")
     return run_passes(model, [RotateInputs(seed, block, external.read_array)]).model

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.determinism import map_threads
-from ..core.grid import Granularity, GroupScales, IntegerGrid, Scheme
+from ..core.grid import Granularity, GroupScales, Scheme
 
 SCALE_METHODS = ("mse", "minmax", "qubo")
 COARSE_RATIOS = np.linspace(0.05, 1.0, 10)
@@ -77,7 +77,7 @@ class GroupRanges:
 
     def __init__(self, weight: np.ndarray, scheme: Scheme):
         n, f = weight.shape
-        self.grid, self.width = scheme.grid, scheme.group_width(f)
+        self.scheme, self.grid, self.width = scheme, scheme.grid, scheme.group_width(f)
         self.tensor = scheme.granularity == Granularity.TENSOR
         groups = -(-f // self.width)
         padded = np.zeros((n, groups * self.width))
@@ -94,18 +94,19 @@ class GroupRanges:
         if grid.signed:  # at 1 bit the grid is {-1, 0}: the magnitude maps onto -1
             top = grid.qmax if grid.qmax > 0 else -grid.qmin
             scale = np.maximum(-self.lo, self.hi) * ratio / top
-            zero_point = np.zeros(self.shape, dtype=np.int64)
-        else:
-            lo, hi = self.lo * ratio, self.hi * ratio
-            scale = (hi - lo) / (grid.qmax - grid.qmin)
-            safe = np.where(scale > 0, scale, 1.0)
-            zero_point = np.clip(np.round(grid.qmin - lo / safe), grid.qmin, grid.qmax).astype(np.int64)
-        return GroupScales(np.where(scale > 0, scale, 1.0), zero_point, self.width)
+            scale = self.scheme.stored(np.where(scale > 0, scale, 1.0))
+            return GroupScales(scale, np.zeros(self.shape, dtype=np.int64), self.width)
+        lo, hi = self.lo * ratio, self.hi * ratio
+        scale = (hi - lo) / (grid.qmax - grid.qmin)
+        scale = self.scheme.stored(np.where(scale > 0, scale, 1.0))
+        zero_point = np.clip(np.round(grid.qmin - lo / scale), grid.qmin, grid.qmax).astype(np.int64)
+        return GroupScales(scale, zero_point, self.width)
 
 
-def tensor_scales(values: np.ndarray, grid: IntegerGrid) -> GroupScales:
-    """One range-filling scale for a vector [n] (a quantized bias), as [n, 1] groups."""
-    scheme = Scheme(grid.bits, Granularity.TENSOR, symmetric=grid.signed)
+def tensor_scales(values: np.ndarray, weights: Scheme) -> GroupScales:
+    """One range-filling scale for a vector [n] (a quantized bias) on the ``weights``' grid and
+    scale type, as [n, 1] groups."""
+    scheme = Scheme(weights.bits, Granularity.TENSOR, symmetric=weights.symmetric, scale_type=weights.scale_type)
     ranges = GroupRanges(values[:, None], scheme)
     return ranges.scales(np.ones(ranges.shape))
 
