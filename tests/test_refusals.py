@@ -113,6 +113,12 @@ def _symlinked_data(folder: Path) -> list[str]:
     return [model, folder / "out.onnx"]
 
 
+def _hard_linked_data(folder: Path) -> list[str]:
+    model = _external(folder)
+    (folder / "also.data").hardlink_to(folder / "m.data")
+    return [model, folder / "out.onnx"]
+
+
 def _fifo(folder: Path) -> list[str]:
     os.mkfifo(folder / "pipe")
     return [mlp_dir(folder), folder / "pipe", "--solver", "rtn"]
@@ -185,6 +191,7 @@ BAD_INPUTS = [
     BadInput("external data at an absolute path", lambda d: [_external(d, "/etc/hostname"), d / "out.onnx"],
              "not a path relative to the model's folder"),
     BadInput("external data is a symlink", _symlinked_data, "a symbolic link"),
+    BadInput("external data file with a second hard link", _hard_linked_data, "a file with 2 hard links"),
     BadInput("`inspect` with external data missing", lambda d: ["inspect", _external(d, "gone.data")],
              "which does not exist"),
     BadInput("`--calib` is a `.npy` file", _npy_calibration, "holds a single array (.npy)"),

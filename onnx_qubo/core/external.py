@@ -45,7 +45,8 @@ def session_folder(model: onnx.ModelProto) -> Path | None:
 
 def read_array(tensor: onnx.TensorProto, model: onnx.ModelProto) -> np.ndarray:
     """The values of ``tensor``, an initializer of ``model``, wherever they are stored; a
-    ModelError naming it when they do not fill its dims."""
+    ModelError naming it when they do not fill its dims or onnx refuses to read its data file
+    (one outside the model's folder, or with several hard links)."""
     folder = session_folder(model)
     if uses_external_data(tensor) and folder is None:
         raise ModelError(f"tensor '{tensor.name}' refers to external data that was not loaded: give the model's path, "
@@ -55,6 +56,11 @@ def read_array(tensor: onnx.TensorProto, model: onnx.ModelProto) -> np.ndarray:
     except ValueError as exc:  # numpy: cannot reshape the values to the dims
         raise ModelError(f"tensor '{tensor.name}' holds values that do not fit its dims {list(tensor.dims)}: "
                          f"{exc}") from None
+    except onnx.checker.ValidationError as exc:  # onnx's guards on external data paths and files
+        advice = (": give the model a data file of its own (a copy, not a hard link)"
+                  if "hard link" in str(exc) else "")
+        reason = str(exc).rstrip(".")
+        raise ModelError(f"the external data of tensor '{tensor.name}' cannot be read: {reason}{advice}") from None
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:

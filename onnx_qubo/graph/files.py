@@ -87,6 +87,10 @@ def external_data_files(model: onnx.ModelProto, path: PathLike) -> list[Path]:
             raise ModelError(f"{where}, a symbolic link; external data must be a plain file")
         if not candidate.is_file():
             raise ModelError(f"{where}, which does not exist or is not a file")
+        links = candidate.stat().st_nlink
+        if links > 1:
+            raise ModelError(f"{where}, a file with {links} hard links, which onnx refuses to read (its guard against "
+                             "hard-link attacks); give the model a copy of its own")
         needed = max(info.offset or 0, 0) + (info.length or tensor_bytes(tensor))
         if needed > candidate.stat().st_size:
             raise ModelError(f"{where} up to byte {needed}, past the end of that file "
