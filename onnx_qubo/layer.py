@@ -98,7 +98,7 @@ class LayerTerms:
                 levels: int = 2) -> LayerProblem:
         n, f = self.layer.shape
         scale = scales.per_column(scales.scale, f)
-        zero_point = scales.per_column(scales.zero_point, f)
+        zero_point = scales.per_column(scales.zero_point.astype(np.int16), f)  # a grid of at most 8 bits
         values, gain = self.weight, self.layer.gain
         if bias_scales is not None and self.layer.bias is not None:
             values = np.hstack([values, self.layer.bias[:, None]])

@@ -118,9 +118,12 @@ def build_problem(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray 
     """The QUBO for ``values`` [n, m] quantized as ``scale * (q - zero_point)`` on ``grid``
     (scale and zero point [n, m] or broadcastable), each column's output scaled by ``gain``
     (a number or [m]), each value choosing among ``levels`` grid points around it."""
-    rounding = split_levels(values / scale + zero_point, grid, levels)
+    scaled = values / scale
+    scaled += zero_point  # in place: an LM head's [n, m] temporaries are 226 MB each
+    rounding = split_levels(scaled, grid, levels)
+    del scaled
     n, m = values.shape
-    step = gain * scale
+    step = scale if np.isscalar(gain) and gain == 1.0 else gain * scale  # the same values, no copy
     digits = rounding.digits
     if len(digits) > 1:  # the inputs repeated once per variable of a weight (see the module's docstring)
         step = (np.broadcast_to(step, (n, m))[:, :, None] * np.asarray(digits, dtype=float)).reshape(n, -1)
