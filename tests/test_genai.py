@@ -98,7 +98,7 @@ def _generate(folder: Path, count: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", [4, pytest.param(2, marks=pytest.mark.slow)])
 def test_quantized_folder_runs_in_onnxruntime_genai_and_equals_the_portable_model(bits, tmp_path):
     written = {}
     for format in ("qdq", "ort"):
@@ -136,6 +136,7 @@ def _initializers(path: Path) -> dict[str, np.ndarray]:
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
 
 
+@pytest.mark.slow
 def test_a_half_precision_model_is_quantized_with_half_scales_and_runs_in_onnxruntime_genai(tmp_path):
     """The builder's fp16 model: FLOAT16 weights quantized, their scales stored as FLOAT16 (what
     DequantizeLinear and MatMulNBits then compute in), the codes and scales of both forms read back
