@@ -103,7 +103,8 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
     rotated = rotate(float_model, rounding.rotate, rounding.rotate_block, rounding.seed)
     if config.automatic.enabled:
         calibrated = calibrate(rotated, calib_data, bar, config.automatic.exclude, config.activations.dtype,
-                               config.activations.range, config.execution.max_memory_bytes, config.output.format)
+                               config.activations.range, config.execution.max_memory_bytes, config.output.format,
+                               rounding.levels)
         quantized = quantize_auto(calibrated, config, bar, input_bytes=input_bytes)
     else:
         quantized = quantize_model(rotated, calib_data, config, bar)

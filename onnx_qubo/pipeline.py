@@ -81,7 +81,8 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
                    progress: Progress) -> Quantized:
     """Quantize every dense layer of ``model`` but the excluded ones."""
     calibrated = calibrate(model, calibration, progress, config.automatic.exclude, config.activations.dtype,
-                           config.activations.range, config.execution.max_memory_bytes, config.output.format)
+                           config.activations.range, config.execution.max_memory_bytes, config.output.format,
+                           config.rounding.levels)
     plan = make_plan(config, calibrated.layers)
     integers, reports = solve_all(calibrated, plan, progress, release=True)  # each layer solved once
     memory.return_freed_memory()  # the solves' arrays, before the rewrite's copies
@@ -134,9 +135,10 @@ def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: lis
 def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, exclude: Collection[str] = (),
               activations: Activations = Activations.NONE,
               activation_range: RangeMethod = RangeMethod.MINMAX, max_memory: int | None = None,
-              format: Format = Format.QDQ) -> Calibrated:
+              format: Format = Format.QDQ, levels: int = 2) -> Calibrated:
     """The model's layers and their input statistics, in as many passes over the data as
-    ``max_memory`` (bytes; default: memory.py's) needs; with ``format`` ort and quantized
+    ``max_memory`` (bytes; default: memory.py's) needs beside a solve with ``levels`` grid points
+    per weight; with ``format`` ort and quantized
     ``activations``, the output ranges of the Convs QLinearConv may run, in the same passes as
     the input ranges."""
     check_declared_shapes(model)
@@ -146,7 +148,8 @@ def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, 
                and needs_output_range(layer, format, activations != Activations.NONE)]
     ranged = input_quantizers(model, layers, calibration, activations, activation_range, progress, outputs)
     quantizers = {layer.input_name: ranged[layer.input_name] for layer in layers if layer.input_name in ranged}
-    groups = memory.calibration_groups(layers, max_memory, memory.weights_bytes(model), drift=bool(quantizers))
+    groups = memory.calibration_groups(layers, max_memory, memory.weights_bytes(model), drift=bool(quantizers),
+                                       levels=levels)
     if len(groups) > 1:
         log.info("calibrating in %d passes over the data: the statistics of all %d layers do not fit the memory "
                  "budget at once", len(groups), len(layers))

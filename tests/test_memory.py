@@ -33,3 +33,22 @@ def test_freed_arrays_go_back_to_the_system():
     freed, returned = map(int, subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                                               check=True).stdout.split())
     assert freed - returned > 300  # MB
+
+
+def test_more_levels_are_planned_as_a_larger_solve():
+    """``--levels L`` repeats a layer's inputs L - 1 times in its QUBO: the memory plan counts it,
+    so a budget that fits the binary solve beside the statistics is too small for four levels."""
+    from onnx_qubo.calibration import memory
+    from onnx_qubo.core.errors import OptionError
+    from onnx_qubo.pipeline import find_layers
+
+    from graphs import mlp_model
+
+    layers, _ = find_layers(mlp_model(widths=(64, 128, 16)))
+    binary, four = (max(memory.solve_bytes(layer, levels) for layer in layers) for levels in (2, 4))
+    assert 9 * binary > four > 3 * binary
+    statistics = sum(memory.statistics_bytes(layer, drift=False) for layer in layers)
+    budget = binary + statistics
+    assert len(memory.calibration_groups(layers, budget, 0, drift=False)) == 1
+    with pytest.raises(OptionError, match="too small"):
+        memory.calibration_groups(layers, budget, 0, drift=False, levels=4)

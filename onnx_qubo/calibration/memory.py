@@ -81,14 +81,16 @@ def statistics_bytes(layer: DenseLayer, drift: bool) -> int:
     return 8 * (f + 1) ** 2 * (3 if drift else 1)
 
 
-def solve_bytes(layer: DenseLayer) -> int:
-    """One layer's solve: its Gram matrix, weight, scales, codes and the solver's state."""
+def solve_bytes(layer: DenseLayer, levels: int = 2) -> int:
+    """One layer's solve: its Gram matrix, weight, scales, codes and the solver's state, with
+    ``levels - 1`` binary variables per weight (``--levels``: the QUBO's inputs repeated)."""
     n, f = layer.shape
-    return 8 * ((f + 1) ** 2 + 8 * n * (f + 1))
+    variables = (levels - 1) * (f + 1)
+    return 8 * (variables ** 2 + 8 * n * variables)
 
 
 def calibration_groups(layers: list[DenseLayer], max_memory: int | None, model_bytes: int,
-                       drift: bool) -> list[list[DenseLayer]]:
+                       drift: bool, levels: int = 2) -> list[list[DenseLayer]]:
     """``layers`` in groups whose statistics fit beside the model and one solve, each group one
     pass over the calibration data; layers reading the same input view stay together (their
     statistics are one sum). Without ``max_memory``, statistics take at most STATISTICS_ROOM (or
@@ -99,7 +101,7 @@ def calibration_groups(layers: list[DenseLayer], max_memory: int | None, model_b
         views.setdefault(layer.source_key, []).append(layer)
     view_bytes = {key: sum(statistics_bytes(layer, drift) for layer in {m.statistics_key: m for m in members}.values())
                   for key, members in views.items()}
-    solving = max(solve_bytes(layer) for layer in layers)
+    solving = max(solve_bytes(layer, levels) for layer in layers)
     largest = max(view_bytes, key=view_bytes.__getitem__)
     budget = physical_share() if max_memory is None else max_memory
     room = budget - model_bytes - solving
