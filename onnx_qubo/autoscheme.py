@@ -89,10 +89,11 @@ def candidate_options(config: QuantizeConfig, auto_scheme: bool, promote: bool) 
                    for granularity in (PerChannel(), PerBlock(AUTO_BLOCK)) for symmetric in (True, False)]
     if not promote:
         return schemes
+    more = {PROMOTED_BITS}
     target = config.automatic.bits_per_weight
-    top = PROMOTED_BITS if target is None else min(PROMOTED_BITS - 1, math.ceil(target) + 1)
-    more = [*range(config.weights.bits + 1, top + 1), PROMOTED_BITS] if target is not None else [PROMOTED_BITS]
-    return schemes + [base.updated(bits=bits) for bits in sorted(set(more)) if bits > config.weights.bits]
+    if target is not None:
+        more.update(range(config.weights.bits + 1, min(PROMOTED_BITS, math.ceil(target) + 1) + 1))
+    return schemes + [base.updated(bits=bits) for bits in sorted(more) if bits > config.weights.bits]
 
 
 def choose(calibrated: Calibrated, options: QuantizeConfig, reference: Reference, progress: Progress, *,
@@ -123,11 +124,11 @@ def greedy(candidates: list[list[Candidate]], size_budget: int | None, max_error
         chosen = [min(cands, key=lambda c: (c.error, c.bytes)) for cands in quantized]
         return _choice(chosen, candidates, base_bytes)
     total = base_bytes + sum(c.bytes for c in chosen)
-    if size_budget is not None and total > size_budget and weights:
-        raise OptionError(f"{{bits_per_weight}} {8 * (size_budget - base_bytes) / weights:.3g} is below what these "
-                          f"schemes store at least ({8 * (total - base_bytes) / weights:.3g} bits per weight, scales "
-                          "included)", "bits_per_weight")
     if size_budget is not None and total > size_budget:
+        if weights:
+            raise OptionError(f"{{bits_per_weight}} {8 * (size_budget - base_bytes) / weights:.3g} is below what "
+                              f"these schemes store at least ({8 * (total - base_bytes) / weights:.3g} bits per "
+                              "weight, scales included)", "bits_per_weight")
         raise OptionError(f"{{size_budget}} {size_budget / 1e6:.3g} MB is below the smallest model these schemes "
                           f"make ({total / 1e6:.3g} MB)", "size_budget")
     while max_error is None or _estimate(chosen) > max_error:
@@ -163,7 +164,7 @@ def quantize_auto(calibrated: Calibrated, options: QuantizeConfig, progress: Pro
     """``pipeline.quantize_model`` with the per-layer choices made here, measured on the
     calibration data (the evaluation data stays out of the choice)."""
     reference = reference_scores(calibrated.model, calibrated.dataset, progress)
-    weights = sum(layer.weight.size for layer in calibrated.layers)
+    weights = sum(math.prod(layer.shape) for layer in calibrated.layers)  # not layer.weight: no reading
     automatic = options.automatic
     base_bytes = max(input_bytes - weights * FLOAT_BYTES, 0)
     budget = None if automatic.size_budget is None else int(automatic.size_budget * 1e6)

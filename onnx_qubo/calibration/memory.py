@@ -3,7 +3,8 @@
 At its peak a run holds the float model's weights (onnxruntime keeps them while calibration
 runs), the statistics of the layers calibrated in one pass over the data (float64 sums, O(f^2)
 per input view; three times that when the layer sees other inputs than the float model's), one
-chunk of captured activations, and one layer's solve (its QUBO: O(f^2 + n f)). When all the
+chunk of captured activations, and one layer's solve (its QUBO: O(v^2 + n v) for v variables per
+neuron, the layer's inputs times ``--levels`` - 1). When all the
 statistics do not fit beside the rest, calibration runs in several passes, one per group of
 consecutive layers (``calibration_groups``); a budget that cannot hold one layer is an error that
 says how much it needs. Estimates, not measurements: they count the large arrays only.

@@ -89,7 +89,7 @@ def alone(calibrated: Calibrated, q: QuantizedLayer, report: LayerReport, refere
     error = float(np.linalg.norm(y - y_float) / max(float(np.linalg.norm(y_float)), 1e-30))
     agreement = float((y.argmax(axis=-1) == y_float.argmax(axis=-1)).mean())
     return LayerSensitivity(q.layer.name, q.layer.label, q.codes.bits, scheme_label(q), error, agreement,
-                            stored_bytes(q), q.layer.weight.size * FLOAT_BYTES, report.cost_solved)
+                            stored_bytes(q), q.codes.integers.size * FLOAT_BYTES, report.cost_solved)
 
 
 def to_markdown(sensitivities: list[LayerSensitivity]) -> str:
