@@ -126,6 +126,8 @@ def config_option(name: str, default: object = None):
     default = option.default if default is None else default
     kind: dict[str, Any] = {"help": option.help, "metavar": METAVARS.get(name)}
     flags = (option.flag, name)
+    if name == "symmetric":  # unset (None): chosen per layer
+        return click.option(*flags, default=None, show_default="per layer", **kind)
     if name == "granularity":
         return click.option(*flags, type=choices(Granularity), default=Granularity.CHANNEL.value,
                             show_default=True, **kind)

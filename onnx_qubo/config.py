@@ -150,17 +150,26 @@ class WeightConfig(_Section):
     granularity: WeightGranularity = _option(
         factory=PerChannel, help="Weights sharing one scale: each output channel, the whole tensor, or blocks of "
                                  "--block-size inputs within a channel (DequantizeLinear block_size, opset 21).")
-    symmetric: bool = _option(True, "Signed grid with zero point 0 (INT2/INT4/INT8), or unsigned grid with an "
-                                    "integer zero point per scale (UINT2/UINT4/UINT8).",
-                              flag="--symmetric/--asymmetric")
+    symmetric: bool | None = _option(None, "Signed grid with zero point 0 (INT2/INT4/INT8), or unsigned grid with "
+                                           "an integer zero point per scale (UINT2/UINT4/UINT8). Default: per "
+                                           "layer, the one whose round-to-nearest output error is lower.",
+                                     flag="--symmetric/--asymmetric")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_bits(self.bits)
 
     def scheme(self, bits: int | None = None) -> Scheme:
-        """The grid scheme at ``bits`` (default: ``self.bits``)."""
-        return Scheme(self.bits if bits is None else bits, self.granularity.kind, self.granularity.size, self.symmetric)
+        """The grid scheme at ``bits`` (default: ``self.bits``); the symmetric one where the grid
+        is chosen per layer (``grids`` lists both)."""
+        return self.grids(bits)[0]
+
+    def grids(self, bits: int | None = None) -> tuple[Scheme, ...]:
+        """The schemes at ``bits`` a layer may get: the requested grid, or (``symmetric`` None)
+        the symmetric and the asymmetric one, chosen per layer (layer.py)."""
+        bits = self.bits if bits is None else bits
+        kinds = (True, False) if self.symmetric is None else (self.symmetric,)
+        return tuple(Scheme(bits, self.granularity.kind, self.granularity.size, s) for s in kinds)
 
 
 LEVELS = (2, 3, 4)  # grid points a weight may round to (--levels)
@@ -498,7 +507,8 @@ class QuantizeConfig:
     def describe(self) -> str:
         """The scheme in words, for reports."""
         weights, activations = self.weights, self.activations
-        zero_point = "symmetric" if weights.symmetric else "asymmetric (zero points)"
+        zero_point = {True: "symmetric", False: "asymmetric (zero points)",
+                      None: "symmetric or asymmetric per layer"}[weights.symmetric]
         groups = (f"blocks of {weights.granularity.size} inputs" if isinstance(weights.granularity, PerBlock)
                   else f"per {weights.granularity.kind}")
         text = f"weights {groups}, {zero_point}; bias {self.rounding.bias}; activations {activations.dtype}"

@@ -26,7 +26,7 @@ from .plan import LayerPlan
 from .rounding import workers
 from .rounding.bounds import lower_bounds
 from .rounding.qubo import LayerProblem, build_problem
-from .rounding.scales import QUBO_CANDIDATES, candidate_scales, choose_scales, tensor_scales
+from .rounding.scales import QUBO_CANDIDATES, candidate_scales, choose_scales, rounding_cost, tensor_scales
 from .rounding.solvers import FastSolver, RoundToNearest
 from .rounding.solvers.exact import optimal_rounding
 
@@ -221,19 +221,37 @@ class LayerWork:
 @one_blas_thread()
 def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: InputQuantizer | None) -> LayerWork:
     """Scales and QUBO of one layer from the statistics of the inputs it will see."""
-    layer, scheme = plan.layer, plan.scheme
+    layer = plan.layer
     # with bias correction the mean error is removed afterwards: solve (and choose scales) for what is left
     terms = LayerTerms(layer, statistics, plan.bias_is_variable, layer.weight, centered=plan.bias_correction)
+    start = time.perf_counter()
+    plan, scales = _chosen_grid(plan, terms) if plan.other_grid is not None else (plan, None)
+    scheme = plan.scheme
     bias_scales = tensor_scales(layer.bias, scheme) if plan.bias_is_variable and layer.bias is not None else None
-    presolved, search_seconds = None, 0.0
+    presolved = None
     if plan.scale == ScaleMethod.QUBO:
-        start = time.perf_counter()
         scales, presolved = _solved_best_scales(terms, scheme, bias_scales, plan.seed, plan.levels)
-        search_seconds = time.perf_counter() - start
-    else:
+    elif scales is None:
         scales = choose_scales(plan.scale, terms.weight, scheme, terms.weight_gram, terms.weight_cross)
+    search_seconds = time.perf_counter() - start
     problem = terms.problem(scheme, scales, bias_scales, plan.levels)
     return LayerWork(plan, terms, scales, bias_scales, problem, quantizer, presolved, search_seconds)
+
+
+def _chosen_grid(plan: LayerPlan, terms: LayerTerms) -> tuple[LayerPlan, GroupScales]:
+    """The plan with the grid chosen between ``scheme`` and ``other_grid``, and its scales
+    (``scale qubo``: its ``mse`` ones). Each grid gets its own scale search; the one whose
+    round-to-nearest cost on the whole Gram matrix is lower is kept (the first on a tie): an
+    asymmetric grid fits weights that lean to one side, and at 2 bits the signed grid
+    {-2, -1, 0, 1} leaves the positive weights one level."""
+    assert plan.other_grid is not None
+    method = ScaleMethod.MSE if plan.scale == ScaleMethod.QUBO else plan.scale
+    found = [(scheme, choose_scales(method, terms.weight, scheme, terms.weight_gram, terms.weight_cross))
+             for scheme in (plan.scheme, plan.other_grid)]
+    costs = [rounding_cost(terms.weight, scales, scheme, terms.weight_gram, terms.weight_cross)
+             for scheme, scales in found]
+    scheme, scales = found[int(np.argmin(costs))]
+    return plan.with_grid(scheme), scales
 
 
 def _solved_best_scales(terms: LayerTerms, scheme: Scheme, bias_scales: GroupScales | None,

@@ -32,7 +32,7 @@ from .core.options import Activations, RangeMethod
 from .core.progress import Progress
 from .core.report import LayerReport
 from .core.types import DenseLayer, InputStatistics, QuantizedLayer, SkippedNode
-from .forms.gather import QuantizedTable, find_tables, quantize_table
+from .forms.gather import QuantizedTable, find_tables, quantize_table_on
 from .layer import SolvedLayer, prepare_layer
 from .model import discovery
 from .model.groups import merge_groups, merge_reports, split_groups
@@ -89,7 +89,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
     tables, skipped, notes = [], calibrated.skipped, []
     if config.output.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
         found, table_skips = find_tables(model)
-        tables = [quantize_table(table, replace(config.weights.scheme(), scale_type=table.float_type))
+        tables = [quantize_table_on(table, [replace(s, scale_type=table.float_type) for s in config.weights.grids()])
                   for table in found]
         reports, skipped = reports + [table.report() for table in tables], skipped + table_skips
         if not tables:

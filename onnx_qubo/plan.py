@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnx
 
+from .backends import portable
 from .backends.kernels import Format
 from .config import QuantizeConfig
 from .core.errors import OptionError
@@ -38,6 +39,11 @@ class LayerPlan:
     stem: str  # file-system-safe name of its exchange files
     workers: int  # local processes for its rows (1: in this process)
     ray_address: str | None  # or a Ray cluster
+    other_grid: Scheme | None = None  # the asymmetric grid, which prepare_layer tries beside ``scheme``
+
+    def with_grid(self, scheme: Scheme) -> LayerPlan:
+        """This plan with the grid chosen for it."""
+        return replace(self, scheme=scheme, other_grid=None)
 
     @property
     def bias_is_variable(self) -> bool:
@@ -76,15 +82,16 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer]) -> Plan:
                           "computes in float16 (a half-precision model): use {activations} none", "activations")
     stems = exchange.file_stems([layer.name for layer in layers])
     solver = rounding.make_solver()
-    schemes = [replace(config.weights.scheme(layer_bits.get(layer.owner)), scale_type=layer.float_type)
-               for layer in layers]
+    grids = [[replace(s, scale_type=layer.float_type) for s in config.weights.grids(layer_bits.get(layer.owner))
+              if not portable.scheme_refusal(s, config.activations.quantized)]  # unset: the ones onnxruntime loads
+             for layer in layers]
     planned = [
-        LayerPlan(layer=layer, scheme=scheme,
+        LayerPlan(layer=layer, scheme=grid[0], other_grid=grid[1] if len(grid) > 1 else None,
                   scale=rounding.scale, bias=rounding.bias if layer.bias is not None else BiasMode.FLOAT,
                   bias_correction=rounding.bias_correction, lower_bound=rounding.lower_bound,
-                  solver=solver, seed=rounding.seed, levels=min(rounding.levels, 2 ** scheme.bits), stem=stem,
+                  solver=solver, seed=rounding.seed, levels=min(rounding.levels, 2 ** grid[0].bits), stem=stem,
                   workers=config.execution.workers, ray_address=config.execution.ray_address)
-        for layer, scheme, stem in zip(layers, schemes, stems)]
+        for layer, grid, stem in zip(layers, grids, stems)]
     return Plan(planned, config.activations.dtype, config.activations.range, rounding.sequential,
                 _path(rounding.dump_qubo), _path(rounding.load_solution), config.describe(), config.output.format,
                 config.output.ort_accuracy_level or 0)  # auto is resolved by api.quantize; the studies write nothing

@@ -21,7 +21,8 @@ def dequantized_weights(path):
     for name, values in inits.items():
         if name.endswith("_quantized"):
             base = name[:-len("_quantized")]
-            weights[base] = values.astype(np.float64) * inits[base + "_scale"][:, None]
+            zero_point = inits.get(base + "_zero_point", np.zeros(1)).astype(np.float64)
+            weights[base] = (values.astype(np.float64) - zero_point.reshape(-1, 1)) * inits[base + "_scale"][:, None]
     return model, weights
 
 
@@ -34,7 +35,8 @@ def ort_run(model, feed):
 def test_mlp_round_trip_matches_numpy_with_dequantized_weights(tmp_path, bits):
     model = mlp_model(widths=(8, 6, 4))
     x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
-    report = runs.quantize(model, tmp_path / "q.onnx", bits=bits, calibration={"x": x}, solver="neal")
+    report = runs.quantize(model, tmp_path / "q.onnx", bits=bits, calibration={"x": x}, solver="neal",
+                           symmetric=True)
 
     written, weights = dequantized_weights(tmp_path / "q.onnx")
     inits = {i.name: numpy_helper.to_array(i) for i in written.graph.initializer}

@@ -17,13 +17,15 @@ def default_int2(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_demo_int2_weights_feed_dequantize_linear(default_int2):
+def test_demo_2_bit_weights_feed_dequantize_linear(default_int2):
     _, out = default_int2
     model = onnx.load(out)
-    quantized = {i.name for i in model.graph.initializer if i.data_type == TensorProto.INT2}
-    assert len(quantized) == 3  # three weights (symmetric: no zero-point inputs)
-    dq_inputs = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    assert dq_inputs == {f"fc{k}.weight_quantized" for k in (1, 2, 3)}
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    dequantize = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert set(dequantize) == {f"fc{k}.weight_quantized" for k in (1, 2, 3)}
+    for name, node in dequantize.items():  # each layer's grid: zero points only on the unsigned one
+        assert types[name] in (TensorProto.INT2, TensorProto.UINT2)
+        assert (len(node.input) == 3) == (types[name] == TensorProto.UINT2)
     assert not [i for i in model.graph.initializer if i.name.endswith(".weight")]
 
 
@@ -37,8 +39,8 @@ def test_demo_int2_default_configuration_is_close_to_float(default_int2):
 
 @pytest.mark.slow
 def test_demo_qubo_rounding_rescues_max_abs_scales(tmp_path):
-    rtn = runs.quantize(MODEL, tmp_path / "rtn.onnx", bits=2, scale="minmax", solver="rtn")
-    fast = runs.quantize(MODEL, tmp_path / "fast.onnx", bits=2, scale="minmax", solver="fast")
+    rtn = runs.quantize(MODEL, tmp_path / "rtn.onnx", bits=2, scale="minmax", symmetric=True, solver="rtn")
+    fast = runs.quantize(MODEL, tmp_path / "fast.onnx", bits=2, scale="minmax", symmetric=True, solver="fast")
     assert fast.evaluation.quantized_accuracy - rtn.evaluation.quantized_accuracy >= 0.30
 
 

@@ -3,7 +3,7 @@ storage types, and the floor/clamp bookkeeping of a rounding."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from onnx import TensorProto
@@ -181,6 +181,16 @@ class WeightCodes:
         """The same codes with every scale times ``factor`` (Gemm's alpha folded in)."""
         scales = GroupScales(self.scales.scale * factor, self.scales.zero_point, self.scales.width)
         return WeightCodes(self.integers, scales, self.scheme)
+
+    def unsigned(self) -> "WeightCodes":
+        """The same weights on the unsigned grid: codes and zero points moved up by ``2^(B-1)``
+        (so that row runs that chose different grids can be stored as one)."""
+        if not self.signed:
+            return self
+        shift = 2 ** (self.bits - 1)
+        scales = GroupScales(self.scales.scale, self.scales.zero_point + shift, self.scales.width)
+        codes = (self.integers.astype(np.int16) + shift).astype(np.uint8)  # at most 8 bits
+        return WeightCodes(codes, scales, replace(self.scheme, symmetric=False))
 
     def dequantize(self) -> np.ndarray:
         """The float weights [n, f] the codes stand for, float64."""

@@ -56,6 +56,7 @@ def merge_reports(layers: list[DenseLayer], reports: list[LayerReport]) -> list[
             n = last.n_out + report.n_out
             merged[-1] = replace(
                 last, n_out=n, cost_rtn=last.cost_rtn + report.cost_rtn,
+                storage=last.storage if last.storage == report.storage else _unsigned_storage(last.storage),
                 cost_solved=last.cost_solved + report.cost_solved,
                 free_fraction=(last.free_fraction * last.n_out + report.free_fraction * report.n_out) / n,
                 lower_bound=None if last.lower_bound is None or report.lower_bound is None
@@ -68,8 +69,16 @@ def merge_reports(layers: list[DenseLayer], reports: list[LayerReport]) -> list[
     return merged
 
 
+def _unsigned_storage(storage: str) -> str:
+    """The name of the unsigned type of a signed one's width (groups joined on the unsigned grid)."""
+    return storage if storage.startswith("U") else "U" + storage
+
+
 def _join(a: QuantizedLayer, b: QuantizedLayer) -> QuantizedLayer:
-    """Two consecutive row runs of one Conv as one (still marked as a group until _as_whole)."""
+    """Two consecutive row runs of one Conv as one (still marked as a group until _as_whole); runs
+    that chose different grids are joined on the unsigned one."""
+    if a.codes.signed != b.codes.signed:
+        a, b = _unsigned(a), _unsigned(b)
     bias = None
     if a.bias is not None and b.bias is not None:
         parts = (a.bias, b.bias)
@@ -85,6 +94,15 @@ def _join(a: QuantizedLayer, b: QuantizedLayer) -> QuantizedLayer:
                          np.vstack([a.codes.scales.zero_point, b.codes.scales.zero_point]), a.codes.scales.width)
     codes = WeightCodes(np.vstack([a.codes.integers, b.codes.integers]), scales, a.codes.scheme)
     return QuantizedLayer(layer, codes, bias, a.input_quantizer, shift)
+
+
+def _unsigned(q: QuantizedLayer) -> QuantizedLayer:
+    """The same layer on the unsigned grid (a bias quantized on the weights' grid moves with it)."""
+    codes, bias = q.codes.unsigned(), q.bias
+    if bias is not None and bias.storage == q.codes.scheme.grid.storage[0] and q.codes.signed:
+        shift = 2 ** (q.codes.bits - 1)
+        bias = QuantizedBias(bias.integers + shift, bias.scale, bias.zero_point + shift, codes.scheme.grid.storage[0])
+    return replace(q, codes=codes, bias=bias)
 
 
 def _as_whole(q: QuantizedLayer) -> QuantizedLayer:

@@ -23,6 +23,7 @@ QUBO_CANDIDATES = 4  # ratios per group that ``--scale qubo`` solves
 EXACT_WORK = 1 << 35  # multiply-adds of exact costs for all candidates, above which a sketch ranks them
 SKETCH_RANK = 256  # rank of the sketch of G
 CONFIRMED = 3  # candidates per group that the sketch shortlists for their exact cost
+COST_ROWS = 4096  # rows per product in rounding_cost (its memory: two [COST_ROWS, f] float64 arrays)
 
 
 def choose_scales(method: str, weight: np.ndarray, scheme: Scheme, gram: np.ndarray,
@@ -37,6 +38,25 @@ def choose_scales(method: str, weight: np.ndarray, scheme: Scheme, gram: np.ndar
         ranges = GroupRanges(weight, scheme)
         return ranges.scales(np.ones(ranges.shape))
     return candidate_scales(weight, scheme, gram, cross, 1)[0]
+
+
+def rounding_cost(weight: np.ndarray, scales: GroupScales, scheme: Scheme, gram: np.ndarray,
+                  cross: np.ndarray | None = None) -> float:
+    """The round-to-nearest cost ``sum_i d_i G d_i + 2 d_i . cross_i`` of ``weight`` [n, f] on
+    ``scales``, with the whole Gram matrix (the coupling between blocks included), in float64
+    and in fixed runs of rows: what decides between the symmetric and asymmetric grids."""
+    n, f = weight.shape
+    total = 0.0
+    for start in range(0, n, COST_ROWS):
+        rows = slice(start, min(start + COST_ROWS, n))
+        part = GroupScales(scales.scale[rows], scales.zero_point[rows], scales.width)
+        step = part.per_column(part.scale, f)
+        scaled = weight[rows] / step + part.per_column(part.zero_point, f)
+        delta = (scaled - scheme.grid.round_nearest(scaled)) * step
+        total += float(np.einsum("if,if->", delta @ gram, delta))
+        if cross is not None:
+            total += 2.0 * float(np.einsum("if,if->", delta, cross[rows]))
+    return total
 
 
 def candidate_scales(weight: np.ndarray, scheme: Scheme, gram: np.ndarray, cross: np.ndarray | None,
