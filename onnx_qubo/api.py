@@ -223,7 +223,7 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
             evaluation: Any = None, bits: Sequence[int] = (8, 4, 3, 2, 1),
             scales: Sequence[str] = ("minmax", "mse"), solvers: Sequence[str] = ("rtn", "fast"),
             samples: int = 0, seed: int = 0, batch_size: int = 256, granularity: str = "channel",
-            block_size: int = 0, symmetric: bool = True, bias: str = "float", activations: str = "none",
+            block_size: int = 0, symmetric: bool | None = None, bias: str = "float", activations: str = "none",
             activation_range: str = "minmax", sequential: bool = False, progress: bool = False) -> Comparison:
     """Quantize ``model`` for every bit width x scale x solver and evaluate each in onnxruntime
     (nothing is written). ``samples`` > 0 adds the cost-accuracy study: that many random
@@ -251,7 +251,7 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
 def sensitivity(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = None, evaluation: Any = None,
                 bits: int = 4, scale: str = "mse", solver: str = "fast", seed: int = 0,
                 batch_size: int = 256, exclude: Sequence[str] = (), granularity: str = "channel",
-                block_size: int = 0, symmetric: bool = True, bias: str = "float", activations: str = "none",
+                block_size: int = 0, symmetric: bool | None = None, bias: str = "float", activations: str = "none",
                 activation_range: str = "minmax", progress: bool = False) -> Sensitivity:
     """Each layer's contribution to the model's output error: the float model with only that
     layer quantized (the integers ``quantize`` would write with these options), run in

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from .backends import portable
+from .backends import kernels, portable
 from .backends.kernels import Format
 from .config import QuantizeConfig
 from .core.errors import OptionError
@@ -82,8 +82,7 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer]) -> Plan:
                           "computes in float16 (a half-precision model): use {activations} none", "activations")
     stems = exchange.file_stems([layer.name for layer in layers])
     solver = rounding.make_solver()
-    grids = [[replace(s, scale_type=layer.float_type) for s in config.weights.grids(layer_bits.get(layer.owner))
-              if not portable.scheme_refusal(s, config.activations.quantized)]  # unset: the ones onnxruntime loads
+    grids = [[replace(s, scale_type=layer.float_type) for s in _grids(config, layer, layer_bits.get(layer.owner))]
              for layer in layers]
     planned = [
         LayerPlan(layer=layer, scheme=grid[0], other_grid=grid[1] if len(grid) > 1 else None,
@@ -95,6 +94,19 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer]) -> Plan:
     return Plan(planned, config.activations.dtype, config.activations.range, rounding.sequential,
                 _path(rounding.dump_qubo), _path(rounding.load_solution), config.describe(), config.output.format,
                 config.output.ort_accuracy_level or 0)  # auto is resolved by api.quantize; the studies write nothing
+
+
+def _grids(config: QuantizeConfig, layer: DenseLayer, bits: int | None) -> tuple[Scheme, ...]:
+    """The grids ``layer`` may get: the requested one, or (unset) those onnxruntime loads, and
+    only the signed one for a Conv that may run as QLinearConv (one weight zero point for all
+    channels: the kernel is worth more than the zero points)."""
+    quantized = config.activations.quantized
+    grids = config.weights.grids(bits)
+    if len(grids) == 1:
+        return grids
+    if kernels.needs_output_range(layer, config.output.format, quantized):
+        return grids[:1]
+    return tuple(s for s in grids if not portable.scheme_refusal(s, quantized))
 
 
 def _path(text: str | None) -> Path | None:

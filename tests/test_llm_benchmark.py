@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,11 +58,22 @@ def test_tiny_model_end_to_end(tmp_path):
     # one perplexity function for every cell, and it agrees with onnx-qubo's own streamed evaluation
     assert ours["perplexity"] == pytest.approx(ours["make"]["report"]["quantized_perplexity"], rel=1e-6)
     assert cells["float"]["perplexity"] == pytest.approx(ours["make"]["report"]["float_perplexity"], rel=1e-6)
-    # 4-bit codes + one float32 scale per 32 weights, the head and the embedding (--embeddings) alike
-    assert ours["weights"]["blocks"]["bits_per_weight"] == pytest.approx(5.0)
+    # 4-bit codes + one float32 scale per 32 weights, + a 4-bit zero point per 32 on the layers whose grid is
+    # the asymmetric one (each layer's choice), read back from the written MatMulNBits nodes
+    graph = onnx.load(str(tmp_path / "work" / "models" / "ours_4_32" / "model.onnx"), load_external_data=False).graph
+    blocks = {"weights": 0, "zero_points": 0}
+    for node in graph.node:
+        sizes = {a.name: a.i for a in node.attribute}
+        if node.op_type == "MatMulNBits" and sizes["N"] != 512:  # not the head (vocabulary 512)
+            blocks["weights"] += sizes["K"] * sizes["N"]
+            blocks["zero_points"] += sizes["K"] * sizes["N"] * (len(node.input) > 3 and bool(node.input[3]))
+    assert ours["weights"]["blocks"]["bits_per_weight"] == pytest.approx(5.0 + 0.125 * blocks["zero_points"]
+                                                                         / blocks["weights"])
     assert ours["weights"]["embedding_form"] == "GatherBlockQuantized"
-    # every byte of blocks, head and table (each 5 bits a weight) over the blocks' and the head's 106,496 weights
-    assert ours["weights"]["overall_bits_per_weight"] == pytest.approx(5.0 * (1 + 64 * 512 / 106496))
+    # every byte of blocks, head and table (each 5 bits a weight, 5.125 with zero points) over the blocks' and
+    # the head's 106,496 weights
+    with_table = 1 + 64 * 512 / 106496
+    assert 5.0 * with_table <= ours["weights"]["overall_bits_per_weight"] <= 5.125 * with_table
     assert ours["make"]["exit_status"] == 0 and ours["make"]["peak_rss_mb"] > 0
     speed = json.loads((tmp_path / "work" / "speed.json").read_text())["models"]
     assert speed["ours:4:32"]["decode_tok_s"] > 0 and speed["float"]["prefill_tok_s"] > 0

@@ -93,7 +93,7 @@ def test_qlinear_conv_computes_the_reference_on_the_written_integers(model_name,
     shape = [d.dim_value or 24 for d in model.graph.input[0].type.tensor_type.shape.dim]
     rng = np.random.default_rng(1)
     x = (rng.standard_normal(shape) + 0.3).astype(np.float32)
-    common = dict(calibration={"x": x}, batch_size=7, speed=False, **SCHEMES[scheme])
+    common = dict(calibration={"x": x}, batch_size=7, speed=False, **{"symmetric": True, **SCHEMES[scheme]})
     portable = quantize(model, tmp_path / "qdq.onnx", **common)
     fast = quantize(model, tmp_path / "ort.onnx", format="ort", **common)
     assert [(layer.kernel, layer.kernel_fallback) for layer in fast.layers] == [("QLinearConv", None)]
