@@ -53,10 +53,13 @@ CONFIGS = {
     "qubo-b8": "onnx-qubo 8 bits per channel",
     "qubo-b4": "onnx-qubo 4 bits per channel",
     "qubo-b2": "onnx-qubo 2 bits per channel",
-    "qubo-b4-blk32": "onnx-qubo 4 bits, blocks of 32",
+    "qubo-b4-blk32": "onnx-qubo 4 bits, blocks of 32, default flags (grid per layer, bias corrected where a layer has one)",
     "qubo-b8-emb": "onnx-qubo 8 bits per channel, embedding tables per row (--embeddings)",
     "qubo-b4-emb": "onnx-qubo 4 bits per channel, embedding tables per row (--embeddings)",
     "qubo-b4-blk32-bc": "onnx-qubo 4 bits, blocks of 32, --bias-correction",
+    "qubo-b4-blk32-nobc": "onnx-qubo 4 bits, blocks of 32, --no-bias-correction (the default before 2026-12-05)",
+    "qubo-b3-blk32-bc": "onnx-qubo 3 bits, blocks of 32, --bias-correction",
+    "qubo-b3-blk32-nobc": "onnx-qubo 3 bits, blocks of 32, --no-bias-correction",
     "qubo-b8-bc": "onnx-qubo 8 bits per channel, --bias-correction",
     "qubo-b4-blk32-asym-bc": "onnx-qubo 4 bits, blocks of 32, asymmetric, --bias-correction (every layer)",
     "qubo-b4-blk32-ortlayers": "onnx-qubo 4 bits, blocks of 32, asymmetric like onnxruntime's RTN, --bias-correction, "
@@ -66,7 +69,7 @@ CONFIGS = {
                       "the layers that damage the output most per byte at 8 bits or float",
     "qubo-b2-blk32": "onnx-qubo 2 bits, blocks of 32",
     "qubo-b2-blk32-rot": "onnx-qubo 2 bits, blocks of 32, --rotate hadamard (incoherence processing)",
-    "qubo-b3-blk32": "onnx-qubo 3 bits, blocks of 32",
+    "qubo-b3-blk32": "onnx-qubo 3 bits, blocks of 32, default flags",
     "qubo-b3-blk32-rot": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard (incoherence processing)",
     "ort-rtn-b4-blk32": "MatMulNBitsQuantizer RTN (DefaultWeightOnlyQuantConfig) 4 bits, block 32",
     "ort-hqq-b4-blk32": "MatMulNBitsQuantizer HQQ 4 bits, block 32",
@@ -827,6 +830,8 @@ def worker(args) -> int:
                 kw["embeddings"] = True
             if cfg.endswith("-bc") or "budget" in cfg or cfg.endswith("-ortlayers"):
                 kw["bias_correction"] = True
+            if cfg.endswith("-nobc"):
+                kw["bias_correction"] = False
             if cfg.endswith("-ortlayers") or "-asym" in cfg:
                 kw["symmetric"] = False
             if cfg.endswith("-rot"):

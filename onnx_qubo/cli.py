@@ -128,6 +128,8 @@ def config_option(name: str, default: object = None):
     flags = (option.flag, name)
     if name == "symmetric":  # unset (None): chosen per layer
         return click.option(*flags, default=None, show_default="per layer", **kind)
+    if name == "bias_correction":  # unset (None): where the layer has a float bias
+        return click.option(*flags, default=None, show_default="where a layer has a bias", **kind)
     if name == "granularity":
         return click.option(*flags, type=choices(Granularity), default=Granularity.CHANNEL.value,
                             show_default=True, **kind)

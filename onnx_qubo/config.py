@@ -189,8 +189,10 @@ class RoundingConfig(_Section):
     neal_sweeps: int | None = _option(None, "neal num_sweeps [neal's default].")
     bias: BiasMode = _option(BiasMode.FLOAT, "float: keep it; quantize: a variable of each neuron's QUBO at the "
                              "weights' bit width (the paper); int32: input scale x weight scale (needs --activations).")
-    bias_correction: bool = _option(False, "Add to each layer's output the mean error its rounding leaves (folded "
-                                           "into its bias; an Add after it where the bias cannot take it).")
+    bias_correction: bool | None = _option(
+        None, "Add to each layer's output the mean error its rounding leaves (folded into its bias; an Add after it "
+              "where the bias cannot take it). Default: on for the layers that have a float bias to fold it into.",
+        flag="--bias-correction/--no-bias-correction")
     sequential: bool = _option(False, "Calibrate each layer on the outputs of the already quantized earlier layers "
                                       "(target: the float model's outputs).")
     lower_bound: bool = _option(False, "Certify a lower bound on each layer's optimal cost (the report's bound and "
@@ -511,7 +513,9 @@ class QuantizeConfig:
                       None: "symmetric or asymmetric per layer"}[weights.symmetric]
         groups = (f"blocks of {weights.granularity.size} inputs" if isinstance(weights.granularity, PerBlock)
                   else f"per {weights.granularity.kind}")
-        text = f"weights {groups}, {zero_point}; bias {self.rounding.bias}; activations {activations.dtype}"
+        correction = {True: ", corrected", False: "", None: ", corrected where a layer has one"}[
+            self.rounding.bias_correction]
+        text = f"weights {groups}, {zero_point}; bias {self.rounding.bias}{correction}; activations {activations.dtype}"
         if activations.quantized:
             text += f" ({activations.range} ranges)"
         text += "; sequential calibration" if self.rounding.sequential else ""

@@ -87,7 +87,7 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer]) -> Plan:
     planned = [
         LayerPlan(layer=layer, scheme=grid[0], other_grid=grid[1] if len(grid) > 1 else None,
                   scale=rounding.scale, bias=rounding.bias if layer.bias is not None else BiasMode.FLOAT,
-                  bias_correction=rounding.bias_correction, lower_bound=rounding.lower_bound,
+                  bias_correction=_bias_correction(config, layer), lower_bound=rounding.lower_bound,
                   solver=solver, seed=rounding.seed, levels=min(rounding.levels, 2 ** grid[0].bits), stem=stem,
                   workers=config.execution.workers, ray_address=config.execution.ray_address)
         for layer, grid, stem in zip(layers, grids, stems)]
@@ -107,6 +107,15 @@ def _grids(config: QuantizeConfig, layer: DenseLayer, bits: int | None) -> tuple
     if kernels.needs_output_range(layer, config.output.format, quantized):
         return grids[:1]
     return tuple(s for s in grids if not portable.scheme_refusal(s, quantized))
+
+
+def _bias_correction(config: QuantizeConfig, layer: DenseLayer) -> bool:
+    """The requested correction, or (unset) where it costs nothing at run time: a layer with a
+    float bias to fold it into."""
+    rounding = config.rounding
+    if rounding.bias_correction is not None:
+        return rounding.bias_correction
+    return layer.bias is not None and rounding.bias != BiasMode.QUANTIZE
 
 
 def _path(text: str | None) -> Path | None:
