@@ -56,7 +56,7 @@ def main() -> None:
                     ev = report.evaluation
                     float_accuracy = ev.float_accuracy
                     rows.append((bits, scale, solver, ev.quantized_accuracy, ev.top1_agreement,
-                                 sum(layer.cost_solved for layer in report.layers),
+                                 sum(layer.final_cost for layer in report.layers),
                                  sum(layer.solve_seconds for layer in report.layers), elapsed,
                                  ev.default_matches_basic))
                     print(f"done: {bits} bits, {scale}, {solver}", file=sys.stderr)

@@ -514,7 +514,7 @@ class QuantizeConfig:
         groups = (f"blocks of {weights.granularity.size} inputs" if isinstance(weights.granularity, PerBlock)
                   else f"per {weights.granularity.kind}")
         correction = {True: ", corrected", False: "", None: ", corrected where a layer has one"}[
-            self.rounding.bias_correction]
+            self.rounding.bias_correction if self.rounding.bias != BiasMode.QUANTIZE else False]
         text = f"weights {groups}, {zero_point}; bias {self.rounding.bias}{correction}; activations {activations.dtype}"
         if activations.quantized:
             text += f" ({activations.range} ranges)"

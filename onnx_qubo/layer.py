@@ -129,10 +129,14 @@ class SolvedLayer:
     bias: QuantizedBias | None = None  # or a fixed integer bias (INT32)
     input_quantizer: InputQuantizer | None = None
     bias_shift: np.ndarray | None = None
+    terms: LayerTerms | None = None  # what a float bias correction of another rounding needs
 
     def quantized(self, choice: np.ndarray | None = None) -> QuantizedLayer:
         """The integer weights of this rounding (or of another ``choice`` on the same problem,
-        then without bias correction)."""
+        with its own float bias correction where this one has one)."""
+        shift = self.bias_shift
+        if choice is not None and shift is not None and self.terms is not None:
+            shift = self.terms.mean_error(self.problem, choice)
         integers = self.problem.integers(self.choice if choice is None else choice)
         scheme, f = self.plan.scheme, self.plan.layer.shape[1]
         bias = self.bias
@@ -140,7 +144,7 @@ class SolvedLayer:
             bias = QuantizedBias(integers[:, f], np.asarray(self.bias_scales.scale[0, 0]),
                                  int(self.bias_scales.zero_point[0, 0]), scheme.grid.storage[0])
         return QuantizedLayer(self.plan.layer, WeightCodes(compact(integers[:, :f]), self.scales, scheme), bias,
-                              self.input_quantizer, self.bias_shift if choice is None else None)
+                              self.input_quantizer, shift)
 
 
 def compact(codes: np.ndarray) -> np.ndarray:
@@ -215,7 +219,8 @@ class LayerWork:
             solve_seconds=seconds + self.search_seconds,
             cost_bias_corrected=corrected,
             bias=bias_storage)
-        return SolvedLayer(plan, self.scales, problem, choice, report, self.bias_scales, bias, self.quantizer, shift)
+        return SolvedLayer(plan, self.scales, problem, choice, report, self.bias_scales, bias, self.quantizer, shift,
+                           self.terms)
 
 
 @one_blas_thread()

@@ -57,7 +57,7 @@ def test_loaded_solutions_are_used_as_given(tmp_path):
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q2.onnx").graph.initializer}
     for layer, weight in zip(report.layers, ("W0", "W1")):
         cost, integers = expected[layer.name]
-        assert layer.cost_solved == pytest.approx(cost, rel=1e-12)
+        assert layer.final_cost == pytest.approx(cost, rel=1e-12)
         np.testing.assert_array_equal(inits[f"{weight}_quantized"], integers)
 
 

@@ -51,9 +51,10 @@ def test_prepared_layer_cost_is_the_layer_error_in_numpy(arguments):
     solved = work.finish(work.solve(Progress()), 0.0)
     q = solved.quantized()
     bias = layer.bias if q.bias is None else (q.bias.integers - q.bias.zero_point) * q.bias.scale
-    error = numpy_error(layer, q.codes.dequantize(), x, x, bias)
-    assert solved.report.cost_solved == pytest.approx(error, rel=1e-9)
-    assert solved.report.cost_solved <= solved.report.cost_rtn * (1 + 1e-12)
+    shift = 0.0 if q.bias_shift is None else q.bias_shift  # the default bias correction
+    error = numpy_error(layer, q.codes.dequantize(), x, x, bias + shift)
+    assert solved.report.final_cost == pytest.approx(error, rel=1e-9)
+    assert solved.report.final_cost <= solved.report.cost_rtn * (1 + 1e-12)
 
 
 def test_int32_bias_and_quantized_inputs_fold_the_bias_correction():

@@ -151,7 +151,7 @@ def test_reported_cost_with_levels_is_the_measured_output_error(levels, scheme, 
     out = tmp_path / "q.onnx"
     report = quantize(model, out, bits=2, levels=levels, calibration={"x": x}, **scheme)
     assert report.evaluation.default_matches_basic
-    cost = sum(layer.cost_solved for layer in report.layers)
+    cost = sum(layer.final_cost for layer in report.layers)
     assert cost == pytest.approx(measured_error(model, out, x), rel=1e-3)
     assert cost <= sum(layer.cost_rtn for layer in report.layers) * (1 + 1e-9)
 

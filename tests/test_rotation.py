@@ -73,7 +73,7 @@ def test_the_reported_cost_of_a_rotated_layer_is_its_measured_output_error(model
     assert len(report.layers) == 1 and report.skipped == [] and "inputs rotated" in report.scheme
     y_float, y_quant = run(model, x), run(written, x)
     measured = float(((y_quant - y_float) ** 2).reshape(-1, y_float.shape[-1]).sum(axis=1).mean())
-    assert report.layers[0].cost_solved == pytest.approx(measured, rel=1e-3)
+    assert report.layers[0].final_cost == pytest.approx(measured, rel=1e-3)
 
 
 @pytest.mark.parametrize("scheme", [dict(bits=4), dict(bits=2, granularity="block", block_size=16)],

@@ -42,7 +42,7 @@ def test_each_layer_alone_equals_quantize_with_the_others_excluded(tmp_path, dat
                                     evaluation=evaluation, exclude=others, speed=False)
         assert s.output_error == pytest.approx(report.evaluation.relative_output_error, rel=1e-6)
         assert s.top1_agreement == pytest.approx(report.evaluation.top1_agreement)
-        assert s.cost == pytest.approx(report.layers[0].cost_solved)
+        assert s.cost == pytest.approx(report.layers[0].final_cost)
         assert s.output_error > 0
 
 

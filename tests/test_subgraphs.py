@@ -99,7 +99,7 @@ def test_if_cost_is_the_taken_branch_error_and_the_other_branch_is_skipped(cond,
     assert [layer.name for layer in report.layers] == [f"branch/{taken}_branch/fc_{taken}"]
     assert [s.name for s in report.skipped if "never ran" in s.reason] == [f"branch/{other}_branch/fc_{other}"]
     written = onnx.load(tmp_path / "q.onnx")
-    assert report.layers[0].cost_solved == pytest.approx(error(model, written, [data]), rel=1e-4)
+    assert report.layers[0].final_cost == pytest.approx(error(model, written, [data]), rel=1e-4)
     assert report.layers[0].cost_solved <= report.layers[0].cost_rtn * (1 + 1e-9)
 
 
@@ -121,7 +121,7 @@ def test_each_branch_is_calibrated_on_the_batches_that_took_it(tmp_path):
                       exclude=["pre"], speed=False)
     assert {layer.name for layer in report.layers} == {"branch/then_branch/fc_then", "branch/else_branch/fc_else"}
     written = onnx.load(tmp_path / "q.onnx")
-    costs = {layer.name: layer.cost_solved for layer in report.layers}
+    costs = {layer.name: layer.final_cost for layer in report.layers}
     assert costs["branch/then_branch/fc_then"] == pytest.approx(error(model, written, feeds[0::2]), rel=1e-4)
     assert costs["branch/else_branch/fc_else"] == pytest.approx(error(model, written, feeds[1::2]), rel=1e-4)
 
@@ -135,7 +135,7 @@ def test_loop_and_scan_cost_is_the_error_over_every_iteration(builder, feed, tmp
     written = onnx.load(tmp_path / "q.onnx")
     rows = feed.get("x", feed.get("xs")).size // 6 * (3 if builder is loop_model else 1)
     assert report.calibration_samples * (3 if builder is loop_model else 10) == rows
-    assert report.layers[0].cost_solved == pytest.approx(error(model, written, [feed]), rel=1e-4)
+    assert report.layers[0].final_cost == pytest.approx(error(model, written, [feed]), rel=1e-4)
 
 
 SCHEMES = {
@@ -210,7 +210,7 @@ def test_an_if_whose_branch_changes_between_loop_iterations_calibrates_each_bran
                                                         "loop/body/parity_if/else_branch/fc_odd"}
     written = onnx.load(tmp_path / "q.onnx")
     diff = run(written, {"x": X})[0] - run(model, {"x": X})[0]  # [trips, B, n]
-    costs = {layer.name.rsplit("/", 1)[1]: layer.cost_solved for layer in report.layers}
+    costs = {layer.name.rsplit("/", 1)[1]: layer.final_cost for layer in report.layers}
     for name, iterations in (("fc_even", diff[0::2]), ("fc_odd", diff[1::2])):
         assert costs[name] == pytest.approx(float((iterations.reshape(-1, 5) ** 2).sum(axis=1).mean()), rel=1e-4)
 

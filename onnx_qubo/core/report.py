@@ -29,12 +29,17 @@ class LayerReport:
     kernel_fallback: str | None = None  # format ort: why the layer kept the portable form
 
     @property
+    def final_cost(self) -> float:
+        """The layer's output error as written: after the bias correction where there is one."""
+        return self.cost_solved if self.cost_bias_corrected is None else self.cost_bias_corrected
+
+    @property
     def gap(self) -> float | None:
         """The most by which the cost solved for can exceed the optimum, as a share of it (with bias
         correction the layer is solved for the error the correction leaves, and bounded on it)."""
         if self.lower_bound is None:
             return None
-        cost = self.cost_solved if self.cost_bias_corrected is None else self.cost_bias_corrected
+        cost = self.final_cost
         return 1.0 - self.lower_bound / cost if cost > 0 else 0.0
 
 

@@ -120,7 +120,7 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
                 solved = list(solve_layers(calibrated, make_plan(options, calibrated.layers), progress))
                 model = rewrite(calibrated.model, merge_groups([s.quantized() for s in solved])).model
                 accuracy = score(model)
-                cost = sum(s.report.cost_solved for s in solved)
+                cost = sum(s.report.final_cost for s in solved)
                 result.rows.append(Row(bits, str(scale), solver, accuracy, float_accuracy - accuracy, cost,
                                        model.ByteSize(), time.perf_counter() - start))
                 if solver != "rtn" and cost < best_cost:

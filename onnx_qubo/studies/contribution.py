@@ -60,11 +60,11 @@ def scheme_label(q: QuantizedLayer) -> str:
 
 def stored_bytes(q: QuantizedLayer) -> int:
     """Bytes of a quantized weight as written: packed integers, float scales, packed zero points,
-    and the float output shift of bias correction."""
+    and the float output shift of bias correction where the layer has no bias to fold it into."""
     width = _storage_bits(q)
     codes = q.codes
     zero_points = 0 if codes.signed else codes.scales.zero_point.size * width
-    shift = 0 if q.bias_shift is None else q.bias_shift.size * FLOAT_BYTES
+    shift = 0 if q.bias_shift is None or q.layer.bias is not None else q.bias_shift.size * FLOAT_BYTES
     return int(np.ceil((codes.integers.size * width + zero_points) / 8)) + codes.scales.scale.size * FLOAT_BYTES + shift
 
 
@@ -89,7 +89,7 @@ def alone(calibrated: Calibrated, q: QuantizedLayer, report: LayerReport, refere
     error = float(np.linalg.norm(y - y_float) / max(float(np.linalg.norm(y_float)), 1e-30))
     agreement = float((y.argmax(axis=-1) == y_float.argmax(axis=-1)).mean())
     return LayerSensitivity(q.layer.name, q.layer.label, q.codes.bits, scheme_label(q), error, agreement,
-                            stored_bytes(q), q.codes.integers.size * FLOAT_BYTES, report.cost_solved)
+                            stored_bytes(q), q.codes.integers.size * FLOAT_BYTES, report.final_cost)
 
 
 def to_markdown(sensitivities: list[LayerSensitivity]) -> str:
