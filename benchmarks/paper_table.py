@@ -60,7 +60,8 @@ def main() -> None:
     for name in args.models:
         comparison = onnx_qubo.compare(ROOT / "models" / f"{name}.onnx", bits=(8, 4, 3, 2, 1),
                                        scales=("minmax", "mse"), solvers=("rtn", "fast"),
-                                       samples=args.samples)
+                                       samples=args.samples, symmetric=True,
+                                       bias_correction=False)  # the paper's scheme
         (RESULTS / f"{name}.md").write_text(comparison.to_markdown() + "\n")
         (RESULTS / f"{name}.json").write_text(comparison.to_json())
         plots = write_plots(comparison, RESULTS)

@@ -178,7 +178,7 @@ def config_options(names: list[str], **defaults: object):
     return decorate
 
 
-SCHEME = ["granularity", "symmetric", "bias", "activations", "activation_range", "sequential"]
+SCHEME = ["granularity", "symmetric", "bias", "bias_correction", "activations", "activation_range", "sequential"]
 
 
 def quantize_config(ctx: click.Context, given: dict, config_path: str | None) -> QuantizeConfig:
@@ -216,7 +216,7 @@ def main():
 
 
 QUANTIZE = ["bits", "scale", *SCHEME, "solver", "neal_reads", "neal_sweeps", "seed", "batch_size", "dump_qubo",
-            "load_solution", "exclude", "layer_bits", "bias_correction", "format", "ort_accuracy_level", "embeddings",
+            "load_solution", "exclude", "layer_bits", "format", "ort_accuracy_level", "embeddings",
             "lower_bound", "rotate", "rotate_block", "levels", "workers", "ray_address", "external_data", "max_memory",
             "auto_scheme", "size_budget", "bits_per_weight", "max_error"]  # every config option, in --help order
 
