@@ -1,6 +1,7 @@
-"""The grid chosen per layer when ``--symmetric/--asymmetric`` is not given: each layer (each
-group of a grouped Conv, each embedding table) gets the grid whose round-to-nearest error is
-lower, and the model written from the mixed choice computes what its integers say."""
+"""The per-layer defaults. The grid, when ``--symmetric/--asymmetric`` is not given: each layer
+(each group of a grouped Conv, each embedding table) gets the grid whose round-to-nearest error is
+lower, and the model written from the mixed choice computes what its integers say. The bias
+correction, when not asked for or refused: where a layer has a bias to fold it into."""
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ from onnx_qubo.config import QuantizeConfig
 from onnx_qubo.core.grid import Granularity, Scheme
 from onnx_qubo.forms.gather import EmbeddingTable, quantize_table, quantize_table_on
 
-from graphs import mlp_model
+from graphs import matmul_model, mlp_model
 
 UNSIGNED = (TensorProto.UINT2, TensorProto.UINT4, TensorProto.UINT8)
 
@@ -94,3 +95,19 @@ def test_a_table_gets_the_grid_with_the_least_squared_error():
         chosen = quantize_table_on(table, grids)
         assert chosen.codes.signed == signed
         assert chosen.mean_squared_error() == min(q.mean_squared_error() for q in each)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_default_corrects_the_bias_only_where_a_layer_has_one(tmp_path, bias):
+    """Unset, --bias-correction folds the mean error into a bias the layer has (no node added) and
+    leaves a bias-less layer as it is (no Add)."""
+    model = matmul_model(bias=bias)
+    x = (np.random.default_rng(4).standard_normal((64, 6)) + 1.0).astype(np.float32)
+    runs = {c: quantize(model, tmp_path / f"{c}.onnx", bits=2, calibration={"x": x}, bias_correction=c, speed=False)
+            for c in (None, True, False)}
+    nodes = {c: [n.op_type for n in onnx.load(tmp_path / f"{c}.onnx").graph.node] for c in runs}
+    corrected = runs[None].layers[0].cost_bias_corrected is not None
+    assert corrected == bias
+    assert nodes[None] == nodes[True if bias else False]
+    assert nodes[None].count("Add") == int(bias)
+    assert runs[None].layers[0].final_cost == pytest.approx(runs[bias].layers[0].final_cost, rel=1e-12)
