@@ -126,10 +126,8 @@ def config_option(name: str, default: object = None):
     default = option.default if default is None else default
     kind: dict[str, Any] = {"help": option.help, "metavar": METAVARS.get(name)}
     flags = (option.flag, name)
-    if name == "symmetric":  # unset (None): chosen per layer
-        return click.option(*flags, default=None, show_default="per layer", **kind)
-    if name == "bias_correction":  # unset (None): where the layer has a float bias
-        return click.option(*flags, default=None, show_default="where a layer has a bias", **kind)
+    if name in ("symmetric", "bias_correction"):  # unset (None): decided per layer, as the help says
+        return click.option(*flags, default=None, **kind)
     if name == "granularity":
         return click.option(*flags, type=choices(Granularity), default=Granularity.CHANNEL.value,
                             show_default=True, **kind)

@@ -151,8 +151,9 @@ class WeightConfig(_Section):
         factory=PerChannel, help="Weights sharing one scale: each output channel, the whole tensor, or blocks of "
                                  "--block-size inputs within a channel (DequantizeLinear block_size, opset 21).")
     symmetric: bool | None = _option(None, "Signed grid with zero point 0 (INT2/INT4/INT8), or unsigned grid with "
-                                           "an integer zero point per scale (UINT2/UINT4/UINT8). Default: per "
-                                           "layer, the one whose round-to-nearest output error is lower.",
+                                           "an integer zero point per scale (UINT2/UINT4/UINT8). Unset (the "
+                                           "default): per layer, the one whose round-to-nearest output error "
+                                           "is lower.",
                                      flag="--symmetric/--asymmetric")
 
     def __post_init__(self) -> None:
@@ -191,7 +192,8 @@ class RoundingConfig(_Section):
                              "weights' bit width (the paper); int32: input scale x weight scale (needs --activations).")
     bias_correction: bool | None = _option(
         None, "Add to each layer's output the mean error its rounding leaves (folded into its bias; an Add after it "
-              "where the bias cannot take it). Default: on for the layers that have a float bias to fold it into.",
+              "where the bias cannot take it). Unset (the default): on for the layers that have a bias to fold it "
+              "into.",
         flag="--bias-correction/--no-bias-correction")
     sequential: bool = _option(False, "Calibrate each layer on the outputs of the already quantized earlier layers "
                                       "(target: the float model's outputs).")
