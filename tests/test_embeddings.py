@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_qubo.backends.kernels import Format, choose_table_kernel
 from onnx_qubo.core.grid import Granularity, Scheme, WeightCodes
+from onnx_qubo.forms import gather
 from onnx_qubo.forms.gather import LowerTables, TableLowering, find_tables, quantize_table
 from onnx_qubo.model.lowering import rewrite
 from onnx_qubo.passes import run_passes
@@ -200,3 +201,18 @@ def test_rewrite_lowers_tables_after_the_dense_layers_and_checks_the_model():
     ids = np.array([[3, 4]], np.int64)
     expected = q.codes.dequantize().astype(np.float32)[ids] @ numpy_helper.to_array(model.graph.initializer[1])
     np.testing.assert_allclose(run(result.model, ids, LEVELS[2]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_table_quantized_in_runs_of_rows_is_the_same(monkeypatch):
+    """Row runs bound the memory of a large table's passes; they change no code, scale or error."""
+    (table,), _ = find_tables(table_model(vocab=40, width=30))
+    scheme = Scheme(3, Granularity.BLOCK, 16, False)
+    whole = quantize_table(table, scheme)
+    monkeypatch.setattr(gather, "TABLE_ROWS", 7)  # 40 rows: six runs, the last one short
+    runs_of_rows = quantize_table(table, scheme)
+    np.testing.assert_array_equal(runs_of_rows.codes.integers, whole.codes.integers)
+    np.testing.assert_array_equal(runs_of_rows.codes.scales.scale, whole.codes.scales.scale)
+    np.testing.assert_array_equal(runs_of_rows.codes.scales.zero_point, whole.codes.scales.zero_point)
+    assert runs_of_rows.mean_squared_error() == pytest.approx(whole.mean_squared_error(), rel=1e-12)
+    expected = ((whole.codes.dequantize() - table.table) ** 2).sum() / len(table.table)
+    assert whole.mean_squared_error() == pytest.approx(expected, rel=1e-12)

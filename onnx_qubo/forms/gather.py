@@ -42,6 +42,7 @@ from ..rounding.scales import COARSE_RATIOS, FINE_STEPS, GroupRanges
 from .base import HALF_OR_FLOAT_WEIGHTS, GraphIndex, Skip, attributes
 
 TABLE_OPSET = 13  # Unsqueeze with an axes input; BitShift (11) and Gather work from there
+TABLE_ROWS = 4096  # table rows per pass (_row_runs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,8 +67,14 @@ class QuantizedTable:
 
     def mean_squared_error(self) -> float:
         """Mean over rows of a row's squared error: a uniformly drawn lookup's output error."""
-        error = self.codes.dequantize() - self.table.table
-        return float(np.einsum("vd,vd->", error, error) / len(error))
+        total, codes, table = 0.0, self.codes, self.table.table
+        for rows in _row_runs(len(table)):
+            part = _rows_of(codes.scales, rows)
+            f = table.shape[1]
+            error = part.per_column(part.scale, f) * (codes.integers[rows] - part.per_column(part.zero_point, f))
+            error -= table[rows]
+            total += float(np.einsum("vd,vd->", error, error))
+        return total / len(table)
 
     def report(self) -> LayerReport:
         """The report row: round-to-nearest is the optimum on these scales, so the cost is its own
@@ -164,24 +171,41 @@ def quantize_table_on(table: EmbeddingTable, grids: Sequence[Scheme]) -> Quantiz
 
 
 def _nearest(table: np.ndarray, scales: GroupScales, scheme: Scheme) -> np.ndarray:
-    """Round-to-nearest codes of ``table`` with ``scales``."""
+    """Round-to-nearest codes of ``table`` with ``scales`` (int16: a quarter of int64's memory, and
+    room for the lowering's offsets)."""
     f = table.shape[1]
-    step = scales.per_column(scales.scale, f)
-    return scheme.grid.round_nearest(table / step + scales.per_column(scales.zero_point, f)).astype(np.int64)
+    codes = np.empty(table.shape, np.int16)
+    for rows in _row_runs(len(table)):
+        part = _rows_of(scales, rows)
+        codes[rows] = scheme.grid.round_nearest(table[rows] / part.per_column(part.scale, f)
+                                                + part.per_column(part.zero_point, f))
+    return codes
 
 
 def _squared_errors(table: np.ndarray, ranges: GroupRanges, ratio: np.ndarray) -> np.ndarray:
     """Each group's squared round-to-nearest error [V, g] with the scales of ``ratio``."""
     scales = ranges.scales(ratio)
-    scheme_grid = ranges.grid
-    f = table.shape[1]
-    step = scales.per_column(scales.scale, f)
-    zero = scales.per_column(scales.zero_point, f)
-    error = (scheme_grid.round_nearest(table / step + zero) - zero) * step - table
-    groups = -(-f // ranges.width)
-    padded = np.zeros((len(table), groups * ranges.width))
-    padded[:, :f] = error * error
-    return padded.reshape(len(table), groups, ranges.width).sum(axis=2)
+    f, width = table.shape[1], ranges.width
+    groups = -(-f // width)
+    errors = np.empty(scales.scale.shape)
+    for rows in _row_runs(len(table)):
+        part = _rows_of(scales, rows)
+        step, zero = part.per_column(part.scale, f), part.per_column(part.zero_point, f)
+        error = (ranges.grid.round_nearest(table[rows] / step + zero) - zero) * step - table[rows]
+        padded = np.zeros((len(error), groups * width))
+        padded[:, :f] = error * error
+        errors[rows] = padded.reshape(len(error), groups, width).sum(axis=2)
+    return errors
+
+
+def _row_runs(count: int) -> list[slice]:
+    """The rows of a table in runs of TABLE_ROWS: each pass's [rows, d] float64 temporaries stay
+    small (a whole 49,152-row LM table would make each 226 MB)."""
+    return [slice(start, min(start + TABLE_ROWS, count)) for start in range(0, count, TABLE_ROWS)]
+
+
+def _rows_of(scales: GroupScales, rows: slice) -> GroupScales:
+    return GroupScales(scales.scale[rows], scales.zero_point[rows], scales.width)
 
 
 @dataclass(frozen=True, eq=False)
