@@ -269,8 +269,9 @@ def _ray_cpus(address: str) -> int:
 
 def _solve_on_ray(tasks: Sequence[SolveTask], address: str) -> list[np.ndarray]:
     """One Ray task per SolveTask; each distinct Gram matrix is put in the object store once.
-    On any failure or interrupt the tasks are cancelled (the cluster is shut down by
-    ``closing_ray``)."""
+    On any failure or interrupt the tasks on a remote cluster are cancelled; a local cluster
+    started here ends with its tasks when ``closing_ray`` shuts it down (cancelling them first
+    races with their completion inside Ray, which can abort the process)."""
     ray = _connect_ray(address)
     remote = ray.remote(_run_ray_task)
     grams: dict[int, Any] = {}
@@ -288,7 +289,8 @@ def _solve_on_ray(tasks: Sequence[SolveTask], address: str) -> list[np.ndarray]:
                 raise Interrupted(received[0])
             return results
         except BaseException as error:
-            for future in futures:  # no task left running on the cluster
+            ends_with_us = address == "local" and _ray_started_here  # closing_ray shuts the cluster down
+            for future in [] if ends_with_us else futures:  # no task left running on the cluster
                 try:
                     ray.cancel(future, force=True)
                 except Exception:  # noqa: BLE001 (finished, or the cluster is gone)
