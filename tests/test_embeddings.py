@@ -141,7 +141,7 @@ def test_scale_search_beats_the_full_range_and_rounds_to_nearest():
     full = ranges.scales(np.ones(ranges.shape))
     full_error = WeightCodes(scheme.grid.round_nearest(table.table / full.scale).astype(np.int64), full,
                              scheme).dequantize() - table.table
-    assert q.mean_squared_error() < float((full_error ** 2).sum(axis=1).mean())
+    assert q.mean_squared_error < float((full_error ** 2).sum(axis=1).mean())
     codes = q.codes
     step = np.asarray(codes.scale, np.float64)[:, None]
     # each code is the grid point nearest its weight (the optimum with G = I), clipped weights included
@@ -213,6 +213,6 @@ def test_a_table_quantized_in_runs_of_rows_is_the_same(monkeypatch):
     np.testing.assert_array_equal(runs_of_rows.codes.integers, whole.codes.integers)
     np.testing.assert_array_equal(runs_of_rows.codes.scales.scale, whole.codes.scales.scale)
     np.testing.assert_array_equal(runs_of_rows.codes.scales.zero_point, whole.codes.scales.zero_point)
-    assert runs_of_rows.mean_squared_error() == pytest.approx(whole.mean_squared_error(), rel=1e-12)
+    assert runs_of_rows.mean_squared_error == pytest.approx(whole.mean_squared_error, rel=1e-12)
     expected = ((whole.codes.dequantize() - table.table) ** 2).sum() / len(table.table)
-    assert whole.mean_squared_error() == pytest.approx(expected, rel=1e-12)
+    assert whole.mean_squared_error == pytest.approx(expected, rel=1e-12)

@@ -95,7 +95,7 @@ def test_a_table_gets_the_grid_with_the_least_squared_error():
         each = [quantize_table(table, scheme) for scheme in grids]
         chosen = quantize_table_on(table, grids)
         assert chosen.codes.signed == signed
-        assert chosen.mean_squared_error() == min(q.mean_squared_error() for q in each)
+        assert chosen.mean_squared_error == min(q.mean_squared_error for q in each)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -32,7 +32,7 @@ import onnx
 from onnx import helper
 
 from ..backends.ort import MS_DOMAIN, gather_block_quantized, pack_bits
-from ..core.grid import Granularity, GroupScales, Scheme, WeightCodes
+from ..core.grid import Granularity, GroupScales, IntegerGrid, Scheme, WeightCodes
 from ..core.report import LayerReport
 from ..core.types import SkippedNode
 from ..graph.subgraphs import node_names
@@ -64,23 +64,13 @@ class QuantizedTable:
     table: EmbeddingTable
     codes: WeightCodes
     seconds: float
-
-    def mean_squared_error(self) -> float:
-        """Mean over rows of a row's squared error: a uniformly drawn lookup's output error."""
-        total, codes, table = 0.0, self.codes, self.table.table
-        for rows in _row_runs(len(table)):
-            part = _rows_of(codes.scales, rows)
-            f = table.shape[1]
-            error = part.per_column(part.scale, f) * (codes.integers[rows] - part.per_column(part.zero_point, f))
-            error -= table[rows]
-            total += float(np.einsum("vd,vd->", error, error))
-        return total / len(table)
+    mean_squared_error: float  # over rows, of a row's error: a uniformly drawn lookup's output error
 
     def report(self) -> LayerReport:
         """The report row: round-to-nearest is the optimum on these scales, so the cost is its own
         certified lower bound (gap 0) and no weight has a choice left to solve."""
         v, d = self.codes.integers.shape
-        cost = self.mean_squared_error()
+        cost = self.mean_squared_error
         scheme = self.codes.scheme
         return LayerReport(name=self.table.name, form="Gather (table)", n_out=v, f_in=d, bits=scheme.bits,
                            storage=onnx.TensorProto.DataType.Name(scheme.grid.storage[0]), free_fraction=0.0,
@@ -143,31 +133,27 @@ def quantize_table(table: EmbeddingTable, scheme: Scheme) -> QuantizedTable:
     scheme = table_scheme(scheme)
     ranges = GroupRanges(table.table, scheme)
     coarse = np.broadcast_to(COARSE_RATIOS[:, None, None], (len(COARSE_RATIOS), *ranges.shape))
-    coarse_errors = np.stack([_squared_errors(table.table, ranges, r) for r in coarse])
+    coarse_errors = np.stack([_squared_errors(table.table, ranges.scales(r), ranges.grid) for r in coarse])
     best = np.take_along_axis(coarse, coarse_errors.argmin(axis=0)[None], axis=0)[0]
     fine = np.clip(best[None] + FINE_STEPS[:, None, None], 0.01, 1.0)
     ratios = np.concatenate([coarse, fine])
-    errors = np.concatenate([coarse_errors, np.stack([_squared_errors(table.table, ranges, r) for r in fine])])
+    errors = np.concatenate([coarse_errors, np.stack([_squared_errors(table.table, ranges.scales(r), ranges.grid)
+                                                      for r in fine])])
     chosen = np.take_along_axis(ratios, errors.argmin(axis=0)[None], axis=0)[0]
     chosen_scales = ranges.scales(chosen)
     stored = GroupScales(chosen_scales.scale.astype(scheme.scale_dtype).astype(np.float64), chosen_scales.zero_point,
                          chosen_scales.width)  # the scales that will be stored
     codes = WeightCodes(_nearest(table.table, stored, scheme), stored, scheme)
-    return QuantizedTable(table, codes, time.perf_counter() - start)
+    error = _squared_errors(table.table, stored, scheme.grid).sum() / len(table.table)
+    return QuantizedTable(table, codes, time.perf_counter() - start, float(error))
 
 
 def quantize_table_on(table: EmbeddingTable, grids: Sequence[Scheme]) -> QuantizedTable:
     """``quantize_table`` on each of ``grids`` (an unset ``--symmetric``: both), the one with the
     least squared error kept; its time counts all of them."""
-    best, best_error, seconds = None, np.inf, 0.0
-    for scheme in grids:
-        quantized = quantize_table(table, scheme)
-        seconds += quantized.seconds
-        error = quantized.mean_squared_error()
-        if error < best_error:
-            best, best_error = quantized, error
-    assert best is not None, "no grid to quantize on"
-    return replace(best, seconds=seconds)
+    found = [quantize_table(table, scheme) for scheme in grids]
+    best = min(found, key=lambda quantized: quantized.mean_squared_error)  # the first on a tie
+    return replace(best, seconds=sum(quantized.seconds for quantized in found))
 
 
 def _nearest(table: np.ndarray, scales: GroupScales, scheme: Scheme) -> np.ndarray:
@@ -182,16 +168,16 @@ def _nearest(table: np.ndarray, scales: GroupScales, scheme: Scheme) -> np.ndarr
     return codes
 
 
-def _squared_errors(table: np.ndarray, ranges: GroupRanges, ratio: np.ndarray) -> np.ndarray:
-    """Each group's squared round-to-nearest error [V, g] with the scales of ``ratio``."""
-    scales = ranges.scales(ratio)
-    f, width = table.shape[1], ranges.width
+def _squared_errors(table: np.ndarray, scales: GroupScales, grid: IntegerGrid) -> np.ndarray:
+    """Each group's squared round-to-nearest error [V, g] with ``scales`` (dequantized values less
+    the table's, as a lookup reads them)."""
+    f, width = table.shape[1], scales.width
     groups = -(-f // width)
     errors = np.empty(scales.scale.shape)
     for rows in _row_runs(len(table)):
         part = _rows_of(scales, rows)
         step, zero = part.per_column(part.scale, f), part.per_column(part.zero_point, f)
-        error = (ranges.grid.round_nearest(table[rows] / step + zero) - zero) * step - table[rows]
+        error = (grid.round_nearest(table[rows] / step + zero) - zero) * step - table[rows]
         padded = np.zeros((len(error), groups * width))
         padded[:, :f] = error * error
         errors[rows] = padded.reshape(len(error), groups, width).sum(axis=2)

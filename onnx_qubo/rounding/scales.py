@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.determinism import map_threads
-from ..core.grid import Granularity, GroupScales, Scheme
+from ..core.grid import Granularity, GroupScales, IntegerGrid, Scheme
 
 SCALE_METHODS = ("mse", "minmax", "qubo")
 COARSE_RATIOS = np.linspace(0.05, 1.0, 10)
@@ -45,18 +45,33 @@ def rounding_cost(weight: np.ndarray, scales: GroupScales, scheme: Scheme, gram:
     """The round-to-nearest cost ``sum_i d_i G d_i + 2 d_i . cross_i`` of ``weight`` [n, f] on
     ``scales``, with the whole Gram matrix (the coupling between blocks included), in float64
     and in fixed runs of rows: what decides between the symmetric and asymmetric grids."""
-    n, f = weight.shape
+    n = len(weight)
     total = 0.0
     for start in range(0, n, COST_ROWS):
         rows = slice(start, min(start + COST_ROWS, n))
         part = GroupScales(scales.scale[rows], scales.zero_point[rows], scales.width)
-        step = part.per_column(part.scale, f)
-        scaled = weight[rows] / step + part.per_column(part.zero_point, f)
-        delta = (scaled - scheme.grid.round_nearest(scaled)) * step
+        delta = nearest_errors(weight[rows], part, scheme.grid)
         total += float(np.einsum("if,if->", delta @ gram, delta))
         if cross is not None:
             total += 2.0 * float(np.einsum("if,if->", delta, cross[rows]))
     return total
+
+
+def nearest_errors(weight: np.ndarray, scales: GroupScales, grid: IntegerGrid) -> np.ndarray:
+    """``weight - dequantized(round to nearest)`` [n, f] on ``scales``, in ``weight``'s float
+    type (the scale search ranks in float32, the grid choice adds up in float64)."""
+    f = weight.shape[1]
+    step = scales.per_column(scales.scale, f).astype(weight.dtype)
+    scaled = weight / step
+    if scales.zero_point.any():
+        scaled += scales.per_column(scales.zero_point, f)
+    # grid.round_nearest, in place: these [n, f] passes are most of a scale candidate's time
+    nearest = np.add(scaled, 0.5)
+    np.floor(nearest, out=nearest)
+    np.clip(nearest, grid.qmin, grid.qmax, out=nearest)
+    np.subtract(scaled, nearest, out=scaled)
+    scaled *= step
+    return scaled
 
 
 def candidate_scales(weight: np.ndarray, scheme: Scheme, gram: np.ndarray, cross: np.ndarray | None,
@@ -148,20 +163,7 @@ class _RtnCosts:
 
     def deltas(self, ratio: np.ndarray) -> np.ndarray:
         """Weight errors [n, f] of round-to-nearest with the scales of ``ratio`` [n, g]."""
-        scales = self.ranges.scales(ratio)
-        f = self.weight.shape[1]
-        grid = self.ranges.grid
-        step = scales.per_column(scales.scale, f).astype(np.float32)
-        scaled = self.weight / step
-        if scales.zero_point.any():
-            scaled += scales.per_column(scales.zero_point, f)
-        # grid.round_nearest, in place: these [n, f] passes are most of a candidate's time
-        nearest = np.add(scaled, 0.5)
-        np.floor(nearest, out=nearest)
-        np.clip(nearest, grid.qmin, grid.qmax, out=nearest)
-        np.subtract(scaled, nearest, out=scaled)
-        scaled *= step
-        return scaled
+        return nearest_errors(self.weight, self.ranges.scales(ratio), self.ranges.grid)
 
     def _costs(self, ratio: np.ndarray) -> np.ndarray:
         delta = self.deltas(ratio)
