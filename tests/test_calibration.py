@@ -77,3 +77,22 @@ def test_each_views_statistics_are_freed_after_its_last_layer(monkeypatch):
     released = [key for _, key, _ in events]
     assert len(released) == len(set(released)) == 2
     assert events[-1][2] == [released[-1]]  # the last view is all that is held when it goes
+
+
+def test_a_dense_views_gram_matrix_kept_as_its_upper_triangle_has_the_bits_of_the_full_sum():
+    """DenseGram holds sum z z^T as its upper triangle and unpacks it when asked: the same bits as
+    summing the full products (each is exactly symmetric), and a fresh matrix for each caller."""
+    from onnx_qubo.calibration.grams import DenseGram
+
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((rows, 9)).astype(np.float32) for rows in (5, 17, 1, 40)]
+    gram, full = DenseGram(9, with_drift=False), np.zeros((10, 10))
+    for x in batches:
+        gram.update(x)
+        z = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
+        full += z.T @ z
+    first, second = gram.statistics(), gram.statistics()
+    assert gram.zz.values.size == 10 * 11 // 2
+    np.testing.assert_array_equal(first.gram, full / 63)
+    np.testing.assert_array_equal(second.gram, first.gram)  # divided once, not again
+    assert first.gram is not second.gram and first.count == 63

@@ -25,7 +25,7 @@ from ..core.determinism import map_threads, one_blas_thread
 from ..core.errors import DataError
 from ..core.grid import InputQuantizer
 from ..core.progress import Progress
-from ..core.types import DenseLayer, InputStatistics
+from ..core.types import Accumulator, DenseLayer, InputStatistics
 from ..graph.runtime import NONE, ORT_ERRORS, make_session, run_session
 from ..graph.subgraphs import Exposed, expose
 from .data import Dataset
@@ -95,7 +95,7 @@ def _captured(exposed: Mapping[str, Exposed], values: Mapping[str, np.ndarray], 
 @one_blas_thread()
 def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset,
                        progress: Progress, deployed: onnx.ModelProto | None = None,
-                       quantizers: Mapping[str, InputQuantizer] | None = None) -> dict[str, InputStatistics]:
+                       quantizers: Mapping[str, InputQuantizer] | None = None) -> "ViewSums":
     """Map each layer's ``statistics_key`` to the statistics of its input vectors over ``dataset``.
 
     ``deployed``: a model computing the inputs the quantized layers will see (the float model
@@ -127,7 +127,32 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
             (samples, floats), (_, seen) = pieces[0], pieces[-1]
             map_threads(partial(update, floats=floats, seen=seen), views)
             bar.update(samples)
-    return {layer.statistics_key: sums[layer.source_key].statistics(layer.group) for layer in layers}
+    return ViewSums({layer.statistics_key: (sums[layer.source_key], layer.group) for layer in layers})
+
+
+class ViewSums(Mapping[str, InputStatistics]):
+    """Each layer's input statistics by ``statistics_key``, made from its view's sums when asked
+    for (a dense view's Gram matrix is unpacked then: the caller holds one layer's at a time);
+    ``release`` drops a key, and a view's sums go with its last key."""
+
+    def __init__(self, sums: dict[str, tuple[Accumulator, int | None]]):
+        self.sums = sums
+
+    def __getitem__(self, key: str) -> InputStatistics:
+        accumulator, group = self.sums[key]
+        return accumulator.statistics(group)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.sums
+
+    def release(self, key: str) -> None:
+        self.sums.pop(key, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sums)
+
+    def __len__(self) -> int:
+        return len(self.sums)
 
 
 class LayerStatistics(Mapping[str, InputStatistics]):
@@ -141,13 +166,13 @@ class LayerStatistics(Mapping[str, InputStatistics]):
         self.model, self.groups, self.dataset = model, groups, dataset
         self.progress, self.quantizers = progress, quantizers
         self.group_of = {layer.statistics_key: g for g, group in enumerate(groups) for layer in group}
-        self.held: dict[str, InputStatistics] = {}
+        self.held = ViewSums({})
         self.passes = 0  # passes over the calibration data so far
 
     def __getitem__(self, key: str) -> InputStatistics:
         if key not in self.held:
             group = self.groups[self.group_of[key]]
-            self.held = {}  # freed before the next group's sums are allocated
+            self.held = ViewSums({})  # freed before the next group's sums are allocated
             self.held = collect_statistics(self.model, group, self.dataset, self.progress,
                                            quantizers=self.quantizers)
             self.passes += 1
@@ -155,8 +180,8 @@ class LayerStatistics(Mapping[str, InputStatistics]):
 
     def release(self, key: str) -> None:
         """Free ``key``'s statistics once no layer will ask for them again (a language model's
-        120 views hold 0.8 GB of Gram matrices: each goes once its last layer is solved)."""
-        self.held.pop(key, None)
+        120 views hold 0.4 GB of Gram matrices: each goes once its last layer is solved)."""
+        self.held.release(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.group_of)
