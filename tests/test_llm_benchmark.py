@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,11 +23,12 @@ _spec.loader.exec_module(llm)
 
 
 def test_cell_names_round_trip_and_bad_names_are_refused():
-    for name in ("float", "builder:4:128", "rtn:2:32", "ours:4:32:acc0"):
+    for name in ("float", "builder:4:128", "rtn:2:32", "ours:4:32:acc0", "float:torch", "ours:2:32:torch"):
         assert llm.Cell.parse(name).name == name
     assert llm.Cell.parse("rtn:3:32").unsupported()
     assert llm.Cell.parse("ours:3:32").unsupported() is None
-    for bad in ("float:4:32", "ours:4", "awq:4:32", "rtn:4:32:acc0"):
+    assert llm.Cell.parse("rtn:4:32:torch").source == llm.Cell.parse("float:torch")
+    for bad in ("float:4:32", "ours:4", "awq:4:32", "rtn:4:32:acc0", "builder:4:32:torch", "gptq:4:32:torch"):
         with pytest.raises(SystemExit):
             llm.Cell.parse(bad)
 
@@ -79,3 +81,30 @@ def test_tiny_model_end_to_end(tmp_path):
     assert speed["ours:4:32"]["decode_tok_s"] > 0 and speed["float"]["prefill_tok_s"] > 0
     table = (tmp_path / "llm.md").read_text()
     assert "| ours:4:32 |" in table and "og.Generator speed" in table
+
+
+@pytest.mark.slow
+def test_torch_cells_start_from_the_export_and_compare_with_it(tmp_path):
+    """A :torch cell quantizes the torch export (here a given one: the tiny model without its genai
+    files, as the export has none) and its increase is over the export's own perplexity."""
+    work = tmp_path / "work"
+    export = work / "models" / "float_torch"
+    export.mkdir(parents=True)
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copy(TINY / name, export)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"vocab_size": 512, "hidden_size": 64}))
+    llm.main(["--work", str(work), "--hf", str(hf), "--calib", str(TINY / "model.calib.npz"),
+              "--eval", str(TINY / "model.eval.npz"), "--only", "float:torch,ours:4:32:torch", "--table",
+              "--out", str(tmp_path / "llm")])
+    cells = {d["cell"]: d for d in json.loads((tmp_path / "llm.json").read_text())["cells"]}
+    ours = cells["ours:4:32:torch"]
+    assert ours["perplexity"] == pytest.approx(ours["make"]["report"]["quantized_perplexity"], rel=1e-6)
+    assert cells["float:torch"]["perplexity"] == pytest.approx(ours["make"]["report"]["float_perplexity"], rel=1e-6)
+    assert not (work / "models" / "ours_4_32_torch" / "genai_config.json").exists()
+    assert ours["weights"]["embedding_form"] == "GatherBlockQuantized"
+    rise = ours["perplexity"] - cells["float:torch"]["perplexity"]
+    assert f"| ours:4:32:torch | {ours['perplexity']:.3f} | {rise:.3f} |" in (tmp_path / "llm.md").read_text()
+    with pytest.raises(SystemExit, match="og.Generator runs the builder's graphs"):
+        llm.main(["--work", str(work), "--speed", "ours:4:32:torch"])
