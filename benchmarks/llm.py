@@ -652,7 +652,8 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
     files = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(path.name))
     weights = groups["blocks"]["weights"] + groups["lm_head"]["weights"]  # the table is the head's parameters (tied)
     overall = 8 * sum(g["bytes"] for g in groups.values()) / weights if weights else None
-    return {"overall_bits_per_weight": overall, **{g: {**v, "bits_per_weight": 8 * v["bytes"] / v["weights"] if v["weights"] else None}
+    matmuls = 8 * (groups["blocks"]["bytes"] + groups["lm_head"]["bytes"]) / weights if weights else None
+    return {"overall_bits_per_weight": overall, "matmul_bits_per_weight": matmuls, **{g: {**v, "bits_per_weight": 8 * v["bytes"] / v["weights"] if v["weights"] else None}
                for g, v in groups.items()}, "embedding_form": embedding, "model_files_bytes": files}
 
 
@@ -715,6 +716,7 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
                                  fmt(make_step.get("peak_rss_mb"), 0), loads(make_step)]) + " |")
     lines += ["", "Not run (no such quantizer): " + "; ".join(f"{k} at {sorted(b)} bits: {why}"
                                                             for k, (b, why) in UNSUPPORTED.items()) + ".", ""]
+    lines += size_curve(work, cells, out_md.with_name(out_md.stem + "_curve.png"))
     if speed_data:
         step = speed_data["step"]
         lines += ["## og.Generator speed (one process, models interleaved)", "",
@@ -745,6 +747,65 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
     out_md.write_text("\n".join(lines) + "\n")
     out_json.write_text(json.dumps({"cells": cells, "speed": speed_data}, indent=1, default=str))
     print(f"wrote {out_md} and {out_json}")
+
+
+def size_curve(work: Work, cells: list[dict[str, Any]], png: Path) -> list[str]:
+    """Perplexity against the bits per weight of the MatMuls (blocks and head; codes, scales and
+    zero points) for the cells made from the builder's fp32 model, each method's Pareto front
+    marked (no point of the same method has fewer bits and a lower perplexity), and a plot."""
+    points = []
+    for d in cells:
+        cell = Cell.parse(d["cell"])
+        folder = Path(d.get("folder") or work.folder(cell))
+        if cell.kind == "float" or cell.torch or d.get("perplexity") is None or not model_path(folder).exists():
+            continue
+        bits = weight_bits(folder)["matmul_bits_per_weight"]
+        points.append({"cell": cell, "method": "onnx-qubo" if cell.kind == "ours" else cell.kind, "bits": bits,
+                       "perplexity": d["perplexity"]})
+    if not points:
+        return []
+    for method in {p["method"] for p in points}:
+        best = math.inf
+        for p in sorted((p for p in points if p["method"] == method), key=lambda p: (p["bits"], p["perplexity"])):
+            p["front"], best = p["perplexity"] < best, min(best, p["perplexity"])
+    points.sort(key=lambda p: (p["bits"], p["perplexity"]))
+    float_ppl = next((d["perplexity"] for d in cells if d["cell"] == "float" and d.get("perplexity")), None)
+    plot_curve(points, float_ppl, png)
+    lines = ["## Size versus perplexity (issue 19)", "",
+             "x: bits per weight of the quantized MatMuls (the blocks' and the head's codes, scales and zero points "
+             "over their weights; the embedding table aside: onnxruntime's quantizers keep it float, the builder and "
+             "onnx-qubo quantize it); front: on its method's Pareto front. Cells made from the builder's fp32 model.", "",
+             f"![size versus perplexity]({png.name})", "",
+             "| bits/weight (MatMuls) | method | cell | perplexity | x float | front |", "|---|---|---|---|---|---|"]
+    for p in points:
+        ratio = fmt(p["perplexity"] / float_ppl if float_ppl else None, 2)
+        lines.append(f"| {p['bits']:.3f} | {p['method']} | {p['cell'].name} | {p['perplexity']:.3f} | {ratio} | "
+                     f"{'yes' if p['front'] else ''} |")
+    return lines + [""]
+
+
+def plot_curve(points: list[dict[str, Any]], float_ppl: float | None, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, marker in zip(sorted({p["method"] for p in points}), "osD^v"):
+        mine = [p for p in points if p["method"] == method]
+        front = [p for p in mine if p["front"]]
+        line, = ax.plot([p["bits"] for p in front], [p["perplexity"] for p in front], marker=marker, label=method)
+        ax.scatter([p["bits"] for p in mine], [p["perplexity"] for p in mine], marker=marker, facecolors="none",
+                   edgecolors=line.get_color(), alpha=0.6)
+    if float_ppl:
+        ax.axhline(float_ppl, color="gray", linestyle="--", label=f"float ({float_ppl:.2f})")
+    ax.set(xlabel="bits per weight of the MatMuls (scales and zero points included)", ylabel="perplexity (log scale)",
+           yscale="log", title="size versus perplexity (lines: each method's Pareto front)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def loads(step: dict[str, Any]) -> str:

@@ -81,6 +81,11 @@ def test_tiny_model_end_to_end(tmp_path):
     assert speed["ours:4:32"]["decode_tok_s"] > 0 and speed["float"]["prefill_tok_s"] > 0
     table = (tmp_path / "llm.md").read_text()
     assert "| ours:4:32 |" in table and "og.Generator speed" in table
+    # the size-versus-perplexity section: the quantized cell at its MatMuls' bits per weight, on its front
+    matmuls = ours["weights"]["matmul_bits_per_weight"]
+    assert 5.0 <= matmuls <= 5.125
+    assert f"| {matmuls:.3f} | onnx-qubo | ours:4:32 | {ours['perplexity']:.3f} |" in table
+    assert (tmp_path / "llm_curve.png").stat().st_size > 0
 
 
 @pytest.mark.slow
