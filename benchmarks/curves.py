@@ -20,8 +20,10 @@ or MatMulNBits (onnxruntime), the integer codes at their element width (packing 
 included), scales and zero points at their stored width, over the number of weights they replace.
 onnxruntime's quantizer only takes MatMul with a constant 2-D weight: it gets the model with Gemm
 rewritten as MatMul + Add (same outputs), and on models with other layers (magika's Conv) onnx-qubo
-is run on the same layers (the others --exclude'd). The metric is accuracy against the evaluation
-data's 'labels' when it has them, else top-1 agreement with the float model. HQQ needs torch
+is run on the same layers (the others --exclude'd). The metric is a real model's task metric as
+benchmarks/real_models.py measures it against the float model (magika: top-1 agreement; MiniLM: mean
+cosine similarity, nearest-neighbour agreement beside it; the OCR models: string agreement), else
+accuracy against the evaluation data's 'labels' when it has them, else top-1 agreement with float. HQQ needs torch
 (the quantizer imports it); onnxruntime's quantizer module needs onnx_ir.
 """
 
@@ -78,6 +80,16 @@ class Task:
     evaluation: Path
     exclude: list[str]  # onnx-qubo layers left in float (those onnxruntime's quantizer cannot take)
     notes: str
+    prepared: Any = None  # a real model's real_models.Prepared: how to run it and its task metrics
+
+    @property
+    def metric_names(self) -> tuple[str, str]:
+        """The y axis and the second column: a real model's two task metrics (real_models.py), else
+        accuracy or top-1 agreement with float, and top-1 agreement."""
+        if self.prepared is not None:
+            return self.prepared.fidelity_names
+        labels = "labels" in np.load(self.evaluation).files
+        return ("accuracy" if labels else "top-1 agreement with float"), "top-1 agreement"
 
 
 def points() -> list[Point]:
@@ -105,7 +117,7 @@ def task(name: str, work: Path, n_calib: int, n_eval: int) -> Task:
     np.savez(work / "eval.npz", **prep.evaluation)
     return Task(name, prep.path, work / "calib.npz", work / "eval.npz", real_models.not_matmul_layers(prep.path),
                 f"`{spec.package}=={spec.version}` {spec.member} ({spec.task}); inputs from benchmarks/real_models.py: "
-                + "; ".join(prep.notes))
+                + "; ".join(prep.notes), prep)
 
 
 def ort_input(model: Path) -> onnx.ModelProto:
@@ -216,24 +228,32 @@ def bits_per_weight(path: Path) -> tuple[float, int]:
     return (storage / weights if weights else float("nan")), weights
 
 
-def outputs(model: Path, data: dict[str, np.ndarray]) -> np.ndarray:
+def outputs(t: Task, model: Path, data: dict[str, np.ndarray]) -> Any:
+    """The model's outputs on the evaluation data: a real model's as real_models.py runs it (a
+    list per sample), else the first output of every sample, concatenated."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.log_severity_level = 1, 3
     s = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    if t.prepared is not None:
+        return t.prepared.run(s, data)
     names = [i.name for i in s.get_inputs()]
     n = len(data[names[0]])
     return np.concatenate([s.run(None, {k: data[k][i:i + 256] for k in names})[0] for i in range(0, n, 256)])
 
 
-def metrics(float_out: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+def metrics(t: Task, float_out: Any, got: Any, labels: np.ndarray | None) -> dict[str, float]:
+    """The two metrics of ``Task.metric_names``: "metric" (the y axis) and "agreement"."""
+    if t.prepared is not None:
+        found = t.prepared.fidelity(float_out, got)
+        return {"metric": found["fidelity"], "agreement": found.get("fidelity2", float("nan"))}
     top1 = got.reshape(len(got), -1).argmax(-1)
     agreement = float(np.mean(top1 == float_out.reshape(len(float_out), -1).argmax(-1)))
     return {"metric": float(np.mean(top1 == labels)) if labels is not None else agreement, "agreement": agreement}
 
 
-def measure(t: Task, p: Point, work: Path, float_out: np.ndarray, data: dict[str, np.ndarray], redo: bool) -> dict[str, Any]:
+def measure(t: Task, p: Point, work: Path, float_out: Any, data: dict[str, np.ndarray], redo: bool) -> dict[str, Any]:
     cache = work / f"{p.tag}.json"
     if cache.exists() and not redo:
         return {**json.loads(cache.read_text()), "cached": True}
@@ -244,7 +264,7 @@ def measure(t: Task, p: Point, work: Path, float_out: np.ndarray, data: dict[str
         row["command"] = (run_qubo if p.method == "onnx-qubo" else run_ort)(t, p, out)
         row["seconds"] = time.perf_counter() - start
         row["bpw"], row["weights"] = bits_per_weight(out)
-        row.update(metrics(float_out, outputs(out, data), data.get("labels")))
+        row.update(metrics(t, float_out, outputs(t, out, data), data.get("labels")))
     except Exception as e:  # noqa: BLE001 - a failing quantizer is a result
         row["error"] = f"{type(e).__name__}: {e}".strip()[:600]
         row["traceback"] = traceback.format_exc()[-2000:]
@@ -312,7 +332,7 @@ def write(t: Task, rows: list[dict[str, Any]], float_metric: float, name: str, a
              + (f"onnx-qubo leaves these layers in float, as onnxruntime's quantizer does: {', '.join(t.exclude)}."
                 if t.exclude else ""), "",
              f"![curves](curves_{t.name}.png)", "",
-             f"| bits/weight | method | config | {name} | top-1 agreement | front | time (s) | command |",
+             f"| bits/weight | method | config | {name} | {t.metric_names[1]} | front | time (s) | command |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['bpw']:.3f} | {r['method']} | {r['label']} | {r['metric']:.4f} | {r['agreement']:.4f} | "
               f"{'yes' if r['front'] else ''} | {r['seconds']:.1f} | `{r['command']}` |" for r in done]
@@ -338,10 +358,9 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         t = task(name, work, args.calib, args.eval)
         data = dict(np.load(t.evaluation))
-        float_out = outputs(t.model, data)
-        labels = data.get("labels")
-        float_metric = metrics(float_out, float_out, labels)["metric"]
-        metric_name = "accuracy" if labels is not None else "top-1 agreement with float"
+        float_out = outputs(t, t.model, data)
+        float_metric = metrics(t, float_out, float_out, data.get("labels"))["metric"]
+        metric_name = t.metric_names[0]
         rows = [measure(t, p, work, float_out, data, args.redo) for p in points() if p.method in args.methods.split(",")]
         pareto(rows)
         args.out.mkdir(parents=True, exist_ok=True)

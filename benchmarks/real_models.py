@@ -71,6 +71,9 @@ CONFIGS = {
     "qubo-b2-blk32-rot": "onnx-qubo 2 bits, blocks of 32, --rotate hadamard (incoherence processing)",
     "qubo-b3-blk32": "onnx-qubo 3 bits, blocks of 32, default flags",
     "qubo-b3-blk32-rot": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard (incoherence processing)",
+    "qubo-b3-blk32-lv3": "onnx-qubo 3 bits, blocks of 32, --levels 3 (each weight may also move one grid point further)",
+    "qubo-b3-blk32-seq": "onnx-qubo 3 bits, blocks of 32, --sequential (each layer calibrated on the quantized layers "
+                         "before it)",
     "ort-rtn-b4-blk32": "MatMulNBitsQuantizer RTN (DefaultWeightOnlyQuantConfig) 4 bits, block 32",
     "ort-hqq-b4-blk32": "MatMulNBitsQuantizer HQQ 4 bits, block 32",
     "ort-gptq-b4-blk32": "MatMulNBitsQuantizer GPTQ 4 bits, block 32",
@@ -836,6 +839,10 @@ def worker(args) -> int:
                 kw["symmetric"] = False
             if cfg.endswith("-rot"):
                 kw["rotate"] = "hadamard"
+            if cfg.endswith("-lv3"):
+                kw["levels"] = 3
+            if cfg.endswith("-seq"):
+                kw["sequential"] = True
             if "budget" in cfg:
                 kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
             if cfg.endswith("-ortlayers"):

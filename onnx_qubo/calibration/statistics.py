@@ -95,7 +95,7 @@ def _captured(exposed: Mapping[str, Exposed], values: Mapping[str, np.ndarray], 
 @one_blas_thread()
 def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset,
                        progress: Progress, deployed: onnx.ModelProto | None = None,
-                       quantizers: Mapping[str, InputQuantizer] | None = None) -> "ViewSums":
+                       quantizers: Mapping[str, InputQuantizer] | None = None) -> ViewSums:
     """Map each layer's ``statistics_key`` to the statistics of its input vectors over ``dataset``.
 
     ``deployed``: a model computing the inputs the quantized layers will see (the float model
