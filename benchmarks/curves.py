@@ -12,7 +12,7 @@ method through its Pareto front, every point marked). Each point is cached as JS
 (default /tmp/curves/<model>); a cached point is not redone unless --redo.
 
 Points: onnx-qubo `--format qdq` (portable INT2/INT4 initializers: their true size) at 2, 3, 4 bits,
-per channel and blocks of 32 and 128, symmetric and --asymmetric; MatMulNBitsQuantizer RTN
+per channel and blocks of 32 and 128, default flags (the grid chosen per layer); MatMulNBitsQuantizer RTN
 (DefaultWeightOnlyQuantConfig, symmetric and not) and HQQ at 2, 4, 8 bits with blocks of 32 and
 128; GPTQ (4 bits only in onnxruntime 1.32) with blocks of 32 and 128. Bits per weight are counted
 from the written model's initializers: for each DequantizeLinear of an integer initializer (onnx-qubo)
@@ -60,16 +60,20 @@ class Point:
     method: str
     bits: int
     block: int | None  # None: one scale per output channel
-    symmetric: bool
+    symmetric: bool | None  # None: onnx-qubo's default, the grid chosen per layer
+
+    @property
+    def grid(self) -> str:
+        return "grid per layer" if self.symmetric is None else "sym" if self.symmetric else "asym"
 
     @property
     def tag(self) -> str:
-        return (f"{self.method.replace(' ', '-').lower()}_b{self.bits}_{f'blk{self.block}' if self.block else 'channel'}"
-                f"_{'sym' if self.symmetric else 'asym'}")
+        grid = "auto" if self.symmetric is None else "sym" if self.symmetric else "asym"
+        return f"{self.method.replace(' ', '-').lower()}_b{self.bits}_{f'blk{self.block}' if self.block else 'channel'}_{grid}"
 
     @property
     def label(self) -> str:
-        return f"{self.bits} bits, {f'blocks of {self.block}' if self.block else 'per channel'}, {'sym' if self.symmetric else 'asym'}"
+        return f"{self.bits} bits, {f'blocks of {self.block}' if self.block else 'per channel'}, {self.grid}"
 
 
 @dataclass
@@ -93,7 +97,7 @@ class Task:
 
 
 def points() -> list[Point]:
-    out = [Point("onnx-qubo", b, blk, sym) for b in (2, 3, 4) for blk in (None, 32, 128) for sym in (True, False)]
+    out = [Point("onnx-qubo", b, blk, None) for b in (2, 3, 4) for blk in (None, 32, 128)]
     out += [Point("ORT RTN", b, blk, sym) for b in (2, 4, 8) for blk in (32, 128) for sym in (True, False)]
     out += [Point("ORT HQQ", b, blk, False) for b in (2, 4, 8) for blk in (32, 128)]
     out += [Point("ORT GPTQ", 4, blk, sym) for blk in (32, 128) for sym in (True, False)]
@@ -160,7 +164,7 @@ def run_qubo(t: Task, p: Point, out: Path) -> str:
     command = [sys.executable, "-m", "onnx_qubo", "quantize", str(t.model), str(out), "--bits", str(p.bits),
                "--format", "qdq", "--calib", str(t.calib), "--eval", str(t.evaluation), "--no-speed", "--quiet"]
     command += ["--granularity", "block", "--block-size", str(p.block)] if p.block else ["--granularity", "channel"]
-    command += [] if p.symmetric else ["--asymmetric"]
+    command += [] if p.symmetric is None else ["--symmetric"] if p.symmetric else ["--asymmetric"]
     for layer in t.exclude:
         command += ["--exclude", layer]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -185,7 +189,7 @@ def run_ort(t: Task, p: Point, out: Path) -> str:
     for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization.neural_compressor"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if p.method == "ORT RTN":
-        algo: Any = mnq.DefaultWeightOnlyQuantConfig(block_size=p.block, is_symmetric=p.symmetric, bits=p.bits)
+        algo: Any = mnq.DefaultWeightOnlyQuantConfig(block_size=p.block, is_symmetric=bool(p.symmetric), bits=p.bits)
         call = f"DefaultWeightOnlyQuantConfig(block_size={p.block}, is_symmetric={p.symmetric}, bits={p.bits})"
     elif p.method == "ORT HQQ":
         algo = mnq.HQQWeightOnlyQuantConfig(block_size=p.block, bits=p.bits)
@@ -195,7 +199,7 @@ def run_ort(t: Task, p: Point, out: Path) -> str:
         n = len(next(iter(calib.values())))
         algo = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=NpzReader(calib, n))
         call = f"GPTQWeightOnlyQuantConfig(calibration_data_reader=<{n} calibration samples, one per feed>)"
-    q = mnq.MatMulNBitsQuantizer(ort_input(t.model), bits=p.bits, block_size=p.block or 0, is_symmetric=p.symmetric,
+    q = mnq.MatMulNBitsQuantizer(ort_input(t.model), bits=p.bits, block_size=p.block or 0, is_symmetric=bool(p.symmetric),
                                  algo_config=algo)
     q.process()
     q.model.save_model_to_file(str(out), use_external_data_format=False)
