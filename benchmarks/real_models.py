@@ -72,6 +72,7 @@ CONFIGS = {
     "qubo-b3-blk32": "onnx-qubo 3 bits, blocks of 32, default flags",
     "qubo-b3-blk32-rot": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard (incoherence processing)",
     "qubo-b3-blk32-lv3": "onnx-qubo 3 bits, blocks of 32, --levels 3 (each weight may also move one grid point further)",
+    "qubo-b3-blk32-rot-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --levels 3",
     "qubo-b3-blk32-seq": "onnx-qubo 3 bits, blocks of 32, --sequential (each layer calibrated on the quantized layers "
                          "before it)",
     "ort-rtn-b4-blk32": "MatMulNBitsQuantizer RTN (DefaultWeightOnlyQuantConfig) 4 bits, block 32",
@@ -837,11 +838,12 @@ def worker(args) -> int:
                 kw["bias_correction"] = False
             if cfg.endswith("-ortlayers") or "-asym" in cfg:
                 kw["symmetric"] = False
-            if cfg.endswith("-rot"):
+            options = cfg.split("-")
+            if "rot" in options:
                 kw["rotate"] = "hadamard"
-            if cfg.endswith("-lv3"):
+            if "lv3" in options:
                 kw["levels"] = 3
-            if cfg.endswith("-seq"):
+            if "seq" in options:
                 kw["sequential"] = True
             if "budget" in cfg:
                 kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
