@@ -24,6 +24,8 @@ is KIND:BITS:BLOCK[:VARIANT]:
   windows), written as a complete genai folder;
 - ours:b:B: `onnx-qubo --format ort --granularity block --ort-accuracy-level 4 --embeddings`
   (like the builder's int4); ours:b:B:acc0: the same at the default accuracy level 0;
+  ours:b:B:qdq: `--format qdq --embeddings` (INT2/INT4 initializers: 2- and 3-bit codes at their own
+  size, where --format ort stores them in 4-bit MatMulNBits, onnxruntime 1.32's fast kernel);
 - float:torch, rtn:b:B:torch, hqq:b:B:torch, ours:b:B:torch: the torch export instead of the
   builder's fp32 model, and each quantizer on it (perplexity only: og.Generator runs the builder's
   graphs, with their KV cache).
@@ -74,7 +76,7 @@ DEFAULT_CELLS = ["float", "builder:4:32", "builder:4:128",
                  *[f"{k}:{b}:{s}" for k in ("rtn", "hqq") for b in (4, 2) for s in (32, 128)],
                  "ours:4:32", "ours:4:32:acc0", "ours:4:128", "ours:3:32", "ours:3:128", "ours:2:32", "ours:2:128",
                  "float:torch", "rtn:4:32:torch", "ours:4:32:torch", "ours:2:32:torch"]
-VARIANTS = {"acc0": ("ours",), "torch": ("float", "rtn", "hqq", "ours")}  # variant -> the kinds that take it
+VARIANTS = {"acc0": ("ours",), "qdq": ("ours",), "torch": ("float", "rtn", "hqq", "ours")}  # variant -> its kinds
 SPEED_CELLS = "float,builder:4:32,ours:4:32"
 PROMPT = ("The history of the English language began with the arrival of three Germanic tribes who "
           "invaded Britain during the 5th century AD. These tribes, the Angles, the Saxons and the Jutes, "
@@ -354,10 +356,10 @@ def make(work: Work, cell: Cell, redo: bool) -> dict[str, Any] | None:
 
 def ours_command(python: str, src: Path, out: Path, cell: Cell, calib: Path, evaluation: Path, report: Path,
                  extra: str) -> list[str]:
-    level = ["--ort-accuracy-level", "0"] if cell.variant == "acc0" else ["--ort-accuracy-level", "4", "--embeddings"]
+    form = {"acc0": ["--format", "ort", "--ort-accuracy-level", "0"], "qdq": ["--format", "qdq", "--embeddings"]}.get(
+        cell.variant, ["--format", "ort", "--ort-accuracy-level", "4", "--embeddings"])
     return [python, "-m", "onnx_qubo", "quantize", str(src / "model.onnx"), str(out / "model.onnx"),
-            "--bits", str(cell.bits), "--granularity", "block", "--block-size", str(cell.block), "--format", "ort",
-            *level, "--calib", str(calib), "--eval", str(evaluation), "--no-speed", "--report", str(report),
+            "--bits", str(cell.bits), "--granularity", "block", "--block-size", str(cell.block), *form, "--calib", str(calib), "--eval", str(evaluation), "--no-speed", "--report", str(report),
             *extra.split()]
 
 
@@ -615,7 +617,10 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
     graph = onnx.load(str(path), load_external_data=False).graph
     sizes = {init.name: tensor_bytes(init) for init in graph.initializer}
     dims = {init.name: list(init.dims) for init in graph.initializer}
-    source = {n.output[0]: n.input[0] for n in graph.node if n.op_type in ("Transpose", "Reshape", "Cast") and n.input}
+    source = {n.output[0]: n.input[0] for n in graph.node
+              if n.op_type in ("Transpose", "Reshape", "Cast", "DequantizeLinear") and n.input}
+    dequantized = {n.input[0]: {x for x in n.input[1:] if x} for n in graph.node  # codes -> their scale, zero point
+                   if n.op_type == "DequantizeLinear" and n.input[0] in sizes}
 
     def root(name: str) -> str:
         while name not in sizes and name in source:
@@ -632,8 +637,9 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
             inits = {root(x) for x in node.input[1:] if x and root(x) in sizes}
             weights, width = attrs["K"] * attrs["N"], attrs["N"]
         elif node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and root(node.input[1]) in sizes:
-            inits = {root(node.input[1])}
-            weights, width = math.prod(dims[root(node.input[1])]), dims[root(node.input[1])][-1]
+            inits = {root(node.input[1]), *dequantized.get(root(node.input[1]), ())}
+            shape = dims[root(node.input[1])]  # [K, N], or [N, K] for Gemm with transB
+            weights, width = math.prod(shape), shape[0] if attrs.get("transB") else shape[-1]
         elif node.op_type in ("Gather", "GatherBlockQuantized") and root(node.input[0]) in sizes:
             tables.append(node)  # after the head: it may read the head's initializers
             continue
@@ -644,10 +650,14 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
             head_inits |= inits
         groups[group]["weights"] += weights
         groups[group]["bytes"] += sum(sizes[x] for x in inits)
-    for node in tables:  # the table, its scales and zero points (input 1 is the token ids)
-        table = {root(x) for k, x in enumerate(node.input) if x and k != 1 and root(x) in sizes}
+    by_ids: dict[str, list[Any]] = {}  # one table per token-id input: --format qdq gathers its codes, scales
+    for node in tables:                 # and zero points by row, each with its own Gather
+        by_ids.setdefault(node.input[1], []).append(node)
+    for nodes in by_ids.values():  # the table, its scales and zero points (input 1 is the token ids)
+        table = {root(x) for node in nodes for k, x in enumerate(node.input) if x and k != 1 and root(x) in sizes}
+        table |= {x for codes in table for x in dequantized.get(codes, ())}
         groups["embedding"]["weights"] += vocabulary * hidden
-        embedding = node.op_type + (" (shared with the head)" if table & head_inits else "")
+        embedding = nodes[0].op_type + (" (shared with the head)" if table & head_inits else "")
         groups["embedding"]["bytes"] += sum(sizes[x] for x in table - head_inits)
     files = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(path.name))
     weights = groups["blocks"]["weights"] + groups["lm_head"]["weights"]  # the table is the head's parameters (tied)
@@ -664,7 +674,8 @@ def tensor_bytes(init: Any) -> int:
     location = {e.key: e.value for e in init.external_data}
     if "length" in location:
         return int(location["length"])
-    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(init.data_type)
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT2: 2,
+            onnx.TensorProto.UINT2: 2}.get(init.data_type)
     count = math.prod(init.dims)
     if bits:
         return (count * bits + 7) // 8

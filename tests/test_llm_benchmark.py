@@ -23,7 +23,8 @@ _spec.loader.exec_module(llm)
 
 
 def test_cell_names_round_trip_and_bad_names_are_refused():
-    for name in ("float", "builder:4:128", "rtn:2:32", "ours:4:32:acc0", "float:torch", "ours:2:32:torch"):
+    for name in ("float", "builder:4:128", "rtn:2:32", "ours:4:32:acc0", "float:torch", "ours:2:32:torch",
+                 "ours:2:32:qdq"):
         assert llm.Cell.parse(name).name == name
     assert llm.Cell.parse("rtn:3:32").unsupported()
     assert llm.Cell.parse("ours:3:32").unsupported() is None
@@ -52,10 +53,10 @@ def test_float_bits_per_weight_count_the_tied_table_once():
 def test_tiny_model_end_to_end(tmp_path):
     args = ["--work", str(tmp_path / "work"), "--float-folder", str(TINY), "--calib", str(TINY / "model.calib.npz"),
             "--eval", str(TINY / "model.eval.npz")]
-    llm.main([*args, "--only", "float,ours:4:32,rtn:3:32", "--speed", "float,ours:4:32", "--repeat", "1",
+    llm.main([*args, "--only", "float,ours:4:32,rtn:3:32,ours:2:32:qdq", "--speed", "float,ours:4:32", "--repeat", "1",
               "--new", "4", "--table", "--out", str(tmp_path / "llm")])
     cells = {d["cell"]: d for d in json.loads((tmp_path / "llm.json").read_text())["cells"]}
-    assert set(cells) == {"float", "ours:4:32"}  # rtn:3:32 has no quantizer: not run
+    assert set(cells) == {"float", "ours:4:32", "ours:2:32:qdq"}  # rtn:3:32 has no quantizer: not run
     ours = cells["ours:4:32"]
     # one perplexity function for every cell, and it agrees with onnx-qubo's own streamed evaluation
     assert ours["perplexity"] == pytest.approx(ours["make"]["report"]["quantized_perplexity"], rel=1e-6)
@@ -86,6 +87,11 @@ def test_tiny_model_end_to_end(tmp_path):
     assert 5.0 <= matmuls <= 5.125
     assert f"| {matmuls:.3f} | onnx-qubo | ours:4:32 | {ours['perplexity']:.3f} |" in table
     assert (tmp_path / "llm_curve.png").stat().st_size > 0
+    # --format qdq: 2-bit codes at their size (4 to a byte), the head (a Gemm reading [N, K] codes) and the
+    # table gathered by rows (codes, scales, zero points: one table) each counted once
+    qdq = cells["ours:2:32:qdq"]["weights"]
+    assert 3.0 <= qdq["blocks"]["bits_per_weight"] <= 3.0625 and 3.0 <= qdq["lm_head"]["bits_per_weight"] <= 3.0625
+    assert qdq["embedding"]["weights"] == 512 * 64 and qdq["lm_head"]["weights"] == 512 * 64
 
 
 @pytest.mark.slow
