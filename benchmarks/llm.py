@@ -627,6 +627,16 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
             name = source[name]
         return name
 
+    transposes = {n.output[0] for n in graph.node if n.op_type == "Transpose"}
+
+    def transposed(name: str) -> bool:
+        """Whether ``name`` reads its initializer through a Transpose (the torch export's tied head)."""
+        flips = False
+        while name not in sizes and name in source:
+            flips ^= name in transposes
+            name = source[name]
+        return flips
+
     groups: dict[str, dict[str, float]] = {g: {"weights": 0, "bytes": 0} for g in ("blocks", "lm_head", "embedding")}
     head_inits: set[str] = set()
     tables: list[Any] = []
@@ -638,8 +648,8 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
             weights, width = attrs["K"] * attrs["N"], attrs["N"]
         elif node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and root(node.input[1]) in sizes:
             inits = {root(node.input[1]), *dequantized.get(root(node.input[1]), ())}
-            shape = dims[root(node.input[1])]  # [K, N], or [N, K] for Gemm with transB
-            weights, width = math.prod(shape), shape[0] if attrs.get("transB") else shape[-1]
+            shape = dims[root(node.input[1])]  # [K, N], or [N, K] for Gemm with transB or behind a Transpose
+            weights, width = math.prod(shape), shape[0] if bool(attrs.get("transB")) ^ transposed(node.input[1]) else shape[-1]
         elif node.op_type in ("Gather", "GatherBlockQuantized") and root(node.input[0]) in sizes:
             tables.append(node)  # after the head: it may read the head's initializers
             continue
