@@ -338,7 +338,9 @@ def write(t: Task, rows: list[dict[str, Any]], float_metric: float, name: str, a
              f"![curves](curves_{t.name}.png)", "",
              f"| bits/weight | method | config | {name} | {t.metric_names[1]} | front | time (s) | command |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['bpw']:.3f} | {r['method']} | {r['label']} | {r['metric']:.4f} | {r['agreement']:.4f} | "
+    second = t.metric_names[1] != "-"  # magika's task has one metric: the second column stays empty
+    lines += [f"| {r['bpw']:.3f} | {r['method']} | {r['label']} | {r['metric']:.4f} | "
+              f"{format(r['agreement'], '.4f') if second else ''} | "
               f"{'yes' if r['front'] else ''} | {r['seconds']:.1f} | `{r['command']}` |" for r in done]
     if failed:
         lines += ["", "Points that failed (the quantizer's error, as raised):", "", "| method | config | error |", "|---|---|---|"]
