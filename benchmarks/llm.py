@@ -604,8 +604,10 @@ def speed(work: Work, cells: list[Cell], repeat: int, new: int) -> dict[str, Any
 def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str, Any]:
     """Bytes and bits per weight of the dense layers, counted from the written model's initializers
     (codes, scales, zero points): the blocks' MatMuls apart from the LM head (output width = the
-    vocabulary) and the embedding table (a float Gather table, or GatherBlockQuantized: its own codes,
-    or the head's read through a Reshape, then shared). ``shape``: (vocabulary, hidden size), read
+    vocabulary) and the embedding table (a float Gather table, GatherBlockQuantized, or --format qdq's
+    Gathers of codes, scales and zero points by row: its own codes, or the head's read through a
+    Reshape, then shared). A MatMul or Gemm weight behind DequantizeLinear counts its codes, scales
+    and zero points. ``shape``: (vocabulary, hidden size), read
     from genai_config.json when not given (the torch export has none)."""
     import onnx
 
@@ -648,8 +650,8 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
             weights, width = attrs["K"] * attrs["N"], attrs["N"]
         elif node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and root(node.input[1]) in sizes:
             inits = {root(node.input[1]), *dequantized.get(root(node.input[1]), ())}
-            shape = dims[root(node.input[1])]  # [K, N], or [N, K] for Gemm with transB or behind a Transpose
-            weights, width = math.prod(shape), shape[0] if bool(attrs.get("transB")) ^ transposed(node.input[1]) else shape[-1]
+            stored = dims[root(node.input[1])]  # [K, N], or [N, K] for Gemm with transB or behind a Transpose
+            weights, width = math.prod(stored), stored[0] if bool(attrs.get("transB")) ^ transposed(node.input[1]) else stored[-1]
         elif node.op_type in ("Gather", "GatherBlockQuantized") and root(node.input[0]) in sizes:
             tables.append(node)  # after the head: it may read the head's initializers
             continue
