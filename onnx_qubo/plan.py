@@ -111,7 +111,7 @@ def _grids(config: QuantizeConfig, layer: DenseLayer, bits: int | None) -> tuple
 
 def _bias_correction(config: QuantizeConfig, layer: DenseLayer) -> bool:
     """The requested correction, or (unset) where it costs nothing at run time: a layer with a
-    float bias to fold it into."""
+    bias to fold it into (float or INT32; not one quantized as a QUBO variable)."""
     rounding = config.rounding
     if rounding.bias_correction is not None:
         return rounding.bias_correction

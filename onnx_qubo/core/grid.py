@@ -127,6 +127,10 @@ class GroupScales:
         when a row has one group."""
         return values if self.groups == 1 else np.repeat(values, self.width, axis=1)[:, :f]
 
+    def rows(self, rows: slice) -> GroupScales:
+        """The scales of some rows (a pass over a large weight in runs of rows)."""
+        return GroupScales(self.scale[rows], self.zero_point[rows], self.width)
+
 
 @dataclass(frozen=True, eq=False)
 class WeightCodes:

@@ -38,11 +38,11 @@ from ..core.types import SkippedNode
 from ..graph.subgraphs import node_names
 from ..passes.base import PassResult, copy_model
 from ..passes.insert_dequantize import GraphEdit
-from ..rounding.scales import COARSE_RATIOS, FINE_STEPS, GroupRanges
+from ..rounding.scales import COARSE_RATIOS, FINE_STEPS, GroupRanges, row_runs
 from .base import HALF_OR_FLOAT_WEIGHTS, GraphIndex, Skip, attributes
 
 TABLE_OPSET = 13  # Unsqueeze with an axes input; BitShift (11) and Gather work from there
-TABLE_ROWS = 4096  # table rows per pass (_row_runs)
+TABLE_ROWS = 4096  # table rows per pass: a whole 49,152-row LM table would make each [rows, d] temporary 226 MB
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,8 +161,8 @@ def _nearest(table: np.ndarray, scales: GroupScales, scheme: Scheme) -> np.ndarr
     room for the lowering's offsets)."""
     f = table.shape[1]
     codes = np.empty(table.shape, np.int16)
-    for rows in _row_runs(len(table)):
-        part = _rows_of(scales, rows)
+    for rows in row_runs(len(table), TABLE_ROWS):
+        part = scales.rows(rows)
         codes[rows] = scheme.grid.round_nearest(table[rows] / part.per_column(part.scale, f)
                                                 + part.per_column(part.zero_point, f))
     return codes
@@ -174,24 +174,14 @@ def _squared_errors(table: np.ndarray, scales: GroupScales, grid: IntegerGrid) -
     f, width = table.shape[1], scales.width
     groups = -(-f // width)
     errors = np.empty(scales.scale.shape)
-    for rows in _row_runs(len(table)):
-        part = _rows_of(scales, rows)
+    for rows in row_runs(len(table), TABLE_ROWS):
+        part = scales.rows(rows)
         step, zero = part.per_column(part.scale, f), part.per_column(part.zero_point, f)
         error = (grid.round_nearest(table[rows] / step + zero) - zero) * step - table[rows]
         padded = np.zeros((len(error), groups * width))
         padded[:, :f] = error * error
         errors[rows] = padded.reshape(len(error), groups, width).sum(axis=2)
     return errors
-
-
-def _row_runs(count: int) -> list[slice]:
-    """The rows of a table in runs of TABLE_ROWS: each pass's [rows, d] float64 temporaries stay
-    small (a whole 49,152-row LM table would make each 226 MB)."""
-    return [slice(start, min(start + TABLE_ROWS, count)) for start in range(0, count, TABLE_ROWS)]
-
-
-def _rows_of(scales: GroupScales, rows: slice) -> GroupScales:
-    return GroupScales(scales.scale[rows], scales.zero_point[rows], scales.width)
 
 
 @dataclass(frozen=True, eq=False)

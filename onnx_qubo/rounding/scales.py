@@ -45,16 +45,19 @@ def rounding_cost(weight: np.ndarray, scales: GroupScales, scheme: Scheme, gram:
     """The round-to-nearest cost ``sum_i d_i G d_i + 2 d_i . cross_i`` of ``weight`` [n, f] on
     ``scales``, with the whole Gram matrix (the coupling between blocks included), in float64
     and in fixed runs of rows: what decides between the symmetric and asymmetric grids."""
-    n = len(weight)
     total = 0.0
-    for start in range(0, n, COST_ROWS):
-        rows = slice(start, min(start + COST_ROWS, n))
-        part = GroupScales(scales.scale[rows], scales.zero_point[rows], scales.width)
-        delta = nearest_errors(weight[rows], part, scheme.grid)
+    for rows in row_runs(len(weight), COST_ROWS):
+        delta = nearest_errors(weight[rows], scales.rows(rows), scheme.grid)
         total += float(np.einsum("if,if->", delta @ gram, delta))
         if cross is not None:
             total += 2.0 * float(np.einsum("if,if->", delta, cross[rows]))
     return total
+
+
+def row_runs(count: int, size: int) -> list[slice]:
+    """``count`` rows in runs of ``size`` (the last one shorter): passes whose [rows, f] float64
+    temporaries stay bounded, always cut at the same rows whatever the thread count."""
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def nearest_errors(weight: np.ndarray, scales: GroupScales, grid: IntegerGrid) -> np.ndarray:
