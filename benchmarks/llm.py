@@ -75,7 +75,7 @@ UNSUPPORTED = {  # (kind, bits) that cannot run, and why
 DEFAULT_CELLS = ["float", "builder:4:32", "builder:4:128",
                  *[f"{k}:{b}:{s}" for k in ("rtn", "hqq") for b in (4, 2) for s in (32, 128)],
                  "ours:4:32", "ours:4:32:acc0", "ours:4:128", "ours:3:32", "ours:3:128", "ours:2:32", "ours:2:128",
-                 "float:torch", "rtn:4:32:torch", "ours:4:32:torch", "ours:2:32:torch"]
+                 "ours:2:32:qdq", "ours:2:128:qdq", "float:torch", "rtn:4:32:torch", "ours:4:32:torch", "ours:2:32:torch"]
 VARIANTS = {"acc0": ("ours",), "qdq": ("ours",), "torch": ("float", "rtn", "hqq", "ours")}  # variant -> its kinds
 SPEED_CELLS = "float,builder:4:32,ours:4:32"
 PROMPT = ("The history of the English language began with the arrival of three Germanic tribes who "
