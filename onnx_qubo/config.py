@@ -142,6 +142,9 @@ def _check_layer_bits(value: object, option: str) -> dict[str, int]:
     return {name: check_bits(bits, option) for name, bits in value.items()}
 
 
+HEAD_BITS = 4  # the output layers' width below it, unless --head-bits says otherwise
+
+
 @dataclass(frozen=True)
 class WeightConfig(_Section):
     """How weights are stored: bit width, scale groups, zero points."""
@@ -155,10 +158,24 @@ class WeightConfig(_Section):
                                            "default): per layer, the one whose round-to-nearest output error "
                                            "is lower.",
                                      flag="--symmetric/--asymmetric")
+    head_bits: int | None = _option(None, "Bit width of the output layers (those whose result is a model output up "
+                                          "to shape and element-wise steps: a language model's head, a classifier's "
+                                          f"last layer). Unset (the default): {HEAD_BITS} where --bits is below "
+                                          f"{HEAD_BITS}, as llama.cpp's K-quants and most low-bit methods keep the "
+                                          "head wider, else --bits.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_bits(self.bits)
+        if self.head_bits is not None:
+            check_bits(self.head_bits, "head_bits")
+
+    @property
+    def output_bits(self) -> int:
+        """The output layers' bit width (``head_bits``, resolved)."""
+        if self.head_bits is not None:
+            return self.head_bits
+        return max(self.bits, HEAD_BITS)
 
     def scheme(self, bits: int | None = None) -> Scheme:
         """The grid scheme at ``bits`` (default: ``self.bits``); the symmetric one where the grid
@@ -391,19 +408,25 @@ class QuantizeConfig:
         if rounding.levels > 2 ** self.weights.bits:
             raise OptionError(f"{{levels}} {rounding.levels}: a {self.weights.bits}-bit grid has "
                               f"{2 ** self.weights.bits} levels", "levels", "bits")
-        for bits in {self.weights.bits, *self.automatic.layer_bits.values()}:
+        for bits in self.widths:
             reason = portable.scheme_refusal(self.weights.scheme(bits), activations.quantized)
             if reason:
                 raise OptionError(reason, "symmetric", "granularity", "activations")
         self._check_format()
         self._check_automatic()
 
+    @property
+    def widths(self) -> set[int]:
+        """Every bit width a layer may get: --bits, the output layers', --layer-bits'."""
+        output_bits = set() if self.automatic.enabled else {self.weights.output_bits}
+        return {self.weights.bits, *output_bits, *self.automatic.layer_bits.values()}
+
     def _check_format(self) -> None:
         """Refuse what format ort cannot serve for any layer (single layers fall back, reported):
         onnxruntime's rules, in backends/kernels.py."""
         scheme = self.weights.scheme(self.weights.bits)
         check_format(self.output.format, self.output.ort_accuracy_level, self.activations.dtype.value,
-                     scheme.granularity, scheme.block_size, [self.weights.bits, *self.automatic.layer_bits.values()],
+                     scheme.granularity, scheme.block_size, sorted(self.widths),
                      self.automatic.auto_scheme)
 
     def _check_automatic(self) -> None:
@@ -416,9 +439,10 @@ class QuantizeConfig:
         if self.rounding.sequential:
             raise OptionError(f"{automatic_flags} measure each layer alone on the float model; "
                               "they do not combine with {sequential}", *names, "sequential")
-        if automatic.layer_bits:
-            raise OptionError(f"{{layer_bits}} sets bit widths by hand, {automatic_flags} "
-                              "choose them: give one or the other", "layer_bits", *names)
+        for option in ("layer_bits", "head_bits"):
+            if getattr(self.automatic if option == "layer_bits" else self.weights, option):
+                raise OptionError(f"{{{option}}} sets bit widths by hand, {automatic_flags} "
+                                  "choose them: give one or the other", option, *names)
         if self.rounding.dump_qubo is not None or self.rounding.load_solution is not None:
             raise OptionError(f"{{dump_qubo}}/{{load_solution}} exchange one scheme's QUBOs; {automatic_flags} "
                               "solve several", "dump_qubo", "load_solution", *names)

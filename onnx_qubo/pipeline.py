@@ -24,7 +24,7 @@ from .calibration import memory
 from .calibration.activations import input_quantizers
 from .calibration.data import Dataset
 from .calibration.statistics import LayerStatistics, collect_statistics
-from .config import QuantizeConfig
+from .config import HEAD_BITS, QuantizeConfig
 from .core import external
 from .core.errors import ModelError, OptionError
 from .core.grid import InputQuantizer
@@ -38,7 +38,7 @@ from .model import discovery
 from .model.groups import merge_groups, merge_reports, split_groups
 from .model.lowering import rewrite, run_passes
 from .passes import FoldConstantWeights, PrepareSubgraphs
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, output_layers
 from .rounding import exchange
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
     calibrated = calibrate(model, calibration, progress, config.automatic.exclude, config.activations.dtype,
                            config.activations.range, config.execution.max_memory_bytes, config.output.format,
                            config.rounding.levels)
-    plan = make_plan(config, calibrated.layers)
+    heads = discovery.output_layers(model, calibrated.layers)
+    plan = make_plan(config, calibrated.layers, heads)
     integers, reports = solve_all(calibrated, plan, progress, release=True)  # each layer solved once
     memory.return_freed_memory()  # the solves' arrays, before the rewrite's copies
     tables, skipped, notes = [], calibrated.skipped, []
@@ -94,6 +95,12 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
         reports, skipped = reports + [table.report() for table in tables], skipped + table_skips
         if not tables:
             notes.append("embeddings: no Gather reads rows of a constant float table that only it reads")
+    widened = [name for name in output_layers(config, calibrated.layers, heads)
+               if name not in config.automatic.layer_bits and config.weights.output_bits != config.weights.bits]
+    if widened:
+        why = "" if config.weights.head_bits is not None else f": the default below {HEAD_BITS} bits"
+        notes.append(f"output layer{'s' * (len(widened) > 1)} {', '.join(widened)} at {config.weights.output_bits} "
+                     f"bits (--head-bits{why})")
     if plan.sequential and not any(discovery.fed_by_earlier(model, calibrated.layers)):
         notes.append("sequential calibration changes nothing here: no quantized layer feeds another, so each was "
                      "calibrated once on the float model's inputs")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Collection
 
 import onnx
 
@@ -69,9 +70,13 @@ class Plan:
     accuracy_level: int
 
 
-def make_plan(config: QuantizeConfig, layers: list[DenseLayer]) -> Plan:
-    """Resolve ``config`` for each of ``layers`` (graph order)."""
-    layer_bits, rounding = config.automatic.layer_bits, config.rounding
+def make_plan(config: QuantizeConfig, layers: list[DenseLayer], heads: Collection[str] = ()) -> Plan:
+    """Resolve ``config`` for each of ``layers`` (graph order); ``heads``: the output layers
+    (discovery.output_layers), at ``--head-bits`` unless ``--layer-bits`` names them. The studies
+    and the automatic choice give none: they measure every layer at the widths they try."""
+    rounding = config.rounding
+    layer_bits = {**{name: config.weights.output_bits for name in output_layers(config, layers, heads)},
+                  **config.automatic.layer_bits}
     unknown = set(layer_bits) - {layer.owner for layer in layers}
     if unknown:
         raise OptionError(f"{{layer_bits}} names no quantized dense layer: {', '.join(sorted(unknown))} "
@@ -94,6 +99,14 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer]) -> Plan:
     return Plan(planned, config.activations.dtype, config.activations.range, rounding.sequential,
                 _path(rounding.dump_qubo), _path(rounding.load_solution), config.describe(), config.output.format,
                 config.output.ort_accuracy_level or 0)  # auto is resolved by api.quantize; the studies write nothing
+
+
+def output_layers(config: QuantizeConfig, layers: list[DenseLayer], heads: Collection[str]) -> list[str]:
+    """The output layers ``--head-bits`` applies to: ``heads``, unless the width is the default and
+    they are every layer (a one-layer model gets the ``--bits`` it was asked for)."""
+    if config.weights.head_bits is None and {layer.owner for layer in layers} <= set(heads):
+        return []
+    return list(heads)
 
 
 def _grids(config: QuantizeConfig, layer: DenseLayer, bits: int | None) -> tuple[Scheme, ...]:

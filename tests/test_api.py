@@ -40,12 +40,15 @@ def test_mlp_round_trip_matches_numpy_with_dequantized_weights(tmp_path, bits):
 
     written, weights = dequantized_weights(tmp_path / "q.onnx")
     inits = {i.name: numpy_helper.to_array(i) for i in written.graph.initializer}
-    expected_type = TensorProto.INT2 if bits <= 2 else TensorProto.INT4 if bits <= 4 else TensorProto.INT8
-    assert {i.data_type for i in written.graph.initializer if i.name.endswith("_quantized")} == {expected_type}
+    widths = {"W0": bits, "W1": max(bits, 4)}  # fc1 gives the output: 4 bits below 4 (--head-bits' default)
+    stored = {i.name: i.data_type for i in written.graph.initializer if i.name.endswith("_quantized")}
+    assert stored == {f"{name}_quantized": TensorProto.INT2 if width <= 2 else TensorProto.INT4 if width <= 4
+                      else TensorProto.INT8 for name, width in widths.items()}
     assert "W0" not in inits and "W1" not in inits
     for name in weights:
         q = inits[name + "_quantized"]
-        assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
+        assert q.min() >= -(2 ** (widths[name] - 1)) and q.max() <= 2 ** (widths[name] - 1) - 1
+    assert [layer.bits for layer in report.layers] == [bits, max(bits, 4)]
 
     hidden = np.maximum(x @ weights["W0"].T + inits["b0"], 0)
     np.testing.assert_allclose(ort_run(written, {"x": x}), hidden @ weights["W1"].T + inits["b1"], rtol=1e-4, atol=1e-4)

@@ -12,12 +12,13 @@ from onnx_qubo.core.errors import OptionError
 
 
 def test_json_round_trip_is_byte_stable():
-    config = QuantizeConfig.from_flat(bits=4, granularity=PerBlock(32), symmetric=False, solver="neal",
+    config = QuantizeConfig.from_flat(bits=4, head_bits=8, granularity=PerBlock(32), symmetric=False, solver="neal",
                                       neal_reads=3, exclude=("fc0",), layer_bits={"fc1": 8}, max_memory=2.5)
     text = config.to_json()
     again = QuantizeConfig.from_json(text)
     assert again == config and again.to_json() == text
-    assert json.loads(text)["weights"] == {"bits": 4, "granularity": {"block": 32}, "symmetric": False}
+    assert json.loads(text)["weights"] == {"bits": 4, "granularity": {"block": 32}, "symmetric": False,
+                                               "head_bits": 8}
     assert list(json.loads(text)) == ["weights", "rounding", "activations", "output", "execution", "automatic"]
     assert QuantizeConfig.from_json('{"weights": {"granularity": "tensor"}}').weights.granularity == PerTensor()
 

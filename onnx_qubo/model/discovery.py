@@ -99,3 +99,41 @@ def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[boo
         node = readers.get(layer.weight_name)
         earlier.update(node.output if node is not None else ())
     return fed
+
+
+# ops whose first input reaches their output value by value (shape steps, element-wise functions):
+# a layer seen through them still is what the model outputs; their other inputs are shapes or axes
+VALUE_STEPS = {"Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Softmax",
+               "LogSoftmax", "Sigmoid", "Tanh", "Relu", "Clip"}
+CONSTANT_OPERAND_STEPS = {"Add", "Sub", "Mul", "Div"}  # the same with a constant other operand (a bias, a scale)
+
+
+def output_layers(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[str]:
+    """The layers (owner names) whose output is a main-graph output up to ``VALUE_STEPS`` and
+    constant ``CONSTANT_OPERAND_STEPS``: a language model's head, a classifier's last layer. A
+    residual Add mixes two computed values and stops the walk, so a transformer's last block is
+    not one."""
+    graph = model.graph
+    owners = {layer.owner for layer in layers}
+    names = node_names(graph)
+    producers = {out: k for k, node in enumerate(graph.node) for out in node.output}
+    constants = {init.name for init in graph.initializer} | {
+        node.output[0] for node in graph.node if node.op_type == "Constant" and node.output}
+    found: list[str] = []
+    for output in graph.output:
+        tensor = output.name
+        while (k := producers.get(tensor)) is not None:
+            node = graph.node[k]
+            if names[k] in owners:
+                found += [names[k]] if names[k] not in found else []
+                break
+            computed = [name for name in node.input if name and name not in constants]
+            if node.domain not in ("", "ai.onnx"):
+                break
+            if node.op_type in VALUE_STEPS and node.input and node.input[0] in computed:
+                tensor = node.input[0]
+            elif node.op_type in CONSTANT_OPERAND_STEPS and len(computed) == 1:
+                tensor = computed[0]
+            else:
+                break
+    return found
