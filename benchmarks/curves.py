@@ -12,7 +12,8 @@ method through its Pareto front, every point marked). Each point is cached as JS
 (default /tmp/curves/<model>); a cached point is not redone unless --redo.
 
 Points: onnx-qubo `--format qdq` (portable INT2/INT4 initializers: their true size) at 2, 3, 4 bits,
-per channel and blocks of 32 and 128, default flags (the grid chosen per layer); MatMulNBitsQuantizer RTN
+per channel and blocks of 32 and 128, default flags (the grid chosen per layer, the output layer at 4
+bits below 4), and at 2 and 3 bits with `--head-bits` equal to the width (every layer at it); MatMulNBitsQuantizer RTN
 (DefaultWeightOnlyQuantConfig, symmetric and not) and HQQ at 2, 4, 8 bits with blocks of 32 and
 128; GPTQ (4 bits only in onnxruntime 1.32) with blocks of 32 and 128. Bits per weight are counted
 from the written model's initializers: for each DequantizeLinear of an integer initializer (onnx-qubo)
@@ -61,6 +62,7 @@ class Point:
     bits: int
     block: int | None  # None: one scale per output channel
     symmetric: bool | None  # None: onnx-qubo's default, the grid chosen per layer
+    head_bits: int | None = None  # onnx-qubo's --head-bits (None: its default, 4 below 4 bits)
 
     @property
     def grid(self) -> str:
@@ -69,11 +71,13 @@ class Point:
     @property
     def tag(self) -> str:
         grid = "auto" if self.symmetric is None else "sym" if self.symmetric else "asym"
-        return f"{self.method.replace(' ', '-').lower()}_b{self.bits}_{f'blk{self.block}' if self.block else 'channel'}_{grid}"
+        head = "" if self.head_bits is None else f"_head{self.head_bits}"
+        return f"{self.method.replace(' ', '-').lower()}_b{self.bits}_{f'blk{self.block}' if self.block else 'channel'}_{grid}{head}"
 
     @property
     def label(self) -> str:
-        return f"{self.bits} bits, {f'blocks of {self.block}' if self.block else 'per channel'}, {self.grid}"
+        head = "" if self.head_bits is None else f", --head-bits {self.head_bits}"
+        return f"{self.bits} bits, {f'blocks of {self.block}' if self.block else 'per channel'}, {self.grid}{head}"
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Task:
 
 def points() -> list[Point]:
     out = [Point("onnx-qubo", b, blk, None) for b in (2, 3, 4) for blk in (None, 32, 128)]
+    out += [Point("onnx-qubo", b, blk, None, b) for b in (2, 3) for blk in (None, 32, 128)]  # the head at b too
     out += [Point("ORT RTN", b, blk, sym) for b in (2, 4, 8) for blk in (32, 128) for sym in (True, False)]
     out += [Point("ORT HQQ", b, blk, False) for b in (2, 4, 8) for blk in (32, 128)]
     out += [Point("ORT GPTQ", 4, blk, sym) for blk in (32, 128) for sym in (True, False)]
@@ -165,6 +170,7 @@ def run_qubo(t: Task, p: Point, out: Path) -> str:
                "--format", "qdq", "--calib", str(t.calib), "--eval", str(t.evaluation), "--no-speed", "--quiet"]
     command += ["--granularity", "block", "--block-size", str(p.block)] if p.block else ["--granularity", "channel"]
     command += [] if p.symmetric is None else ["--symmetric"] if p.symmetric else ["--asymmetric"]
+    command += [] if p.head_bits is None else ["--head-bits", str(p.head_bits)]
     for layer in t.exclude:
         command += ["--exclude", layer]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

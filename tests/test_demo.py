@@ -23,9 +23,13 @@ def test_demo_2_bit_weights_feed_dequantize_linear(default_int2):
     types = {i.name: i.data_type for i in model.graph.initializer}
     dequantize = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
     assert set(dequantize) == {f"fc{k}.weight_quantized" for k in (1, 2, 3)}
+    unsigned = (TensorProto.UINT2, TensorProto.UINT4)
     for name, node in dequantize.items():  # each layer's grid: zero points only on the unsigned one
-        assert types[name] in (TensorProto.INT2, TensorProto.UINT2)
-        assert (len(node.input) == 3) == (types[name] == TensorProto.UINT2)
+        # fc3 gives the logits: the output layer, at 4 bits below 4 (--head-bits' default)
+        widths = (TensorProto.INT4, TensorProto.UINT4) if name.startswith("fc3") else (TensorProto.INT2,
+                                                                                         TensorProto.UINT2)
+        assert types[name] in widths
+        assert (len(node.input) == 3) == (types[name] in unsigned)
     assert not [i for i in model.graph.initializer if i.name.endswith(".weight")]
 
 
@@ -39,8 +43,9 @@ def test_demo_int2_default_configuration_is_close_to_float(default_int2):
 
 @pytest.mark.slow
 def test_demo_qubo_rounding_rescues_max_abs_scales(tmp_path):
-    rtn = runs.quantize(MODEL, tmp_path / "rtn.onnx", bits=2, scale="minmax", symmetric=True, solver="rtn")
-    fast = runs.quantize(MODEL, tmp_path / "fast.onnx", bits=2, scale="minmax", symmetric=True, solver="fast")
+    every_layer = dict(bits=2, head_bits=2, scale="minmax", symmetric=True)  # the paper's setting
+    rtn = runs.quantize(MODEL, tmp_path / "rtn.onnx", solver="rtn", **every_layer)
+    fast = runs.quantize(MODEL, tmp_path / "fast.onnx", solver="fast", **every_layer)
     assert fast.evaluation.quantized_accuracy - rtn.evaluation.quantized_accuracy >= 0.30
 
 

@@ -161,7 +161,7 @@ def test_levels_lower_the_cost_of_a_two_bit_mlp(tmp_path):
     model = mlp_model(widths=(24, 32, 8))
     x = np.random.default_rng(0).standard_normal((256, 24)).astype(np.float32)
     costs = {levels: sum(layer.cost_solved for layer in quantize(
-        model, tmp_path / f"q{levels}.onnx", bits=2, levels=levels, calibration={"x": x}).layers)
+        model, tmp_path / f"q{levels}.onnx", bits=2, head_bits=2, levels=levels, calibration={"x": x}).layers)
         for levels in (2, 4)}
     assert costs[4] < costs[2]
     onnx.checker.check_model(onnx.load(tmp_path / "q4.onnx"), full_check=True)

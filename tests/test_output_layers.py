@@ -38,6 +38,25 @@ def _block_with_head(residual: bool) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _written_out_softmax(shared_input: bool) -> onnx.ModelProto:
+    """x [B, 8] -> head (MatMul) -> z - max(z) -> exp -> e / sum(e) broadcast to e's shape (as jax2tf
+    writes a softmax); with ``shared_input`` the max is taken of x instead: a second input mixed in."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "H"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    nodes = [helper.make_node("MatMul", ["x", "H"], ["z"], name="head"),
+             helper.make_node("ReduceMax", ["x" if shared_input else "z"], ["m"], axes=[1], keepdims=1),
+             helper.make_node("Sub", ["z", "m"], ["s"]),
+             helper.make_node("Exp", ["s"], ["e"]),
+             helper.make_node("ReduceSum", ["e", "axes"], ["t"], keepdims=1),
+             helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Expand", ["t", "shape"], ["u"]),
+             helper.make_node("Div", ["e", "u"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def _outputs(model: onnx.ModelProto) -> list[str]:
     return output_layers(model, find_dense_layers(model)[0])
 
@@ -49,6 +68,11 @@ def test_the_head_is_found_through_its_bias_and_shape_and_element_wise_steps():
 
 def test_a_residual_add_is_not_a_step_through_which_a_layer_is_the_output():
     assert _outputs(_block_with_head(residual=True)) == []
+
+
+def test_a_softmax_written_out_is_a_step_but_not_one_that_mixes_in_another_input():
+    assert _outputs(_written_out_softmax(shared_input=False)) == ["head"]
+    assert _outputs(_written_out_softmax(shared_input=True)) == []
 
 
 def _bits(config: QuantizeConfig, model: onnx.ModelProto) -> dict[str, int]:

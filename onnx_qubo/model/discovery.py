@@ -104,18 +104,22 @@ def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[boo
 # ops whose first input reaches their output value by value (shape steps, element-wise functions):
 # a layer seen through them still is what the model outputs; their other inputs are shapes or axes
 VALUE_STEPS = {"Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Softmax",
-               "LogSoftmax", "Sigmoid", "Tanh", "Relu", "Clip"}
-CONSTANT_OPERAND_STEPS = {"Add", "Sub", "Mul", "Div"}  # the same with a constant other operand (a bias, a scale)
+               "LogSoftmax", "Sigmoid", "Tanh", "Relu", "Clip", "Exp", "Log", "Neg"}
+# the same with a constant other operand (a bias, a scale), or one computed from the first alone (a softmax
+# written out: x - max(x), exp, / sum, as jax2tf and tf2onnx export it)
+OPERAND_STEPS = {"Add", "Sub", "Mul", "Div"}
+OWN_STEPS = 16  # the most nodes followed to see that an operand is computed from the other alone
 
 
 def output_layers(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[str]:
     """The layers (owner names) whose output is a main-graph output up to ``VALUE_STEPS`` and
-    constant ``CONSTANT_OPERAND_STEPS``: a language model's head, a classifier's last layer. A
-    residual Add mixes two computed values and stops the walk, so a transformer's last block is
-    not one."""
+    ``OPERAND_STEPS`` whose other operand is constant or computed from the first alone: a language
+    model's head, a classifier's last layer (its softmax written out included). A residual Add,
+    whose branch layers compute, stops the walk: a transformer's last block is not one."""
     graph = model.graph
     owners = {layer.owner for layer in layers}
     names = node_names(graph)
+    layer_nodes = {k for k, name in enumerate(names) if name in owners}
     producers = {out: k for k, node in enumerate(graph.node) for out in node.output}
     constants = {init.name for init in graph.initializer} | {
         node.output[0] for node in graph.node if node.op_type == "Constant" and node.output}
@@ -124,7 +128,7 @@ def output_layers(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[str]
         tensor = output.name
         while (k := producers.get(tensor)) is not None:
             node = graph.node[k]
-            if names[k] in owners:
+            if k in layer_nodes:
                 found += [names[k]] if names[k] not in found else []
                 break
             computed = [name for name in node.input if name and name not in constants]
@@ -132,8 +136,31 @@ def output_layers(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[str]
                 break
             if node.op_type in VALUE_STEPS and node.input and node.input[0] in computed:
                 tensor = node.input[0]
-            elif node.op_type in CONSTANT_OPERAND_STEPS and len(computed) == 1:
+            elif node.op_type in OPERAND_STEPS and len(computed) == 1:
                 tensor = computed[0]
+            elif node.op_type in OPERAND_STEPS and len(computed) == 2 and (own := [
+                    x for x, other in zip(computed, computed[::-1])
+                    if _computed_from(graph, producers, constants, layer_nodes, other, x)]):
+                tensor = own[0]
             else:
                 break
     return found
+
+
+def _computed_from(graph: onnx.GraphProto, producers: dict[str, int], constants: set[str], layer_nodes: set[int],
+                   tensor: str, source: str) -> bool:
+    """Whether ``tensor`` is computed from ``source`` and constants alone (within ``OWN_STEPS`` nodes),
+    through no layer's node (``layer_nodes``: a residual branch is computed from its input by layers);
+    a Shape or Size reads no values: a broadcast to the input's shape is a constant here."""
+    stack, seen = [tensor], set()
+    while stack:
+        name = stack.pop()
+        if name == source or name in constants or name in seen:
+            continue
+        seen.add(name)
+        k = producers.get(name)
+        if k is None or len(seen) > OWN_STEPS or k in layer_nodes:
+            return False
+        if graph.node[k].op_type not in ("Shape", "Size"):
+            stack += [x for x in graph.node[k].input if x]
+    return True
