@@ -38,7 +38,7 @@ from .model import discovery
 from .model.groups import merge_groups, merge_reports, split_groups
 from .model.lowering import rewrite, run_passes
 from .passes import FoldConstantWeights, PrepareSubgraphs
-from .plan import Plan, make_plan, output_layers
+from .plan import Plan, layers_at_head_bits, make_plan
 from .rounding import exchange
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
         reports, skipped = reports + [table.report() for table in tables], skipped + table_skips
         if not tables:
             notes.append("embeddings: no Gather reads rows of a constant float table that only it reads")
-    widened = [name for name in output_layers(config, calibrated.layers, heads)
+    widened = [name for name in layers_at_head_bits(config, calibrated.layers, heads)
                if name not in config.automatic.layer_bits and config.weights.output_bits != config.weights.bits]
     if widened:
         why = "" if config.weights.head_bits is not None else f": the default below {HEAD_BITS} bits"

@@ -75,7 +75,7 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer], heads: Collectio
     (discovery.output_layers), at ``--head-bits`` unless ``--layer-bits`` names them. The studies
     and the automatic choice give none: they measure every layer at the widths they try."""
     rounding = config.rounding
-    layer_bits = {**{name: config.weights.output_bits for name in output_layers(config, layers, heads)},
+    layer_bits = {**{name: config.weights.output_bits for name in layers_at_head_bits(config, layers, heads)},
                   **config.automatic.layer_bits}
     unknown = set(layer_bits) - {layer.owner for layer in layers}
     if unknown:
@@ -101,7 +101,7 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer], heads: Collectio
                 config.output.ort_accuracy_level or 0)  # auto is resolved by api.quantize; the studies write nothing
 
 
-def output_layers(config: QuantizeConfig, layers: list[DenseLayer], heads: Collection[str]) -> list[str]:
+def layers_at_head_bits(config: QuantizeConfig, layers: list[DenseLayer], heads: Collection[str]) -> list[str]:
     """The output layers ``--head-bits`` applies to: ``heads``, unless the width is the default and
     they are every layer (a one-layer model gets the ``--bits`` it was asked for)."""
     if config.weights.head_bits is None and {layer.owner for layer in layers} <= set(heads):
