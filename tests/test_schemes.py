@@ -127,10 +127,7 @@ def test_sequential_bias_correction_cost_is_the_whole_model_error_after_correcti
 def test_scale_search_on_the_solved_cost_never_costs_more_than_mse(granularity, tmp_path):
     model = mlp_model(widths=(12, 10, 6))
     x = np.random.default_rng(1).standard_normal((300, 12)).astype(np.float32)
-    # every layer at 2 bits: the setting it holds for (at 4 bits, this model's fc1 with blocks of 4 gets
-    # re-ranked scales whose final cost is 4e-4 above mse's: the final solve can beat the presolve)
-    every_layer = dict(bits=2, head_bits=2, calibration={"x": x}, **granularity)
-    mse = quantize(model, tmp_path / "m.onnx", **every_layer)
-    qubo = quantize(model, tmp_path / "q.onnx", scale="qubo", **every_layer)
-    for a, b in zip(qubo.layers, mse.layers):
-        assert a.cost_solved <= b.cost_solved * (1 + 1e-9)
+    mse = quantize(model, tmp_path / "m.onnx", bits=2, calibration={"x": x}, **granularity)  # fc1 at 4 bits
+    qubo = quantize(model, tmp_path / "q.onnx", bits=2, calibration={"x": x}, scale="qubo", **granularity)
+    for a, b in zip(qubo.layers, mse.layers):  # the cost as written: both layers have a bias, so corrected
+        assert a.cost_bias_corrected is not None and a.final_cost <= b.final_cost * (1 + 1e-9)
