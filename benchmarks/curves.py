@@ -124,9 +124,25 @@ def task(name: str, work: Path, n_calib: int, n_eval: int) -> Task:
     prep = spec.prepare(spec, target, n_calib, n_eval, work)
     np.savez(work / "calib.npz", **prep.calib)
     np.savez(work / "eval.npz", **prep.evaluation)
-    return Task(name, prep.path, work / "calib.npz", work / "eval.npz", real_models.not_matmul_layers(prep.path),
+    return Task(name, prep.path, work / "calib.npz", work / "eval.npz", not_ort_layers(prep.path),
                 f"`{spec.package}=={spec.version}` {spec.member} ({spec.task}); inputs from benchmarks/real_models.py: "
                 + "; ".join(prep.notes), prep)
+
+
+def not_ort_layers(model: Path) -> list[str]:
+    """onnx-qubo's layers that MatMulNBitsQuantizer does not get from ``ort_input``: all but MatMul
+    and the Gemm it rewrites as MatMul + Add (these are left in float on both sides)."""
+    from onnx_qubo.graph.files import load_model
+    from onnx_qubo.graph.subgraphs import node_names
+    from onnx_qubo.model.discovery import find_dense_layers
+    from onnx_qubo.pipeline import prepare
+
+    prepared = prepare(load_model(model))
+    outputs = dict(zip(node_names(prepared.graph), (n.output[0] for n in prepared.graph.node)))
+    kept_gemms = {n.output[0] for n in ort_input(model).graph.node if n.op_type == "Gemm"}
+    layers, _ = find_dense_layers(prepared)
+    return [layer.name for layer in layers if layer.op_type != "MatMul" and not (
+        layer.op_type == "Gemm" and outputs.get(layer.name) not in kept_gemms | {None})]
 
 
 def ort_input(model: Path) -> onnx.ModelProto:
