@@ -359,8 +359,8 @@ def ours_command(python: str, src: Path, out: Path, cell: Cell, calib: Path, eva
     form = {"acc0": ["--format", "ort", "--ort-accuracy-level", "0"], "qdq": ["--format", "qdq", "--embeddings"]}.get(
         cell.variant, ["--format", "ort", "--ort-accuracy-level", "4", "--embeddings"])
     return [python, "-m", "onnx_qubo", "quantize", str(src / "model.onnx"), str(out / "model.onnx"),
-            "--bits", str(cell.bits), "--granularity", "block", "--block-size", str(cell.block), *form, "--calib", str(calib), "--eval", str(evaluation), "--no-speed", "--report", str(report),
-            *extra.split()]
+            "--bits", str(cell.bits), "--granularity", "block", "--block-size", str(cell.block), *form,
+            "--calib", str(calib), "--eval", str(evaluation), "--no-speed", "--report", str(report), *extra.split()]
 
 
 def summary_of_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -624,20 +624,19 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
     dequantized = {n.input[0]: {x for x in n.input[1:] if x} for n in graph.node  # codes -> their scale, zero point
                    if n.op_type == "DequantizeLinear" and n.input[0] in sizes}
 
-    def root(name: str) -> str:
-        while name not in sizes and name in source:
-            name = source[name]
-        return name
-
     transposes = {n.output[0] for n in graph.node if n.op_type == "Transpose"}
 
-    def transposed(name: str) -> bool:
-        """Whether ``name`` reads its initializer through a Transpose (the torch export's tied head)."""
+    def traced(name: str) -> tuple[str, bool]:
+        """The initializer ``name`` reads, and whether through an odd number of Transposes (the torch
+        export's tied head)."""
         flips = False
         while name not in sizes and name in source:
             flips ^= name in transposes
             name = source[name]
-        return flips
+        return name, flips
+
+    def root(name: str) -> str:
+        return traced(name)[0]
 
     groups: dict[str, dict[str, float]] = {g: {"weights": 0, "bytes": 0} for g in ("blocks", "lm_head", "embedding")}
     head_inits: set[str] = set()
@@ -649,9 +648,10 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
             inits = {root(x) for x in node.input[1:] if x and root(x) in sizes}
             weights, width = attrs["K"] * attrs["N"], attrs["N"]
         elif node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and root(node.input[1]) in sizes:
-            inits = {root(node.input[1]), *dequantized.get(root(node.input[1]), ())}
-            stored = dims[root(node.input[1])]  # [K, N], or [N, K] for Gemm with transB or behind a Transpose
-            weights, width = math.prod(stored), stored[0] if bool(attrs.get("transB")) ^ transposed(node.input[1]) else stored[-1]
+            weight, flipped = traced(node.input[1])
+            inits = {weight, *dequantized.get(weight, ())}
+            stored = dims[weight]  # [K, N], or [N, K] for Gemm with transB or behind a Transpose
+            weights, width = math.prod(stored), stored[0] if bool(attrs.get("transB")) ^ flipped else stored[-1]
         elif node.op_type in ("Gather", "GatherBlockQuantized") and root(node.input[0]) in sizes:
             tables.append(node)  # after the head: it may read the head's initializers
             continue

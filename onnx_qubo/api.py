@@ -235,11 +235,10 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
         if not given:
             raise OptionError(f"{{{option}}} names none: give at least one to compare", option)
     samples = check_integer(samples, "samples", minimum=0)
-    narrowest = min(bits, default=8)
-    scheme = QuantizeConfig.from_flat(bits=narrowest, head_bits=narrowest, granularity=granularity,
-                                      block_size=block_size, symmetric=symmetric, bias=bias,
-                                      bias_correction=bias_correction, activations=activations,
-                                      activation_range=activation_range, sequential=sequential)
+    scheme = QuantizeConfig.from_flat(bits=min(bits, default=8), granularity=granularity, block_size=block_size,
+                                      symmetric=symmetric, bias=bias, bias_correction=bias_correction,
+                                      activations=activations, activation_range=activation_range,
+                                      sequential=sequential)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
@@ -260,8 +259,8 @@ def sensitivity(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any 
     layer quantized (the integers ``quantize`` would write with these options), run in
     onnxruntime on the evaluation data (the calibration data if none). Costs one solve of
     every layer and one onnxruntime run of the data per layer; nothing is written."""
-    options = QuantizeConfig.from_flat(bits=bits, head_bits=bits, scale=scale, solver=solver, seed=seed,
-                                       granularity=granularity, block_size=block_size, symmetric=symmetric, bias=bias,
+    options = QuantizeConfig.from_flat(bits=bits, scale=scale, solver=solver, seed=seed, granularity=granularity,
+                                       block_size=block_size, symmetric=symmetric, bias=bias,
                                        bias_correction=bias_correction, activations=activations,
                                        activation_range=activation_range, exclude=tuple(exclude))
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)

@@ -116,8 +116,7 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
         for scale in scales:
             for solver in solvers:
                 start = time.perf_counter()
-                options = scheme.updated(bits=bits, head_bits=bits, scale=scale, solver=solver, seed=seed,
-                                         lower_bound=False)
+                options = scheme.updated(bits=bits, scale=scale, solver=solver, seed=seed, lower_bound=False)
                 solved = list(solve_layers(calibrated, make_plan(options, calibrated.layers), progress))
                 model = rewrite(calibrated.model, merge_groups([s.quantized() for s in solved])).model
                 accuracy = score(model)
