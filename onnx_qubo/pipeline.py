@@ -6,7 +6,9 @@
           --rewrite (raise opset, lower each layer, check)--> quantized model
 
 With ``sequential``, each layer's statistics are gathered again from the model whose earlier
-layers are already quantized (their inputs as deployed), against the float model's.
+layers are already quantized (their inputs as deployed), against the float model's: in one pass
+for the layers reading one input (a Conv's groups, q/k/v), again only once a layer it depends on
+has been quantized since.
 """
 
 from __future__ import annotations
@@ -195,16 +197,28 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress, release
     frees each QUBO); ``release``: free each input view's statistics after its last layer (for a
     caller that solves each layer once)."""
     deployed = None  # with ``sequential``: the model with the layers solved so far quantized
+    unapplied: list[QuantizedLayer] = []  # solved, complete, not yet in ``deployed`` (rewritten when needed)
     pending = []  # the groups of a grouped Conv solved so far: deployed once the Conv is complete
     layers = [p.layer for p in plan.layers]
-    fed = discovery.fed_by_earlier(calibrated.model, layers) if plan.sequential else [False] * len(layers)
+    feeders = discovery.latest_feeders(calibrated.model, layers) if plan.sequential else [-1] * len(layers)
     last_use = {layer.statistics_key: k for k, layer in enumerate(layers)}
+    fresh: Mapping[str, InputStatistics] = {}  # one input's statistics, gathered at step ``fresh_from``
+    fresh_from = -1
     for k, layer_plan in enumerate(plan.layers):
         key = layer_plan.layer.statistics_key
         statistics = calibrated.statistics[key]
-        if deployed is not None and fed[k]:  # earlier quantized layers change what this one sees
-            statistics = collect_statistics(calibrated.model, [layer_plan.layer], calibrated.dataset, progress,
-                                            deployed, calibrated.quantizers)[key]
+        if feeders[k] >= 0 and (key not in fresh or feeders[k] >= fresh_from):  # earlier layers change its input
+            if unapplied:
+                deployed = rewrite(calibrated.model if deployed is None else deployed, unapplied).model
+                unapplied = []
+            fresh = {}  # held by nothing during the pass
+            if deployed is not None:  # the layers reading the same input (a Conv's groups, q/k/v): one pass
+                view = [p.layer for p in plan.layers[k:] if p.layer.source_key == layer_plan.layer.source_key]
+                fresh = collect_statistics(calibrated.model, view, calibrated.dataset, progress, deployed,
+                                           calibrated.quantizers)
+                fresh_from = k
+        if feeders[k] >= 0 and key in fresh:
+            statistics = fresh[key]
         work = prepare_layer(layer_plan, statistics, calibrated.quantizers.get(layer_plan.layer.input_name))
         if plan.dump_dir is not None:
             exchange.write_problem(plan.dump_dir, layer_plan.stem, work.problem)
@@ -217,8 +231,8 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress, release
         pending.append(solved.quantized())
         layer = layer_plan.layer
         complete = layer.group is None or layer.group + 1 == layer.view.problems
-        if plan.sequential and k + 1 < len(plan.layers) and complete:
-            deployed = rewrite(calibrated.model if deployed is None else deployed, merge_groups(pending)).model
+        if plan.sequential and complete:
+            unapplied += merge_groups(pending)
         if complete:
             pending = []
         if release and last_use[key] == k and isinstance(calibrated.statistics, LayerStatistics):

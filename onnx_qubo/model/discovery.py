@@ -66,8 +66,15 @@ def _visit(graph: onnx.GraphProto, prefix: str, index: GraphIndex, layers: list[
 
 def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[bool]:
     """For each layer (graph order), whether its input depends on an earlier layer's output: only
-    then can quantizing the earlier ones (``sequential``) change what it sees. Across bodies, a
-    node holding a body depends on everything inside it, and a body's inputs on its holder."""
+    then can quantizing the earlier ones (``sequential``) change what it sees."""
+    return [feeder >= 0 for feeder in latest_feeders(model, layers)]
+
+
+def latest_feeders(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[int]:
+    """For each layer (graph order), the index of the last earlier layer whose output its input
+    depends on (-1: none). Statistics gathered once that layer is quantized stay the layer's
+    whatever is quantized after it. Across bodies, a node holding a body depends on everything
+    inside it, and a body's inputs on its holder."""
     graphs = all_graphs(model.graph)
     producers: dict[str, onnx.NodeProto] = {}
     inner: dict[int, list[str]] = {}  # id(holder) -> every name its bodies read or write
@@ -80,10 +87,10 @@ def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[boo
                 producers.update((v.name, node) for v in body.input)
                 inner.setdefault(id(node), []).extend(
                     name for g in all_graphs(body) for n in g.node for name in [*n.input, *n.output] if name)
-    earlier: set[str] = set()
-    fed = []
+    earlier: dict[str, int] = {}  # an earlier layer's output -> the index of the last layer writing it
+    feeders = []
     ancestors: dict[tuple[str, ...], set[str]] = {}  # per input tensors (the groups of a Conv share them)
-    for layer in layers:
+    for k, layer in enumerate(layers):
         if layer.input_tensors not in ancestors:
             seen, stack = set(), list(layer.input_tensors)  # a recurrent node's: X, Y, initial_h...
             while stack:
@@ -95,10 +102,10 @@ def fed_by_earlier(model: onnx.ModelProto, layers: list[DenseLayer]) -> list[boo
                 if node is not None:
                     stack.extend(name for name in [*node.input, *inner.get(id(node), [])] if name)
             ancestors[layer.input_tensors] = seen
-        fed.append(bool(ancestors[layer.input_tensors] & earlier))
+        feeders.append(max((earlier[name] for name in ancestors[layer.input_tensors] if name in earlier), default=-1))
         node = readers.get(layer.weight_name)
-        earlier.update(node.output if node is not None else ())
-    return fed
+        earlier.update((name, k) for name in (node.output if node is not None else ()))
+    return feeders
 
 
 # ops whose first input reaches their output value by value (shape steps, element-wise functions):

@@ -1,0 +1,69 @@
+"""``--sequential`` gathers each input's statistics once per change that can reach it: the groups of
+a depthwise Conv and the layers reading one input (q and k) share one pass over the calibration data,
+and the written model is the same bytes as when every layer is gathered again on its own."""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from runs import quantize
+
+from onnx_qubo import pipeline
+from onnx_qubo.model import discovery
+from onnx_qubo.model.discovery import find_dense_layers, latest_feeders
+
+
+def separable_model() -> onnx.ModelProto:
+    """Conv -> depthwise Conv (8 groups) -> 1x1 Conv -> q and k on one input -> q*k -> o."""
+    rng = np.random.default_rng(0)
+    weights = {"W1": rng.standard_normal((8, 3, 3, 3)) / 3, "W2": rng.standard_normal((8, 1, 3, 3)) / 2,
+               "B2": rng.standard_normal(8), "W3": rng.standard_normal((6, 8, 1, 1)) / 2,
+               "Wq": rng.standard_normal((6, 5)), "Wk": rng.standard_normal((6, 5)), "Wo": rng.standard_normal((10, 4))}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    inits.append(numpy_helper.from_array(np.array([-1, 10], np.int64), "shape"))
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["h1"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2", "B2"], ["h2"], name="dw", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "W3"], ["h3"], name="pw"),
+             helper.make_node("Transpose", ["h3"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["t", "Wq"], ["q"], name="q"),
+             helper.make_node("MatMul", ["t", "Wk"], ["k"], name="k"),
+             helper.make_node("Mul", ["q", "k"], ["qk"]),
+             helper.make_node("Reshape", ["qk", "shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "Wo"], ["y"], name="o")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, 4, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+X = np.random.default_rng(1).standard_normal((16, 3, 4, 2)).astype(np.float32)
+
+
+def test_latest_feeders_name_the_last_layer_each_input_depends_on():
+    layers, _ = find_dense_layers(separable_model())
+    assert [layer.name for layer in layers] == ["c1", "dw", "pw", "q", "k", "o"]
+    assert latest_feeders(separable_model(), layers) == [-1, 0, 1, 2, 2, 4]  # k does not depend on q
+
+
+def test_one_pass_per_input_and_the_same_bytes_as_a_pass_per_layer(tmp_path, monkeypatch):
+    passes = []
+    collect = pipeline.collect_statistics
+
+    def counted(model, layers, *args, **kwargs):
+        passes.append([layer.statistics_key for layer in layers])
+        return collect(model, layers, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "collect_statistics", counted)
+    options = dict(calibration={"x": X}, bits=2, sequential=True, bias_correction=True, speed=False)
+    shared = quantize(separable_model(), tmp_path / "shared.onnx", **options)
+    assert len(passes) == 4  # dw's 8 groups, pw, q and k, o
+    assert len(passes[0]) == 8 and len(passes[2]) == 2
+
+    passes.clear()  # every layer fed by the one before it: each gathered again, as before sharing
+    monkeypatch.setattr(discovery, "latest_feeders", lambda model, layers: [k - 1 for k in range(len(layers))])
+    alone = quantize(separable_model(), tmp_path / "alone.onnx", **options)
+    assert len(passes) == 12  # every layer but the first, each of dw's groups on its own
+    assert (tmp_path / "shared.onnx").read_bytes() == (tmp_path / "alone.onnx").read_bytes()
+    assert [r.cost_solved for r in shared.layers] == [r.cost_solved for r in alone.layers]
