@@ -53,7 +53,10 @@ CONFIGS = {
     "qubo-b8": "onnx-qubo 8 bits per channel",
     "qubo-b4": "onnx-qubo 4 bits per channel",
     "qubo-b2": "onnx-qubo 2 bits per channel",
-    "qubo-b4-blk32": "onnx-qubo 4 bits, blocks of 32, default flags (grid per layer, bias corrected where a layer has one)",
+    "qubo-b4-blk32": "onnx-qubo 4 bits, blocks of 32, default flags (grid per layer, bias corrected where a layer has one, "
+                     "sequential where a Conv layer is fed by another)",
+    "qubo-b4-blk32-noseq": "onnx-qubo 4 bits, blocks of 32, --no-sequential (the default before 2026-12-05 11:00)",
+    "qubo-b3-blk32-noseq": "onnx-qubo 3 bits, blocks of 32, --no-sequential (the default before 2026-12-05 11:00)",
     "qubo-b8-emb": "onnx-qubo 8 bits per channel, embedding tables per row (--embeddings)",
     "qubo-b4-emb": "onnx-qubo 4 bits per channel, embedding tables per row (--embeddings)",
     "qubo-b4-blk32-bc": "onnx-qubo 4 bits, blocks of 32, --bias-correction",
@@ -75,6 +78,7 @@ CONFIGS = {
     "qubo-b3-blk32-rot-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --levels 3",
     "qubo-b3-blk32-seq": "onnx-qubo 3 bits, blocks of 32, --sequential (each layer calibrated on the quantized layers "
                          "before it)",
+    "qubo-b4-blk32-seq": "onnx-qubo 4 bits, blocks of 32, --sequential",
     "ort-rtn-b4-blk32": "MatMulNBitsQuantizer RTN (DefaultWeightOnlyQuantConfig) 4 bits, block 32",
     "ort-hqq-b4-blk32": "MatMulNBitsQuantizer HQQ 4 bits, block 32",
     "ort-gptq-b4-blk32": "MatMulNBitsQuantizer GPTQ 4 bits, block 32",
@@ -843,8 +847,8 @@ def worker(args) -> int:
                 kw["rotate"] = "hadamard"
             if "lv3" in options:
                 kw["levels"] = 3
-            if "seq" in options:
-                kw["sequential"] = True
+            if "seq" in options or "noseq" in options:
+                kw["sequential"] = "noseq" not in options
             if "budget" in cfg:
                 kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
             if cfg.endswith("-ortlayers"):

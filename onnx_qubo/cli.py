@@ -126,7 +126,7 @@ def config_option(name: str, default: object = None):
     default = option.default if default is None else default
     kind: dict[str, Any] = {"help": option.help, "metavar": METAVARS.get(name)}
     flags = (option.flag, name)
-    if name in ("symmetric", "bias_correction"):  # unset (None): decided per layer, as the help says
+    if name in ("symmetric", "bias_correction", "sequential"):  # unset (None): decided per layer or model
         return click.option(*flags, default=None, **kind)
     if name == "granularity":
         return click.option(*flags, type=choices(Granularity), default=Granularity.CHANNEL.value,

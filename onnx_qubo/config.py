@@ -212,8 +212,10 @@ class RoundingConfig(_Section):
               "where the bias cannot take it). Unset (the default): on for the layers that have a bias to fold it "
               "into.",
         flag="--bias-correction/--no-bias-correction")
-    sequential: bool = _option(False, "Calibrate each layer on the outputs of the already quantized earlier layers "
-                                      "(target: the float model's outputs).")
+    sequential: bool | None = _option(
+        None, "Calibrate each layer on the outputs of the already quantized earlier layers (target: the float "
+              "model's outputs). Unset (the default): on where a Conv layer is fed by another quantized layer.",
+        flag="--sequential/--no-sequential")
     lower_bound: bool = _option(False, "Certify a lower bound on each layer's optimal cost (the report's bound and "
                                        "gap columns).", flag="--bound")
     dump_qubo: str | None = _option(None, "Write each layer's QUBOs (npz, format in onnx_qubo/rounding/exchange.py) "

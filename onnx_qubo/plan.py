@@ -96,7 +96,8 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer], heads: Collectio
                   solver=solver, seed=rounding.seed, levels=min(rounding.levels, 2 ** grid[0].bits), stem=stem,
                   workers=config.execution.workers, ray_address=config.execution.ray_address)
         for layer, grid, stem in zip(layers, grids, stems)]
-    return Plan(planned, config.activations.dtype, config.activations.range, rounding.sequential,
+    # sequential unset: quantize_model resolves it per model first; the studies measure on the float inputs
+    return Plan(planned, config.activations.dtype, config.activations.range, bool(rounding.sequential),
                 _path(rounding.dump_qubo), _path(rounding.load_solution), config.describe(), config.output.format,
                 config.output.ort_accuracy_level or 0)  # auto is resolved by api.quantize; the studies write nothing
 

@@ -67,3 +67,31 @@ def test_one_pass_per_input_and_the_same_bytes_as_a_pass_per_layer(tmp_path, mon
     assert len(passes) == 12  # every layer but the first, each of dw's groups on its own
     assert (tmp_path / "shared.onnx").read_bytes() == (tmp_path / "alone.onnx").read_bytes()
     assert [r.cost_solved for r in shared.layers] == [r.cost_solved for r in alone.layers]
+
+
+def mlp_model() -> onnx.ModelProto:
+    """x -> MatMul -> Relu -> MatMul: layers fed by layers, no Conv."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_unset_it_is_on_where_a_conv_layer_is_fed_by_another(tmp_path):
+    common = dict(bits=2, speed=False)
+    conv = quantize(separable_model(), tmp_path / "a.onnx", calibration={"x": X}, **common)
+    assert any(note.startswith("sequential calibration (--sequential: the default") for note in conv.notes)
+    off = quantize(separable_model(), tmp_path / "b.onnx", calibration={"x": X}, sequential=False, **common)
+    assert not any("sequential" in note for note in off.notes)
+    assert [r.cost_solved for r in conv.layers][1:] != [r.cost_solved for r in off.layers][1:]
+    quantize(separable_model(), tmp_path / "c.onnx", calibration={"x": X}, sequential=True, **common)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
+    x = np.random.default_rng(4).standard_normal((32, 6)).astype(np.float32)
+    mlp = quantize(mlp_model(), tmp_path / "m.onnx", calibration={"x": x}, **common)
+    assert not any("sequential" in note for note in mlp.notes)
