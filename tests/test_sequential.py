@@ -4,15 +4,18 @@ and the written model is the same bytes as when every layer is gathered again on
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from runs import quantize
 
 from onnx_qubo import pipeline
+from onnx_qubo.graph import runtime
 from onnx_qubo.model import discovery
 from onnx_qubo.model.discovery import find_dense_layers, latest_feeders
 
 
-def separable_model() -> onnx.ModelProto:
+def separable_model(spatial: tuple[int, int] = (4, 2)) -> onnx.ModelProto:
     """Conv -> depthwise Conv (8 groups) -> 1x1 Conv -> q and k on one input -> q*k -> o."""
     rng = np.random.default_rng(0)
     weights = {"W1": rng.standard_normal((8, 3, 3, 3)) / 3, "W2": rng.standard_normal((8, 1, 3, 3)) / 2,
@@ -31,7 +34,7 @@ def separable_model() -> onnx.ModelProto:
              helper.make_node("Mul", ["q", "k"], ["qk"]),
              helper.make_node("Reshape", ["qk", "shape"], ["flat"]),
              helper.make_node("MatMul", ["flat", "Wo"], ["y"], name="o")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, 4, 2])],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, *spatial])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -95,3 +98,23 @@ def test_unset_it_is_on_where_a_conv_layer_is_fed_by_another(tmp_path):
     x = np.random.default_rng(4).standard_normal((32, 6)).astype(np.float32)
     mlp = quantize(mlp_model(), tmp_path / "m.onnx", calibration={"x": x}, **common)
     assert not any("sequential" in note for note in mlp.notes)
+
+
+@pytest.mark.slow
+def test_the_same_bytes_whatever_onnxruntimes_threads(tmp_path, monkeypatch):
+    """The passes run the float and the partly quantized model in onnxruntime: its thread count
+    (the machine's cores by default) must not change a statistic."""
+    x = np.random.default_rng(5).standard_normal((64, 3, 24, 24)).astype(np.float32)
+    written, session_options = [], ort.SessionOptions
+    for threads in (1, 4):
+        def options(threads=threads) -> ort.SessionOptions:
+            made = session_options()
+            made.intra_op_num_threads = threads
+            return made
+
+        monkeypatch.setattr(runtime.ort, "SessionOptions", options)
+        path = tmp_path / f"{threads}.onnx"
+        report = quantize(separable_model((24, 24)), path, calibration={"x": x}, bits=3, speed=False)
+        assert any(note.startswith("sequential calibration") for note in report.notes)
+        written.append(path.read_bytes())
+    assert written[0] == written[1]
