@@ -121,8 +121,9 @@ BAD_INPUTS = [
     BadInput("Conv group does not divide the input's channels", lambda d: _conv(d, group=2),
              "Conv 'conv' cannot run on its input"),
     BadInput("Conv kernel larger than its input", lambda d: _conv(d, kernel=9), "smaller than the dilated kernel"),
-    BadInput("Conv group mismatch after a Relu (onnxruntime fails)", lambda d: _conv(d, group=2, relu_first=True),
-             "node 'conv' (Conv)"),
+    BadInput("Conv group mismatch after a Relu (found on the captured input)",
+             lambda d: _conv(d, group=2, relu_first=True),
+             "Conv 'conv' cannot run on its input: input shape (1, 3, 6, 6)"),
     BadInput("Gather indices out of range", _gather, "onnxruntime cannot run the float model on DIR/m.calib.npz: "
              "node 'pick' (Gather)"),
     BadInput("`--calib` with a corrupt deflate stream", _corrupt_deflate, "array 'x' cannot be read"),

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 from runs import quantize
 
 from onnx_qubo.core.errors import ModelError
-from onnx_qubo.graph.subgraphs import Exposed, all_graphs, expose
+from onnx_qubo.graph.subgraphs import Exposed, all_graphs, expose, keep_only
 from onnx_qubo.model.discovery import fed_by_earlier, find_dense_layers
 from onnx_qubo.pipeline import prepare
 
@@ -200,6 +200,22 @@ def test_expose_routes_body_tensors_out_and_leaves_the_model_untouched():
     np.testing.assert_allclose(where["h"].rows(stacked)[40:80], 2 * X, rtol=1e-6)
     with pytest.raises(ValueError, match="not in the model"):
         expose(model, ["nowhere"])
+
+
+def test_keep_only_cuts_the_model_to_what_the_outputs_need():
+    """The cut model computes the asked outputs as the whole one does, from the same feed (an input
+    it no longer reads included); an If's reads of the main graph keep their producers."""
+    model = prepare(if_model())
+    feed = {"x_in": X, "cond": np.array(True)}
+    exposed, where = expose(model, ["x", "x_in_fc_then"])
+    whole = dict(zip([o.name for o in exposed.graph.output], run(exposed, feed)))
+    keep_only(exposed, [where["x"].output])
+    assert [n.op_type for n in exposed.graph.node] == ["Gemm", "Tanh"]
+    np.testing.assert_array_equal(run(exposed, feed)[0], whole[where["x"].output])
+    branch, where = expose(model, ["x_in_fc_then"])
+    keep_only(branch, [where["x_in_fc_then"].output])
+    assert [n.op_type for n in branch.graph.node] == ["Gemm", "Tanh", "If"]  # the branch reads x
+    np.testing.assert_array_equal(run(branch, feed)[0], whole[where["x_in_fc_then"].output])
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from ..core.grid import InputQuantizer
 from ..core.progress import Progress
 from ..core.types import Accumulator, DenseLayer, InputStatistics
 from ..graph.runtime import NONE, ORT_ERRORS, make_session, run_session
-from ..graph.subgraphs import Exposed, expose
+from ..graph.subgraphs import Exposed, expose, keep_only
 from .data import Dataset
 
 CAPTURE_BYTES = 128 * 2 ** 20  # captured layer inputs one calibration run may hold
@@ -49,9 +49,11 @@ def stream_inputs(model: onnx.ModelProto, names: Iterable[str], dataset: Dataset
     names = list(dict.fromkeys(names))
     fed = set(dataset.batches[0])  # graph inputs: read from the feed, not captured
     captured = [name for name in names if name not in fed]
-    exposed_model, exposed = expose(model, captured)
-    session = make_session(exposed_model, NONE, f"{what} with layer inputs exposed", lean=True)
+    exposed_model, exposed = expose(model, captured)  # a copy
     outputs = [output for name in captured for output in exposed[name].outputs]
+    if outputs:  # (a model that outputs nothing does not load; with nothing captured it is not run)
+        keep_only(exposed_model, outputs)
+    session = make_session(exposed_model, NONE, f"{what} with layer inputs exposed", lean=True)
     size = None if captured and dataset.splittable else 0  # samples per run; 0: whole batches
     for batch in dataset.batches:
         count, start = dataset.samples(batch), 0

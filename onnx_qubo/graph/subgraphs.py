@@ -169,6 +169,35 @@ def expose(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, d
     return exposed, result
 
 
+def keep_only(model: onnx.ModelProto, outputs: list[str]) -> None:
+    """Cut ``model`` in place down to the main-graph nodes ``outputs`` are computed from, and make
+    them its only outputs: onnxruntime runs every node of a graph whatever outputs a run asks
+    for, so a pass reading an early layer's input would otherwise run the whole model. A body's
+    reads of the enclosing scope count as its holder's inputs; graph inputs and initializers
+    stay (a feed names every input)."""
+    graph = model.graph
+    producer = {name: k for k, node in enumerate(graph.node) for name in node.output if name}
+    needed, seen, stack = set(), set(), list(outputs)
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in producer:
+            continue
+        seen.add(name)
+        k = producer[name]
+        if k not in needed:
+            needed.add(k)
+            node = graph.node[k]
+            stack.extend(name for name in node.input if name)
+            stack.extend(name for _, body in subgraphs(node) for name in outer_reads(body))
+    wanted = set(outputs)
+    kept_outputs = [value for value in graph.output if value.name in wanted]
+    kept_nodes = [node for k, node in enumerate(graph.node) if k in needed]
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+
+
 def _expose_stacked(name: str, elem: int, place: Placement, used: set[str]) -> Exposed:
     """Route ``name`` out as itself: an If's other branches yield an empty tensor, a Loop/Scan
     stacks its iterations as a scan output."""
