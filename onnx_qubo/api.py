@@ -224,7 +224,7 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
             samples: int = 0, seed: int = 0, batch_size: int = 256, granularity: str = "channel",
             block_size: int = 0, symmetric: bool | None = None, bias: str = "float",
             bias_correction: bool | None = None, activations: str = "none", activation_range: str = "minmax",
-            sequential: bool = False, progress: bool = False) -> Comparison:
+            sequential: bool | None = None, progress: bool = False) -> Comparison:
     """Quantize ``model`` for every bit width x scale x solver and evaluate each in onnxruntime
     (nothing is written). ``samples`` > 0 adds the cost-accuracy study: that many random
     roundings around the best QUBO solution per bit width. Data and scheme as for ``quantize``."""

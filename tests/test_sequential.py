@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from runs import quantize
 
-from onnx_qubo import pipeline
+from onnx_qubo import api, pipeline
 from onnx_qubo.graph import runtime
 from onnx_qubo.model import discovery
 from onnx_qubo.model.discovery import find_dense_layers, latest_feeders
@@ -118,3 +118,9 @@ def test_the_same_bytes_whatever_onnxruntimes_threads(tmp_path, monkeypatch):
         assert any(note.startswith("sequential calibration") for note in report.notes)
         written.append(path.read_bytes())
     assert written[0] == written[1]
+
+
+def test_compare_resolves_it_as_quantize_does():
+    common = dict(calibration={"x": X}, bits=[2], scales=["mse"], solvers=["rtn"])
+    assert "sequential calibration" in api.compare(separable_model(), **common).scheme
+    assert "sequential calibration" not in api.compare(separable_model(), sequential=False, **common).scheme

@@ -23,7 +23,7 @@ from ..evaluation.verify import Reference, evaluate
 from ..layer import SolvedLayer
 from ..model.groups import merge_groups
 from ..model.lowering import rewrite
-from ..pipeline import Calibrated, solve_layers
+from ..pipeline import Calibrated, sequential_by_default, solve_layers
 from ..plan import make_plan
 
 FLIP_RATES = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5)  # cycled over samples
@@ -99,6 +99,8 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
     float reference; ``samples`` random roundings per bit width around its best QUBO solution.
     ``scheme``: granularity, zero points, bias, activations, sequential (its bits, scale and
     solver are replaced by each configuration's)."""
+    if scheme.rounding.sequential is None:  # unset: as quantize resolves it
+        scheme = scheme.updated(sequential=sequential_by_default(calibrated.model, calibrated.layers))
     has_labels = reference.has_labels
     metric = "accuracy" if has_labels else "top-1 agreement"
     float_pred = reference.scores.argmax(axis=-1)
