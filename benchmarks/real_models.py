@@ -55,8 +55,8 @@ CONFIGS = {
     "qubo-b2": "onnx-qubo 2 bits per channel",
     "qubo-b4-blk32": "onnx-qubo 4 bits, blocks of 32, default flags (grid per layer, bias corrected where a layer has one, "
                      "sequential where a Conv layer is fed by another)",
-    "qubo-b4-blk32-noseq": "onnx-qubo 4 bits, blocks of 32, --no-sequential (the default before 2026-12-05 11:00)",
-    "qubo-b3-blk32-noseq": "onnx-qubo 3 bits, blocks of 32, --no-sequential (the default before 2026-12-05 11:00)",
+    "qubo-b4-blk32-noseq": "onnx-qubo 4 bits, blocks of 32, --no-sequential (the default before 1c7ce5f)",
+    "qubo-b3-blk32-noseq": "onnx-qubo 3 bits, blocks of 32, --no-sequential (the default before 1c7ce5f)",
     "qubo-b8-emb": "onnx-qubo 8 bits per channel, embedding tables per row (--embeddings)",
     "qubo-b4-emb": "onnx-qubo 4 bits per channel, embedding tables per row (--embeddings)",
     "qubo-b4-blk32-bc": "onnx-qubo 4 bits, blocks of 32, --bias-correction",
