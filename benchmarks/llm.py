@@ -26,6 +26,8 @@ is KIND:BITS:BLOCK[:VARIANT]:
   (like the builder's int4); ours:b:B:acc0: the same at the default accuracy level 0;
   ours:b:B:qdq: `--format qdq --embeddings` (INT2/INT4 initializers: 2- and 3-bit codes at their own
   size, where --format ort stores them in 4-bit MatMulNBits, onnxruntime 1.32's fast kernel);
+  ours:b:B:fit: ours:b:B with `--scale fit`; ours:b:B:fzpfit: with `--float-zero-points --scale fit`
+  (float zero points have no fast MatMulNBits kernel: those layers stay DequantizeLinear);
 - float:torch, rtn:b:B:torch, hqq:b:B:torch, ours:b:B:torch: the torch export instead of the
   builder's fp32 model, and each quantizer on it (perplexity only: og.Generator runs the builder's
   graphs, with their KV cache).
@@ -76,7 +78,9 @@ DEFAULT_CELLS = ["float", "builder:4:32", "builder:4:128",
                  *[f"{k}:{b}:{s}" for k in ("rtn", "hqq") for b in (4, 2) for s in (32, 128)],
                  "ours:4:32", "ours:4:32:acc0", "ours:4:128", "ours:3:32", "ours:3:128", "ours:2:32", "ours:2:128",
                  "ours:2:32:qdq", "ours:2:128:qdq", "float:torch", "rtn:4:32:torch", "ours:4:32:torch", "ours:2:32:torch"]
-VARIANTS = {"acc0": ("ours",), "qdq": ("ours",), "torch": ("float", "rtn", "hqq", "ours")}  # variant -> its kinds
+VARIANTS = {"acc0": ("ours",), "qdq": ("ours",), "fit": ("ours",), "fzpfit": ("ours",),
+            "torch": ("float", "rtn", "hqq", "ours")}  # variant -> its kinds
+SCALE_VARIANTS = {"fit": ["--scale", "fit"], "fzpfit": ["--float-zero-points", "--scale", "fit"]}
 SPEED_CELLS = "float,builder:4:32,ours:4:32"
 PROMPT = ("The history of the English language began with the arrival of three Germanic tribes who "
           "invaded Britain during the 5th century AD. These tribes, the Angles, the Saxons and the Jutes, "
@@ -358,6 +362,7 @@ def ours_command(python: str, src: Path, out: Path, cell: Cell, calib: Path, eva
                  extra: str) -> list[str]:
     form = {"acc0": ["--format", "ort", "--ort-accuracy-level", "0"], "qdq": ["--format", "qdq", "--embeddings"]}.get(
         cell.variant, ["--format", "ort", "--ort-accuracy-level", "4", "--embeddings"])
+    form = form + SCALE_VARIANTS.get(cell.variant, [])
     return [python, "-m", "onnx_qubo", "quantize", str(src / "model.onnx"), str(out / "model.onnx"),
             "--bits", str(cell.bits), "--granularity", "block", "--block-size", str(cell.block), *form,
             "--calib", str(calib), "--eval", str(evaluation), "--no-speed", "--report", str(report), *extra.split()]

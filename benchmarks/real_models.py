@@ -79,6 +79,12 @@ CONFIGS = {
     "qubo-b3-blk32-seq": "onnx-qubo 3 bits, blocks of 32, --sequential (each layer calibrated on the quantized layers "
                          "before it)",
     "qubo-b4-blk32-seq": "onnx-qubo 4 bits, blocks of 32, --sequential",
+    "qubo-b3-blk32-fit": "onnx-qubo 3 bits, blocks of 32, --scale fit (scales refitted to the rounded weights)",
+    "qubo-b3-blk32-fzp": "onnx-qubo 3 bits, blocks of 32, --float-zero-points (the asymmetric grid's zero points "
+                         "as floats)",
+    "qubo-b3-blk32-fzp-fit": "onnx-qubo 3 bits, blocks of 32, --float-zero-points --scale fit",
+    "qubo-b4-blk32-fit": "onnx-qubo 4 bits, blocks of 32, --scale fit",
+    "qubo-b4-blk32-fzp-fit": "onnx-qubo 4 bits, blocks of 32, --float-zero-points --scale fit",
     "ort-rtn-b4-blk32": "MatMulNBitsQuantizer RTN (DefaultWeightOnlyQuantConfig) 4 bits, block 32",
     "ort-hqq-b4-blk32": "MatMulNBitsQuantizer HQQ 4 bits, block 32",
     "ort-gptq-b4-blk32": "MatMulNBitsQuantizer GPTQ 4 bits, block 32",
@@ -849,6 +855,10 @@ def worker(args) -> int:
                 kw["levels"] = 3
             if "seq" in options or "noseq" in options:
                 kw["sequential"] = "noseq" not in options
+            if "fit" in options:
+                kw["scale"] = "fit"
+            if "fzp" in options:
+                kw["float_zero_points"] = True
             if "budget" in cfg:
                 kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
             if cfg.endswith("-ortlayers"):

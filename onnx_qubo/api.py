@@ -222,9 +222,9 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
             evaluation: Any = None, bits: Sequence[int] = (8, 4, 3, 2, 1),
             scales: Sequence[str] = ("minmax", "mse"), solvers: Sequence[str] = ("rtn", "fast"),
             samples: int = 0, seed: int = 0, batch_size: int = 256, granularity: str = "channel",
-            block_size: int = 0, symmetric: bool | None = None, bias: str = "float",
-            bias_correction: bool | None = None, activations: str = "none", activation_range: str = "minmax",
-            sequential: bool | None = None, progress: bool = False) -> Comparison:
+            block_size: int = 0, symmetric: bool | None = None, float_zero_points: bool = False,
+            bias: str = "float", bias_correction: bool | None = None, activations: str = "none",
+            activation_range: str = "minmax", sequential: bool | None = None, progress: bool = False) -> Comparison:
     """Quantize ``model`` for every bit width x scale x solver and evaluate each in onnxruntime
     (nothing is written). ``samples`` > 0 adds the cost-accuracy study: that many random
     roundings around the best QUBO solution per bit width. Data and scheme as for ``quantize``."""
@@ -236,9 +236,9 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
             raise OptionError(f"{{{option}}} names none: give at least one to compare", option)
     samples = check_integer(samples, "samples", minimum=0)
     scheme = QuantizeConfig.from_flat(bits=min(bits, default=8), granularity=granularity, block_size=block_size,
-                                      symmetric=symmetric, bias=bias, bias_correction=bias_correction,
-                                      activations=activations, activation_range=activation_range,
-                                      sequential=sequential)
+                                      symmetric=symmetric, float_zero_points=float_zero_points, bias=bias,
+                                      bias_correction=bias_correction, activations=activations,
+                                      activation_range=activation_range, sequential=sequential)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
@@ -252,15 +252,16 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
 def sensitivity(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = None, evaluation: Any = None,
                 bits: int = 4, scale: str = "mse", solver: str = "fast", seed: int = 0,
                 batch_size: int = 256, exclude: Sequence[str] = (), granularity: str = "channel",
-                block_size: int = 0, symmetric: bool | None = None, bias: str = "float",
-                bias_correction: bool | None = None, activations: str = "none", activation_range: str = "minmax",
-                progress: bool = False) -> Sensitivity:
+                block_size: int = 0, symmetric: bool | None = None, float_zero_points: bool = False,
+                bias: str = "float", bias_correction: bool | None = None, activations: str = "none",
+                activation_range: str = "minmax", progress: bool = False) -> Sensitivity:
     """Each layer's contribution to the model's output error: the float model with only that
     layer quantized (the integers ``quantize`` would write with these options), run in
     onnxruntime on the evaluation data (the calibration data if none). Costs one solve of
     every layer and one onnxruntime run of the data per layer; nothing is written."""
     options = QuantizeConfig.from_flat(bits=bits, scale=scale, solver=solver, seed=seed, granularity=granularity,
-                                       block_size=block_size, symmetric=symmetric, bias=bias,
+                                       block_size=block_size, symmetric=symmetric,
+                                       float_zero_points=float_zero_points, bias=bias,
                                        bias_correction=bias_correction, activations=activations,
                                        activation_range=activation_range, exclude=tuple(exclude))
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)

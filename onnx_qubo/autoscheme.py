@@ -85,7 +85,8 @@ def candidate_options(config: QuantizeConfig, auto_scheme: bool, promote: bool) 
     base = config.updated(layer_bits={}, exclude=())
     schemes = [base]
     if auto_scheme:
-        schemes = [base.updated(granularity=granularity, symmetric=symmetric)
+        schemes = [base.updated(granularity=granularity, symmetric=symmetric,
+                                float_zero_points=base.weights.float_zero_points and not symmetric)
                    for granularity in (PerChannel(), PerBlock(AUTO_BLOCK)) for symmetric in (True, False)]
     if not promote:
         return schemes

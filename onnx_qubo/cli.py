@@ -176,7 +176,8 @@ def config_options(names: list[str], **defaults: object):
     return decorate
 
 
-SCHEME = ["granularity", "symmetric", "bias", "bias_correction", "activations", "activation_range", "sequential"]
+SCHEME = ["granularity", "symmetric", "float_zero_points", "bias", "bias_correction", "activations", "activation_range",
+          "sequential"]
 
 
 def quantize_config(ctx: click.Context, given: dict, config_path: str | None) -> QuantizeConfig:

@@ -158,6 +158,11 @@ class WeightConfig(_Section):
                                            "default): per layer, the one whose round-to-nearest output error "
                                            "is lower.",
                                      flag="--symmetric/--asymmetric")
+    float_zero_points: bool = _option(False, "Asymmetric grids store their zero points as floats (the scale's "
+                                             "type): each group is scale x code + any offset, as MatMulNBits takes "
+                                             "it (GGUF Q4_1, HQQ). Dense MatMul/Gemm layers only (the others keep "
+                                             "integer zero points); the portable form subtracts the offsets after "
+                                             "DequantizeLinear. Best with --scale fit.")
     head_bits: int | None = _option(None, "Bit width of the output layers (those whose result is a model output up "
                                           "to shape and element-wise steps: a language model's head, a classifier's "
                                           f"last layer). Unset (the default): {HEAD_BITS} where --bits is below "
@@ -167,6 +172,9 @@ class WeightConfig(_Section):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_bits(self.bits)
+        if self.float_zero_points and self.symmetric:
+            raise OptionError("{float_zero_points} are the asymmetric grid's: drop {symmetric}", "float_zero_points",
+                              "symmetric")
         if self.head_bits is not None:
             check_bits(self.head_bits, "head_bits")
 
@@ -187,7 +195,8 @@ class WeightConfig(_Section):
         the symmetric and the asymmetric one, chosen per layer (layer.py)."""
         bits = self.bits if bits is None else bits
         kinds = (True, False) if self.symmetric is None else (self.symmetric,)
-        return tuple(Scheme(bits, self.granularity.kind, self.granularity.size, s) for s in kinds)
+        return tuple(Scheme(bits, self.granularity.kind, self.granularity.size, s,
+                            float_zero_point=self.float_zero_points and not s) for s in kinds)
 
 
 LEVELS = (2, 3, 4)  # grid points a weight may round to (--levels)
@@ -199,7 +208,8 @@ class RoundingConfig(_Section):
 
     scale: ScaleMethod = _option(ScaleMethod.MSE, "mse: clipping ratio per scale group searched on the QUBO cost of "
                                  "round-to-nearest; qubo: the best few of those re-ranked by the cost after the fast "
-                                 "solver; minmax: the full range.")
+                                 "solver; fit: mse's, then refitted by least squares to the rounded weights and solved "
+                                 "again (twice; per row the better); minmax: the full range.")
     solver: str = _option("fast", "fast: batched engine on the shared Gram; neal: dwave-neal per neuron (the paper); "
                                   "rtn: round to nearest; exact: brute force (tests, tiny layers).")
     seed: int = _option(0, "Seed for the stochastic solvers.")
@@ -410,6 +420,9 @@ class QuantizeConfig:
         if rounding.levels > 2 ** self.weights.bits:
             raise OptionError(f"{{levels}} {rounding.levels}: a {self.weights.bits}-bit grid has "
                               f"{2 ** self.weights.bits} levels", "levels", "bits")
+        if self.weights.float_zero_points and activations.quantized:
+            raise OptionError("{float_zero_points} are weight-only: onnxruntime's integer kernels take integer "
+                              "zero points; drop {activations}", "float_zero_points", "activations")
         for bits in self.widths:
             reason = portable.scheme_refusal(self.weights.scheme(bits), activations.quantized)
             if reason:
@@ -537,8 +550,9 @@ class QuantizeConfig:
     def describe(self) -> str:
         """The scheme in words, for reports."""
         weights, activations = self.weights, self.activations
-        zero_point = {True: "symmetric", False: "asymmetric (zero points)",
-                      None: "symmetric or asymmetric per layer"}[weights.symmetric]
+        asymmetric = "asymmetric (float zero points)" if weights.float_zero_points else "asymmetric"
+        zero_point = {True: "symmetric", False: f"asymmetric ({'float ' * weights.float_zero_points}zero points)",
+                      None: f"symmetric or {asymmetric} per layer"}[weights.symmetric]
         groups = (f"blocks of {weights.granularity.size} inputs" if isinstance(weights.granularity, PerBlock)
                   else f"per {weights.granularity.kind}")
         correction = {True: ", corrected", False: "", None: ", corrected where a layer has one"}[

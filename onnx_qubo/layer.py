@@ -26,7 +26,14 @@ from .plan import LayerPlan
 from .rounding import workers
 from .rounding.bounds import lower_bounds
 from .rounding.qubo import LayerProblem, build_problem
-from .rounding.scales import QUBO_CANDIDATES, candidate_scales, choose_scales, rounding_cost, tensor_scales
+from .rounding.scales import (
+    QUBO_CANDIDATES,
+    candidate_scales,
+    choose_scales,
+    fitted_scales,
+    rounding_cost,
+    tensor_scales,
+)
 from .rounding.solvers import FastSolver, RoundToNearest
 from .rounding.solvers.exact import optimal_rounding
 
@@ -98,7 +105,8 @@ class LayerTerms:
                 levels: int = 2) -> LayerProblem:
         n, f = self.layer.shape
         scale = scales.per_column(scales.scale, f)
-        zero_point = scales.per_column(scales.zero_point.astype(np.int16), f)  # a grid of at most 8 bits
+        zero_point = scales.zero_point if scheme.float_zero_point else scales.zero_point.astype(np.int16)
+        zero_point = scales.per_column(zero_point, f)  # int16: a grid of at most 8 bits
         values, gain = self.weight, self.layer.gain
         if bias_scales is not None and self.layer.bias is not None:
             values = np.hstack([values, self.layer.bias[:, None]])
@@ -236,6 +244,10 @@ def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: Input
     presolved = None
     if plan.scale == ScaleMethod.QUBO:
         scales, presolved = _solved_best_scales(terms, scheme, bias_scales, plan.seed, plan.levels)
+    elif plan.scale == ScaleMethod.FIT:
+        if scales is None:
+            scales = choose_scales(ScaleMethod.MSE, terms.weight, scheme, terms.weight_gram, terms.weight_cross)
+        scales, presolved = _fitted_scales(terms, scheme, scales, bias_scales, plan.seed, plan.levels)
     elif scales is None:
         scales = choose_scales(plan.scale, terms.weight, scheme, terms.weight_gram, terms.weight_cross)
     search_seconds = time.perf_counter() - start
@@ -250,7 +262,7 @@ def _chosen_grid(plan: LayerPlan, terms: LayerTerms) -> tuple[LayerPlan, GroupSc
     asymmetric grid fits weights that lean to one side, and at 2 bits the signed grid
     {-2, -1, 0, 1} leaves the positive weights one level."""
     assert plan.other_grid is not None
-    method = ScaleMethod.MSE if plan.scale == ScaleMethod.QUBO else plan.scale
+    method = ScaleMethod.MSE if plan.scale in (ScaleMethod.QUBO, ScaleMethod.FIT) else plan.scale
     found = [(scheme, choose_scales(method, terms.weight, scheme, terms.weight_gram, terms.weight_cross))
              for scheme in (plan.scheme, plan.other_grid)]
     costs = [rounding_cost(terms.weight, scales, scheme, terms.weight_gram, terms.weight_cross)
@@ -265,7 +277,6 @@ def _solved_best_scales(terms: LayerTerms, scheme: Scheme, bias_scales: GroupSca
     the fast engine; per row (one set for a tensor-wide scale) the one with the least cost.
     Rows are independent problems, so the chosen rows' roundings are returned too. The first
     candidate is ``scale mse``'s choice: no row costs more than with it."""
-    layer = terms.layer
     candidates = candidate_scales(terms.weight, scheme, terms.weight_gram, terms.weight_cross,
                                   QUBO_CANDIDATES)
     costs, choices = [], []
@@ -273,15 +284,48 @@ def _solved_best_scales(terms: LayerTerms, scheme: Scheme, bias_scales: GroupSca
         problem = terms.problem(scheme, scales, bias_scales, levels)
         choices.append(FastSolver().solve(problem, seed))
         costs.append(problem.neuron_energies(choices[-1]))
+    scales, choice, _ = _best_rows(candidates, choices, costs, scheme)
+    return scales, choice
+
+
+FIT_ROUNDS = 2  # least-squares refits of ``scale fit``: the second gains a tenth of the first's
+
+
+def _fitted_scales(terms: LayerTerms, scheme: Scheme, scales: GroupScales, bias_scales: GroupScales | None,
+                   seed: int, levels: int) -> tuple[GroupScales, np.ndarray]:
+    """``scale fit``: solve on ``scales`` with the fast engine, refit the scales (and float zero
+    points) to the chosen codes by least squares on the layer's cost (scales.fitted_scales), solve
+    again; per row (a tensor-wide scale: for all) the rounding with the least exact cost is kept,
+    so no row costs more than on ``scales`` alone. Repeated ``FIT_ROUNDS`` times."""
+    f = terms.layer.shape[1]
+    problem = terms.problem(scheme, scales, bias_scales, levels)
+    choice = FastSolver().solve(problem, seed)
+    cost = problem.neuron_energies(choice)
+    for _ in range(FIT_ROUNDS):
+        codes = problem.integers(choice)[:, :f]
+        refit = fitted_scales(terms.weight, codes, scales, scheme, terms.weight_gram, terms.weight_cross)
+        refit_problem = terms.problem(scheme, refit, bias_scales, levels)
+        refit_choice = FastSolver().solve(refit_problem, seed)
+        refit_cost = refit_problem.neuron_energies(refit_choice)
+        scales, choice, cost = _best_rows([scales, refit], [choice, refit_choice], [cost, refit_cost], scheme)
+        problem = terms.problem(scheme, scales, bias_scales, levels)
+    return scales, choice
+
+
+def _best_rows(candidates: list[GroupScales], choices: list[np.ndarray], costs: list[np.ndarray],
+               scheme: Scheme) -> tuple[GroupScales, np.ndarray, np.ndarray]:
+    """Per row, the candidate scales, rounding and cost with the least cost (the first on a tie);
+    a tensor-wide scale: the candidate with the least total."""
     cost_table = np.array(costs)  # [candidates, n]
+    n = cost_table.shape[1]
     if scheme.granularity == Granularity.TENSOR:
-        best = np.full(layer.shape[0], int(cost_table.sum(axis=1).argmin()))
+        best = np.full(n, int(cost_table.sum(axis=1).argmin()))
     else:
         best = cost_table.argmin(axis=0)
-    rows = np.arange(layer.shape[0])
+    rows = np.arange(n)
     scales = GroupScales(np.stack([c.scale for c in candidates])[best, rows],
                          np.stack([c.zero_point for c in candidates])[best, rows], candidates[0].width)
-    return scales, np.stack(choices)[best, rows]
+    return scales, np.stack(choices)[best, rows], cost_table[best, rows]
 
 
 def _int32_bias(layer: DenseLayer, scheme: Scheme, scales: GroupScales, quantizer: InputQuantizer,

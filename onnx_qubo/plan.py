@@ -113,9 +113,12 @@ def layers_at_head_bits(config: QuantizeConfig, layers: list[DenseLayer], heads:
 def _grids(config: QuantizeConfig, layer: DenseLayer, bits: int | None) -> tuple[Scheme, ...]:
     """The grids ``layer`` may get: the requested one, or (unset) those onnxruntime loads, and
     only the signed one for a Conv that may run as QLinearConv (one weight zero point for all
-    channels: the kernel is worth more than the zero points)."""
+    channels: the kernel is worth more than the zero points); integer zero points where its form
+    cannot write float ones."""
     quantized = config.activations.quantized
     grids = config.weights.grids(bits)
+    if not portable.takes_float_zero_points(layer):  # its form writes integer zero points only
+        grids = tuple(replace(s, float_zero_point=False) for s in grids)
     if len(grids) == 1:
         return grids
     if kernels.needs_output_range(layer, config.output.format, quantized):

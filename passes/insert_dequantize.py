@@ -38,6 +38,7 @@ class QuantizedTensor:
     zero_point: np.ndarray | None  # integers, the shape of scale; None: 0 (no zero-point input)
     storage_type: int  # onnx.TensorProto.INT2 / UINT4 / INT32 ...
     block_size: int = 0  # with a 2-D scale: inputs per block
+    offset: np.ndarray | None = None  # float zero points as scale * zero_point, the shape of scale: subtracted after
 
     def attributes(self) -> dict[str, Any]:
         if self.scale.ndim == 0:
@@ -69,7 +70,8 @@ def dequantized(tensor: QuantizedTensor) -> np.ndarray:
 
     zero = 0 if tensor.zero_point is None else per_value(tensor.zero_point)
     scale = per_value(np.asarray(tensor.scale, np.float32))
-    return ((integers - zero).astype(np.float32) * scale).astype(float_dtype(tensor))
+    values = ((integers - zero).astype(np.float32) * scale).astype(float_dtype(tensor))
+    return values if tensor.offset is None else values - per_value(tensor.offset)
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,34 @@ class GraphEdit:
         deq = self.fresh(f"{base}_dequantized")
         node = helper.make_node("DequantizeLinear", inputs, [deq], name=self.fresh(f"{base}_DequantizeLinear"),
                                 **tensor.attributes())
-        return [node], deq
+        if tensor.offset is None:
+            return [node], deq
+        node.output[0] = scaled = self.fresh(f"{base}_scaled")
+        offset_nodes, offset = self._offsets(base, tensor)
+        subtract = helper.make_node("Sub", [scaled, offset], [deq], name=self.fresh(f"{base}_Sub"))
+        return [node, *offset_nodes, subtract], deq
+
+    def _offsets(self, base: str, tensor: QuantizedTensor) -> tuple[list[onnx.NodeProto], str]:
+        """The float zero points' offsets as a tensor broadcasting over the codes (DequantizeLinear
+        takes only integer zero points): a scalar, one per row [n, 1], or per block of a row
+        ``[n, g, 1] -> Expand [n, g, block] -> Reshape [n, g * block] -> Slice [n, f]`` (constant
+        nodes: onnxruntime folds them when it loads the model; the file keeps one value per group)."""
+        assert tensor.offset is not None
+        offset = np.asarray(tensor.offset, float_dtype(tensor))
+        if offset.ndim < 2:
+            return [], self.constant(f"{base}_offset", offset.reshape(-1, *[1] * (tensor.integers.ndim - 1))
+                                     if offset.ndim else offset)
+        n, groups = offset.shape
+        f, block = tensor.integers.shape[1], tensor.block_size
+        small = self.constant(f"{base}_offset", offset[:, :, None])
+        shapes = {name: self.constant(f"{base}_{name}", np.array(value, np.int64)) for name, value in
+                  (("offset_block", [n, groups, block]), ("offset_rows", [n, groups * block]),
+                   ("offset_start", [0]), ("offset_end", [f]), ("offset_axis", [1]))}
+        expanded, rows, cut = (self.fresh(f"{base}_offset_{part}") for part in ("expanded", "rows", "cut"))
+        return [helper.make_node("Expand", [small, shapes["offset_block"]], [expanded]),
+                helper.make_node("Reshape", [expanded, shapes["offset_rows"]], [rows]),
+                helper.make_node("Slice", [rows, shapes["offset_start"], shapes["offset_end"], shapes["offset_axis"]],
+                                 [cut])], cut
 
     def quantize_activation(self, activation: str,
                             quant: ActivationQuantization | None) -> tuple[list[onnx.NodeProto], str]:

@@ -76,13 +76,18 @@ def test_the_fast_solver_gives_the_same_bits_whatever_the_callers_blas_threads()
     np.testing.assert_array_equal(*choices)
 
 
+FITTED = ["--scale", "fit", "--float-zero-points", "--granularity", "block", "--block-size", "32"]
+
+
 @pytest.mark.parametrize("environment, flags", [
     ({"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}, []),
     ({}, ["--workers", "2"]),
+    ({"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}, FITTED),
 ])
 @pytest.mark.slow
 def test_a_run_writes_the_same_bytes_whatever_the_threads_and_workers(environment, flags, tmp_path):
-    """Fresh processes: one BLAS thread (the reference), more BLAS threads, two worker processes."""
+    """Fresh processes: one BLAS thread (the reference), more BLAS threads, two worker processes;
+    least-squares scales with float zero points too."""
     model = tmp_path / "m.onnx"
     onnx.save(mlp_model(widths=(96, 160, 64, 10), seed=1), model)
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((512, 96)).astype(np.float32))
@@ -95,5 +100,6 @@ def test_a_run_writes_the_same_bytes_whatever_the_threads_and_workers(environmen
                        cwd=Path(__file__).resolve().parents[1])
         return out.read_bytes()
 
-    reference = run("one-thread.onnx", {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}, [])
+    scheme = FITTED if flags == FITTED else []
+    reference = run("one-thread.onnx", {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}, scheme)
     assert run("other.onnx", environment, flags) == reference

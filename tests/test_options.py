@@ -30,7 +30,7 @@ def test_flat_options_turn_strings_into_enums_and_granularity_objects():
     ({"bits": True}, ("bits",), "bits must be an integer"),
     ({"bits": 9}, ("bits",), "bits must be between 1 and 8, got 9"),
     ({"layer_bits": {"fc0": 0}}, ("layer_bits",), "layer_bits must be between 1 and 8"),
-    ({"scale": "best"}, ("scale",), "scale must be one of mse, minmax, qubo, got 'best'"),
+    ({"scale": "best"}, ("scale",), "scale must be one of mse, minmax, qubo, fit, got 'best'"),
     ({"granularity": "row"}, ("granularity",), "granularity must be one of channel, tensor, block"),
     ({"solver": "gurobi"}, ("solver",), "solver must be one of"),
     ({"seed": 1.5}, ("seed",), "seed must be an integer"),

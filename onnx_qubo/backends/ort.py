@@ -19,7 +19,9 @@ Facts behind the choices (checked by ``tests/test_ort_forms.py`` and measured by
 ``benchmarks/inference.py``):
 
 - MatMulNBits has fast (prepacked) CPU kernels only for 4-bit weights and, with
-  ``accuracy_level=4``, 8-bit weights, with ``block_size`` in 16..256; 2-bit weights and 8-bit
+  ``accuracy_level=4``, 8-bit weights, with ``block_size`` in 16..256, and integer zero points
+  (float ones, onnxruntime's own HQQ output, dequantize on every run: 24-70x slower at batch 1
+  on a 2048x2048 layer, benchmarks/results/matmul_nbits_zero_points.md); 2-bit weights and 8-bit
   weights at ``accuracy_level`` 0/1 fall back to dequantizing the whole weight on every run, and
   2-bit weights give wrong results when ``N`` is not a multiple of 4 (refused here). Codes of 1-4
   bits therefore go to the 4-bit kernel, which stores them exactly (``u = q + 8``).
@@ -98,7 +100,8 @@ def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, o
 
     Numpy meaning: ``reference(codes, x, bias=bias)``; the kernel stores ``u = q + 2^(kernel_bits-1)`` for
     signed codes (no zero-point input: it defaults to ``2^(kernel_bits-1)``) and ``u = q`` with
-    packed uint8 zero points for unsigned ones, so ``(u - zp) * scale`` is exactly ``W``.
+    packed uint8 zero points for unsigned ones (float zero points: in the scales' type), so
+    ``(u - zp) * scale`` is exactly ``W``.
 
     ``kernel_bits`` (default: 4 for codes of 1-4 bits, 8 above) must hold the codes. The kernel's
     ``block_size`` (default: the layer's block, else 32) must be a power of two >= 16 and divide
@@ -126,6 +129,10 @@ def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, o
     if codes.block_size and codes.block_size % block:
         return (f"the layer's blocks of {codes.block_size} inputs cannot be split into "
                 f"MatMulNBits blocks of {block} (a power of two >= 16)")
+    float_zero = codes.scheme.float_zero_point
+    if not allow_slow and float_zero:
+        return ("onnxruntime 1.32 has no prepacked CPU kernel for MatMulNBits with float zero points: it would "
+                "dequantize on every run (benchmarks/results/matmul_nbits_zero_points.md)")
     fast = bits == 4 or (bits == 8 and accuracy_level == 4)
     if not allow_slow and (not fast or block not in NBITS_FAST_BLOCKS):
         return (f"onnxruntime 1.32 has no prepacked CPU kernel for {bits}-bit MatMulNBits with block "
@@ -140,18 +147,25 @@ def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, o
             return np.repeat(values, per_block, axis=1)[:, :k_blocks]
         return np.broadcast_to(values.reshape(-1, 1), (n, k_blocks))
 
-    zero_blocks = None if codes.zero_point is None else blocks(codes.zero_point).astype(np.int64)
+    zero_blocks = None if codes.zero_point is None or float_zero else blocks(codes.zero_point).astype(np.int64)
     unsigned = np.empty((n, padded), np.int64)  # the tail of the last block reads as 0
     unsigned[:, :f] = codes.integers  # codes may be int8: widen before the offset
     unsigned[:, :f] += offset
     unsigned[:, f:] = offset if zero_blocks is None else zero_blocks[:, -1:]
+    if float_zero:  # the padding reads as scale * (0 - zero_point): its activations are 0
+        unsigned[:, f:] = 0
     names = [fresh(f"{output}_{suffix}") for suffix in ("B", "scales", "zero_points", "bias")]
     initializers = [
         numpy_helper.from_array(pack_bits(unsigned, bits).reshape(n, k_blocks, block * bits // 8), names[0]),
         numpy_helper.from_array(np.ascontiguousarray(blocks(codes.scale), codes.scheme.scale_dtype), names[1]),
     ]
     inputs = [activation, names[0], names[1], "", "", ""]
-    if zero_blocks is not None:
+    if float_zero:  # in the scales' type, one per block (onnxruntime's HQQ output)
+        assert codes.zero_point is not None
+        initializers.append(numpy_helper.from_array(
+            np.ascontiguousarray(blocks(codes.zero_point), codes.scheme.scale_dtype), names[2]))
+        inputs[3] = names[2]
+    elif zero_blocks is not None:
         row_bytes = -(-k_blocks * bits // 8)
         padded_zero = np.zeros((n, row_bytes * 8 // bits), np.int64)
         padded_zero[:, :k_blocks] = zero_blocks

@@ -27,6 +27,12 @@ onnxruntime's own kernels (format ort) are in ort.py, ort_conv.py and kernels.py
    Gemm there (``float_bias_after_quantized_gemm``).
 5. ``Gather`` does not take INT4/INT2 tensors, so a portable table lookup reads codes packed in
    bytes (forms/gather.py).
+6. ``DequantizeLinear`` takes only integer zero points (the ONNX standard), so float zero points
+   (``--float-zero-points``) are written as ``DequantizeLinear`` without one, then a ``Sub`` of the
+   offsets ``scale * zero_point`` (passes/insert_dequantize.py); only the dense forms that lower
+   to ``Gemm`` get them (``takes_float_zero_points``). onnxruntime then runs a float Gemm (no
+   MatMulNBits rewrite: rule 1 does not fire across the Sub); ``--format ort`` gives MatMulNBits
+   the float zero points directly.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..core.grid import Granularity, InputQuantizer, Scheme, WeightCodes
-from ..core.types import QuantizedBias
+from ..core.types import DenseLayer, QuantizedBias
 from ..passes.insert_dequantize import ActivationQuantization, GraphEdit, QuantizedTensor
 
 TWO_BIT_TYPES = (TensorProto.INT2, TensorProto.UINT2)
@@ -50,6 +56,15 @@ def scheme_refusal(scheme: Scheme, quantized_inputs: bool) -> str | None:
                 "onnxruntime 1.32 fuses them into QGemm, which rejects UINT2, and cannot load the model; use "
                 "{symmetric} weights, {granularity} block, or more bits")
     return None
+
+
+FLOAT_ZERO_POINT_FORMS = ("MatMul", "Gemm")  # 2-D weights lowered to DequantizeLinear -> Gemm(transB=1)
+
+
+def takes_float_zero_points(layer: DenseLayer) -> bool:
+    """Whether the layer's form writes float zero points (rule 6; MatMulNBits reads them too):
+    the others keep integer ones."""
+    return layer.form.op_type in FLOAT_ZERO_POINT_FORMS and layer.group is None
 
 
 def weight_zero_point_input(symmetric: bool) -> bool:
@@ -88,6 +103,10 @@ def weight_tensor(codes: WeightCodes) -> QuantizedTensor:
     else:
         scale, zero_point = scales.scale, scales.zero_point
     block = scales.width if scheme.granularity == Granularity.BLOCK else 0
+    if scheme.float_zero_point:  # rule 6
+        stored = np.asarray(scale, scheme.scale_dtype)
+        return QuantizedTensor(codes.integers, stored, None, scheme.grid.storage[0], block,
+                               offset=(stored.astype(np.float64) * zero_point).astype(scheme.scale_dtype))
     return QuantizedTensor(codes.integers, np.asarray(scale, scheme.scale_dtype),
                            np.asarray(zero_point) if weight_zero_point_input(scheme.symmetric) else None,
                            scheme.grid.storage[0], block)

@@ -64,19 +64,24 @@ class Scheme:
     """How one layer's weights are quantized: bit width, zero point, which weights share a scale
     (``channel``: each output row; ``tensor``: all; ``block``: runs of ``block_size`` inputs
     within a row), and the float type the scales are stored in (the weight's own: FLOAT, or
-    FLOAT16 for a half-precision model, whose DequantizeLinear and kernels then compute in it)."""
+    FLOAT16 for a half-precision model, whose DequantizeLinear and kernels then compute in it).
+    ``float_zero_point`` (asymmetric only): zero points are any real number, stored in the scale
+    type, as MatMulNBits takes them: each group is ``scale * q + offset`` (GGUF's Q4_1 and HQQ)."""
 
     bits: int = 2
     granularity: Granularity = Granularity.CHANNEL
     block_size: int = 0  # only for granularity block
     symmetric: bool = True
     scale_type: int = TensorProto.FLOAT
+    float_zero_point: bool = False
 
     def __post_init__(self) -> None:
         IntegerGrid(self.bits)  # validates bits
         object.__setattr__(self, "granularity", Granularity(self.granularity))
         if (self.granularity == Granularity.BLOCK) != (self.block_size > 0):
             raise ValueError("a block size (>= 1) goes with granularity 'block', and only with it")
+        if self.float_zero_point and self.symmetric:
+            raise ValueError("float zero points go with the asymmetric grid")
         if self.scale_type not in SCALE_DTYPES:
             raise ValueError(f"scales are stored as FLOAT or FLOAT16, not {TensorProto.DataType.Name(self.scale_type)}")
 
@@ -94,6 +99,11 @@ class Scheme:
             return scale
         tiny = float(np.finfo(np.float16).smallest_subnormal)
         return np.maximum(scale, tiny).astype(np.float16).astype(np.float64)
+
+    def stored_zero_point(self, zero_point: np.ndarray) -> np.ndarray:
+        """Float zero points [float64] as they will be read back from the file (``stored``'s
+        rounding, without its floor: a zero point may be zero or negative)."""
+        return zero_point if self.scale_type == TensorProto.FLOAT else zero_point.astype(np.float16).astype(np.float64)
 
     @property
     def grid(self) -> IntegerGrid:
@@ -115,7 +125,7 @@ class GroupScales:
     dequantized weight ``w = scale * (q - zero_point)`` (``WeightCodes.dequantize``)."""
 
     scale: np.ndarray  # float64 [n, g], positive
-    zero_point: np.ndarray  # int64 [n, g], on the grid
+    zero_point: np.ndarray  # int64 [n, g], on the grid; float64 on a float zero-point grid
     width: int  # input columns per group
 
     @property
@@ -154,7 +164,10 @@ class WeightCodes:
                 raise ValueError(f"{name} shape {values.shape} does not fit weights {n}x{f} in groups of "
                                  f"{self.scales.width} ({(n, groups)})")
         grid = self.scheme.grid
-        for name, values in (("integers", self.integers), ("zero_point", self.scales.zero_point)):
+        checked = [("integers", self.integers)]
+        if not self.scheme.float_zero_point:
+            checked.append(("zero_point", self.scales.zero_point))
+        for name, values in checked:
             if values.size and (values.min() < grid.qmin or values.max() > grid.qmax):
                 raise ValueError(f"{name} outside the {self.bits}-bit grid [{grid.qmin}, {grid.qmax}]")
 

@@ -17,6 +17,7 @@ class ScaleMethod(Choice):
     MSE = "mse"  # clipping ratio per group minimizing the round-to-nearest QUBO cost
     MINMAX = "minmax"  # the group's full range
     QUBO = "qubo"  # the best few ratios of mse, re-ranked by the solved cost
+    FIT = "fit"  # mse's, then refitted by least squares to the solved codes, solved again (per row: the better)
 
 
 class Rotation(Choice):

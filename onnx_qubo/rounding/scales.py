@@ -16,7 +16,7 @@ import numpy as np
 from ..core.determinism import map_threads
 from ..core.grid import Granularity, GroupScales, IntegerGrid, Scheme
 
-SCALE_METHODS = ("mse", "minmax", "qubo")
+SCALE_METHODS = ("mse", "minmax", "qubo", "fit")
 COARSE_RATIOS = np.linspace(0.05, 1.0, 10)
 FINE_STEPS = np.array([-0.06, -0.04, -0.02, 0.02, 0.04, 0.06])
 QUBO_CANDIDATES = 4  # ratios per group that ``--scale qubo`` solves
@@ -110,8 +110,9 @@ def candidate_scales(weight: np.ndarray, scheme: Scheme, gram: np.ndarray, cross
 
 
 class GroupRanges:
-    """Each scale group's weight range: ``[lo, hi]`` (always containing 0, so that 0 stays
-    exact) for asymmetric grids, ``max |w|`` for symmetric ones; a ratio in (0, 1] clips it."""
+    """Each scale group's weight range: ``[lo, hi]`` (containing 0, so that 0 stays exact, on an
+    integer zero-point grid) for asymmetric grids, ``max |w|`` for symmetric ones; a ratio in
+    (0, 1] clips it (about 0 with integer zero points, about the range's middle with float ones)."""
 
     def __init__(self, weight: np.ndarray, scheme: Scheme):
         n, f = weight.shape
@@ -121,7 +122,13 @@ class GroupRanges:
         padded = np.zeros((n, groups * self.width))
         padded[:, :f] = weight
         blocks = padded.reshape(n, groups, self.width)
-        self.lo, self.hi = np.minimum(blocks.min(axis=2), 0.0), np.maximum(blocks.max(axis=2), 0.0)
+        lo, hi = blocks.min(axis=2), blocks.max(axis=2)
+        if f % self.width:  # the padding of a short last block is not a weight
+            last = weight[:, (groups - 1) * self.width:]
+            lo[:, -1], hi[:, -1] = last.min(axis=1), last.max(axis=1)
+        if not scheme.float_zero_point:
+            lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        self.lo, self.hi = lo, hi
         if scheme.granularity == Granularity.TENSOR:
             self.lo = np.full((n, 1), self.lo.min())
             self.hi = np.full((n, 1), self.hi.max())
@@ -134,11 +141,64 @@ class GroupRanges:
             scale = np.maximum(-self.lo, self.hi) * ratio / top
             scale = self.scheme.stored(np.where(scale > 0, scale, 1.0))
             return GroupScales(scale, np.zeros(self.shape, dtype=np.int64), self.width)
+        if self.scheme.float_zero_point:
+            middle, half = (self.hi + self.lo) / 2, (self.hi - self.lo) / 2 * ratio
+            scale = self.scheme.stored(np.where(half > 0, 2 * half / (grid.qmax - grid.qmin), 1.0))
+            zero_point = self.scheme.stored_zero_point(grid.qmin - (middle - half) / scale)
+            return GroupScales(scale, zero_point, self.width)
         lo, hi = self.lo * ratio, self.hi * ratio
         scale = (hi - lo) / (grid.qmax - grid.qmin)
         scale = self.scheme.stored(np.where(scale > 0, scale, 1.0))
         zero_point = np.clip(np.round(grid.qmin - lo / scale), grid.qmin, grid.qmax).astype(np.int64)
         return GroupScales(scale, zero_point, self.width)
+
+
+def fitted_scales(weight: np.ndarray, codes: np.ndarray, scales: GroupScales, scheme: Scheme,
+                  gram: np.ndarray, cross: np.ndarray | None = None) -> GroupScales:
+    """The scales (and, on a float zero-point grid, the zero points) that fit the rounded
+    ``codes`` [n, f] best: with the codes fixed, the dequantized weight is linear in each group's
+    scale s and offset t = -s * zero_point, so the cost ``d G d + 2 d . cross`` (d = weight -
+    dequantized) is least squares in them, solved exactly per group on its diagonal block of G
+    (a row's one group: the whole G). Integer grids keep their zero points and fit s alone; a
+    float zero-point grid fits s and t together (GGUF's and HQQ's scale-and-minimum blocks, fitted
+    to the layer's output instead of the weights). A group whose fit is degenerate or not
+    positive keeps its scale; the fit of a tensor-wide scale adds every row's equations."""
+    n, f = weight.shape
+    width, groups = scales.width, scales.groups
+    k = 2 if scheme.float_zero_point else 1
+    normal = np.zeros((n, groups, k, k))
+    target = np.zeros((n, groups, k))
+    for b in range(groups):  # one block of columns at a time: [n, width] temporaries (an LM head's n is 49k)
+        cols = slice(b * width, min((b + 1) * width, f))
+        block = gram[cols, cols]
+        pulled = weight[:, cols] @ block  # G w per row, on the block
+        if cross is not None:
+            pulled += cross[:, cols]
+        if scheme.float_zero_point:  # w = s q + t
+            units = [codes[:, cols].astype(np.float64), np.ones((n, cols.stop - cols.start))]
+        else:  # w = s (q - zero_point)
+            units = [codes[:, cols] - scales.zero_point[:, b:b + 1].astype(np.float64)]
+        for a in range(k):
+            target[:, b, a] = np.einsum("if,if->i", units[a], pulled)
+            projected = units[a] @ block
+            for c in range(k):
+                normal[:, b, a, c] = np.einsum("if,if->i", projected, units[c])
+    if scheme.granularity == Granularity.TENSOR:
+        normal, target = normal.sum(axis=0, keepdims=True), target.sum(axis=0, keepdims=True)
+    det = np.linalg.det(normal)
+    solvable = np.abs(det) > 1e-12 * np.abs(normal).reshape(*det.shape, -1).max(axis=-1) ** k
+    safe = np.where(solvable[..., None, None], normal, np.eye(k))
+    theta = np.linalg.solve(safe, target[..., None])[..., 0]
+    scale = theta[..., 0]
+    keep = solvable & (scale > 0) & np.isfinite(theta).all(axis=-1)
+    if scheme.granularity == Granularity.TENSOR:
+        keep, scale, theta = (np.broadcast_to(v, (n, *v.shape[1:])) for v in (keep, scale, theta))
+    new_scale = scheme.stored(np.where(keep, scale, scales.scale))
+    if not scheme.float_zero_point:
+        return GroupScales(new_scale, scales.zero_point, width)
+    offset = np.where(keep, theta[..., 1], 0.0)
+    zero_point = np.where(keep, scheme.stored_zero_point(-offset / np.where(keep, new_scale, 1.0)), scales.zero_point)
+    return GroupScales(new_scale, zero_point, width)
 
 
 def tensor_scales(values: np.ndarray, weights: Scheme) -> GroupScales:

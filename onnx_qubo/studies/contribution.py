@@ -55,17 +55,19 @@ class Measured:
 def scheme_label(q: QuantizedLayer) -> str:
     scheme = q.codes.scheme
     groups = f"block {scheme.block_size}" if scheme.granularity == Granularity.BLOCK else str(scheme.granularity)
-    return f"{groups} {'sym' if scheme.symmetric else 'asym'}"
+    return f"{groups} {'sym' if scheme.symmetric else 'asym float' if scheme.float_zero_point else 'asym'}"
 
 
 def stored_bytes(q: QuantizedLayer) -> int:
-    """Bytes of a quantized weight as written: packed integers, float scales, packed zero points,
-    and the float output shift of bias correction where the layer has no bias to fold it into."""
+    """Bytes of a quantized weight as written: packed integers, float scales, packed zero points
+    (float ones as the scales), and the float output shift of bias correction where the layer has
+    no bias to fold it into."""
     width = _storage_bits(q)
     codes = q.codes
-    zero_points = 0 if codes.signed else codes.scales.zero_point.size * width
+    zero_points = 0 if codes.signed or codes.scheme.float_zero_point else codes.scales.zero_point.size * width
+    floats = codes.scales.scale.size * (1 + codes.scheme.float_zero_point)
     shift = 0 if q.bias_shift is None or q.layer.bias is not None else q.bias_shift.size * FLOAT_BYTES
-    return int(np.ceil((codes.integers.size * width + zero_points) / 8)) + codes.scales.scale.size * FLOAT_BYTES + shift
+    return int(np.ceil((codes.integers.size * width + zero_points) / 8)) + floats * FLOAT_BYTES + shift
 
 
 def _storage_bits(q: QuantizedLayer) -> int:
