@@ -26,7 +26,8 @@ is KIND:BITS:BLOCK[:VARIANT]:
   (like the builder's int4); ours:b:B:acc0: the same at the default accuracy level 0;
   ours:b:B:qdq: `--format qdq --embeddings` (INT2/INT4 initializers: 2- and 3-bit codes at their own
   size, where --format ort stores them in 4-bit MatMulNBits, onnxruntime 1.32's fast kernel);
-  ours:b:B:fit: ours:b:B with `--scale fit`; ours:b:B:fzpfit: with `--float-zero-points --scale fit`
+  ours:b:B:fit: ours:b:B with `--scale fit`; ours:b:B:fzp: with `--float-zero-points`; ours:b:B:fzpfit: with
+  `--float-zero-points --scale fit`
   (float zero points have no fast MatMulNBits kernel: those layers stay DequantizeLinear);
 - float:torch, rtn:b:B:torch, hqq:b:B:torch, ours:b:B:torch: the torch export instead of the
   builder's fp32 model, and each quantizer on it (perplexity only: og.Generator runs the builder's
@@ -78,9 +79,10 @@ DEFAULT_CELLS = ["float", "builder:4:32", "builder:4:128",
                  *[f"{k}:{b}:{s}" for k in ("rtn", "hqq") for b in (4, 2) for s in (32, 128)],
                  "ours:4:32", "ours:4:32:acc0", "ours:4:128", "ours:3:32", "ours:3:128", "ours:2:32", "ours:2:128",
                  "ours:2:32:qdq", "ours:2:128:qdq", "float:torch", "rtn:4:32:torch", "ours:4:32:torch", "ours:2:32:torch"]
-VARIANTS = {"acc0": ("ours",), "qdq": ("ours",), "fit": ("ours",), "fzpfit": ("ours",),
+VARIANTS = {"acc0": ("ours",), "qdq": ("ours",), "fit": ("ours",), "fzp": ("ours",), "fzpfit": ("ours",),
             "torch": ("float", "rtn", "hqq", "ours")}  # variant -> its kinds
-SCALE_VARIANTS = {"fit": ["--scale", "fit"], "fzpfit": ["--float-zero-points", "--scale", "fit"]}
+SCALE_VARIANTS = {"fit": ["--scale", "fit"], "fzp": ["--float-zero-points"],
+                  "fzpfit": ["--float-zero-points", "--scale", "fit"]}
 SPEED_CELLS = "float,builder:4:32,ours:4:32"
 PROMPT = ("The history of the English language began with the arrival of three Germanic tribes who "
           "invaded Britain during the 5th century AD. These tribes, the Angles, the Saxons and the Jutes, "
@@ -624,10 +626,18 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
     graph = onnx.load(str(path), load_external_data=False).graph
     sizes = {init.name: tensor_bytes(init) for init in graph.initializer}
     dims = {init.name: list(init.dims) for init in graph.initializer}
+    # a float-zero-point weight is DequantizeLinear -> Sub(offsets: Expand -> Reshape -> Slice of one per group)
     source = {n.output[0]: n.input[0] for n in graph.node
-              if n.op_type in ("Transpose", "Reshape", "Cast", "DequantizeLinear") and n.input}
+              if n.op_type in ("Transpose", "Reshape", "Cast", "DequantizeLinear", "Sub", "Expand", "Slice") and n.input}
     dequantized = {n.input[0]: {x for x in n.input[1:] if x} for n in graph.node  # codes -> their scale, zero point
                    if n.op_type == "DequantizeLinear" and n.input[0] in sizes}
+    deq_codes = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    for n in graph.node:  # and their float offsets
+        if n.op_type == "Sub" and n.input[0] in deq_codes and deq_codes[n.input[0]] in dequantized:
+            offset = n.input[1]
+            while offset not in sizes and offset in source:
+                offset = source[offset]
+            dequantized[deq_codes[n.input[0]]].add(offset)
 
     transposes = {n.output[0] for n in graph.node if n.op_type == "Transpose"}
 
