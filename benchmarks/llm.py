@@ -626,7 +626,8 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
     graph = onnx.load(str(path), load_external_data=False).graph
     sizes = {init.name: tensor_bytes(init) for init in graph.initializer}
     dims = {init.name: list(init.dims) for init in graph.initializer}
-    # a float-zero-point weight is DequantizeLinear -> Sub(offsets: Expand -> Reshape -> Slice of one per group)
+    # float zero points: the Gemm's output less (input block sums) @ offsets, the offsets a MatMul's constant;
+    # cells made at 896bfcf subtract them from the weight: DequantizeLinear -> Sub(Expand -> Reshape -> Slice)
     source = {n.output[0]: n.input[0] for n in graph.node
               if n.op_type in ("Transpose", "Reshape", "Cast", "DequantizeLinear", "Sub", "Expand", "Slice") and n.input}
     dequantized = {n.input[0]: {x for x in n.input[1:] if x} for n in graph.node  # codes -> their scale, zero point
@@ -638,6 +639,13 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
             while offset not in sizes and offset in source:
                 offset = source[offset]
             dequantized[deq_codes[n.input[0]]].add(offset)
+    producers = {n.output[0]: n for n in graph.node}
+    offsets_after, offset_terms = {}, set()  # a Gemm's output -> the offsets matrix subtracted from it
+    for n in graph.node:
+        term = producers.get(n.input[1]) if n.op_type == "Sub" and len(n.input) > 1 else None
+        if term is not None and term.op_type == "MatMul" and term.input[1] in sizes:
+            offsets_after[n.input[0]] = term.input[1]
+            offset_terms.add(term.output[0])  # not a layer of its own
 
     transposes = {n.output[0] for n in graph.node if n.op_type == "Transpose"}
 
@@ -662,9 +670,11 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
         if node.op_type == "MatMulNBits":
             inits = {root(x) for x in node.input[1:] if x and root(x) in sizes}
             weights, width = attrs["K"] * attrs["N"], attrs["N"]
-        elif node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and root(node.input[1]) in sizes:
+        elif (node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and root(node.input[1]) in sizes
+              and node.output[0] not in offset_terms):
             weight, flipped = traced(node.input[1])
-            inits = {weight, *dequantized.get(weight, ())}
+            inits = {weight, *dequantized.get(weight, ())} | ({offsets_after[node.output[0]]}
+                                                              if node.output[0] in offsets_after else set())
             stored = dims[weight]  # [K, N], or [N, K] for Gemm with transB or behind a Transpose
             weights, width = math.prod(stored), stored[0] if bool(attrs.get("transB")) ^ flipped else stored[-1]
         elif node.op_type in ("Gather", "GatherBlockQuantized") and root(node.input[0]) in sizes:

@@ -38,7 +38,7 @@ class QuantizedTensor:
     zero_point: np.ndarray | None  # integers, the shape of scale; None: 0 (no zero-point input)
     storage_type: int  # onnx.TensorProto.INT2 / UINT4 / INT32 ...
     block_size: int = 0  # with a 2-D scale: inputs per block
-    offset: np.ndarray | None = None  # float zero points as scale * zero_point, the shape of scale: subtracted after
+    offset: np.ndarray | None = None  # float zero points as scale * zero_point, the shape of scale (subtract_offsets)
 
     def attributes(self) -> dict[str, Any]:
         if self.scale.ndim == 0:
@@ -70,8 +70,7 @@ def dequantized(tensor: QuantizedTensor) -> np.ndarray:
 
     zero = 0 if tensor.zero_point is None else per_value(tensor.zero_point)
     scale = per_value(np.asarray(tensor.scale, np.float32))
-    values = ((integers - zero).astype(np.float32) * scale).astype(float_dtype(tensor))
-    return values if tensor.offset is None else values - per_value(tensor.offset)
+    return ((integers - zero).astype(np.float32) * scale).astype(float_dtype(tensor))
 
 
 @dataclass(frozen=True)
@@ -228,34 +227,44 @@ class GraphEdit:
         deq = self.fresh(f"{base}_dequantized")
         node = helper.make_node("DequantizeLinear", inputs, [deq], name=self.fresh(f"{base}_DequantizeLinear"),
                                 **tensor.attributes())
-        if tensor.offset is None:
-            return [node], deq
-        node.output[0] = scaled = self.fresh(f"{base}_scaled")
-        offset_nodes, offset = self._offsets(base, tensor)
-        subtract = helper.make_node("Sub", [scaled, offset], [deq], name=self.fresh(f"{base}_Sub"))
-        return [node, *offset_nodes, subtract], deq
+        return [node], deq
 
-    def _offsets(self, base: str, tensor: QuantizedTensor) -> tuple[list[onnx.NodeProto], str]:
-        """The float zero points' offsets as a tensor broadcasting over the codes (DequantizeLinear
-        takes only integer zero points): a scalar, one per row [n, 1], or per block of a row
-        ``[n, g, 1] -> Expand [n, g, block] -> Reshape [n, g * block] -> Slice [n, f]`` (constant
-        nodes: onnxruntime folds them when it loads the model; the file keeps one value per group)."""
+    def subtract_offsets(self, gemm: onnx.NodeProto, tensor: QuantizedTensor, gain: float) -> list[onnx.NodeProto]:
+        """Float zero points (backends/portable.py rule 6) on the activation's side of ``gemm``
+        (``x [N, f] -> Gemm(x, W)`` with W dequantized without them): a group's weights are
+        ``scale * q - offset`` (``offset = scale * zero_point``), so the layer's output is the
+        Gemm's less ``gain * blocksums(x) @ T``, with T [groups, n] the offsets.
+        The weight stays ``DequantizeLinear -> Gemm`` (not folded to floats by onnxruntime, as a
+        ``Sub`` on the weight would be); the extra work is a [N, groups] x [groups, n] MatMul.
+        Returns the nodes to put after ``gemm``, whose output they take over."""
         assert tensor.offset is not None
-        offset = np.asarray(tensor.offset, float_dtype(tensor))
-        if offset.ndim < 2:
-            return [], self.constant(f"{base}_offset", offset.reshape(-1, *[1] * (tensor.integers.ndim - 1))
-                                     if offset.ndim else offset)
-        n, groups = offset.shape
-        f, block = tensor.integers.shape[1], tensor.block_size
-        small = self.constant(f"{base}_offset", offset[:, :, None])
-        shapes = {name: self.constant(f"{base}_{name}", np.array(value, np.int64)) for name, value in
-                  (("offset_block", [n, groups, block]), ("offset_rows", [n, groups * block]),
-                   ("offset_start", [0]), ("offset_end", [f]), ("offset_axis", [1]))}
-        expanded, rows, cut = (self.fresh(f"{base}_offset_{part}") for part in ("expanded", "rows", "cut"))
-        return [helper.make_node("Expand", [small, shapes["offset_block"]], [expanded]),
-                helper.make_node("Reshape", [expanded, shapes["offset_rows"]], [rows]),
-                helper.make_node("Slice", [rows, shapes["offset_start"], shapes["offset_end"], shapes["offset_axis"]],
-                                 [cut])], cut
+        dtype = float_dtype(tensor)
+        n, f = tensor.integers.shape
+        offset = np.asarray(tensor.offset, np.float64).reshape(n, -1) if np.ndim(tensor.offset) else np.full(
+            (n, 1), float(tensor.offset))
+        groups = offset.shape[1]
+        width = tensor.block_size if groups > 1 else f
+        base, activation = gemm.output[0], gemm.input[0]
+        matrix = self.constant(f"{base}_offsets", np.ascontiguousarray((gain * offset).T, dtype))
+        sums, correction, before = (self.fresh(f"{base}_{part}")
+                                    for part in ("input_sums", "offset_term", "before_offsets"))
+        nodes = []
+        if groups == 1:
+            axes = self.constant(f"{base}_sum_axes", np.array([1], np.int64))
+            nodes.append(helper.make_node("ReduceSum", [activation, axes], [sums], keepdims=1))
+        else:
+            padded, blocks = activation, self.fresh(f"{base}_input_blocks")
+            if groups * width != f:  # the short last block, padded with zeros
+                padded = self.fresh(f"{base}_input_padded")
+                pads = self.constant(f"{base}_pads", np.array([0, 0, 0, groups * width - f], np.int64))
+                nodes.append(helper.make_node("Pad", [activation, pads], [padded]))
+            shape = self.constant(f"{base}_block_shape", np.array([-1, groups, width], np.int64))
+            axes = self.constant(f"{base}_sum_axes", np.array([2], np.int64))
+            nodes += [helper.make_node("Reshape", [padded, shape], [blocks]),
+                      helper.make_node("ReduceSum", [blocks, axes], [sums], keepdims=0)]
+        gemm.output[0] = before
+        return nodes + [helper.make_node("MatMul", [sums, matrix], [correction]),
+                        helper.make_node("Sub", [before, correction], [base], name=self.fresh(f"{base}_offsets"))]
 
     def quantize_activation(self, activation: str,
                             quant: ActivationQuantization | None) -> tuple[list[onnx.NodeProto], str]:

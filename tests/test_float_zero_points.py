@@ -113,20 +113,21 @@ def test_the_written_gemm_is_numpy_on_what_the_file_holds(scheme, scale, tmp_pat
     assert cost == pytest.approx(measured_error(model, out, x), rel=1e-3)
     written = onnx.load(str(out))
     dq = next(n for n in written.graph.node if n.op_type == "DequantizeLinear")
-    assert len(dq.input) == 2  # no integer zero point: the offsets are subtracted after it
-    assert [n.op_type for n in written.graph.node if n.input and n.input[0] == dq.output[0]] == ["Sub"]
+    assert len(dq.input) == 2  # no integer zero point: the offsets are subtracted on the activation's side
+    gemm = next(n for n in written.graph.node if n.op_type == "Gemm")
+    assert gemm.input[1] == dq.output[0]  # DequantizeLinear -> Gemm, which onnxruntime keeps quantized
     inits = read_back(out)
     codes, scale_values = inits[dq.input[0]].astype(np.float64), inits[dq.input[1]].astype(np.float64)
-    offset = next(v for k, v in inits.items() if k.endswith("_offset")).astype(np.float64)
+    offsets = next(v for k, v in inits.items() if k.endswith("_offsets")).astype(np.float64)  # [groups, n]
+    xs = x.astype(np.float64)
     if scale_values.ndim == 2:  # blocks of 5 along the 12 inputs: the last one short
         scale_values = np.repeat(scale_values, 5, axis=1)[:, :12]
-        offset = np.repeat(offset[:, :, 0], 5, axis=1)[:, :12]
-    elif scale_values.ndim == 1:
-        scale_values = scale_values[:, None]
-    weight = codes * scale_values - offset  # [n, f]
-    gemm = next(n for n in written.graph.node if n.op_type == "Gemm")
+        sums = np.add.reduceat(xs, np.arange(0, 12, 5), axis=1)  # [N, 3]
+    else:
+        scale_values = scale_values.reshape(-1, 1) if scale_values.ndim else scale_values
+        sums = xs.sum(axis=1, keepdims=True)
     bias = inits[gemm.input[2]].astype(np.float64) if len(gemm.input) > 2 else 0.0
-    expected = -0.7 * x.astype(np.float64) @ weight.T + bias
+    expected = -0.7 * xs @ (codes * scale_values).T + bias - sums @ offsets
     for level in LEVELS:
         got = run(out, x, level)
         assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
@@ -147,7 +148,7 @@ def test_half_precision_float_zero_points_run_as_the_reference(tmp_path):
     out = tmp_path / "q.onnx"
     quantize(half_model("matmul"), out, calibration={"x": HALF_X}, bits=3, granularity="block", block_size=16,
              symmetric=False, float_zero_points=True, speed=False)
-    offsets = [v for k, v in read_back(out).items() if k.endswith("_offset")]
+    offsets = [v for k, v in read_back(out).items() if k.endswith("_offsets")]
     assert len(offsets) == 2 and all(v.dtype == np.float16 for v in offsets)
     unoptimized = run(out, HALF_X, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).astype(np.float32)
     for level in LEVELS:
@@ -195,7 +196,7 @@ def test_format_ort_keeps_float_zero_points_portable(tmp_path):
                       block_size=32, format="ort", calibration={"x": x}, speed=False)
     assert report.evaluation.default_matches_basic
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
-    assert "MatMulNBits" not in ops and {"DequantizeLinear", "Sub"} <= ops
+    assert "MatMulNBits" not in ops and {"DequantizeLinear", "Gemm", "ReduceSum", "Sub"} <= ops
 
 
 def test_float_zero_points_are_refused_where_they_cannot_be_written():

@@ -13,6 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
+from onnx_qubo import api
+from onnx_qubo.config import QuantizeConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "tiny_lm"
 _spec = importlib.util.spec_from_file_location("llm_bench", ROOT / "benchmarks" / "llm.py")
@@ -120,3 +123,17 @@ def test_torch_cells_start_from_the_export_and_compare_with_it(tmp_path):
     assert f"| ours:4:32:torch | {ours['perplexity']:.3f} | {rise:.3f} |" in (tmp_path / "llm.md").read_text()
     with pytest.raises(SystemExit, match="og.Generator runs the builder's graphs"):
         llm.main(["--work", str(work), "--speed", "ours:4:32:torch"])
+
+
+def test_float_zero_point_offsets_count_in_the_bits_per_weight(tmp_path):
+    """--float-zero-points: each block of 32 carries a float32 scale and a float32 offset beside its
+    4-bit-stored codes: 6 bits per weight in the blocks, read back from the written graph."""
+    out = tmp_path / "fzp"
+    out.mkdir()
+    config = QuantizeConfig.from_flat(bits=3, granularity="block", block_size=32, symmetric=False,
+                                      float_zero_points=True)
+    api.run(str(TINY / "model.onnx"), str(out / "model.onnx"), config, calibration=str(TINY / "model.calib.npz"),
+            speed=False)
+    bits = llm.weight_bits(out)
+    assert bits["blocks"]["bits_per_weight"] == pytest.approx(6.0)
+    assert bits["blocks"]["weights"] == 2 * 64 * (128 + 64 + 128 + 128 + 128)

@@ -73,6 +73,8 @@ class GemmForm:
         if bias_after is not None:
             del gemm.input[2:]
         nodes += qdq + [gemm]
+        if weight.weight.offset is not None:  # float zero points (alpha scales them too)
+            nodes += edit.subtract_offsets(gemm, weight.weight, float(attributes(node).get("alpha", 1.0)))
         if bias_after is not None:
             nodes += edit.add_to_output(nodes, bias_after, "bias")
         return Lowered(nodes)

@@ -60,8 +60,8 @@ class MatMulForm:
             renames[weight.bias_name] = edit.constant(f"{weight.bias_name}_corrected", weight.float_bias)
         if weight.activation_rank == 2:
             qdq, activation = edit.quantize_activation(node.input[0], weight.activation)
-            return Lowered(nodes + qdq + [helper.make_node("Gemm", [activation, deq], [node.output[0]], transB=1,
-                                                           name=node.name)], renames)
+            gemm = helper.make_node("Gemm", [activation, deq], [node.output[0]], transB=1, name=node.name)
+            return Lowered(nodes + qdq + [gemm] + _offsets(gemm, weight, edit), renames)
         n, f = weight.weight.integers.shape
         prefix = node.name or weight.name
         flat_shape, flat, flat_out, shape, lead, starts, ends, width, out_shape = (
@@ -69,18 +69,25 @@ class MatMulForm:
             ("flat_shape", "flat", "flat_out", "in_shape", "lead_shape", "starts", "ends", "width", "out_shape"))
         constants = {flat_shape: [-1, f], starts: [0], ends: [-1], width: [n]}
         qdq, flat_seen = edit.quantize_activation(flat, weight.activation)
+        gemm = helper.make_node("Gemm", [flat_seen, deq], [flat_out], transB=1, name=node.name)
         return Lowered(nodes + [
             helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.int64)))
             for name, v in constants.items()
         ] + [
             helper.make_node("Reshape", [node.input[0], flat_shape], [flat]),
             *qdq,
-            helper.make_node("Gemm", [flat_seen, deq], [flat_out], transB=1, name=node.name),
+            gemm,
+            *_offsets(gemm, weight, edit),
             helper.make_node("Shape", [node.input[0]], [shape]),
             helper.make_node("Slice", [shape, starts, ends], [lead]),
             helper.make_node("Concat", [lead, width], [out_shape], axis=0),
             helper.make_node("Reshape", [flat_out, out_shape], [node.output[0]]),
         ], renames)
+
+
+def _offsets(gemm: onnx.NodeProto, weight: QuantizedWeight, edit: GraphEdit) -> list[onnx.NodeProto]:
+    """The float zero points' correction after the Gemm, if the weight has them (gain 1)."""
+    return [] if weight.weight.offset is None else edit.subtract_offsets(gemm, weight.weight, 1.0)
 
 
 def _constant_add(output: str, index: GraphIndex) -> onnx.NodeProto | None:
