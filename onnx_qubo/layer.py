@@ -184,13 +184,8 @@ class LayerWork:
         plan = self.plan
         if self.presolved is not None and plan.solver.name == FastSolver.name:
             return self.presolved
-        if plan.layer.group is not None and plan.layer.view.small_problems and plan.solver.name == FastSolver.name:
-            # one group of a grouped Conv: a few neurons of a few weights, often hundreds of groups:
-            # proven optima by branch and bound cost under a millisecond up to SMALL_GROUP_FREE
-            # weights; above, the engine without its tabu stage, whose fixed budget is a layer's
-            if self.problem.rounding.free.sum(axis=1).max(initial=0) <= SMALL_GROUP_FREE:
-                return optimal_rounding(self.problem, RoundToNearest().solve(self.problem))
-            return FastSolver(tabu_work=0).solve(self.problem, plan.seed, progress)
+        if _small_group(plan) and plan.solver.name == FastSolver.name:
+            return fast_rounding(plan, self.problem, progress)
         if plan.workers > 1 or plan.ray_address is not None:  # the same bits, rows on other processes
             return workers.solve_layer(self.problem, plan.solver.name, plan.seed, plan.workers, plan.ray_address,
                                        getattr(plan.solver, "params", None))
@@ -231,6 +226,23 @@ class LayerWork:
                            self.terms)
 
 
+def _small_group(plan: LayerPlan) -> bool:
+    """One group of a grouped Conv: a few neurons of a few weights, often hundreds of groups."""
+    return plan.layer.group is not None and plan.layer.view.small_problems
+
+
+def fast_rounding(plan: LayerPlan, problem: LayerProblem, progress: Progress = Progress()) -> np.ndarray:
+    """The fast solver's rounding as the run applies it (in this process): a small group's
+    proven optimum by branch and bound (under a millisecond up to SMALL_GROUP_FREE weights), or
+    above that the engine without its tabu stage, whose fixed budget is a layer's; else the
+    engine. The scale searches round with it too, so what they keep is what the run writes."""
+    if _small_group(plan):
+        if problem.rounding.free.sum(axis=1).max(initial=0) <= SMALL_GROUP_FREE:
+            return optimal_rounding(problem, RoundToNearest().solve(problem))
+        return FastSolver(tabu_work=0).solve(problem, plan.seed, progress)
+    return FastSolver().solve(problem, plan.seed, progress)
+
+
 @one_blas_thread()
 def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: InputQuantizer | None) -> LayerWork:
     """Scales and QUBO of one layer from the statistics of the inputs it will see."""
@@ -243,11 +255,11 @@ def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: Input
     bias_scales = tensor_scales(layer.bias, scheme) if plan.bias_is_variable and layer.bias is not None else None
     presolved = None
     if plan.scale == ScaleMethod.QUBO:
-        scales, presolved = _solved_best_scales(terms, scheme, bias_scales, plan.seed, plan.levels)
+        scales, presolved = _solved_best_scales(plan, terms, bias_scales)
     elif plan.scale == ScaleMethod.FIT:
         if scales is None:
             scales = choose_scales(ScaleMethod.MSE, terms.weight, scheme, terms.weight_gram, terms.weight_cross)
-        scales, presolved = _fitted_scales(terms, scheme, scales, bias_scales, plan.seed, plan.levels)
+        scales, presolved = _fitted_scales(plan, terms, scales, bias_scales)
     elif scales is None:
         scales = choose_scales(plan.scale, terms.weight, scheme, terms.weight_gram, terms.weight_cross)
     search_seconds = time.perf_counter() - start
@@ -271,18 +283,19 @@ def _chosen_grid(plan: LayerPlan, terms: LayerTerms) -> tuple[LayerPlan, GroupSc
     return plan.with_grid(scheme), scales
 
 
-def _solved_best_scales(terms: LayerTerms, scheme: Scheme, bias_scales: GroupScales | None,
-                        seed: int, levels: int) -> tuple[GroupScales, np.ndarray]:
+def _solved_best_scales(plan: LayerPlan, terms: LayerTerms,
+                        bias_scales: GroupScales | None) -> tuple[GroupScales, np.ndarray]:
     """``scale qubo``: the best few clipping ratios by round-to-nearest cost, each solved by
     the fast engine; per row (one set for a tensor-wide scale) the one with the least cost.
     Rows are independent problems, so the chosen rows' roundings are returned too. The first
     candidate is ``scale mse``'s choice: no row costs more than with it."""
+    scheme = plan.scheme
     candidates = candidate_scales(terms.weight, scheme, terms.weight_gram, terms.weight_cross,
                                   QUBO_CANDIDATES)
     costs, choices = [], []
     for scales in candidates:
-        problem = terms.problem(scheme, scales, bias_scales, levels)
-        choices.append(FastSolver().solve(problem, seed))
+        problem = terms.problem(scheme, scales, bias_scales, plan.levels)
+        choices.append(fast_rounding(plan, problem))
         costs.append(problem.neuron_energies(choices[-1]))
     scales, choice, _ = _best_rows(candidates, choices, costs, scheme)
     return scales, choice
@@ -291,21 +304,21 @@ def _solved_best_scales(terms: LayerTerms, scheme: Scheme, bias_scales: GroupSca
 FIT_ROUNDS = 2  # ``scale fit``: on the MNIST MLP at 3 bits a second refit gains a third of the first, a third <0.5%
 
 
-def _fitted_scales(terms: LayerTerms, scheme: Scheme, scales: GroupScales, bias_scales: GroupScales | None,
-                   seed: int, levels: int) -> tuple[GroupScales, np.ndarray]:
+def _fitted_scales(plan: LayerPlan, terms: LayerTerms, scales: GroupScales,
+                   bias_scales: GroupScales | None) -> tuple[GroupScales, np.ndarray]:
     """``scale fit``: solve on ``scales`` with the fast engine, refit the scales (and float zero
     points) to the chosen codes by least squares on the layer's cost (scales.fitted_scales), solve
     again; per row (a tensor-wide scale: for all) the rounding with the least exact cost is kept,
     so no row costs more than on ``scales`` alone. Repeated ``FIT_ROUNDS`` times."""
-    f = terms.layer.shape[1]
+    f, scheme, levels = terms.layer.shape[1], plan.scheme, plan.levels
     problem = terms.problem(scheme, scales, bias_scales, levels)
-    choice = FastSolver().solve(problem, seed)
+    choice = fast_rounding(plan, problem)
     cost = problem.neuron_energies(choice)
     for _ in range(FIT_ROUNDS):
         codes = problem.integers(choice)[:, :f]
         refit = fitted_scales(terms.weight, codes, scales, scheme, terms.weight_gram, terms.weight_cross)
         refit_problem = terms.problem(scheme, refit, bias_scales, levels)
-        refit_choice = FastSolver().solve(refit_problem, seed)
+        refit_choice = fast_rounding(plan, refit_problem)
         refit_cost = refit_problem.neuron_energies(refit_choice)
         scales, choice, cost = _best_rows([scales, refit], [choice, refit_choice], [cost, refit_cost], scheme)
         problem = terms.problem(scheme, scales, bias_scales, levels)

@@ -22,6 +22,7 @@ from test_half_precision import half_model
 from test_ort_forms import Fresh, activations, relative_errors
 from test_schemes import measured_error
 
+from onnx_qubo import layer as layer_module
 from onnx_qubo.backends.ort import OrtForm, matmul_nbits, reference
 from onnx_qubo.config import QuantizeConfig
 from onnx_qubo.core.errors import OptionError
@@ -214,3 +215,22 @@ def test_conv_layers_keep_integer_zero_points():
     plan = make_plan(QuantizeConfig.from_flat(float_zero_points=True, symmetric=False, bits=4), layers)
     kinds = {p.layer.form.op_type: p.scheme.float_zero_point for p in plan.layers}
     assert kinds == {"Conv": False, "Gemm": True}
+
+
+def test_scale_fit_rounds_small_conv_groups_as_the_run_does(tmp_path, monkeypatch):
+    """A depthwise Conv's groups are solved to their proven optimum by the run (layer.fast_rounding);
+    the fit's solves are the same ones, so what it keeps is what the run would write, and its cost
+    is at most the default's."""
+    model = conv_model(channels=(4, 8), group=4, pads=[1, 1, 1, 1])
+    x = np.random.default_rng(6).standard_normal((40, 4, 9, 8)).astype(np.float32)
+    optima = []
+    exact = layer_module.optimal_rounding
+    monkeypatch.setattr(layer_module, "optimal_rounding", lambda *a: optima.append(1) or exact(*a))
+    costs = {}
+    for scale in ("mse", "fit"):
+        optima.clear()
+        report = quantize(model, tmp_path / f"{scale}.onnx", bits=3, scale=scale, bias_correction=False,
+                          calibration={"x": x}, speed=False)
+        costs[scale] = sum(layer.cost_solved for layer in report.layers)
+        assert len(optima) == 4 * (1 + layer_module.FIT_ROUNDS if scale == "fit" else 1)  # per group
+    assert costs["fit"] <= costs["mse"] * (1 + 1e-9)
