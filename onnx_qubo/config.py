@@ -161,8 +161,8 @@ class WeightConfig(_Section):
     float_zero_points: bool = _option(False, "Asymmetric grids store their zero points as floats (the scale's "
                                              "type): each group is scale x code + any offset, as MatMulNBits takes "
                                              "it (GGUF Q4_1, HQQ). Dense MatMul/Gemm layers only (the others keep "
-                                             "integer zero points); the portable form subtracts the offsets after "
-                                             "DequantizeLinear. Best with --scale fit.")
+                                             "integer zero points); the Gemm after DequantizeLinear then loses "
+                                             "the offsets' share of its output. Weight-only.")
     head_bits: int | None = _option(None, "Bit width of the output layers (those whose result is a model output up "
                                           "to shape and element-wise steps: a language model's head, a classifier's "
                                           f"last layer). Unset (the default): {HEAD_BITS} where --bits is below "
