@@ -20,7 +20,7 @@ Facts behind the choices (checked by ``tests/test_ort_forms.py`` and measured by
 
 - MatMulNBits has fast (prepacked) CPU kernels only for 4-bit weights and, with
   ``accuracy_level=4``, 8-bit weights, with ``block_size`` in 16..256, and integer zero points
-  (float ones, onnxruntime's own HQQ output, dequantize on every run: 24-70x slower at batch 1
+  (float ones, onnxruntime's own HQQ output, dequantize on every run: 24-76x slower at batch 1
   on a 2048x2048 layer, benchmarks/results/matmul_nbits_zero_points.md); 2-bit weights and 8-bit
   weights at ``accuracy_level`` 0/1 fall back to dequantizing the whole weight on every run, and
   2-bit weights give wrong results when ``N`` is not a multiple of 4 (refused here). Codes of 1-4
