@@ -314,14 +314,15 @@ def _fitted_scales(plan: LayerPlan, terms: LayerTerms, scales: GroupScales,
     problem = terms.problem(scheme, scales, bias_scales, levels)
     choice = fast_rounding(plan, problem)
     cost = problem.neuron_energies(choice)
-    for _ in range(FIT_ROUNDS):
+    for k in range(FIT_ROUNDS):
+        if k:  # the rows kept so far, each on its own scales
+            problem = terms.problem(scheme, scales, bias_scales, levels)
         codes = problem.integers(choice)[:, :f]
         refit = fitted_scales(terms.weight, codes, scales, scheme, terms.weight_gram, terms.weight_cross)
         refit_problem = terms.problem(scheme, refit, bias_scales, levels)
         refit_choice = fast_rounding(plan, refit_problem)
         refit_cost = refit_problem.neuron_energies(refit_choice)
         scales, choice, cost = _best_rows([scales, refit], [choice, refit_choice], [cost, refit_cost], scheme)
-        problem = terms.problem(scheme, scales, bias_scales, levels)
     return scales, choice
 
 

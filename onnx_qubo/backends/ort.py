@@ -148,12 +148,11 @@ def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, o
         return np.broadcast_to(values.reshape(-1, 1), (n, k_blocks))
 
     zero_blocks = None if codes.zero_point is None or float_zero else blocks(codes.zero_point).astype(np.int64)
-    unsigned = np.empty((n, padded), np.int64)  # the tail of the last block reads as 0
+    unsigned = np.empty((n, padded), np.int64)
     unsigned[:, :f] = codes.integers  # codes may be int8: widen before the offset
     unsigned[:, :f] += offset
-    unsigned[:, f:] = offset if zero_blocks is None else zero_blocks[:, -1:]
-    if float_zero:  # the padding reads as scale * (0 - zero_point): its activations are 0
-        unsigned[:, f:] = 0
+    # the padding dequantizes to 0 (with float zero points it reads scale * -zero_point: its activations are 0)
+    unsigned[:, f:] = 0 if float_zero else offset if zero_blocks is None else zero_blocks[:, -1:]
     names = [fresh(f"{output}_{suffix}") for suffix in ("B", "scales", "zero_points", "bias")]
     initializers = [
         numpy_helper.from_array(pack_bits(unsigned, bits).reshape(n, k_blocks, block * bits // 8), names[0]),
