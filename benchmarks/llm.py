@@ -626,19 +626,11 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
     graph = onnx.load(str(path), load_external_data=False).graph
     sizes = {init.name: tensor_bytes(init) for init in graph.initializer}
     dims = {init.name: list(init.dims) for init in graph.initializer}
-    # float zero points: the Gemm's output less (input block sums) @ offsets, the offsets a MatMul's constant;
-    # cells made at 896bfcf subtract them from the weight: DequantizeLinear -> Sub(Expand -> Reshape -> Slice)
     source = {n.output[0]: n.input[0] for n in graph.node
-              if n.op_type in ("Transpose", "Reshape", "Cast", "DequantizeLinear", "Sub", "Expand", "Slice") and n.input}
+              if n.op_type in ("Transpose", "Reshape", "Cast", "DequantizeLinear") and n.input}
     dequantized = {n.input[0]: {x for x in n.input[1:] if x} for n in graph.node  # codes -> their scale, zero point
                    if n.op_type == "DequantizeLinear" and n.input[0] in sizes}
-    deq_codes = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
-    for n in graph.node:  # and their float offsets
-        if n.op_type == "Sub" and n.input[0] in deq_codes and deq_codes[n.input[0]] in dequantized:
-            offset = n.input[1]
-            while offset not in sizes and offset in source:
-                offset = source[offset]
-            dequantized[deq_codes[n.input[0]]].add(offset)
+    # float zero points: the Gemm's output less (input block sums) @ offsets, the offsets a MatMul's constant
     producers = {n.output[0]: n for n in graph.node}
     offsets_after, offset_terms = {}, set()  # a Gemm's output -> the offsets matrix subtracted from it
     for n in graph.node:
