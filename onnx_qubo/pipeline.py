@@ -143,7 +143,30 @@ def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: lis
     rounding = ["QLinearConv also rounds each such Conv's output to 8 bits (range calibrated on the float model): "
                 "the layer costs above leave that rounding out, and the comparison with the DequantizeLinear model "
                 "includes it"] if qlinear else []
-    return Quantized(written.model, reports, skipped, portable, [*written.notes, *rounding, *notes])
+    return Quantized(written.model, reports, skipped, portable,
+                     [*written.notes, *rounding, *notes, *wider_storage_notes(reports)])
+
+
+def wider_storage_notes(reports: Sequence[LayerReport]) -> list[str]:
+    """Where codes take more bits in the file than their width: a model no smaller than at the wider
+    width, for the narrower width's fidelity, which a user asking for 3 bits should know."""
+    wider: dict[tuple[int, int, bool], int] = {}
+    for report in reports:
+        if report.bits < report.stored_bits:
+            key = (report.bits, report.stored_bits, report.kernel == "MatMulNBits" and report.bits == 2)
+            wider[key] = wider.get(key, 0) + 1
+    notes = []
+    for (bits, stored, kernel), count in sorted(wider.items()):
+        layers = f"{count} layer{'s' if count > 1 else ''}"
+        if kernel:
+            notes.append(f"{layers} of 2-bit codes stored in MatMulNBits' 4-bit weights (onnxruntime's 2-bit "
+                         "kernel dequantizes the whole weight at every run): --format qdq stores them as INT2")
+        elif bits > 1:
+            narrower = 2 if stored == 4 else 4
+            notes.append(f"{layers} of {bits}-bit codes stored in {stored}-bit integers (ONNX has no {bits}-bit "
+                         f"type): as large as at {stored} bits; --bits {narrower} with --bits-per-weight mixes "
+                         f"{narrower}- and {stored}-bit layers into a size between theirs")
+    return notes
 
 
 def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, exclude: Collection[str] = (),

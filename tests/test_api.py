@@ -224,3 +224,20 @@ def test_bad_evaluation_data_is_refused_before_the_long_run(tmp_path, monkeypatc
         onnx_qubo.api.run(mlp_model(widths=(8, 4)), tmp_path / "q.onnx", calibration={"x": x},
                           evaluation={"x": x[:, :5]})
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("bits, form, expected", [
+    (3, "qdq", "1 layer of 3-bit codes stored in 4-bit integers"),
+    (6, "qdq", "2 layers of 6-bit codes stored in 8-bit integers"),
+    (4, "qdq", None), (2, "qdq", None), (2, "ort", "1 layer of 2-bit codes stored in MatMulNBits' 4-bit weights")])
+def test_the_report_says_where_codes_take_a_wider_type(tmp_path, bits, form, expected):
+    """--bits 3 stores INT4 (ONNX has no 3-bit type): as large as 4 bits, which the notes say; the
+    head at 4 bits (--head-bits below 4) is stored as it is and not counted."""
+    model = mlp_model(widths=(64, 32, 8))
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    report = runs.quantize(model, tmp_path / "q.onnx", bits=bits, calibration={"x": x}, format=form,
+                           granularity="block", block_size=32, speed=False)
+    wider = [note for note in report.notes if "codes stored in" in note]
+    assert wider == ([] if expected is None else [next(n for n in wider if n.startswith(expected))])
+    assert [layer.stored_bits for layer in report.layers] == \
+        [4 if form == "ort" else {2: 2, 3: 4, 4: 4, 6: 8}[bits], 4 if bits < 4 else {4: 4, 6: 8}[bits]]

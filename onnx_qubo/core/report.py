@@ -34,6 +34,14 @@ class LayerReport:
         return self.cost_solved if self.cost_bias_corrected is None else self.cost_bias_corrected
 
     @property
+    def stored_bits(self) -> int:
+        """Bits each code takes in the written file: its integer type's, or MatMulNBits' 4 or 8
+        (the kernel onnx-qubo writes for codes of 1-4 bits, and 5-8)."""
+        if self.kernel == "MatMulNBits":
+            return 4 if self.bits <= 4 else 8
+        return int("".join(c for c in self.storage if c.isdigit()))
+
+    @property
     def gap(self) -> float | None:
         """The most by which the cost solved for can exceed the optimum, as a share of it (with bias
         correction the layer is solved for the error the correction leaves, and bounded on it)."""
