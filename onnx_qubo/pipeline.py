@@ -97,17 +97,20 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
     memory.return_freed_memory()  # the solves' arrays, before the rewrite's copies
     if config.output.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
         found, table_skips = find_tables(model)
-        tables = [quantize_table_on(table, [replace(s, scale_type=table.float_type) for s in config.weights.grids()])
+        grids = config.weights.grids(config.weights.output_bits)  # the head's width: the model's other end
+        tables = [quantize_table_on(table, [replace(s, scale_type=table.float_type) for s in grids])
                   for table in found]
         reports, skipped = reports + [table.report() for table in tables], skipped + table_skips
         if not tables:
             notes.append("embeddings: no Gather reads rows of a constant float table that only it reads")
     widened = [name for name in layers_at_head_bits(config, calibrated.layers, heads)
                if name not in config.automatic.layer_bits and config.weights.output_bits != config.weights.bits]
-    if widened:
+    wide_tables = [table.table.name for table in tables if config.weights.output_bits != config.weights.bits]
+    if widened or wide_tables:
         why = "" if config.weights.head_bits is not None else f": the default below {HEAD_BITS} bits"
-        notes.append(f"output layer{'s' * (len(widened) > 1)} {', '.join(widened)} at {config.weights.output_bits} "
-                     f"bits (--head-bits{why})")
+        what = [f"{kind}{'s' * (len(names) > 1)} {', '.join(names)}"
+                for kind, names in (("output layer", widened), ("embedding table", wide_tables)) if names]
+        notes.append(f"{' and '.join(what)} at {config.weights.output_bits} bits (--head-bits{why})")
     if plan.sequential and not any(discovery.fed_by_earlier(model, calibrated.layers)):
         notes.append("sequential calibration changes nothing here: no quantized layer feeds another, so each was "
                      "calibrated once on the float model's inputs")

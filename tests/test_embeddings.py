@@ -192,6 +192,23 @@ def test_quantize_with_embeddings_writes_the_table_as_codes(format, tmp_path):
     assert plain.output_bytes > report.output_bytes
 
 
+@pytest.mark.parametrize("bits, head_bits, table_bits", [(2, None, 4), (3, None, 4), (2, 2, 2), (4, None, 4),
+                                                       (6, None, 6), (3, 8, 8)])
+def test_tables_get_the_output_layers_width(bits, head_bits, table_bits, tmp_path):
+    """An embedding table is the model's input end as the head is its output end: at --head-bits
+    (4 below 4 bits by default), which the notes name; --head-bits sets it."""
+    model = table_model(vocab=60, width=32, n=8)
+    data = {"ids": np.random.default_rng(1).integers(0, 60, size=(16, 5))}
+    options = {} if head_bits is None else {"head_bits": head_bits}
+    report = runs.quantize(model, tmp_path / "q.onnx", bits=bits, calibration=data, embeddings=True, speed=False,
+                           **options)
+    rows = {layer.name: layer for layer in report.layers}
+    assert rows["embed"].bits == table_bits and rows["embed"].stored_bits == (2 if table_bits <= 2 else
+                                                                             4 if table_bits <= 4 else 8)
+    named = [note for note in report.notes if "embedding table embed at" in note]
+    assert named == ([] if table_bits == bits else [next(n for n in named if f"at {table_bits} bits" in n)])
+
+
 def test_rewrite_lowers_tables_after_the_dense_layers_and_checks_the_model():
     model = table_model()
     (table,), _ = find_tables(model)
