@@ -289,10 +289,9 @@ class OutputConfig(_Section):
                                                 "model or 8-bit weights (as onnxruntime-genai's builder writes), "
                                                 "else 0.")
     embeddings: bool = _option(False, "Also quantize embedding tables (constant tables Gather reads rows of) at "
-                                      "--head-bits (4 below 4 bits, like the head: a 3-bit table added 1.1 to a "
-                                      "3-bit language model's perplexity of 18.5), a scale per row (or per "
-                                      "--block-size block) by least squared error; with --format ort as "
-                                      "GatherBlockQuantized.")
+                                      "--head-bits (4 below 4 bits, like the head: a narrower table costs a "
+                                      "language model much, docs/llm.md), a scale per row (or per --block-size "
+                                      "block) by least squared error; with --format ort as GatherBlockQuantized.")
     external_data: bool = _option(False, "Write the tensors to OUTPUT.data beside the model (always done over "
                                          "protobuf's 2 GB limit).")
 

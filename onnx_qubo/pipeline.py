@@ -103,9 +103,10 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
         reports, skipped = reports + [table.report() for table in tables], skipped + table_skips
         if not tables:
             notes.append("embeddings: no Gather reads rows of a constant float table that only it reads")
+    widening = config.weights.output_bits != config.weights.bits
     widened = [name for name in layers_at_head_bits(config, calibrated.layers, heads)
-               if name not in config.automatic.layer_bits and config.weights.output_bits != config.weights.bits]
-    wide_tables = [table.table.name for table in tables if config.weights.output_bits != config.weights.bits]
+               if name not in config.automatic.layer_bits and widening]
+    wide_tables = [table.table.name for table in tables if widening]
     if widened or wide_tables:
         why = "" if config.weights.head_bits is not None else f": the default below {HEAD_BITS} bits"
         what = [f"{kind}{'s' * (len(names) > 1)} {', '.join(names)}"
@@ -159,9 +160,9 @@ def wider_storage_notes(reports: Sequence[LayerReport]) -> list[str]:
             key = (report.bits, report.stored_bits, report.kernel == "MatMulNBits" and report.bits == 2)
             wider[key] = wider.get(key, 0) + 1
     notes = []
-    for (bits, stored, kernel), count in sorted(wider.items()):
+    for (bits, stored, two_bit_nbits), count in sorted(wider.items()):
         layers = f"{count} layer{'s' if count > 1 else ''}"
-        if kernel:
+        if two_bit_nbits:
             notes.append(f"{layers} of 2-bit codes stored in MatMulNBits' 4-bit weights (onnxruntime's 2-bit "
                          "kernel dequantizes the whole weight at every run): --format qdq stores them as INT2")
         elif bits > 1:
