@@ -19,6 +19,7 @@ from .calibration.memory import return_freed_memory
 from .config import QuantizeConfig
 from .core.choice import parse_choice
 from .core.errors import OptionError, OutputError
+from .core.external import materialize
 from .core.options import ScaleMethod, check_bits, check_integer
 from .core.progress import Progress
 from .core.report import Report
@@ -35,7 +36,7 @@ from .graph.files import (
     load_model,
     writable_path,
 )
-from .model.rotation import rotate
+from .model.rotation import rotated
 from .passes import online_rotations
 from .pipeline import calibrate, prepare, quantize_model
 from .plan import make_plan
@@ -100,15 +101,18 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
     input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(  # external data files included
         path.stat().st_size for path, role in reads.items() if "input model" in role)
     rounding = config.rounding  # a rotated model computes what the float one does: the float one stays the reference
-    rotated = rotate(float_model, rounding.rotate, rounding.rotate_block, rounding.seed)
-    if config.automatic.enabled:
-        calibrated = calibrate(rotated, calib_data, bar, config.automatic.exclude, config.activations.dtype,
-                               config.activations.range, config.execution.max_memory_bytes, config.output.format,
-                               rounding.levels)
-        quantized = quantize_auto(calibrated, config, bar, input_bytes=input_bytes)
-    else:
-        quantized = quantize_model(rotated, calib_data, config, bar)
-    inserted = online_rotations(rotated)  # the online rotations' MatMuls are ours, not skipped layers
+    with rotated(float_model, rounding.rotate, rounding.rotate_block, rounding.seed) as model_in:
+        if config.automatic.enabled:
+            calibrated = calibrate(model_in, calib_data, bar, config.automatic.exclude, config.activations.dtype,
+                                   config.activations.range, config.execution.max_memory_bytes,
+                                   config.output.format, rounding.levels)
+            quantized = quantize_auto(calibrated, config, bar, input_bytes=input_bytes)
+        else:
+            quantized = quantize_model(model_in, calib_data, config, bar)
+        if model_in is not float_model:  # its float tensors left in the outputs, before its folder goes
+            materialize(quantized.model)
+            materialize(quantized.reference)
+        inserted = online_rotations(model_in)  # the online rotations' MatMuls are ours, not skipped layers
     report = Report(
         input_path=None if input_path is None else str(input_path), output_path=None, bits=config.weights.bits,
         scale=str(config.rounding.scale), solver="loaded" if load_solution else config.rounding.solver,

@@ -34,6 +34,7 @@ X = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
 
 
 def external_model(folder, model=None):
+    folder.mkdir(exist_ok=True)
     path = folder / "m.onnx"
     onnx.save(model or mlp_model(), path, save_as_external_data=True, all_tensors_to_one_file=True,
               location="m.data", size_threshold=0)
@@ -65,6 +66,34 @@ def test_sessions_read_the_input_folder_from_anywhere(tmp_path, monkeypatch):
     index = GraphIndex(model)
     expected_weight = numpy_helper.to_array(mlp_model().graph.initializer[0])
     assert np.array_equal(index.array(index.initializers["W0"]), expected_weight)
+
+
+def test_a_spilled_model_maps_its_weights_from_its_own_folder_and_computes_the_same(tmp_path):
+    """``spill`` moves weights in the proto and weights in the input's file alike into one aligned
+    file of a new folder: the proto keeps the graph, and the input's file is no longer needed."""
+    def wide():
+        return mlp_model(widths=(8, 64, 4))  # weights of 2 KB and 1 KB, biases under SPILL_LEAST
+
+    expected = make_session(wide()).run(None, {"x": X})[0]
+    for source in ("memory", "file"):
+        model = wide() if source == "memory" else load_model(external_model(tmp_path / source, wide()))
+        folder = tmp_path / f"spilled-{source}"
+        folder.mkdir()
+        external.spill(model, folder)
+        if source == "file":
+            shutil.rmtree(tmp_path / source)
+        assert external.session_folder(model) == folder.resolve()
+        moved = [uses_external_data(init) for init in model.graph.initializer]
+        large = [external.tensor_bytes(init) >= external.SPILL_LEAST for init in model.graph.initializer]
+        assert moved == ([True] * len(moved) if source == "file" else large) and any(large)  # all its file held
+        offsets = [int(e.value) for init in model.graph.initializer for e in init.external_data if e.key == "offset"]
+        assert all(offset % external.SPILL_ALIGN == 0 for offset in offsets) and len(set(offsets)) == len(offsets)
+        assert np.array_equal(make_session(model).run(None, {"x": X})[0], expected)
+        weights = {init.name: numpy_helper.to_array(init) for init in wide().graph.initializer}
+        assert all(np.array_equal(external.read_array(init, model), weights[init.name])
+                   for init in model.graph.initializer)
+    with pytest.raises(FileExistsError):  # never over a file already there
+        external.spill(wide(), tmp_path / "spilled-memory")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ onnxruntime level; the cost the report states for a rotated layer is still the o
 measured in onnxruntime; both formats emit and run, the fast one against the portable model of the
 same codes run unoptimized; a bad block size is refused in one line."""
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 from runs import quantize
 
 from onnx_qubo import OptionError
@@ -127,3 +129,33 @@ def test_a_block_that_is_not_a_power_of_two_is_refused_in_one_line(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip() == "Error: --rotate-block must be a power of two, at least 2, got 48"
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("format", ["qdq", "ort"])
+@pytest.mark.slow
+def test_a_rotated_run_writes_a_self_contained_model_and_leaves_no_temporary_file(format, tmp_path, monkeypatch):
+    """The rotated model's weights live in a temporary folder while the run uses them
+    (rotation.py): the output holds its float tensors itself (here an excluded layer's rotated
+    weight), is the same from a model in memory or in external data files, and the folder is gone."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    model = mlp_model(widths=(64, 32, 16))
+    x = (np.random.default_rng(3).standard_normal((128, 64)) + 0.2).astype(np.float32)
+    onnx.save(mlp_model(widths=(64, 32, 16)), tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    common = dict(calibration={"x": x}, speed=False, rotate="hadamard", exclude=("fc1",), bits=8,
+                  format=format)
+    for source, out in ((model, "memory.onnx"), (tmp_path / "m.onnx", "file.onnx")):
+        report = quantize(source, tmp_path / out, **common)
+        assert [layer.name for layer in report.layers] == ["fc0"]
+        assert list(temporary.iterdir()) == []
+    memory, file = (onnx.load(tmp_path / name, load_external_data=False) for name in ("memory.onnx", "file.onnx"))
+    assert not any(uses_external_data(init) for init in file.graph.initializer)
+    assert [numpy_helper.to_array(i).tolist() for i in file.graph.initializer] == [
+        numpy_helper.to_array(i).tolist() for i in memory.graph.initializer]
+    excluded = next(numpy_helper.to_array(i) for i in file.graph.initializer if i.name == "W1")
+    original = numpy_helper.to_array(model.graph.initializer[2])
+    assert excluded.dtype == np.float32 and not np.array_equal(excluded, original)  # rotated, kept float
+    float_output = run(model, x)
+    assert np.linalg.norm(run(file, x) - float_output) < 0.01 * np.linalg.norm(float_output)  # from the file alone

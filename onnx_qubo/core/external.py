@@ -9,7 +9,9 @@ as a metadata entry (copies of the model keep it), which this module alone reads
 - ``read_array``: one tensor's values, from the proto or its file;
 - ``data_info``: a tensor's external data entry, checked (files.py, before anything is read);
 - ``session_folder``: what onnxruntime needs to resolve the references (runtime.py);
-- ``materialize``: every reference replaced by its values, the entry removed (before a write).
+- ``materialize``: every reference replaced by its values, the entry removed (before a write);
+- ``spill``: the other way, a model's weights moved into a data file of a folder of its own (a
+  model this library made, such as the rotated one, then costs its sessions no copy of them).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_t
 from .errors import ModelError
 
 FOLDER_KEY = "onnx_qubo.external_data_folder"
+SPILL_FILE = "weights.data"  # spill's data file in its folder
+SPILL_ALIGN = 4096  # spilled tensors start on page boundaries, as onnx's own external data writer can
+SPILL_LEAST = 1024  # main-graph initializers of fewer bytes stay in the proto
 SUB_BYTE_TYPES: dict[int, int] = {  # values packed per byte in a tensor's raw data
     onnx.TensorProto.INT4: 2, onnx.TensorProto.UINT4: 2, onnx.TensorProto.INT2: 4, onnx.TensorProto.UINT2: 4}
 
@@ -109,6 +114,31 @@ def materialize(model: onnx.ModelProto) -> None:
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
     _remove_key(model)
+
+
+def spill(model: onnx.ModelProto, folder: Path) -> None:
+    """Move ``model``'s external tensors and its main graph's initializers of ``SPILL_LEAST`` bytes
+    or more (those in raw bytes) into ``folder``/``SPILL_FILE``, one at a time, leaving references
+    to it: the proto keeps the graph, and onnxruntime maps the weights from the file instead of
+    copying a serialized proto (runtime.py). ``folder`` must outlive every use of the references."""
+    source = session_folder(model)
+    moved = list(external_tensors(model)) + [
+        tensor for tensor in model.graph.initializer
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= SPILL_LEAST]
+    with (folder / SPILL_FILE).open("xb") as file:
+        for tensor in moved:
+            if uses_external_data(tensor):
+                load_external_data_for_tensor(tensor, str(source))
+            offset = -(-file.tell() // SPILL_ALIGN) * SPILL_ALIGN
+            file.seek(offset)
+            file.write(tensor.raw_data)
+            length = len(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (("location", SPILL_FILE), ("offset", offset), ("length", length)):
+                tensor.external_data.add(key=key, value=str(value))
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    keep_references(model, folder)
 
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

@@ -4,9 +4,16 @@ The float model's dense layers get a random-sign block Hadamard rotation of thei
 (folded into a linear producer, else an online transform the layers read), so calibration
 captures the rotated inputs and the QUBO rounds the rotated weights with no other change. The
 online transforms' MatMuls are not layers to quantize (``passes.online_rotations`` names them).
+While a run uses it (``rotated``), the rotated model keeps its weights in a temporary data file:
+its sessions map them instead of holding another copy of every weight beside the float model's.
 """
 
 from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import onnx
 
@@ -28,3 +35,17 @@ def rotate(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int) ->
         raise OptionError(f"{{rotate}} {rotation} rotates FLOAT weights only; layer '{layer.name}' has FLOAT16 weights "
                           "(a half-precision model): use {rotate} none", "rotate")
     return run_passes(model, [RotateInputs(seed, block, external.read_array)]).model
+
+
+@contextmanager
+def rotated(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int) -> Iterator[onnx.ModelProto]:
+    """``rotate``'s model, its weights spilled to a temporary folder (``tempfile``'s: ``TMPDIR``)
+    removed when the block ends: what is kept from it (a quantized model's float tensors) must be
+    materialized inside the block."""
+    turned = rotate(model, rotation, block, seed)
+    if turned is model:
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx-qubo-rotated-") as folder:
+        external.spill(turned, Path(folder))
+        yield turned
