@@ -185,10 +185,11 @@ class _Edit:
         self.values[name] = np.broadcast_to(c, (*c.shape[:-1], width)).copy()
 
     def write(self) -> None:
+        """Each value into its initializer, dropped once written (one copy of the weights at a time)."""
         graph = self.model.graph
         for i, init in enumerate(graph.initializer):
             if init.name in self.values:
-                graph.initializer[i].CopyFrom(numpy_helper.from_array(self.values[init.name], init.name))
+                graph.initializer[i].CopyFrom(numpy_helper.from_array(self.values.pop(init.name), init.name))
 
 
 def _fold_into_producer(graph: onnx.GraphProto, x: str, consumers: list[_Consumer], rotation: _Rotation,
