@@ -26,8 +26,9 @@ is KIND:BITS:BLOCK[:VARIANT]:
   (like the builder's int4); ours:b:B:acc0: the same at the default accuracy level 0;
   ours:b:B:qdq: `--format qdq --embeddings` (INT2/INT4 initializers: 2- and 3-bit codes at their own
   size, where --format ort stores them in 4-bit MatMulNBits, onnxruntime 1.32's fast kernel);
-  ours:b:B:fit: ours:b:B with `--scale fit`; ours:b:B:fzp: with `--float-zero-points`; ours:b:B:fzpfit: with
-  `--float-zero-points --scale fit`
+  ours:b:B:plain: ours:b:B without the language-model defaults (`--scale mse --rotate none --damping 0`);
+  ours:b:B:fit: plain with `--scale fit`; ours:b:B:fzp: plain with `--float-zero-points`; ours:b:B:fzpfit:
+  plain with `--float-zero-points --scale fit`
   (float zero points have no fast MatMulNBits kernel: those layers stay DequantizeLinear);
 - float:torch, rtn:b:B:torch, hqq:b:B:torch, ours:b:B:torch: the torch export instead of the
   builder's fp32 model, and each quantizer on it (perplexity only: og.Generator runs the builder's
@@ -79,10 +80,11 @@ DEFAULT_CELLS = ["float", "builder:4:32", "builder:4:128",
                  *[f"{k}:{b}:{s}" for k in ("rtn", "hqq") for b in (4, 2) for s in (32, 128)],
                  "ours:4:32", "ours:4:32:acc0", "ours:4:128", "ours:3:32", "ours:3:128", "ours:2:32", "ours:2:128",
                  "ours:2:32:qdq", "ours:2:128:qdq", "float:torch", "rtn:4:32:torch", "ours:4:32:torch", "ours:2:32:torch"]
-VARIANTS = {"acc0": ("ours",), "qdq": ("ours",), "fit": ("ours",), "fzp": ("ours",), "fzpfit": ("ours",),
+VARIANTS = {"acc0": ("ours",), "qdq": ("ours",), "fit": ("ours",), "fzp": ("ours",), "fzpfit": ("ours",), "plain": ("ours",),
             "torch": ("float", "rtn", "hqq", "ours")}  # variant -> its kinds
-SCALE_VARIANTS = {"fit": ["--scale", "fit"], "fzp": ["--float-zero-points"],
-                  "fzpfit": ["--float-zero-points", "--scale", "fit"]}
+PLAIN = ["--rotate", "none", "--damping", "0"]  # without the language-model defaults (api._resolved), for ablations
+SCALE_VARIANTS = {"fit": ["--scale", "fit", *PLAIN], "fzp": ["--float-zero-points", "--scale", "mse", *PLAIN],
+                  "fzpfit": ["--float-zero-points", "--scale", "fit", *PLAIN], "plain": ["--scale", "mse", *PLAIN]}
 SPEED_CELLS = "float,builder:4:32,ours:4:32"
 PROMPT = ("The history of the English language began with the arrival of three Germanic tribes who "
           "invaded Britain during the 5th century AD. These tribes, the Angles, the Saxons and the Jutes, "

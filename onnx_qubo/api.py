@@ -16,11 +16,11 @@ from .autoscheme import quantize_auto
 from .backends.kernels import Format, auto_accuracy_level
 from .calibration.data import Dataset, load_dataset
 from .calibration.memory import return_freed_memory
-from .config import QuantizeConfig
+from .config import HEAD_BITS, QuantizeConfig
 from .core.choice import parse_choice
 from .core.errors import OptionError, OutputError
 from .core.external import materialize
-from .core.options import ScaleMethod, check_bits, check_integer
+from .core.options import Rotation, ScaleMethod, check_bits, check_integer
 from .core.progress import Progress
 from .core.report import Report
 from .evaluation.perplexity import check_tokens, evaluate_language_model, first_run, language_model
@@ -36,7 +36,7 @@ from .graph.files import (
     load_model,
     writable_path,
 )
-from .model.rotation import rotated
+from .model.rotation import half_precision_layer, rotated
 from .passes import online_rotations
 from .pipeline import calibrate, prepare, quantize_model
 from .plan import make_plan
@@ -95,7 +95,7 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
     if config.execution.ray_address is not None:
         distributed.connect(config.execution.ray_address)
     float_model = prepare(model if isinstance(model, onnx.ModelProto) else load_model(model))
-    config = _resolved_accuracy_level(config, float_model)
+    config = _resolved(config, float_model)
     calib_data = _dataset(float_model, input_path, calibration, CALIB_SUFFIX, config.execution.batch_size)
     bar = Progress(enabled=progress)
     input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(  # external data files included
@@ -124,16 +124,31 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
                   started)
 
 
-def _resolved_accuracy_level(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
-    """``config`` with accuracy level ``auto`` (None) made a number for ``model``
-    (backends.kernels.auto_accuracy_level; 0 where no MatMulNBits is written)."""
-    output = config.output
-    if output.ort_accuracy_level is not None:
-        return config
-    level = 0
-    if output.format == Format.ORT and not config.activations.quantized:
-        level = auto_accuracy_level(language_model(model) is not None, config.widths)
-    return config.updated(ort_accuracy_level=level)
+LM_DAMPING = 0.01  # --damping's value for a language model (GPTQ's damp_percent 1)
+
+
+def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
+    """``config`` with its ``auto`` options made concrete for ``model``: the accuracy level
+    (backends.kernels.auto_accuracy_level; 0 where no MatMulNBits is written); for a language
+    model the Gram matrices damped by 1%, and with float32 weights below ``HEAD_BITS`` bits inputs
+    rotated (Hadamard) and scales refitted (fit), each unless given (measured on SmolLM2-135M,
+    blocks of 32: docs/llm.md); elsewhere none of these."""
+    changes: dict[str, object] = {}
+    is_lm = language_model(model) is not None
+    if config.output.ort_accuracy_level is None:
+        level = 0
+        if config.output.format == Format.ORT and not config.activations.quantized:
+            level = auto_accuracy_level(is_lm, config.widths)
+        changes["ort_accuracy_level"] = level
+    rounding = config.rounding
+    low_bits = is_lm and config.weights.bits < HEAD_BITS and half_precision_layer(model) is None
+    if rounding.rotate == Rotation.AUTO:
+        changes["rotate"] = Rotation.HADAMARD if low_bits else Rotation.NONE
+    if rounding.scale == ScaleMethod.AUTO:
+        changes["scale"] = ScaleMethod.FIT if low_bits else ScaleMethod.MSE
+    if rounding.damping is None:
+        changes["damping"] = LM_DAMPING if is_lm else 0.0
+    return config.updated(**changes) if changes else config
 
 
 def evaluate(result: Result, evaluation: Any = None, *, progress: bool = False) -> Result:
@@ -234,6 +249,8 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
     roundings around the best QUBO solution per bit width. Data and scheme as for ``quantize``."""
     bits = [check_bits(b) for b in bits]
     scale_methods = [parse_choice(ScaleMethod, scale, "scales") for scale in scales]
+    if ScaleMethod.AUTO in scale_methods:
+        raise OptionError("{scales} names the methods to compare (mse, minmax, qubo, fit), not auto", "scales")
     chosen = [_solver_name(s) for s in solvers]
     for option, given in (("bits", bits), ("scales", scale_methods), ("solvers", chosen)):
         if not given:

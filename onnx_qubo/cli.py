@@ -151,7 +151,7 @@ def config_option(name: str, default: object = None):
     if name in ("dump_qubo", "load_solution"):
         return click.option(*flags, type=click.Path(file_okay=False), default=None, **kind)
     scalar = {"int": int, "float": float}.get(type(default).__name__) or (
-        float if name in ("max_memory", "size_budget", "bits_per_weight", "max_error")
+        float if name in ("max_memory", "size_budget", "bits_per_weight", "max_error", "damping")
         else int if name.startswith("neal") or name == "head_bits" else str)
     return click.option(*flags, type=scalar, default=default, show_default=default is not None, **kind)
 
@@ -216,8 +216,9 @@ def main():
 
 QUANTIZE = ["bits", "scale", *SCHEME, "solver", "neal_reads", "neal_sweeps", "seed", "batch_size", "dump_qubo",
             "load_solution", "exclude", "layer_bits", "head_bits", "format", "ort_accuracy_level", "embeddings",
-            "lower_bound", "rotate", "rotate_block", "levels", "workers", "ray_address", "external_data", "max_memory",
-            "auto_scheme", "size_budget", "bits_per_weight", "max_error"]  # every config option, in --help order
+            "lower_bound", "rotate", "rotate_block", "damping", "levels", "workers", "ray_address", "external_data",
+            "max_memory", "auto_scheme", "size_budget", "bits_per_weight",
+            "max_error"]  # every config option, in --help order
 
 
 @main.command()
@@ -285,7 +286,8 @@ def _name_list(choices):
               help="Evaluation .npz with optional 'labels' [default: <model stem>.eval.npz, else calibration].")
 @click.option("--bits", "bits_list", default="8,4,3,2,1", show_default=True, callback=_int_list,
               help="Bit widths, comma-separated.")
-@click.option("--scales", default="minmax,mse", show_default=True, callback=_name_list([str(m) for m in ScaleMethod]),
+@click.option("--scales", default="minmax,mse", show_default=True,
+              callback=_name_list([str(m) for m in ScaleMethod if m != ScaleMethod.AUTO]),
               help="Scale methods, comma-separated.")
 @click.option("--solvers", default="rtn,fast", show_default=True, callback=_name_list(list(SOLVERS)),
               help="Solvers, comma-separated (rtn is round-to-nearest).")

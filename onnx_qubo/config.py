@@ -119,6 +119,7 @@ def _checked(kind: object, value: object, option: str) -> object:
         return None
     checks: dict[str, Callable[[Any, str], object]] = {
               "bool": _check_bool, "str": _check_text, "int": check_integer, "float": check_positive,
+              "Fraction": _check_fraction,
               "ScaleMethod": lambda v, o: parse_choice(ScaleMethod, v, o),
               "BiasMode": lambda v, o: parse_choice(BiasMode, v, o),
               "Activations": lambda v, o: parse_choice(Activations, v, o),
@@ -128,6 +129,15 @@ def _checked(kind: object, value: object, option: str) -> object:
               "WeightGranularity": lambda v, o: granularity_of(v),
               "tuple[str, ...]": _check_names, "Mapping[str, int]": _check_layer_bits}
     return checks[str(kind)](value, option)
+
+
+Fraction = float  # an option's annotation for a number of at least 0 (``float`` options are above 0)
+
+
+def _check_fraction(value: object, option: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    return check_positive(value, option, what="a number of at least 0")  # type: ignore[return-value]
 
 
 def _check_names(value: object, option: str) -> tuple[str, ...]:
@@ -206,10 +216,11 @@ LEVELS = (2, 3, 4)  # grid points a weight may round to (--levels)
 class RoundingConfig(_Section):
     """How each layer's rounding is chosen."""
 
-    scale: ScaleMethod = _option(ScaleMethod.MSE, "mse: clipping ratio per scale group searched on the QUBO cost of "
+    scale: ScaleMethod = _option(ScaleMethod.AUTO, "mse: clipping ratio per scale group searched on the QUBO cost of "
                                  "round-to-nearest; qubo: the best few of those re-ranked by the cost after the fast "
                                  "solver; fit: mse's, then refitted by least squares to the rounded weights and solved "
-                                 "again (twice; per row the better); minmax: the full range.")
+                                 "again (twice; per row the better); minmax: the full range; auto: fit for a language "
+                                 "model with float32 weights below 4 bits, else mse.")
     solver: str = _option("fast", "fast: batched engine on the shared Gram; neal: dwave-neal per neuron (the paper); "
                                   "rtn: round to nearest; exact: brute force (tests, tiny layers).")
     seed: int = _option(0, "Seed for the stochastic solvers.")
@@ -232,10 +243,16 @@ class RoundingConfig(_Section):
                                           "to this directory.")
     load_solution: str | None = _option(None, "Use the roundings <layer>.solution.npy in this --dump-qubo directory "
                                               "instead of solving.")
-    rotate: Rotation = _option(Rotation.NONE, "hadamard: rotate each layer's input space first (random signs from "
+    rotate: Rotation = _option(Rotation.AUTO, "hadamard: rotate each layer's input space first (random signs from "
                                "--seed, a Hadamard transform per block; folded into a linear producer, else run "
-                               "before the layer): incoherence processing.")
+                               "before the layer): incoherence processing; auto: hadamard for a language model with "
+                               "float32 weights below 4 bits, else none.")
     rotate_block: int = _option(64, "Largest Hadamard block of --rotate (a power of two).")
+    damping: Fraction | None = _option(
+        None, "Ridge added to each layer's input Gram matrix in the objective the scales and rounding minimize, as a "
+              "fraction of its mean diagonal (GPTQ's damp_percent / 100): steadies them against calibration's "
+              "sampling noise; the reported costs stay the undamped output error. Unset (the default): 0.01 for a "
+              "language model, else 0.")
     levels: int = _option(2, "Grid points each weight may round to: 2 (floor or ceiling, the paper), 3 or 4 "
                              "(around its value; at 2 bits, 4 is the whole grid), encoded exactly in the QUBO with "
                              "1-2 binary variables per weight.")
@@ -562,8 +579,10 @@ class QuantizeConfig:
         if activations.quantized:
             text += f" ({activations.range} ranges)"
         text += "; sequential calibration" if self.rounding.sequential else ""
-        if self.rounding.rotate != Rotation.NONE:
+        if self.rounding.rotate == Rotation.HADAMARD:
             text += f"; inputs rotated (random-sign Hadamard, blocks up to {self.rounding.rotate_block})"
+        if self.rounding.damping:
+            text += f"; Gram matrices damped by {self.rounding.damping:g} of their mean diagonal"
         text += "; embedding tables per row" if self.output.embeddings else ""
         automatic = self.automatic
         if automatic.enabled:

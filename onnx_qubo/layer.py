@@ -9,7 +9,7 @@ the bias policy and measures the costs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -50,9 +50,25 @@ class LayerTerms:
     with_bias: bool  # the bias is the last variable of each neuron
     weight: np.ndarray  # the layer's weight, read once for all the terms
     centered: bool = False  # bias correction follows: the error it leaves, i.e. the moments about the means
+    damping: float = 0.0  # ridge on the weights' diagonal of ``gram``, a fraction of its mean (--damping)
 
     @cached_property
     def gram(self) -> np.ndarray:
+        """The Gram matrix of the objective: ``output_gram`` with ``damping`` times the mean of the
+        weights' diagonal added to that diagonal (the bias variable's entry left as it is)."""
+        gram = self.output_gram
+        if not self.damping:
+            return gram
+        f = self.layer.shape[1]
+        diagonal = np.einsum("ii->i", gram)[:f]
+        ridge = self.damping * float(diagonal.mean())
+        gram = gram.copy()
+        np.einsum("ii->i", gram)[:f] += ridge
+        return gram
+
+    @cached_property
+    def output_gram(self) -> np.ndarray:
+        """The Gram matrix whose cost is the output error: what the report states."""
         if self.with_bias:
             return self.statistics.gram
         x_gram = self.statistics.x_gram
@@ -206,8 +222,10 @@ class LayerWork:
             shift, bias_storage = None, "INT32"  # the correction is folded into the integer bias
         n, f = layer.shape
         free = problem.rounding.free  # an energy is O(n f^2): not computed twice for the same rounding
-        cost = problem.energy(choice)
-        cost_rtn, corrected = cost if np.array_equal(rtn & free, choice & free) else problem.energy(rtn), None
+        # the report states the output error, not a damped objective
+        measured = replace(problem, gram=self.terms.output_gram) if self.terms.damping else problem
+        cost = measured.energy(choice)
+        cost_rtn, corrected = cost if np.array_equal(rtn & free, choice & free) else measured.energy(rtn), None
         if mean_error is not None:  # the problem is centered: its energy is what the correction leaves
             rtn_mean = self.terms.mean_error(problem, rtn)
             corrected = cost
@@ -218,7 +236,7 @@ class LayerWork:
             free_fraction=float(problem.rounding.free.mean()),
             cost_rtn=cost_rtn,
             cost_solved=cost,
-            lower_bound=float(lower_bounds(problem).sum()) if plan.lower_bound else None,
+            lower_bound=float(lower_bounds(measured).sum()) if plan.lower_bound else None,
             solve_seconds=seconds + self.search_seconds,
             cost_bias_corrected=corrected,
             bias=bias_storage)
@@ -248,7 +266,8 @@ def prepare_layer(plan: LayerPlan, statistics: InputStatistics, quantizer: Input
     """Scales and QUBO of one layer from the statistics of the inputs it will see."""
     layer = plan.layer
     # with bias correction the mean error is removed afterwards: solve (and choose scales) for what is left
-    terms = LayerTerms(layer, statistics, plan.bias_is_variable, layer.weight, centered=plan.bias_correction)
+    terms = LayerTerms(layer, statistics, plan.bias_is_variable, layer.weight, centered=plan.bias_correction,
+                       damping=plan.damping)
     start = time.perf_counter()
     plan, scales = _chosen_grid(plan, terms) if plan.other_grid is not None else (plan, None)
     scheme = plan.scheme

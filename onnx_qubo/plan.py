@@ -37,6 +37,7 @@ class LayerPlan:
     solver: Solver
     seed: int
     levels: int  # grid points each weight may round to (at most the grid's)
+    damping: float  # ridge on the Gram's diagonal in the objective, a fraction of its mean (0: none)
     stem: str  # file-system-safe name of its exchange files
     workers: int  # local processes for its rows (1: in this process)
     ray_address: str | None  # or a Ray cluster
@@ -91,12 +92,15 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer], heads: Collectio
              for layer in layers]
     planned = [
         LayerPlan(layer=layer, scheme=grid[0], other_grid=grid[1] if len(grid) > 1 else None,
-                  scale=rounding.scale, bias=rounding.bias if layer.bias is not None else BiasMode.FLOAT,
+                  scale=ScaleMethod.MSE if rounding.scale == ScaleMethod.AUTO else rounding.scale,
+                  bias=rounding.bias if layer.bias is not None else BiasMode.FLOAT,
                   bias_correction=_bias_correction(config, layer), lower_bound=rounding.lower_bound,
-                  solver=solver, seed=rounding.seed, levels=min(rounding.levels, 2 ** grid[0].bits), stem=stem,
+                  solver=solver, seed=rounding.seed, levels=min(rounding.levels, 2 ** grid[0].bits),
+                  damping=rounding.damping or 0.0, stem=stem,
                   workers=config.execution.workers, ray_address=config.execution.ray_address)
         for layer, grid, stem in zip(layers, grids, stems)]
     # sequential unset: quantize_model resolves it per model first; the studies measure on the float inputs
+    # (scale auto and damping unset: api.quantize resolves them per model; elsewhere mse and none)
     return Plan(planned, config.activations.dtype, config.activations.range, bool(rounding.sequential),
                 _path(rounding.dump_qubo), _path(rounding.load_solution), config.describe(), config.output.format,
                 config.output.ort_accuracy_level or 0)  # auto is resolved by api.quantize; the studies write nothing

@@ -61,6 +61,30 @@ def test_prepared_layer_cost_is_the_layer_error_in_numpy(arguments):
     assert solved.report.cost_rtn == nearest.report.cost_rtn
 
 
+@pytest.mark.parametrize("arguments", [
+    dict(bits=2), dict(bits=3, granularity="block", block_size=4, symmetric=False, scale="fit"),
+    dict(bits=2, bias="quantize"),
+])
+def test_a_damped_layer_rounds_on_the_damped_gram_and_reports_its_output_error(arguments):
+    """--damping adds a ridge to the objective's diagonal (the weights' part only): the rounding
+    and scales change, the reported cost is still the layer's output error in numpy, below the
+    damped objective's value for the same rounding."""
+    layer, x = layer_and_inputs(samples=12)  # fewer samples than a noise-free Gram needs: damping matters
+    solved = {}
+    for damping in (0.0, 1.0):
+        plan = make_plan(QuantizeConfig.from_flat(solver="fast", damping=damping, **arguments), [layer]).layers[0]
+        work = prepare_layer(plan, statistics(x), None)
+        solved[damping] = work.finish(work.solve(Progress()), 0.0)
+        q = solved[damping].quantized()
+        bias = layer.bias if q.bias is None else (q.bias.integers - q.bias.zero_point) * q.bias.scale
+        shift = 0.0 if q.bias_shift is None else q.bias_shift
+        error = numpy_error(layer, q.codes.dequantize(), x, x, bias + shift)
+        assert solved[damping].report.final_cost == pytest.approx(error, rel=1e-9)
+        objective = work.problem.energy(solved[damping].choice)
+        assert (objective > solved[damping].report.cost_solved * (1 + 1e-9)) == (damping > 0)
+    assert not np.array_equal(solved[0.0].quantized().codes.dequantize(), solved[1.0].quantized().codes.dequantize())
+
+
 def test_int32_bias_and_quantized_inputs_fold_the_bias_correction():
     layer, x = layer_and_inputs()
     quantizer = InputQuantizer.for_range(float(x.min()), float(x.max()), signed=False)

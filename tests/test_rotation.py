@@ -120,7 +120,7 @@ def test_a_block_that_is_not_a_power_of_two_is_refused_in_one_line(tmp_path):
     x = np.zeros((8, 32), np.float32)
     with pytest.raises(OptionError, match="rotate_block"):
         quantize(model, tmp_path / "q.onnx", calibration={"x": x}, rotate="hadamard", rotate_block=48)
-    with pytest.raises(OptionError, match="rotate must be one of none, hadamard"):
+    with pytest.raises(OptionError, match="rotate must be one of auto, none, hadamard"):
         quantize(model, tmp_path / "q.onnx", calibration={"x": x}, rotate="givens")
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "m.calib.npz", x=x)
@@ -150,10 +150,9 @@ def test_a_rotated_run_writes_a_self_contained_model_and_leaves_no_temporary_fil
         report = quantize(source, tmp_path / out, **common)
         assert [layer.name for layer in report.layers] == ["fc0"]
         assert list(temporary.iterdir()) == []
-    memory, file = (onnx.load(tmp_path / name, load_external_data=False) for name in ("memory.onnx", "file.onnx"))
+    assert (tmp_path / "memory.onnx").read_bytes() == (tmp_path / "file.onnx").read_bytes()
+    file = onnx.load(tmp_path / "file.onnx", load_external_data=False)
     assert not any(uses_external_data(init) for init in file.graph.initializer)
-    assert [numpy_helper.to_array(i).tolist() for i in file.graph.initializer] == [
-        numpy_helper.to_array(i).tolist() for i in memory.graph.initializer]
     excluded = next(numpy_helper.to_array(i) for i in file.graph.initializer if i.name == "W1")
     original = numpy_helper.to_array(model.graph.initializer[2])
     assert excluded.dtype == np.float32 and not np.array_equal(excluded, original)  # rotated, kept float

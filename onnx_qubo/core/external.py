@@ -105,14 +105,14 @@ def loaded(tensor: onnx.TensorProto, model: onnx.ModelProto) -> onnx.TensorProto
 
 def materialize(model: onnx.ModelProto) -> None:
     """Load every external tensor of ``model`` into it and drop the folder entry: the model is then
-    self-contained, as writing it elsewhere needs."""
+    self-contained, as writing it elsewhere needs, and each tensor the bytes it would have had in
+    the proto (no data_location field: the same file from a model in memory or in files)."""
     folder = session_folder(model)
     if folder is None:
         return
     for tensor in external_tensors(model):
         load_external_data_for_tensor(tensor, str(folder))
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.ClearField("data_location")
     _remove_key(model)
 
 

@@ -14,6 +14,7 @@ from .grid import MAX_BITS, MIN_BITS
 
 
 class ScaleMethod(Choice):
+    AUTO = "auto"  # resolved per model before a run (api.py): fit for a float32 language model below 4 bits
     MSE = "mse"  # clipping ratio per group minimizing the round-to-nearest QUBO cost
     MINMAX = "minmax"  # the group's full range
     QUBO = "qubo"  # the best few ratios of mse, re-ranked by the solved cost
@@ -21,6 +22,7 @@ class ScaleMethod(Choice):
 
 
 class Rotation(Choice):
+    AUTO = "auto"  # resolved per model before a run (api.py): hadamard for a float32 language model below 4 bits
     NONE = "none"
     HADAMARD = "hadamard"  # random signs, then a Hadamard transform per block of inputs (rotation.py)
 

@@ -28,13 +28,18 @@ def rotate(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int) ->
     """``model`` with its layers' inputs rotated (itself with ``Rotation.NONE``); same outputs."""
     if rotation == Rotation.NONE:
         return model
-    half = {init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT16}
-    layer = next((node for node in model.graph.node
-                  if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in half), None)
+    layer = half_precision_layer(model)
     if layer is not None:
-        raise OptionError(f"{{rotate}} {rotation} rotates FLOAT weights only; layer '{layer.name}' has FLOAT16 weights "
+        raise OptionError(f"{{rotate}} {rotation} rotates FLOAT weights only; layer '{layer}' has FLOAT16 weights "
                           "(a half-precision model): use {rotate} none", "rotate")
     return run_passes(model, [RotateInputs(seed, block, external.read_array)]).model
+
+
+def half_precision_layer(model: onnx.ModelProto) -> str | None:
+    """The first MatMul/Gemm with FLOAT16 weights (which the rotation does not take), else None."""
+    half = {init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT16}
+    return next((node.name for node in model.graph.node
+                 if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in half), None)
 
 
 @contextmanager
