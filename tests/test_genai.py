@@ -312,7 +312,7 @@ def test_format_ort_defaults_to_accuracy_level_4_for_a_language_model_only(tmp_p
 
 
 @pytest.mark.slow
-def test_a_float32_language_model_below_4_bits_gets_the_low_bit_recipe_by_default(tmp_path):
+def test_a_float32_language_model_below_4_bits_gets_the_low_bit_recipe_by_default():
     """damping auto: 0.01 for a language model; rotate and scale auto: hadamard and fit for one with
     float32 weights below 4 bits (docs/llm.md measured them on SmolLM2-135M); else 0, none and mse;
     each explicit option wins alone; a half-precision model is not rotated (and not refused)."""
