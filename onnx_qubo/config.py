@@ -11,6 +11,7 @@ as the file's keys (``weights.bits``). The CLI's quantize flags are generated fr
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -135,9 +136,12 @@ Fraction = float  # an option's annotation for a number of at least 0 (``float``
 
 
 def _check_fraction(value: object, option: str) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+    """A finite number of at least 0: 0 itself, else what ``check_positive`` takes."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == 0:
         return 0.0
-    return check_positive(value, option, what="a number of at least 0")  # type: ignore[return-value]
+    amount = check_positive(value, option, what="a number of at least 0")
+    assert amount is not None  # None is an unset option, which _checked returns before
+    return amount
 
 
 def _check_names(value: object, option: str) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from onnx_qubo.backends.portable import scheme_refusal
@@ -22,6 +23,13 @@ def test_flat_options_turn_strings_into_enums_and_granularity_objects():
     assert config.rounding.bias is BiasMode.QUANTIZE and config.activations.dtype is Activations.UINT8
     assert config.rounding.make_solver().name == "rtn" and config.weights.scheme() == Scheme(4, Granularity.BLOCK, 8)
     assert str(config.rounding.scale) == "qubo" and f"{config.rounding.bias}" == "quantize"
+
+
+@pytest.mark.parametrize("zero", [0, 0.0, np.int64(0), np.float32(0)])
+def test_damping_takes_zero_as_a_number_of_any_kind(zero):
+    """--damping 0 turns a default ridge off; ``float`` options refuse 0, this one takes it."""
+    assert QuantizeConfig.from_flat(damping=zero).rounding.damping == 0.0
+    assert QuantizeConfig().rounding.damping is None  # unset: api.quantize resolves it per model
 
 
 @pytest.mark.parametrize("arguments, options, message", [
