@@ -74,8 +74,17 @@ CONFIGS = {
     "qubo-b2-blk32-rot": "onnx-qubo 2 bits, blocks of 32, --rotate hadamard (incoherence processing)",
     "qubo-b3-blk32": "onnx-qubo 3 bits, blocks of 32, default flags",
     "qubo-b3-blk32-rot": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard (incoherence processing)",
+    "qubo-b3-blk32-rotw": "onnx-qubo 3 bits, blocks of 32, --rotate whole (one Hadamard transform of each input's "
+                          "whole width)",
+    "qubo-b2-blk32-bpw4": "onnx-qubo blocks of 32, --bits 2 --bits-per-weight 4: layers at 2 to 5 bits (8 or float "
+                          "where they pay) chosen for the output error, at the size of 3-bit codes with their float32 "
+                          "scales (3 + 1 bits per weight; 3-bit codes are stored as INT4: 5)",
+    "qubo-b3-blk32-rot-fit": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --scale fit (the language-model recipe)",
+    "qubo-b3-blk32-rotw-fit": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit",
     "qubo-b3-blk32-lv3": "onnx-qubo 3 bits, blocks of 32, --levels 3 (each weight may also move one grid point further)",
     "qubo-b3-blk32-rot-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --levels 3",
+    "qubo-b3-blk32-damp": "onnx-qubo 3 bits, blocks of 32, --damping 0.01 (a ridge of 1% of the Gram's mean diagonal)",
+    "qubo-b4-blk32-damp": "onnx-qubo 4 bits, blocks of 32, --damping 0.01",
     "qubo-b3-blk32-seq": "onnx-qubo 3 bits, blocks of 32, --sequential (each layer calibrated on the quantized layers "
                          "before it)",
     "qubo-b4-blk32-seq": "onnx-qubo 4 bits, blocks of 32, --sequential",
@@ -849,8 +858,8 @@ def worker(args) -> int:
             if cfg.endswith("-ortlayers") or "-asym" in cfg:
                 kw["symmetric"] = False
             options = cfg.split("-")
-            if "rot" in options:
-                kw["rotate"] = "hadamard"
+            if "rot" in options or "rotw" in options:
+                kw["rotate"] = "hadamard" if "rot" in options else "whole"
             if "lv3" in options:
                 kw["levels"] = 3
             if "seq" in options or "noseq" in options:
@@ -859,6 +868,11 @@ def worker(args) -> int:
                 kw["scale"] = "fit"
             if "fzp" in options:
                 kw["float_zero_points"] = True
+            budget = [float(o[3:]) for o in options if o.startswith("bpw")]
+            if budget:
+                kw["bits_per_weight"] = budget[0]
+            if "damp" in options:
+                kw["damping"] = 0.01
             if "budget" in cfg:
                 kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
             if cfg.endswith("-ortlayers"):

@@ -249,9 +249,11 @@ class RoundingConfig(_Section):
                                               "instead of solving.")
     rotate: Rotation = _option(Rotation.AUTO, "hadamard: rotate each layer's input space first (random signs from "
                                "--seed, a Hadamard transform per block; folded into a linear producer, else run "
-                               "before the layer): incoherence processing; auto: hadamard for a language model with "
-                               "float32 weights below 4 bits, else none.")
-    rotate_block: int = _option(64, "Largest Hadamard block of --rotate (a power of two).")
+                               "before the layer): incoherence processing; whole: one Hadamard transform of the whole "
+                               "width (Paley's kron Sylvester's: two small MatMuls), else blocks; auto: hadamard for "
+                               "a language model with float32 weights below 4 bits, else none.")
+    rotate_block: int = _option(64, "Largest Hadamard block of --rotate (a power of two); with whole, the largest "
+                                    "Sylvester factor.")
     damping: Fraction | None = _option(
         None, "Ridge added to each layer's input Gram matrix in the objective the scales and rounding minimize, as a "
               "fraction of its mean diagonal (GPTQ's damp_percent / 100): steadies them against calibration's "
@@ -585,6 +587,9 @@ class QuantizeConfig:
         text += "; sequential calibration" if self.rounding.sequential else ""
         if self.rounding.rotate == Rotation.HADAMARD:
             text += f"; inputs rotated (random-sign Hadamard, blocks up to {self.rounding.rotate_block})"
+        elif self.rounding.rotate == Rotation.WHOLE:
+            text += ("; inputs rotated (random-sign Hadamard of the whole width where one is at hand, Sylvester "
+                     f"factor up to {self.rounding.rotate_block})")
         if self.rounding.damping:
             text += f"; Gram matrices damped by {self.rounding.damping:g} of their mean diagonal"
         text += "; embedding tables per row" if self.output.embeddings else ""

@@ -1,5 +1,6 @@
 """Incoherence processing: rotate the input space of every dense layer by a random-sign block
-Hadamard transform ``Q = diag(s) blockdiag(H_b)`` (orthogonal), without changing what the model
+Hadamard transform ``Q = diag(s) blockdiag(H_b)`` (orthogonal), or with ``whole`` by one Hadamard
+transform of the whole width ``Q = diag(s) (H_a kron H_b)``, without changing what the model
 computes: ``x W = (x Q)(Q^T W)``.
 
 A quantizer run on the rotated model then sees the rotated weight ``Q^T W`` and the rotated inputs
@@ -13,12 +14,15 @@ Per input tensor ``x`` read by rotatable layers (``MatMul(x, W)`` with a constan
   ``MatMul``/``Gemm`` with a constant weight (and bias), or by an ``Add`` of a constant to such a
   ``MatMul``'s output: the producer's output space is rotated (``P Q``, bias ``c Q``);
 - otherwise **an online transform** before the layers, ``Mul(x, s)`` -> ``Reshape [-1, b]`` ->
-  ``MatMul(H_b)`` -> ``Reshape(Shape(x))``, its ``H_b`` from a ``Constant`` node (a dense-layer
-  finder sees no constant-initializer weight to quantize there) and the node tagged
-  ``ONLINE_ROTATION`` in its doc string (``online_rotations`` lists them).
+  ``MatMul(H_b)`` -> ``Reshape(Shape(x))`` (whole: ``Reshape [-1, a, b]`` -> ``MatMul(H_b)`` ->
+  ``MatMul(H_a^T)``, a + b products per value), its matrices from ``Constant`` nodes (a dense-layer
+  finder sees no constant-initializer weight to quantize there) and the nodes tagged
+  ``ONLINE_ROTATION`` in their doc string (``online_rotations`` lists them).
 
 ``b`` is the largest power of two dividing the input width, at most ``max_block``; a width with no
-even factor is left alone. Only the main graph is rotated.
+even factor is left alone. With ``whole``, ``b`` may be smaller so that ``a = width / b`` is the
+order of a Hadamard matrix this module builds (Sylvester's times Paley's, at most ``4 max_block``);
+a width with none keeps the block transform. Only the main graph is rotated.
 """
 
 from __future__ import annotations
@@ -47,13 +51,15 @@ class _Consumer:
 
 
 class RotateInputs:
-    """``seed``: the signs' seed; ``max_block``: the largest Hadamard block (a power of two);
+    """``seed``: the signs' seed; ``max_block``: the largest Sylvester Hadamard block (a power of
+    two); ``whole``: rotate each input's whole width where a Hadamard matrix of it is at hand;
     ``read``: how to read weights whose values may be in external data files."""
 
-    def __init__(self, seed: int = 0, max_block: int = 64, read: TensorReader = read_in_proto) -> None:
+    def __init__(self, seed: int = 0, max_block: int = 64, read: TensorReader = read_in_proto,
+                 whole: bool = False) -> None:
         if max_block < 2 or max_block & (max_block - 1):
             raise ValueError(f"max_block must be a power of two of at least 2, got {max_block}")
-        self.seed, self.max_block, self.read = seed, max_block, read
+        self.seed, self.max_block, self.read, self.whole = seed, max_block, read, whole
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         groups = _groups(model.graph)
@@ -68,7 +74,8 @@ class RotateInputs:
         inserted: list[tuple[int, list[onnx.NodeProto]]] = []
         for k, (x, consumers) in enumerate(groups.items()):
             signs = np.random.default_rng([self.seed, k]).choice([-1.0, 1.0], size=widths[x])
-            rotation = _Rotation(signs, blocks[x])
+            outer = _outer(widths[x], self.max_block) if self.whole else None
+            rotation = _Rotation(signs, blocks[x] if outer is None else widths[x] // len(outer), outer)
             for consumer in consumers:
                 edit.rotate_rows(consumer.weight, rotation, consumer.rows_are_inputs)
             if _fold_into_producer(graph, x, consumers, rotation, edit):
@@ -78,7 +85,7 @@ class RotateInputs:
             for consumer in consumers:
                 graph.node[consumer.node].input[0] = rotated
             inserted.append((min(c.node for c in consumers), nodes))
-            log.info("rotation of '%s' inserted before its %d layer(s), blocks of %d", x, len(consumers), blocks[x])
+            log.info("rotation of '%s' inserted before its %d layer(s), %s", x, len(consumers), rotation)
         edit.write()
         nodes = list(graph.node)
         for position, new in sorted(inserted, key=lambda item: -item[0]):
@@ -95,24 +102,74 @@ def online_rotations(model: onnx.ModelProto) -> set[str]:
 
 def hadamard(b: int) -> np.ndarray:
     """The orthonormal Sylvester Hadamard matrix of order ``b`` (a power of two), symmetric."""
+    return _sylvester(b) / np.sqrt(b)
+
+
+def _sylvester(b: int) -> np.ndarray:
     h = np.ones((1, 1))
     while h.shape[0] < b:
         h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(b)
+    return h
+
+
+def hadamard_of_order(n: int) -> np.ndarray | None:
+    """An orthonormal Hadamard matrix of order ``n``: Paley's (order q + 1 or 2(q + 1), q a prime)
+    kron Sylvester's (a power of two), else None. Integer entries scaled once: the same bits on
+    every machine."""
+    twos = 1
+    while n % twos == 0:
+        core = _paley(n // twos)
+        if core is not None:
+            return np.kron(core, _sylvester(twos)) / np.sqrt(n)
+        twos *= 2
+    return None
+
+
+def _paley(p: int) -> np.ndarray | None:
+    """A ±1 Hadamard matrix of order ``p`` by Paley's constructions from a prime q (I: p = q + 1,
+    q = 3 mod 4; II: p = 2(q + 1), q = 1 mod 4), or [[1]]; None when neither applies."""
+    if p == 1:
+        return np.ones((1, 1))
+    for q, first in ((p - 1, True), (p // 2 - 1, False)):
+        if q < 3 or (not first and p % 2) or q % 4 != (3 if first else 1) or not _prime(q):
+            continue
+        residues = {(i * i) % q for i in range(1, q)}
+        chi = np.array([0] + [1 if d in residues else -1 for d in range(1, q)], dtype=np.float64)
+        jacobsthal = chi[(np.arange(q)[None, :] - np.arange(q)[:, None]) % q]  # chi(j - i)
+        ones = np.ones((1, q))
+        if first:  # I + S, S = [[0, 1], [-1, Q]] skew-symmetric
+            return np.eye(p) + np.block([[np.zeros((1, 1)), ones], [-ones.T, jacobsthal]])
+        conference = np.block([[np.zeros((1, 1)), ones], [ones.T, jacobsthal]])  # symmetric
+        return (np.kron(conference, np.array([[1.0, 1.0], [1.0, -1.0]]))
+                + np.kron(np.eye(q + 1), np.array([[1.0, -1.0], [-1.0, -1.0]])))
+    return None
+
+
+def _prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, int(q ** 0.5) + 1))
 
 
 @dataclass(frozen=True)
 class _Rotation:
-    """``Q = diag(signs) blockdiag(H_b)``; applied along an axis in float64."""
+    """``Q = diag(signs) (outer kron H_b)`` (``outer`` None: the identity, a block transform);
+    applied along an axis in float64."""
 
     signs: np.ndarray
     block: int
+    outer: np.ndarray | None = None
 
     def right(self, values: np.ndarray) -> np.ndarray:
         """``values @ Q`` over the last axis."""
         signed = values.astype(np.float64) * self.signs
         blocks = signed.reshape(*signed.shape[:-1], -1, self.block) @ hadamard(self.block)
+        if self.outer is not None:  # (X (A kron B)) = A^T X B, X the row viewed as [a, b]
+            blocks = np.matmul(self.outer.T, blocks)
         return blocks.reshape(signed.shape)
+
+    def __str__(self) -> str:
+        if self.outer is None:
+            return f"blocks of {self.block}"
+        return f"the whole width ({len(self.outer)} x {self.block} Hadamard)"
 
     def transposed_left(self, values: np.ndarray) -> np.ndarray:
         """``Q^T @ values`` over the first axis."""
@@ -143,6 +200,23 @@ def _groups(graph: onnx.GraphProto) -> dict[str, list[_Consumer]]:
 def _width(graph: onnx.GraphProto, consumer: _Consumer) -> int:
     dims = next(init.dims for init in graph.initializer if init.name == consumer.weight)
     return int(dims[0] if consumer.rows_are_inputs else dims[1])
+
+
+def _outer(width: int, max_block: int) -> np.ndarray | None:
+    """``H_a`` of the whole-width transform ``H_a kron H_b`` (``b`` a power of two, at most
+    ``max_block``, the largest such with a Hadamard matrix of order ``a`` at most ``4 max_block``),
+    or None: a block transform."""
+    block = _block(width, max_block)
+    if block == width:  # the block transform is already the whole width
+        return None
+    while block >= 2:
+        outer = width // block
+        if outer <= 4 * max_block:
+            h = hadamard_of_order(outer)
+            if h is not None:
+                return h
+        block //= 2
+    return None
 
 
 def _block(width: int, max_block: int) -> int:
@@ -251,19 +325,25 @@ def _online(model: onnx.ModelProto, edit: _Edit, x: str, rotation: _Rotation) ->
     used, b = edit.used, rotation.block
     base = x.replace("/", "_").strip("_") + "_rotated"
     names = {part: fresh_name(used, f"{base}/{part}") for part in
-             ("signs", "signed", "rows_shape", "rows", "hadamard", "mixed", "shape", "out")}
+             ("signs", "signed", "rows_shape", "rows", "hadamard", "mixed", "outer", "outer_mixed", "shape", "out")}
+    rows_shape = [-1, b] if rotation.outer is None else [-1, len(rotation.outer), b]
     model.graph.initializer.extend([
         numpy_helper.from_array(rotation.signs.astype(np.float32), names["signs"]),
-        numpy_helper.from_array(np.array([-1, b], np.int64), names["rows_shape"])])
+        numpy_helper.from_array(np.array(rows_shape, np.int64), names["rows_shape"])])
     h = numpy_helper.from_array(hadamard(b).astype(np.float32), names["hadamard"])
     nodes = [
         helper.make_node("Mul", [x, names["signs"]], [names["signed"]]),
         helper.make_node("Reshape", [names["signed"], names["rows_shape"]], [names["rows"]]),
         helper.make_node("Constant", [], [names["hadamard"]], value=h),
         helper.make_node("MatMul", [names["rows"], names["hadamard"]], [names["mixed"]]),
-        helper.make_node("Shape", [x], [names["shape"]]),
-        helper.make_node("Reshape", [names["mixed"], names["shape"]], [names["out"]]),
     ]
+    if rotation.outer is not None:  # H_a^T from the left, over the rows' middle axis
+        outer = numpy_helper.from_array(np.ascontiguousarray(rotation.outer.T).astype(np.float32), names["outer"])
+        nodes += [helper.make_node("Constant", [], [names["outer"]], value=outer),
+                  helper.make_node("MatMul", [names["outer"], names["mixed"]], [names["outer_mixed"]])]
+        names["mixed"] = names["outer_mixed"]
+    nodes += [helper.make_node("Shape", [x], [names["shape"]]),
+              helper.make_node("Reshape", [names["mixed"], names["shape"]], [names["out"]])]
     for node in nodes:
         node.name = fresh_name(used, f"{base}/{node.op_type}")
         node.doc_string = ONLINE_ROTATION

@@ -40,11 +40,12 @@ def run(model: onnx.ModelProto, x: np.ndarray, level=LEVELS[0]) -> np.ndarray:
     return session.run(None, {"x": x})[0].astype(np.float64)
 
 
-def test_the_rotated_tiny_language_model_computes_the_same_logits_at_every_level():
+@pytest.mark.parametrize("rotation", [Rotation.HADAMARD, Rotation.WHOLE])
+def test_the_rotated_tiny_language_model_computes_the_same_logits_at_every_level(rotation):
     model = prepare(load_model(TINY_LM))
-    rotated = rotate(model, Rotation.HADAMARD, 64, seed=0)
+    rotated = rotate(model, rotation, 32, seed=0)
     online = [n for n in rotated.graph.node if n.name in online_rotations(rotated) and n.op_type == "MatMul"]
-    assert len(online) == 9  # per block: qkv, o, gate and up (one input), down; and the head
+    assert len(online) == 9 * (1 + (rotation == Rotation.WHOLE))  # per block: qkv, o, gate and up, down; the head
     tokens = np.load(TINY_LM.with_name("model.eval.npz"))["input_ids"][:3, :32]
     feeds = load_dataset({"input_ids": tokens}, model).batches[0]
     for level in LEVELS:
@@ -62,29 +63,33 @@ MODELS = {
 @pytest.mark.parametrize("scheme", [dict(bits=2), dict(bits=3, granularity="block", block_size=8, symmetric=False)],
                          ids=["int2-channel", "uint3-block8"])
 @pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("rotation", ["hadamard", "whole"])
 @pytest.mark.slow
-def test_the_reported_cost_of_a_rotated_layer_is_its_measured_output_error(model_name, scheme, tmp_path):
+def test_the_reported_cost_of_a_rotated_layer_is_its_measured_output_error(model_name, scheme, rotation, tmp_path):
     model = MODELS[model_name]()
     shape = (300, 32) if model_name == "gemm" else (100, 3, 32)
     x = (np.random.default_rng(1).standard_normal(shape) + 0.3).astype(np.float32)
     out = tmp_path / "q.onnx"
-    report = quantize(model, out, calibration={"x": x}, batch_size=64, rotate="hadamard", rotate_block=16,
+    report = quantize(model, out, calibration={"x": x}, batch_size=64, rotate=rotation, rotate_block=16,
                       speed=False, **scheme)
     written = onnx.load(out)
-    assert "MatMul" in {n.op_type for n in written.graph.node if "rotated" in n.name}  # the online transform
+    online = [n for n in written.graph.node if "rotated" in n.name and n.op_type == "MatMul"]
+    assert len(online) == 1 + (rotation == "whole")  # the online transform: 32 = 2 x 16 whole
     assert len(report.layers) == 1 and report.skipped == [] and "inputs rotated" in report.scheme
     y_float, y_quant = run(model, x), run(written, x)
     measured = float(((y_quant - y_float) ** 2).reshape(-1, y_float.shape[-1]).sum(axis=1).mean())
     assert report.layers[0].final_cost == pytest.approx(measured, rel=1e-3)
 
 
-@pytest.mark.parametrize("scheme", [dict(bits=4), dict(bits=2, granularity="block", block_size=16)],
-                         ids=["int4-channel", "int2-block16"])
+@pytest.mark.parametrize("scheme", [dict(bits=4, rotate="hadamard"),
+                                    dict(bits=2, granularity="block", block_size=16, rotate="hadamard"),
+                                    dict(bits=3, granularity="block", block_size=16, rotate="whole", rotate_block=8)],
+                         ids=["int4-channel", "int2-block16", "int3-block16-whole"])
 @pytest.mark.slow
 def test_both_formats_emit_and_run_the_same_codes(scheme, tmp_path):
     model = mlp_model(widths=(64, 32, 16))
     x = (np.random.default_rng(2).standard_normal((128, 64)) + 0.2).astype(np.float32)
-    common = dict(calibration={"x": x}, speed=False, rotate="hadamard", **scheme)
+    common = dict(calibration={"x": x}, speed=False, **scheme)
     portable = quantize(model, tmp_path / "qdq.onnx", **common)
     fast = quantize(model, tmp_path / "ort.onnx", format="ort", **common)
     assert [layer.kernel for layer in fast.layers] == ["MatMulNBits"] * 2
@@ -120,7 +125,7 @@ def test_a_block_that_is_not_a_power_of_two_is_refused_in_one_line(tmp_path):
     x = np.zeros((8, 32), np.float32)
     with pytest.raises(OptionError, match="rotate_block"):
         quantize(model, tmp_path / "q.onnx", calibration={"x": x}, rotate="hadamard", rotate_block=48)
-    with pytest.raises(OptionError, match="rotate must be one of auto, none, hadamard"):
+    with pytest.raises(OptionError, match="rotate must be one of auto, none, hadamard, whole"):
         quantize(model, tmp_path / "q.onnx", calibration={"x": x}, rotate="givens")
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "m.calib.npz", x=x)

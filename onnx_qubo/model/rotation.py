@@ -32,7 +32,8 @@ def rotate(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int) ->
     if layer is not None:
         raise OptionError(f"{{rotate}} {rotation} rotates FLOAT weights only; layer '{layer}' has FLOAT16 weights "
                           "(a half-precision model): use {rotate} none", "rotate")
-    return run_passes(model, [RotateInputs(seed, block, external.read_array)]).model
+    whole = rotation == Rotation.WHOLE
+    return run_passes(model, [RotateInputs(seed, block, external.read_array, whole)]).model
 
 
 def half_precision_layer(model: onnx.ModelProto) -> str | None:

@@ -9,7 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnx_qubo.passes import RotateInputs, UnsupportedModel, online_rotations
-from onnx_qubo.passes.rotate import hadamard
+from onnx_qubo.passes.rotate import hadamard, hadamard_of_order
 
 from helpers_passes import external, floats
 
@@ -144,6 +144,45 @@ def test_the_rotation_is_orthogonal_and_the_blocks_fit_the_width():
     small = RotateInputs(max_block=4).call(model).model
     constant = next(n for n in small.graph.node if n.op_type == "Constant")
     assert numpy_helper.to_array(constant.attribute[0].t).shape == (4, 4)
+
+
+@pytest.mark.parametrize("order", [2, 12, 20, 24, 28, 36, 48, 76, 140])
+def test_a_hadamard_matrix_of_every_order_paley_and_sylvester_reach_is_orthonormal(order):
+    h = hadamard_of_order(order)
+    assert h is not None and h.shape == (order, order)
+    np.testing.assert_allclose(h @ h.T, np.eye(order), atol=1e-12)
+    np.testing.assert_array_equal(np.abs(h) * np.sqrt(order), 1.0)  # +-1 entries: flat, no direction stands out
+
+
+@pytest.mark.parametrize("order", [3, 6, 9, 18, 172])
+def test_no_hadamard_matrix_is_claimed_where_none_is_built(order):
+    assert hadamard_of_order(order) is None  # 3, 6, 9, 18: none exists; 172: not from a prime
+
+
+@pytest.mark.parametrize("make", [matmul_nd, mlp, shared_input], ids=["matmul_nd_48", "mlp", "shared_input"])
+def test_the_whole_width_rotation_computes_the_same_outputs_at_every_level(make):
+    model = make()
+    rotated = RotateInputs(seed=5, max_block=16, whole=True).call(model).model
+    online = [n for n in rotated.graph.node if n.name in online_rotations(rotated) and n.op_type == "MatMul"]
+    assert len(online) == 2 * len({n.input[0] for n in model.graph.node if n.op_type == "MatMul"})
+    onnx.checker.check_model(rotated, full_check=True)
+    assert_same_outputs(model, rotated, _feeds(model))
+
+
+def test_the_whole_width_rotation_mixes_every_input_into_every_output():
+    model = matmul_nd()  # 48 = 12 x 4: Paley's order 12 kron Sylvester's 4
+    block = RotateInputs(max_block=4).call(model).model
+    whole = RotateInputs(max_block=4, whole=True).call(model).model
+    constants = [numpy_helper.to_array(n.attribute[0].t) for n in whole.graph.node if n.op_type == "Constant"]
+    assert sorted(c.shape for c in constants) == [(4, 4), (12, 12)]
+    x = np.eye(48, dtype=np.float32)  # row i: the i-th input alone
+    for rotated, reached in ((block, 4), (whole, 48)):
+        online = [n for n in rotated.graph.node if n.name in online_rotations(rotated)]
+        turned = _model(online, [i for i in rotated.graph.initializer if i.name != "W"], [floats("x", ["B", 48])],
+                        [floats(online[-1].output[0], ["B", 48])])
+        out = _run(turned, {"x": x}, LEVELS[2])[0]
+        assert (np.abs(out) > 1e-6).sum(axis=1).min() == reached
+        np.testing.assert_allclose(out @ out.T, np.eye(48), atol=1e-5)  # orthogonal
 
 
 def test_an_odd_width_is_left_alone_and_a_bad_block_is_refused():
