@@ -131,8 +131,8 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
     """``config`` with its ``auto`` options made concrete for ``model``: the accuracy level
     (backends.kernels.auto_accuracy_level; 0 where no MatMulNBits is written); for a language
     model the Gram matrices damped by 1%, and with float32 weights below ``HEAD_BITS`` bits inputs
-    rotated (Hadamard) and scales refitted (fit), each unless given (measured on SmolLM2-135M,
-    blocks of 32: docs/llm.md); elsewhere none of these."""
+    rotated (a Hadamard transform of the whole width) and scales refitted (fit), each unless given
+    (measured on SmolLM2-135M, blocks of 32: docs/llm.md); elsewhere none of these."""
     changes: dict[str, object] = {}
     is_lm = language_model(model) is not None
     if config.output.ort_accuracy_level is None:
@@ -143,7 +143,7 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
     rounding = config.rounding
     low_bits = is_lm and config.weights.bits < HEAD_BITS and half_precision_layer(model) is None
     if rounding.rotate == Rotation.AUTO:
-        changes["rotate"] = Rotation.HADAMARD if low_bits else Rotation.NONE
+        changes["rotate"] = Rotation.WHOLE if low_bits else Rotation.NONE
     if rounding.scale == ScaleMethod.AUTO:
         changes["scale"] = ScaleMethod.FIT if low_bits else ScaleMethod.MSE
     if rounding.damping is None:

@@ -250,7 +250,7 @@ class RoundingConfig(_Section):
     rotate: Rotation = _option(Rotation.AUTO, "hadamard: rotate each layer's input space first (random signs from "
                                "--seed, a Hadamard transform per block; folded into a linear producer, else run "
                                "before the layer): incoherence processing; whole: one Hadamard transform of the whole "
-                               "width (Paley's kron Sylvester's: two small MatMuls), else blocks; auto: hadamard for "
+                               "width (Paley's kron Sylvester's: two small MatMuls), else blocks; auto: whole for "
                                "a language model with float32 weights below 4 bits, else none.")
     rotate_block: int = _option(64, "Largest Hadamard block of --rotate (a power of two); with whole, the largest "
                                     "Sylvester factor.")

@@ -313,7 +313,7 @@ def test_format_ort_defaults_to_accuracy_level_4_for_a_language_model_only(tmp_p
 
 @pytest.mark.slow
 def test_a_float32_language_model_below_4_bits_gets_the_low_bit_recipe_by_default():
-    """damping auto: 0.01 for a language model; rotate and scale auto: hadamard and fit for one with
+    """damping auto: 0.01 for a language model; rotate and scale auto: whole and fit for one with
     float32 weights below 4 bits (docs/llm.md measured them on SmolLM2-135M); else 0, none and mse;
     each explicit option wins alone; a half-precision model is not rotated (and not refused)."""
     from onnx_qubo.api import quantize
@@ -323,10 +323,11 @@ def test_a_float32_language_model_below_4_bits_gets_the_low_bit_recipe_by_defaul
 
     x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
     half = {"input_ids": TOKENS}
-    cases = [(str(MODEL), None, {"bits": 3}, ("hadamard", "fit", 0.01)),
+    cases = [(str(MODEL), None, {"bits": 3}, ("whole", "fit", 0.01)),
              (str(MODEL), None, {"bits": 4}, ("none", "mse", 0.01)),
              (str(MODEL), None, {"bits": 2, "rotate": "none"}, ("none", "fit", 0.01)),
-             (str(MODEL), None, {"bits": 2, "scale": "mse", "damping": 0}, ("hadamard", "mse", 0.0)),
+             (str(MODEL), None, {"bits": 2, "scale": "mse", "damping": 0}, ("whole", "mse", 0.0)),
+             (str(MODEL), None, {"bits": 2, "rotate": "hadamard"}, ("hadamard", "fit", 0.01)),
              (str(HALF / "model.onnx"), half, {"bits": 2}, ("none", "mse", 0.01)),
              (mlp_model(widths=(8, 16)), {"x": x}, {"bits": 2}, ("none", "mse", 0.0))]
     for model, data, options, expected in cases:
@@ -335,7 +336,7 @@ def test_a_float32_language_model_below_4_bits_gets_the_low_bit_recipe_by_defaul
         rounding = result.config.rounding
         assert (str(rounding.rotate), str(rounding.scale), rounding.damping) == expected, options
         rotation, scale, damping = expected
-        assert result.report.scale == scale and ("inputs rotated" in result.report.scheme) == (rotation == "hadamard")
+        assert result.report.scale == scale and ("inputs rotated" in result.report.scheme) == (rotation != "none")
         assert ("damped by 0.01" in result.report.scheme) == bool(damping)
         online = [node for node in result.model.graph.node if "rotated" in node.name]
-        assert bool(online) == (rotation == "hadamard")
+        assert bool(online) == (rotation != "none")

@@ -22,7 +22,7 @@ class ScaleMethod(Choice):
 
 
 class Rotation(Choice):
-    AUTO = "auto"  # resolved per model before a run (api.py): hadamard for a float32 language model below 4 bits
+    AUTO = "auto"  # resolved per model before a run (api.py): whole for a float32 language model below 4 bits
     NONE = "none"
     HADAMARD = "hadamard"  # random signs, then a Hadamard transform per block of inputs (rotation.py)
     WHOLE = "whole"  # random signs, then one Hadamard transform of the whole input width where one is at hand
