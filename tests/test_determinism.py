@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from onnx_qubo import layer
 from onnx_qubo.calibration import grams
 from onnx_qubo.core.grid import IntegerGrid, Scheme
+from onnx_qubo.passes import RotateInputs
 from onnx_qubo.rounding.qubo import build_problem
 from onnx_qubo.rounding.scales import choose_scales
 from onnx_qubo.rounding.solvers import fast
@@ -51,14 +52,15 @@ def test_every_stage_that_decides_codes_runs_blas_on_one_thread(monkeypatch, tmp
     recording(fast, "sequential_start")  # and its matrix products
     recording(fast, "best_start")
     recording(layer.LayerTerms, "mean_error")  # the bias correction
+    recording(RotateInputs, "call")  # the rotated weights
     x = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
     with threadpool_limits(2, user_api="blas"):
         assert blas_threads() == {2}  # a caller's setting...
         quantize(mlp_model(widths=(64, 48, 10)), tmp_path / "q.onnx", bits=2, calibration={"x": x},
-                 bias_correction=True, speed=False)
+                 bias_correction=True, rotate="whole", speed=False)
         assert blas_threads() == {2}  # ...is restored afterwards
     assert set(seen) == {"update", "choose_scales", "feedback_factor", "sequential_start", "best_start",
-                         "mean_error"}
+                         "mean_error", "call"}
     assert all(threads == {1} for threads in seen.values()), seen
 
 

@@ -3,8 +3,8 @@
 A BLAS or LAPACK call can take another code path, and sum in another order, with another
 number of threads (OpenBLAS's single-threaded small-matrix kernels, a Cholesky split across
 threads): a last-bit difference in a Gram matrix, a scale search's cost or a solver's residual
-can then flip a rounding at a near tie. Every stage whose numbers decide codes (calibration
-statistics, scale choice, the QUBO, the solvers, the bias correction) runs under
+can then flip a rounding at a near tie. Every stage whose numbers decide codes (the rotation of
+the weights, calibration statistics, scale choice, the QUBO, the solvers, the bias correction) runs under
 ``one_blas_thread``; the parallelism is the tool's own (the fast solver's chunk threads, worker
 processes, Ray tasks), which never splits a reduction. So the same statistics give the same bits
 whatever the thread count, worker count or Ray placement, on a given numpy/BLAS build and CPU.

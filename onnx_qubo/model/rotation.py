@@ -18,6 +18,7 @@ from typing import Iterator
 import onnx
 
 from ..core import external
+from ..core.determinism import one_blas_thread
 from ..core.errors import OptionError
 from ..core.options import Rotation
 from ..passes import RotateInputs
@@ -33,7 +34,8 @@ def rotate(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int) ->
         raise OptionError(f"{{rotate}} {rotation} rotates FLOAT weights only; layer '{layer}' has FLOAT16 weights "
                           "(a half-precision model): use {rotate} none", "rotate")
     whole = rotation == Rotation.WHOLE
-    return run_passes(model, [RotateInputs(seed, block, external.read_array, whole)]).model
+    with one_blas_thread():  # the rotated weights are what the codes round: the same bits whatever the threads
+        return run_passes(model, [RotateInputs(seed, block, external.read_array, whole)]).model
 
 
 def half_precision_layer(model: onnx.ModelProto) -> str | None:
