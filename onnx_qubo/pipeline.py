@@ -115,7 +115,8 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
     if plan.sequential and not any(discovery.fed_by_earlier(model, calibrated.layers)):
         notes.append("sequential calibration changes nothing here: no quantized layer feeds another, so each was "
                      "calibrated once on the float model's inputs")
-    return finish(calibrated, integers, reports, skipped, plan.format, plan.accuracy_level, tables, notes)
+    return finish(calibrated, integers, reports, skipped, plan.format, plan.accuracy_level, tables, notes,
+                  mixable=not config.output.embeddings)
 
 
 def solve_all(calibrated: Calibrated, plan: Plan, progress: Progress, release: bool = False
@@ -133,11 +134,12 @@ def solve_all(calibrated: Calibrated, plan: Plan, progress: Progress, release: b
 
 def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: list[LayerReport],
            skipped: list[SkippedNode], format: Format, accuracy_level: int, tables: Sequence[QuantizedTable] = (),
-           notes: Sequence[str] = ()) -> Quantized:
+           notes: Sequence[str] = (), mixable: bool = True) -> Quantized:
     """The last step of every quantization path (the plain one and the automatic choice): each
     Conv QLinearConv may run given its output's quantizer, the model rewritten in ``format``, the
     portable model of the same codes as the reference, each report row (layers, then tables) given
-    the kernel that runs it, and the notes of the rewrite before ``notes``."""
+    the kernel that runs it, and the notes of the rewrite before ``notes`` (``mixable``: whether
+    the options allow --bits-per-weight, which the notes on wider storage then suggest)."""
     quantized = [replace(q, output_quantizer=calibrated.output_quantizers.get(q.layer.view.output or ""))
                  for q in quantized]
     written = rewrite(calibrated.model, quantized, format, accuracy_level, tables)
@@ -148,10 +150,10 @@ def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: lis
                 "the layer costs above leave that rounding out, and the comparison with the DequantizeLinear model "
                 "includes it"] if qlinear else []
     return Quantized(written.model, reports, skipped, portable,
-                     [*written.notes, *rounding, *notes, *wider_storage_notes(reports)])
+                     [*written.notes, *rounding, *notes, *wider_storage_notes(reports, mixable)])
 
 
-def wider_storage_notes(reports: Sequence[LayerReport]) -> list[str]:
+def wider_storage_notes(reports: Sequence[LayerReport], mixable: bool = True) -> list[str]:
     """Where codes take more bits in the file than their width: a model no smaller than at the wider
     width, for the narrower width's fidelity, which a user asking for 3 bits should know."""
     wider: dict[tuple[int, int, bool], int] = {}
@@ -167,9 +169,10 @@ def wider_storage_notes(reports: Sequence[LayerReport]) -> list[str]:
                          "kernel dequantizes the whole weight at every run): --format qdq stores them as INT2")
         elif bits > 1:
             narrower = 2 if stored == 4 else 4
+            mix = (f"; --bits {narrower} with --bits-per-weight mixes {narrower}- and {stored}-bit layers into a "
+                   "size between theirs") if mixable else ""
             notes.append(f"{layers} of {bits}-bit codes stored in {stored}-bit integers (ONNX has no {bits}-bit "
-                         f"type): as large as at {stored} bits; --bits {narrower} with --bits-per-weight mixes "
-                         f"{narrower}- and {stored}-bit layers into a size between theirs")
+                         f"type): as large as at {stored} bits{mix}")
     return notes
 
 

@@ -226,6 +226,17 @@ def test_bad_evaluation_data_is_refused_before_the_long_run(tmp_path, monkeypatc
     assert not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_the_wider_storage_note_suggests_a_mix_only_where_the_options_allow_one(tmp_path, embeddings):
+    """--bits-per-weight refuses --embeddings (config.py): the note then stops at the size."""
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    report = runs.quantize(mlp_model(widths=(64, 32, 8)), tmp_path / "q.onnx", bits=3, calibration={"x": x},
+                           embeddings=embeddings, granularity="block", block_size=32, speed=False)
+    note = next(note for note in report.notes if "codes stored in" in note)
+    assert note.endswith("as large as at 4 bits") == embeddings
+    assert ("--bits 2 with --bits-per-weight" in note) != embeddings
+
+
 @pytest.mark.parametrize("bits, form, expected", [
     (3, "qdq", "1 layer of 3-bit codes stored in 4-bit integers"),
     (6, "qdq", "2 layers of 6-bit codes stored in 8-bit integers"),
