@@ -24,6 +24,7 @@ from onnx_qubo.calibration.data import load_dataset
 from onnx_qubo.cli import main
 from onnx_qubo.core.errors import DataError
 from onnx_qubo.graph.files import load_model
+from onnx_qubo.passes import online_rotations
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "tiny_lm"
 MODEL = TINY / "model.onnx"
@@ -118,6 +119,7 @@ def test_quantized_folder_runs_in_onnxruntime_genai_and_equals_the_portable_mode
     assert len(nbits) == 11
     assert all({a.name: a.i for a in n.attribute}["block_size"] == 32 for n in nbits)
     assert any(n.op_type == "GatherBlockQuantized" for n in kernels.graph.node) == (bits == 4)
+    assert any(n.name in online_rotations(kernels) for n in kernels.graph.node) == (bits < 4)  # rotate auto: whole
     reference = _logits(written["qdq"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
         np.testing.assert_allclose(_logits(written["ort"], level), reference, rtol=1e-4,
