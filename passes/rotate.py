@@ -126,7 +126,7 @@ def hadamard_of_order(n: int) -> np.ndarray | None:
 
 
 def _paley(p: int) -> np.ndarray | None:
-    """A ±1 Hadamard matrix of order ``p`` by Paley's constructions from a prime q (I: p = q + 1,
+    """A +-1 Hadamard matrix of order ``p`` by Paley's constructions from a prime q (I: p = q + 1,
     q = 3 mod 4; II: p = 2(q + 1), q = 1 mod 4), or [[1]]; None when neither applies."""
     if p == 1:
         return np.ones((1, 1))
@@ -324,8 +324,10 @@ def _online(model: onnx.ModelProto, edit: _Edit, x: str, rotation: _Rotation) ->
     """The nodes computing ``x Q`` and the name of their output."""
     used, b = edit.used, rotation.block
     base = x.replace("/", "_").strip("_") + "_rotated"
-    names = {part: fresh_name(used, f"{base}/{part}") for part in
-             ("signs", "signed", "rows_shape", "rows", "hadamard", "mixed", "outer", "outer_mixed", "shape", "out")}
+    parts = ["signs", "signed", "rows_shape", "rows", "hadamard", "mixed", "shape", "out"]
+    if rotation.outer is not None:
+        parts += ["outer", "outer_mixed"]
+    names = {part: fresh_name(used, f"{base}/{part}") for part in parts}
     rows_shape = [-1, b] if rotation.outer is None else [-1, len(rotation.outer), b]
     model.graph.initializer.extend([
         numpy_helper.from_array(rotation.signs.astype(np.float32), names["signs"]),
@@ -337,13 +339,14 @@ def _online(model: onnx.ModelProto, edit: _Edit, x: str, rotation: _Rotation) ->
         helper.make_node("Constant", [], [names["hadamard"]], value=h),
         helper.make_node("MatMul", [names["rows"], names["hadamard"]], [names["mixed"]]),
     ]
+    mixed = names["mixed"]
     if rotation.outer is not None:  # H_a^T from the left, over the rows' middle axis
         outer = numpy_helper.from_array(np.ascontiguousarray(rotation.outer.T).astype(np.float32), names["outer"])
         nodes += [helper.make_node("Constant", [], [names["outer"]], value=outer),
-                  helper.make_node("MatMul", [names["outer"], names["mixed"]], [names["outer_mixed"]])]
-        names["mixed"] = names["outer_mixed"]
+                  helper.make_node("MatMul", [names["outer"], mixed], [names["outer_mixed"]])]
+        mixed = names["outer_mixed"]
     nodes += [helper.make_node("Shape", [x], [names["shape"]]),
-              helper.make_node("Reshape", [names["mixed"], names["shape"]], [names["out"]])]
+              helper.make_node("Reshape", [mixed, names["shape"]], [names["out"]])]
     for node in nodes:
         node.name = fresh_name(used, f"{base}/{node.op_type}")
         node.doc_string = ONLINE_ROTATION
