@@ -196,6 +196,8 @@ def test_a_half_precision_model_is_quantized_with_half_scales_and_runs_in_onnxru
                               "computes in float16"),
     ({"rotate": "hadamard"}, "--rotate hadamard rotates FLOAT weights only; layer '/model/layers.0/attn/q_proj/MatMul' "
                              "has FLOAT16 weights"),
+    ({"rotate": "whole"}, "--rotate whole rotates FLOAT weights only; layer '/model/layers.0/attn/q_proj/MatMul' "
+                          "has FLOAT16 weights"),
 ])
 def test_what_a_half_precision_model_cannot_take_is_refused_by_name(option, message, tmp_path):
     result = CliRunner().invoke(main, [str(HALF / "model.onnx"), str(tmp_path / "q.onnx"), "--bits", "4",
