@@ -53,7 +53,7 @@ def _convert(model: onnx.ModelProto, target: int, current: int) -> onnx.ModelPro
     mistake: onnxruntime-genai's builder declares a ``[1]`` Constant as rank 0)."""
     apart = runtime_ops_apart(model)
     try:
-        return runtime_ops_back(version_converter.convert_version(apart, target))
+        return _declared_kept(runtime_ops_back(version_converter.convert_version(apart, target)), model)
     except Exception as exc:  # the converter raises bare RuntimeErrors
         failure = exc
     if apart.graph.value_info:
@@ -64,11 +64,22 @@ def _convert(model: onnx.ModelProto, target: int, current: int) -> onnx.ModelPro
         except Exception:  # the first failure is the one to report
             pass
         else:
-            known = {info.name for info in converted.graph.value_info}
-            converted.graph.value_info.extend(info for info in model.graph.value_info if info.name not in known)
-            return converted
+            return _declared_kept(converted, model)
     raise UnsupportedModel(f"cannot raise the model's opset from {current} to {target} "
                            f"(needed by the integer weight type): {failure}") from None
+
+
+def _declared_kept(converted: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """``converted`` keeping ``model``'s declared shapes where the converter's own inference found
+    none (behind a data-dependent Reshape it writes a shapeless type over the declared one)."""
+    declared = {info.name: info for info in model.graph.value_info}
+    infos = [declared.get(info.name, info) if not info.type.tensor_type.HasField("shape") else info
+             for info in converted.graph.value_info]
+    known = {info.name for info in infos}
+    infos += [info for info in model.graph.value_info if info.name not in known]
+    del converted.graph.value_info[:]
+    converted.graph.value_info.extend(infos)
+    return converted
 
 
 def _raise_functions(model: onnx.ModelProto, target: int) -> None:

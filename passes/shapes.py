@@ -43,11 +43,13 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """The type (element type and shape) of every tensor of ``model`` and its If/Loop/Scan bodies
     that ``infer_shapes`` tells, and the declared one of a tensor it cannot reach (behind an op it
     does not know)."""
-    types = {}
-    for source in (model, infer_shapes(model)):  # inferred types replace declared ones
-        types.update({info.name: info.type for graph in all_graphs(source.graph)
-                      for info in [*graph.input, *graph.value_info, *graph.output]
-                      if info.type.HasField("tensor_type")})
+    types: dict[str, onnx.TypeProto] = {}
+    for source in (model, infer_shapes(model)):  # inferred types replace declared ones...
+        for graph in all_graphs(source.graph):
+            for info in [*graph.input, *graph.value_info, *graph.output]:
+                kind = info.type
+                if kind.HasField("tensor_type") and (kind.tensor_type.HasField("shape") or info.name not in types):
+                    types[info.name] = kind  # ...where inference knows the shape (not behind a data-dependent Reshape)
     return types
 
 

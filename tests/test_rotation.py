@@ -23,7 +23,7 @@ from onnx_qubo.core.options import Rotation
 from onnx_qubo.graph.files import load_model
 from onnx_qubo.graph.runtime import make_session
 from onnx_qubo.model.rotation import rotate
-from onnx_qubo.passes import online_rotations
+from onnx_qubo.passes import RaiseOpset, online_rotations
 from onnx_qubo.pipeline import prepare
 
 from graphs import gemm_model, matmul_model, mlp_model
@@ -52,6 +52,20 @@ def test_the_rotated_tiny_language_model_computes_the_same_logits_at_every_level
         original = make_session(model, level).run(["logits"], feeds)[0]
         turned = make_session(rotated, level).run(["logits"], feeds)[0]
         np.testing.assert_allclose(turned, original, atol=1e-4 * float(np.abs(original).max()))
+
+
+def test_a_rotated_language_model_raised_to_a_new_opset_still_tells_its_kv_cache_shape():
+    """The whole-width rotation's Reshape hides the hidden size from shape inference. Raising the
+    opset (for INT2 codes) let the converter write that shapeless type over the projections'
+    declared shapes, and inference's shapeless types replaced declared ones: the file alone then no
+    longer told its KV cache's head size (SmolLM2's 2-bit cells could not be evaluated from their
+    files). Both keep the declarations now."""
+    model = prepare(load_model(TINY_LM))
+    raised = RaiseOpset(25).call(rotate(model, Rotation.WHOLE, 32, seed=0)).model
+    tokens = np.load(TINY_LM.with_name("model.eval.npz"))["input_ids"][:2, :8]
+    feeds = load_dataset({"input_ids": tokens}, raised).batches[0]
+    pasts = [name for name in feeds if name.startswith("past_key_values")]
+    assert pasts and all(feeds[name].shape[2:] == (0, 16) for name in pasts)
 
 
 MODELS = {
