@@ -82,6 +82,14 @@ CONFIGS = {
     "qubo-b3-blk32-rot-fit": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --scale fit (the language-model recipe)",
     "qubo-b3-blk32-rotw-fit": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit",
     "qubo-b3-blk32-rotw-fit-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit --levels 3",
+    "qubo-b3-blk32-rotw-rotc": "onnx-qubo 3 bits, blocks of 32, --rotate whole --rotate-convs (Conv input channels "
+                               "rotated too)",
+    "qubo-b3-blk32-rotw-rotc-fit-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate whole --rotate-convs --scale fit "
+                                       "--levels 3",
+    "qubo-b4-blk32-rotw-rotc": "onnx-qubo 4 bits, blocks of 32, --rotate whole --rotate-convs",
+    "qubo-b3-blk32-rotw-rotc-fit-lv4": "onnx-qubo 3 bits, blocks of 32, --rotate whole --rotate-convs --scale fit "
+                                       "--levels 4",
+    "qubo-b3-blk32-rotw-fit-seq": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit --sequential",
     "qubo-b3-blk32-lv3": "onnx-qubo 3 bits, blocks of 32, --levels 3 (each weight may also move one grid point further)",
     "qubo-b3-blk32-rot-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --levels 3",
     "qubo-b3-blk32-damp": "onnx-qubo 3 bits, blocks of 32, --damping 0.01 (a ridge of 1% of the Gram's mean diagonal)",
@@ -861,8 +869,11 @@ def worker(args) -> int:
             options = cfg.split("-")
             if "rot" in options or "rotw" in options:
                 kw["rotate"] = "hadamard" if "rot" in options else "whole"
-            if "lv3" in options:
-                kw["levels"] = 3
+            if "rotc" in options:
+                kw["rotate_convs"] = True
+            levels = [int(o[2:]) for o in options if o.startswith("lv")]
+            if levels:
+                kw["levels"] = levels[0]
             if "seq" in options or "noseq" in options:
                 kw["sequential"] = "noseq" not in options
             if "fit" in options:

@@ -101,7 +101,7 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
     input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(  # external data files included
         path.stat().st_size for path, role in reads.items() if "input model" in role)
     rounding = config.rounding  # a rotated model computes what the float one does: the float one stays the reference
-    with rotated(float_model, rounding.rotate, rounding.rotate_block, rounding.seed) as model_in:
+    with rotated(float_model, rounding.rotate, rounding.rotate_block, rounding.seed, rounding.rotate_convs) as model_in:
         if config.automatic.enabled:
             calibrated = calibrate(model_in, calib_data, bar, config.automatic.exclude, config.activations.dtype,
                                    config.activations.range, config.execution.max_memory_bytes,
@@ -144,6 +144,9 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
     low_bits = is_lm and config.weights.bits < HEAD_BITS and half_precision_layer(model) is None
     if rounding.rotate == Rotation.AUTO:
         changes["rotate"] = Rotation.WHOLE if low_bits else Rotation.NONE
+        if rounding.rotate_convs and not low_bits:
+            raise OptionError("{rotate_convs} rotates with {rotate}, which is none for this model by default: give "
+                              "--rotate hadamard or whole", "rotate_convs", "rotate")
     if rounding.scale == ScaleMethod.AUTO:
         changes["scale"] = ScaleMethod.FIT if low_bits else ScaleMethod.MSE
     if rounding.damping is None:

@@ -34,8 +34,8 @@ METAVARS = {"exclude": "LAYER", "layer_bits": "LAYER=BITS", "ray_address": "ADDR
 
 
 def flag(option: str) -> str:
-    """The flag that sets an API option."""
-    return FLAGS.get(option, "--" + option.replace("_", "-"))
+    """The flag that sets an API option (a switch by its "on" form)."""
+    return FLAGS.get(option, "--" + option.replace("_", "-")).split("/")[0]
 
 
 class Failure(click.ClickException):
@@ -216,8 +216,8 @@ def main():
 
 QUANTIZE = ["bits", "scale", *SCHEME, "solver", "neal_reads", "neal_sweeps", "seed", "batch_size", "dump_qubo",
             "load_solution", "exclude", "layer_bits", "head_bits", "format", "ort_accuracy_level", "embeddings",
-            "lower_bound", "rotate", "rotate_block", "damping", "levels", "workers", "ray_address", "external_data",
-            "max_memory", "auto_scheme", "size_budget", "bits_per_weight",
+            "lower_bound", "rotate", "rotate_block", "rotate_convs", "damping", "levels", "workers", "ray_address",
+            "external_data", "max_memory", "auto_scheme", "size_budget", "bits_per_weight",
             "max_error"]  # every config option, in --help order
 
 

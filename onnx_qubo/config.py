@@ -254,6 +254,9 @@ class RoundingConfig(_Section):
                                "a language model with float32 weights below 4 bits, else none.")
     rotate_block: int = _option(64, "Largest Hadamard block of --rotate (a power of two); with whole, the largest "
                                     "Sylvester factor.")
+    rotate_convs: bool = _option(False, "With --rotate, also rotate the input channels of Conv layers (group 1): an "
+                                        "online transform on the channel axis before each (two or three small MatMuls "
+                                        "per value), never folded.", flag="--rotate-convs/--no-rotate-convs")
     damping: Fraction | None = _option(
         None, "Ridge added to each layer's input Gram matrix in the objective the scales and rounding minimize, as a "
               "fraction of its mean diagonal (GPTQ's damp_percent / 100): steadies them against calibration's "
@@ -268,6 +271,9 @@ class RoundingConfig(_Section):
         if self.rotate_block < 2 or self.rotate_block & (self.rotate_block - 1):
             raise OptionError(f"{{rotate_block}} must be a power of two, at least 2, got {self.rotate_block}",
                               "rotate_block")
+        if self.rotate_convs and self.rotate == Rotation.NONE:
+            raise OptionError("{rotate_convs} rotates with {rotate}: give --rotate hadamard or whole", "rotate_convs",
+                              "rotate")
         if self.solver not in SOLVERS:
             raise OptionError(f"{{solver}} must be one of {', '.join(SOLVERS)}, got {self.solver!r}", "solver")
         if check_integer(self.levels, "levels") not in LEVELS:
@@ -590,6 +596,8 @@ class QuantizeConfig:
         elif self.rounding.rotate == Rotation.WHOLE:
             text += ("; inputs rotated (random-sign Hadamard of the whole width where one is at hand, Sylvester "
                      f"factor up to {self.rounding.rotate_block})")
+        if self.rounding.rotate_convs and self.rounding.rotate != Rotation.NONE:
+            text += ", Conv input channels too"
         if self.rounding.damping:
             text += f"; Gram matrices damped by {self.rounding.damping:g} of their mean diagonal"
         text += "; embedding tables per row" if self.output.embeddings else ""

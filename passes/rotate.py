@@ -15,9 +15,17 @@ Per input tensor ``x`` read by rotatable layers (``MatMul(x, W)`` with a constan
   ``MatMul``'s output: the producer's output space is rotated (``P Q``, bias ``c Q``);
 - otherwise **an online transform** before the layers, ``Mul(x, s)`` -> ``Reshape [-1, b]`` ->
   ``MatMul(H_b)`` -> ``Reshape(Shape(x))`` (whole: ``Reshape [-1, a, b]`` -> ``MatMul(H_b)`` ->
-  ``MatMul(H_a^T)``, a + b products per value), its matrices from ``Constant`` nodes (a dense-layer
-  finder sees no constant-initializer weight to quantize there) and the nodes tagged
-  ``ONLINE_ROTATION`` in their doc string (``online_rotations`` lists them).
+  ``MatMul(H_a^T)``, a + b products per value), its matrices from ``Constant`` nodes at the head of
+  the graph, one per matrix however many transforms read it (a dense-layer finder sees no
+  constant-initializer weight to quantize there), the nodes tagged ``ONLINE_ROTATION`` in their
+  doc string (``online_rotations`` lists them).
+
+With ``convs``, a ``Conv`` (``group`` 1, a constant weight ``[o, c, k..]`` read by it alone) is a
+rotatable layer too: its input channels ``c`` (axis 1 of ``x`` ``[N, c, ..]``) are rotated, each
+kernel tap's ``[o, c]`` slice taking ``Q`` (``conv(x Q, W Q) = conv(x, W)``, zero padding staying
+zero), always by an online transform on the channel axis: ``Mul`` by signs ``[c, 1, ..]`` ->
+``Reshape [0, a, b, -1]`` -> ``MatMul(H_b, .)`` (whole: ``Reshape [0, a, -1]`` -> ``MatMul(H_a^T, .)``)
+-> ``Reshape(Shape(x))``, ``a = c / b``.
 
 ``b`` is the largest power of two dividing the input width, at most ``max_block``; a width with no
 even factor is left alone. With ``whole``, ``b`` may be smaller so that ``a = width / b`` is the
@@ -47,41 +55,44 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 class _Consumer:
     node: int  # index in the main graph
     weight: str
-    rows_are_inputs: bool  # weight stored [f, n] (MatMul, Gemm transB=0), else [n, f]
+    rows_are_inputs: bool  # weight stored [f, n] (MatMul, Gemm transB=0), else [n, f] (or a Conv's [o, c, k..])
+    rank: int = 0  # a Conv's weight rank (its input's too: channels on axis 1); 0: MatMul/Gemm, the last axis
 
 
 class RotateInputs:
     """``seed``: the signs' seed; ``max_block``: the largest Sylvester Hadamard block (a power of
     two); ``whole``: rotate each input's whole width where a Hadamard matrix of it is at hand;
-    ``read``: how to read weights whose values may be in external data files."""
+    ``convs``: rotate the input channels of Conv layers too; ``read``: how to read weights whose
+    values may be in external data files."""
 
     def __init__(self, seed: int = 0, max_block: int = 64, read: TensorReader = read_in_proto,
-                 whole: bool = False) -> None:
+                 whole: bool = False, convs: bool = False) -> None:
         if max_block < 2 or max_block & (max_block - 1):
             raise ValueError(f"max_block must be a power of two of at least 2, got {max_block}")
-        self.seed, self.max_block, self.read, self.whole = seed, max_block, read, whole
+        self.seed, self.max_block, self.read, self.whole, self.convs = seed, max_block, read, whole, convs
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        groups = _groups(model.graph)
+        groups = _groups(model.graph, self.convs)
         widths = {x: _width(model.graph, consumers[0]) for x, consumers in groups.items()}
         blocks = {x: _block(width, self.max_block) for x, width in widths.items()}
-        groups = {x: consumers for x, consumers in groups.items() if blocks[x] >= 2}
+        groups = {key: consumers for key, consumers in groups.items() if blocks[key] >= 2}
         if not groups:
             return PassResult(model, modified=False)
         out = copy_model(model)
         graph = out.graph
         edit = _Edit(out, self.read)
+        matrices = _Matrices(edit.used)
         inserted: list[tuple[int, list[onnx.NodeProto]]] = []
-        for k, (x, consumers) in enumerate(groups.items()):
-            signs = np.random.default_rng([self.seed, k]).choice([-1.0, 1.0], size=widths[x])
-            outer = _outer(widths[x], self.max_block) if self.whole else None
-            rotation = _Rotation(signs, blocks[x] if outer is None else widths[x] // len(outer), outer)
+        for k, ((x, rank), consumers) in enumerate(groups.items()):
+            signs = np.random.default_rng([self.seed, k]).choice([-1.0, 1.0], size=widths[x, rank])
+            outer = _outer(widths[x, rank], self.max_block) if self.whole else None
+            rotation = _Rotation(signs, blocks[x, rank] if outer is None else widths[x, rank] // len(outer), outer)
             for consumer in consumers:
-                edit.rotate_rows(consumer.weight, rotation, consumer.rows_are_inputs)
-            if _fold_into_producer(graph, x, consumers, rotation, edit):
+                edit.rotate_rows(consumer.weight, rotation, consumer.rows_are_inputs, consumer.rank)
+            if not rank and _fold_into_producer(graph, x, consumers, rotation, edit):
                 log.info("rotation of '%s' folded into its producer", x)
                 continue
-            nodes, rotated = _online(out, edit, x, rotation)
+            nodes, rotated = _online(out, edit, matrices, x, rotation, rank)
             for consumer in consumers:
                 graph.node[consumer.node].input[0] = rotated
             inserted.append((min(c.node for c in consumers), nodes))
@@ -90,6 +101,7 @@ class RotateInputs:
         nodes = list(graph.node)
         for position, new in sorted(inserted, key=lambda item: -item[0]):
             nodes[position:position] = new
+        nodes[0:0] = matrices.nodes
         del graph.node[:]
         graph.node.extend(nodes)
         return PassResult(out, modified=True)
@@ -176,24 +188,28 @@ class _Rotation:
         return self.right(values.T).T
 
 
-def _groups(graph: onnx.GraphProto) -> dict[str, list[_Consumer]]:
-    """The rotatable layers of the main graph by input tensor, in graph order."""
+def _groups(graph: onnx.GraphProto, convs: bool) -> dict[tuple[str, int], list[_Consumer]]:
+    """The rotatable layers of the main graph by input tensor and axis (a Conv's weight rank, 0 for
+    the last axis), in graph order."""
     initializers = {init.name: init for init in graph.initializer}
     uses = _uses(graph)
     inputs = {v.name for v in graph.input} | {v.name for v in graph.output}
-    groups: dict[str, list[_Consumer]] = {}
+    kinds = ("MatMul", "Gemm", "Conv") if convs else ("MatMul", "Gemm")
+    groups: dict[tuple[str, int], list[_Consumer]] = {}
     for i, node in enumerate(graph.node):
-        if node.domain not in DEFAULT_DOMAINS or node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        if node.domain not in DEFAULT_DOMAINS or node.op_type not in kinds or len(node.input) < 2:
             continue
         x, weight = node.input[0], node.input[1]
         init = initializers.get(weight)
         if (init is None or x in initializers or weight in inputs or uses.get(weight) != 1
-                or init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2):
+                or init.data_type != onnx.TensorProto.FLOAT):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("transA", 0):
-            continue
-        groups.setdefault(x, []).append(_Consumer(i, weight, not attrs.get("transB", 0)))
+        if node.op_type == "Conv":
+            if len(init.dims) >= 3 and attrs.get("group", 1) == 1:
+                groups.setdefault((x, len(init.dims)), []).append(_Consumer(i, weight, False, len(init.dims)))
+        elif len(init.dims) == 2 and not attrs.get("transA", 0):
+            groups.setdefault((x, 0), []).append(_Consumer(i, weight, not attrs.get("transB", 0)))
     return groups
 
 
@@ -242,10 +258,14 @@ class _Edit:
             self.values[name] = self.read(init, self.model)
         return self.values[name]
 
-    def rotate_rows(self, name: str, rotation: _Rotation, rows_are_inputs: bool) -> None:
-        """A weight's input axis rotated: ``Q^T W`` ([f, n]) or ``W Q`` ([n, f])."""
+    def rotate_rows(self, name: str, rotation: _Rotation, rows_are_inputs: bool, rank: int = 0) -> None:
+        """A weight's input axis rotated: ``Q^T W`` ([f, n]) or ``W Q`` ([n, f]; a Conv's [o, c, k..] over c)."""
         w = self.value(name)
-        self.values[name] = (rotation.transposed_left(w) if rows_are_inputs else rotation.right(w)).astype(w.dtype)
+        if rank:
+            turned = np.moveaxis(rotation.right(np.moveaxis(w, 1, -1)), -1, 1)
+        else:
+            turned = rotation.transposed_left(w) if rows_are_inputs else rotation.right(w)
+        self.values[name] = np.ascontiguousarray(turned).astype(w.dtype)
 
     def rotate_columns(self, name: str, rotation: _Rotation, columns_are_outputs: bool) -> None:
         """A producer's output axis rotated: ``P Q`` ([.., f]) or ``Q^T P`` ([f, ..])."""
@@ -320,30 +340,59 @@ def _uses(graph: onnx.GraphProto) -> dict[str, int]:
     return uses
 
 
-def _online(model: onnx.ModelProto, edit: _Edit, x: str, rotation: _Rotation) -> tuple[list[onnx.NodeProto], str]:
-    """The nodes computing ``x Q`` and the name of their output."""
+class _Matrices:
+    """The transforms' Hadamard matrices, one ``Constant`` node per matrix however many transforms
+    read it, all at the head of the graph (Constants: a dense-layer finder sees no
+    constant-initializer weight to quantize there)."""
+
+    def __init__(self, used: set[str]) -> None:
+        self.used = used
+        self.names: dict[str, str] = {}
+        self.nodes: list[onnx.NodeProto] = []
+
+    def __call__(self, label: str, matrix: np.ndarray) -> str:
+        if label not in self.names:
+            name = fresh_name(self.used, f"RotateInputs/{label}")
+            value = numpy_helper.from_array(np.ascontiguousarray(matrix).astype(np.float32), name)
+            node = helper.make_node("Constant", [], [name], value=value, name=fresh_name(self.used, f"{name}/Constant"),
+                                    doc_string=ONLINE_ROTATION)
+            self.names[label], self.nodes = name, [*self.nodes, node]
+        return self.names[label]
+
+
+def _online(model: onnx.ModelProto, edit: _Edit, matrices: _Matrices, x: str, rotation: _Rotation,
+            rank: int = 0) -> tuple[list[onnx.NodeProto], str]:
+    """The nodes computing ``x Q`` over the last axis (``rank`` 0) or over the channel axis of an
+    input of that rank, and the name of their output."""
     used, b = edit.used, rotation.block
+    a = len(rotation.signs) // b if rotation.outer is None else len(rotation.outer)
     base = x.replace("/", "_").strip("_") + "_rotated"
-    parts = ["signs", "signed", "rows_shape", "rows", "hadamard", "mixed", "shape", "out"]
+    parts = ["signs", "signed", "rows_shape", "rows", "mixed", "shape", "out"]
     if rotation.outer is not None:
-        parts += ["outer", "outer_mixed"]
+        parts += ["outer_mixed"] + (["columns_shape", "columns"] if rank else [])
     names = {part: fresh_name(used, f"{base}/{part}") for part in parts}
-    rows_shape = [-1, b] if rotation.outer is None else [-1, len(rotation.outer), b]
+    if rank:  # channels on axis 1: [N, a, b, rest], H_b from the left over b (Sylvester's is symmetric)
+        signs, rows_shape = rotation.signs.reshape(-1, *[1] * (rank - 2)), [0, a, b, -1]
+    else:
+        signs, rows_shape = rotation.signs, [-1, b] if rotation.outer is None else [-1, a, b]
     model.graph.initializer.extend([
-        numpy_helper.from_array(rotation.signs.astype(np.float32), names["signs"]),
+        numpy_helper.from_array(signs.astype(np.float32), names["signs"]),
         numpy_helper.from_array(np.array(rows_shape, np.int64), names["rows_shape"])])
-    h = numpy_helper.from_array(hadamard(b).astype(np.float32), names["hadamard"])
+    h = matrices(f"hadamard_{b}", hadamard(b))
     nodes = [
         helper.make_node("Mul", [x, names["signs"]], [names["signed"]]),
         helper.make_node("Reshape", [names["signed"], names["rows_shape"]], [names["rows"]]),
-        helper.make_node("Constant", [], [names["hadamard"]], value=h),
-        helper.make_node("MatMul", [names["rows"], names["hadamard"]], [names["mixed"]]),
+        helper.make_node("MatMul", [h, names["rows"]] if rank else [names["rows"], h], [names["mixed"]]),
     ]
     mixed = names["mixed"]
-    if rotation.outer is not None:  # H_a^T from the left, over the rows' middle axis
-        outer = numpy_helper.from_array(np.ascontiguousarray(rotation.outer.T).astype(np.float32), names["outer"])
-        nodes += [helper.make_node("Constant", [], [names["outer"]], value=outer),
-                  helper.make_node("MatMul", [names["outer"], mixed], [names["outer_mixed"]])]
+    if rotation.outer is not None:  # H_a^T from the left, over the a axis (channels: [N, a, b * rest])
+        outer = matrices(f"hadamard_{a}_transposed", rotation.outer.T)
+        if rank:
+            model.graph.initializer.append(numpy_helper.from_array(np.array([0, a, -1], np.int64),
+                                                                   names["columns_shape"]))
+            nodes.append(helper.make_node("Reshape", [mixed, names["columns_shape"]], [names["columns"]]))
+            mixed = names["columns"]
+        nodes.append(helper.make_node("MatMul", [outer, mixed], [names["outer_mixed"]]))
         mixed = names["outer_mixed"]
     nodes += [helper.make_node("Shape", [x], [names["shape"]]),
               helper.make_node("Reshape", [mixed, names["shape"]], [names["out"]])]

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 from runs import quantize
+from test_conv import conv_model, measured_error
 
 from onnx_qubo import OptionError
 from onnx_qubo.calibration.data import load_dataset
@@ -115,6 +116,45 @@ def test_both_formats_emit_and_run_the_same_codes(scheme, tmp_path):
             y = run(written, x, level)
             assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 1e-3, (path, level)
     assert fast.evaluation.default_vs_unoptimized < 1e-3 and fast.evaluation.basic_vs_unoptimized < 1e-3
+
+
+CONVS = {
+    "2d-stride-pad": lambda: conv_model(channels=(32, 6), strides=[2, 1], pads=[1, 0, 1, 2]),
+    "1d": lambda: conv_model(spatial=(20,), channels=(32, 6), kernel=(5,), strides=[3], pads=[2, 2]),
+}
+
+
+@pytest.mark.parametrize("model_name", CONVS)
+@pytest.mark.parametrize("rotation", ["hadamard", "whole"])
+@pytest.mark.slow
+def test_a_rotated_conv_layers_cost_is_its_measured_output_error_at_every_level(model_name, rotation, tmp_path):
+    model = CONVS[model_name]()
+    shape = [d.dim_value or 24 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = (np.random.default_rng(4).standard_normal(shape) + 0.3).astype(np.float32)
+    report = quantize(model, tmp_path / "q.onnx", bits=3, granularity="block", block_size=16, symmetric=False,
+                      calibration={"x": x}, rotate=rotation, rotate_block=16, rotate_convs=True, speed=False)
+    written = onnx.load(tmp_path / "q.onnx")
+    online = [n for n in written.graph.node if "rotated" in n.name and n.op_type == "MatMul"]
+    assert len(online) == 1 + (rotation == "whole")  # 32 channels = 2 x 16 whole
+    assert [layer.name for layer in report.layers] == ["conv"] and "Conv input channels too" in report.scheme
+    assert report.layers[0].final_cost == pytest.approx(measured_error(model, written, x), rel=1e-3)
+    reference = run(written, x, LEVELS[-1])
+    for level in LEVELS[:2]:
+        np.testing.assert_allclose(run(written, x, level), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_rotating_conv_channels_needs_a_rotation(tmp_path):
+    model = conv_model(channels=(32, 6))
+    x = np.zeros((4, 32, 9, 8), np.float32)
+    with pytest.raises(OptionError, match="rotate_convs rotates with rotate"):
+        quantize(model, tmp_path / "q.onnx", calibration={"x": x}, rotate="none", rotate_convs=True)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "m.calib.npz", x=x)
+    result = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"), "--rotate-convs"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: --rotate-convs rotates with --rotate, which is none for this model by "
+                                     "default: give --rotate hadamard or whole")
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_rotation_spreads_an_outlier_weight_and_lowers_the_2_bit_error(tmp_path):

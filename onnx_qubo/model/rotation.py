@@ -25,32 +25,37 @@ from ..passes import RotateInputs
 from .lowering import run_passes
 
 
-def rotate(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int) -> onnx.ModelProto:
-    """``model`` with its layers' inputs rotated (itself with ``Rotation.NONE``); same outputs."""
+def rotate(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int,
+           convs: bool = False) -> onnx.ModelProto:
+    """``model`` with its layers' inputs rotated (itself with ``Rotation.NONE``), Conv layers' input
+    channels too with ``convs``; same outputs."""
     if rotation == Rotation.NONE:
         return model
-    layer = half_precision_layer(model)
+    layer = half_precision_layer(model, convs)
     if layer is not None:
         raise OptionError(f"{{rotate}} {rotation} rotates FLOAT weights only; layer '{layer}' has FLOAT16 weights "
                           "(a half-precision model): use {rotate} none", "rotate")
     whole = rotation == Rotation.WHOLE
     with one_blas_thread():  # the rotated weights are what the codes round: the same bits whatever the threads
-        return run_passes(model, [RotateInputs(seed, block, external.read_array, whole)]).model
+        return run_passes(model, [RotateInputs(seed, block, external.read_array, whole, convs)]).model
 
 
-def half_precision_layer(model: onnx.ModelProto) -> str | None:
-    """The first MatMul/Gemm with FLOAT16 weights (which the rotation does not take), else None."""
+def half_precision_layer(model: onnx.ModelProto, convs: bool = False) -> str | None:
+    """The first MatMul/Gemm (Conv too with ``convs``) with FLOAT16 weights (which the rotation does
+    not take), else None."""
     half = {init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT16}
+    kinds = ("MatMul", "Gemm", "Conv") if convs else ("MatMul", "Gemm")
     return next((node.name for node in model.graph.node
-                 if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in half), None)
+                 if node.op_type in kinds and len(node.input) > 1 and node.input[1] in half), None)
 
 
 @contextmanager
-def rotated(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int) -> Iterator[onnx.ModelProto]:
+def rotated(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int,
+            convs: bool = False) -> Iterator[onnx.ModelProto]:
     """``rotate``'s model, its weights spilled to a temporary folder (``tempfile``'s: ``TMPDIR``)
     removed when the block ends: what is kept from it (a quantized model's float tensors) must be
     materialized inside the block."""
-    turned = rotate(model, rotation, block, seed)
+    turned = rotate(model, rotation, block, seed, convs)
     if turned is model:
         yield model
         return

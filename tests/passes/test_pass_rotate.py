@@ -185,6 +185,67 @@ def test_the_whole_width_rotation_mixes_every_input_into_every_output():
         np.testing.assert_allclose(out @ out.T, np.eye(48), atol=1e-5)  # orthogonal
 
 
+def convs(rank: int) -> onnx.ModelProto:
+    """Conv 3x3 (3 -> 48) -> Relu, read by a padded strided Conv 3x3 (48 -> 8), a Conv 1x1
+    (48 -> 5) and a depthwise Conv (group 48, left alone); ``rank`` 3 (Conv1d) or 4 (Conv2d)."""
+    k, one, spatial = (3,) * (rank - 2), (1,) * (rank - 2), ["H", "W"][:rank - 2]
+    pads = [1] * (2 * (rank - 2))
+    nodes = [helper.make_node("Conv", ["x", "W1", "c1"], ["h0"], pads=pads), helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("Conv", ["h", "W2"], ["y"], pads=pads, strides=[2] * (rank - 2)),
+             helper.make_node("Conv", ["h", "W3", "c3"], ["z"]),
+             helper.make_node("Conv", ["h", "Wd"], ["d"], group=48, pads=pads)]
+    inits = [_init("W1", 48, 3, *k), _init("c1", 48), _init("W2", 8, 48, *k), _init("W3", 5, 48, *one),
+             _init("c3", 5), _init("Wd", 48, 1, *k)]
+    return _model(nodes, inits, [floats("x", ["N", 3, *spatial])],
+                  [floats("y", ["N", 8, *spatial]), floats("z", ["N", 5, *spatial]), floats("d", ["N", 48, *spatial])])
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["blocks", "whole"])
+@pytest.mark.parametrize("rank", [3, 4], ids=["conv1d", "conv2d"])
+def test_conv_input_channels_rotate_and_compute_the_same_outputs_at_every_level(rank, whole):
+    model = convs(rank)
+    assert RotateInputs(whole=whole).call(model).modified is False  # no MatMul: nothing without convs
+    rotated = RotateInputs(seed=2, max_block=16, whole=whole, convs=True).call(model).model
+    online = [n for n in rotated.graph.node if n.name in online_rotations(rotated)]
+    assert sum(n.op_type == "MatMul" for n in online) == (2 if whole else 1)  # one transform for h's two readers
+    for name in ("W2", "W3"):  # rotated over their input channels; the first layer (3 channels) and the depthwise not
+        assert not np.allclose(_weight(model, name), _weight(rotated, name))
+    for name in ("W1", "Wd"):
+        np.testing.assert_array_equal(_weight(model, name), _weight(rotated, name))
+    depthwise = next(n for n in rotated.graph.node if n.input[1:2] == ["Wd"])
+    assert depthwise.input[0] == "h"  # reads the unrotated tensor
+    onnx.checker.check_model(rotated, full_check=True)
+    x = RNG.standard_normal([2, 3, *[9] * (rank - 2)]).astype(np.float32)
+    assert_same_outputs(model, rotated, {"x": x})
+
+
+def test_every_input_channel_of_a_conv_reaches_every_rotated_channel_with_whole():
+    model = convs(4)  # 48 = 12 x 4 with Sylvester blocks up to 4
+    rotated = RotateInputs(max_block=4, whole=True, convs=True).call(model).model
+    online = [n for n in rotated.graph.node if n.name in online_rotations(rotated)]
+    turned = _model(online, [i for i in rotated.graph.initializer if not i.name.startswith(("W", "c"))],
+                    [floats("h", ["N", 48, 1, 1])], [floats(online[-1].output[0], ["N", 48, 1, 1])])
+    out = _run(turned, {"h": np.eye(48, dtype=np.float32).reshape(48, 48, 1, 1)}, LEVELS[2])[0].reshape(48, 48)
+    assert (np.abs(out) > 1e-6).sum(axis=1).min() == 48
+    np.testing.assert_allclose(out @ out.T, np.eye(48), atol=1e-5)
+
+
+def test_transforms_of_the_same_orders_read_one_constant_per_matrix():
+    """Three layers 48 wide behind nonlinearities: three online transforms, one H_4 and one H_12."""
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "W2"], ["h2"]), helper.make_node("Tanh", ["h2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "W3"], ["y"])]
+    model = _model(nodes, [_init("W1", 48, 48), _init("W2", 48, 48), _init("W3", 48, 5)],
+                   [floats("x", ["B", 48])], [floats("y", ["B", 5])])
+    rotated = RotateInputs(max_block=4, whole=True).call(model).model
+    online = [n for n in rotated.graph.node if n.name in online_rotations(rotated)]
+    constants = [n for n in online if n.op_type == "Constant"]
+    assert sorted(numpy_helper.to_array(n.attribute[0].t).shape for n in constants) == [(4, 4), (12, 12)]
+    assert list(rotated.graph.node[:2]) == constants  # at the head, before every reader
+    assert sum(n.op_type == "MatMul" for n in online) == 6
+    assert_same_outputs(model, rotated, _feeds(model))
+
+
 def test_an_odd_width_is_left_alone_and_a_bad_block_is_refused():
     model = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_init("W", 7, 3)],
                    [floats("x", ["B", 7])], [floats("y", ["B", 3])])
