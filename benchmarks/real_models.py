@@ -90,6 +90,8 @@ CONFIGS = {
     "qubo-b3-blk32-rotw-rotc-fit-lv4": "onnx-qubo 3 bits, blocks of 32, --rotate whole --rotate-convs --scale fit "
                                        "--levels 4",
     "qubo-b3-blk32-rotw-fit-seq": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit --sequential",
+    "qubo-b3-blk32-rotw-fit-seq-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit --sequential "
+                                      "--levels 3",
     "qubo-b3-blk32-lv3": "onnx-qubo 3 bits, blocks of 32, --levels 3 (each weight may also move one grid point further)",
     "qubo-b3-blk32-rot-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --levels 3",
     "qubo-b3-blk32-damp": "onnx-qubo 3 bits, blocks of 32, --damping 0.01 (a ridge of 1% of the Gram's mean diagonal)",

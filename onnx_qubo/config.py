@@ -254,9 +254,9 @@ class RoundingConfig(_Section):
                                "a language model with float32 weights below 4 bits, else none.")
     rotate_block: int = _option(64, "Largest Hadamard block of --rotate (a power of two); with whole, the largest "
                                     "Sylvester factor.")
-    rotate_convs: bool = _option(False, "With --rotate, also rotate the input channels of Conv layers (group 1): an "
-                                        "online transform on the channel axis before each (two or three small MatMuls "
-                                        "per value), never folded.", flag="--rotate-convs/--no-rotate-convs")
+    rotate_convs: bool = _option(False, "With --rotate, also rotate the input channels of Conv layers (group 1; "
+                                        "depthwise and grouped ones stay): an online transform on the channel axis "
+                                        "before them, never folded.", flag="--rotate-convs/--no-rotate-convs")
     damping: Fraction | None = _option(
         None, "Ridge added to each layer's input Gram matrix in the objective the scales and rounding minimize, as a "
               "fraction of its mean diagonal (GPTQ's damp_percent / 100): steadies them against calibration's "
