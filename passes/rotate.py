@@ -356,7 +356,8 @@ class _Matrices:
             value = numpy_helper.from_array(np.ascontiguousarray(matrix).astype(np.float32), name)
             node = helper.make_node("Constant", [], [name], value=value, name=fresh_name(self.used, f"{name}/Constant"),
                                     doc_string=ONLINE_ROTATION)
-            self.names[label], self.nodes = name, [*self.nodes, node]
+            self.names[label] = name
+            self.nodes.append(node)
         return self.names[label]
 
 
