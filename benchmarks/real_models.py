@@ -89,6 +89,8 @@ CONFIGS = {
     "qubo-b4-blk32-rotw-rotc": "onnx-qubo 4 bits, blocks of 32, --rotate whole --rotate-convs",
     "qubo-b3-blk32-rotw-rotc-fit-lv4": "onnx-qubo 3 bits, blocks of 32, --rotate whole --rotate-convs --scale fit "
                                        "--levels 4",
+    "qubo-b3-blk32-rotw-rotc-fit-lv3-s1": "onnx-qubo 3 bits, blocks of 32, --rotate whole --rotate-convs --scale fit "
+                                          "--levels 3 --seed 1 (other rotation signs)",
     "qubo-b3-blk32-rotw-fit-seq": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit --sequential",
     "qubo-b3-blk32-rotw-fit-seq-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit --sequential "
                                       "--levels 3",
@@ -887,6 +889,9 @@ def worker(args) -> int:
                 kw["bits_per_weight"] = budget[0]
             if "damp" in options:
                 kw["damping"] = 0.01
+            seeds = [int(o[1:]) for o in options if o[:1] == "s" and o[1:].isdigit()]
+            if seeds:
+                kw["seed"] = seeds[0]
             if "budget" in cfg:
                 kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
             if cfg.endswith("-ortlayers"):
