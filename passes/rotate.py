@@ -265,7 +265,7 @@ class _Edit:
             turned = np.moveaxis(rotation.right(np.moveaxis(w, 1, -1)), -1, 1)
         else:
             turned = rotation.transposed_left(w) if rows_are_inputs else rotation.right(w)
-        self.values[name] = np.ascontiguousarray(turned).astype(w.dtype)
+        self.values[name] = turned.astype(w.dtype, order="C")  # one copy, in the weight's type
 
     def rotate_columns(self, name: str, rotation: _Rotation, columns_are_outputs: bool) -> None:
         """A producer's output axis rotated: ``P Q`` ([.., f]) or ``Q^T P`` ([f, ..])."""
