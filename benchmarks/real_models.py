@@ -94,6 +94,9 @@ CONFIGS = {
     "qubo-b3-blk32-rotw-fit-seq": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit --sequential",
     "qubo-b3-blk32-rotw-fit-seq-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit --sequential "
                                       "--levels 3",
+    "qubo-b3-blk32-sl0": "onnx-qubo 3 bits, blocks of 32, --small-layers 0 (every layer but the output layers at 3 "
+                         "bits: the default before --small-layers)",
+    "qubo-b3-blk32-sl5": "onnx-qubo 3 bits, blocks of 32, --small-layers 0.05",
     "qubo-b3-blk32-lv3": "onnx-qubo 3 bits, blocks of 32, --levels 3 (each weight may also move one grid point further)",
     "qubo-b3-blk32-rot-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --levels 3",
     "qubo-b3-blk32-damp": "onnx-qubo 3 bits, blocks of 32, --damping 0.01 (a ridge of 1% of the Gram's mean diagonal)",
@@ -889,6 +892,9 @@ def worker(args) -> int:
                 kw["bits_per_weight"] = budget[0]
             if "damp" in options:
                 kw["damping"] = 0.01
+            small = [float(o[2:]) / 100 for o in options if o.startswith("sl") and o[2:].isdigit()]
+            if small:
+                kw["small_layers"] = small[0]  # slN: the smallest layers holding N% of the weights at 8 bits
             seeds = [int(o[1:]) for o in options if o[:1] == "s" and o[1:].isdigit()]
             if seeds:
                 kw["seed"] = seeds[0]

@@ -151,7 +151,7 @@ def config_option(name: str, default: object = None):
     if name in ("dump_qubo", "load_solution"):
         return click.option(*flags, type=click.Path(file_okay=False), default=None, **kind)
     scalar = {"int": int, "float": float}.get(type(default).__name__) or (
-        float if name in ("max_memory", "size_budget", "bits_per_weight", "max_error", "damping")
+        float if name in ("max_memory", "size_budget", "bits_per_weight", "max_error", "damping", "small_layers")
         else int if name.startswith("neal") or name == "head_bits" else str)
     return click.option(*flags, type=scalar, default=default, show_default=default is not None, **kind)
 
@@ -215,7 +215,8 @@ def main():
 
 
 QUANTIZE = ["bits", "scale", *SCHEME, "solver", "neal_reads", "neal_sweeps", "seed", "batch_size", "dump_qubo",
-            "load_solution", "exclude", "layer_bits", "head_bits", "format", "ort_accuracy_level", "embeddings",
+            "load_solution", "exclude", "layer_bits", "head_bits", "small_layers", "format", "ort_accuracy_level",
+            "embeddings",
             "lower_bound", "rotate", "rotate_block", "rotate_convs", "damping", "levels", "workers", "ray_address",
             "external_data", "max_memory", "auto_scheme", "size_budget", "bits_per_weight",
             "max_error"]  # every config option, in --help order

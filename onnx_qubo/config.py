@@ -157,6 +157,8 @@ def _check_layer_bits(value: object, option: str) -> dict[str, int]:
 
 
 HEAD_BITS = 4  # the output layers' width below it, unless --head-bits says otherwise
+SMALL_BITS = 8  # the width --small-layers keeps layers at
+SMALL_SHARE = 0.03  # --small-layers below HEAD_BITS bits, unless given
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,12 @@ class WeightConfig(_Section):
                                           "last layer) and of the embedding tables (--embeddings). Unset (the "
                                           f"default): {HEAD_BITS} where --bits is below {HEAD_BITS}, as llama.cpp's "
                                           "K-quants and most low-bit methods keep the head wider, else --bits.")
+    small_layers: Fraction | None = _option(None, f"Keep the smallest layers at {SMALL_BITS} bits while together they "
+                                                  "hold at most this share of the quantized weights (smallest first, "
+                                                  "layers of one size all or none, output layers aside): a Conv "
+                                                  "network's first and depthwise Convs carry much of its low-bit error "
+                                                  "in a few hundredths of its weights. Unset (the default): "
+                                                  f"{SMALL_SHARE:g} where --bits is below {HEAD_BITS}, else 0 (off).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,6 +199,9 @@ class WeightConfig(_Section):
                               "symmetric")
         if self.head_bits is not None:
             check_bits(self.head_bits, "head_bits")
+        if self.small_layers is not None and self.small_layers > 1:
+            raise OptionError(f"{{small_layers}} is a share of the weights, at most 1, got {self.small_layers:g}",
+                              "small_layers")
 
     @property
     def output_bits(self) -> int:
@@ -198,6 +209,13 @@ class WeightConfig(_Section):
         if self.head_bits is not None:
             return self.head_bits
         return max(self.bits, HEAD_BITS)
+
+    @property
+    def small_share(self) -> float:
+        """The share of the weights ``small_layers`` keeps at ``SMALL_BITS`` (resolved)."""
+        if self.small_layers is not None:
+            return self.small_layers
+        return SMALL_SHARE if self.bits < HEAD_BITS else 0.0
 
     def scheme(self, bits: int | None = None) -> Scheme:
         """The grid scheme at ``bits`` (default: ``self.bits``); the symmetric one where the grid
@@ -462,9 +480,10 @@ class QuantizeConfig:
 
     @property
     def widths(self) -> set[int]:
-        """Every bit width a layer may get: --bits, the output layers', --layer-bits'."""
-        output_bits = set() if self.automatic.enabled else {self.weights.output_bits}
-        return {self.weights.bits, *output_bits, *self.automatic.layer_bits.values()}
+        """Every bit width a layer may get: --bits, the output layers', the small layers', --layer-bits'."""
+        planned = set() if self.automatic.enabled else {self.weights.output_bits} | (
+            {SMALL_BITS} if self.weights.small_share else set())
+        return {self.weights.bits, *planned, *self.automatic.layer_bits.values()}
 
     def _check_format(self) -> None:
         """Refuse what format ort cannot serve for any layer (single layers fall back, reported):
@@ -484,7 +503,7 @@ class QuantizeConfig:
         if self.rounding.sequential:
             raise OptionError(f"{automatic_flags} measure each layer alone on the float model; "
                               "they do not combine with {sequential}", *names, "sequential")
-        for option in ("layer_bits", "head_bits"):
+        for option in ("layer_bits", "head_bits", "small_layers"):
             if getattr(self.automatic if option == "layer_bits" else self.weights, option):
                 raise OptionError(f"{{{option}}} sets bit widths by hand, {automatic_flags} "
                                   "choose them: give one or the other", option, *names)

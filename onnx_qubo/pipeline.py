@@ -26,7 +26,7 @@ from .calibration import memory
 from .calibration.activations import input_quantizers
 from .calibration.data import Dataset
 from .calibration.statistics import LayerStatistics, collect_statistics
-from .config import HEAD_BITS, QuantizeConfig
+from .config import HEAD_BITS, SMALL_BITS, QuantizeConfig
 from .core import external
 from .core.errors import ModelError, OptionError
 from .core.grid import InputQuantizer
@@ -40,7 +40,7 @@ from .model import discovery
 from .model.groups import merge_groups, merge_reports, split_groups
 from .model.lowering import rewrite, run_passes
 from .passes import FoldConstantWeights, PrepareSubgraphs
-from .plan import Plan, layers_at_head_bits, make_plan
+from .plan import Plan, layers_at_head_bits, make_plan, small_layers
 from .rounding import exchange
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
         if config.rounding.sequential:
             notes.append("sequential calibration (--sequential: the default where a Conv layer is fed by another "
                          "quantized layer)")
-    plan = make_plan(config, calibrated.layers, heads)
+    small = [name for name in small_layers(config, calibrated.layers, heads) if name not in config.automatic.layer_bits]
+    plan = make_plan(config, calibrated.layers, heads, small)
     integers, reports = solve_all(calibrated, plan, progress, release=True)  # each layer solved once
     memory.return_freed_memory()  # the solves' arrays, before the rewrite's copies
     if config.output.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
@@ -112,6 +113,11 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
         what = [f"{kind}{'s' * (len(names) > 1)} {', '.join(names)}"
                 for kind, names in (("output layer", widened), ("embedding table", wide_tables)) if names]
         notes.append(f"{' and '.join(what)} at {config.weights.output_bits} bits (--head-bits{why})")
+    if small:
+        why = "" if config.weights.small_layers is not None else f": the default below {HEAD_BITS} bits"
+        notes.append(f"{len(small)} small layer{'s' * (len(small) > 1)} at {SMALL_BITS} bits, "
+                     f"{config.weights.small_share * 100:g}% of the weights at most (--small-layers{why}): "
+                     f"{', '.join(small)}")
     if plan.sequential and not any(discovery.fed_by_earlier(model, calibrated.layers)):
         notes.append("sequential calibration changes nothing here: no quantized layer feeds another, so each was "
                      "calibrated once on the float model's inputs")

@@ -15,7 +15,7 @@ import onnx
 
 from .backends import kernels, portable
 from .backends.kernels import Format
-from .config import QuantizeConfig
+from .config import SMALL_BITS, QuantizeConfig
 from .core.errors import OptionError
 from .core.grid import Scheme, level_digits
 from .core.options import Activations, BiasMode, RangeMethod, ScaleMethod
@@ -71,13 +71,15 @@ class Plan:
     accuracy_level: int
 
 
-def make_plan(config: QuantizeConfig, layers: list[DenseLayer], heads: Collection[str] = ()) -> Plan:
+def make_plan(config: QuantizeConfig, layers: list[DenseLayer], heads: Collection[str] = (),
+              small: Collection[str] = ()) -> Plan:
     """Resolve ``config`` for each of ``layers`` (graph order); ``heads``: the output layers
-    (discovery.output_layers), at ``--head-bits`` unless ``--layer-bits`` names them. The studies
-    and the automatic choice give none: they measure every layer at the widths they try."""
+    (discovery.output_layers), at ``--head-bits``, and ``small`` (``small_layers``), at
+    ``SMALL_BITS``, unless ``--layer-bits`` names them. The studies and the automatic choice give
+    none: they measure every layer at the widths they try."""
     rounding = config.rounding
     layer_bits = {**{name: config.weights.output_bits for name in layers_at_head_bits(config, layers, heads)},
-                  **config.automatic.layer_bits}
+                  **{name: SMALL_BITS for name in small}, **config.automatic.layer_bits}
     unknown = set(layer_bits) - {layer.owner for layer in layers}
     if unknown:
         raise OptionError(f"{{layer_bits}} names no quantized dense layer: {', '.join(sorted(unknown))} "
@@ -112,6 +114,24 @@ def layers_at_head_bits(config: QuantizeConfig, layers: list[DenseLayer], heads:
     if config.weights.head_bits is None and {layer.owner for layer in layers} <= set(heads):
         return []
     return list(heads)
+
+
+def small_layers(config: QuantizeConfig, layers: list[DenseLayer], heads: Collection[str]) -> list[str]:
+    """The layers ``--small-layers`` keeps at ``SMALL_BITS`` (below ``--bits``' width: none): the
+    smallest by weight count, output layers aside, while together they hold at most its share of
+    the weights; layers of one size are taken all or none, so no tie is broken by graph order."""
+    share = config.weights.small_share if config.weights.bits < SMALL_BITS else 0.0
+    sizes: dict[str, int] = {}
+    for layer in layers:  # a grouped Conv's groups and a recurrent node's directions are one layer
+        sizes[layer.owner] = sizes.get(layer.owner, 0) + layer.shape[0] * layer.shape[1]
+    budget, taken = share * sum(sizes.values()), []
+    for size in sorted({size for name, size in sizes.items() if name not in heads}):
+        names = [name for name, n in sizes.items() if n == size and name not in heads]
+        budget -= size * len(names)
+        if budget < 0:
+            break
+        taken += names
+    return taken
 
 
 def _grids(config: QuantizeConfig, layer: DenseLayer, bits: int | None) -> tuple[Scheme, ...]:

@@ -18,7 +18,7 @@ def test_json_round_trip_is_byte_stable():
     again = QuantizeConfig.from_json(text)
     assert again == config and again.to_json() == text
     assert json.loads(text)["weights"] == {"bits": 4, "granularity": {"block": 32}, "symmetric": False,
-                                               "float_zero_points": False, "head_bits": 8}
+                                               "float_zero_points": False, "head_bits": 8, "small_layers": None}
     assert list(json.loads(text)) == ["weights", "rounding", "activations", "output", "execution", "automatic"]
     assert QuantizeConfig.from_json('{"weights": {"granularity": "tensor"}}').weights.granularity == PerTensor()
 
