@@ -72,7 +72,8 @@ CONFIGS = {
                       "the layers that damage the output most per byte at 8 bits or float",
     "qubo-b2-blk32": "onnx-qubo 2 bits, blocks of 32",
     "qubo-b2-blk32-rot": "onnx-qubo 2 bits, blocks of 32, --rotate hadamard (incoherence processing)",
-    "qubo-b3-blk32": "onnx-qubo 3 bits, blocks of 32, default flags",
+    "qubo-b3-blk32": "onnx-qubo 3 bits, blocks of 32, default flags (since --small-layers: the smallest layers holding "
+                     "5% of the weights at 8 bits)",
     "qubo-b3-blk32-rot": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard (incoherence processing)",
     "qubo-b3-blk32-rotw": "onnx-qubo 3 bits, blocks of 32, --rotate whole (one Hadamard transform of each input's "
                           "whole width)",
@@ -96,7 +97,9 @@ CONFIGS = {
                                       "--levels 3",
     "qubo-b3-blk32-sl0": "onnx-qubo 3 bits, blocks of 32, --small-layers 0 (every layer but the output layers at 3 "
                          "bits: the default before --small-layers)",
-    "qubo-b3-blk32-sl5": "onnx-qubo 3 bits, blocks of 32, --small-layers 0.05",
+    "qubo-b3-blk32-rnn4": "onnx-qubo 3 bits, blocks of 32, recurrent nodes (LSTM/GRU/RNN) at 4 bits (--layer-bits)",
+    "qubo-b3-blk32-sl3": "onnx-qubo 3 bits, blocks of 32, --small-layers 0.03",
+    "qubo-b3-blk32-sl5": "onnx-qubo 3 bits, blocks of 32, --small-layers 0.05 (the default)",
     "qubo-b3-blk32-lv3": "onnx-qubo 3 bits, blocks of 32, --levels 3 (each weight may also move one grid point further)",
     "qubo-b3-blk32-rot-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --levels 3",
     "qubo-b3-blk32-damp": "onnx-qubo 3 bits, blocks of 32, --damping 0.01 (a ridge of 1% of the Gram's mean diagonal)",
@@ -902,6 +905,8 @@ def worker(args) -> int:
                 kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
             if cfg.endswith("-ortlayers"):
                 kw["exclude"] = not_matmul_layers(src)
+            if "rnn4" in options:
+                kw["layer_bits"] = {name: 4 for name in recurrent_layers(src)}
             if args.batch_size:
                 kw["batch_size"] = int(args.batch_size)
             try:
@@ -958,6 +963,13 @@ def ort_input(src: Path) -> onnx.ModelProto:
     from onnx_qubo.graph.files import load_model
     from onnx_qubo.pipeline import prepare
     return prepare(load_model(src))
+
+
+def recurrent_layers(src: Path) -> list[str]:
+    """The LSTM/GRU/RNN nodes onnx-qubo quantizes in ``src`` (config token ``rnn4``: these at 4 bits)."""
+    from onnx_qubo.model.discovery import find_dense_layers
+    return sorted({layer.owner for layer in find_dense_layers(onnx.load(src))[0]
+                   if layer.op_type in ("LSTM", "GRU", "RNN")})
 
 
 def not_matmul_layers(src: Path) -> list[str]:

@@ -158,7 +158,7 @@ def _check_layer_bits(value: object, option: str) -> dict[str, int]:
 
 HEAD_BITS = 4  # the output layers' width below it, unless --head-bits says otherwise
 SMALL_BITS = 8  # the width --small-layers keeps layers at
-SMALL_SHARE = 0.03  # --small-layers below HEAD_BITS bits, unless given
+SMALL_SHARE = 0.05  # --small-layers below HEAD_BITS bits, unless given
 
 
 @dataclass(frozen=True)
