@@ -132,7 +132,8 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
     (backends.kernels.auto_accuracy_level; 0 where no MatMulNBits is written); for a language
     model the Gram matrices damped by 1%, and with float32 weights below ``HEAD_BITS`` bits inputs
     rotated (a Hadamard transform of the whole width) and scales refitted (fit), each unless given
-    (measured on SmolLM2-135M, blocks of 32: docs/llm.md); elsewhere none of these."""
+    (measured on SmolLM2-135M, blocks of 32: docs/llm.md), and no ``--small-layers`` (its k/v
+    projections would qualify at 5%; not measured); elsewhere none of these."""
     changes: dict[str, object] = {}
     is_lm = language_model(model) is not None
     if config.output.ort_accuracy_level is None:
@@ -151,6 +152,8 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
         changes["scale"] = ScaleMethod.FIT if low_bits else ScaleMethod.MSE
     if rounding.damping is None:
         changes["damping"] = LM_DAMPING if is_lm else 0.0
+    if is_lm and config.weights.small_layers is None:  # measured on Conv networks, not on language models
+        changes["small_layers"] = 0.0
     return config.updated(**changes) if changes else config
 
 

@@ -189,7 +189,8 @@ class WeightConfig(_Section):
                                                   "layers of one size all or none, output layers aside): a Conv "
                                                   "network's first and depthwise Convs carry much of its low-bit error "
                                                   "in a few hundredths of its weights. Unset (the default): "
-                                                  f"{SMALL_SHARE:g} where --bits is below {HEAD_BITS}, else 0 (off).")
+                                                  f"{SMALL_SHARE:g} where --bits is below {HEAD_BITS} (not for a "
+                                                  "language model), else 0 (off).")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -2,6 +2,8 @@
 stay at 8 bits while together they hold at most a share of the weights; layers of one size all or
 none, the output layers aside, a grouped Conv counted once with all its groups."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -9,12 +11,14 @@ import runs
 from onnx import TensorProto, helper, numpy_helper
 from test_conv import conv_model
 
+from onnx_qubo.api import _resolved
 from onnx_qubo.config import QuantizeConfig
 from onnx_qubo.core.errors import OptionError
 from onnx_qubo.model.discovery import find_dense_layers, output_layers
 from onnx_qubo.model.groups import split_groups
 from onnx_qubo.plan import make_plan, small_layers
 
+LM = Path(__file__).resolve().parents[1] / "models" / "tiny_lm" / "model.onnx"
 SHAPES = {"a": (8, 8), "b": (8, 8), "c": (8, 64), "d": (64, 64), "head": (64, 4)}  # 64 + 64 + 512 + 4096 + 256
 
 
@@ -75,6 +79,15 @@ def test_a_grouped_conv_is_one_layer_of_all_its_groups_weights():
     config = QuantizeConfig.from_flat(bits=2, small_layers=0.7)  # 72 of 104 weights: conv fits, conv2 is the head
     assert small_layers(config, layers, ["conv2"]) == ["conv"]
     assert small_layers(QuantizeConfig.from_flat(bits=2, small_layers=0.6), layers, ["conv2"]) == []
+
+
+def test_a_language_model_keeps_its_layers_at_bits_unless_the_share_is_given():
+    """Its defaults are those measured on SmolLM2 (docs/llm.md), where the k/v projections would
+    qualify at 5%."""
+    lm = onnx.load(LM)
+    assert _resolved(QuantizeConfig.from_flat(bits=3), lm).weights.small_share == 0.0
+    assert _resolved(QuantizeConfig.from_flat(bits=3, small_layers=0.05), lm).weights.small_share == 0.05
+    assert _resolved(QuantizeConfig.from_flat(bits=3), _chain()).weights.small_share == 0.05
 
 
 def test_the_share_is_checked_and_refused_with_the_automatic_choice():
