@@ -71,6 +71,7 @@ CONFIGS = {
     "qubo-b4-budget": "onnx-qubo blocks of 32 at 4 bits, --bias-correction --size-budget 20% of the float model: "
                       "the layers that damage the output most per byte at 8 bits or float",
     "qubo-b2-blk32": "onnx-qubo 2 bits, blocks of 32",
+    "qubo-b2-blk32-sl0": "onnx-qubo 2 bits, blocks of 32, --small-layers 0 (the default before --small-layers)",
     "qubo-b2-blk32-rot": "onnx-qubo 2 bits, blocks of 32, --rotate hadamard (incoherence processing)",
     "qubo-b3-blk32": "onnx-qubo 3 bits, blocks of 32, default flags (since --small-layers: the smallest layers holding "
                      "5% of the weights at 8 bits)",
