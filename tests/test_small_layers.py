@@ -66,8 +66,7 @@ def test_small_layers_get_eight_bits_unless_layer_bits_names_them():
     model = _chain()
     layers = find_dense_layers(model)[0]
     config = QuantizeConfig.from_flat(bits=2, layer_bits={"b": 3})
-    plan = make_plan(config, layers, ["head"], [name for name in small_layers(config, layers, ["head"])
-                                                if name not in config.automatic.layer_bits])
+    plan = make_plan(config, layers, ["head"], small_layers(config, layers, ["head"]))  # b among them
     assert {p.layer.name: p.scheme.bits for p in plan.layers} == {"a": 8, "b": 3, "c": 2, "d": 2, "head": 4}
     assert config.widths == {2, 3, 4, 8}
 
