@@ -969,16 +969,14 @@ def ort_input(src: Path) -> onnx.ModelProto:
 def recurrent_layers(src: Path) -> list[str]:
     """The LSTM/GRU/RNN nodes onnx-qubo quantizes in ``src`` (config token ``rnn4``: these at 4 bits)."""
     from onnx_qubo.model.discovery import find_dense_layers
-    return sorted({layer.owner for layer in find_dense_layers(onnx.load(src))[0]
+    return sorted({layer.owner for layer in find_dense_layers(ort_input(src))[0]
                    if layer.op_type in ("LSTM", "GRU", "RNN")})
 
 
 def not_matmul_layers(src: Path) -> list[str]:
     """onnx-qubo's layers that MatMulNBitsQuantizer does not quantize (all but MatMul)."""
-    from onnx_qubo.graph.files import load_model
     from onnx_qubo.model.discovery import find_dense_layers
-    from onnx_qubo.pipeline import prepare
-    layers, _ = find_dense_layers(prepare(load_model(src)))
+    layers, _ = find_dense_layers(ort_input(src))
     return [layer.name for layer in layers if layer.op_type != "MatMul"]
 
 

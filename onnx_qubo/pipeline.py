@@ -92,7 +92,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
         if config.rounding.sequential:
             notes.append("sequential calibration (--sequential: the default where a Conv layer is fed by another "
                          "quantized layer)")
-    small = [name for name in small_layers(config, calibrated.layers, heads) if name not in config.automatic.layer_bits]
+    small = small_layers(config, calibrated.layers, heads)
     plan = make_plan(config, calibrated.layers, heads, small)
     integers, reports = solve_all(calibrated, plan, progress, release=True)  # each layer solved once
     memory.return_freed_memory()  # the solves' arrays, before the rewrite's copies

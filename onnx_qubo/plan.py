@@ -119,7 +119,8 @@ def layers_at_head_bits(config: QuantizeConfig, layers: list[DenseLayer], heads:
 def small_layers(config: QuantizeConfig, layers: list[DenseLayer], heads: Collection[str]) -> list[str]:
     """The layers ``--small-layers`` keeps at ``SMALL_BITS`` (below ``--bits``' width: none): the
     smallest by weight count, output layers aside, while together they hold at most its share of
-    the weights; layers of one size are taken all or none, so no tie is broken by graph order."""
+    the weights; layers of one size are taken all or none, so no tie is broken by graph order.
+    Those ``--layer-bits`` names keep their width and are left out."""
     share = config.weights.small_share if config.weights.bits < SMALL_BITS else 0.0
     sizes: dict[str, int] = {}
     for layer in layers:  # a grouped Conv's groups and a recurrent node's directions are one layer
@@ -131,7 +132,7 @@ def small_layers(config: QuantizeConfig, layers: list[DenseLayer], heads: Collec
         if budget < 0:
             break
         taken += names
-    return taken
+    return [name for name in taken if name not in config.automatic.layer_bits]
 
 
 def _grids(config: QuantizeConfig, layer: DenseLayer, bits: int | None) -> tuple[Scheme, ...]:

@@ -59,6 +59,7 @@ SCHEMES = {
     "int2-channel": dict(bits=2),
     "int4-block-asymmetric": dict(bits=4, granularity="block", block_size=4, symmetric=False),
     "int3-tensor": dict(bits=3, granularity="tensor"),
+    "int8-block": dict(bits=8, granularity="block", block_size=4),  # --small-layers' width beside low-bit layers
     "bias-quantize": dict(bits=4, bias="quantize"),
     "inputs-uint8": dict(bits=4, activations="uint8"),
 }

@@ -66,7 +66,8 @@ def test_small_layers_get_eight_bits_unless_layer_bits_names_them():
     model = _chain()
     layers = find_dense_layers(model)[0]
     config = QuantizeConfig.from_flat(bits=2, layer_bits={"b": 3})
-    plan = make_plan(config, layers, ["head"], small_layers(config, layers, ["head"]))  # b among them
+    assert small_layers(config, layers, ["head"]) == ["a"]  # b keeps the width --layer-bits gives it
+    plan = make_plan(config, layers, ["head"], ["a", "b"])  # and make_plan itself puts --layer-bits last
     assert {p.layer.name: p.scheme.bits for p in plan.layers} == {"a": 8, "b": 3, "c": 2, "d": 2, "head": 4}
     assert config.widths == {2, 3, 4, 8}
 
@@ -111,3 +112,17 @@ def test_the_report_names_the_small_layers_and_the_written_model_holds_them(tmp_
     off = runs.quantize(_chain(), tmp_path / "off.onnx", bits=2, small_layers=0, calibration={"x": x}, speed=False)
     assert [layer.bits for layer in off.layers] == [2, 2, 2, 2, 4]
     assert not any("small layer" in note for note in off.notes)
+
+
+def test_a_small_depthwise_conv_is_written_at_eight_bits_and_checked_at_every_level(tmp_path):
+    """A grouped Conv at 8 bits in blocks beside a 2-bit Conv: its codes are stored as INT8/UINT8,
+    and the default and basic levels give what onnxruntime gives with optimizations disabled."""
+    model = conv_model(channels=(4, 8), group=4, second=True, pads=[1, 1, 1, 1])
+    x = np.random.default_rng(3).standard_normal((24, 4, 9, 8)).astype(np.float32)
+    report = runs.quantize(model, tmp_path / "q.onnx", bits=2, small_layers=0.7, granularity="block", block_size=4,
+                           head_bits=2, calibration={"x": x}, speed=False)
+    assert [(layer.name, layer.bits) for layer in report.layers] == [("conv", 8), ("conv2", 2)]
+    stored = {i.name: i.data_type for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
+    assert stored["W_quantized"] in (TensorProto.INT8, TensorProto.UINT8)
+    assert stored["W2_quantized"] in (TensorProto.INT2, TensorProto.UINT2)
+    assert report.evaluation.default_vs_unoptimized < 1e-5 and report.evaluation.basic_vs_unoptimized < 1e-5
