@@ -57,7 +57,11 @@ QUBO_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("onnx-qubo ort w4 block 32, accuracy level 4", {"bits": 4, "granularity": "block", "block_size": 32,
                                                       "format": "ort", "ort_accuracy_level": 4}),
     ("onnx-qubo ort w8a8 per channel (MatMulIntegerToFloat)", {"bits": 8, "activations": "int8", "format": "ort"}),
-    ("onnx-qubo ort w2 per channel (4-bit MatMulNBits)", {"bits": 2, "format": "ort"}),
+    ("onnx-qubo ort w2 per channel (4-bit MatMulNBits, accuracy level 0)", {"bits": 2, "format": "ort",
+                                                                            "ort_accuracy_level": 0}),
+    ("onnx-qubo ort w2 per channel (2-bit MatMulNBits, accuracy level 4: auto)", {"bits": 2, "format": "ort"}),
+    ("onnx-qubo ort w2 block 128 (2-bit MatMulNBits, accuracy level 4: auto)", {"bits": 2, "granularity": "block",
+                                                                                 "block_size": 128, "format": "ort"}),
 ]
 NBITS_BASELINE = "ORT MatMulNBitsQuantizer w4 block 32"
 

@@ -98,6 +98,10 @@ CONFIGS = {
                                       "--levels 3",
     "qubo-b3-blk32-sl0": "onnx-qubo 3 bits, blocks of 32, --small-layers 0 (every layer but the output layers at 3 "
                          "bits: the default before --small-layers)",
+    "qubo-b2-blk32-ort-acc0": "onnx-qubo 2 bits, blocks of 32, --format ort --ort-accuracy-level 0 (MatMulNBits "
+                              "in float: 2-bit codes in its 4-bit weights)",
+    "qubo-b2-blk32-ort-acc4": "onnx-qubo 2 bits, blocks of 32, --format ort --ort-accuracy-level 4 (int8 activations: "
+                              "2-bit codes in its 2-bit weights)",
     "qubo-b3-blk32-rnn4": "onnx-qubo 3 bits, blocks of 32, recurrent nodes (LSTM/GRU/RNN) at 4 bits (--layer-bits)",
     "qubo-b3-blk32-sl3": "onnx-qubo 3 bits, blocks of 32, --small-layers 0.03",
     "qubo-b3-blk32-sl5": "onnx-qubo 3 bits, blocks of 32, --small-layers 0.05 (the default)",
@@ -906,6 +910,11 @@ def worker(args) -> int:
                 kw["size_budget"] = 0.2 * src.stat().st_size / 1e6
             if cfg.endswith("-ortlayers"):
                 kw["exclude"] = not_matmul_layers(src)
+            if "ort" in options:
+                kw["format"] = "ort"
+            accuracy = [int(o[3:]) for o in options if o.startswith("acc") and o[3:].isdigit()]
+            if accuracy:
+                kw["ort_accuracy_level"] = accuracy[0]  # accN: MatMulNBits' accuracy level with --format ort
             if "rnn4" in options:
                 kw["layer_bits"] = {name: 4 for name in recurrent_layers(src)}
             if args.batch_size:

@@ -139,7 +139,8 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
     if config.output.ort_accuracy_level is None:
         level = 0
         if config.output.format == Format.ORT and not config.activations.quantized:
-            level = auto_accuracy_level(is_lm, config.widths)
+            scheme = config.weights.scheme(config.weights.bits)
+            level = auto_accuracy_level(is_lm, config.widths, scheme.block_size)
         changes["ort_accuracy_level"] = level
     rounding = config.rounding
     low_bits = is_lm and config.weights.bits < HEAD_BITS and half_precision_layer(model) is None

@@ -334,8 +334,9 @@ class OutputConfig(_Section):
     ort_accuracy_level: int | None = _option(None, "With --format ort, weight-only: 4 lets MatMulNBits quantize "
                                                 "activations to int8 inside the kernel (faster; the report states the "
                                                 "output error it costs), 0 computes in float; auto: 4 for a language "
-                                                "model or 8-bit weights (as onnxruntime-genai's builder writes), "
-                                                "else 0.")
+                                                "model (as onnxruntime-genai's builder writes), 8-bit weights, or "
+                                                "2-bit ones in blocks its 2-bit kernel takes (32-128, or per "
+                                                "channel), else 0.")
     embeddings: bool = _option(False, "Also quantize embedding tables (constant tables Gather reads rows of) at "
                                       "--head-bits (4 below 4 bits, like the head: a narrower table costs a "
                                       "language model much, docs/llm.md), a scale per row (or per --block-size "

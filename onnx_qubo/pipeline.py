@@ -150,7 +150,8 @@ def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: lis
                  for q in quantized]
     written = rewrite(calibrated.model, quantized, format, accuracy_level, tables)
     portable = written.model if format == Format.QDQ else rewrite(calibrated.model, quantized, tables=tables).model
-    reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback) for r, k in zip(reports, written.kernels)]
+    reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback, kernel_bits=k.bits)
+               for r, k in zip(reports, written.kernels)]
     qlinear = any(k.kernel == "QLinearConv" for k in written.kernels)
     rounding = ["QLinearConv also rounds each such Conv's output to 8 bits (range calibrated on the float model): "
                 "the layer costs above leave that rounding out, and the comparison with the DequantizeLinear model "
@@ -162,23 +163,26 @@ def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: lis
 def wider_storage_notes(reports: Sequence[LayerReport], mixable: bool = True) -> list[str]:
     """Where codes take more bits in the file than their width: a model no smaller than at the wider
     width, for the narrower width's fidelity, which a user asking for 3 bits should know."""
-    wider: dict[tuple[int, int, bool], int] = {}
+    wider: dict[tuple[int, int, str], int] = {}
     for report in reports:
-        if report.bits < report.stored_bits:
-            key = (report.bits, report.stored_bits, report.kernel == "MatMulNBits" and report.bits == 2)
+        if 1 < report.bits < report.stored_bits:
+            key = (report.bits, report.stored_bits, report.kernel if report.kernel_bits is not None else "")
             wider[key] = wider.get(key, 0) + 1
     notes = []
-    for (bits, stored, two_bit_nbits), count in sorted(wider.items()):
-        layers = f"{count} layer{'s' if count > 1 else ''}"
-        if two_bit_nbits:
-            notes.append(f"{layers} of 2-bit codes stored in MatMulNBits' 4-bit weights (onnxruntime's 2-bit "
-                         "kernel dequantizes the whole weight at every run): --format qdq stores them as INT2")
-        elif bits > 1:
+    for (bits, stored, kernel), count in sorted(wider.items()):
+        layers = f"{count} layer{'s' if count > 1 else ''} of {bits}-bit codes"
+        if kernel == "MatMulNBits" and bits == 2:
+            notes.append(f"{layers} stored in 4-bit MatMulNBits weights (onnxruntime's 2-bit kernel is fast only "
+                         "at --ort-accuracy-level 4, in blocks of 32-128 inputs): --format qdq stores them as INT2")
+        elif kernel:
+            notes.append(f"{layers} stored in {stored}-bit {kernel} weights (onnxruntime has no {bits}-bit "
+                         f"kernel): as large as at {stored} bits")
+        else:
             narrower = 2 if stored == 4 else 4
             mix = (f"; --bits {narrower} with --bits-per-weight mixes {narrower}- and {stored}-bit layers into a "
                    "size between theirs") if mixable else ""
-            notes.append(f"{layers} of {bits}-bit codes stored in {stored}-bit integers (ONNX has no {bits}-bit "
-                         f"type): as large as at {stored} bits{mix}")
+            notes.append(f"{layers} stored in {stored}-bit integers (ONNX has no {bits}-bit type): as large as at "
+                         f"{stored} bits{mix}")
     return notes
 
 

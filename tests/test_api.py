@@ -237,18 +237,25 @@ def test_the_wider_storage_note_suggests_a_mix_only_where_the_options_allow_one(
     assert ("--bits 2 with --bits-per-weight" in note) != embeddings
 
 
-@pytest.mark.parametrize("bits, form, expected", [
-    (3, "qdq", "1 layer of 3-bit codes stored in 4-bit integers"),
-    (6, "qdq", "2 layers of 6-bit codes stored in 8-bit integers"),
-    (4, "qdq", None), (2, "qdq", None), (2, "ort", "1 layer of 2-bit codes stored in MatMulNBits' 4-bit weights")])
-def test_the_report_says_where_codes_take_a_wider_type(tmp_path, bits, form, expected):
-    """--bits 3 stores INT4 (ONNX has no 3-bit type): as large as 4 bits, which the notes say; the
-    head at 4 bits (--head-bits below 4) is stored as it is and not counted."""
+@pytest.mark.parametrize("bits, form, level, expected, stored", [
+    (3, "qdq", None, "1 layer of 3-bit codes stored in 4-bit integers", 4),
+    (6, "qdq", None, "2 layers of 6-bit codes stored in 8-bit integers", 8),
+    (4, "qdq", None, None, 4), (2, "qdq", None, None, 2),
+    (2, "ort", None, None, 2),  # auto: accuracy level 4, where the 2-bit kernel is fast
+    (2, "ort", 0, "1 layer of 2-bit codes stored in 4-bit MatMulNBits weights", 4),
+    (3, "ort", None, "1 layer of 3-bit codes stored in 4-bit MatMulNBits weights (onnxruntime has no 3-bit", 4)])
+def test_the_report_says_where_codes_take_a_wider_type(tmp_path, bits, form, level, expected, stored):
+    """--bits 3 stores INT4 (ONNX has no 3-bit type) or 4-bit MatMulNBits weights: as large as 4
+    bits, which the notes say; 2-bit codes take MatMulNBits' 2-bit weights where its kernel is
+    fast; the head at 4 bits (--head-bits below 4) is stored as it is and not counted."""
     model = mlp_model(widths=(64, 32, 8))
     x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     report = runs.quantize(model, tmp_path / "q.onnx", bits=bits, calibration={"x": x}, format=form,
-                           granularity="block", block_size=32, speed=False)
+                           granularity="block", block_size=32, speed=False, ort_accuracy_level=level)
     wider = [note for note in report.notes if "codes stored in" in note]
     assert wider == ([] if expected is None else [next(n for n in wider if n.startswith(expected))])
-    assert [layer.stored_bits for layer in report.layers] == \
-        [4 if form == "ort" else {2: 2, 3: 4, 4: 4, 6: 8}[bits], 4 if bits < 4 else {4: 4, 6: 8}[bits]]
+    assert [layer.stored_bits for layer in report.layers] == [stored, 4 if bits < 4 else {4: 4, 6: 8}[bits]]
+    written = onnx.load(tmp_path / "q.onnx")
+    nbits = [next(a.i for a in n.attribute if a.name == "bits") for n in written.graph.node
+             if n.op_type == "MatMulNBits"]
+    assert nbits == ([] if form == "qdq" else [stored, 4])

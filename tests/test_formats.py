@@ -25,7 +25,7 @@ MODELS = {
 }
 SCHEMES = {
     "int4-channel": dict(bits=4),
-    "int2-channel": dict(bits=2),
+    "int2-channel-float-compute": dict(bits=2, ort_accuracy_level=0),  # 2-bit codes in the 4-bit kernel
     "uint4-block32": dict(bits=4, granularity="block", block_size=32, symmetric=False),
     "int3-tensor-bias-quantize": dict(bits=3, granularity="tensor", bias="quantize"),
     "int4-bias-correction": dict(bits=4, bias_correction=True),
@@ -49,9 +49,11 @@ def test_ort_format_computes_what_the_portable_format_computes(model_name, schem
     model = MODELS[model_name]()
     shape = [d.dim_value or 64 for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = (np.random.default_rng(1).standard_normal(shape) + 0.2).astype(np.float32)
-    common = dict(calibration={"x": x}, solver="fast", speed=False, **SCHEMES[scheme])
+    options = dict(SCHEMES[scheme])
+    level = options.pop("ort_accuracy_level", None)
+    common = dict(calibration={"x": x}, solver="fast", speed=False, **options)
     portable = quantize(model, tmp_path / "qdq.onnx", **common)
-    fast = quantize(model, tmp_path / "ort.onnx", format="ort", **common)
+    fast = quantize(model, tmp_path / "ort.onnx", format="ort", ort_accuracy_level=level, **common)
     kernel = "MatMulIntegerToFloat" if "activations" in SCHEMES[scheme] else "MatMulNBits"
     assert [layer.kernel for layer in fast.layers] == [kernel] * len(fast.layers)
     assert [layer.cost_solved for layer in fast.layers] == [layer.cost_solved for layer in portable.layers]
@@ -63,6 +65,32 @@ def test_ort_format_computes_what_the_portable_format_computes(model_name, schem
         y = run(written, x, level)
         assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 1e-3, level
     assert fast.evaluation.default_vs_unoptimized < 1e-3 and fast.evaluation.basic_vs_unoptimized < 1e-3
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.slow
+def test_2_bit_codes_run_in_the_2_bit_kernel_by_default(model_name, tmp_path):
+    """--format ort at 2 bits: accuracy level 4 (auto), where onnxruntime's 2-bit MatMulNBits is
+    prepacked, so the weights take 2 bits in the file (tests/test_ort_forms.py checks the kernel
+    against numpy); the output differs from the portable model's only by the int8 activations."""
+    model = MODELS[model_name]()
+    shape = [d.dim_value or 64 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = (np.random.default_rng(1).standard_normal(shape) + 0.2).astype(np.float32)
+    common = dict(calibration={"x": x}, solver="fast", speed=False, bits=2, granularity="block", block_size=32,
+                  head_bits=2)
+    portable = quantize(model, tmp_path / "qdq.onnx", **common)
+    fast = quantize(model, tmp_path / "ort.onnx", format="ort", **common)
+    assert "format ort (accuracy level 4)" in fast.to_text()
+    assert [(layer.kernel, layer.stored_bits) for layer in fast.layers] == [("MatMulNBits", 2)] * len(fast.layers)
+    assert not [note for note in fast.notes if "codes stored in" in note]
+    written = onnx.load(tmp_path / "ort.onnx")
+    assert {a.i for n in written.graph.node for a in n.attribute if a.name == "bits"} == {2}
+    reference = run(onnx.load(tmp_path / "qdq.onnx"), x, LEVELS[-1])
+    outputs = [run(written, x, level) for level in LEVELS]
+    for y in outputs:
+        assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 0.02
+        assert np.abs(y - outputs[-1]).max() <= 1e-5 * np.abs(outputs[-1]).max()
+    assert 0 < fast.evaluation.default_vs_unoptimized < 0.02 and portable.evaluation.default_vs_unoptimized < 1e-3
 
 
 @pytest.mark.slow

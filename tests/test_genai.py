@@ -131,6 +131,33 @@ def test_quantized_folder_runs_in_onnxruntime_genai_and_equals_the_portable_mode
         assert len(tokens) == 12 and all(0 <= t < 512 for t in tokens)
 
 
+@pytest.mark.slow
+def test_a_2_bit_language_model_takes_the_2_bit_kernel_and_runs_in_onnxruntime_genai(tmp_path):
+    """--format ort at 2 bits: a language model's accuracy level 4 lets its 2-bit layers take
+    onnxruntime's 2-bit MatMulNBits (the head and table stay at 4 bits); the logits differ from
+    the portable model's only by the kernel's int8 activations, at both levels; og.Generator runs it."""
+    written = {}
+    for format in ("qdq", "ort"):
+        (tmp_path / format).mkdir()
+        written[format] = tmp_path / format / "model_q.onnx"
+        report = runs.quantize(str(MODEL), written[format], bits=2, granularity="block", block_size=32,
+                               format=format, embeddings=True, speed=False)
+    rows = {layer.name: layer for layer in report.layers}
+    assert all((rows[name].kernel, rows[name].stored_bits) == ("MatMulNBits", 2) for name in LAYERS)
+    assert rows["/lm_head/MatMul"].stored_bits == 4
+    nbits = [{a.name: a.i for a in n.attribute}["bits"] for n in onnx.load(str(written["ort"])).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert sorted(nbits) == [2] * 10 + [4]
+    reference = _logits(written["qdq"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
+        logits = _logits(written["ort"], level)  # int8 activations: the 4-bit kernel at level 4 is 3.8% off too
+        assert np.linalg.norm(logits - reference) / np.linalg.norm(reference) < 0.06
+    if og is None:
+        pytest.skip("onnxruntime-genai is not installed (pip install 'onnx-qubo[genai]'): generation not checked")
+    tokens = _generate(written["ort"].parent, 12)
+    assert len(tokens) == 12 and all(0 <= t < 512 for t in tokens)
+
+
 def _initializers(path: Path) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 

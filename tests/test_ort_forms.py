@@ -122,17 +122,60 @@ def test_matmul_nbits_computes_the_codes(n: int, f: int, bits: int, granularity:
         assert max(relative_errors(form, expected, x)) < TOLERANCE + slack
 
 
-@pytest.mark.parametrize("n,kernel_bits,block", [(5, 2, 16), (37, 2, 32), (6, 8, 16), (37, 4, 512)])
-def test_matmul_nbits_slow_kernels_are_correct_but_refused(n: int, kernel_bits: int, block: int) -> None:
-    """2-bit weights (N not a multiple of 4 included), 8-bit at fp32 compute and blocks above 256
-    have no prepacked kernel: refused by default, correct when allowed."""
+@pytest.mark.parametrize("n,f,bits,granularity,symmetric,rank", [
+    (n, f, bits, granularity, symmetric, rank) for n, f, bits, granularity, symmetric, rank in itertools.product(
+        (5, 37), (70, 300), (1, 2), [("channel", 0), ("block", 32), ("block", 64), ("block", 128), ("block", 96),
+                                  ("block", 256)],
+        (True, False), (2, 3))
+    if granularity[1] <= f and (rank == 3) == (n == 37)
+])
+def test_matmul_nbits_writes_2_bit_codes_into_the_2_bit_kernel_at_int8_compute(
+        n: int, f: int, bits: int, granularity: tuple[str, int], symmetric: bool, rank: int) -> None:
+    """At accuracy_level 4 the 2-bit kernel is prepacked for blocks of 32-128 (a layer's blocks
+    of 96 split into 32, of 256 into 128): codes of 1-2 bits go there, packed four to a byte, and compute the
+    codes with int8 activations per kernel block, N not a multiple of 4 and padded K included."""
+    rng = np.random.default_rng([n, f, bits, symmetric, rank, granularity[1]])
+    codes, b = make_codes(rng, n, f, bits, granularity[0], symmetric, True, granularity[1])
+    form = matmul_nbits(codes, b, "x", "y", Fresh(), accuracy_level=4)
+    assert isinstance(form, OrtForm), form
+    block = kernel_block(form)
+    assert form.weight_bits == 2 and block == {0: 32, 96: 32, 256: 128}.get(granularity[1], granularity[1])
+    assert next(a.i for a in form.nodes[-1].attribute if a.name == "bits") == 2
+    assert numpy_helper.to_array(form.initializers[0]).shape == (n, -(-f // block), block // 4)
+    x = activations(rng, rank, f)
+    expected = reference(codes, x, int8_blocks=block, bias=b)
+    slack = np.abs(x).max() / 127 * np.abs(codes.dequantize()).max() / np.abs(expected).max()
+    assert max(relative_errors(form, expected, x)) < TOLERANCE + slack
+
+
+@pytest.mark.parametrize("accuracy_level,block,kernel", [(0, 32, 32), (4, 16, 16), (4, 48, 16)])
+def test_2_bit_codes_go_to_the_4_bit_kernel_where_the_2_bit_one_is_not_prepacked(accuracy_level: int, block: int,
+                                                                                 kernel: int) -> None:
+    rng = np.random.default_rng(block)
+    codes, bias = make_codes(rng, 8, 480, 2, "block", True, True, block)
+    form = matmul_nbits(codes, bias, "x", "y", Fresh(), accuracy_level=accuracy_level)
+    assert isinstance(form, OrtForm) and form.weight_bits == 4 and kernel_block(form) == kernel
+    refusal = matmul_nbits(codes, bias, "x", "y", Fresh(), accuracy_level=accuracy_level, kernel_bits=2,
+                           block_size=kernel)
+    assert isinstance(refusal, str) and "no prepacked CPU kernel for 2-bit" in refusal
+
+
+@pytest.mark.parametrize("n,kernel_bits,block,accuracy_level", [
+    (5, 2, 16, 0), (37, 2, 32, 0), (37, 2, 16, 4), (37, 2, 256, 4), (6, 8, 16, 0), (37, 4, 512, 0)])
+def test_matmul_nbits_slow_kernels_are_correct_but_refused(n: int, kernel_bits: int, block: int,
+                                                          accuracy_level: int) -> None:
+    """2-bit weights at fp32 compute or in blocks of 16 or 256 (N not a multiple of 4 included),
+    8-bit at fp32 compute and blocks above 256 have no prepacked kernel: refused by default,
+    correct when allowed (the slow 2-bit kernel computes in float whatever the level)."""
     rng = np.random.default_rng(n)
-    codes, bias = make_codes(rng, n, 70, 2, "channel", False, True)
-    refusal = matmul_nbits(codes, bias, "x", "y", Fresh(), kernel_bits=kernel_bits, block_size=block)
+    codes, bias = make_codes(rng, n, 512, 2, "channel", False, True)
+    refusal = matmul_nbits(codes, bias, "x", "y", Fresh(), kernel_bits=kernel_bits, block_size=block,
+                           accuracy_level=accuracy_level)
     assert isinstance(refusal, str) and "prepacked" in refusal
-    form = matmul_nbits(codes, bias, "x", "y", Fresh(), kernel_bits=kernel_bits, block_size=block, allow_slow=True)
+    form = matmul_nbits(codes, bias, "x", "y", Fresh(), kernel_bits=kernel_bits, block_size=block,
+                        accuracy_level=accuracy_level, allow_slow=True)
     assert isinstance(form, OrtForm)
-    x = activations(rng, 3, 70)
+    x = activations(rng, 3, 512)
     assert max(relative_errors(form, reference(codes, x, bias=bias), x)) < TOLERANCE
 
 

@@ -21,7 +21,7 @@ from ..core.errors import OptionError
 from ..core.grid import Granularity, InputQuantizer, WeightCodes
 from ..core.types import DenseLayer, QuantizedLayer
 from ..core.views import ConvGeometry
-from .ort import OrtForm, gather_block_quantized, matmul_integer_to_float, matmul_nbits
+from .ort import NBITS2_FAST_BLOCKS, OrtForm, gather_block_quantized, matmul_integer_to_float, matmul_nbits
 from .ort_conv import qlinear_conv, qlinear_conv_slow
 
 KERNEL_OPS = ("Gemm", "MatMul", "Conv")  # MatMulNBits / MatMulIntegerToFloat; QLinearConv (quantized inputs)
@@ -49,12 +49,16 @@ def check_accuracy_level(accuracy_level: int) -> None:
         raise OptionError(f"{{ort_accuracy_level}} must be 0-4, got {accuracy_level}", "ort_accuracy_level")
 
 
-def auto_accuracy_level(language_model: bool, bits: Collection[int]) -> int:
+def auto_accuracy_level(language_model: bool, bits: Collection[int], block_size: int = 0) -> int:
     """The accuracy level ``auto`` stands for: 4 (int8 activations inside MatMulNBits) for a
     language model, as onnxruntime-genai's builder writes its CPU int4 models (decoding is bound
-    by these kernels, and 4 is their fast path), and for 8-bit weights, which MatMulNBits runs
-    fast at 4 only; else 0 (float compute: the output equals the DequantizeLinear model's)."""
-    return 4 if language_model or min(bits) > 4 else 0
+    by these kernels, and 4 is their fast path), for 8-bit weights, which MatMulNBits runs fast
+    at 4 only, and for 2-bit weights in blocks of ``block_size`` (0: a scale per row) that the
+    2-bit kernel takes, fast at 4 only (at 0 they take the 4-bit kernel's room; the int8
+    activations moved 2-bit MiniLM's output error by 0.1%: docs/results.md); else 0 (float
+    compute: the output equals the DequantizeLinear model's)."""
+    two_bit = min(bits) <= 2 and (not block_size or any(block_size % b == 0 for b in NBITS2_FAST_BLOCKS))
+    return 4 if language_model or min(bits) > 4 or two_bit else 0
 
 
 def check_format(format: Format, accuracy_level: int | None, activations: str, granularity: Granularity,
@@ -65,7 +69,8 @@ def check_format(format: Format, accuracy_level: int | None, activations: str, g
     some of."""
     quantized_inputs = activations != "none"
     if accuracy_level is None:  # auto: checked as it resolves for a model that is not a language model
-        accuracy_level = auto_accuracy_level(False, bits) if format == Format.ORT and not quantized_inputs else 0
+        accuracy_level = (auto_accuracy_level(False, bits, block_size if granularity == Granularity.BLOCK else 0)
+                          if format == Format.ORT and not quantized_inputs else 0)
     check_accuracy_level(accuracy_level)
     if accuracy_level and format != Format.ORT:
         raise OptionError(f"{{ort_accuracy_level}} applies to {{format}} ort weight-only layers (MatMulNBits), "
@@ -127,6 +132,7 @@ class KernelChoice:
     layer: str
     kernel: str
     fallback: str | None = None  # why the fast kernel was not used (format ort only)
+    bits: int | None = None  # bits per code in the kernel's weights (None: the ONNX integer type's)
 
 
 def needs_output_range(layer: DenseLayer, format: Format, quantized_inputs: bool) -> bool:
@@ -163,7 +169,7 @@ def choose_kernel(q: QuantizedLayer, bias: np.ndarray | None, has_other_bias: bo
     refusal = fast.build("x", "y", lambda base: base)  # a dry run: only checks, names do not matter
     if isinstance(refusal, str):
         return None, KernelChoice(name, PORTABLE, refusal)
-    return fast, KernelChoice(name, fast.kernel)
+    return fast, KernelChoice(name, fast.kernel, bits=refusal.weight_bits)
 
 
 def choose_table_kernel(name: str, codes: WeightCodes, format: Format) -> tuple[bool, KernelChoice]:

@@ -18,13 +18,16 @@ activations of any rank >= 2 (batch axes first), like ``MatMul`` with a ``[f_in,
 Facts behind the choices (checked by ``tests/test_ort_forms.py`` and measured by
 ``benchmarks/inference.py``):
 
-- MatMulNBits has fast (prepacked) CPU kernels only for 4-bit weights and, with
-  ``accuracy_level=4``, 8-bit weights, with ``block_size`` in 16..256, and integer zero points
+- MatMulNBits has fast (prepacked) CPU kernels for 4-bit weights with ``block_size`` in 16..256,
+  and with ``accuracy_level=4`` (int8 activations inside the kernel) for 8-bit weights (blocks
+  16..256) and 2-bit weights (blocks 32, 64, 128: as fast as the 4-bit kernel at batch 1, 1-2x
+  its time at batch 64, benchmarks/results/matmul_nbits_2bit.md), all with integer zero points
   (float ones, onnxruntime's own HQQ output, dequantize on every run: 24-76x slower at batch 1
-  on a 2048x2048 layer, benchmarks/results/matmul_nbits_zero_points.md); 2-bit weights and 8-bit
-  weights at ``accuracy_level`` 0/1 fall back to dequantizing the whole weight on every run, and
-  2-bit weights give wrong results when ``N`` is not a multiple of 4 (refused here). Codes of 1-4
-  bits therefore go to the 4-bit kernel, which stores them exactly (``u = q + 8``).
+  on a 2048x2048 layer, benchmarks/results/matmul_nbits_zero_points.md). Other combinations
+  (2-bit at ``accuracy_level`` 0, or in blocks of 16 or 256; 8-bit at 0) fall back to
+  dequantizing the whole weight on every run (refused here). So codes of 1-2 bits go to the
+  2-bit kernel at ``accuracy_level`` 4, and otherwise, like 3-4 bit codes, to the 4-bit kernel,
+  which stores them exactly (``u = q + 8``).
 - A scale per row or per tensor is a MatMulNBits block scale repeated over the row's blocks: the
   dequantized weights are identical. So is a block of ``b`` inputs split into sub-blocks.
 - With quantized activations, onnxruntime fuses ``DequantizeLinear`` pairs into a
@@ -48,18 +51,21 @@ from ..core.grid import InputQuantizer, WeightCodes
 
 MS_DOMAIN = "com.microsoft"
 SATURATION_FREE = 64  # u8s8 pair sums stay in int16 for stored weights within +-64: 2 * 255 * 64 < 2^15
-NBITS_FAST_BLOCKS = (16, 32, 64, 128, 256)  # MLAS's prepacked MatMulNBits kernels
+NBITS_FAST_BLOCKS = (16, 32, 64, 128, 256)  # MLAS's prepacked 4-bit (and 8-bit) MatMulNBits kernels
+NBITS2_FAST_BLOCKS = (32, 64, 128)  # its 2-bit kernels (accuracy_level 4 only)
 Names = Callable[[str], str]  # hands out a fresh tensor/node name from a base name
 
 
 @dataclass(frozen=True, eq=False)
 class OrtForm:
-    """Nodes reading the activation and writing the output, their initializers, and the least
-    opset version each domain needs."""
+    """Nodes reading the activation and writing the output, their initializers, the least
+    opset version each domain needs, and the bits each weight code takes in them where a kernel
+    packs them its own way (None: the bits of their ONNX integer type)."""
 
     nodes: list[onnx.NodeProto]
     initializers: list[onnx.TensorProto]
     opsets: dict[str, int]
+    weight_bits: int | None = None
 
 
 def reference(codes: WeightCodes, x: np.ndarray, activation: InputQuantizer | None = None,
@@ -103,26 +109,29 @@ def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, o
     packed uint8 zero points for unsigned ones (float zero points: in the scales' type), so
     ``(u - zp) * scale`` is exactly ``W``.
 
-    ``kernel_bits`` (default: 4 for codes of 1-4 bits, 8 above) must hold the codes. The kernel's
-    ``block_size`` (default: the layer's block, else 32) must be a power of two >= 16 and divide
-    the layer's block; per-row and per-tensor scales are repeated over the blocks.
+    ``kernel_bits`` (default: :func:`nbits_kernel_bits`) must hold the codes. The kernel's
+    ``block_size`` (default: the largest of the kernel's fast blocks dividing the layer's block,
+    else 32) must be a power of two >= 16 and divide the layer's block; per-row and per-tensor
+    scales are repeated over the blocks.
     ``accuracy_level`` 0 (or 1) computes in float32 (output error of float rounding only);
     4 quantizes the activations to int8 per block of ``block_size`` inputs inside the kernel
     (``reference(codes, x, int8_blocks=block)``; fast also for 8-bit weights; about 0.5%
     relative output error on random layers).
-    Kernels without a prepacked CPU implementation (2-bit; 8-bit below accuracy_level 4; blocks
-    above 256) dequantize the whole weight on every run, slower than float: refused unless
-    ``allow_slow`` (they compute correctly, N not a multiple of 4 included).
+    Kernels without a prepacked CPU implementation (2-bit and 8-bit below accuracy_level 4, 2-bit
+    in blocks other than 32-128, blocks above 256) dequantize the whole weight on every run, slower
+    than float: refused unless ``allow_slow`` (they compute correctly, N not a multiple of 4 included).
     """
     n, f = codes.integers.shape
-    bits = kernel_bits if kernel_bits is not None else (4 if codes.bits <= 4 else 8)
+    bits = kernel_bits if kernel_bits is not None else nbits_kernel_bits(codes, accuracy_level)
     if bits not in (2, 4, 8):
         return f"MatMulNBits takes 2, 4 or 8-bit weights, not {bits}"
     if codes.bits > bits:
         return f"{codes.bits}-bit codes do not fit MatMulNBits' {bits}-bit weights"
     if accuracy_level not in (0, 1, 2, 3, 4):
         return f"accuracy_level {accuracy_level} is not one of 0-4"
-    block = block_size if block_size is not None else (_largest_power_dividing(codes.block_size)
+    fast_blocks = _fast_blocks(bits, accuracy_level)
+    block = block_size if block_size is not None else (_largest_dividing(codes.block_size, fast_blocks or
+                                                                         NBITS_FAST_BLOCKS)
                                                       if codes.block_size else 32)
     if block < 16 or block & (block - 1):
         return f"MatMulNBits' block_size must be a power of two >= 16, not {block}"
@@ -133,8 +142,7 @@ def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, o
     if not allow_slow and float_zero:
         return ("onnxruntime 1.32 has no prepacked CPU kernel for MatMulNBits with float zero points: it would "
                 "dequantize on every run (benchmarks/results/matmul_nbits_zero_points.md)")
-    fast = bits == 4 or (bits == 8 and accuracy_level == 4)
-    if not allow_slow and (not fast or block not in NBITS_FAST_BLOCKS):
+    if not allow_slow and block not in fast_blocks:
         return (f"onnxruntime 1.32 has no prepacked CPU kernel for {bits}-bit MatMulNBits with block "
                 f"{block} at accuracy_level {accuracy_level}: it would dequantize on every run")
     k_blocks = -(-f // block)
@@ -176,7 +184,26 @@ def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, o
     node = helper.make_node("MatMulNBits", _trim(inputs), [output], name=fresh(f"{output}_MatMulNBits"),
                             domain=MS_DOMAIN, K=f, N=n, bits=bits, block_size=block,
                             accuracy_level=accuracy_level)
-    return OrtForm([node], initializers, {MS_DOMAIN: 1})
+    return OrtForm([node], initializers, {MS_DOMAIN: 1}, weight_bits=bits)
+
+
+def nbits_kernel_bits(codes: WeightCodes, accuracy_level: int) -> int:
+    """The MatMulNBits weight width for ``codes``: 2 for codes of 1-2 bits where the 2-bit kernel
+    is fast (``accuracy_level`` 4, blocks of the layer that split into 32, 64 or 128), else 4
+    for codes of 1-4 bits and 8 above."""
+    if codes.bits <= 2 and accuracy_level == 4 and (
+            not codes.block_size or any(codes.block_size % b == 0 for b in NBITS2_FAST_BLOCKS)):
+        return 2
+    return 4 if codes.bits <= 4 else 8
+
+
+def _fast_blocks(bits: int, accuracy_level: int) -> tuple[int, ...]:
+    """The ``block_size`` values with a prepacked CPU kernel for ``bits``-bit MatMulNBits weights."""
+    if bits == 4:
+        return NBITS_FAST_BLOCKS
+    if accuracy_level != 4:
+        return ()
+    return NBITS2_FAST_BLOCKS if bits == 2 else NBITS_FAST_BLOCKS if bits == 8 else ()
 
 
 def int8_weights(codes: WeightCodes) -> tuple[np.ndarray, np.ndarray | None] | str:
@@ -236,7 +263,7 @@ def matmul_integer_to_float(codes: WeightCodes, bias: np.ndarray | None, quant: 
         helper.make_node("MatMulIntegerToFloat", _trim(inputs), [output],
                          name=fresh(f"{output}_MatMulIntegerToFloat"), domain=MS_DOMAIN),
     ]
-    return OrtForm(nodes, initializers, {"": 10, MS_DOMAIN: 1})
+    return OrtForm(nodes, initializers, {"": 10, MS_DOMAIN: 1}, weight_bits=8)
 
 
 def gather_block_quantized(codes: WeightCodes, indices: str, output: str, fresh: Names) -> OrtForm | str:
@@ -260,7 +287,7 @@ def gather_block_quantized(codes: WeightCodes, indices: str, output: str, fresh:
         return (f"GatherBlockQuantized stores {bits}-bit codes {per_byte} per byte and widens each row to whole "
                 f"bytes: a row of {d} does not fill them")
     if codes.block_size:
-        block = _largest_power_dividing(codes.block_size)
+        block = _largest_dividing(codes.block_size, NBITS_FAST_BLOCKS)
         if block < 16 or codes.block_size % block:
             return (f"the table's blocks of {codes.block_size} cannot be split into GatherBlockQuantized blocks "
                     "(a power of two >= 16)")
@@ -292,10 +319,10 @@ def gather_block_quantized(codes: WeightCodes, indices: str, output: str, fresh:
     return OrtForm([node], initializers, {MS_DOMAIN: 1})
 
 
-def _largest_power_dividing(block: int) -> int:
-    """The largest power of two in 16..256 dividing ``block`` (the fastest MatMulNBits block that
-    splits the layer's blocks exactly), else ``block`` itself, which is then refused."""
-    return next((c for c in reversed(NBITS_FAST_BLOCKS) if block % c == 0), block)
+def _largest_dividing(block: int, kernel_blocks: tuple[int, ...]) -> int:
+    """The largest of ``kernel_blocks`` dividing ``block`` (the fastest kernel block that splits
+    the layer's blocks exactly), else ``block`` itself, which is then refused."""
+    return next((c for c in reversed(kernel_blocks) if block % c == 0), block)
 
 
 def _trim(inputs: list[str]) -> list[str]:

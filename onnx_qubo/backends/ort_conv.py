@@ -98,7 +98,7 @@ def qlinear_conv(codes: WeightCodes, bias: np.ndarray | None, geometry: ConvGeom
         helper.make_node("DequantizeLinear", [names[8], names[6], names[7]], [output],
                          name=fresh(f"{output}_DequantizeLinear")),
     ]
-    return OrtForm(nodes, initializers, {"": 10})
+    return OrtForm(nodes, initializers, {"": 10}, weight_bits=8)
 
 
 def qlinear_conv_reference(xq: np.ndarray, inputs: list[np.ndarray], geometry: ConvGeometry) -> np.ndarray:

@@ -27,6 +27,7 @@ class LayerReport:
     bias: str = "float"  # how the layer's bias is stored: float, the weights' type, or INT32
     kernel: str = "DequantizeLinear"  # what runs it: DequantizeLinear (portable), MatMulNBits...
     kernel_fallback: str | None = None  # format ort: why the layer kept the portable form
+    kernel_bits: int | None = None  # bits per code in the kernel's weights (MatMulNBits: 2, 4 or 8)
 
     @property
     def final_cost(self) -> float:
@@ -35,10 +36,10 @@ class LayerReport:
 
     @property
     def stored_bits(self) -> int:
-        """Bits each code takes in the written file: its integer type's, or MatMulNBits' 4 or 8
-        (the kernel onnx-qubo writes for codes of 1-4 bits, and 5-8)."""
-        if self.kernel == "MatMulNBits":
-            return 4 if self.bits <= 4 else 8
+        """Bits each code takes in the written file: its integer type's, or those of the kernel's
+        weights where a kernel packs them its own way (MatMulNBits: 2, 4 or 8)."""
+        if self.kernel_bits is not None:
+            return self.kernel_bits
         return int("".join(c for c in self.storage if c.isdigit()))
 
     @property
