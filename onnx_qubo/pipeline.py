@@ -175,8 +175,9 @@ def wider_storage_notes(reports: Sequence[LayerReport], mixable: bool = True) ->
             notes.append(f"{layers} stored in 4-bit MatMulNBits weights (onnxruntime's 2-bit kernel is fast only "
                          "at --ort-accuracy-level 4, in blocks of 32-128 inputs): --format qdq stores them as INT2")
         elif kernel:
-            notes.append(f"{layers} stored in {stored}-bit {kernel} weights (onnxruntime has no {bits}-bit "
-                         f"kernel): as large as at {stored} bits")
+            why = f"onnxruntime has no {bits}-bit MatMulNBits" if kernel == "MatMulNBits" else \
+                f"the kernel takes {stored}-bit weights only"
+            notes.append(f"{layers} stored in {stored}-bit {kernel} weights ({why}): as large as at {stored} bits")
         else:
             narrower = 2 if stored == 4 else 4
             mix = (f"; --bits {narrower} with --bits-per-weight mixes {narrower}- and {stored}-bit layers into a "

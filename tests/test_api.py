@@ -243,7 +243,8 @@ def test_the_wider_storage_note_suggests_a_mix_only_where_the_options_allow_one(
     (4, "qdq", None, None, 4), (2, "qdq", None, None, 2),
     (2, "ort", None, None, 2),  # auto: accuracy level 4, where the 2-bit kernel is fast
     (2, "ort", 0, "1 layer of 2-bit codes stored in 4-bit MatMulNBits weights", 4),
-    (3, "ort", None, "1 layer of 3-bit codes stored in 4-bit MatMulNBits weights (onnxruntime has no 3-bit", 4)])
+    (3, "ort", None, "1 layer of 3-bit codes stored in 4-bit MatMulNBits weights (onnxruntime has no 3-bit "
+                     "MatMulNBits)", 4)])
 def test_the_report_says_where_codes_take_a_wider_type(tmp_path, bits, form, level, expected, stored):
     """--bits 3 stores INT4 (ONNX has no 3-bit type) or 4-bit MatMulNBits weights: as large as 4
     bits, which the notes say; 2-bit codes take MatMulNBits' 2-bit weights where its kernel is
@@ -259,3 +260,14 @@ def test_the_report_says_where_codes_take_a_wider_type(tmp_path, bits, form, lev
     nbits = [next(a.i for a in n.attribute if a.name == "bits") for n in written.graph.node
              if n.op_type == "MatMulNBits"]
     assert nbits == ([] if form == "qdq" else [stored, 4])
+
+
+def test_the_int8_kernels_weights_are_counted_at_8_bits(tmp_path):
+    """With quantized activations format ort writes MatMulIntegerToFloat, whose weights are int8
+    whatever the codes' width: the report counts them so, and its notes say why."""
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    report = runs.quantize(mlp_model(widths=(64, 32, 8)), tmp_path / "q.onnx", bits=4, activations="uint8",
+                           calibration={"x": x}, format="ort", speed=False)
+    assert [(layer.kernel, layer.stored_bits) for layer in report.layers] == [("MatMulIntegerToFloat", 8)] * 2
+    assert "2 layers of 4-bit codes stored in 8-bit MatMulIntegerToFloat weights (the kernel takes 8-bit weights " \
+           "only): as large as at 8 bits" in report.notes

@@ -21,7 +21,7 @@ from ..core.errors import OptionError
 from ..core.grid import Granularity, InputQuantizer, WeightCodes
 from ..core.types import DenseLayer, QuantizedLayer
 from ..core.views import ConvGeometry
-from .ort import NBITS2_FAST_BLOCKS, OrtForm, gather_block_quantized, matmul_integer_to_float, matmul_nbits
+from .ort import OrtForm, gather_block_quantized, matmul_integer_to_float, matmul_nbits, two_bit_kernel_takes
 from .ort_conv import qlinear_conv, qlinear_conv_slow
 
 KERNEL_OPS = ("Gemm", "MatMul", "Conv")  # MatMulNBits / MatMulIntegerToFloat; QLinearConv (quantized inputs)
@@ -57,7 +57,7 @@ def auto_accuracy_level(language_model: bool, bits: Collection[int], block_size:
     2-bit kernel takes, fast at 4 only (at 0 they take the 4-bit kernel's room; the int8
     activations moved 2-bit MiniLM's output error by 0.1%: docs/results.md); else 0 (float
     compute: the output equals the DequantizeLinear model's)."""
-    two_bit = min(bits) <= 2 and (not block_size or any(block_size % b == 0 for b in NBITS2_FAST_BLOCKS))
+    two_bit = min(bits) <= 2 and two_bit_kernel_takes(block_size)
     return 4 if language_model or min(bits) > 4 or two_bit else 0
 
 

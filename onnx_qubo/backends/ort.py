@@ -20,8 +20,8 @@ Facts behind the choices (checked by ``tests/test_ort_forms.py`` and measured by
 
 - MatMulNBits has fast (prepacked) CPU kernels for 4-bit weights with ``block_size`` in 16..256,
   and with ``accuracy_level=4`` (int8 activations inside the kernel) for 8-bit weights (blocks
-  16..256) and 2-bit weights (blocks 32, 64, 128: as fast as the 4-bit kernel at batch 1, 1-2x
-  its time at batch 64, benchmarks/results/matmul_nbits_2bit.md), all with integer zero points
+  16..256) and 2-bit weights (blocks 32, 64, 128: within 1.5x the 4-bit kernel's time at batch 1,
+  1.1-2x at batch 64, benchmarks/results/matmul_nbits_2bit.md), all with integer zero points
   (float ones, onnxruntime's own HQQ output, dequantize on every run: 24-76x slower at batch 1
   on a 2048x2048 layer, benchmarks/results/matmul_nbits_zero_points.md). Other combinations
   (2-bit at ``accuracy_level`` 0, or in blocks of 16 or 256; 8-bit at 0) fall back to
@@ -191,10 +191,15 @@ def nbits_kernel_bits(codes: WeightCodes, accuracy_level: int) -> int:
     """The MatMulNBits weight width for ``codes``: 2 for codes of 1-2 bits where the 2-bit kernel
     is fast (``accuracy_level`` 4, blocks of the layer that split into 32, 64 or 128), else 4
     for codes of 1-4 bits and 8 above."""
-    if codes.bits <= 2 and accuracy_level == 4 and (
-            not codes.block_size or any(codes.block_size % b == 0 for b in NBITS2_FAST_BLOCKS)):
+    if codes.bits <= 2 and accuracy_level == 4 and two_bit_kernel_takes(codes.block_size):
         return 2
     return 4 if codes.bits <= 4 else 8
+
+
+def two_bit_kernel_takes(block_size: int) -> bool:
+    """Whether a layer's blocks of ``block_size`` inputs (0: a scale per row) split into blocks
+    the prepacked 2-bit MatMulNBits kernel runs (32, 64 or 128)."""
+    return not block_size or any(block_size % b == 0 for b in NBITS2_FAST_BLOCKS)
 
 
 def _fast_blocks(bits: int, accuracy_level: int) -> tuple[int, ...]:
