@@ -93,6 +93,27 @@ def test_2_bit_codes_run_in_the_2_bit_kernel_by_default(model_name, tmp_path):
     assert 0 < fast.evaluation.default_vs_unoptimized < 0.02 and portable.evaluation.default_vs_unoptimized < 1e-3
 
 
+@pytest.mark.parametrize("options, level, kernel_bits", [
+    (dict(bits=2), 4, 2),  # per channel: one scale repeated over 2-bit kernel blocks of 32
+    (dict(bits=2, granularity="block", block_size=64), 4, 2),
+    (dict(bits=2, granularity="block", block_size=16), 0, 4),  # no prepacked 2-bit kernel for blocks of 16
+    (dict(bits=2, ort_accuracy_level=0), 0, 4),
+    (dict(bits=3), 0, 4),
+    (dict(bits=8), 4, 8),
+])
+def test_the_auto_accuracy_level_follows_the_kernels_onnxruntime_runs_fast(options, level, kernel_bits):
+    from onnx_qubo.api import quantize as quantize_model
+    from onnx_qubo.config import QuantizeConfig
+
+    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    config = QuantizeConfig.from_flat({"solver": "rtn", "format": "ort", "head_bits": options["bits"], **options})
+    result = quantize_model(matmul_model(f=64, n=12), config, {"x": x})
+    assert result.config.output.ort_accuracy_level == level
+    nodes = [n for n in result.model.graph.node if n.op_type == "MatMulNBits"]
+    assert [{a.name: a.i for a in n.attribute}["bits"] for n in nodes] == [kernel_bits]
+    assert [{a.name: a.i for a in n.attribute}["accuracy_level"] for n in nodes] == [level]
+
+
 @pytest.mark.slow
 def test_a_layer_the_kernel_cannot_run_keeps_the_portable_form_and_says_why(tmp_path):
     model = gemm_model(f=40, n=12)
