@@ -55,7 +55,8 @@ def auto_accuracy_level(language_model: bool, bits: Collection[int], block_size:
     by these kernels, and 4 is their fast path), for 8-bit weights, which MatMulNBits runs fast
     at 4 only, and for 2-bit weights in blocks of ``block_size`` (0: a scale per row) that the
     2-bit kernel takes, fast at 4 only (at 0 they take the 4-bit kernel's room; the int8
-    activations moved 2-bit MiniLM's output error by 0.1%: docs/results.md); else 0 (float
+    activations moved 2-bit MiniLM's output error by 0.1%: benchmarks/results/
+    matmul_nbits_2bit.md); else 0 (float
     compute: the output equals the DequantizeLinear model's)."""
     two_bit = min(bits) <= 2 and two_bit_kernel_takes(block_size)
     return 4 if language_model or min(bits) > 4 or two_bit else 0
@@ -65,12 +66,12 @@ def check_format(format: Format, accuracy_level: int | None, activations: str, g
                  block_size: int, bits: Collection[int], auto_scheme: bool = False) -> None:
     """An OptionError for what format ort cannot serve for any layer (single layers fall back to the
     portable form, reported): ``activations`` is the option's value ("none": weight-only),
-    ``bits`` every bit width the run uses; ``auto_scheme`` tries schemes format ort serves only
-    some of."""
+    ``block_size`` the scheme's (0: a scale per row or tensor), ``bits`` every bit width the run
+    uses; ``auto_scheme`` tries schemes format ort serves only some of."""
     quantized_inputs = activations != "none"
     if accuracy_level is None:  # auto: checked as it resolves for a model that is not a language model
-        accuracy_level = (auto_accuracy_level(False, bits, block_size if granularity == Granularity.BLOCK else 0)
-                          if format == Format.ORT and not quantized_inputs else 0)
+        weight_only_ort = format == Format.ORT and not quantized_inputs
+        accuracy_level = auto_accuracy_level(False, bits, block_size) if weight_only_ort else 0
     check_accuracy_level(accuracy_level)
     if accuracy_level and format != Format.ORT:
         raise OptionError(f"{{ort_accuracy_level}} applies to {{format}} ort weight-only layers (MatMulNBits), "

@@ -206,9 +206,7 @@ def _fast_blocks(bits: int, accuracy_level: int) -> tuple[int, ...]:
     """The ``block_size`` values with a prepacked CPU kernel for ``bits``-bit MatMulNBits weights."""
     if bits == 4:
         return NBITS_FAST_BLOCKS
-    if accuracy_level != 4:
-        return ()
-    return NBITS2_FAST_BLOCKS if bits == 2 else NBITS_FAST_BLOCKS if bits == 8 else ()
+    return {2: NBITS2_FAST_BLOCKS, 8: NBITS_FAST_BLOCKS}.get(bits, ()) if accuracy_level == 4 else ()
 
 
 def int8_weights(codes: WeightCodes) -> tuple[np.ndarray, np.ndarray | None] | str:
