@@ -743,6 +743,7 @@ def table(work: Work, out_md: Path, out_json: Path) -> None:
         ratio = rise / (rtn - float_ppl) if rise is not None and rtn is not None and float_ppl is not None and rtn > float_ppl else None
         folder = Path(d.get("folder") or work.folder(cell))
         w = weight_bits(folder, work.shape(cell)) if model_path(folder).exists() else d.get("weights") or {}
+        d["weights"] = w  # llm.json keeps what the row shows: the table can be remade once the folder is gone
         make_step = d.get("make") or {}
         if make_step.get("exit_status"):
             lines.append(f"| {d['cell']} | failed: {make_step.get('error', '')[:200]} |||||||||||")
@@ -799,9 +800,12 @@ def size_curve(work: Work, cells: list[dict[str, Any]], png: Path) -> list[str]:
     for d in cells:
         cell = Cell.parse(d["cell"])
         folder = Path(d.get("folder") or work.folder(cell))
-        if cell.kind == "float" or cell.torch or d.get("perplexity") is None or not model_path(folder).exists():
+        if cell.kind == "float" or cell.torch or d.get("perplexity") is None:
             continue
-        bits = weight_bits(folder)["matmul_bits_per_weight"]
+        bits = weight_bits(folder)["matmul_bits_per_weight"] if model_path(folder).exists() else \
+            matmul_bits(d.get("weights") or {})
+        if bits is None:
+            continue
         points.append({"cell": cell, "method": "onnx-qubo" if cell.kind == "ours" else cell.kind, "bits": bits,
                        "perplexity": d["perplexity"]})
     if not points:
@@ -824,6 +828,16 @@ def size_curve(work: Work, cells: list[dict[str, Any]], png: Path) -> list[str]:
         lines.append(f"| {p['bits']:.3f} | {p['method']} | {p['cell'].name} | {p['perplexity']:.3f} | {ratio} | "
                      f"{'yes' if p['front'] else ''} |")
     return lines + [""]
+
+
+def matmul_bits(weights: dict[str, Any]) -> float | None:
+    """Bits per weight of the blocks' and the head's MatMuls from a cell's recorded ``weights``
+    (weight_bits's), for a cell whose folder is gone."""
+    if "matmul_bits_per_weight" in weights:
+        return float(weights["matmul_bits_per_weight"])
+    parts = [weights[g] for g in ("blocks", "lm_head") if "bytes" in weights.get(g, {})]
+    count = sum(part["weights"] for part in parts)
+    return 8.0 * sum(part["bytes"] for part in parts) / count if count else None
 
 
 def plot_curve(points: list[dict[str, Any]], float_ppl: float | None, png: Path) -> None:
