@@ -21,7 +21,7 @@ from typing import Collection, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .backends.kernels import Format, needs_output_range
+from .backends.kernels import Format, needs_output_range, padding_notes
 from .calibration import memory
 from .calibration.activations import input_quantizers
 from .calibration.data import Dataset
@@ -157,7 +157,8 @@ def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: lis
                 "the layer costs above leave that rounding out, and the comparison with the DequantizeLinear model "
                 "includes it"] if qlinear else []
     return Quantized(written.model, reports, skipped, portable,
-                     [*written.notes, *rounding, *notes, *wider_storage_notes(reports, mixable)])
+                     [*written.notes, *rounding, *notes, *wider_storage_notes(reports, mixable),
+                      *padding_notes(quantized, written.kernels, accuracy_level)])
 
 
 def wider_storage_notes(reports: Sequence[LayerReport], mixable: bool = True) -> list[str]:

@@ -262,6 +262,32 @@ def test_the_report_says_where_codes_take_a_wider_type(tmp_path, bits, form, lev
     assert nbits == ([] if form == "qdq" else [stored, 4])
 
 
+@pytest.mark.parametrize("f, options, expected", [
+    (96, dict(bits=2, format="ort", block_size=64), "1 MatMulNBits layer pads each row to whole blocks (K = 96 -> "
+     "128): 33% more codes in those layers, for no weight; --block-size 32 divides it: no padding, finer scales"),
+    (96, dict(bits=4, format="ort", block_size=64), "1 MatMulNBits layer pads each row to whole blocks (K = 96 -> "
+     "128): 33% more codes in those layers, for no weight; --block-size 32 divides it: no padding, finer scales"),
+    (96, dict(bits=2, format="ort", block_size=32), None),
+    (96, dict(bits=2, format="qdq", block_size=64), None),  # DequantizeLinear stores K codes per row
+    (100, dict(bits=4, format="ort"), None)])  # a scale per row: padding its last kernel block is the cheaper way
+def test_the_report_says_where_matmul_nbits_pads_rows(tmp_path, f, options, expected):
+    """MatMulNBits stores whole blocks: a layer whose input count K its blocks do not divide is
+    padded (the file holds the padded codes), which the notes say, with a block size that divides K."""
+    x = np.random.default_rng(0).standard_normal((32, f)).astype(np.float32)
+    granularity = dict(granularity="block") if "block_size" in options else {}
+    report = runs.quantize(matmul_model(f=f, n=8), tmp_path / "q.onnx", calibration={"x": x}, solver="rtn",
+                           head_bits=options["bits"], speed=False, **granularity, **options)
+    assert [note for note in report.notes if "pads each row" in note] == ([] if expected is None else [expected])
+    written = onnx.load(tmp_path / "q.onnx")
+    shapes = {i.name: list(i.dims) for i in written.graph.initializer}
+    stored = [shapes[n.input[1]] for n in written.graph.node if n.op_type == "MatMulNBits"]
+    if options["format"] == "ort":  # [N, blocks, bytes per block]: the padded codes in the file
+        block = next(a.i for n in written.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                     if a.name == "block_size")
+        assert stored == [[8, -(-f // block), block * report.layers[0].stored_bits // 8]]
+        assert (expected is None) == (f % block == 0 or "block_size" not in options)
+
+
 def test_the_int8_kernels_weights_are_counted_at_8_bits(tmp_path):
     """With quantized activations format ort writes MatMulIntegerToFloat, whose weights are int8
     whatever the codes' width: the report counts them so, and its notes say why."""

@@ -11,7 +11,7 @@ table where ``Gather`` fails (tests/test_embeddings.py).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +21,14 @@ from ..core.errors import OptionError
 from ..core.grid import Granularity, InputQuantizer, WeightCodes
 from ..core.types import DenseLayer, QuantizedLayer
 from ..core.views import ConvGeometry
-from .ort import OrtForm, gather_block_quantized, matmul_integer_to_float, matmul_nbits, two_bit_kernel_takes
+from .ort import (
+    OrtForm,
+    dividing_fast_block,
+    gather_block_quantized,
+    matmul_integer_to_float,
+    matmul_nbits,
+    two_bit_kernel_takes,
+)
 from .ort_conv import qlinear_conv, qlinear_conv_slow
 
 KERNEL_OPS = ("Gemm", "MatMul", "Conv")  # MatMulNBits / MatMulIntegerToFloat; QLinearConv (quantized inputs)
@@ -134,6 +141,7 @@ class KernelChoice:
     kernel: str
     fallback: str | None = None  # why the fast kernel was not used (format ort only)
     bits: int | None = None  # bits per code in the kernel's weights (None: the ONNX integer type's)
+    padding: int = 0  # zero codes the kernel stores after each row's inputs to fill its last block
 
 
 def needs_output_range(layer: DenseLayer, format: Format, quantized_inputs: bool) -> bool:
@@ -170,7 +178,31 @@ def choose_kernel(q: QuantizedLayer, bias: np.ndarray | None, has_other_bias: bo
     refusal = fast.build("x", "y", lambda base: base)  # a dry run: only checks, names do not matter
     if isinstance(refusal, str):
         return None, KernelChoice(name, PORTABLE, refusal)
-    return fast, KernelChoice(name, fast.kernel, bits=refusal.weight_bits)
+    return fast, KernelChoice(name, fast.kernel, bits=refusal.weight_bits, padding=refusal.padded_inputs)
+
+
+def padding_notes(quantized: Sequence[QuantizedLayer], kernels: Sequence[KernelChoice],
+                  accuracy_level: int) -> list[str]:
+    """Where MatMulNBits pads the rows of layers in blocks that do not divide their input count K
+    (SmolLM2's K = 576 in blocks of 128: 640 codes per row) by more than 1% of their codes: bytes
+    for no weight, where blocks dividing K store none with finer scales (SmolLM2 at 2 bits: the
+    same size in blocks of 64, perplexity 36.6 against 38.1; docs/llm.md, "Two-bit kernels").
+    Layers with a scale per row are left out: their kernel blocks only repeat the scale, and
+    padding the last one costs less than more scales."""
+    padded = [(q, k) for q, k in zip(quantized, kernels) if k.padding and q.codes.block_size]
+    codes = sum(q.layer.shape[0] * q.layer.shape[1] for q, _ in padded)
+    added = sum(q.layer.shape[0] * k.padding for q, k in padded)
+    if not padded or added <= 0.01 * codes:
+        return []
+    widths = {q.layer.shape[1]: q.layer.shape[1] + k.padding for q, k in padded}
+    rows = ", ".join(f"K = {k} -> {widths[k]}" for k in sorted(widths))
+    layers = f"{len(padded)} MatMulNBits layer{'s pad' if len(padded) > 1 else ' pads'}"
+    note = (f"{layers} each row to whole blocks ({rows}): "
+            f"{added / codes:.0%} more codes in those layers, for no weight")
+    block = dividing_fast_block(widths, {k.bits or 4 for _, k in padded}, accuracy_level)
+    if block is not None:
+        note += f"; --block-size {block} divides {'it' if len(widths) == 1 else 'each'}: no padding, finer scales"
+    return [note]
 
 
 def choose_table_kernel(name: str, codes: WeightCodes, format: Format) -> tuple[bool, KernelChoice]:

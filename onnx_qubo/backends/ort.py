@@ -40,7 +40,7 @@ Facts behind the choices (checked by ``tests/test_ort_forms.py`` and measured by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +66,7 @@ class OrtForm:
     initializers: list[onnx.TensorProto]
     opsets: dict[str, int]
     weight_bits: int | None = None
+    padded_inputs: int = 0  # zero codes the kernel stores after each row's inputs to fill its last block
 
 
 def reference(codes: WeightCodes, x: np.ndarray, activation: InputQuantizer | None = None,
@@ -184,7 +185,7 @@ def matmul_nbits(codes: WeightCodes, bias: np.ndarray | None, activation: str, o
     node = helper.make_node("MatMulNBits", _trim(inputs), [output], name=fresh(f"{output}_MatMulNBits"),
                             domain=MS_DOMAIN, K=f, N=n, bits=bits, block_size=block,
                             accuracy_level=accuracy_level)
-    return OrtForm([node], initializers, {MS_DOMAIN: 1}, weight_bits=bits)
+    return OrtForm([node], initializers, {MS_DOMAIN: 1}, weight_bits=bits, padded_inputs=padded - f)
 
 
 def nbits_kernel_bits(codes: WeightCodes, accuracy_level: int) -> int:
@@ -200,6 +201,13 @@ def two_bit_kernel_takes(block_size: int) -> bool:
     """Whether a layer's blocks of ``block_size`` inputs (0: a scale per row) split into blocks
     the prepacked 2-bit MatMulNBits kernel runs (32, 64 or 128)."""
     return not block_size or any(block_size % b == 0 for b in NBITS2_FAST_BLOCKS)
+
+
+def dividing_fast_block(widths: Collection[int], bits: Collection[int], accuracy_level: int) -> int | None:
+    """The largest block size with a prepacked MatMulNBits kernel for every width in ``bits`` that
+    divides every input count in ``widths`` (None: there is none)."""
+    fast = set.intersection(*(set(_fast_blocks(b, accuracy_level)) for b in bits)) if bits else set()
+    return max((b for b in fast if all(w % b == 0 for w in widths)), default=None)
 
 
 def _fast_blocks(bits: int, accuracy_level: int) -> tuple[int, ...]:
