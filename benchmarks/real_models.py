@@ -103,6 +103,8 @@ CONFIGS = {
     "qubo-b2-blk32-ort-acc4": "onnx-qubo 2 bits, blocks of 32, --format ort --ort-accuracy-level 4 (int8 activations: "
                               "2-bit codes in its 2-bit weights)",
     "qubo-b3-blk32-rnn4": "onnx-qubo 3 bits, blocks of 32, recurrent nodes (LSTM/GRU/RNN) at 4 bits (--layer-bits)",
+    "qubo-b3-blk32-eff8": "onnx-qubo 3 bits, blocks of 32, --effort 8 (the fast solver searches 8x longer)",
+    "qubo-b4-blk32-eff8": "onnx-qubo 4 bits, blocks of 32, --effort 8",
     "qubo-b3-blk32-sl3": "onnx-qubo 3 bits, blocks of 32, --small-layers 0.03",
     "qubo-b3-blk32-sl5": "onnx-qubo 3 bits, blocks of 32, --small-layers 0.05 (the default)",
     "qubo-b3-blk32-lv3": "onnx-qubo 3 bits, blocks of 32, --levels 3 (each weight may also move one grid point further)",
@@ -903,6 +905,9 @@ def worker(args) -> int:
             small = [float(o[2:]) / 100 for o in options if o.startswith("sl") and o[2:].isdigit()]
             if small:
                 kw["small_layers"] = small[0]  # slN: the smallest layers holding N% of the weights at 8 bits
+            efforts = [int(o[3:]) for o in options if o.startswith("eff") and o[3:].isdigit()]
+            if efforts:
+                kw["effort"] = efforts[0]  # effN: the fast solver's search N times longer (--effort)
             seeds = [int(o[1:]) for o in options if o[:1] == "s" and o[1:].isdigit()]
             if seeds:
                 kw["seed"] = seeds[0]

@@ -115,7 +115,7 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
         inserted = online_rotations(model_in)  # the online rotations' MatMuls are ours, not skipped layers
     report = Report(
         input_path=None if input_path is None else str(input_path), output_path=None, bits=config.weights.bits,
-        scale=str(config.rounding.scale), solver="loaded" if load_solution else config.rounding.solver,
+        scale=str(config.rounding.scale), solver="loaded" if load_solution else config.rounding.solver_text,
         calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=quantized.layers,
         skipped=[node for node in quantized.skipped if node.name not in inserted], evaluation=None,
         input_bytes=input_bytes, output_bytes=None,

@@ -34,7 +34,7 @@ from .core.options import (
     check_integer,
     check_positive,
 )
-from .rounding.solvers import SOLVERS, NealSolver, Solver
+from .rounding.solvers import SOLVERS, FastSolver, NealSolver, Solver
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,9 @@ class RoundingConfig(_Section):
     solver: str = _option("fast", "fast: batched engine on the shared Gram; neal: dwave-neal per neuron (the paper); "
                                   "rtn: round to nearest; exact: brute force (tests, tiny layers).")
     seed: int = _option(0, "Seed for the stochastic solvers.")
+    effort: int = _option(1, "Search effort of the fast solver: N times its tabu search's round length, rounds and "
+                             "patience (the same bits for the same N; time grows about N^2 on small and mid-size "
+                             "layers).")
     neal_reads: int | None = _option(None, "neal num_reads [neal's default].")
     neal_sweeps: int | None = _option(None, "neal num_sweeps [neal's default].")
     bias: BiasMode = _option(BiasMode.FLOAT, "float: keep it; quantize: a variable of each neuron's QUBO at the "
@@ -297,16 +300,25 @@ class RoundingConfig(_Section):
             raise OptionError(f"{{solver}} must be one of {', '.join(SOLVERS)}, got {self.solver!r}", "solver")
         if check_integer(self.levels, "levels") not in LEVELS:
             raise OptionError(f"{{levels}} must be one of {', '.join(map(str, LEVELS))}, got {self.levels}", "levels")
+        if check_integer(self.effort, "effort", minimum=1) != 1 and self.solver != "fast":
+            raise OptionError("{effort} applies only to {solver} fast", "effort", "solver")
         for name in ("neal_reads", "neal_sweeps"):
             if getattr(self, name) is not None:
                 check_integer(getattr(self, name), name, minimum=1)
                 if self.solver != "neal":
                     raise OptionError(f"{{{name}}} applies only to {{solver}} neal", name, "solver")
 
+    @property
+    def solver_text(self) -> str:
+        """The solver as the report names it: with its effort where that is not the default."""
+        return f"{self.solver} (effort {self.effort})" if self.effort != 1 else self.solver
+
     def make_solver(self) -> Solver:
         """The solver object this config names."""
         if self.solver == "neal":
             return NealSolver(self.neal_reads, self.neal_sweeps)
+        if self.solver == "fast":
+            return FastSolver(effort=self.effort)
         return SOLVERS[self.solver]()
 
 

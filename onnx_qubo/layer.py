@@ -258,7 +258,8 @@ def fast_rounding(plan: LayerPlan, problem: LayerProblem, progress: Progress = P
         if problem.rounding.free.sum(axis=1).max(initial=0) <= SMALL_GROUP_FREE:
             return optimal_rounding(problem, RoundToNearest().solve(problem))
         return FastSolver(tabu_work=0).solve(problem, plan.seed, progress)
-    return FastSolver().solve(problem, plan.seed, progress)
+    engine = plan.solver if isinstance(plan.solver, FastSolver) else FastSolver()  # --effort's, where it is fast
+    return engine.solve(problem, plan.seed, progress)
 
 
 @one_blas_thread()

@@ -55,6 +55,13 @@ def test_neal_flags_without_neal_are_refused(model_dir):
                  "--neal-reads applies only to --solver neal")  # a bad value, refused by the config: status 1
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--solver", "neal", "--effort", "4"], "--effort applies only to --solver fast"),
+    (["--effort", "0"], "--effort must be at least 1, got 0")])
+def test_effort_outside_the_fast_solver_or_below_1_is_refused(model_dir, args, message):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", *args], message)
+
+
 def test_inspect_lists_layers_and_skipped_nodes(model_dir):
     result = invoke("inspect", model_dir / "mlp.onnx")
     assert result.exit_code == 0

@@ -84,6 +84,36 @@ def test_two_processes_equal_one():
     assert np.array_equal(solve_layer(problem, "fast", 5, workers=2, params=FAST), whole)
 
 
+@pytest.mark.slow
+def test_the_search_effort_reaches_the_worker_processes():
+    """--effort is the solver's: a layer split over processes is searched as long as in one."""
+    problem = layer(128, 160)
+    whole = FastSolver(effort=2, **FAST).solve(problem, seed=5)
+    assert FastSolver(effort=2).params == {"effort": 2} and FastSolver().params == {}
+    assert np.array_equal(solve_layer(problem, "fast", 5, workers=2, params={**FAST, "effort": 2}), whole)
+    assert not np.array_equal(FastSolver(**FAST).solve(problem, seed=5), whole)
+
+
+def test_more_search_effort_finds_lower_costs():
+    """Longer tabu rounds, more restarts and patience (--effort): on a layer whose default search
+    stops short of its best roundings (mid-size layers of the OCR recognizer gained 3-25%:
+    docs/results.md), the costs go down."""
+    problem = layer(48, 96, seed=1)
+    costs = [problem.energy(FastSolver(effort=effort).solve(problem, 0)) for effort in (1, 4)]
+    assert costs[1] < costs[0]
+
+
+@pytest.mark.slow
+def test_a_run_with_effort_writes_the_same_bits_on_two_workers(tmp_path):
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    paths = [tmp_path / f"w{workers}.onnx" for workers in (1, 2)]
+    for workers, path in zip((1, 2), paths):
+        report = quantize(mlp_model(widths=(16, 64, 8)), path, bits=2, calibration={"x": x}, effort=3,
+                          workers=workers, speed=False)
+        assert "solver=fast (effort 3)" in report.to_text()
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
 def test_neal_rows_keep_their_seeds():
     problem = layer(6, 12)
     params = {"num_reads": 2, "num_sweeps": 50}

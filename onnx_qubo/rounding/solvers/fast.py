@@ -69,20 +69,22 @@ class FastSolver:
     lasts ``tabu_work / (neurons * inputs)`` steps (at most 1024), so small layers search long
     and wide ones stay fast; a layer too wide for 16 steps skips the tabu stage.
     ``tabu_rounds`` caps the rounds, ``tabu_patience`` is how many rounds in a row without
-    improvement end a neuron's search.
+    improvement end a neuron's search. ``effort`` multiplies all three (``--effort``): longer
+    rounds, more restarts, more patience; the same bits for the same effort.
     """
 
     name = "fast"
 
     def __init__(self, chunk_bytes: int = 256 << 20, pair_candidates: int = 48,
                  tabu_work: int = 1 << 22, tabu_rounds: int = 4, tabu_patience: int = 2,
-                 workers: int | None = None):
+                 workers: int | None = None, effort: int = 1):
         self.chunk_bytes = chunk_bytes
         self.pair_candidates = pair_candidates
-        self.tabu_work = tabu_work
-        self.tabu_rounds = tabu_rounds
-        self.tabu_patience = tabu_patience
+        self.tabu_work = tabu_work * effort
+        self.tabu_rounds = tabu_rounds * effort
+        self.tabu_patience = tabu_patience * effort
         self.workers = workers or os.cpu_count() or 1
+        self.params = {"effort": effort} if effort != 1 else {}  # what a worker process builds it with
 
     def plan(self, n: int, f: int) -> FastPlan:
         """How a layer of n neurons with f variables is searched: replicas, tabu round length,
