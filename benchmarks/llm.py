@@ -81,10 +81,11 @@ DEFAULT_CELLS = ["float", "builder:4:32", "builder:4:128",
                  "ours:4:32", "ours:4:32:acc0", "ours:4:128", "ours:3:32", "ours:3:128", "ours:2:32", "ours:2:128",
                  "ours:2:32:qdq", "ours:2:128:qdq", "float:torch", "rtn:4:32:torch", "ours:4:32:torch", "ours:2:32:torch"]
 VARIANTS = {"acc0": ("ours",), "qdq": ("ours",), "fit": ("ours",), "fzp": ("ours",), "fzpfit": ("ours",), "plain": ("ours",),
-            "torch": ("float", "rtn", "hqq", "ours")}  # variant -> its kinds
+            "eff4": ("ours",), "torch": ("float", "rtn", "hqq", "ours")}  # variant -> its kinds
 PLAIN = ["--rotate", "none", "--damping", "0"]  # without the language-model defaults (api._resolved), for ablations
-SCALE_VARIANTS = {"fit": ["--scale", "fit", *PLAIN], "fzp": ["--float-zero-points", "--scale", "mse", *PLAIN],
-                  "fzpfit": ["--float-zero-points", "--scale", "fit", *PLAIN], "plain": ["--scale", "mse", *PLAIN]}
+OPTION_VARIANTS = {"fit": ["--scale", "fit", *PLAIN], "fzp": ["--float-zero-points", "--scale", "mse", *PLAIN],
+                   "fzpfit": ["--float-zero-points", "--scale", "fit", *PLAIN], "plain": ["--scale", "mse", *PLAIN],
+                   "eff4": ["--effort", "4"]}  # variant -> the flags it adds to the defaults
 SPEED_CELLS = "float,builder:4:32,ours:4:32"
 PROMPT = ("The history of the English language began with the arrival of three Germanic tribes who "
           "invaded Britain during the 5th century AD. These tribes, the Angles, the Saxons and the Jutes, "
@@ -366,7 +367,7 @@ def ours_command(python: str, src: Path, out: Path, cell: Cell, calib: Path, eva
                  extra: str) -> list[str]:
     form = {"acc0": ["--format", "ort", "--ort-accuracy-level", "0"], "qdq": ["--format", "qdq", "--embeddings"]}.get(
         cell.variant, ["--format", "ort", "--ort-accuracy-level", "4", "--embeddings"])
-    form = form + SCALE_VARIANTS.get(cell.variant, [])
+    form = form + OPTION_VARIANTS.get(cell.variant, [])
     return [python, "-m", "onnx_qubo", "quantize", str(src / "model.onnx"), str(out / "model.onnx"),
             "--bits", str(cell.bits), "--granularity", "block", "--block-size", str(cell.block), *form,
             "--calib", str(calib), "--eval", str(evaluation), "--no-speed", "--report", str(report), *extra.split()]
