@@ -248,8 +248,8 @@ class RoundingConfig(_Section):
                                   "rtn: round to nearest; exact: brute force (tests, tiny layers).")
     seed: int = _option(0, "Seed for the stochastic solvers.")
     effort: int = _option(1, "Search effort of the fast solver: N times its tabu search's round length, rounds and "
-                             "patience (the same bits for the same N; time grows about N^2 on small and mid-size "
-                             "layers).")
+                             "patience, for lower layer costs (the same bits for the same N; on an OCR model's "
+                             "layers 6.6x the solve time at 4, 19x at 8).")
     neal_reads: int | None = _option(None, "neal num_reads [neal's default].")
     neal_sweeps: int | None = _option(None, "neal num_sweeps [neal's default].")
     bias: BiasMode = _option(BiasMode.FLOAT, "float: keep it; quantize: a variable of each neuron's QUBO at the "
