@@ -30,6 +30,7 @@ is KIND:BITS:BLOCK[:VARIANT]:
   ours:b:B:fit: plain with `--scale fit`; ours:b:B:fzp: plain with `--float-zero-points`; ours:b:B:fzpfit:
   plain with `--float-zero-points --scale fit`
   (float zero points have no fast MatMulNBits kernel: those layers stay DequantizeLinear);
+  ours:b:B:eff4: the defaults with `--effort 4`; ours:b:B:lw: the defaults with `--damping auto`;
 - float:torch, rtn:b:B:torch, hqq:b:B:torch, ours:b:B:torch: the torch export instead of the
   builder's fp32 model, and each quantizer on it (perplexity only: og.Generator runs the builder's
   graphs, with their KV cache).
@@ -81,11 +82,11 @@ DEFAULT_CELLS = ["float", "builder:4:32", "builder:4:128",
                  "ours:4:32", "ours:4:32:acc0", "ours:4:128", "ours:3:32", "ours:3:128", "ours:2:32", "ours:2:128",
                  "ours:2:32:qdq", "ours:2:128:qdq", "float:torch", "rtn:4:32:torch", "ours:4:32:torch", "ours:2:32:torch"]
 VARIANTS = {"acc0": ("ours",), "qdq": ("ours",), "fit": ("ours",), "fzp": ("ours",), "fzpfit": ("ours",), "plain": ("ours",),
-            "eff4": ("ours",), "torch": ("float", "rtn", "hqq", "ours")}  # variant -> its kinds
+            "eff4": ("ours",), "lw": ("ours",), "torch": ("float", "rtn", "hqq", "ours")}  # variant -> its kinds
 PLAIN = ["--rotate", "none", "--damping", "0"]  # without the language-model defaults (api._resolved), for ablations
 OPTION_VARIANTS = {"fit": ["--scale", "fit", *PLAIN], "fzp": ["--float-zero-points", "--scale", "mse", *PLAIN],
                    "fzpfit": ["--float-zero-points", "--scale", "fit", *PLAIN], "plain": ["--scale", "mse", *PLAIN],
-                   "eff4": ["--effort", "4"]}  # variant -> the flags it adds to the defaults
+                   "eff4": ["--effort", "4"], "lw": ["--damping", "auto"]}  # variant -> the flags it adds to the defaults
 SPEED_CELLS = "float,builder:4:32,ours:4:32"
 PROMPT = ("The history of the English language began with the arrival of three Germanic tribes who "
           "invaded Britain during the 5th century AD. These tribes, the Angles, the Saxons and the Jutes, "

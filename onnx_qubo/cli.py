@@ -143,6 +143,8 @@ def config_option(name: str, default: object = None):
                             **kind)
     if name == "layer_bits":
         return click.option(*flags, multiple=True, default=(), callback=_layer_bits, **kind)
+    if name == "damping":  # a fraction, auto, or unset (None: per model)
+        return click.option(*flags, type=str, default=None, callback=_damping, **kind)
     if name == "ort_accuracy_level":  # auto (None in the config) or a level
         return click.option(*flags, type=click.Choice(["auto", "0", "1", "2", "3", "4"]), default="auto",
                             show_default=True, callback=_accuracy_level, **kind)
@@ -151,9 +153,18 @@ def config_option(name: str, default: object = None):
     if name in ("dump_qubo", "load_solution"):
         return click.option(*flags, type=click.Path(file_okay=False), default=None, **kind)
     scalar = {"int": int, "float": float}.get(type(default).__name__) or (
-        float if name in ("max_memory", "size_budget", "bits_per_weight", "max_error", "damping", "small_layers")
+        float if name in ("max_memory", "size_budget", "bits_per_weight", "max_error", "small_layers")
         else int if name.startswith("neal") or name == "head_bits" else str)
     return click.option(*flags, type=scalar, default=default, show_default=default is not None, **kind)
+
+
+def _damping(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
+    if value is None or value.strip().lower() == "auto":
+        return value and "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor auto") from None
 
 
 def _accuracy_level(ctx: click.Context, param: click.Parameter, value: str) -> int | None:

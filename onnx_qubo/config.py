@@ -24,9 +24,11 @@ from .core.choice import Choice, parse_choice
 from .core.errors import OptionError
 from .core.grid import Granularity, Scheme
 from .core.options import (
+    AUTO,
     MAX_GB,
     Activations,
     BiasMode,
+    Damping,
     RangeMethod,
     Rotation,
     ScaleMethod,
@@ -120,7 +122,7 @@ def _checked(kind: object, value: object, option: str) -> object:
         return None
     checks: dict[str, Callable[[Any, str], object]] = {
               "bool": _check_bool, "str": _check_text, "int": check_integer, "float": check_positive,
-              "Fraction": _check_fraction,
+              "Fraction": _check_fraction, "Damping": _check_damping,
               "ScaleMethod": lambda v, o: parse_choice(ScaleMethod, v, o),
               "BiasMode": lambda v, o: parse_choice(BiasMode, v, o),
               "Activations": lambda v, o: parse_choice(Activations, v, o),
@@ -142,6 +144,13 @@ def _check_fraction(value: object, option: str) -> float:
     amount = check_positive(value, option, what="a number of at least 0")
     assert amount is not None  # None is an unset option, which _checked returns before
     return amount
+
+
+def _check_damping(value: object, option: str) -> Damping:
+    """``auto``, or a fraction as ``_check_fraction`` takes it."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    return _check_fraction(value, option)
 
 
 def _check_names(value: object, option: str) -> tuple[str, ...]:
@@ -279,11 +288,12 @@ class RoundingConfig(_Section):
     rotate_convs: bool = _option(False, "With --rotate, also rotate the input channels of Conv layers (group 1; "
                                         "depthwise and grouped ones stay): an online transform on the channel axis "
                                         "before them, never folded.", flag="--rotate-convs/--no-rotate-convs")
-    damping: Fraction | None = _option(
+    damping: Damping | None = _option(
         None, "Ridge added to each layer's input Gram matrix in the objective the scales and rounding minimize, as a "
               "fraction of its mean diagonal (GPTQ's damp_percent / 100): steadies them against calibration's "
-              "sampling noise; the reported costs stay the undamped output error. Unset (the default): 0.01 for a "
-              "language model, else 0.")
+              "sampling noise; the reported costs stay the undamped output error. auto: per layer, Ledoit and "
+              "Wolf's shrinkage from how much the Gram matrix varies between calibration samples. Unset (the "
+              "default): 0.01 for a language model, else 0.")
     levels: int = _option(2, "Grid points each weight may round to: 2 (floor or ceiling, the paper), 3 or 4 "
                              "(around its value; at 2 bits, 4 is the whole grid), encoded exactly in the QUBO with "
                              "1-2 binary variables per weight.")
@@ -631,7 +641,9 @@ class QuantizeConfig:
                      f"factor up to {self.rounding.rotate_block})")
         if self.rounding.rotate_convs and self.rounding.rotate != Rotation.NONE:
             text += ", Conv input channels too"
-        if self.rounding.damping:
+        if self.rounding.damping == AUTO:
+            text += "; Gram matrices damped per layer by their calibration samples' spread (Ledoit-Wolf)"
+        elif self.rounding.damping:
             text += f"; Gram matrices damped by {self.rounding.damping:g} of their mean diagonal"
         text += "; embedding tables per row" if self.output.embeddings else ""
         automatic = self.automatic

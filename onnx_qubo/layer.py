@@ -15,10 +15,11 @@ from functools import cached_property
 import numpy as np
 import onnx
 
+from .calibration.spread import shrinkage_damping
 from .core.determinism import one_blas_thread
 from .core.errors import OptionError
 from .core.grid import Granularity, GroupScales, InputQuantizer, Scheme, WeightCodes
-from .core.options import BiasMode, ScaleMethod
+from .core.options import AUTO, BiasMode, Damping, ScaleMethod
 from .core.progress import Progress
 from .core.report import LayerReport
 from .core.types import DenseLayer, InputStatistics, QuantizedBias, QuantizedLayer
@@ -50,18 +51,27 @@ class LayerTerms:
     with_bias: bool  # the bias is the last variable of each neuron
     weight: np.ndarray  # the layer's weight, read once for all the terms
     centered: bool = False  # bias correction follows: the error it leaves, i.e. the moments about the means
-    damping: float = 0.0  # ridge on the weights' diagonal of ``gram``, a fraction of its mean (--damping)
+    damping: Damping = 0.0  # ridge on the weights' diagonal of ``gram``, a fraction of its mean (--damping)
+
+    @cached_property
+    def ridge(self) -> float:
+        """``damping`` as a fraction of the weights' mean diagonal; ``auto``: Ledoit and Wolf's
+        shrinkage of this input's Gram matrix, from its calibration samples' spread."""
+        if self.damping != AUTO:
+            return float(self.damping)
+        f = self.layer.shape[1]
+        return shrinkage_damping(self.statistics.spread, self.output_gram[:f, :f], self.statistics.x_gram)
 
     @cached_property
     def gram(self) -> np.ndarray:
-        """The Gram matrix of the objective: ``output_gram`` with ``damping`` times the mean of the
+        """The Gram matrix of the objective: ``output_gram`` with ``ridge`` times the mean of the
         weights' diagonal added to that diagonal (the bias variable's entry left as it is)."""
         gram = self.output_gram
-        if not self.damping:
+        if not self.ridge:
             return gram
         f = self.layer.shape[1]
         diagonal = np.einsum("ii->i", gram)[:f]
-        ridge = self.damping * float(diagonal.mean())
+        ridge = self.ridge * float(diagonal.mean())
         gram = gram.copy()
         np.einsum("ii->i", gram)[:f] += ridge
         return gram
@@ -223,7 +233,7 @@ class LayerWork:
         n, f = layer.shape
         free = problem.rounding.free  # an energy is O(n f^2): not computed twice for the same rounding
         # the report states the output error, not a damped objective
-        measured = replace(problem, gram=self.terms.output_gram) if self.terms.damping else problem
+        measured = replace(problem, gram=self.terms.output_gram) if self.terms.ridge else problem
         cost = measured.energy(choice)
         cost_rtn, corrected = cost if np.array_equal(rtn & free, choice & free) else measured.energy(rtn), None
         if mean_error is not None:  # the problem is centered: its energy is what the correction leaves
@@ -239,7 +249,8 @@ class LayerWork:
             lower_bound=float(lower_bounds(measured).sum()) if plan.lower_bound else None,
             solve_seconds=seconds + self.search_seconds,
             cost_bias_corrected=corrected,
-            bias=bias_storage)
+            bias=bias_storage,
+            damping=self.terms.ridge)
         return SolvedLayer(plan, self.scales, problem, choice, report, self.bias_scales, bias, self.quantizer, shift,
                            self.terms)
 

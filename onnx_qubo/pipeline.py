@@ -30,7 +30,7 @@ from .config import HEAD_BITS, SMALL_BITS, QuantizeConfig
 from .core import external
 from .core.errors import ModelError, OptionError
 from .core.grid import InputQuantizer
-from .core.options import Activations, RangeMethod
+from .core.options import AUTO, Activations, RangeMethod
 from .core.progress import Progress
 from .core.report import LayerReport
 from .core.types import DenseLayer, InputStatistics, QuantizedLayer, SkippedNode
@@ -118,6 +118,8 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
         notes.append(f"{len(small)} small layer{'s' * (len(small) > 1)} at {SMALL_BITS} bits, "
                      f"{config.weights.small_share * 100:g}% of the weights at most (--small-layers{why}): "
                      f"{', '.join(small)}")
+    if config.rounding.damping == AUTO:
+        notes.append(damping_note(reports))
     if plan.sequential and not any(discovery.fed_by_earlier(model, calibrated.layers)):
         notes.append("sequential calibration changes nothing here: no quantized layer feeds another, so each was "
                      "calibrated once on the float model's inputs")
@@ -159,6 +161,15 @@ def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: lis
     return Quantized(written.model, reports, skipped, portable,
                      [*written.notes, *rounding, *notes, *wider_storage_notes(reports, mixable),
                       *padding_notes(quantized, written.kernels, accuracy_level)])
+
+
+def damping_note(reports: Sequence[LayerReport]) -> str:
+    """What ``--damping auto`` chose: the range of the layers' ridges, and the largest's layer."""
+    ridges = sorted((report.damping, report.name) for report in reports)
+    low, (high, name) = ridges[0][0], ridges[-1]
+    median = ridges[len(ridges) // 2][0]
+    return (f"--damping auto: ridges of {low:.3g} to {high:.3g} of each Gram matrix's mean diagonal (median "
+            f"{median:.3g}; the largest on {name}), from how much each varies between calibration samples")
 
 
 def wider_storage_notes(reports: Sequence[LayerReport], mixable: bool = True) -> list[str]:

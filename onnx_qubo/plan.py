@@ -18,7 +18,7 @@ from .backends.kernels import Format
 from .config import SMALL_BITS, QuantizeConfig
 from .core.errors import OptionError
 from .core.grid import Scheme, level_digits
-from .core.options import Activations, BiasMode, RangeMethod, ScaleMethod
+from .core.options import Activations, BiasMode, Damping, RangeMethod, ScaleMethod
 from .core.types import DenseLayer
 from .rounding import exchange
 from .rounding.solvers import Solver
@@ -37,7 +37,7 @@ class LayerPlan:
     solver: Solver
     seed: int
     levels: int  # grid points each weight may round to (at most the grid's)
-    damping: float  # ridge on the Gram's diagonal in the objective, a fraction of its mean (0: none)
+    damping: Damping  # ridge on the Gram's diagonal in the objective, a fraction of its mean (0: none), or auto
     stem: str  # file-system-safe name of its exchange files
     workers: int  # local processes for its rows (1: in this process)
     ray_address: str | None  # or a Ray cluster

@@ -72,6 +72,19 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_damping_auto_reports_each_layers_ridge_and_a_word_is_refused(model_dir):
+    """--damping auto: the report's notes give the range of the ridges it chose, its layer rows
+    each one's (the calibration file's 40 rows are 40 samples: a spread to measure)."""
+    result = invoke(model_dir / "mlp.onnx", model_dir / "out.onnx", "--bits", "2", "--damping", "auto",
+                    "--report", model_dir / "report.json", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "--damping auto: ridges of" in result.output and "Ledoit-Wolf" in result.output
+    report = json.loads((model_dir / "report.json").read_text())
+    assert all(layer["damping"] > 0 for layer in report["layers"])
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "other.onnx", "--damping", "some"],
+                 "'some' is neither a number nor auto", output_name="other.onnx", status=2)
+
+
 def expect_error(model_dir, args, message, output_name="out.onnx", status=1):
     """One line naming the problem, the exit status of its kind (1 bad input, 2 malformed flag,
     3 a solver's limit), the input untouched and nothing written."""

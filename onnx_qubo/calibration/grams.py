@@ -8,6 +8,10 @@ means are the ``InputStatistics`` the QUBO is built from.
   of 0.8) and unpacked for one layer at a time;
 - ``ConvGram``: a Conv's im2col patches, one Gram matrix per group (patches.PatchGram);
 - ``RecurrentGram``: a recurrent node's gate inputs, one Gram matrix per direction.
+
+Each also measures how much its Gram matrix varies from sample to sample (spread.SampleSpread),
+for ``--damping auto``: a dense view's rows split evenly into the batch's samples (a Conv's
+patches are counted per image).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ..core.errors import ModelError
 from ..core.types import InputStatistics
 from ..core.views import ConvGeometry
 from .patches import ConvStatistics, PatchGram
+from .spread import SampleSpread
 
 
 class UpperTriangle:
@@ -60,12 +65,20 @@ class DenseGram:
         self.dd = np.zeros((f, f)) if with_drift else None
         self.count = 0
         self.averaged = False
+        self.spread = SampleSpread(f)
 
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1) -> None:
+        """Add the vectors of ``samples`` calibration samples (its rows split evenly between
+        them, in order; all one sample's where they do not split evenly)."""
         x = x.reshape(-1, self.f).astype(np.float64)
         x_seen = x if seen is None else seen.reshape(-1, self.f).astype(np.float64)
         z = np.hstack([x_seen, np.ones((len(x), 1))])
-        self.zz.add(z.T @ z)
+        total = np.zeros((self.f + 1, self.f + 1))
+        for rows in np.split(z, samples if samples > 1 and len(z) % samples == 0 else 1):
+            gram = rows.T @ rows  # exactly symmetric (BLAS's syrk), as is their sum
+            total += gram
+            self.spread.add(gram[None, :-1, :-1])
+        self.zz.add(total)
         if self.zd is not None and self.dd is not None:
             d = x - x_seen
             self.zd += z.T @ d
@@ -81,7 +94,8 @@ class DenseGram:
                 if total is not None:
                     total /= n
             self.averaged = True
-        return InputStatistics(self.zz.unpack(), self.count, self.zd, self.dd)
+        spread = float(self.spread.spread()[0])
+        return InputStatistics(self.zz.unpack(), self.count, self.zd, self.dd, spread if np.isfinite(spread) else None)
 
 
 class ConvGram:
@@ -92,9 +106,10 @@ class ConvGram:
         self.name = name
         self.result: ConvStatistics | None = None  # the means, computed once for all groups
 
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
-        """Add a batch; a ModelError naming the Conv when its input does not fit it (a group that
-        does not divide the channels, a kernel larger than the input), as onnxruntime would."""
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1) -> None:
+        """Add a batch (its images are the samples); a ModelError naming the Conv when its input
+        does not fit it (a group that does not divide the channels, a kernel larger than the
+        input), as onnxruntime would."""
         if x.size:  # empty: the If branch holding the Conv did not run on this batch
             problem = self.gram.geometry.input_problem(x.shape)
             if problem is not None:
@@ -116,9 +131,9 @@ class RecurrentGram:
     def __init__(self, f: int, directions: int, with_drift: bool):
         self.grams = [DenseGram(f, with_drift) for _ in range(directions)]
 
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1) -> None:
         for d, gram in enumerate(self.grams):  # x, seen: [directions, rows, f]
-            gram.update(x[d], None if seen is None else seen[d])
+            gram.update(x[d], None if seen is None else seen[d], samples)
 
     def statistics(self, group: int | None = None) -> InputStatistics:
         return self.grams[group or 0].statistics()

@@ -78,9 +78,10 @@ def weights_bytes(model: onnx.ModelProto) -> int:
 
 def statistics_bytes(layer: DenseLayer, drift: bool) -> int:
     """The float64 sums one layer's input statistics take (per group for a grouped Conv), counted
-    in full: a bound (a dense view holds its Gram matrix as the upper triangle, grams.py)."""
+    in full: a bound (a dense view holds its Gram matrix as the upper triangle, grams.py), and the
+    float32 upper triangle of its sample spread (spread.py)."""
     f = layer.shape[1]
-    return 8 * (f + 1) ** 2 * (3 if drift else 1)
+    return 8 * (f + 1) ** 2 * (3 if drift else 1) + 2 * f * (f + 1)
 
 
 def solve_bytes(layer: DenseLayer, levels: int = 2) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..core.types import InputStatistics
 from ..core.views import ConvGeometry
+from .spread import SampleSpread
 
 CHUNK_BYTES = 64 * 2 ** 20  # patches held at once by PatchGram (float64)
 
@@ -99,11 +100,13 @@ class ConvStatistics:
     count: int  # output positions seen (samples x output positions)
     cross: np.ndarray | None = None  # [groups, f+1, f] = E[z d^T], d = p - p~
     drift: np.ndarray | None = None  # [groups, f, f] = E[d d^T]
+    spread: np.ndarray | None = None  # [groups], the images' spread (spread.py; NaN: fewer than two)
 
     def group(self, g: int) -> InputStatistics:
         """Group g's statistics as a dense layer's (calibration.InputStatistics)."""
+        spread = None if self.spread is None or not np.isfinite(self.spread[g]) else float(self.spread[g])
         return InputStatistics(self.gram[g], self.count, None if self.cross is None else self.cross[g],
-                               None if self.drift is None else self.drift[g])
+                               None if self.drift is None else self.drift[g], spread)
 
 
 class PatchGram:
@@ -119,23 +122,31 @@ class PatchGram:
         self._zd = np.zeros((g, f + 1, f)) if with_drift else None
         self._dd = np.zeros((g, f, f)) if with_drift else None
         self.count = 0
+        self.spread = SampleSpread(f, g)
 
     def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
-        """Add a batch ``x [B, C, *spatial]`` of the float model's Conv input; ``seen``: what the
-        quantized layer sees instead (only with ``with_drift``, where it is required)."""
+        """Add a batch ``x [B, C, *spatial]`` of the float model's Conv input, one image at a time
+        (each a sample of the spread); ``seen``: what the quantized layer sees instead (only with
+        ``with_drift``, where it is required)."""
         if (seen is None) != (self._zd is None):
             raise ValueError("'seen' inputs go with with_drift=True, and are required there")
         if not np.isfinite(x).all() or (seen is not None and not np.isfinite(seen).all()):
             raise ValueError("the Conv input holds NaN or Inf")
+        if seen is not None and seen.shape != x.shape:
+            raise ValueError(f"'seen' shape {seen.shape} differs from the input's {x.shape}")
+        for image in range(x.shape[0]):
+            self._update_image(x[image:image + 1], None if seen is None else seen[image:image + 1])
+
+    def _update_image(self, x: np.ndarray, seen: np.ndarray | None) -> None:
         streams = [iter_patches(x, self.geometry, self.max_bytes)]
         if seen is not None:
-            if seen.shape != x.shape:
-                raise ValueError(f"'seen' shape {seen.shape} differs from the input's {x.shape}")
             streams.append(iter_patches(seen, self.geometry, self.max_bytes))
+        f = self.geometry.features
+        image = np.zeros((self.geometry.groups, f, f))
         for blocks in zip(*streams):
             p = blocks[-1]
             sums = p.sum(axis=1)  # [g, f]
-            self._zz[:, :-1, :-1] += np.matmul(p.transpose(0, 2, 1), p)
+            image += np.matmul(p.transpose(0, 2, 1), p)
             self._zz[:, :-1, -1] += sums
             self._zz[:, -1, :-1] += sums
             self._zz[:, -1, -1] += p.shape[1]
@@ -145,6 +156,8 @@ class PatchGram:
                 self._zd[:, -1] += d.sum(axis=1)
                 self._dd += np.matmul(d.transpose(0, 2, 1), d)
             self.count += p.shape[1]
+        self._zz[:, :-1, :-1] += image
+        self.spread.add(image)
 
     def result(self) -> ConvStatistics:
         """The means over all output positions seen so far."""
@@ -152,4 +165,4 @@ class PatchGram:
             raise ValueError("no Conv input was accumulated")
         n = self.count
         return ConvStatistics(self._zz / n, n, None if self._zd is None else self._zd / n,
-                              None if self._dd is None else self._dd / n)
+                              None if self._dd is None else self._dd / n, self.spread.spread())

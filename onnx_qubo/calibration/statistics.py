@@ -114,20 +114,20 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
         streams.append(stream_inputs(expose_outputs(deployed, layers), tensors, dataset,
                                      "the partly quantized model", built=True))
 
-    def update(key: str, *, floats: dict[str, np.ndarray], seen: dict[str, np.ndarray]) -> None:
+    def update(key: str, *, floats: dict[str, np.ndarray], seen: dict[str, np.ndarray], samples: int) -> None:
         layer = views[key]
         name = layer.input_name
         x_seen = None
         if mismatch:
             x_seen = layer.view.vectors(seen[name] if name not in quantizers else
                                         quantizers[name].fake_quantize(seen[name]), seen)
-        sums[key].update(layer.view.vectors(floats[name], floats), x_seen)
+        sums[key].update(layer.view.vectors(floats[name], floats), x_seen, samples)
 
     # each view's sums on one thread at a time, in batch order: the same bits for any thread count
     with progress.bar(dataset.num_samples, "calibrating") as bar:
         for pieces in zip(*streams):
             (samples, floats), (_, seen) = pieces[0], pieces[-1]
-            map_threads(partial(update, floats=floats, seen=seen), views)
+            map_threads(partial(update, floats=floats, seen=seen, samples=samples), views)
             bar.update(samples)
     return ViewSums({layer.statistics_key: (sums[layer.source_key], layer.group) for layer in layers})
 

@@ -7,6 +7,7 @@ config.py declares the options with these; errors name options by their API spel
 from __future__ import annotations
 
 import numbers
+from typing import Literal, Union
 
 from .choice import Choice
 from .errors import OptionError
@@ -26,6 +27,10 @@ class Rotation(Choice):
     NONE = "none"
     HADAMARD = "hadamard"  # random signs, then a Hadamard transform per block of inputs (rotation.py)
     WHOLE = "whole"  # random signs, then one Hadamard transform of the whole input width where one is at hand
+
+
+AUTO: Literal["auto"] = "auto"
+Damping = Union[float, Literal["auto"]]  # --damping: a fraction of the mean diagonal, or auto (calibration/spread.py)
 
 
 class BiasMode(Choice):

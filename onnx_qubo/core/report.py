@@ -28,6 +28,7 @@ class LayerReport:
     kernel: str = "DequantizeLinear"  # what runs it: DequantizeLinear (portable), MatMulNBits...
     kernel_fallback: str | None = None  # format ort: why the layer kept the portable form
     kernel_bits: int | None = None  # bits per code in the kernel's weights (MatMulNBits: 2, 4 or 8)
+    damping: float = 0.0  # its objective's ridge, a share of the mean diagonal (--damping; a Conv: its groups' most)
 
     @property
     def final_cost(self) -> float:

@@ -80,7 +80,7 @@ class RowsOf:
 class Accumulator(Protocol):
     """Running sums of one input view's vectors over the calibration batches (grams.py)."""
 
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None: ...
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1) -> None: ...
 
     def statistics(self, group: int | None) -> InputStatistics: ...
 
@@ -208,6 +208,7 @@ class InputStatistics:
     count: int  # number of input vectors (rows after flattening leading axes)
     cross: np.ndarray | None = None  # [f+1, f] = E[z d^T], d = x - x~ (None: x~ = x)
     drift: np.ndarray | None = None  # [f, f] = E[d d^T]
+    spread: float | None = None  # the sample Grams' spread (calibration/spread.py; None: one sample)
 
     @property
     def x_gram(self) -> np.ndarray:

@@ -62,6 +62,7 @@ def merge_reports(layers: list[DenseLayer], reports: list[LayerReport]) -> list[
                 lower_bound=None if last.lower_bound is None or report.lower_bound is None
                 else last.lower_bound + report.lower_bound,
                 solve_seconds=last.solve_seconds + report.solve_seconds,
+                damping=max(last.damping, report.damping),
                 cost_bias_corrected=None if last.cost_bias_corrected is None or report.cost_bias_corrected is None
                 else last.cost_bias_corrected + report.cost_bias_corrected)
         else:

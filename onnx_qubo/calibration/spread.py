@@ -1,0 +1,87 @@
+"""How far an input's Gram matrix would move with other calibration samples, and the damping
+``--damping auto`` takes from it (Ledoit and Wolf's shrinkage intensity, per layer).
+
+The QUBO's rounding is exact on the calibration samples' Gram matrix G, so where G is a poor
+estimate (few samples for its width: a classifier head seeing one row per sample, a projection
+whose inputs differ most from sample to sample) it also fits their noise. Each sample t (one
+image's patches, one sequence's tokens) has its own Gram matrix G_t; scaled to trace 1 (a
+sample's overall level does not change which rounding is best, only the shape of G_t does), their
+spread ``sum_t ||G_t - mean||_F^2 / T^2`` estimates the squared error of the T-sample mean. Ledoit
+and Wolf shrink G toward the identity (times its mean diagonal) by ``delta = spread / ||G - mean
+diag I||_F^2``, both in trace-1 units: the ridge ``delta / (1 - delta)`` of the mean diagonal.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+MIN_SAMPLES = 2  # a spread needs two samples
+MAX_SHRINKAGE = 0.9  # delta's cap: a ridge of at most 9 times the mean diagonal
+
+
+@lru_cache(maxsize=8)
+def _upper(f: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(f)
+
+
+class SampleSpread:
+    """Per group of a view (one for a dense input, a Conv's groups), over the samples added so
+    far: the sum of the trace-1 sample Gram matrices (upper triangles, float32: an estimate of
+    noise needs no more) and of their squared Frobenius norms; a sample whose inputs are all zero
+    in a group is not counted there."""
+
+    def __init__(self, f: int, groups: int = 1):
+        self.f = f
+        self.samples = np.zeros(groups, dtype=np.int64)
+        self.squares = np.zeros(groups)
+        self.total: np.ndarray | None = np.zeros((groups, f * (f + 1) // 2), dtype=np.float32)
+        self.result: np.ndarray | None = None
+
+    def add(self, grams: np.ndarray) -> None:
+        """One sample's Gram matrices ``[groups, f, f]`` (sums over its rows, at any scale)."""
+        if self.total is None:
+            raise ValueError("the spread was already computed: no sample can be added")
+        traces = np.einsum("gii->g", grams)
+        counted = traces > 0
+        unit = grams / np.where(counted, traces, 1.0)[:, None, None]
+        self.squares += np.where(counted, np.einsum("gij,gij->g", unit, unit), 0.0)
+        rows, cols = _upper(self.f)
+        self.total += np.where(counted[:, None], unit[:, rows, cols], 0.0).astype(np.float32)
+        self.samples += counted
+
+    def spread(self) -> np.ndarray:
+        """Per group, ``sum_t ||G_t - mean||_F^2 / T^2`` of the trace-1 sample Grams (NaN under
+        MIN_SAMPLES samples); computed once, when the sums are freed (no sample is added after)."""
+        if self.result is not None:
+            return self.result
+        if self.total is None:
+            raise ValueError("no sums to measure")
+        rows, cols = _upper(self.f)
+        samples = np.maximum(self.samples, 1)
+        mean = self.total.astype(np.float64) / samples[:, None]
+        mean_square = 2 * np.einsum("gk,gk->g", mean, mean) - np.einsum("gk,gk->g", *(mean[:, rows == cols],) * 2)
+        spread = np.maximum(self.squares / samples - mean_square, 0.0) / samples
+        self.total = None
+        self.result = np.where(self.samples >= MIN_SAMPLES, spread, np.nan)
+        return self.result
+
+
+def shrinkage_damping(spread: float | None, objective: np.ndarray, x_gram: np.ndarray) -> float:
+    """The ridge, as a fraction of ``objective``'s mean diagonal, that shrinks it by Ledoit and
+    Wolf's intensity: ``spread`` (trace-1 units of the samples' ``x_gram``) over the squared
+    distance of ``objective`` (the weights' block of the Gram the rounding minimizes, centered
+    where a bias correction follows: the same sample noise, another trace) from its mean diagonal
+    times the identity. 0 without a spread (one sample)."""
+    if spread is None or not np.isfinite(spread) or spread <= 0:
+        return 0.0
+    f = objective.shape[0]
+    trace = float(np.trace(objective))
+    if trace <= 0:
+        return 0.0
+    unit = objective / trace
+    distance = float(np.einsum("ij,ij->", unit, unit)) - 1.0 / f  # ||unit - I/f||_F^2
+    noise = spread * (float(np.trace(x_gram)) / trace) ** 2  # the same noise in the objective's trace-1 units
+    delta = MAX_SHRINKAGE if distance <= 0 else min(MAX_SHRINKAGE, noise / distance)
+    return delta / (1.0 - delta)
