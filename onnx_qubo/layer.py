@@ -60,7 +60,7 @@ class LayerTerms:
         if self.damping != AUTO:
             return float(self.damping)
         f = self.layer.shape[1]
-        return shrinkage_damping(self.statistics.spread, self.output_gram[:f, :f], self.statistics.x_gram)
+        return shrinkage_damping(self.statistics.spread, self.output_gram[:f, :f])
 
     @cached_property
     def gram(self) -> np.ndarray:

@@ -91,17 +91,17 @@ def test_a_sample_of_zeros_is_not_counted():
 
 
 def test_the_shrinkage_is_ledoit_and_wolfs_intensity_as_a_ridge():
-    """delta = spread / ||G/tr G - I/f||^2 (the noise moved to the objective's own trace), the
-    ridge delta / (1 - delta) of the mean diagonal; none without a spread, capped near 1."""
+    """delta = spread / ||G/tr G - I/f||^2, the ridge delta / (1 - delta) of the mean diagonal;
+    none without a spread, capped near 1."""
     rng = np.random.default_rng(3)
     a = rng.standard_normal((6, 6))
-    x_gram = a @ a.T + np.eye(6)
-    objective = x_gram - 0.5 * np.outer(x_gram[0], x_gram[0]) / x_gram[0, 0]  # centered: a smaller trace
+    objective = a @ a.T + np.eye(6)
     unit = objective / np.trace(objective)
-    delta = 1e-3 * (np.trace(x_gram) / np.trace(objective)) ** 2 / ((unit - np.eye(6) / 6) ** 2).sum()
-    assert shrinkage_damping(1e-3, objective, x_gram) == pytest.approx(delta / (1 - delta), rel=1e-12)
-    assert shrinkage_damping(None, objective, x_gram) == 0.0
-    assert shrinkage_damping(1e6, objective, x_gram) == pytest.approx(MAX_SHRINKAGE / (1 - MAX_SHRINKAGE))
+    delta = 1e-3 / ((unit - np.eye(6) / 6) ** 2).sum()
+    assert shrinkage_damping(1e-3, objective) == pytest.approx(delta / (1 - delta), rel=1e-12)
+    assert shrinkage_damping(1e-3, 7 * objective) == pytest.approx(delta / (1 - delta), rel=1e-12)
+    assert shrinkage_damping(None, objective) == 0.0
+    assert shrinkage_damping(1e6, objective) == pytest.approx(MAX_SHRINKAGE / (1 - MAX_SHRINKAGE))
 
 
 def held_out_cost(damping: object, x: np.ndarray, unseen: np.ndarray, samples: int) -> tuple[float, float]:
