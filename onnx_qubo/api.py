@@ -20,7 +20,7 @@ from .config import HEAD_BITS, QuantizeConfig
 from .core.choice import parse_choice
 from .core.errors import OptionError, OutputError
 from .core.external import materialize
-from .core.options import Rotation, ScaleMethod, check_bits, check_integer
+from .core.options import AUTO, Rotation, ScaleMethod, check_bits, check_integer
 from .core.progress import Progress
 from .core.report import Report
 from .evaluation.perplexity import check_tokens, evaluate_language_model, first_run, language_model
@@ -133,7 +133,9 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
     model the Gram matrices damped by 1%, and with float32 weights below ``HEAD_BITS`` bits inputs
     rotated (a Hadamard transform of the whole width) and scales refitted (fit), each unless given
     (measured on SmolLM2-135M, blocks of 32: docs/llm.md), and no ``--small-layers`` (its k/v
-    projections would qualify at 5%; not measured); elsewhere none of these."""
+    projections would qualify at 5%; not measured); elsewhere none of these, but below
+    ``HEAD_BITS`` bits each Gram matrix damped by its own samples' spread (``--damping auto``:
+    measured on the real-model benchmark's models, docs/results.md, "Automatic damping")."""
     changes: dict[str, object] = {}
     is_lm = language_model(model) is not None
     if config.output.ort_accuracy_level is None:
@@ -152,7 +154,7 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
     if rounding.scale == ScaleMethod.AUTO:
         changes["scale"] = ScaleMethod.FIT if low_bits else ScaleMethod.MSE
     if rounding.damping is None:
-        changes["damping"] = LM_DAMPING if is_lm else 0.0
+        changes["damping"] = LM_DAMPING if is_lm else AUTO if config.weights.bits < HEAD_BITS else 0.0
     if is_lm and config.weights.small_layers is None:  # measured on Conv networks, not on language models
         changes["small_layers"] = 0.0
     return config.updated(**changes) if changes else config

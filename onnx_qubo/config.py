@@ -293,7 +293,7 @@ class RoundingConfig(_Section):
               "fraction of its mean diagonal (GPTQ's damp_percent / 100): steadies them against calibration's "
               "sampling noise; the reported costs stay the undamped output error. auto: per layer, Ledoit and "
               "Wolf's shrinkage from how much the Gram matrix varies between calibration samples. Unset (the "
-              "default): 0.01 for a language model, else 0.")
+              "default): 0.01 for a language model; auto below 4 bits for other models, else 0.")
     levels: int = _option(2, "Grid points each weight may round to: 2 (floor or ceiling, the paper), 3 or 4 "
                              "(around its value; at 2 bits, 4 is the whole grid), encoded exactly in the QUBO with "
                              "1-2 binary variables per weight.")

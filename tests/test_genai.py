@@ -344,9 +344,10 @@ def test_format_ort_defaults_to_accuracy_level_4_for_a_language_model_only(tmp_p
 
 @pytest.mark.slow
 def test_a_float32_language_model_below_4_bits_gets_the_low_bit_recipe_by_default():
-    """damping auto: 0.01 for a language model; rotate and scale auto: whole and fit for one with
-    float32 weights below 4 bits (docs/llm.md measured them on SmolLM2-135M); else 0, none and mse;
-    each explicit option wins alone; a half-precision model is not rotated (and not refused)."""
+    """damping unset: 0.01 for a language model; rotate and scale auto: whole and fit for one with
+    float32 weights below 4 bits (docs/llm.md measured them on SmolLM2-135M); else none and mse, and
+    damping auto below 4 bits, 0 at 4; each explicit option wins alone; a half-precision model is
+    not rotated (and not refused)."""
     from onnx_qubo.api import quantize
     from onnx_qubo.config import QuantizeConfig
 
@@ -360,7 +361,8 @@ def test_a_float32_language_model_below_4_bits_gets_the_low_bit_recipe_by_defaul
              (str(MODEL), None, {"bits": 2, "scale": "mse", "damping": 0}, ("whole", "mse", 0.0)),
              (str(MODEL), None, {"bits": 2, "rotate": "hadamard"}, ("hadamard", "fit", 0.01)),
              (str(HALF / "model.onnx"), half, {"bits": 2}, ("none", "mse", 0.01)),
-             (mlp_model(widths=(8, 16)), {"x": x}, {"bits": 2}, ("none", "mse", 0.0))]
+             (mlp_model(widths=(8, 16)), {"x": x}, {"bits": 2}, ("none", "mse", "auto")),
+             (mlp_model(widths=(8, 16)), {"x": x}, {"bits": 4}, ("none", "mse", 0.0))]
     for model, data, options, expected in cases:
         config = QuantizeConfig.from_flat({"solver": "rtn", **options})
         result = quantize(model, config, data)
@@ -368,6 +370,7 @@ def test_a_float32_language_model_below_4_bits_gets_the_low_bit_recipe_by_defaul
         assert (str(rounding.rotate), str(rounding.scale), rounding.damping) == expected, options
         rotation, scale, damping = expected
         assert result.report.scale == scale and ("inputs rotated" in result.report.scheme) == (rotation != "none")
-        assert ("damped by 0.01" in result.report.scheme) == bool(damping)
+        assert ("damped by 0.01" in result.report.scheme) == (damping == 0.01)
+        assert ("damped per layer" in result.report.scheme) == (damping == "auto")
         online = [node for node in result.model.graph.node if "rotated" in node.name]
         assert bool(online) == (rotation != "none")
