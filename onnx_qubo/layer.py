@@ -26,7 +26,7 @@ from .core.types import DenseLayer, InputStatistics, QuantizedBias, QuantizedLay
 from .plan import LayerPlan
 from .rounding import workers
 from .rounding.bounds import lower_bounds
-from .rounding.qubo import LayerProblem, build_problem
+from .rounding.qubo import LayerProblem, build_problem, repeated_gram
 from .rounding.scales import (
     QUBO_CANDIDATES,
     candidate_scales,
@@ -233,7 +233,8 @@ class LayerWork:
         n, f = layer.shape
         free = problem.rounding.free  # an energy is O(n f^2): not computed twice for the same rounding
         # the report states the output error, not a damped objective
-        measured = replace(problem, gram=self.terms.output_gram) if self.terms.ridge else problem
+        measured = (replace(problem, gram=repeated_gram(self.terms.output_gram, len(problem.rounding.digits)))
+                    if self.terms.ridge else problem)
         cost = measured.energy(choice)
         cost_rtn, corrected = cost if np.array_equal(rtn & free, choice & free) else measured.energy(rtn), None
         if mean_error is not None:  # the problem is centered: its energy is what the correction leaves

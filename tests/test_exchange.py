@@ -44,7 +44,8 @@ def test_dumped_problems_reproduce_the_reported_costs(tmp_path):
 
 @pytest.mark.slow
 def test_loaded_solutions_are_used_as_given(tmp_path):
-    runs.quantize(mlp_model(), tmp_path / "q.onnx", calibration={"x": X}, dump_qubo=tmp_path / "d")
+    # damping 0 (auto at 2 bits): the report's cost is then the dumped energy (see the test above)
+    runs.quantize(mlp_model(), tmp_path / "q.onnx", calibration={"x": X}, dump_qubo=tmp_path / "d", damping=0)
     index = json.loads((tmp_path / "d" / "index.json").read_text())
     expected = {}
     for entry in index:  # an "external" solver: the exact one, on the dumped files only
@@ -54,7 +55,7 @@ def test_loaded_solutions_are_used_as_given(tmp_path):
         expected[entry["layer"]] = (problem.energy(choice), problem.integers(choice))
 
     report = runs.quantize(mlp_model(), tmp_path / "q2.onnx", calibration={"x": X},
-                                load_solution=tmp_path / "d")
+                                load_solution=tmp_path / "d", damping=0)
     assert report.solver == "loaded"
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q2.onnx").graph.initializer}
     for layer, weight in zip(report.layers, ("W0", "W1")):
@@ -93,7 +94,8 @@ def test_bad_solutions_are_refused(tmp_path):
 @pytest.mark.slow
 def test_dumped_problems_carry_bias_variables_and_input_quantization(tmp_path):
     report = runs.quantize(mlp_model(), tmp_path / "q.onnx", calibration={"x": X}, bias="quantize",
-                                activations="uint8", granularity="block", block_size=4, dump_qubo=tmp_path / "dump")
+                                activations="uint8", granularity="block", block_size=4, dump_qubo=tmp_path / "dump",
+                                damping=0)  # the dumped energy is the reported cost (see above)
     index = json.loads((tmp_path / "dump" / "index.json").read_text())
     for entry, layer in zip(index, report.layers):
         assert entry["variables"] == entry["f_in"] + 1  # the bias is the last variable

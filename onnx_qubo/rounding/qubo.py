@@ -112,6 +112,12 @@ class LayerProblem:
         return NeuronQubo(quadratic, linear, constant, variables)
 
 
+def repeated_gram(gram: np.ndarray, variables: int) -> np.ndarray:
+    """A Gram matrix over weights as the QUBO's over their ``variables`` binary variables each
+    (``--levels`` above 2: the inputs repeated once per variable)."""
+    return gram if variables == 1 else np.kron(gram, np.ones((variables, variables), dtype=gram.dtype))
+
+
 def build_problem(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int, gain,
                   grid: IntegerGrid, gram: np.ndarray, cross: np.ndarray | None = None,
                   offset: np.ndarray | None = None, levels: int = 2) -> LayerProblem:
@@ -127,7 +133,7 @@ def build_problem(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray 
     digits = rounding.digits
     if len(digits) > 1:  # the inputs repeated once per variable of a weight (see the module's docstring)
         step = (np.broadcast_to(step, (n, m))[:, :, None] * np.asarray(digits, dtype=float)).reshape(n, -1)
-        gram = np.kron(gram, np.ones((len(digits), len(digits)), dtype=gram.dtype))
+        gram = repeated_gram(gram, len(digits))
         cross = None if cross is None else np.repeat(cross, len(digits), axis=1)
     variables = rounding.frac.shape[1]
     return LayerProblem(gram, step, rounding,
