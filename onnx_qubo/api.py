@@ -16,11 +16,11 @@ from .autoscheme import quantize_auto
 from .backends.kernels import Format, auto_accuracy_level
 from .calibration.data import Dataset, load_dataset
 from .calibration.memory import return_freed_memory
-from .config import HEAD_BITS, QuantizeConfig
+from .config import HEAD_BITS, QuantizeConfig, default_damping
 from .core.choice import parse_choice
 from .core.errors import OptionError, OutputError
 from .core.external import materialize
-from .core.options import AUTO, Rotation, ScaleMethod, check_bits, check_integer
+from .core.options import Rotation, ScaleMethod, check_bits, check_integer
 from .core.progress import Progress
 from .core.report import Report
 from .evaluation.perplexity import check_tokens, evaluate_language_model, first_run, language_model
@@ -42,7 +42,7 @@ from .pipeline import calibrate, prepare, quantize_model
 from .plan import make_plan
 from .rounding import workers as distributed
 from .rounding.solvers import SOLVERS
-from .studies.compare import Comparison
+from .studies.compare import Comparison, study_damping
 from .studies.compare import compare as run_comparison
 from .studies.contribution import Sensitivity, measure
 
@@ -124,9 +124,6 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
                   started)
 
 
-LM_DAMPING = 0.01  # --damping's value for a language model (GPTQ's damp_percent 1)
-
-
 def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
     """``config`` with its ``auto`` options made concrete for ``model``: the accuracy level
     (backends.kernels.auto_accuracy_level; 0 where no MatMulNBits is written); for a language
@@ -154,7 +151,7 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
     if rounding.scale == ScaleMethod.AUTO:
         changes["scale"] = ScaleMethod.FIT if low_bits else ScaleMethod.MSE
     if rounding.damping is None:
-        changes["damping"] = LM_DAMPING if is_lm else AUTO if config.weights.bits < HEAD_BITS else 0.0
+        changes["damping"] = default_damping(is_lm, config.weights.bits)
     if is_lm and config.weights.small_layers is None:  # measured on Conv networks, not on language models
         changes["small_layers"] = 0.0
     return config.updated(**changes) if changes else config
@@ -296,6 +293,7 @@ def sensitivity(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any 
                                        activation_range=activation_range, exclude=tuple(exclude))
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
+    options = options.updated(damping=study_damping(float_model, options.weights.bits))
     bar = Progress(enabled=progress)
     started = time.perf_counter()
     calibrated = calibrate(float_model, calib_data, bar, options.automatic.exclude, options.activations.dtype,

@@ -317,7 +317,8 @@ def _name_list(choices):
 def compare(model, calib, eval_path, bits_list, scales, solvers, samples, json_path, markdown_path, plots_dir, seed,
             batch_size, quiet, **given):
     """Quantize MODEL at several bit widths, scales and solvers (one scheme); print a comparison table.
-    No rotation or damping (a language model's quantize defaults) here."""
+    No rotation (a language model's quantize default) here; damping as quantize damps a model other than a
+    language model (auto below 4 bits), none for a language model."""
     scheme = _scheme(given)
     with failures_as_exit():
         for name, path in (("--json", json_path), ("--markdown", markdown_path)):
@@ -360,7 +361,8 @@ def compare(model, calib, eval_path, bits_list, scales, solvers, samples, json_p
 def sensitivity(model, calib, eval_path, bits, scale, solver, exclude, json_path, seed, batch_size, quiet, **given):
     """Each layer's contribution: MODEL's output error with only that layer quantized (one onnxruntime run
     of the evaluation data per layer), largest first; for --exclude / --layer-bits, or see --size-budget.
-    --scale auto is mse here, with no rotation and no damping (a language model's quantize defaults differ)."""
+    --scale auto is mse here, with no rotation (a language model's quantize default); damping as quantize damps a
+    model other than a language model (auto below 4 bits), none for a language model."""
     if given.pop("sequential"):
         raise click.UsageError("--sequential does not apply: each layer is measured alone on the float model")
     scheme = _scheme(given)

@@ -153,6 +153,14 @@ def _check_damping(value: object, option: str) -> Damping:
     return _check_fraction(value, option)
 
 
+def default_damping(language_model: bool, bits: int) -> Damping:
+    """``--damping`` unset: 0.01 for a language model (measured on SmolLM2-135M: docs/llm.md), ``auto``
+    below HEAD_BITS bits for other models (docs/results.md, "Automatic damping"), else none."""
+    if language_model:
+        return LM_DAMPING
+    return AUTO if bits < HEAD_BITS else 0.0
+
+
 def _check_names(value: object, option: str) -> tuple[str, ...]:
     if isinstance(value, str) or not all(isinstance(v, str) for v in value):  # type: ignore[attr-defined]
         raise OptionError(f"{{{option}}} must be a list of layer names, got {value!r}", option)
@@ -168,6 +176,7 @@ def _check_layer_bits(value: object, option: str) -> dict[str, int]:
 HEAD_BITS = 4  # the output layers' width below it, unless --head-bits says otherwise
 SMALL_BITS = 8  # the width --small-layers keeps layers at
 SMALL_SHARE = 0.05  # --small-layers below HEAD_BITS bits, unless given
+LM_DAMPING = 0.01  # --damping's value for a language model (GPTQ's damp_percent 1)
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,11 @@ class SolvedLayer:
     bias_shift: np.ndarray | None = None
     terms: LayerTerms | None = None  # what a float bias correction of another rounding needs
 
+    def output_cost(self, choice: np.ndarray) -> float:
+        """What the report states for another ``choice`` on the same problem: its output error
+        (after a bias correction, the error the correction leaves), without a damped objective's ridge."""
+        return (self.problem if self.terms is None else output_problem(self.problem, self.terms)).energy(choice)
+
     def quantized(self, choice: np.ndarray | None = None) -> QuantizedLayer:
         """The integer weights of this rounding (or of another ``choice`` on the same problem,
         with its own float bias correction where this one has one)."""
@@ -179,6 +184,13 @@ class SolvedLayer:
                                  int(self.bias_scales.zero_point[0, 0]), scheme.grid.storage[0])
         return QuantizedLayer(self.plan.layer, WeightCodes(compact(integers[:, :f]), self.scales, scheme), bias,
                               self.input_quantizer, shift)
+
+
+def output_problem(problem: LayerProblem, terms: LayerTerms) -> LayerProblem:
+    """``problem`` on the output error's Gram matrix: itself, or without its ridge (``--damping``)."""
+    if not terms.ridge:
+        return problem
+    return replace(problem, gram=repeated_gram(terms.output_gram, len(problem.rounding.digits)))
 
 
 def compact(codes: np.ndarray) -> np.ndarray:
@@ -233,8 +245,7 @@ class LayerWork:
         n, f = layer.shape
         free = problem.rounding.free  # an energy is O(n f^2): not computed twice for the same rounding
         # the report states the output error, not a damped objective
-        measured = (replace(problem, gram=repeated_gram(self.terms.output_gram, len(problem.rounding.digits)))
-                    if self.terms.ridge else problem)
+        measured = output_problem(problem, self.terms)
         cost = measured.energy(choice)
         cost_rtn, corrected = cost if np.array_equal(rtn & free, choice & free) else measured.energy(rtn), None
         if mean_error is not None:  # the problem is centered: its energy is what the correction leaves

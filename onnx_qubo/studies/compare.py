@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from ..config import QuantizeConfig
-from ..core.options import ScaleMethod
+from ..config import QuantizeConfig, default_damping
+from ..core.options import Damping, ScaleMethod
 from ..core.progress import Progress
+from ..evaluation.perplexity import language_model
 from ..evaluation.verify import Reference, evaluate
 from ..layer import SolvedLayer
 from ..model.groups import merge_groups
@@ -92,6 +93,12 @@ class Comparison:
         return "\n".join(lines)
 
 
+def study_damping(model: onnx.ModelProto, bits: int) -> Damping:
+    """The studies' ``--damping``: quantize's default for a model other than a language model (so
+    they measure the integers it writes), none for a language model (as its other defaults)."""
+    return 0.0 if language_model(model) is not None else default_damping(False, bits)
+
+
 def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], scales: list[ScaleMethod],
             solvers: list[str], samples: int, seed: int, progress: Progress,
             model_name: str, scheme: QuantizeConfig) -> Comparison:
@@ -118,7 +125,8 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
         for scale in scales:
             for solver in solvers:
                 start = time.perf_counter()
-                options = scheme.updated(bits=bits, scale=scale, solver=solver, seed=seed, lower_bound=False)
+                options = scheme.updated(bits=bits, scale=scale, solver=solver, seed=seed, lower_bound=False,
+                                         damping=study_damping(calibrated.model, bits))
                 solved = list(solve_layers(calibrated, make_plan(options, calibrated.layers), progress))
                 model = rewrite(calibrated.model, merge_groups([s.quantized() for s in solved])).model
                 accuracy = score(model)
@@ -142,7 +150,7 @@ def _cost_accuracy_samples(model, solved: list[SolvedLayer], bits, count, seed, 
         for s in solved:
             flips = s.problem.rounding.free & (rng.random(s.problem.shape) < rate)
             choice = s.choice ^ flips
-            cost += s.problem.energy(choice)
+            cost += s.output_cost(choice)
             quantized.append(s.quantized(choice))
         out.append(CostSample(bits, rate, cost, score(rewrite(model, merge_groups(quantized)).model)))
     return out
