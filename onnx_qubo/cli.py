@@ -159,8 +159,10 @@ def config_option(name: str, default: object = None):
 
 
 def _damping(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
-    if value is None or value.strip().lower() == "auto":
-        return value and "auto"
+    if value is None:
+        return None  # unset: per model (api._resolved)
+    if value.strip().lower() == "auto":
+        return "auto"
     try:
         return float(value)
     except ValueError:

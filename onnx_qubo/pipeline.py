@@ -95,6 +95,8 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
     small = small_layers(config, calibrated.layers, heads)
     plan = make_plan(config, calibrated.layers, heads, small)
     integers, reports = solve_all(calibrated, plan, progress, release=True)  # each layer solved once
+    if config.rounding.damping == AUTO:  # the layers' ridges (the tables below have none)
+        notes.append(damping_note(reports))
     memory.return_freed_memory()  # the solves' arrays, before the rewrite's copies
     if config.output.embeddings:  # no statistics needed: each lookup reads one row exactly (forms/gather.py)
         found, table_skips = find_tables(model)
@@ -118,8 +120,6 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
         notes.append(f"{len(small)} small layer{'s' * (len(small) > 1)} at {SMALL_BITS} bits, "
                      f"{config.weights.small_share * 100:g}% of the weights at most (--small-layers{why}): "
                      f"{', '.join(small)}")
-    if config.rounding.damping == AUTO:
-        notes.append(damping_note(reports))
     if plan.sequential and not any(discovery.fed_by_earlier(model, calibrated.layers)):
         notes.append("sequential calibration changes nothing here: no quantized layer feeds another, so each was "
                      "calibrated once on the float model's inputs")

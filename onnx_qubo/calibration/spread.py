@@ -68,7 +68,8 @@ class SampleSpread:
         rows, cols = _upper(self.f)
         samples = np.maximum(self.samples, 1)
         mean = self.total.astype(np.float64) / samples[:, None]
-        mean_square = 2 * np.einsum("gk,gk->g", mean, mean) - np.einsum("gk,gk->g", *(mean[:, rows == cols],) * 2)
+        diagonal = mean[:, rows == cols]  # the triangle holds each off-diagonal entry once
+        mean_square = 2 * np.einsum("gk,gk->g", mean, mean) - np.einsum("gk,gk->g", diagonal, diagonal)
         spread = np.maximum(self.squares / samples - mean_square, 0.0) / samples
         self.total = None
         self.result = np.where(self.samples >= MIN_SAMPLES, spread, np.nan)
