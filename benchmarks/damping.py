@@ -14,47 +14,29 @@ its scale). All from this one invocation.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
+from layer_halves import QUIET, arguments, held_out_problem, planned
 
-from onnx_qubo.api import _dataset, _resolved, load_model, prepare
-from onnx_qubo.config import QuantizeConfig
-from onnx_qubo.core.progress import Progress
 from onnx_qubo.core.types import InputStatistics
 from onnx_qubo.layer import LayerTerms, LayerWork, prepare_layer
-from onnx_qubo.pipeline import calibrate
-from onnx_qubo.plan import make_plan
 from onnx_qubo.rounding.qubo import LayerProblem
-
-QUIET = Progress()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path)
-    parser.add_argument("calib", type=Path)
-    parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--block-size", type=int, default=32)
+    parser = arguments(__doc__)
     parser.add_argument("--dampings", default="0,0.01,auto")
     args = parser.parse_args()
     dampings: list[float | str] = [d if d == "auto" else float(d) for d in args.dampings.split(",")]
-    model = prepare(load_model(args.model))
-    config = _resolved(QuantizeConfig.from_flat(bits=args.bits, block_size=args.block_size, small_layers=0.0,
-                                                sequential=False, damping=0.0), model)
-    arrays = dict(np.load(args.calib))
-    half = len(next(iter(arrays.values()))) // 2
-    seen, unseen = [calibrate(model, _dataset(model, args.model, part, ".calib.npz", 64), QUIET)
-                    for part in ({k: v[:half] for k, v in arrays.items()}, {k: v[half:] for k, v in arrays.items()})]
-    plan = make_plan(config, seen.layers)
+    plan, (seen, unseen) = planned(args, halves=True)
+    samples = [part.dataset.num_samples for part in (seen, unseen)]
     print(f"# Damping held out: {args.model.name}, {args.bits} bits, blocks of {args.block_size}\n")
     print(f"Command: `python benchmarks/damping.py {args.model.name} {args.calib.name} --bits {args.bits} "
-          f"--block-size {args.block_size} --dampings {args.dampings}`; {half} samples seen, "
-          f"{len(next(iter(arrays.values()))) - half} unseen; {platform.processor() or platform.machine()}, "
+          f"--block-size {args.block_size} --dampings {args.dampings}`; {samples[0]} samples seen, "
+          f"{samples[1]} unseen; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, load average {'/'.join(f'{v:.1f}' for v in os.getloadavg())} at the start.\n")
     names = [f"--damping {d}" for d in dampings]
     print("| layer | n x f | auto's ridge | " + " | ".join(f"{name}: seen / unseen" for name in names) + " | "
@@ -70,9 +52,7 @@ def main() -> None:
         for k, damping in enumerate(dampings):
             work = prepare_layer(replace(layer_plan, damping=damping), seen.statistics[key], None)
             choice = work.solve(QUIET)
-            held = LayerTerms(layer, unseen.statistics[key], work.plan.bias_is_variable, layer.weight,
-                              centered=work.plan.bias_correction).problem(work.plan.scheme, work.scales,
-                                                                         work.bias_scales, work.plan.levels)
+            held = held_out_problem(work, unseen.statistics[key])
             cost_seen = work.finish(choice, 0.0).report.final_cost
             costs[k].append(held.energy(choice) + _mean_square(held, work, choice, unseen.statistics[key]))
             cells.append(f"{cost_seen:.4g} / {costs[k][-1]:.4g}")

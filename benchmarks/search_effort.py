@@ -17,45 +17,23 @@ samples it did not see.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
-from pathlib import Path
 
-import numpy as np
+from layer_halves import QUIET, arguments, held_out_problem, planned
 
-from onnx_qubo.api import _dataset, _resolved, load_model, prepare
-from onnx_qubo.config import QuantizeConfig
-from onnx_qubo.core.progress import Progress
-from onnx_qubo.layer import LayerTerms, prepare_layer
-from onnx_qubo.pipeline import calibrate
-from onnx_qubo.plan import make_plan
+from onnx_qubo.layer import prepare_layer
 from onnx_qubo.rounding.solvers import FastSolver
-
-QUIET = Progress()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path)
-    parser.add_argument("calib", type=Path)
-    parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--block-size", type=int, default=32)
+    parser = arguments(__doc__)
     parser.add_argument("--efforts", default="1,4,8,16")
     parser.add_argument("--held-out", action="store_true", help="also the costs on the second half of the samples")
     args = parser.parse_args()
     efforts = [int(e) for e in args.efforts.split(",")]
-    model = prepare(load_model(args.model))
-    config = _resolved(QuantizeConfig.from_flat(bits=args.bits, block_size=args.block_size, small_layers=0.0,
-                                                sequential=False), model)
-    arrays = dict(np.load(args.calib))
-    half = len(next(iter(arrays.values()))) // 2
-    parts = ([{k: v[:half] for k, v in arrays.items()}, {k: v[half:] for k, v in arrays.items()}]
-             if args.held_out else [arrays])
-    calibrated, *held_out = [calibrate(model, _dataset(model, args.model, part, ".calib.npz", 64), QUIET)
-                             for part in parts]
-    plan = make_plan(config, calibrated.layers)
+    plan, (calibrated, *held_out) = planned(args, args.held_out)
     print(f"# Search effort: {args.model.name}, {args.bits} bits, blocks of {args.block_size}\n")
     print(f"Command: `python benchmarks/search_effort.py {args.model.name} {args.calib.name} --bits {args.bits} "
           f"--block-size {args.block_size} --efforts {args.efforts}{' --held-out' * args.held_out}`; "
@@ -72,11 +50,7 @@ def main() -> None:
         if layer.group is not None:
             continue
         work = prepare_layer(layer_plan, calibrated.statistics[layer.statistics_key], None)
-        other = None
-        if held_out:
-            terms = LayerTerms(layer, held_out[0].statistics[layer.statistics_key], work.plan.bias_is_variable,
-                               layer.weight, centered=work.plan.bias_correction)
-            other = terms.problem(work.plan.scheme, work.scales, work.bias_scales, work.plan.levels)
+        other = held_out_problem(work, held_out[0].statistics[layer.statistics_key]) if held_out else None
         costs, times, elsewhere = [], [], []
         for k, effort in enumerate(efforts):
             start = time.perf_counter()
