@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--dampings", default="0,0.01,auto")
     args = parser.parse_args()
     dampings: list[float | str] = [d if d == "auto" else float(d) for d in args.dampings.split(",")]
-    plan, (seen, unseen) = planned(args, halves=True)
+    plan, (seen, unseen) = planned(args, halves=True, spread="auto" in dampings)
     samples = [part.dataset.num_samples for part in (seen, unseen)]
     print(f"# Damping held out: {args.model.name}, {args.bits} bits, blocks of {args.block_size}\n")
     print(f"Command: `python benchmarks/damping.py {args.model.name} {args.calib.name} --bits {args.bits} "

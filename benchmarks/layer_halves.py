@@ -33,8 +33,9 @@ def arguments(description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def planned(args: argparse.Namespace, halves: bool) -> tuple[Plan, list[Calibrated]]:
-    """The plan and the calibration on the whole file, or on its first and second halves."""
+def planned(args: argparse.Namespace, halves: bool, spread: bool = False) -> tuple[Plan, list[Calibrated]]:
+    """The plan and the calibration on the whole file, or on its first and second halves
+    (``spread``: with the samples' spread, for ``--damping auto``)."""
     model = prepare(load_model(args.model))
     config = _resolved(QuantizeConfig.from_flat(bits=args.bits, block_size=args.block_size, small_layers=0.0,
                                                 sequential=False, damping=0.0), model)
@@ -42,7 +43,8 @@ def planned(args: argparse.Namespace, halves: bool) -> tuple[Plan, list[Calibrat
     half = len(next(iter(arrays.values()))) // 2
     parts = ([{k: v[:half] for k, v in arrays.items()}, {k: v[half:] for k, v in arrays.items()}]
              if halves else [arrays])
-    calibrated = [calibrate(model, _dataset(model, args.model, part, ".calib.npz", 64), QUIET) for part in parts]
+    calibrated = [calibrate(model, _dataset(model, args.model, part, ".calib.npz", 64), QUIET, spread=spread)
+                  for part in parts]
     return make_plan(config, calibrated[0].layers), calibrated
 
 

@@ -20,7 +20,7 @@ from .config import HEAD_BITS, QuantizeConfig, default_damping
 from .core.choice import parse_choice
 from .core.errors import OptionError, OutputError
 from .core.external import materialize
-from .core.options import Rotation, ScaleMethod, check_bits, check_integer
+from .core.options import AUTO, Rotation, ScaleMethod, check_bits, check_integer
 from .core.progress import Progress
 from .core.report import Report
 from .evaluation.perplexity import check_tokens, evaluate_language_model, first_run, language_model
@@ -105,7 +105,7 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
         if config.automatic.enabled:
             calibrated = calibrate(model_in, calib_data, bar, config.automatic.exclude, config.activations.dtype,
                                    config.activations.range, config.execution.max_memory_bytes,
-                                   config.output.format, rounding.levels)
+                                   config.output.format, rounding.levels, rounding.damping == AUTO)
             quantized = quantize_auto(calibrated, config, bar, input_bytes=input_bytes)
         else:
             quantized = quantize_model(model_in, calib_data, config, bar)
@@ -270,7 +270,8 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
     float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
     bar = Progress(enabled=progress)
     calibrated = calibrate(float_model, calib_data, bar, activations=scheme.activations.dtype,
-                           activation_range=scheme.activations.range)
+                           activation_range=scheme.activations.range,
+                           spread=any(study_damping(float_model, b) == AUTO for b in bits))
     reference = reference_scores(float_model, eval_data, bar)
     name = input_path.name if input_path else float_model.graph.name
     return run_comparison(calibrated, reference, bits, scale_methods, chosen, samples, seed, bar, name, scheme)
@@ -297,7 +298,7 @@ def sensitivity(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any 
     bar = Progress(enabled=progress)
     started = time.perf_counter()
     calibrated = calibrate(float_model, calib_data, bar, options.automatic.exclude, options.activations.dtype,
-                           options.activations.range)
+                           options.activations.range, spread=options.rounding.damping == AUTO)
     reference = reference_scores(float_model, eval_data, bar)
     measured = measure(calibrated, make_plan(options, calibrated.layers), reference, bar)
     name = input_path.name if input_path else float_model.graph.name

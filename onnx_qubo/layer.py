@@ -59,6 +59,9 @@ class LayerTerms:
         shrinkage of this input's Gram matrix, from its calibration samples' spread."""
         if self.damping != AUTO:
             return float(self.damping)
+        if self.statistics.spread is None:
+            raise ValueError(f"layer '{self.layer.name}': damping auto needs its input's sample spread, which "
+                             "calibration did not measure (calibrate with spread=True)")
         f = self.layer.shape[1]
         return shrinkage_damping(self.statistics.spread, self.output_gram[:f, :f])
 

@@ -84,7 +84,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
     """Quantize every dense layer of ``model`` but the excluded ones."""
     calibrated = calibrate(model, calibration, progress, config.automatic.exclude, config.activations.dtype,
                            config.activations.range, config.execution.max_memory_bytes, config.output.format,
-                           config.rounding.levels)
+                           config.rounding.levels, config.rounding.damping == AUTO)
     heads = discovery.output_layers(model, calibrated.layers)
     tables, skipped, notes = [], calibrated.skipped, []
     if config.rounding.sequential is None:
@@ -202,12 +202,13 @@ def wider_storage_notes(reports: Sequence[LayerReport], mixable: bool = True) ->
 def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, exclude: Collection[str] = (),
               activations: Activations = Activations.NONE,
               activation_range: RangeMethod = RangeMethod.MINMAX, max_memory: int | None = None,
-              format: Format = Format.QDQ, levels: int = 2) -> Calibrated:
+              format: Format = Format.QDQ, levels: int = 2, spread: bool = False) -> Calibrated:
     """The model's layers and their input statistics, in as many passes over the data as
     ``max_memory`` (bytes; default: memory.py's) needs beside a solve with ``levels`` grid points
     per weight; with ``format`` ort and quantized
     ``activations``, the output ranges of the Convs QLinearConv may run, in the same passes as
-    the input ranges."""
+    the input ranges. ``spread``: measure each input's sample spread too, which ``--damping auto``
+    takes its ridges from."""
     check_declared_shapes(model)
     found, skipped = find_layers(model, exclude)
     layers = split_groups(found)  # a grouped Conv: one layer per group, each with its own Gram matrix
@@ -216,11 +217,11 @@ def calibrate(model: onnx.ModelProto, calibration: Dataset, progress: Progress, 
     ranged = input_quantizers(model, layers, calibration, activations, activation_range, progress, outputs)
     quantizers = {layer.input_name: ranged[layer.input_name] for layer in layers if layer.input_name in ranged}
     groups = memory.calibration_groups(layers, max_memory, memory.weights_bytes(model), drift=bool(quantizers),
-                                       levels=levels)
+                                       levels=levels, spread=spread)
     if len(groups) > 1:
         log.info("calibrating in %d passes over the data: the statistics of all %d layers do not fit the memory "
                  "budget at once", len(groups), len(layers))
-    statistics = LayerStatistics(model, groups, calibration, progress, quantizers)
+    statistics = LayerStatistics(model, groups, calibration, progress, quantizers, spread)
     main_graph = {out for node in model.graph.node for out in node.output} | {inp.name for inp in model.graph.input}
     in_bodies = {layer.statistics_key for layer in layers if layer.input_name not in main_graph}
     layers, skipped = _drop_never_run(layers, skipped, {key: statistics[key] for key in in_bodies})
@@ -284,7 +285,7 @@ def solve_layers(calibrated: Calibrated, plan: Plan, progress: Progress, release
             if deployed is not None:  # the layers reading the same input (a Conv's groups, q/k/v): one pass
                 view = [p.layer for p in plan.layers[k:] if p.layer.source_key == layer_plan.layer.source_key]
                 fresh = collect_statistics(calibrated.model, view, calibrated.dataset, progress, deployed,
-                                           calibrated.quantizers)
+                                           calibrated.quantizers, spread=layer_plan.damping == AUTO)
                 fresh_from = k
         if feeders[k] >= 0 and key in fresh:
             statistics = fresh[key]

@@ -9,9 +9,10 @@ means are the ``InputStatistics`` the QUBO is built from.
 - ``ConvGram``: a Conv's im2col patches, one Gram matrix per group (patches.PatchGram);
 - ``RecurrentGram``: a recurrent node's gate inputs, one Gram matrix per direction.
 
-Each also measures how much its Gram matrix varies from sample to sample (spread.SampleSpread),
-for ``--damping auto``: a dense view's rows split evenly into the batch's samples (a Conv's
-patches are counted per image).
+With ``spread`` (``--damping auto`` only: it costs up to a fifth of a language model's
+calibration), each also measures how much its Gram matrix varies from sample to sample
+(spread.SampleSpread): a dense view's rows split evenly into the batch's samples (a Conv's patches
+are counted per image).
 """
 
 from __future__ import annotations
@@ -56,16 +57,17 @@ class UpperTriangle:
 
 class DenseGram:
     """Running sums over input vectors f wide (the last axis): ``sum z z^T`` (its upper triangle)
-    and, when the layer sees other inputs than the float model's, ``sum z d^T``, ``sum d d^T``."""
+    and, when the layer sees other inputs than the float model's, ``sum z d^T``, ``sum d d^T``;
+    with ``spread``, the samples' spread."""
 
-    def __init__(self, f: int, with_drift: bool):
+    def __init__(self, f: int, with_drift: bool, spread: bool = False):
         self.f = f
         self.zz = UpperTriangle(f + 1)
         self.zd = np.zeros((f + 1, f)) if with_drift else None
         self.dd = np.zeros((f, f)) if with_drift else None
         self.count = 0
         self.averaged = False
-        self.spread = SampleSpread(f)
+        self.spread = SampleSpread(f) if spread else None
 
     def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1) -> None:
         """Add the vectors of ``samples`` calibration samples (its rows split evenly between
@@ -73,12 +75,9 @@ class DenseGram:
         x = x.reshape(-1, self.f).astype(np.float64)
         x_seen = x if seen is None else seen.reshape(-1, self.f).astype(np.float64)
         z = np.hstack([x_seen, np.ones((len(x), 1))])
-        total = np.zeros((self.f + 1, self.f + 1))
-        for rows in np.split(z, samples if samples > 1 and len(z) % samples == 0 else 1):
-            gram = rows.T @ rows  # exactly symmetric (BLAS's syrk), as is their sum
-            total += gram
-            self.spread.add(gram[None, :-1, :-1])
-        self.zz.add(total)
+        self.zz.add(z.T @ z)  # exactly symmetric (BLAS's syrk)
+        if self.spread is not None:
+            self.spread.add_rows(x_seen.reshape(samples if samples > 1 and len(x) % samples == 0 else 1, -1, self.f))
         if self.zd is not None and self.dd is not None:
             d = x - x_seen
             self.zd += z.T @ d
@@ -94,15 +93,15 @@ class DenseGram:
                 if total is not None:
                     total /= n
             self.averaged = True
-        spread = float(self.spread.spread()[0])
-        return InputStatistics(self.zz.unpack(), self.count, self.zd, self.dd, spread if np.isfinite(spread) else None)
+        spread = None if self.spread is None else float(self.spread.spread()[0])
+        return InputStatistics(self.zz.unpack(), self.count, self.zd, self.dd, spread)
 
 
 class ConvGram:
     """The same over a Conv's patches (patches.py), per group; ``name``: the Conv's, for errors."""
 
-    def __init__(self, geometry: ConvGeometry, with_drift: bool, name: str):
-        self.gram = PatchGram(geometry, with_drift)
+    def __init__(self, geometry: ConvGeometry, with_drift: bool, name: str, spread: bool = False):
+        self.gram = PatchGram(geometry, with_drift, spread)
         self.name = name
         self.result: ConvStatistics | None = None  # the means, computed once for all groups
 
@@ -118,7 +117,7 @@ class ConvGram:
 
     def statistics(self, group: int | None = None) -> InputStatistics:
         if not self.gram.count:  # never ran (the pipeline skips it)
-            return DenseGram(self.gram.geometry.features, False).statistics()
+            return DenseGram(self.gram.geometry.features, False, self.gram.spread is not None).statistics()
         if self.result is None:
             self.result = self.gram.result()
         return self.result.group(group or 0)
@@ -128,8 +127,8 @@ class RecurrentGram:
     """The same over a recurrent node's gate inputs ``[x_t; h_(t-1)]`` (forms/recurrent.py), one
     Gram matrix per direction (each has its own hidden states)."""
 
-    def __init__(self, f: int, directions: int, with_drift: bool):
-        self.grams = [DenseGram(f, with_drift) for _ in range(directions)]
+    def __init__(self, f: int, directions: int, with_drift: bool, spread: bool = False):
+        self.grams = [DenseGram(f, with_drift, spread) for _ in range(directions)]
 
     def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1) -> None:
         for d, gram in enumerate(self.grams):  # x, seen: [directions, rows, f]

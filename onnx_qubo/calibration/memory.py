@@ -76,12 +76,12 @@ def weights_bytes(model: onnx.ModelProto) -> int:
     return sum(tensor_bytes(init) for init in model.graph.initializer)
 
 
-def statistics_bytes(layer: DenseLayer, drift: bool) -> int:
+def statistics_bytes(layer: DenseLayer, drift: bool, spread: bool = False) -> int:
     """The float64 sums one layer's input statistics take (per group for a grouped Conv), counted
-    in full: a bound (a dense view holds its Gram matrix as the upper triangle, grams.py), and the
-    float32 upper triangle of its sample spread (spread.py)."""
+    in full: a bound (a dense view holds its Gram matrix as the upper triangle, grams.py), and with
+    ``spread`` the float32 upper triangle of its sample spread (spread.py)."""
     f = layer.shape[1]
-    return 8 * (f + 1) ** 2 * (3 if drift else 1) + 2 * f * (f + 1)
+    return 8 * (f + 1) ** 2 * (3 if drift else 1) + (2 * f * (f + 1) if spread else 0)
 
 
 def solve_bytes(layer: DenseLayer, levels: int = 2) -> int:
@@ -93,7 +93,7 @@ def solve_bytes(layer: DenseLayer, levels: int = 2) -> int:
 
 
 def calibration_groups(layers: list[DenseLayer], max_memory: int | None, model_bytes: int,
-                       drift: bool, levels: int = 2) -> list[list[DenseLayer]]:
+                       drift: bool, levels: int = 2, spread: bool = False) -> list[list[DenseLayer]]:
     """``layers`` in groups whose statistics fit beside the model and one solve, each group one
     pass over the calibration data; layers reading the same input view stay together (their
     statistics are one sum). Without ``max_memory``, statistics take at most STATISTICS_ROOM (or
@@ -102,7 +102,8 @@ def calibration_groups(layers: list[DenseLayer], max_memory: int | None, model_b
     views: dict[str, list[DenseLayer]] = {}
     for layer in layers:
         views.setdefault(layer.source_key, []).append(layer)
-    view_bytes = {key: sum(statistics_bytes(layer, drift) for layer in {m.statistics_key: m for m in members}.values())
+    view_bytes = {key: sum(statistics_bytes(layer, drift, spread)
+                           for layer in {m.statistics_key: m for m in members}.values())
                   for key, members in views.items()}
     solving = max(solve_bytes(layer, levels) for layer in layers)
     largest = max(view_bytes, key=view_bytes.__getitem__)

@@ -100,11 +100,11 @@ class ConvStatistics:
     count: int  # output positions seen (samples x output positions)
     cross: np.ndarray | None = None  # [groups, f+1, f] = E[z d^T], d = p - p~
     drift: np.ndarray | None = None  # [groups, f, f] = E[d d^T]
-    spread: np.ndarray | None = None  # [groups], the images' spread (spread.py; NaN: fewer than two)
+    spread: np.ndarray | None = None  # [groups], the images' spread (spread.py; None: not measured)
 
     def group(self, g: int) -> InputStatistics:
         """Group g's statistics as a dense layer's (calibration.InputStatistics)."""
-        spread = None if self.spread is None or not np.isfinite(self.spread[g]) else float(self.spread[g])
+        spread = None if self.spread is None else float(self.spread[g])
         return InputStatistics(self.gram[g], self.count, None if self.cross is None else self.cross[g],
                                None if self.drift is None else self.drift[g], spread)
 
@@ -114,7 +114,8 @@ class PatchGram:
     patch rows in float64 (and ``sum z d^T``, ``sum d d^T`` with ``with_drift``): memory
     O(groups f^2) plus one chunk of patches; time O(rows f^2) per batch."""
 
-    def __init__(self, geometry: ConvGeometry, with_drift: bool = False, max_bytes: float = CHUNK_BYTES):
+    def __init__(self, geometry: ConvGeometry, with_drift: bool = False, spread: bool = False,
+                 max_bytes: float = CHUNK_BYTES):
         f, g = geometry.features, geometry.groups
         self.geometry = geometry
         self.max_bytes = max_bytes
@@ -122,22 +123,26 @@ class PatchGram:
         self._zd = np.zeros((g, f + 1, f)) if with_drift else None
         self._dd = np.zeros((g, f, f)) if with_drift else None
         self.count = 0
-        self.spread = SampleSpread(f, g)
+        self.spread = SampleSpread(f, g) if spread else None  # the images' spread (--damping auto only)
 
     def update(self, x: np.ndarray, seen: np.ndarray | None = None) -> None:
-        """Add a batch ``x [B, C, *spatial]`` of the float model's Conv input, one image at a time
-        (each a sample of the spread); ``seen``: what the quantized layer sees instead (only with
-        ``with_drift``, where it is required)."""
+        """Add a batch ``x [B, C, *spatial]`` of the float model's Conv input (one image at a time
+        where the spread is measured: each is one of its samples); ``seen``: what the quantized
+        layer sees instead (only with ``with_drift``, where it is required)."""
         if (seen is None) != (self._zd is None):
             raise ValueError("'seen' inputs go with with_drift=True, and are required there")
         if not np.isfinite(x).all() or (seen is not None and not np.isfinite(seen).all()):
             raise ValueError("the Conv input holds NaN or Inf")
         if seen is not None and seen.shape != x.shape:
             raise ValueError(f"'seen' shape {seen.shape} differs from the input's {x.shape}")
+        if self.spread is None:
+            self._add(x, seen)
+            return
         for image in range(x.shape[0]):
-            self._update_image(x[image:image + 1], None if seen is None else seen[image:image + 1])
+            self.spread.add(self._add(x[image:image + 1], None if seen is None else seen[image:image + 1]))
 
-    def _update_image(self, x: np.ndarray, seen: np.ndarray | None) -> None:
+    def _add(self, x: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
+        """Add the patches of ``x`` (and ``seen``); their Gram matrices ``[groups, f, f]``."""
         streams = [iter_patches(x, self.geometry, self.max_bytes)]
         if seen is not None:
             streams.append(iter_patches(seen, self.geometry, self.max_bytes))
@@ -157,7 +162,7 @@ class PatchGram:
                 self._dd += np.matmul(d.transpose(0, 2, 1), d)
             self.count += p.shape[1]
         self._zz[:, :-1, :-1] += image
-        self.spread.add(image)
+        return image
 
     def result(self) -> ConvStatistics:
         """The means over all output positions seen so far."""
@@ -165,4 +170,5 @@ class PatchGram:
             raise ValueError("no Conv input was accumulated")
         n = self.count
         return ConvStatistics(self._zz / n, n, None if self._zd is None else self._zd / n,
-                              None if self._dd is None else self._dd / n, self.spread.spread())
+                              None if self._dd is None else self._dd / n,
+                              None if self.spread is None else self.spread.spread())

@@ -97,18 +97,19 @@ def _captured(exposed: Mapping[str, Exposed], values: Mapping[str, np.ndarray], 
 @one_blas_thread()
 def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset: Dataset,
                        progress: Progress, deployed: onnx.ModelProto | None = None,
-                       quantizers: Mapping[str, InputQuantizer] | None = None) -> ViewSums:
+                       quantizers: Mapping[str, InputQuantizer] | None = None, spread: bool = False) -> ViewSums:
     """Map each layer's ``statistics_key`` to the statistics of its input vectors over ``dataset``.
 
     ``deployed``: a model computing the inputs the quantized layers will see (the float model
     with earlier layers quantized), run beside ``model`` on the same batches; ``quantizers``:
-    input tensor name -> the quantization applied to that input in the deployed graph.
+    input tensor name -> the quantization applied to that input in the deployed graph;
+    ``spread``: measure the samples' spread too (``--damping auto``).
     """
     views = {layer.source_key: layer for layer in layers}
     quantizers = dict(quantizers or {})
     tensors = {name for layer in layers for name in layer.input_tensors}
     mismatch = deployed is not None or bool(quantizers.keys() & tensors)
-    sums = {key: layer.view.accumulator(layer.shape[1], mismatch, layer.owner) for key, layer in views.items()}
+    sums = {key: layer.view.accumulator(layer.shape[1], mismatch, layer.owner, spread) for key, layer in views.items()}
     streams = [stream_inputs(expose_outputs(model, layers), tensors, dataset, "the float model")]
     if deployed is not None:
         streams.append(stream_inputs(expose_outputs(deployed, layers), tensors, dataset,
@@ -161,12 +162,12 @@ class LayerStatistics(Mapping[str, InputStatistics]):
     """Each layer's input statistics by ``statistics_key``, gathered in as few passes over the
     data as the memory budget allows (memory.calibration_groups): a group's pass runs when one of
     its layers is first asked for, and only one group is held at a time. With one group (the
-    statistics fit), everything is gathered in one pass and kept."""
+    statistics fit), everything is gathered in one pass and kept. ``spread``: as collect_statistics."""
 
     def __init__(self, model: onnx.ModelProto, groups: list[list[DenseLayer]], dataset: Dataset,
-                 progress: Progress, quantizers: Mapping[str, InputQuantizer]):
+                 progress: Progress, quantizers: Mapping[str, InputQuantizer], spread: bool = False):
         self.model, self.groups, self.dataset = model, groups, dataset
-        self.progress, self.quantizers = progress, quantizers
+        self.progress, self.quantizers, self.spread = progress, quantizers, spread
         self.group_of = {layer.statistics_key: g for g, group in enumerate(groups) for layer in group}
         self.held = ViewSums({})
         self.passes = 0  # passes over the calibration data so far
@@ -176,7 +177,7 @@ class LayerStatistics(Mapping[str, InputStatistics]):
             group = self.groups[self.group_of[key]]
             self.held = ViewSums({})  # freed before the next group's sums are allocated
             self.held = collect_statistics(self.model, group, self.dataset, self.progress,
-                                           quantizers=self.quantizers)
+                                           quantizers=self.quantizers, spread=self.spread)
             self.passes += 1
         return self.held[key]
 

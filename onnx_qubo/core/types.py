@@ -129,9 +129,9 @@ class InputView(Protocol):
         share it; a Conv's patches are its own (all groups share one pass), and so are a
         recurrent node's gate inputs (all its directions)."""
 
-    def accumulator(self, features: int, drift: bool, owner: str) -> Accumulator:
+    def accumulator(self, features: int, drift: bool, owner: str, spread: bool = False) -> Accumulator:
         """Empty running sums for vectors ``features`` wide (``drift``: with the cross and drift
-        sums); ``owner`` names the node in errors."""
+        sums; ``spread``: with the samples' spread); ``owner`` names the node in errors."""
 
     def vectors(self, x: np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         """What the accumulator takes for a batch of the input ``x`` (``tensors``: the batch's
@@ -208,7 +208,7 @@ class InputStatistics:
     count: int  # number of input vectors (rows after flattening leading axes)
     cross: np.ndarray | None = None  # [f+1, f] = E[z d^T], d = x - x~ (None: x~ = x)
     drift: np.ndarray | None = None  # [f, f] = E[d d^T]
-    spread: float | None = None  # the sample Grams' spread (calibration/spread.py; None: one sample)
+    spread: float | None = None  # the sample Grams' spread (calibration/spread.py; None: not measured)
 
     @property
     def x_gram(self) -> np.ndarray:

@@ -49,8 +49,8 @@ class LastAxis:
     def source(self, input_name: str, owner: str) -> str:
         return input_name
 
-    def accumulator(self, features: int, drift: bool, owner: str) -> Accumulator:
-        return DenseGram(features, drift)
+    def accumulator(self, features: int, drift: bool, owner: str, spread: bool = False) -> Accumulator:
+        return DenseGram(features, drift, spread)
 
     def vectors(self, x: np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         return x

@@ -55,8 +55,8 @@ class Patches:
     def source(self, input_name: str, owner: str) -> str:
         return f"{input_name}#patches:{owner}"
 
-    def accumulator(self, features: int, drift: bool, owner: str) -> Accumulator:
-        return ConvGram(self.geometry, drift, owner)
+    def accumulator(self, features: int, drift: bool, owner: str, spread: bool = False) -> Accumulator:
+        return ConvGram(self.geometry, drift, owner, spread)
 
     def vectors(self, x: np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         return x  # the input itself: ConvGram cuts it into patches a chunk at a time

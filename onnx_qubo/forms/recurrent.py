@@ -67,8 +67,8 @@ class GateInputs:
     def source(self, input_name: str, owner: str) -> str:
         return f"{input_name}#gates:{owner}"
 
-    def accumulator(self, features: int, drift: bool, owner: str) -> Accumulator:
-        return RecurrentGram(features, self.cell.directions, drift)
+    def accumulator(self, features: int, drift: bool, owner: str, spread: bool = False) -> Accumulator:
+        return RecurrentGram(features, self.cell.directions, drift, spread)
 
     def vectors(self, x: np.ndarray, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         return self.cell.gate_inputs(x, tensors)
