@@ -16,9 +16,9 @@ per channel and blocks of 32 and 128, default flags (the grid chosen per layer, 
 bits below 4), and at 2 and 3 bits with `--head-bits` equal to the width (every layer at it); MatMulNBitsQuantizer RTN
 (DefaultWeightOnlyQuantConfig, symmetric and not) and HQQ at 2, 4, 8 bits with blocks of 32 and
 128; GPTQ (4 bits only in onnxruntime 1.32) with blocks of 32 and 128. Bits per weight are counted
-from the written model's initializers: for each DequantizeLinear of an integer initializer (onnx-qubo)
-or MatMulNBits (onnxruntime), the integer codes at their element width (packing and padding
-included), scales and zero points at their stored width, over the number of weights they replace.
+from the written model's initializers: for each DequantizeLinear of an integer initializer or of codes
+packed at their own width (onnx-qubo; onnx_qubo/passes/packed_codes.py) or MatMulNBits (onnxruntime),
+the integer codes as stored (packing and padding included), scales and zero points at their stored width, over the number of weights they replace.
 onnxruntime's quantizer only takes MatMul with a constant 2-D weight: it gets the model with Gemm
 rewritten as MatMul + Add (same outputs), and on models with other layers (magika's Conv) onnx-qubo
 is run on the same layers (the others --exclude'd). The metric is a real model's task metric as
@@ -48,6 +48,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from onnx_qubo.passes.packed_codes import code_initializers, read_codes
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -243,10 +245,11 @@ def bits_per_weight(path: Path) -> tuple[float, int]:
 
     weights = storage = 0
     for n in m.graph.node:
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits and \
-                WIDTH[onnx.TensorProto.DataType.Name(inits[n.input[0]].data_type)] <= 8:
-            weights += int(np.prod(inits[n.input[0]].dims))
-            storage += sum(bits(x) for x in n.input[:3] if x)
+        codes = code_initializers(m.graph, n.input[0]) if n.op_type == "DequantizeLinear" else []
+        if codes and (n.input[0] not in inits or  # packed at their width (onnx_qubo/passes/packed_codes.py)
+                      WIDTH[onnx.TensorProto.DataType.Name(inits[n.input[0]].data_type)] <= 8):
+            weights += read_codes(m.graph, n.input[0]).size
+            storage += sum(bits(x) for x in [*codes, *n.input[1:3]] if x)
         elif n.op_type == "MatMulNBits":
             a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
             weights += a["K"] * a["N"]

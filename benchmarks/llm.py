@@ -622,6 +622,8 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
     from genai_config.json when not given (the torch export has none)."""
     import onnx
 
+    from onnx_qubo.passes.packed_codes import code_initializers, code_shape
+
     path = model_path(folder)
     if shape is None:
         decoder = json.loads((folder / "genai_config.json").read_text())["model"]
@@ -630,6 +632,10 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
     graph = onnx.load(str(path), load_external_data=False).graph
     sizes = {init.name: tensor_bytes(init) for init in graph.initializer}
     dims = {init.name: list(init.dims) for init in graph.initializer}
+    for n in graph.node:  # codes packed at their own width (onnx_qubo/passes/packed_codes.py): their planes
+        if n.op_type == "DequantizeLinear" and n.input[0] not in sizes and code_initializers(graph, n.input[0]):
+            sizes[n.input[0]] = sum(sizes[plane] for plane in code_initializers(graph, n.input[0]))
+            dims[n.input[0]] = list(code_shape(graph, n.input[0]))
     source = {n.output[0]: n.input[0] for n in graph.node
               if n.op_type in ("Transpose", "Reshape", "Cast", "DequantizeLinear") and n.input}
     dequantized = {n.input[0]: {x for x in n.input[1:] if x} for n in graph.node  # codes -> their scale, zero point

@@ -182,4 +182,5 @@ def quantize_auto(calibrated: Calibrated, options: QuantizeConfig, progress: Pro
     skipped = calibrated.skipped + [SkippedNode(name, "", "kept float by the automatic choice")
                                     for name in chosen.kept_float]
     return finish(calibrated, chosen.quantized, chosen.reports, skipped, options.output.format,
-                  options.output.ort_accuracy_level or 0, notes=[chosen.summary()])  # format ort is refused here
+                  options.output.ort_accuracy_level or 0, notes=[chosen.summary()],  # format ort is refused here
+                  packed=options.output.pack_codes)

@@ -374,6 +374,12 @@ class OutputConfig(_Section):
                                       "block) by least squared error; with --format ort as GatherBlockQuantized.")
     external_data: bool = _option(False, "Write the tensors to OUTPUT.data beside the model (always done over "
                                          "protobuf's 2 GB limit).")
+    pack_codes: bool = _option(False, "Write DequantizeLinear's codes at their own width where ONNX has no type "
+                                      "that narrow (1, 3, 5-7 bits: 3-bit codes a quarter smaller than in INT4), "
+                                      "unpacked by integer operators that onnxruntime folds into the INT4/INT8 "
+                                      "tensor when it loads the model (a smaller file; loading takes longer and "
+                                      "more memory at its peak: docs/results.md, \"Codes packed at their width\").",
+                               flag="--pack-codes/--no-pack-codes")
 
     def __post_init__(self) -> None:
         super().__post_init__()

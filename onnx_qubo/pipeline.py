@@ -21,7 +21,7 @@ from typing import Collection, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .backends.kernels import Format, needs_output_range, padding_notes
+from .backends.kernels import PORTABLE, Format, needs_output_range, padding_notes
 from .calibration import memory
 from .calibration.activations import input_quantizers
 from .calibration.data import Dataset
@@ -124,7 +124,7 @@ def quantize_model(model: onnx.ModelProto, calibration: Dataset, config: Quantiz
         notes.append("sequential calibration changes nothing here: no quantized layer feeds another, so each was "
                      "calibrated once on the float model's inputs")
     return finish(calibrated, integers, reports, skipped, plan.format, plan.accuracy_level, tables, notes,
-                  mixable=not config.output.embeddings)
+                  mixable=not config.output.embeddings, packed=plan.pack_codes)
 
 
 def solve_all(calibrated: Calibrated, plan: Plan, progress: Progress, release: bool = False
@@ -142,15 +142,16 @@ def solve_all(calibrated: Calibrated, plan: Plan, progress: Progress, release: b
 
 def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: list[LayerReport],
            skipped: list[SkippedNode], format: Format, accuracy_level: int, tables: Sequence[QuantizedTable] = (),
-           notes: Sequence[str] = (), mixable: bool = True) -> Quantized:
+           notes: Sequence[str] = (), mixable: bool = True, packed: bool = False) -> Quantized:
     """The last step of every quantization path (the plain one and the automatic choice): each
     Conv QLinearConv may run given its output's quantizer, the model rewritten in ``format``, the
     portable model of the same codes as the reference, each report row (layers, then tables) given
     the kernel that runs it, and the notes of the rewrite before ``notes`` (``mixable``: whether
-    the options allow --bits-per-weight, which the notes on wider storage then suggest)."""
+    the options allow --bits-per-weight, which the notes on wider storage then suggest; ``packed``:
+    codes narrower than their type written at their width, passes/packed_codes.py)."""
     quantized = [replace(q, output_quantizer=calibrated.output_quantizers.get(q.layer.view.output or ""))
                  for q in quantized]
-    written = rewrite(calibrated.model, quantized, format, accuracy_level, tables)
+    written = rewrite(calibrated.model, quantized, format, accuracy_level, tables, packed)
     portable = written.model if format == Format.QDQ else rewrite(calibrated.model, quantized, tables=tables).model
     reports = [replace(r, kernel=k.kernel, kernel_fallback=k.fallback, kernel_bits=k.bits)
                for r, k in zip(reports, written.kernels)]
@@ -159,7 +160,8 @@ def finish(calibrated: Calibrated, quantized: list[QuantizedLayer], reports: lis
                 "the layer costs above leave that rounding out, and the comparison with the DequantizeLinear model "
                 "includes it"] if qlinear else []
     return Quantized(written.model, reports, skipped, portable,
-                     [*written.notes, *rounding, *notes, *wider_storage_notes(reports, mixable),
+                     [*written.notes, *rounding, *notes, *wider_storage_notes(reports, mixable, packed),
+                      *packed_notes(reports),
                       *padding_notes(quantized, written.kernels, accuracy_level)])
 
 
@@ -172,9 +174,21 @@ def damping_note(reports: Sequence[LayerReport]) -> str:
             f"{median:.3g}; the largest on {name}), from how much each varies between calibration samples")
 
 
-def wider_storage_notes(reports: Sequence[LayerReport], mixable: bool = True) -> list[str]:
+def packed_notes(reports: Sequence[LayerReport]) -> list[str]:
+    """Where DequantizeLinear's codes are packed at their own width (passes/packed_codes.py)."""
+    packed: dict[tuple[int, str], int] = {}
+    for report in reports:
+        if report.kernel == PORTABLE and report.kernel_bits is not None:
+            packed[report.kernel_bits, report.storage] = packed.get((report.kernel_bits, report.storage), 0) + 1
+    return [f"{count} layer{'s' if count > 1 else ''} of {bits}-bit codes packed at {bits} bits (ONNX has no "
+            f"{bits}-bit type): integer operators rebuild the {storage} tensor, which onnxruntime folds when it loads "
+            "the model (--no-pack-codes stores it instead)" for (bits, storage), count in sorted(packed.items())]
+
+
+def wider_storage_notes(reports: Sequence[LayerReport], mixable: bool = True, packed: bool = False) -> list[str]:
     """Where codes take more bits in the file than their width: a model no smaller than at the wider
-    width, for the narrower width's fidelity, which a user asking for 3 bits should know."""
+    width, for the narrower width's fidelity, which a user asking for 3 bits should know (``packed``:
+    --pack-codes was given, and left these layers as they are)."""
     wider: dict[tuple[int, int, str], int] = {}
     for report in reports:
         if 1 < report.bits < report.stored_bits:
@@ -194,8 +208,10 @@ def wider_storage_notes(reports: Sequence[LayerReport], mixable: bool = True) ->
             narrower = 2 if stored == 4 else 4
             mix = (f"; --bits {narrower} with --bits-per-weight mixes {narrower}- and {stored}-bit layers into a "
                    "size between theirs") if mixable else ""
+            pack = ("too small to gain from --pack-codes" if packed else
+                    f"--pack-codes writes the larger ones at {bits} bits")
             notes.append(f"{layers} stored in {stored}-bit integers (ONNX has no {bits}-bit type): as large as at "
-                         f"{stored} bits{mix}")
+                         f"{stored} bits ({pack}){mix}")
     return notes
 
 

@@ -69,6 +69,7 @@ class Plan:
     description: str  # the scheme in words, for reports
     format: Format
     accuracy_level: int
+    pack_codes: bool  # codes narrower than their type written at their width (passes/packed_codes.py)
 
 
 def make_plan(config: QuantizeConfig, layers: list[DenseLayer], heads: Collection[str] = (),
@@ -105,7 +106,8 @@ def make_plan(config: QuantizeConfig, layers: list[DenseLayer], heads: Collectio
     # (scale auto and damping unset: api.quantize resolves them per model; elsewhere mse and none)
     return Plan(planned, config.activations.dtype, config.activations.range, bool(rounding.sequential),
                 _path(rounding.dump_qubo), _path(rounding.load_solution), config.describe(), config.output.format,
-                config.output.ort_accuracy_level or 0)  # auto is resolved by api.quantize; the studies write nothing
+                config.output.ort_accuracy_level or 0,  # auto is resolved by api.quantize; the studies write nothing
+                config.output.pack_codes)
 
 
 def layers_at_head_bits(config: QuantizeConfig, layers: list[DenseLayer], heads: Collection[str]) -> list[str]:

@@ -13,7 +13,9 @@ instead of DequantizeLinear (onnxruntime's MatMulNBits...) as a ``KernelLayer``.
 
 Integers are stored packed (ml_dtypes int2/int4 through ``numpy_helper.from_array``), with a
 scale per tensor (scalar), per output row (``axis=0``) or per block of inputs within a row
-(``axis=1``, ``block_size``), and a zero-point input only when one is given.
+(``axis=1``, ``block_size``), and a zero-point input only when one is given; codes narrower than
+their type (3 bits in INT4) packed at their own width where asked (packed_codes.py), the nodes
+unpacking them first in the main graph.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .base import PassResult, copy_model
 from .graphs import TensorReader, all_graphs, fresh_name, names_used, read_in_proto
+from .packed_codes import unpack_nodes
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +42,7 @@ class QuantizedTensor:
     storage_type: int  # onnx.TensorProto.INT2 / UINT4 / INT32 ...
     block_size: int = 0  # with a 2-D scale: inputs per block
     offset: np.ndarray | None = None  # float zero points as scale * zero_point, the shape of scale (subtract_offsets)
+    packed_bits: int = 0  # the codes' width where they are packed at it (packed_codes.py); 0: stored as storage_type
 
     def attributes(self) -> dict[str, Any]:
         if self.scale.ndim == 0:
@@ -187,6 +191,10 @@ class InsertDequantize:
             _remove(body.value_info, dropped)
         for container in (graph.initializer, graph.input):
             _remove(container, dropped)
+        if edit.unpacking:  # on initializers only: first in the main graph, wherever their codes are read
+            main = edit.unpacking + list(graph.node)
+            del graph.node[:]
+            graph.node.extend(main)
         return PassResult(out, modified=True)
 
 
@@ -198,6 +206,8 @@ class GraphEdit:
         self.graph = graph
         self.read = read  # an initializer's values (InsertDequantize's reader where they may be external)
         self.used = names_used(graph)  # subgraphs too: a body may not shadow an outer name
+        self.unpacking: list[onnx.NodeProto] = []  # packed codes' unpacking nodes, for the main graph's start
+        self.shared: dict[tuple[str, bytes], str] = {}  # shared_constant's initializers by type and value
 
     def fresh(self, base: str) -> str:
         return fresh_name(self.used, base)
@@ -217,11 +227,25 @@ class GraphEdit:
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         return name
 
+    def shared_constant(self, base: str, value: np.ndarray) -> str:
+        """An initializer holding ``value``, added once for every caller asking for the same value."""
+        key = (f"{value.dtype}{value.shape}", value.tobytes())
+        if key not in self.shared:
+            self.shared[key] = self.constant(base, value)
+        return self.shared[key]
+
     def dequantize(self, base: str, tensor: QuantizedTensor) -> tuple[list[onnx.NodeProto], str]:
         """Initializers for ``tensor`` and the DequantizeLinear reading them; returns its output."""
         storage = helper.tensor_dtype_to_np_dtype(tensor.storage_type)  # ml_dtypes int2/int4
-        inputs = [self.constant(f"{base}_quantized", tensor.integers.astype(storage)),  # packed in raw_data
-                  self.constant(f"{base}_scale", np.asarray(tensor.scale, float_dtype(tensor)))]
+        if tensor.packed_bits:
+            unsigned = tensor.storage_type in (TensorProto.UINT2, TensorProto.UINT4, TensorProto.UINT8)
+            nodes, codes = unpack_nodes(f"{base}_quantized", tensor.integers, tensor.packed_bits,
+                                        0 if unsigned else -(1 << (tensor.packed_bits - 1)), tensor.storage_type,
+                                        self.constant, self.fresh, self.shared_constant)
+            self.unpacking.extend(nodes)
+        else:
+            codes = self.constant(f"{base}_quantized", tensor.integers.astype(storage))  # packed in raw_data
+        inputs = [codes, self.constant(f"{base}_scale", np.asarray(tensor.scale, float_dtype(tensor)))]
         if tensor.zero_point is not None:
             inputs.append(self.constant(f"{base}_zero_point", np.asarray(tensor.zero_point).astype(storage)))
         deq = self.fresh(f"{base}_dequantized")

@@ -233,7 +233,7 @@ def test_the_wider_storage_note_suggests_a_mix_only_where_the_options_allow_one(
     report = runs.quantize(mlp_model(widths=(64, 32, 8)), tmp_path / "q.onnx", bits=3, calibration={"x": x},
                            embeddings=embeddings, granularity="block", block_size=32, speed=False)
     note = next(note for note in report.notes if "codes stored in" in note)
-    assert note.endswith("as large as at 4 bits") == embeddings
+    assert note.endswith("(--pack-codes writes the larger ones at 3 bits)") == embeddings
     assert ("--bits 2 with --bits-per-weight" in note) != embeddings
 
 

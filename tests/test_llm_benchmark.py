@@ -15,6 +15,7 @@ import pytest
 
 from onnx_qubo import api
 from onnx_qubo.config import QuantizeConfig
+from onnx_qubo.passes import packed_codes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "tiny_lm"
@@ -136,4 +137,19 @@ def test_float_zero_point_offsets_count_in_the_bits_per_weight(tmp_path):
             speed=False)
     bits = llm.weight_bits(out)
     assert bits["blocks"]["bits_per_weight"] == pytest.approx(6.0)
+    assert bits["blocks"]["weights"] == 2 * 64 * (128 + 64 + 128 + 128 + 128)
+
+
+def test_codes_packed_at_their_width_count_as_stored(tmp_path, monkeypatch):
+    """3-bit codes packed at 3 bits (every layer, however small) with a float32 scale and a 4-bit
+    zero point (the language model's default grid is asymmetric) per block of 32: 4.125 bits per
+    weight in the blocks, read back from the planes the written graph stores."""
+    monkeypatch.setattr(packed_codes, "UNPACKING_BYTES", 0)
+    out = tmp_path / "packed"
+    out.mkdir()
+    config = QuantizeConfig.from_flat(bits=3, granularity="block", block_size=32, head_bits=3, pack_codes=True)
+    api.run(str(TINY / "model.onnx"), str(out / "model.onnx"), config, calibration=str(TINY / "model.calib.npz"),
+            speed=False)
+    bits = llm.weight_bits(out)
+    assert bits["blocks"]["bits_per_weight"] == pytest.approx(4.125)
     assert bits["blocks"]["weights"] == 2 * 64 * (128 + 64 + 128 + 128 + 128)

@@ -46,6 +46,7 @@ from onnx import TensorProto, helper
 from ..core.grid import Granularity, InputQuantizer, Scheme, WeightCodes
 from ..core.types import DenseLayer, QuantizedBias
 from ..passes.insert_dequantize import ActivationQuantization, GraphEdit, QuantizedTensor
+from ..passes.packed_codes import packs
 
 TWO_BIT_TYPES = (TensorProto.INT2, TensorProto.UINT2)
 
@@ -93,11 +94,13 @@ def float_bias_after_quantized_gemm(gemm: onnx.NodeProto, edit: GraphEdit) -> st
 
 
 
-def weight_tensor(codes: WeightCodes) -> QuantizedTensor:
+def weight_tensor(codes: WeightCodes, packed: bool = False) -> QuantizedTensor:
     """The codes as ``DequantizeLinear`` reads them (the graph pass's view): a scale per tensor (a
     scalar), per row (``axis=0``) or per block of inputs (``axis=1``, ``block_size``), a zero-point
-    input only on the unsigned grid (rule 2)."""
+    input only on the unsigned grid (rule 2); with ``packed``, codes narrower than their storage
+    type at their own width (passes/packed_codes.py)."""
     scheme, scales = codes.scheme, codes.scales
+    packed_bits = scheme.bits if packed and packs(scheme.bits, scheme.grid.storage[0], codes.integers.size) else 0
     if scheme.granularity == Granularity.TENSOR:
         scale, zero_point = scales.scale[0, 0], scales.zero_point[0, 0]
     elif scheme.granularity == Granularity.CHANNEL:
@@ -108,10 +111,11 @@ def weight_tensor(codes: WeightCodes) -> QuantizedTensor:
     if scheme.float_zero_point:  # rule 6
         stored = np.asarray(scale, scheme.scale_dtype)
         return QuantizedTensor(codes.integers, stored, None, scheme.grid.storage[0], block,
-                               offset=(stored.astype(np.float64) * zero_point).astype(scheme.scale_dtype))
+                               offset=(stored.astype(np.float64) * zero_point).astype(scheme.scale_dtype),
+                               packed_bits=packed_bits)
     return QuantizedTensor(codes.integers, np.asarray(scale, scheme.scale_dtype),
                            np.asarray(zero_point) if weight_zero_point_input(scheme.symmetric) else None,
-                           scheme.grid.storage[0], block)
+                           scheme.grid.storage[0], block, packed_bits=packed_bits)
 
 
 def bias_tensor(bias: QuantizedBias, scale_dtype: type[np.floating] = np.float32) -> QuantizedTensor:

@@ -27,7 +27,7 @@ class LayerReport:
     bias: str = "float"  # how the layer's bias is stored: float, the weights' type, or INT32
     kernel: str = "DequantizeLinear"  # what runs it: DequantizeLinear (portable), MatMulNBits...
     kernel_fallback: str | None = None  # format ort: why the layer kept the portable form
-    kernel_bits: int | None = None  # bits per code in the kernel's weights (MatMulNBits: 2, 4 or 8)
+    kernel_bits: int | None = None  # bits per code in the kernel's weights (MatMulNBits: 2, 4 or 8; packed: theirs)
     damping: float = 0.0  # its objective's ridge, a share of the mean diagonal (--damping; a Conv: its groups' most)
 
     @property
@@ -38,7 +38,8 @@ class LayerReport:
     @property
     def stored_bits(self) -> int:
         """Bits each code takes in the written file: its integer type's, or those of the kernel's
-        weights where a kernel packs them its own way (MatMulNBits: 2, 4 or 8)."""
+        weights where a kernel packs them its own way (MatMulNBits: 2, 4 or 8), or its own width
+        where DequantizeLinear's codes are packed at it (--pack-codes)."""
         if self.kernel_bits is not None:
             return self.kernel_bits
         return int("".join(c for c in self.storage if c.isdigit()))

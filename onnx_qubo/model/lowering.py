@@ -10,7 +10,7 @@ bias, else an ``Add`` after the node.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import onnx
@@ -34,6 +34,7 @@ from ..passes import (
     UnsupportedModel,
 )
 from ..passes.insert_dequantize import dequantized
+from ..passes.packed_codes import PACKING_OPSET
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,13 @@ def run_passes(model: onnx.ModelProto, graph_passes: Sequence[GraphPass]) -> Pas
 
 
 def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: Format = Format.QDQ,
-            accuracy_level: int = 0, tables: Sequence[QuantizedTable] = ()) -> Rewritten:
+            accuracy_level: int = 0, tables: Sequence[QuantizedTable] = (), packed: bool = False) -> Rewritten:
     """Integer initializers (DequantizeLinear, or onnxruntime kernels with format ``ort``) in place
-    of the float weights and of the embedding ``tables``, checked."""
+    of the float weights and of the embedding ``tables``, checked; ``packed``: DequantizeLinear's
+    codes narrower than their type at their own width (passes/packed_codes.py)."""
     weights, kernels = [], []
     for q in quantized:
-        weight, kernel = quantized_weight(q, format, accuracy_level)
+        weight, kernel = quantized_weight(q, format, accuracy_level, packed)
         weights.append(weight)
         kernels.append(kernel)
         log.info("layer '%s' (%s): %s weights, %s%s", q.layer.name, q.layer.label,
@@ -80,7 +82,8 @@ def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: For
         kernels.append(kernel)
         log.info("table '%s': %d-bit rows, %s%s", table.table.name, table.codes.bits, kernel.kernel,
                  f" (not faster: {kernel.fallback})" if kernel.fallback else "")
-    target_opset = max([q.codes.scheme.opset for q in quantized] + [TABLE_OPSET] * bool(tables))
+    target_opset = max([q.codes.scheme.opset for q in quantized] + [TABLE_OPSET] * bool(tables)
+                       + [PACKING_OPSET] * any(w.weight.packed_bits for w in weights))
     steps: list[GraphPass] = [RaiseOpset(target_opset), InsertDequantize(weights, external.read_array),
                               LowerTables(lowerings)]
     rewritten = run_passes(model, steps).model
@@ -96,11 +99,10 @@ def rewrite(model: onnx.ModelProto, quantized: list[QuantizedLayer], format: For
     return Rewritten(checked, kernels, [note])
 
 
-def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
-                     accuracy_level: int = 0) -> tuple[QuantizedWeight, KernelChoice]:
-    """The graph pass's view of a layer (scales shaped as DequantizeLinear takes them), and the
-    kernel that will run it."""
-    weight = portable.weight_tensor(q.codes)
+def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ, accuracy_level: int = 0,
+                     packed: bool = False) -> tuple[QuantizedWeight, KernelChoice]:
+    """The graph pass's view of a layer (scales shaped as DequantizeLinear takes them, codes packed
+    at their width with ``packed``), and the kernel that will run it."""
     float_dtype = q.codes.scheme.scale_dtype  # the layer's float type (FLOAT16 in a half-precision model)
     bias = None if q.bias is None else portable.bias_tensor(q.bias, float_dtype)
     activation = None if q.input_quantizer is None else portable.activation_quantization(q.input_quantizer)
@@ -113,6 +115,9 @@ def quantized_weight(q: QuantizedLayer, format: Format = Format.QDQ,
         else:
             other_bias = True
     fast, kernel = choose_kernel(q, kernel_bias, other_bias, format, accuracy_level)
+    weight = portable.weight_tensor(q.codes, packed and fast is None)  # a kernel stores the codes its own way
+    if weight.packed_bits:
+        kernel = replace(kernel, bits=weight.packed_bits)
     replaced_bias = bias is not None or (fast is not None and kernel_bias is not None)
     shift, float_bias = q.bias_shift, None
     if fast is not None and fast.conv is not None:  # QLinearConv adds the correction with its INT32 bias

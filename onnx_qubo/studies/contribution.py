@@ -22,6 +22,7 @@ from ..core.types import QuantizedLayer
 from ..evaluation.verify import Reference, run_scores
 from ..graph.runtime import DEFAULT
 from ..model.lowering import rewrite
+from ..passes.packed_codes import STORAGE_BITS, packs
 from ..pipeline import Calibrated, solve_all
 from ..plan import Plan
 
@@ -58,40 +59,38 @@ def scheme_label(q: QuantizedLayer) -> str:
     return f"{groups} {'sym' if scheme.symmetric else 'asym float' if scheme.float_zero_point else 'asym'}"
 
 
-def stored_bytes(q: QuantizedLayer) -> int:
-    """Bytes of a quantized weight as written: packed integers, float scales, packed zero points
-    (float ones as the scales), and the float output shift of bias correction where the layer has
-    no bias to fold it into."""
-    width = _storage_bits(q)
+def stored_bytes(q: QuantizedLayer, packed: bool) -> int:
+    """Bytes of a quantized weight as written: packed integers (at their own width with ``packed``,
+    where their type is wider: passes/packed_codes.py), float scales, packed zero points (float
+    ones as the scales), and the float output shift of bias correction where the layer has no
+    bias to fold it into."""
     codes = q.codes
+    storage = codes.scheme.grid.storage[0]
+    width = codes.bits if packed and packs(codes.bits, storage, codes.integers.size) else STORAGE_BITS[storage]
     zero_points = 0 if codes.signed or codes.scheme.float_zero_point else codes.scales.zero_point.size * width
     floats = codes.scales.scale.size * (1 + codes.scheme.float_zero_point)
     shift = 0 if q.bias_shift is None or q.layer.bias is not None else q.bias_shift.size * FLOAT_BYTES
     return int(np.ceil((codes.integers.size * width + zero_points) / 8)) + floats * FLOAT_BYTES + shift
 
 
-def _storage_bits(q: QuantizedLayer) -> int:
-    bits = q.codes.bits
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
-
-
 def measure(calibrated: Calibrated, plan: Plan, reference: Reference, progress: Progress) -> Measured:
     """Solve ``plan`` and measure each layer's contribution alone on ``reference``'s data."""
     layers, reports = solve_all(calibrated, plan, progress)
-    return Measured(layers, reports, [alone(calibrated, q, report, reference, progress)
+    return Measured(layers, reports, [alone(calibrated, q, report, reference, progress, plan.pack_codes)
                                       for q, report in zip(layers, reports)])
 
 
 def alone(calibrated: Calibrated, q: QuantizedLayer, report: LayerReport, reference: Reference,
-          progress: Progress) -> LayerSensitivity:
-    """The model's output error with only ``q`` quantized."""
+          progress: Progress, packed: bool) -> LayerSensitivity:
+    """The model's output error with only ``q`` quantized (its bytes as written, ``packed`` as
+    for stored_bytes)."""
     model = rewrite(calibrated.model, [q]).model
     y = run_scores(model, DEFAULT, reference.dataset, reference.output, progress, f"model with only '{q.layer.name}'")
     y_float = reference.scores
     error = float(np.linalg.norm(y - y_float) / max(float(np.linalg.norm(y_float)), 1e-30))
     agreement = float((y.argmax(axis=-1) == y_float.argmax(axis=-1)).mean())
     return LayerSensitivity(q.layer.name, q.layer.label, q.codes.bits, scheme_label(q), error, agreement,
-                            stored_bytes(q), q.codes.integers.size * FLOAT_BYTES, report.final_cost)
+                            stored_bytes(q, packed), q.codes.integers.size * FLOAT_BYTES, report.final_cost)
 
 
 def to_markdown(sensitivities: list[LayerSensitivity]) -> str:
