@@ -5,8 +5,9 @@ room and 5-7 bit codes INT8 room: a 3-bit model is as large as a 4-bit one. Pack
 take their own width in the file, and integer operators every ONNX runtime has rebuild the
 storage-type tensor ``DequantizeLinear`` reads; they depend on initializers only, so onnxruntime
 folds them into that tensor when it loads the model (constant folding, its basic level and
-above): in memory and speed the model is the unpacked one. With optimizations disabled they run
-on every call.
+above): once loaded, in memory and speed the model is the unpacked one, but loading holds the
+folding's intermediate tensors (about 10 bytes per code at the peak: why ``--pack-codes`` is
+opt-in). With optimizations disabled they run on every call.
 
 Layout: the codes flattened row-major as unsigned ``u = q - qmin``, split into planes of 4, 2 and
 1 bits (``PLANES``: 3 = 2 + 1, 5 = 4 + 1, ...), lowest bits first; each plane is a uint8
@@ -31,8 +32,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 PLANES = {1: (1,), 3: (2, 1), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1)}  # code width -> plane widths, low bits first
-STORAGE_BITS: dict[int, int] = {TensorProto.INT2: 2, TensorProto.UINT2: 2, TensorProto.INT4: 4, TensorProto.UINT4: 4,
-                TensorProto.INT8: 8, TensorProto.UINT8: 8}
+STORAGE_BITS: dict[int, int] = {TensorProto.INT2: 2, TensorProto.UINT2: 2, TensorProto.INT4: 4,
+                                 TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8}
 PACKING_OPSET = 18  # BitwiseOr
 UNPACKING_BYTES = 2048  # what one weight's unpacking nodes and constants take in the file, about
 UNPACK_OPS = ("Unsqueeze", "BitShift", "Reshape", "BitwiseOr", "Slice", "Cast", "Add")

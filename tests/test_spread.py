@@ -44,7 +44,7 @@ def test_a_dense_views_spread_is_that_of_its_samples_gram_matrices(rows, monkeyp
     """Rows split evenly between a batch's samples, in order: the spread of those samples' Gram
     matrices (z's weight part), over batches of different sizes, however many samples' small Gram
     matrices are held at once; the Gram matrix itself is still the mean over every row."""
-    monkeypatch.setattr(spread_module, "SMALL_GRAMS_BYTES", 8 * 4 * 2)  # two samples a time (one of 5 x 5)
+    monkeypatch.setattr(spread_module, "SMALL_GRAMS_BYTES", 4 * 4 * 2)  # two float32 2 x 2 Grams a time (one 5 x 5)
     rng = np.random.default_rng(0)
     f = 5
     batches = [samples_of(rng, count, rows, f) for count in (3, 1, 4)]
