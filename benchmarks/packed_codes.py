@@ -1,9 +1,10 @@
 """What packing codes at their own width (``--pack-codes``, onnx_qubo/passes/packed_codes.py) costs
 and saves: the model quantized with and without it (the same codes), then per file its size, the
 bits per weight of its quantized layers (as benchmarks/curves.py counts them), and, each in a fresh
-process ``--repeats`` times, the seconds onnxruntime takes to load it and the process's peak
-resident memory after loading (VmHWM: Linux), at the default and basic levels and with optimizations disabled
-(where nothing is folded), and the median latency of one batch. The outputs of the two files are
+process ``--repeats`` times, the seconds onnxruntime takes to load it, the process's peak resident
+memory while loading (VmHWM), its resident memory after loading and after glibc's ``malloc_trim``
+(freed memory the process keeps; Linux), at the default and basic levels and with optimizations
+disabled (where nothing is folded), and the median latency of one batch. The outputs of the two files are
 compared too (they must be the same bits). The machine is shared: the load average is printed.
 
     python benchmarks/packed_codes.py MODEL.onnx CALIB.npz [--bits 3] [--set NAME=VALUE ...] [--repeats 5]
@@ -27,16 +28,24 @@ from onnx_qubo import api
 from onnx_qubo.config import QuantizeConfig
 
 LOAD = """
-import json, sys, time
+import ctypes, json, sys, time
 import numpy as np, onnxruntime as ort
 path, level, batch = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+
+def status(field):  # VmHWM: this process's peak (ru_maxrss keeps the parent's across exec); VmRSS: now
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) for line in lines if line.startswith(field + ":")) / 1e3
+
+
 options = ort.SessionOptions()
 options.graph_optimization_level = ort.GraphOptimizationLevel(level)
 start = time.perf_counter()
 session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 loaded = time.perf_counter() - start
-with open("/proc/self/status") as status:  # VmHWM: this process's peak (ru_maxrss keeps the parent's across exec)
-    rss = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1e3
+peak, resident = status("VmHWM"), status("VmRSS")
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # what of it the process holds freed (glibc keeps freed heap)
+trimmed = status("VmRSS")
 feed = dict(np.load(batch))
 session.run(None, feed)
 times = []
@@ -45,7 +54,8 @@ for _ in range(5):
     outputs = session.run(None, feed)
     times.append(time.perf_counter() - start)
 np.save(batch + ".out.npy", np.asarray(outputs[0], np.float64))
-print(json.dumps({"load_s": loaded, "peak_mb": rss, "run_ms": 1e3 * sorted(times)[2]}))
+print(json.dumps({"load_s": loaded, "peak_mb": peak, "resident_mb": resident, "trimmed_mb": trimmed,
+                  "run_ms": 1e3 * sorted(times)[2]}))
 """
 LEVELS = {"default": 99, "basic": 1, "disabled": 0}  # onnxruntime's GraphOptimizationLevel values
 
@@ -91,19 +101,20 @@ def main() -> None:
                 rows[packed][f"{name}_output"] = np.load(str(batch) + ".out.npy")
             loads.append(os.getloadavg()[0])
     same = all(np.array_equal(rows[True][f"{name}_output"], rows[False][f"{name}_output"]) for name in LEVELS)
-    flags = " ".join(f"--set {item}" for item in args.set)
-    print(f"Command: `python benchmarks/packed_codes.py {args.model.name} {args.calib.name} --bits {args.bits} "
+    flags = "".join(f" --set {item}" for item in args.set)
+    print(f"Command: `python benchmarks/packed_codes.py {args.model.name} {args.calib.name} --bits {args.bits}"
           f"{flags} --repeats {args.repeats}`; {os.cpu_count()} cores, 1-minute load average "
           f"{min(loads):.2f}-{max(loads):.2f}; outputs of the two files the same bits at every level: {same}\n")
-    print("| file | bytes | bits per weight | load s (default / basic / disabled) | peak MB after load "
-          "(default / basic / disabled) | batch-1 ms (default / basic / disabled) |")
-    print("|---|---|---|---|---|---|")
+    print("| file | bytes | bits per weight | level | load s | peak MB in loading | resident MB after it | "
+          "after malloc_trim | batch-1 ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for packed in (False, True):
         row = rows[packed]
-        cells = [" / ".join(f"{row[name][key]:.{digits}f}" for name in LEVELS)
-                 for key, digits in (("load_s", 3), ("peak_mb", 0), ("run_ms", 2))]
-        print(f"| {'--pack-codes' if packed else '--no-pack-codes'} | {row['bytes']:,} | "
-              f"{row['bits_per_weight']:.3f} | {' | '.join(cells)} |")
+        for name in LEVELS:
+            got = row[name]
+            print(f"| {'--pack-codes' if packed else '--no-pack-codes'} | {row['bytes']:,} | "
+                  f"{row['bits_per_weight']:.3f} | {name} | {got['load_s']:.3f} | {got['peak_mb']:.0f} | "
+                  f"{got['resident_mb']:.0f} | {got['trimmed_mb']:.0f} | {got['run_ms']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -377,8 +377,8 @@ class OutputConfig(_Section):
     pack_codes: bool = _option(False, "Write DequantizeLinear's codes at their own width where ONNX has no type "
                                       "that narrow (1, 3, 5-7 bits: 3-bit codes a quarter smaller than in INT4), "
                                       "unpacked by integer operators that onnxruntime folds into the INT4/INT8 "
-                                      "tensor when it loads the model (a smaller file; loading takes longer and "
-                                      "more memory at its peak: docs/results.md, \"Codes packed at their width\").",
+                                      "tensor when it loads the model (a smaller file; loading takes longer, and "
+                                      "the process more memory: docs/results.md, \"Codes packed at their width\").",
                                flag="--pack-codes/--no-pack-codes")
 
     def __post_init__(self) -> None:

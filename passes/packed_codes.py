@@ -5,9 +5,10 @@ room and 5-7 bit codes INT8 room: a 3-bit model is as large as a 4-bit one. Pack
 take their own width in the file, and integer operators every ONNX runtime has rebuild the
 storage-type tensor ``DequantizeLinear`` reads; they depend on initializers only, so onnxruntime
 folds them into that tensor when it loads the model (constant folding, its basic level and
-above): once loaded, in memory and speed the model is the unpacked one, but loading holds the
-folding's intermediate tensors (about 10 bytes per code at the peak: why ``--pack-codes`` is
-opt-in). With optimizations disabled they run on every call.
+above): the session's tensors and speed are then the unpacked model's, but the folding's
+intermediate tensors (about 10 bytes per code) are all held until the model is loaded, and the
+memory they took stays with the process (glibc keeps the freed heap): why ``--pack-codes`` is
+opt-in. With optimizations disabled they run on every call.
 
 Layout: the codes flattened row-major as unsigned ``u = q - qmin``, split into planes of 4, 2 and
 1 bits (``PLANES``: 3 = 2 + 1, 5 = 4 + 1, ...), lowest bits first; each plane is a uint8
