@@ -9,10 +9,10 @@ means are the ``InputStatistics`` the QUBO is built from.
 - ``ConvGram``: a Conv's im2col patches, one Gram matrix per group (patches.PatchGram);
 - ``RecurrentGram``: a recurrent node's gate inputs, one Gram matrix per direction.
 
-With ``spread`` (``--damping auto`` only: it costs up to a fifth of a language model's
-calibration), each also measures how much its Gram matrix varies from sample to sample
-(spread.SampleSpread): a dense view's rows split evenly into the batch's samples (a Conv's patches
-are counted per image).
+With ``spread`` (``--damping auto`` only: a language model's calibration takes 1.74x as long
+with it, benchmarks/results/spread_cost.md), each also measures how much its Gram matrix varies
+from sample to sample (spread.SampleSpread): a dense view's rows split evenly into the batch's
+samples (a Conv's patches are counted per image).
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ class SampleSpread:
         """Samples given by their rows ``x [samples, rows, f]`` (one group), without a Gram
         matrix per sample: the trace-1 Grams sum to one product of the rows scaled by
         ``1 / sqrt(trace)`` per sample, and a sample's squared norm ``||X^T X||_F^2`` is
-        ``||X X^T||_F^2``, the cheaper where it has fewer rows than features (a classifier's
-        head: one row per sample, 1500 wide, 20x faster than a Gram matrix per sample)."""
+        ``||X X^T||_F^2``, the cheaper where it has fewer rows than features (the MNIST CNN's
+        classifier sees one 1568-wide row per sample: its calibration took 13 s with a Gram matrix
+        per sample, 0.7 s so)."""
         if self.total is None:
             raise ValueError("the spread was already computed: no sample can be added")
         count, rows, f = x.shape
@@ -75,7 +76,7 @@ class SampleSpread:
         traces = np.einsum("trf,trf->t", x, x)
         counted = traces > 0
         scale = np.where(counted, 1.0 / np.where(counted, traces, 1.0), 0.0)
-        # the products in float32 (an estimate of noise needs no more: 1.7x faster), their sums in float64
+        # the products in float32 (an estimate of noise needs no more; BLAS runs them ~1.7x faster), sums in float64
         scaled = (x * np.sqrt(scale)[:, None, None]).astype(np.float32)
         chunk = max(1, SMALL_GRAMS_BYTES // (4 * min(rows, f) ** 2))  # samples whose small Grams are held at once
         for start in range(0, count, chunk):
