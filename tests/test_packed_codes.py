@@ -154,7 +154,7 @@ def test_a_layer_is_packed_where_that_saves_more_than_its_unpacking_nodes_take(t
 
 
 def test_widths_with_a_type_of_their_own_are_written_as_before(tmp_path):
-    """2, 4 and 8 bits: nothing to pack, the same file either way."""
+    """2 and 4 bits (as 8): nothing to pack, the same file either way."""
     x = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
     for bits in (2, 4):
         runs.quantize(mlp_model(), tmp_path / f"a{bits}.onnx", bits=bits, calibration={"x": x}, speed=False)
