@@ -633,8 +633,9 @@ def weight_bits(folder: Path, shape: tuple[int, int] | None = None) -> dict[str,
     sizes = {init.name: tensor_bytes(init) for init in graph.initializer}
     dims = {init.name: list(init.dims) for init in graph.initializer}
     for n in graph.node:  # codes packed at their own width (onnx_qubo/passes/packed_codes.py): their planes
-        if n.op_type == "DequantizeLinear" and n.input[0] not in sizes and code_initializers(graph, n.input[0]):
-            sizes[n.input[0]] = sum(sizes[plane] for plane in code_initializers(graph, n.input[0]))
+        planes = code_initializers(graph, n.input[0]) if n.op_type == "DequantizeLinear" else []
+        if n.input and n.input[0] not in sizes and planes:
+            sizes[n.input[0]] = sum(sizes[plane] for plane in planes)
             dims[n.input[0]] = list(code_shape(graph, n.input[0]))
     source = {n.output[0]: n.input[0] for n in graph.node
               if n.op_type in ("Transpose", "Reshape", "Cast", "DequantizeLinear") and n.input}

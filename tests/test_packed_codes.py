@@ -14,10 +14,18 @@ import runs
 from onnx import TensorProto, helper, numpy_helper
 from test_conv import conv_model
 
+from onnx_qubo.calibration.data import load_dataset
+from onnx_qubo.config import QuantizeConfig
+from onnx_qubo.core.external import tensor_bytes
 from onnx_qubo.core.grid import IntegerGrid
+from onnx_qubo.core.progress import Progress
 from onnx_qubo.graph.runtime import BASIC, DEFAULT, NONE
+from onnx_qubo.model.lowering import rewrite
 from onnx_qubo.passes import packed_codes
-from onnx_qubo.passes.packed_codes import PLANES, pack_planes, packs, read_codes, unpack_nodes
+from onnx_qubo.passes.packed_codes import PLANES, code_initializers, pack_planes, packs, read_codes, unpack_nodes
+from onnx_qubo.pipeline import calibrate, solve_all
+from onnx_qubo.plan import make_plan
+from onnx_qubo.studies.contribution import stored_bytes
 
 from graphs import if_model, mlp_model
 
@@ -161,3 +169,21 @@ def test_widths_with_a_type_of_their_own_are_written_as_before(tmp_path):
         runs.quantize(mlp_model(), tmp_path / f"b{bits}.onnx", bits=bits, calibration={"x": x}, speed=False,
                       pack_codes=True)
         assert (tmp_path / f"a{bits}.onnx").read_bytes() == (tmp_path / f"b{bits}.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_bytes_counted_for_a_packed_layer_are_the_written_planes_scales_and_zero_points(symmetric):
+    """contribution.stored_bytes (--bits-per-weight's and sensitivity's size) against the tensors the
+    rewrite writes: the planes (codes padded to 8), float scales, zero points at their type's 4 bits."""
+    model = mlp_model(widths=(256, 130, 8))  # 33,280 codes: packed; 1,040 in the head: not
+    x = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
+    calibrated = calibrate(model, load_dataset({"x": x}, model), Progress())
+    config = QuantizeConfig.from_flat(bits=3, granularity="block", block_size=32, symmetric=symmetric,
+                                      solver="rtn", damping=0.0, pack_codes=True)
+    quantized, _ = solve_all(calibrated, make_plan(config, calibrated.layers), Progress())
+    graph = rewrite(calibrated.model, quantized, packed=True).model.graph
+    sizes = {tensor.name: tensor_bytes(tensor) for tensor in graph.initializer}
+    for q, node in zip(quantized, (n for n in graph.node if n.op_type == "DequantizeLinear")):
+        written = sum(sizes[name] for name in [*code_initializers(graph, node.input[0]), *node.input[1:]])
+        assert stored_bytes(q, packed=True) == written
+    assert [packs(3, q.codes.scheme.grid.storage[0], q.codes.integers.size) for q in quantized] == [True, False]

@@ -65,12 +65,16 @@ def stored_bytes(q: QuantizedLayer, packed: bool) -> int:
     ones as the scales), and the float output shift of bias correction where the layer has no
     bias to fold it into."""
     codes = q.codes
-    storage = codes.scheme.grid.storage[0]
-    width = codes.bits if packed and packs(codes.bits, storage, codes.integers.size) else STORAGE_BITS[storage]
-    zero_points = 0 if codes.signed or codes.scheme.float_zero_point else codes.scales.zero_point.size * width
+    storage, count = codes.scheme.grid.storage[0], codes.integers.size
+    width = STORAGE_BITS[storage]  # the zero points' always
+    if packed and packs(codes.bits, storage, count):  # planes of whole bytes: the codes padded to 8
+        integers = -(-count // 8) * codes.bits
+    else:
+        integers = -(-count * width // 8)
+    zero_points = 0 if codes.signed or codes.scheme.float_zero_point else -(-codes.scales.zero_point.size * width // 8)
     floats = codes.scales.scale.size * (1 + codes.scheme.float_zero_point)
     shift = 0 if q.bias_shift is None or q.layer.bias is not None else q.bias_shift.size * FLOAT_BYTES
-    return int(np.ceil((codes.integers.size * width + zero_points) / 8)) + floats * FLOAT_BYTES + shift
+    return integers + zero_points + floats * FLOAT_BYTES + shift
 
 
 def measure(calibrated: Calibrated, plan: Plan, reference: Reference, progress: Progress) -> Measured:
