@@ -13,7 +13,8 @@ method through its Pareto front, every point marked). Each point is cached as JS
 
 Points: onnx-qubo `--format qdq` (portable INT2/INT4 initializers: their true size) at 2, 3, 4 bits,
 per channel and blocks of 32 and 128, default flags (the grid chosen per layer, the output layer at 4
-bits below 4), and at 2 and 3 bits with `--head-bits` equal to the width (every layer at it); MatMulNBitsQuantizer RTN
+bits below 4), at 2 and 3 bits with `--head-bits` equal to the width (every layer at it), and at 3 bits
+with `--pack-codes` (the codes at 3 bits, not in INT4; a larger load-time peak); MatMulNBitsQuantizer RTN
 (DefaultWeightOnlyQuantConfig, symmetric and not) and HQQ at 2, 4, 8 bits with blocks of 32 and
 128; GPTQ (4 bits only in onnxruntime 1.32) with blocks of 32 and 128. Bits per weight are counted
 from the written model's initializers: for each DequantizeLinear of an integer initializer or of codes
@@ -65,6 +66,7 @@ class Point:
     block: int | None  # None: one scale per output channel
     symmetric: bool | None  # None: onnx-qubo's default, the grid chosen per layer
     head_bits: int | None = None  # onnx-qubo's --head-bits (None: its default, 4 below 4 bits)
+    packed: bool = False  # onnx-qubo's --pack-codes: 3-bit codes stored at 3 bits, not in INT4
 
     @property
     def grid(self) -> str:
@@ -74,12 +76,14 @@ class Point:
     def tag(self) -> str:
         grid = "auto" if self.symmetric is None else "sym" if self.symmetric else "asym"
         head = "" if self.head_bits is None else f"_head{self.head_bits}"
-        return f"{self.method.replace(' ', '-').lower()}_b{self.bits}_{f'blk{self.block}' if self.block else 'channel'}_{grid}{head}"
+        packed = "_packed" if self.packed else ""
+        return f"{self.method.replace(' ', '-').lower()}_b{self.bits}_{f'blk{self.block}' if self.block else 'channel'}_{grid}{head}{packed}"
 
     @property
     def label(self) -> str:
         head = "" if self.head_bits is None else f", --head-bits {self.head_bits}"
-        return f"{self.bits} bits, {f'blocks of {self.block}' if self.block else 'per channel'}, {self.grid}{head}"
+        packed = ", --pack-codes" if self.packed else ""
+        return f"{self.bits} bits, {f'blocks of {self.block}' if self.block else 'per channel'}, {self.grid}{head}{packed}"
 
 
 @dataclass
@@ -105,6 +109,7 @@ class Task:
 def points() -> list[Point]:
     out = [Point("onnx-qubo", b, blk, None) for b in (2, 3, 4) for blk in (None, 32, 128)]
     out += [Point("onnx-qubo", b, blk, None, b) for b in (2, 3) for blk in (None, 32, 128)]  # the head at b too
+    out += [Point("onnx-qubo", 3, blk, None, packed=True) for blk in (None, 32, 128)]  # 3-bit codes at 3 bits
     out += [Point("ORT RTN", b, blk, sym) for b in (2, 4, 8) for blk in (32, 128) for sym in (True, False)]
     out += [Point("ORT HQQ", b, blk, False) for b in (2, 4, 8) for blk in (32, 128)]
     out += [Point("ORT GPTQ", 4, blk, sym) for blk in (32, 128) for sym in (True, False)]
@@ -189,6 +194,7 @@ def run_qubo(t: Task, p: Point, out: Path) -> str:
     command += ["--granularity", "block", "--block-size", str(p.block)] if p.block else ["--granularity", "channel"]
     command += [] if p.symmetric is None else ["--symmetric"] if p.symmetric else ["--asymmetric"]
     command += [] if p.head_bits is None else ["--head-bits", str(p.head_bits)]
+    command += ["--pack-codes"] if p.packed else []
     for layer in t.exclude:
         command += ["--exclude", layer]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -355,7 +361,8 @@ def write(t: Task, rows: list[dict[str, Any]], float_metric: float, name: str, a
              f"Model: `{t.model.relative_to(ROOT) if t.model.is_relative_to(ROOT) else t.model.name}`; "
              f"metric: {name} on {n_eval} evaluation samples (float model: {float_metric:.4f}). {t.notes}", "",
              "Bits per weight: the quantized layers' integer codes, scales and zero points as stored in the written "
-             "model, over their number of weights (onnx-qubo: `--format qdq`, 3-bit codes stored as INT4; "
+             "model, over their number of weights (onnx-qubo: `--format qdq`, 3-bit codes stored as INT4, or at 3 "
+             "bits with `--pack-codes`; "
              "onnxruntime: MatMulNBits' B, scales, zero_points, block padding included). Front: on its method's "
              f"Pareto front (no point of the same method has fewer bits per weight and a higher {name}). "
              + (f"onnx-qubo leaves these layers in float, as onnxruntime's quantizer does: {', '.join(t.exclude)}."
