@@ -111,6 +111,10 @@ CONFIGS = {
     "qubo-b3-blk32-rot-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --levels 3",
     "qubo-b3-blk32-damp": "onnx-qubo 3 bits, blocks of 32, --damping 0.01 (a ridge of 1% of the Gram's mean diagonal)",
     "qubo-b4-blk32-damp": "onnx-qubo 4 bits, blocks of 32, --damping 0.01",
+    "qubo-b4-blk32-nopad": "onnx-qubo 4 bits, blocks of 32, --padding-mask none (padded positions counted in the "
+                           "statistics: the default before --padding-mask)",
+    "qubo-b3-blk32-nopad": "onnx-qubo 3 bits, blocks of 32, --padding-mask none",
+    "qubo-b2-blk32-nopad": "onnx-qubo 2 bits, blocks of 32, --padding-mask none",
     "qubo-b3-blk32-lw": "onnx-qubo 3 bits, blocks of 32, --damping auto (Ledoit-Wolf shrinkage of each Gram matrix)",
     "qubo-b4-blk32-lw": "onnx-qubo 4 bits, blocks of 32, --damping auto",
     "qubo-b3-blk32-seq": "onnx-qubo 3 bits, blocks of 32, --sequential (each layer calibrated on the quantized layers "
@@ -906,6 +910,8 @@ def worker(args) -> int:
                 kw["damping"] = 0.01
             if "lw" in options:
                 kw["damping"] = "auto"  # lw: --damping auto (Ledoit-Wolf shrinkage per layer)
+            if "nopad" in options:
+                kw["padding_mask"] = "none"  # padded positions counted in the statistics
             small = [float(o[2:]) / 100 for o in options if o.startswith("sl") and o[2:].isdigit()]
             if small:
                 kw["small_layers"] = small[0]  # slN: the smallest layers holding N% of the weights at 8 bits

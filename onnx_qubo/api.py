@@ -16,6 +16,7 @@ from .autoscheme import quantize_auto
 from .backends.kernels import Format, auto_accuracy_level
 from .calibration.data import Dataset, load_dataset
 from .calibration.memory import return_freed_memory
+from .calibration.padding import padding_note, with_padding_mask
 from .config import HEAD_BITS, QuantizeConfig, default_damping
 from .core.choice import parse_choice
 from .core.errors import OptionError, OutputError
@@ -96,7 +97,8 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
         distributed.connect(config.execution.ray_address)
     float_model = prepare(model if isinstance(model, onnx.ModelProto) else load_model(model))
     config = _resolved(config, float_model)
-    calib_data = _dataset(float_model, input_path, calibration, CALIB_SUFFIX, config.execution.batch_size)
+    calib_data = with_padding_mask(_dataset(float_model, input_path, calibration, CALIB_SUFFIX,
+                                            config.execution.batch_size), float_model, config.rounding.padding_mask)
     bar = Progress(enabled=progress)
     input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(  # external data files included
         path.stat().st_size for path, role in reads.items() if "input model" in role)
@@ -119,7 +121,8 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
         calibration=calib_data.origin, calibration_samples=calib_data.num_samples, layers=quantized.layers,
         skipped=[node for node in quantized.skipped if node.name not in inserted], evaluation=None,
         input_bytes=input_bytes, output_bytes=None,
-        seconds=time.perf_counter() - started, scheme=config.describe(), notes=quantized.notes)
+        seconds=time.perf_counter() - started, scheme=config.describe(),
+        notes=[*padding_note(calib_data), *quantized.notes])
     return Result(quantized.model, report, config, float_model, quantized.reference, input_path, reads, calib_data,
                   started)
 
@@ -249,7 +252,8 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
             samples: int = 0, seed: int = 0, batch_size: int = 256, granularity: str = "channel",
             block_size: int = 0, symmetric: bool | None = None, float_zero_points: bool = False,
             bias: str = "float", bias_correction: bool | None = None, activations: str = "none",
-            activation_range: str = "minmax", sequential: bool | None = None, progress: bool = False) -> Comparison:
+            activation_range: str = "minmax", sequential: bool | None = None, padding_mask: str = AUTO,
+            progress: bool = False) -> Comparison:
     """Quantize ``model`` for every bit width x scale x solver and evaluate each in onnxruntime
     (nothing is written). ``samples`` > 0 adds the cost-accuracy study: that many random
     roundings around the best QUBO solution per bit width. Data and scheme as for ``quantize``."""
@@ -265,9 +269,11 @@ def compare(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any = No
     scheme = QuantizeConfig.from_flat(bits=min(bits, default=8), granularity=granularity, block_size=block_size,
                                       symmetric=symmetric, float_zero_points=float_zero_points, bias=bias,
                                       bias_correction=bias_correction, activations=activations,
-                                      activation_range=activation_range, sequential=sequential)
+                                      activation_range=activation_range, sequential=sequential,
+                                      padding_mask=padding_mask)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
-    float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
+    float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size,
+                                                      scheme.rounding.padding_mask)
     bar = Progress(enabled=progress)
     calibrated = calibrate(float_model, calib_data, bar, activations=scheme.activations.dtype,
                            activation_range=scheme.activations.range,
@@ -282,7 +288,7 @@ def sensitivity(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any 
                 batch_size: int = 256, exclude: Sequence[str] = (), granularity: str = "channel",
                 block_size: int = 0, symmetric: bool | None = None, float_zero_points: bool = False,
                 bias: str = "float", bias_correction: bool | None = None, activations: str = "none",
-                activation_range: str = "minmax", progress: bool = False) -> Sensitivity:
+                activation_range: str = "minmax", padding_mask: str = AUTO, progress: bool = False) -> Sensitivity:
     """Each layer's contribution to the model's output error: the float model with only that
     layer quantized (the integers ``quantize`` would write with these options), run in
     onnxruntime on the evaluation data (the calibration data if none). Costs one solve of
@@ -291,9 +297,11 @@ def sensitivity(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any 
                                        block_size=block_size, symmetric=symmetric,
                                        float_zero_points=float_zero_points, bias=bias,
                                        bias_correction=bias_correction, activations=activations,
-                                       activation_range=activation_range, exclude=tuple(exclude))
+                                       activation_range=activation_range, exclude=tuple(exclude),
+                                       padding_mask=padding_mask)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
-    float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size)
+    float_model, calib_data, eval_data = _load_inputs(model, input_path, calibration, evaluation, batch_size,
+                                                      options.rounding.padding_mask)
     options = options.updated(damping=study_damping(float_model, options.weights.bits))
     bar = Progress(enabled=progress)
     started = time.perf_counter()
@@ -307,12 +315,14 @@ def sensitivity(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any 
                        time.perf_counter() - started)
 
 
-def _load_inputs(model: ModelSource, input_path: Path | None, calibration: Any,
-                 evaluation: Any, batch_size: int) -> tuple[onnx.ModelProto, Dataset, Dataset]:
-    """The float model, calibration data, and evaluation data (the calibration data if none)."""
+def _load_inputs(model: ModelSource, input_path: Path | None, calibration: Any, evaluation: Any, batch_size: int,
+                 padding_mask: str = AUTO) -> tuple[onnx.ModelProto, Dataset, Dataset]:
+    """The float model, calibration data (its padded positions marked by ``padding_mask``, as
+    ``--padding-mask`` says), and evaluation data (the calibration data if none)."""
     batch_size = check_integer(batch_size, "batch_size", minimum=1)
     float_model = prepare(model if isinstance(model, onnx.ModelProto) else load_model(model))
-    calib_data = _dataset(float_model, input_path, calibration, CALIB_SUFFIX, batch_size)
+    calib_data = with_padding_mask(_dataset(float_model, input_path, calibration, CALIB_SUFFIX, batch_size),
+                                   float_model, padding_mask)
     if evaluation is None and _beside(input_path, EVAL_SUFFIX) is None:
         return float_model, calib_data, calib_data
     return float_model, calib_data, _dataset(float_model, input_path, evaluation, EVAL_SUFFIX, batch_size)

@@ -30,7 +30,7 @@ from .rounding.solvers import SOLVERS
 FLAGS = {"calibration": "--calib", "evaluation": "--eval", "report_path": "--report", "block_size": "--block-size",
          **{name: option.flag for name, option in OPTIONS.items()}}  # API name -> flag
 METAVARS = {"exclude": "LAYER", "layer_bits": "LAYER=BITS", "ray_address": "ADDRESS", "max_memory": "GB",
-            "size_budget": "MB", "bits_per_weight": "BITS"}
+            "size_budget": "MB", "bits_per_weight": "BITS", "padding_mask": "INPUT"}
 
 
 def flag(option: str) -> str:
@@ -190,7 +190,7 @@ def config_options(names: list[str], **defaults: object):
 
 
 SCHEME = ["granularity", "symmetric", "float_zero_points", "bias", "bias_correction", "activations", "activation_range",
-          "sequential"]
+          "sequential", "padding_mask"]
 
 
 def quantize_config(ctx: click.Context, given: dict, config_path: str | None) -> QuantizeConfig:

@@ -281,6 +281,11 @@ class RoundingConfig(_Section):
         None, "Calibrate each layer on the outputs of the already quantized earlier layers (target: the float "
               "model's outputs). Unset (the default): on where a Conv layer is fed by another quantized layer.",
         flag="--sequential/--no-sequential")
+    padding_mask: str = _option(
+        AUTO, "Calibration input whose zeros mark padded positions ([batch, sequence], as a tokenizer's "
+              "attention_mask): the layers whose inputs are per position leave them out of their statistics (a model "
+              "given the mask never lets them reach its output). auto: attention_mask where the model takes one and "
+              "the calibration data pads; none: every position counts.")
     lower_bound: bool = _option(False, "Certify a lower bound on each layer's optimal cost (the report's bound and "
                                        "gap columns).", flag="--bound")
     dump_qubo: str | None = _option(None, "Write each layer's QUBOs (npz, format in onnx_qubo/rounding/exchange.py) "

@@ -55,6 +55,11 @@ def test_neal_flags_without_neal_are_refused(model_dir):
                  "--neal-reads applies only to --solver neal")  # a bad value, refused by the config: status 1
 
 
+def test_a_padding_mask_the_model_does_not_take_is_refused(model_dir):
+    expect_error(model_dir, [model_dir / "mlp.onnx", model_dir / "out.onnx", "--padding-mask", "attention_mask"],
+                 "--padding-mask 'attention_mask' is not an input of the model (its inputs: x)")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--solver", "neal", "--effort", "4"], "--effort applies only to --solver fast"),
     (["--effort", "0"], "--effort must be at least 1, got 0")])

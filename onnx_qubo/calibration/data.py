@@ -49,6 +49,7 @@ class Dataset:
     origin: str  # where it came from, for messages and reports
     axes: dict[str, int | None] = field(default_factory=dict)
     splittable: bool = True  # a batch may be run in pieces (False: a fixed batch size, or a reader's batches)
+    padding_mask: str | None = None  # the input whose zeros mark padded positions (padding.py), if any
 
     def samples(self, batch: dict[str, np.ndarray]) -> int:
         """How many samples ``batch`` holds (read off its first input that has a batch axis)."""

@@ -13,6 +13,9 @@ With ``spread`` (``--damping auto`` only: a language model's calibration takes 1
 with it, benchmarks/results/spread_cost.md), each also measures how much its Gram matrix varies
 from sample to sample (spread.SampleSpread): a dense view's rows split evenly into the batch's
 samples (a Conv's patches are counted per image).
+
+A dense view whose vectors are positions leaves out the padded ones when the calibration data
+marks them (padding.py): masked rows are zero rows of ``z``, constant included.
 """
 
 from __future__ import annotations
@@ -69,12 +72,20 @@ class DenseGram:
         self.averaged = False
         self.spread = SampleSpread(f) if spread else None
 
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1) -> None:
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1,
+               mask: np.ndarray | None = None) -> None:
         """Add the vectors of ``samples`` calibration samples (its rows split evenly between
-        them, in order; all one sample's where they do not split evenly)."""
+        them, in order; all one sample's where they do not split evenly); ``mask`` (x's leading
+        shape): the rows at 0 are left out, as zero rows of ``z`` (the constant included) that
+        add nothing to any sum or spread, and are not counted."""
+        if mask is not None and mask.shape != x.shape[:-1]:
+            raise ValueError(f"a mask of shape {list(mask.shape)} does not cover vectors of shape {list(x.shape)}")
         x = x.reshape(-1, self.f).astype(np.float64)
         x_seen = x if seen is None else seen.reshape(-1, self.f).astype(np.float64)
-        z = np.hstack([x_seen, np.ones((len(x), 1))])
+        kept = np.ones((len(x), 1)) if mask is None else (mask.reshape(-1, 1) != 0).astype(np.float64)
+        if mask is not None:
+            x, x_seen = x * kept, x_seen * kept
+        z = np.hstack([x_seen, kept])
         self.zz.add(z.T @ z)  # exactly symmetric (BLAS's syrk)
         if self.spread is not None:
             self.spread.add_rows(x_seen.reshape(samples if samples > 1 and len(x) % samples == 0 else 1, -1, self.f))
@@ -82,7 +93,7 @@ class DenseGram:
             d = x - x_seen
             self.zd += z.T @ d
             self.dd += d.T @ d
-        self.count += len(x)
+        self.count += len(x) if mask is None else int(np.count_nonzero(kept))
 
     def statistics(self, group: int | None = None) -> InputStatistics:
         """The means (divided once, in place: the sums are not held twice), the Gram matrix
@@ -105,10 +116,13 @@ class ConvGram:
         self.name = name
         self.result: ConvStatistics | None = None  # the means, computed once for all groups
 
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1) -> None:
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1,
+               mask: np.ndarray | None = None) -> None:
         """Add a batch (its images are the samples); a ModelError naming the Conv when its input
         does not fit it (a group that does not divide the channels, a kernel larger than the
-        input), as onnxruntime would."""
+        input), as onnxruntime would. No ``mask``: patches are not positions (Patches.positions)."""
+        if mask is not None:
+            raise ValueError("a Conv's patches take no padding mask")
         if x.size:  # empty: the If branch holding the Conv did not run on this batch
             problem = self.gram.geometry.input_problem(x.shape)
             if problem is not None:
@@ -130,7 +144,10 @@ class RecurrentGram:
     def __init__(self, f: int, directions: int, with_drift: bool, spread: bool = False):
         self.grams = [DenseGram(f, with_drift, spread) for _ in range(directions)]
 
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1) -> None:
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1,
+               mask: np.ndarray | None = None) -> None:
+        if mask is not None:
+            raise ValueError("a recurrent node's gate inputs take no padding mask")
         for d, gram in enumerate(self.grams):  # x, seen: [directions, rows, f]
             gram.update(x[d], None if seen is None else seen[d], samples)
 

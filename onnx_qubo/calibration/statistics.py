@@ -7,6 +7,9 @@ a recurrent node's gate inputs) the view's accumulator (grams.py) sums, in float
 ``G = E[z z^T]`` with ``z = [x; 1]``: memory O(f^2) whatever the number of samples (the running
 sum of IST-DASLab/gptq's ``add_batch``).
 
+Where the data marks padded positions (``Dataset.padding_mask``, padding.py), the views whose
+vectors are positions over the mask's [batch, sequence] axes leave them out.
+
 When the quantized layer will see other inputs ``x~`` than the float model's ``x`` (its input
 is quantized, or earlier layers are: ``--sequential``), z is built from x~, the target stays
 the float output, and two more sums make the objective exact (DESIGN.md's ``P = E[z y^T]``
@@ -109,10 +112,12 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
     quantizers = dict(quantizers or {})
     tensors = {name for layer in layers for name in layer.input_tensors}
     mismatch = deployed is not None or bool(quantizers.keys() & tensors)
+    padding = dataset.padding_mask  # a graph input: streamed from the feed
+    streamed = tensors | ({padding} if padding is not None else set())
     sums = {key: layer.view.accumulator(layer.shape[1], mismatch, layer.owner, spread) for key, layer in views.items()}
-    streams = [stream_inputs(expose_outputs(model, layers), tensors, dataset, "the float model")]
+    streams = [stream_inputs(expose_outputs(model, layers), streamed, dataset, "the float model")]
     if deployed is not None:
-        streams.append(stream_inputs(expose_outputs(deployed, layers), tensors, dataset,
+        streams.append(stream_inputs(expose_outputs(deployed, layers), streamed, dataset,
                                      "the partly quantized model", built=True))
 
     def update(key: str, *, floats: dict[str, np.ndarray], seen: dict[str, np.ndarray], samples: int) -> None:
@@ -122,7 +127,11 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
         if mismatch:
             x_seen = layer.view.vectors(seen[name] if name not in quantizers else
                                         quantizers[name].fake_quantize(seen[name]), seen)
-        sums[key].update(layer.view.vectors(floats[name], floats), x_seen, samples)
+        vectors = layer.view.vectors(floats[name], floats)
+        mask = floats[padding] if padding is not None and layer.view.positions else None
+        if mask is not None and mask.shape != vectors.shape[:-1]:
+            mask = None  # not per position of the masked sequence (a pooled or flattened input): every row counts
+        sums[key].update(vectors, x_seen, samples, mask)
 
     # each view's sums on one thread at a time, in batch order: the same bits for any thread count
     with progress.bar(dataset.num_samples, "calibrating") as bar:

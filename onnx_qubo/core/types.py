@@ -80,7 +80,11 @@ class RowsOf:
 class Accumulator(Protocol):
     """Running sums of one input view's vectors over the calibration batches (grams.py)."""
 
-    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1) -> None: ...
+    def update(self, x: np.ndarray, seen: np.ndarray | None = None, samples: int = 1,
+               mask: np.ndarray | None = None) -> None:
+        """Add a batch's vectors ``x`` (``seen``: those the quantized layer will see instead) of
+        ``samples`` samples; ``mask``: 0 at the positions to leave out, over ``x``'s leading axes
+        (only for views whose vectors are positions, ``InputView.positions``)."""
 
     def statistics(self, group: int | None) -> InputStatistics: ...
 
@@ -94,6 +98,11 @@ class InputView(Protocol):
     @property
     def tensors(self) -> tuple[str, ...]:
         """Tensors besides the layer's input that its vectors are built from (a cell's Y...)."""
+
+    @property
+    def positions(self) -> bool:
+        """Its vectors are its input's positions (the last axis over the leading ones), so a
+        padding mask over those leading axes says which to leave out (calibration/padding.py)."""
 
     @property
     def problems(self) -> int:

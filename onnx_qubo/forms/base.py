@@ -39,6 +39,7 @@ class LastAxis:
     vector per leading index; the layers reading one tensor share its statistics."""
 
     tensors: tuple[str, ...] = ()
+    positions = True
     problems = 1
     small_problems = False
     output_axes = 0

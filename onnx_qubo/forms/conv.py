@@ -39,6 +39,7 @@ class Patches:
     output: str
     tensors: tuple[str, ...] = ()
     unwritten = None
+    positions = False  # patches, not the input's positions: a padding mask does not apply
 
     @property
     def problems(self) -> int:

@@ -46,6 +46,7 @@ class GateInputs:
     built from X and Y (``RecurrentCell.gate_inputs``), one layer problem per direction."""
 
     cell: RecurrentCell
+    positions = False  # time steps, not positions a mask over the input's leading axes marks
     small_problems = False
     output_axes = 0
     geometry = None
