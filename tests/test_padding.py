@@ -74,6 +74,17 @@ def test_auto_finds_attention_mask_and_the_positions_layer_leaves_the_pads_out()
     assert pooled.count == len(data["x"])  # one row per sample: not per position, nothing left out
 
 
+def test_a_time_major_input_keeps_every_row_even_where_the_mask_is_square():
+    """Batches of as many sequences as positions: a [S, B, f] input has the mask's shape; the
+    first non-square piece (calibration's one-sample probe) shows it is not per position."""
+    model, data = masked_model(time_major=True), padded_data(6)
+    dataset = with_padding_mask(load_dataset(data, model, batch_size=6), model)
+    assert dataset.padding_mask == "attention_mask" and all(b["x"].shape[:2] == (6, 6) for b in dataset.batches)
+    calibrated = calibrate(model, dataset, Progress(enabled=False))
+    layer = next(layer for layer in calibrated.layers if layer.name == "positions")
+    assert calibrated.statistics[layer.statistics_key].count == data["x"].shape[0] * data["x"].shape[1]
+
+
 @pytest.mark.parametrize("option", ["none", "auto"])
 def test_none_and_models_without_a_mask_count_every_position(option):
     data = padded_data(2)

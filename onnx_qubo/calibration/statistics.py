@@ -120,6 +120,8 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
         streams.append(stream_inputs(expose_outputs(deployed, layers), streamed, dataset,
                                      "the partly quantized model", built=True))
 
+    per_position: dict[str, bool] = {}  # a view's input is [batch, sequence, ...], as the first non-square mask shows
+
     def update(key: str, *, floats: dict[str, np.ndarray], seen: dict[str, np.ndarray], samples: int) -> None:
         layer = views[key]
         name = layer.input_name
@@ -129,8 +131,12 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
                                         quantizers[name].fake_quantize(seen[name]), seen)
         vectors = layer.view.vectors(floats[name], floats)
         mask = floats[padding] if padding is not None and layer.view.positions else None
-        if mask is not None and mask.shape != vectors.shape[:-1]:
-            mask = None  # not per position of the masked sequence (a pooled or flattened input): every row counts
+        if mask is not None:
+            matches = mask.shape == vectors.shape[:-1]
+            if mask.shape[0] != mask.shape[1]:  # a square mask also fits a [sequence, batch] (time-major) input
+                per_position.setdefault(key, matches)
+            if not (matches and per_position.get(key, True)):
+                mask = None  # not per position of the masked sequence (pooled, flattened, time-major): all count
         sums[key].update(vectors, x_seen, samples, mask)
 
     # each view's sums on one thread at a time, in batch order: the same bits for any thread count
