@@ -184,11 +184,12 @@ def if_in_scan_model(f=6, seed=0) -> onnx.ModelProto:
     return _model(nodes, [_floats("xs", ["T", "B", f])], [_floats("ys", ["T", "B", n])], inits)
 
 
-def masked_model(f=8, n=6, classes=3, seed=0, time_major=False) -> onnx.ModelProto:
+def masked_model(f=8, n=6, classes=3, seed=0, time_major=False, mask="attention_mask") -> onnx.ModelProto:
     """A sequence encoder as tokenizers feed it: x [B, S, f] with attention_mask [B, S] (0 at a
     pad) -> MatMul + Add ("positions", per position) -> Relu -> times the mask -> sum over S ->
     Gemm ("pooled", per sample): padded positions never reach the output. ``time_major``: the
-    MatMul runs on x transposed to [S, B, f] (nn.MultiheadAttention's default layout)."""
+    MatMul runs on x transposed to [S, B, f] (nn.MultiheadAttention's default layout); ``mask``:
+    the mask input's name."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.standard_normal((f, n)).astype(np.float32), "W"),
              numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"),
@@ -198,7 +199,7 @@ def masked_model(f=8, n=6, classes=3, seed=0, time_major=False) -> onnx.ModelPro
     nodes = [helper.make_node("MatMul", ["xt" if time_major else "x", "W"], ["h"], name="positions"),
              helper.make_node("Add", ["h", "b"], ["hb"], name="positions_bias"),
              helper.make_node("Relu", ["hb"], ["rt" if time_major else "r"], name="relu"),
-             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Cast", [mask], ["m"], to=TensorProto.FLOAT, name="cast"),
              helper.make_node("Unsqueeze", ["m", "last"], ["m3"], name="unsqueeze"),
              helper.make_node("Mul", ["r", "m3"], ["kept"], name="mask"),
              helper.make_node("ReduceSum", ["kept", "sequence"], ["pooled"], keepdims=0, name="pool"),
@@ -206,6 +207,5 @@ def masked_model(f=8, n=6, classes=3, seed=0, time_major=False) -> onnx.ModelPro
     if time_major:
         nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2], name="to_time_major"), *nodes[:3],
                  helper.make_node("Transpose", ["rt"], ["r"], perm=[1, 0, 2], name="to_batch_major"), *nodes[3:]]
-    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "S"])
-    inputs = [_floats("x", ["B", "S", f]), mask]
+    inputs = [_floats("x", ["B", "S", f]), helper.make_tensor_value_info(mask, TensorProto.INT64, ["B", "S"])]
     return _model(nodes, inputs, [_floats("y", ["B", classes])], inits)

@@ -74,6 +74,13 @@ def test_auto_finds_attention_mask_and_the_positions_layer_leaves_the_pads_out()
     assert pooled.count == len(data["x"])  # one row per sample: not per position, nothing left out
 
 
+def test_auto_finds_tensorflow_berts_input_mask_too():
+    data = padded_data(7)
+    data["input_mask:0"] = data.pop("attention_mask")
+    model = masked_model(mask="input_mask:0")
+    assert with_padding_mask(load_dataset(data, model), model).padding_mask == "input_mask:0"
+
+
 def test_a_time_major_input_keeps_every_row_even_where_the_mask_is_square():
     """Batches of as many sequences as positions: a [S, B, f] input has the mask's shape; the
     first non-square piece (calibration's one-sample probe) shows it is not per position."""

@@ -1,7 +1,8 @@
 """Padded positions: which calibration input marks them, and what share of the data they are.
 
 Sequence models are calibrated on batches padded to one length, and a tokenizer says which
-positions are padding in ``attention_mask`` ([batch, sequence], 0 at a pad). A model that takes
+positions are padding in ``attention_mask`` ([batch, sequence], 0 at a pad; TensorFlow's BERT:
+``input_mask``). A model that takes
 the mask never lets those positions reach its output (attention ignores them as keys; pooling
 and losses skip them), yet their hidden states run through every layer: counted in a layer's
 Gram matrix they make it fit the rounding to inputs that do not matter (half of the rows of a
@@ -22,19 +23,22 @@ from ..core.errors import OptionError
 from ..core.options import AUTO
 from .data import Dataset
 
-MASK_INPUT = "attention_mask"  # the tokenizers' name, which --padding-mask auto looks for
+# what --padding-mask auto looks for: the tokenizers' name (Hugging Face exports), and TensorFlow BERT's
+# as tf2onnx writes it (the ONNX model zoo's BERT-SQuAD: "input_mask:0")
+MASK_INPUTS = ("attention_mask", "input_mask", "attention_mask:0", "input_mask:0")
 NONE = "none"
 
 
 def with_padding_mask(dataset: Dataset, model: onnx.ModelProto, option: str = AUTO) -> Dataset:
     """``dataset`` with its ``padding_mask`` set from ``option``: an input's name, ``none``, or
-    ``auto`` (MASK_INPUT where the model takes it as [batch, sequence] and the data pads)."""
+    ``auto`` (the first of MASK_INPUTS the model takes as [batch, sequence] where the data pads)."""
     if option == NONE:
         return replace(dataset, padding_mask=None)
     inputs = {value.name for value in model.graph.input} - {init.name for init in model.graph.initializer}
     if option == AUTO:
-        found = MASK_INPUT in inputs and _mask_problem(dataset, MASK_INPUT) is None
-        return replace(dataset, padding_mask=MASK_INPUT if found and padded_share(dataset, MASK_INPUT) > 0 else None)
+        found = [name for name in MASK_INPUTS if name in inputs and _mask_problem(dataset, name) is None
+                 and padded_share(dataset, name) > 0]
+        return replace(dataset, padding_mask=found[0] if found else None)
     if option not in inputs:
         raise OptionError(f"{{padding_mask}} '{option}' is not an input of the model (its inputs: "
                           f"{', '.join(sorted(inputs))}); give an input, auto or none", "padding_mask")
