@@ -284,8 +284,8 @@ class RoundingConfig(_Section):
     padding_mask: str = _option(
         AUTO, "Calibration input whose zeros mark padded positions ([batch, sequence], as a tokenizer's "
               "attention_mask): the layers whose inputs are per position leave them out of their statistics (a model "
-              "given the mask never lets them reach its output). auto: attention_mask (or TensorFlow's input_mask) where "
-              "the model takes one and the calibration data pads; none: every position counts.")
+              "given the mask never lets them reach its output). auto: attention_mask (or TensorFlow's input_mask) "
+              "where the model takes one and the calibration data pads; none: every position counts.")
     lower_bound: bool = _option(False, "Certify a lower bound on each layer's optimal cost (the report's bound and "
                                        "gap columns).", flag="--bound")
     dump_qubo: str | None = _option(None, "Write each layer's QUBOs (npz, format in onnx_qubo/rounding/exchange.py) "
