@@ -133,7 +133,8 @@ def collect_statistics(model: onnx.ModelProto, layers: list[DenseLayer], dataset
         mask = floats[padding] if padding is not None and layer.view.positions else None
         if mask is not None:
             matches = mask.shape == vectors.shape[:-1]
-            if mask.shape[0] != mask.shape[1]:  # a square mask also fits a [sequence, batch] (time-major) input
+            # a square mask also fits a [sequence, batch] (time-major) input; an empty one (If not taken) tells nothing
+            if mask.shape[0] != mask.shape[1] and vectors.size:
                 per_position.setdefault(key, matches)
             if not (matches and per_position.get(key, True)):
                 mask = None  # not per position of the masked sequence (pooled, flattened, time-major): all count
