@@ -97,8 +97,8 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
         distributed.connect(config.execution.ray_address)
     float_model = prepare(model if isinstance(model, onnx.ModelProto) else load_model(model))
     config = _resolved(config, float_model)
-    calib_data = with_padding_mask(_dataset(float_model, input_path, calibration, CALIB_SUFFIX,
-                                            config.execution.batch_size), float_model, config.rounding.padding_mask)
+    calib_data = _dataset(float_model, input_path, calibration, CALIB_SUFFIX, config.execution.batch_size,
+                          config.rounding.padding_mask)
     bar = Progress(enabled=progress)
     input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(  # external data files included
         path.stat().st_size for path, role in reads.items() if "input model" in role)
@@ -317,15 +317,15 @@ def sensitivity(model: str | os.PathLike | onnx.ModelProto, *, calibration: Any 
 
 def _load_inputs(model: ModelSource, input_path: Path | None, calibration: Any, evaluation: Any, batch_size: int,
                  padding_mask: str = AUTO) -> tuple[onnx.ModelProto, Dataset, Dataset]:
-    """The float model, calibration data (its padded positions marked by ``padding_mask``, as
-    ``--padding-mask`` says), and evaluation data (the calibration data if none)."""
+    """The float model, calibration data, and evaluation data (the calibration data if none),
+    their padded positions marked by ``padding_mask`` (``--padding-mask``)."""
     batch_size = check_integer(batch_size, "batch_size", minimum=1)
     float_model = prepare(model if isinstance(model, onnx.ModelProto) else load_model(model))
-    calib_data = with_padding_mask(_dataset(float_model, input_path, calibration, CALIB_SUFFIX, batch_size),
-                                   float_model, padding_mask)
+    calib_data = _dataset(float_model, input_path, calibration, CALIB_SUFFIX, batch_size, padding_mask)
     if evaluation is None and _beside(input_path, EVAL_SUFFIX) is None:
         return float_model, calib_data, calib_data
-    return float_model, calib_data, _dataset(float_model, input_path, evaluation, EVAL_SUFFIX, batch_size)
+    return float_model, calib_data, _dataset(float_model, input_path, evaluation, EVAL_SUFFIX, batch_size,
+                                             padding_mask)
 
 
 def _solver_name(solver: object) -> str:
@@ -345,7 +345,8 @@ def run(model: ModelSource, output_path: str | os.PathLike, config: QuantizeConf
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     if evaluation is not None or _beside(input_path, EVAL_SUFFIX) is not None:  # checked before the long run
         graph = model if isinstance(model, onnx.ModelProto) else load_model(model)
-        evaluation = _dataset(graph, input_path, evaluation, EVAL_SUFFIX, config.execution.batch_size)
+        evaluation = _dataset(graph, input_path, evaluation, EVAL_SUFFIX, config.execution.batch_size,
+                              config.rounding.padding_mask)
     result = evaluate(quantize(model, config, calibration, progress=progress), evaluation, progress=progress)
     if speed:
         result = measure_speed(result, evaluation)
@@ -353,9 +354,10 @@ def run(model: ModelSource, output_path: str | os.PathLike, config: QuantizeConf
 
 
 def _dataset(float_model: onnx.ModelProto, input_path: Path | None, source: Any, suffix: str,
-             batch_size: int) -> Dataset:
+             batch_size: int, padding_mask: str = AUTO) -> Dataset:
     """Calibration data (``suffix`` CALIB_SUFFIX) or evaluation data from ``source``, or from
-    the file beside the model; checked against a language model's vocabulary."""
+    the file beside the model; checked against a language model's vocabulary; its padded
+    positions marked as ``padding_mask`` says (padding.py)."""
     source = _beside(input_path, suffix) if source is None else source
     if source is None:
         where = f", or put '{input_path.stem}{suffix}' beside the model" if input_path else ""
@@ -365,7 +367,8 @@ def _dataset(float_model: onnx.ModelProto, input_path: Path | None, source: Any,
     lm = language_model(float_model)
     if lm is not None:  # before the long run
         check_tokens(lm, data)
-    return data
+    return with_padding_mask(data, float_model, padding_mask,
+                             "calibration data" if suffix == CALIB_SUFFIX else "evaluation data")
 
 
 def _evaluation_data(result: Result, evaluation: Any) -> Dataset:
@@ -376,7 +379,7 @@ def _evaluation_data(result: Result, evaluation: Any) -> Dataset:
     if evaluation is None and _beside(result.input_path, EVAL_SUFFIX) is None:
         return result.calibration
     return _dataset(result.float_model, result.input_path, evaluation, EVAL_SUFFIX,
-                    result.config.execution.batch_size)
+                    result.config.execution.batch_size, result.config.rounding.padding_mask)
 
 
 def _beside(model_path: Path | None, suffix: str) -> Path | None:

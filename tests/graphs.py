@@ -184,12 +184,14 @@ def if_in_scan_model(f=6, seed=0) -> onnx.ModelProto:
     return _model(nodes, [_floats("xs", ["T", "B", f])], [_floats("ys", ["T", "B", n])], inits)
 
 
-def masked_model(f=8, n=6, classes=3, seed=0, time_major=False, mask="attention_mask") -> onnx.ModelProto:
+def masked_model(f=8, n=6, classes=3, seed=0, time_major=False, mask="attention_mask",
+                 per_position=False) -> onnx.ModelProto:
     """A sequence encoder as tokenizers feed it: x [B, S, f] with attention_mask [B, S] (0 at a
     pad) -> MatMul + Add ("positions", per position) -> Relu -> times the mask -> sum over S ->
     Gemm ("pooled", per sample): padded positions never reach the output. ``time_major``: the
     MatMul runs on x transposed to [S, B, f] (nn.MultiheadAttention's default layout); ``mask``:
-    the mask input's name."""
+    the mask input's name; ``per_position``: the output is the Relu's [B, S, n], scores per
+    position as a token classifier's (the pads' rows computed, and ignored by its user)."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.standard_normal((f, n)).astype(np.float32), "W"),
              numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"),
@@ -208,4 +210,6 @@ def masked_model(f=8, n=6, classes=3, seed=0, time_major=False, mask="attention_
         nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2], name="to_time_major"), *nodes[:3],
                  helper.make_node("Transpose", ["rt"], ["r"], perm=[1, 0, 2], name="to_batch_major"), *nodes[3:]]
     inputs = [_floats("x", ["B", "S", f]), helper.make_tensor_value_info(mask, TensorProto.INT64, ["B", "S"])]
+    if per_position:
+        return _model(nodes[:3], inputs, [_floats("r", ["B", "S", n])], inits[:2])
     return _model(nodes, inputs, [_floats("y", ["B", classes])], inits)

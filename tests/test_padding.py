@@ -6,6 +6,8 @@ layer after pooling keeps every row; the rounding then fits the positions that r
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import runs
 
@@ -118,9 +120,31 @@ def test_quantizing_for_the_positions_that_reach_the_output(tmp_path):
     assert auto < 0.8 * none
 
 
+def test_per_position_scores_are_measured_on_the_positions_kept(tmp_path):
+    """A token classifier's scores at its pads are computed but ignored: the report's measures
+    (checked here against numpy on onnxruntime's outputs) leave them out, as calibration does."""
+    model, evaluation = masked_model(per_position=True), padded_data(9)
+    report = runs.quantize(model, tmp_path / "q.onnx", calibration=padded_data(8), evaluation=evaluation, bits=2,
+                           speed=False)
+    kept = evaluation["attention_mask"] == 1
+    assert report.evaluation.positions == (int(kept.sum()), kept.size)
+    assert "positions the padding mask keeps" in report.to_text()
+
+    def scores(path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, evaluation)[0][kept].astype(np.float64)
+
+    onnx.save(model, tmp_path / "float.onnx")
+    y_float, y_quant = scores(tmp_path / "float.onnx"), scores(tmp_path / "q.onnx")
+    assert report.evaluation.relative_output_error == pytest.approx(
+        np.linalg.norm(y_quant - y_float) / np.linalg.norm(y_float), rel=1e-6)
+    assert report.evaluation.top1_agreement == pytest.approx(np.mean(y_quant.argmax(-1) == y_float.argmax(-1)))
+    assert report.evaluation.samples == len(evaluation["x"])
+
+
 @pytest.mark.parametrize("option, message", [
     ("mask", "'mask' is not an input of the model"),
-    ("x", "'x' is not a \\[batch, sequence\\] mask: its calibration array has shape \\[48, 6, 8\\]"),
+    ("x", "'x' is not a \\[batch, sequence\\] mask: its array in the calibration data has shape \\[48, 6, 8\\]"),
 ])
 def test_a_padding_mask_that_is_not_one_is_refused(option, message):
     model = masked_model()

@@ -29,36 +29,38 @@ MASK_INPUTS = ("attention_mask", "input_mask", "attention_mask:0", "input_mask:0
 NONE = "none"
 
 
-def with_padding_mask(dataset: Dataset, model: onnx.ModelProto, option: str = AUTO) -> Dataset:
-    """``dataset`` with its ``padding_mask`` set from ``option``: an input's name, ``none``, or
-    ``auto`` (the first of MASK_INPUTS the model takes as [batch, sequence] where the data pads)."""
+def with_padding_mask(dataset: Dataset, model: onnx.ModelProto, option: str = AUTO,
+                      what: str = "calibration data") -> Dataset:
+    """``dataset`` (``what``: which, for errors) with its ``padding_mask`` set from ``option``: an
+    input's name, ``none``, or ``auto`` (the first of MASK_INPUTS the model takes as [batch,
+    sequence] where the data pads)."""
     if option == NONE:
         return replace(dataset, padding_mask=None)
     inputs = {value.name for value in model.graph.input} - {init.name for init in model.graph.initializer}
     if option == AUTO:
-        found = [name for name in MASK_INPUTS if name in inputs and _mask_problem(dataset, name) is None
+        found = [name for name in MASK_INPUTS if name in inputs and _mask_problem(dataset, name, what) is None
                  and padded_share(dataset, name) > 0]
         return replace(dataset, padding_mask=found[0] if found else None)
     if option not in inputs:
         raise OptionError(f"{{padding_mask}} '{option}' is not an input of the model (its inputs: "
                           f"{', '.join(sorted(inputs))}); give an input, auto or none", "padding_mask")
-    problem = _mask_problem(dataset, option)
+    problem = _mask_problem(dataset, option, what)
     if problem is not None:
         raise OptionError(f"{{padding_mask}} '{option}' {problem}", "padding_mask")
     return replace(dataset, padding_mask=option)
 
 
-def _mask_problem(dataset: Dataset, name: str) -> str | None:
-    """Why input ``name`` of ``dataset`` cannot mark padded positions, or None: it must be fed per
-    sample (batch axis 0), as [batch, sequence] integers or booleans."""
+def _mask_problem(dataset: Dataset, name: str, what: str) -> str | None:
+    """Why input ``name`` of ``dataset`` (``what``) cannot mark padded positions, or None: it must
+    be fed per sample (batch axis 0), as [batch, sequence] integers or booleans."""
     for batch in dataset.batches:
         mask = batch.get(name)
         if mask is None:
-            return "is not in the calibration data"
+            return f"is not in the {what}"
         if dataset.axes.get(name, 0) != 0 or mask.ndim != 2:
-            return f"is not a [batch, sequence] mask: its calibration array has shape {list(mask.shape)}"
+            return f"is not a [batch, sequence] mask: its array in the {what} has shape {list(mask.shape)}"
         if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
-            return f"is not an integer or boolean mask: its calibration array holds {mask.dtype}"
+            return f"is not an integer or boolean mask: its array in the {what} holds {mask.dtype}"
     return None
 
 

@@ -77,6 +77,7 @@ class Evaluation:
     quantized_perplexity: float | None = None
     predictions: int = 0  # the next tokens scored (a window of T tokens scores T - 1)
     level_samples: int | None = None  # the samples the level checks ran on (None: all of them)
+    positions: tuple[int, int] | None = None  # per-position scores: (kept, all) positions, padded ones left out
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,9 @@ def _evaluation_lines(ev: Evaluation) -> list[str]:
     else:  # one score per row: top-1 agreement is always 100%
         lines.append(f"one score per row: decisions at 0.5 flipped on {ev.decision_flips:.2%} of rows; largest "
                      f"change {ev.max_abs_error:.3g}; relative output error {ev.relative_output_error:.3g}")
+    if ev.positions is not None:
+        lines.append(f"measured on the {ev.positions[0]:,} of {ev.positions[1]:,} positions the padding mask keeps "
+                     "(the padded ones never reach a masked model's use of its output)")
     check = "same predictions" if ev.default_matches_basic else "DIFFERENT predictions"
     lines.append(f"onnxruntime default vs basic optimization: {check} "
                  f"(max |diff| {ev.default_vs_basic_max_diff:.3g})")

@@ -42,23 +42,52 @@ def scores_output(model: onnx.ModelProto) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Reference:
-    """The float model's scores on the evaluation data, computed once per run."""
+    """The float model's scores on the evaluation data, computed once per run; where the data
+    marks padded positions and the scores are per position, those of the positions kept."""
 
     dataset: Dataset
     output: str
-    scores: np.ndarray  # float64, first axis = samples
+    scores: np.ndarray  # first axis = samples (the kept positions' rows where ``kept`` is set)
+    kept: np.ndarray | None = None  # [samples, positions]: the positions the padding mask keeps
+
+    def of(self, y: np.ndarray) -> np.ndarray:
+        """Another model's output ``y`` over the same data, as the reference's scores are taken."""
+        return y if self.kept is None else y[self.kept]
+
+    @property
+    def samples(self) -> int:
+        return len(self.scores) if self.kept is None else len(self.kept)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """The data's labels, per position kept where they are per position."""
+        labels = self.dataset.labels
+        return labels if labels is None or labels.shape != getattr(self.kept, "shape", None) else labels[self.kept]
 
     @property
     def has_labels(self) -> bool:
         """Whether the data's labels give one class per prediction (argmax of the scores)."""
-        labels = self.dataset.labels
+        labels = self.labels
         return labels is not None and labels.shape == self.scores.shape[:-1]
 
 
 def reference_scores(float_model: onnx.ModelProto, dataset: Dataset, progress: Progress) -> Reference:
     name = scores_output(float_model)
     scores = run_scores(float_model, DEFAULT, dataset, name, progress, "float model", built=False)
-    return Reference(dataset, name, scores)
+    kept = kept_positions(dataset, scores)
+    return Reference(dataset, name, scores if kept is None else scores[kept], kept)
+
+
+def kept_positions(dataset: Dataset, scores: np.ndarray) -> np.ndarray | None:
+    """Where ``dataset`` marks padded positions (padding.py) and ``scores`` are per position
+    ([samples, positions, ...]: a token classifier's, not one sequence's scores over its
+    positions), the positions the mask keeps; else None. Scores whose first axis is not the
+    batch are joined as rows (run_scores), except in one run: a [positions, samples, ...] output
+    is then taken for per position only where there are as many samples as positions."""
+    if dataset.padding_mask is None or scores.ndim < 3:
+        return None
+    mask = np.concatenate([batch[dataset.padding_mask] for batch in dataset.batches])
+    return mask != 0 if mask.shape == scores.shape[:2] else None
 
 
 def run_scores(model: onnx.ModelProto, level: ort.GraphOptimizationLevel, dataset: Dataset, name: str,
@@ -111,24 +140,24 @@ def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: P
     default: the quantized model itself) run with graph optimizations disabled."""
     data, name = reference.dataset, reference.output
     y_float = reference.scores
-    y_quant = run_scores(quantized_model, DEFAULT, data, name, progress, "quantized model")
+    y_quant = reference.of(run_scores(quantized_model, DEFAULT, data, name, progress, "quantized model"))
     default_matches_basic, default_vs_basic, default_vs_plain, basic_vs_plain = True, 0.0, 0.0, 0.0
     pred_float, pred_quant = y_float.argmax(axis=-1), y_quant.argmax(axis=-1)
     if check_levels:  # one more output held at a time
-        y_plain = run_scores(quantized_model if portable is None else portable, NONE, data, name, progress,
-                             "portable model (no optimization)")
+        y_plain = reference.of(run_scores(quantized_model if portable is None else portable, NONE, data, name,
+                                          progress, "portable model (no optimization)"))
         default_vs_plain = _relative(y_quant, y_plain)
-        y_basic = run_scores(quantized_model, BASIC, data, name, progress, "quantized model (basic)")
+        y_basic = reference.of(run_scores(quantized_model, BASIC, data, name, progress, "quantized model (basic)"))
         basic_vs_plain = _relative(y_basic, y_plain)
         del y_plain
         default_matches_basic = bool((y_basic.argmax(axis=-1) == pred_quant).all())
         default_vs_basic = _max_abs(y_basic, y_quant)
         del y_basic
-    labels, has_labels = data.labels, reference.has_labels
+    labels, has_labels = reference.labels, reference.has_labels
     return Evaluation(
         data=data.origin,
         output=name,
-        samples=len(y_float),
+        samples=reference.samples,
         float_accuracy=float((pred_float == labels).mean()) if has_labels else None,
         quantized_accuracy=float((pred_quant == labels).mean()) if has_labels else None,
         top1_agreement=float((pred_float == pred_quant).mean()),
@@ -140,6 +169,7 @@ def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: P
         mean_cosine=_mean_cosine(y_float, y_quant),
         max_abs_error=_max_abs(y_quant, y_float),
         decision_flips=_decision_flips(y_float, y_quant),
+        positions=None if reference.kept is None else (int(reference.kept.sum()), reference.kept.size),
     )
 
 

@@ -111,9 +111,9 @@ def compare(calibrated: Calibrated, reference: Reference, bits_list: list[int], 
     has_labels = reference.has_labels
     metric = "accuracy" if has_labels else "top-1 agreement"
     float_pred = reference.scores.argmax(axis=-1)
-    float_accuracy = float((float_pred == reference.dataset.labels).mean()) if has_labels else 1.0
+    float_accuracy = float((float_pred == reference.labels).mean()) if has_labels else 1.0
     result = Comparison(model_name, metric, float_accuracy, calibrated.model.ByteSize(),
-                        len(reference.scores), scheme.describe())
+                        reference.samples, scheme.describe())
 
     def score(model: onnx.ModelProto) -> float:
         ev = evaluate(reference, model, Progress(), check_levels=False)

@@ -89,7 +89,8 @@ def alone(calibrated: Calibrated, q: QuantizedLayer, report: LayerReport, refere
     """The model's output error with only ``q`` quantized (its bytes as written, ``packed`` as
     for stored_bytes)."""
     model = rewrite(calibrated.model, [q]).model
-    y = run_scores(model, DEFAULT, reference.dataset, reference.output, progress, f"model with only '{q.layer.name}'")
+    y = reference.of(run_scores(model, DEFAULT, reference.dataset, reference.output, progress,
+                                f"model with only '{q.layer.name}'"))
     y_float = reference.scores
     error = float(np.linalg.norm(y - y_float) / max(float(np.linalg.norm(y_float)), 1e-30))
     agreement = float((y.argmax(axis=-1) == y_float.argmax(axis=-1)).mean())
