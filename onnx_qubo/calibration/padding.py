@@ -1,15 +1,16 @@
-"""Padded positions: which calibration input marks them, and what share of the data they are.
+"""Padded positions: which input marks them, and what share of the data they are.
 
 Sequence models are calibrated on batches padded to one length, and a tokenizer says which
 positions are padding in ``attention_mask`` ([batch, sequence], 0 at a pad; TensorFlow's BERT:
-``input_mask``). A model that takes
-the mask never lets those positions reach its output (attention ignores them as keys; pooling
-and losses skip them), yet their hidden states run through every layer: counted in a layer's
-Gram matrix they make it fit the rounding to inputs that do not matter (half of the rows of a
-sentence-embedding model calibrated on sentences padded to 32 tokens). ``--padding-mask`` names
-the input whose zeros mark them; the layers whose inputs are per position (calibration
-statistics.py: a last-axis view whose leading axes are the mask's) leave them out. Measured on
-all-MiniLM-L6-v2 (docs/results.md, "Padded positions"): the output error 4-7% lower at 2-4 bits.
+``input_mask``). A model that takes the mask never lets those positions reach its output
+(attention ignores them as keys; pooling and losses skip them), yet their hidden states run
+through every layer: counted in a layer's Gram matrix they make it fit the rounding to inputs
+that do not matter (half of the rows of a sentence-embedding model calibrated on sentences padded
+to 32 tokens). ``--padding-mask`` names the input whose zeros mark them; the layers whose inputs
+are per position (statistics.py: a last-axis view whose leading axes are the mask's) leave them
+out, and an output that is per position is measured on the kept ones (evaluation/verify.py).
+Measured on all-MiniLM-L6-v2 (docs/results.md, "Padded positions"): the output error 4-7% lower
+at 2-4 bits.
 """
 
 from __future__ import annotations
