@@ -56,6 +56,7 @@ class Reference:
 
     @property
     def samples(self) -> int:
+        """The samples the scores come from (sequences, where they are their kept positions')."""
         return len(self.scores) if self.kept is None else len(self.kept)
 
     @property
