@@ -1,7 +1,8 @@
 """Padded positions (onnx_qubo/calibration/padding.py): where the calibration data marks them
 (``attention_mask``, or the input ``--padding-mask`` names), the layers whose inputs are per
 position leave them out of their statistics, exactly as if those rows had not been there; a
-layer after pooling keeps every row; the rounding then fits the positions that reach the output."""
+layer after pooling (or on a time-major input) keeps every row; the rounding then fits the
+positions that reach the output, and an output that is per position is measured on them."""
 
 from __future__ import annotations
 
