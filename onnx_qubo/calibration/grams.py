@@ -83,8 +83,9 @@ class DenseGram:
         x = x.reshape(-1, self.f).astype(np.float64)
         x_seen = x if seen is None else seen.reshape(-1, self.f).astype(np.float64)
         kept = np.ones((len(x), 1)) if mask is None else (mask.reshape(-1, 1) != 0).astype(np.float64)
-        if mask is not None:
-            x, x_seen = x * kept, x_seen * kept
+        if mask is not None:  # x_seen is x itself without ``seen``: multiplied once
+            x = x * kept
+            x_seen = x if seen is None else x_seen * kept
         z = np.hstack([x_seen, kept])
         self.zz.add(z.T @ z)  # exactly symmetric (BLAS's syrk)
         if self.spread is not None:

@@ -22,6 +22,7 @@ import onnx
 
 from ..core.errors import OptionError
 from ..core.options import AUTO
+from ..graph.signature import model_inputs
 from .data import Dataset
 
 # what --padding-mask auto looks for: the tokenizers' name (Hugging Face exports), and TensorFlow BERT's
@@ -37,7 +38,7 @@ def with_padding_mask(dataset: Dataset, model: onnx.ModelProto, option: str = AU
     sequence] where the data pads)."""
     if option == NONE:
         return replace(dataset, padding_mask=None)
-    inputs = {value.name for value in model.graph.input} - {init.name for init in model.graph.initializer}
+    inputs = {spec.name for spec in model_inputs(model)}
     if option == AUTO:
         found = [name for name in MASK_INPUTS if name in inputs and _mask_problem(dataset, name, what) is None
                  and padded_share(dataset, name) > 0]

@@ -63,7 +63,9 @@ class Reference:
     def labels(self) -> np.ndarray | None:
         """The data's labels, per position kept where they are per position."""
         labels = self.dataset.labels
-        return labels if labels is None or labels.shape != getattr(self.kept, "shape", None) else labels[self.kept]
+        if labels is None or self.kept is None or labels.shape != self.kept.shape:
+            return labels
+        return labels[self.kept]
 
     @property
     def has_labels(self) -> bool:
