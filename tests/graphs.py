@@ -64,6 +64,30 @@ def mlp_model(widths=(8, 6, 4), seed=0) -> onnx.ModelProto:
     return _model(nodes, [_floats("x", ["B", widths[0]])], [_floats("y", ["B", widths[-1]])], inits)
 
 
+def layernorm_model(f=32, hidden=48, n=8, seed=0) -> onnx.ModelProto:
+    """A transformer's feed-forward block as torch exports it: x [B, S, f] -> LayerNormalization
+    (gains with a few large channels, as trained ones have) -> MatMul 'up' + Add -> Relu -> MatMul
+    'down' + Add -> y [B, S, n]; with ``hidden=None`` 'up' alone, n wide."""
+    rng = np.random.default_rng(seed)
+    gain = (1 + 0.1 * rng.standard_normal(f)) * np.where(rng.random(f) < 0.1, 8.0, 1.0)
+    width = hidden or n
+    inits = [numpy_helper.from_array(gain.astype(np.float32), "gamma"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(f)).astype(np.float32), "beta"),
+             numpy_helper.from_array((rng.standard_normal((f, width)) / np.sqrt(f)).astype(np.float32), "W_up"),
+             numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "b_up")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["normed"], axis=-1, name="norm"),
+             helper.make_node("MatMul", ["normed", "W_up"], ["u"], name="up"),
+             helper.make_node("Add", ["u", "b_up"], ["y" if hidden is None else "ub"], name="up_bias")]
+    if hidden is not None:
+        inits += [numpy_helper.from_array((rng.standard_normal((hidden, n)) / np.sqrt(hidden)).astype(np.float32),
+                                          "W_down"),
+                  numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b_down")]
+        nodes += [helper.make_node("Relu", ["ub"], ["r"], name="relu"),
+                  helper.make_node("MatMul", ["r", "W_down"], ["d"], name="down"),
+                  helper.make_node("Add", ["d", "b_down"], ["y"], name="down_bias")]
+    return _model(nodes, [_floats("x", ["B", "S", f])], [_floats("y", ["B", "S", n])], inits)
+
+
 def weight_of(model: onnx.ModelProto, name: str = "W") -> np.ndarray:
     return next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
 

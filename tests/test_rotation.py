@@ -23,11 +23,11 @@ from onnx_qubo.cli import main
 from onnx_qubo.core.options import Rotation
 from onnx_qubo.graph.files import load_model
 from onnx_qubo.graph.runtime import make_session
-from onnx_qubo.model.rotation import rotate
+from onnx_qubo.model.rotation import normalized_layer, rotate
 from onnx_qubo.passes import RaiseOpset, online_rotations
 from onnx_qubo.pipeline import prepare
 
-from graphs import gemm_model, matmul_model, mlp_model
+from graphs import gemm_model, layernorm_model, matmul_model, mlp_model
 
 LEVELS = [ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           ort.GraphOptimizationLevel.ORT_DISABLE_ALL]
@@ -217,3 +217,50 @@ def test_a_rotated_run_writes_a_self_contained_model_and_leaves_no_temporary_fil
     assert excluded.dtype == np.float32 and not np.array_equal(excluded, original)  # rotated, kept float
     float_output = run(model, x)
     assert np.linalg.norm(run(file, x) - float_output) < 0.01 * np.linalg.norm(float_output)  # from the file alone
+
+
+def test_a_layer_reading_a_layernorm_marks_a_transformer():
+    """normalized_layer: the first MatMul/Gemm with a constant weight reading a LayerNorm/RMSNorm
+    (onnxruntime's fused ones too); a plain MLP or Conv network has none."""
+    model = layernorm_model()
+    assert normalized_layer(model) == "up"
+    assert normalized_layer(load_model(TINY_LM)) is not None  # SkipSimplifiedLayerNormalization
+    assert normalized_layer(mlp_model()) is None and normalized_layer(conv_model()) is None
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    renamed.graph.node[0].op_type = "Sigmoid"  # the same graph without the normalization
+    del renamed.graph.node[0].input[1:]
+    del renamed.graph.node[0].attribute[:]
+    assert normalized_layer(renamed) is None
+
+
+@pytest.mark.slow
+def test_a_transformer_below_4_bits_is_rotated_and_refitted_by_default(tmp_path):
+    """rotate and scale auto: whole and fit for a model whose layers read a LayerNorm, below 4 bits
+    (measured on all-MiniLM-L6-v2: docs/results.md, "Transformer defaults"); none and mse at 4
+    bits and for an MLP; each explicit option wins alone. The rotated model computes the original's
+    outputs, and the rotated layer's reported cost is its output error, at every level."""
+    from onnx_qubo.api import quantize as run_quantize
+    from onnx_qubo.config import QuantizeConfig
+
+    model = layernorm_model(hidden=None)
+    x = np.random.default_rng(3).standard_normal((64, 6, 32)).astype(np.float32)
+    cases = [({"bits": 3}, ("whole", "fit")), ({"bits": 2}, ("whole", "fit")), ({"bits": 4}, ("none", "mse")),
+             ({"bits": 3, "rotate": "none"}, ("none", "fit")), ({"bits": 3, "scale": "mse"}, ("whole", "mse"))]
+    for options, expected in cases:
+        result = run_quantize(model, QuantizeConfig.from_flat({"solver": "rtn", **options}), {"x": x})
+        assert (str(result.config.rounding.rotate), str(result.config.rounding.scale)) == expected, options
+    mlp = run_quantize(mlp_model(widths=(8, 16)), QuantizeConfig.from_flat(bits=2, solver="rtn"),
+                       {"x": x[:, 0, :8].copy()})
+    assert (str(mlp.config.rounding.rotate), str(mlp.config.rounding.scale)) == ("none", "mse")
+    turned = rotate(model, Rotation.WHOLE, 16, seed=0)
+    out = tmp_path / "q.onnx"
+    report = quantize(model, out, bits=3, granularity="block", block_size=16, rotate_block=16, calibration={"x": x},
+                      speed=False)
+    assert "inputs rotated" in report.scheme and [layer.name for layer in report.layers] == ["up"]
+    written = onnx.load(out)
+    for level in LEVELS:
+        y_float = run(model, x, level)
+        np.testing.assert_allclose(run(turned, x, level), y_float, atol=1e-4 * float(np.abs(y_float).max()))
+        measured = float(((run(written, x, level) - y_float) ** 2).reshape(-1, y_float.shape[-1]).sum(axis=1).mean())
+        assert report.layers[0].final_cost == pytest.approx(measured, rel=1e-3), level

@@ -49,6 +49,21 @@ def half_precision_layer(model: onnx.ModelProto, convs: bool = False) -> str | N
                  if node.op_type in kinds and len(node.input) > 1 and node.input[1] in half), None)
 
 
+NORMALIZATIONS = frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+                            "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
+
+
+def normalized_layer(model: onnx.ModelProto) -> str | None:
+    """The first MatMul/Gemm with a constant weight that reads a normalization's output (a
+    transformer's: a LayerNorm or RMSNorm op, onnxruntime's fused ones included), else None.
+    Their per-channel gains give such inputs the outlier channels a rotation spreads out."""
+    constant = {init.name for init in model.graph.initializer}
+    normalized = {node.output[0] for node in model.graph.node if node.op_type in NORMALIZATIONS and node.output}
+    return next((node.name or node.output[0] for node in model.graph.node
+                 if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1
+                 and node.input[0] in normalized and node.input[1] in constant), None)
+
+
 @contextmanager
 def rotated(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int,
             convs: bool = False) -> Iterator[onnx.ModelProto]:
