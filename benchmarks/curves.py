@@ -13,8 +13,9 @@ method through its Pareto front, every point marked). Each point is cached as JS
 
 Points: onnx-qubo `--format qdq` (portable INT2/INT4 initializers: their true size) at 2, 3, 4 bits,
 per channel and blocks of 32 and 128, default flags (the grid chosen per layer, the output layer at 4
-bits below 4), at 2 and 3 bits with `--head-bits` equal to the width (every layer at it), and at 3 bits
-with `--pack-codes` (the codes at 3 bits, not in INT4; a larger load-time peak); MatMulNBitsQuantizer RTN
+bits below 4, the smallest layers at 8: `--small-layers`), at 2 and 3 bits with `--head-bits` equal to the
+width, at 2 bits with `--head-bits 2 --small-layers 0` too (every layer at 2 bits: the smallest model), and at
+3 bits with `--pack-codes` (the codes at 3 bits, not in INT4; a larger load-time peak); MatMulNBitsQuantizer RTN
 (DefaultWeightOnlyQuantConfig, symmetric and not) and HQQ at 2, 4, 8 bits with blocks of 32 and
 128; GPTQ (4 bits only in onnxruntime 1.32) with blocks of 32 and 128. Bits per weight are counted
 from the written model's initializers: for each DequantizeLinear of an integer initializer or of codes
@@ -67,6 +68,7 @@ class Point:
     symmetric: bool | None  # None: onnx-qubo's default, the grid chosen per layer
     head_bits: int | None = None  # onnx-qubo's --head-bits (None: its default, 4 below 4 bits)
     packed: bool = False  # onnx-qubo's --pack-codes: 3-bit codes stored at 3 bits, not in INT4
+    small_layers: float | None = None  # onnx-qubo's --small-layers (None: its default, 5% at 8 bits below 4 bits)
 
     @property
     def grid(self) -> str:
@@ -77,13 +79,15 @@ class Point:
         grid = "auto" if self.symmetric is None else "sym" if self.symmetric else "asym"
         head = "" if self.head_bits is None else f"_head{self.head_bits}"
         packed = "_packed" if self.packed else ""
-        return f"{self.method.replace(' ', '-').lower()}_b{self.bits}_{f'blk{self.block}' if self.block else 'channel'}_{grid}{head}{packed}"
+        small = "" if self.small_layers is None else f"_sl{self.small_layers:g}"
+        return f"{self.method.replace(' ', '-').lower()}_b{self.bits}_{f'blk{self.block}' if self.block else 'channel'}_{grid}{head}{packed}{small}"
 
     @property
     def label(self) -> str:
         head = "" if self.head_bits is None else f", --head-bits {self.head_bits}"
         packed = ", --pack-codes" if self.packed else ""
-        return f"{self.bits} bits, {f'blocks of {self.block}' if self.block else 'per channel'}, {self.grid}{head}{packed}"
+        small = "" if self.small_layers is None else f", --small-layers {self.small_layers:g}"
+        return f"{self.bits} bits, {f'blocks of {self.block}' if self.block else 'per channel'}, {self.grid}{head}{packed}{small}"
 
 
 @dataclass
@@ -110,6 +114,7 @@ def points() -> list[Point]:
     out = [Point("onnx-qubo", b, blk, None) for b in (2, 3, 4) for blk in (None, 32, 128)]
     out += [Point("onnx-qubo", b, blk, None, b) for b in (2, 3) for blk in (None, 32, 128)]  # the head at b too
     out += [Point("onnx-qubo", 3, blk, None, packed=True) for blk in (None, 32, 128)]  # 3-bit codes at 3 bits
+    out += [Point("onnx-qubo", 2, blk, None, 2, small_layers=0) for blk in (None, 32, 128)]  # every layer at 2 bits
     out += [Point("ORT RTN", b, blk, sym) for b in (2, 4, 8) for blk in (32, 128) for sym in (True, False)]
     out += [Point("ORT HQQ", b, blk, False) for b in (2, 4, 8) for blk in (32, 128)]
     out += [Point("ORT GPTQ", 4, blk, sym) for blk in (32, 128) for sym in (True, False)]
@@ -195,6 +200,7 @@ def run_qubo(t: Task, p: Point, out: Path) -> str:
     command += [] if p.symmetric is None else ["--symmetric"] if p.symmetric else ["--asymmetric"]
     command += [] if p.head_bits is None else ["--head-bits", str(p.head_bits)]
     command += ["--pack-codes"] if p.packed else []
+    command += [] if p.small_layers is None else ["--small-layers", f"{p.small_layers:g}"]
     for layer in t.exclude:
         command += ["--exclude", layer]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

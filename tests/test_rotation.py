@@ -226,12 +226,12 @@ def test_a_layer_reading_a_layernorm_marks_a_transformer():
     assert normalized_layer(model) == "up"
     assert normalized_layer(load_model(TINY_LM)) is not None  # SkipSimplifiedLayerNormalization
     assert normalized_layer(mlp_model()) is None and normalized_layer(conv_model()) is None
-    renamed = onnx.ModelProto()
-    renamed.CopyFrom(model)
-    renamed.graph.node[0].op_type = "Sigmoid"  # the same graph without the normalization
-    del renamed.graph.node[0].input[1:]
-    del renamed.graph.node[0].attribute[:]
-    assert normalized_layer(renamed) is None
+    without_norm = onnx.ModelProto()
+    without_norm.CopyFrom(model)
+    without_norm.graph.node[0].op_type = "Sigmoid"  # the same graph with an element-wise op for the norm
+    del without_norm.graph.node[0].input[1:]
+    del without_norm.graph.node[0].attribute[:]
+    assert normalized_layer(without_norm) is None
 
 
 @pytest.mark.slow
