@@ -901,10 +901,15 @@ def structure(path: Path) -> dict:
     }
 
 
+def this_tree() -> dict[str, str]:
+    """The environment for a subprocess that runs onnx-qubo: this checkout's package first on the
+    path, so a run measures the code beside this script, not whichever copy is installed."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def inspect(path: Path) -> str:
-    exe = Path(sys.executable).parent / "onnx-qubo"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from onnx_qubo.cli import main; main()"]
-    p = subprocess.run(cmd + ["inspect", str(path)], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "onnx_qubo", "inspect", str(path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=this_tree())
     return (p.stdout + p.stderr).strip() + ("" if p.returncode == 0 else f"\n(exit status {p.returncode})")
 
 
@@ -1111,7 +1116,7 @@ def run_config(cfg: str, src: Path, dst: Path, calib_path: Path, n_calib: int, b
     t0 = time.perf_counter()
     log = dst.with_suffix(".log")
     with open(log, "w") as lf:
-        p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=this_tree())
         _, status, ru = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
