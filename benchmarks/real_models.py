@@ -711,8 +711,8 @@ DOCS_SOURCE = ("sentences of Python's documentation (pydoc_data.topics, 40-200 c
 def documentation_split(n_calib: int, n_eval: int) -> tuple[list[str], list[str]]:
     """Calibration sentences from the first half of the documentation's topics, evaluation
     sentences from the second (no sentence in both)."""
-    import pydoc_data.topics
-    keys = sorted(pydoc_data.topics.topics)
+    from pydoc_data.topics import topics
+    keys = sorted(topics)
     first, second = documentation_sentences(keys[:len(keys) // 2]), documentation_sentences(keys[len(keys) // 2:])
     if n_calib > len(first) or n_eval > len(second):
         raise SkipModel(f"the documentation holds {len(first)} calibration and {len(second)} evaluation sentences")

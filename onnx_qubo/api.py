@@ -147,8 +147,8 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
             level = auto_accuracy_level(is_lm, config.widths, scheme.block_size)
         changes["ort_accuracy_level"] = level
     rounding = config.rounding
-    transformer = is_lm or normalized_layer(model) is not None
-    low_bits = transformer and config.weights.bits < HEAD_BITS and half_precision_layer(model) is None
+    low_bits = (config.weights.bits < HEAD_BITS and (is_lm or normalized_layer(model) is not None)
+                and half_precision_layer(model) is None)  # a float32 transformer below 4 bits
     if rounding.rotate == Rotation.AUTO:
         changes["rotate"] = Rotation.WHOLE if low_bits else Rotation.NONE
         if rounding.rotate_convs and not low_bits:
