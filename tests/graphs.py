@@ -64,10 +64,13 @@ def mlp_model(widths=(8, 6, 4), seed=0) -> onnx.ModelProto:
     return _model(nodes, [_floats("x", ["B", widths[0]])], [_floats("y", ["B", widths[-1]])], inits)
 
 
-def layernorm_model(f=32, hidden=48, n=8, seed=0) -> onnx.ModelProto:
+def layernorm_model(f=32, hidden=48, n=8, seed=0, norm="op") -> onnx.ModelProto:
     """A transformer's feed-forward block as torch exports it: x [B, S, f] -> LayerNormalization
     (gains with a few large channels, as trained ones have) -> MatMul 'up' + Add -> Relu -> MatMul
-    'down' + Add -> y [B, S, n]; with ``hidden=None`` 'up' alone, n wide."""
+    'down' + Add -> y [B, S, n]; with ``hidden=None`` 'up' alone, n wide. ``norm``: "op" the
+    LayerNormalization op; "layer" the same norm decomposed as torch.onnx.export writes it below
+    opset 17 (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add); "rms" a decomposed
+    RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul: no mean subtracted, no shift)."""
     rng = np.random.default_rng(seed)
     gain = (1 + 0.1 * rng.standard_normal(f)) * np.where(rng.random(f) < 0.1, 8.0, 1.0)
     width = hidden or n
@@ -75,9 +78,29 @@ def layernorm_model(f=32, hidden=48, n=8, seed=0) -> onnx.ModelProto:
              numpy_helper.from_array((0.1 * rng.standard_normal(f)).astype(np.float32), "beta"),
              numpy_helper.from_array((rng.standard_normal((f, width)) / np.sqrt(f)).astype(np.float32), "W_up"),
              numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "b_up")]
-    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["normed"], axis=-1, name="norm"),
-             helper.make_node("MatMul", ["normed", "W_up"], ["u"], name="up"),
-             helper.make_node("Add", ["u", "b_up"], ["y" if hidden is None else "ub"], name="up_bias")]
+    if norm == "op":
+        nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["normed"], axis=-1, name="norm")]
+    else:
+        inits += [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+                  numpy_helper.from_array(np.array(1e-5, np.float32), "eps")]
+        centred = "x" if norm == "rms" else "centred"
+        nodes = [] if norm == "rms" else [
+            helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1], name="mean"),
+            helper.make_node("Sub", ["x", "mean"], ["centred"], name="centre")]
+        nodes += [helper.make_node("Pow", [centred, "two"], ["squares"], name="square"),
+                  helper.make_node("ReduceMean", ["squares"], ["variance"], axes=[-1], name="variance"),
+                  helper.make_node("Add", ["variance", "eps"], ["shifted"], name="epsilon"),
+                  helper.make_node("Sqrt", ["shifted"], ["deviation"], name="root")]
+        if norm == "rms":
+            nodes += [helper.make_node("Reciprocal", ["deviation"], ["inverse"], name="inverse"),
+                      helper.make_node("Mul", [centred, "inverse"], ["divided"], name="divide"),
+                      helper.make_node("Mul", ["gamma", "divided"], ["normed"], name="gain")]
+        else:
+            nodes += [helper.make_node("Div", [centred, "deviation"], ["divided"], name="divide"),
+                      helper.make_node("Mul", ["divided", "gamma"], ["scaled"], name="gain"),
+                      helper.make_node("Add", ["scaled", "beta"], ["normed"], name="shift")]
+    nodes += [helper.make_node("MatMul", ["normed", "W_up"], ["u"], name="up"),
+              helper.make_node("Add", ["u", "b_up"], ["y" if hidden is None else "ub"], name="up_bias")]
     if hidden is not None:
         inits += [numpy_helper.from_array((rng.standard_normal((hidden, n)) / np.sqrt(hidden)).astype(np.float32),
                                           "W_down"),

@@ -234,6 +234,32 @@ def test_a_layer_reading_a_layernorm_marks_a_transformer():
     assert normalized_layer(without_norm) is None
 
 
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_a_decomposed_norm_marks_a_transformer_and_rotates_like_the_op(norm):
+    """Older exports write LayerNorm (below opset 17) and RMSNorm as elementwise chains: the layer
+    reading one is found as with the op, so the defaults below 4 bits rotate and refit it, and the
+    rotated model computes the original's outputs at every level. A division by the root of
+    something other than a mean is not a norm."""
+    from onnx_qubo.api import quantize as run_quantize
+    from onnx_qubo.config import QuantizeConfig
+
+    model = layernorm_model(hidden=None, norm=norm)
+    assert normalized_layer(model) == "up"
+    x = np.random.default_rng(3).standard_normal((16, 6, 32)).astype(np.float32)
+    if norm == "layer":  # the chain computes the op's norm
+        np.testing.assert_allclose(run(model, x), run(layernorm_model(hidden=None), x), rtol=1e-4, atol=1e-4)
+    result = run_quantize(model, QuantizeConfig.from_flat(bits=3, solver="rtn"), {"x": x})
+    assert (str(result.config.rounding.rotate), str(result.config.rounding.scale)) == ("whole", "fit")
+    turned = rotate(model, Rotation.WHOLE, 16, seed=0)
+    for level in LEVELS:
+        y_float = run(model, x, level)
+        np.testing.assert_allclose(run(turned, x, level), y_float, atol=1e-4 * float(np.abs(y_float).max()))
+    not_a_mean = onnx.ModelProto()
+    not_a_mean.CopyFrom(model)
+    next(n for n in not_a_mean.graph.node if n.name == "variance").op_type = "ReduceMax"
+    assert normalized_layer(not_a_mean) is None
+
+
 @pytest.mark.slow
 def test_a_transformer_below_4_bits_is_rotated_and_refitted_by_default(tmp_path):
     """rotate and scale auto: whole and fit for a model whose layers read a LayerNorm, below 4 bits

@@ -51,17 +51,54 @@ def half_precision_layer(model: onnx.ModelProto, convs: bool = False) -> str | N
 
 NORMALIZATIONS = frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
                             "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
+AFFINE_STEPS = 2  # a decomposed norm's gain (Mul) and shift (Add) after its division
 
 
 def normalized_layer(model: onnx.ModelProto) -> str | None:
     """The first MatMul/Gemm with a constant weight that reads a normalization's output (a
-    transformer's: a LayerNorm or RMSNorm op, onnxruntime's fused ones included), else None.
-    Their per-channel gains give such inputs the outlier channels a rotation spreads out."""
+    transformer's LayerNorm or RMSNorm: the ops, onnxruntime's fused ones included, or the
+    elementwise chain older exporters write: ``normalized_outputs``), else None. Their
+    per-channel gains give such inputs the outlier channels a rotation spreads out."""
     constant = {init.name for init in model.graph.initializer}
-    normalized = {node.output[0] for node in model.graph.node if node.op_type in NORMALIZATIONS and node.output}
+    normalized = normalized_outputs(model.graph)
     return next((node.name or node.output[0] for node in model.graph.node
                  if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1
                  and node.input[0] in normalized and node.input[1] in constant), None)
+
+
+def normalized_outputs(graph: onnx.GraphProto) -> set[str]:
+    """Tensors that are a normalization's output: a normalization op's, or a decomposed one's (as
+    torch.onnx.export writes LayerNorm below opset 17 and RMSNorm always): ``x / Sqrt(m)`` or
+    ``x * Reciprocal(Sqrt(m))`` with ``m`` a ReduceMean (plus epsilon), then at most a constant
+    gain and shift (Mul and Add)."""
+    nodes = list(graph.node)
+    producer = {out: node for node in nodes for out in node.output}
+    constants = {init.name for init in graph.initializer} | {
+        out for node in nodes if node.op_type == "Constant" for out in node.output}
+
+    def made_by(name: str, op: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op else None
+
+    def root_mean(name: str) -> bool:  # Sqrt(ReduceMean(..) [+ eps])
+        root = made_by(name, "Sqrt")
+        if root is None or not root.input:
+            return False
+        shifted = made_by(root.input[0], "Add")
+        return any(made_by(t, "ReduceMean") for t in (shifted.input if shifted is not None else root.input))
+
+    def divided(node: onnx.NodeProto) -> bool:
+        if node.op_type == "Div" and len(node.input) == 2:
+            return root_mean(node.input[1])
+        return node.op_type == "Mul" and any(
+            (inverse := made_by(t, "Reciprocal")) is not None and root_mean(inverse.input[0]) for t in node.input)
+
+    normalized = {node.output[0] for node in nodes if node.output and
+                  (node.op_type in NORMALIZATIONS or divided(node))}
+    for _ in range(AFFINE_STEPS):
+        normalized |= {node.output[0] for node in nodes if node.op_type in ("Mul", "Add") and len(node.input) == 2
+                       and any(t in normalized for t in node.input) and any(t in constants for t in node.input)}
+    return normalized
 
 
 @contextmanager
