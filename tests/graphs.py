@@ -70,7 +70,9 @@ def layernorm_model(f=32, hidden=48, n=8, seed=0, norm="op") -> onnx.ModelProto:
     'down' + Add -> y [B, S, n]; with ``hidden=None`` 'up' alone, n wide. ``norm``: "op" the
     LayerNormalization op; "layer" the same norm decomposed as torch.onnx.export writes it below
     opset 17 (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add); "rms" a decomposed
-    RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul: no mean subtracted, no shift)."""
+    RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul: no mean subtracted, no shift) as the
+    dynamo exporter writes it; "rms-div" the same with ``1 / Sqrt`` for the Reciprocal, as the
+    TorchScript exporter writes ``torch.rsqrt``."""
     rng = np.random.default_rng(seed)
     gain = (1 + 0.1 * rng.standard_normal(f)) * np.where(rng.random(f) < 0.1, 8.0, 1.0)
     width = hidden or n
@@ -83,16 +85,19 @@ def layernorm_model(f=32, hidden=48, n=8, seed=0, norm="op") -> onnx.ModelProto:
     else:
         inits += [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
                   numpy_helper.from_array(np.array(1e-5, np.float32), "eps")]
-        centred = "x" if norm == "rms" else "centred"
-        nodes = [] if norm == "rms" else [
+        rms = norm.startswith("rms")
+        centred = "x" if rms else "centred"
+        nodes = [] if rms else [
             helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1], name="mean"),
             helper.make_node("Sub", ["x", "mean"], ["centred"], name="centre")]
         nodes += [helper.make_node("Pow", [centred, "two"], ["squares"], name="square"),
                   helper.make_node("ReduceMean", ["squares"], ["variance"], axes=[-1], name="variance"),
                   helper.make_node("Add", ["variance", "eps"], ["shifted"], name="epsilon"),
                   helper.make_node("Sqrt", ["shifted"], ["deviation"], name="root")]
-        if norm == "rms":
-            nodes += [helper.make_node("Reciprocal", ["deviation"], ["inverse"], name="inverse"),
+        if rms:
+            inits.append(numpy_helper.from_array(np.array(1.0, np.float32), "one"))
+            nodes += [helper.make_node("Reciprocal", ["deviation"], ["inverse"], name="inverse") if norm == "rms" else
+                      helper.make_node("Div", ["one", "deviation"], ["inverse"], name="inverse"),
                       helper.make_node("Mul", [centred, "inverse"], ["divided"], name="divide"),
                       helper.make_node("Mul", ["gamma", "divided"], ["normed"], name="gain")]
         else:

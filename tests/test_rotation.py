@@ -234,7 +234,7 @@ def test_a_layer_reading_a_layernorm_marks_a_transformer():
     assert normalized_layer(without_norm) is None
 
 
-@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("norm", ["layer", "rms", "rms-div"])
 def test_a_decomposed_norm_marks_a_transformer_and_rotates_like_the_op(norm):
     """Older exports write LayerNorm (below opset 17) and RMSNorm as elementwise chains: the layer
     reading one is found as with the op, so the defaults below 4 bits rotate and refit it, and the

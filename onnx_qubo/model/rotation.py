@@ -68,9 +68,9 @@ def normalized_layer(model: onnx.ModelProto) -> str | None:
 
 def normalized_outputs(graph: onnx.GraphProto) -> set[str]:
     """Tensors that are a normalization's output: a normalization op's, or a decomposed one's (as
-    torch.onnx.export writes LayerNorm below opset 17 and RMSNorm always): ``x / Sqrt(m)`` or
-    ``x * Reciprocal(Sqrt(m))`` with ``m`` a ReduceMean (plus epsilon), then at most a constant
-    gain and shift (Mul and Add)."""
+    torch.onnx.export writes LayerNorm below opset 17 and RMSNorm below 23): ``x / Sqrt(m)`` or
+    ``x * Reciprocal(Sqrt(m))`` (or ``x * (1 / Sqrt(m))``, the TorchScript exporter's rsqrt) with
+    ``m`` a ReduceMean (plus epsilon), then at most a constant gain and shift (Mul and Add)."""
     nodes = list(graph.node)
     producer = {out: node for node in nodes for out in node.output}
     constants = {init.name for init in graph.initializer} | {
@@ -87,11 +87,17 @@ def normalized_outputs(graph: onnx.GraphProto) -> set[str]:
         shifted = made_by(root.input[0], "Add")
         return any(made_by(t, "ReduceMean") for t in (shifted.input if shifted is not None else root.input))
 
+    def inverse_root_mean(name: str) -> bool:  # Reciprocal(root) or constant / root
+        inverse = made_by(name, "Reciprocal")
+        if inverse is not None:
+            return root_mean(inverse.input[0])
+        quotient = made_by(name, "Div")
+        return quotient is not None and quotient.input[0] in constants and root_mean(quotient.input[1])
+
     def divided(node: onnx.NodeProto) -> bool:
-        if node.op_type == "Div" and len(node.input) == 2:
-            return root_mean(node.input[1])
-        return node.op_type == "Mul" and any(
-            (inverse := made_by(t, "Reciprocal")) is not None and root_mean(inverse.input[0]) for t in node.input)
+        if node.op_type == "Div" and len(node.input) == 2:  # x / root, not 1 / root
+            return node.input[0] not in constants and root_mean(node.input[1])
+        return node.op_type == "Mul" and any(inverse_root_mean(t) for t in node.input)
 
     normalized = {node.output[0] for node in nodes if node.output and
                   (node.op_type in NORMALIZATIONS or divided(node))}
