@@ -93,6 +93,8 @@ CONFIGS = {
                                      "size of packed 3-bit codes",
     "qubo-b3-blk32-rot-fit": "onnx-qubo 3 bits, blocks of 32, --rotate hadamard --scale fit (the language-model recipe)",
     "qubo-b3-blk32-rotw-fit": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit",
+    "qubo-b4-blk32-rotw-fit": "onnx-qubo 4 bits, blocks of 32, --rotate whole --scale fit (a transformer's "
+                              "defaults below 4 bits)",
     "qubo-b3-blk32-rotw-fit-lv3": "onnx-qubo 3 bits, blocks of 32, --rotate whole --scale fit --levels 3",
     "qubo-b3-blk32-rotw-rotc": "onnx-qubo 3 bits, blocks of 32, --rotate whole --rotate-convs (Conv input channels "
                                "rotated too)",
