@@ -103,7 +103,8 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
     input_bytes = model.ByteSize() if isinstance(model, onnx.ModelProto) else sum(  # external data files included
         path.stat().st_size for path, role in reads.items() if "input model" in role)
     rounding = config.rounding  # a rotated model computes what the float one does: the float one stays the reference
-    with rotated(float_model, rounding.rotate, rounding.rotate_block, rounding.seed, rounding.rotate_convs) as model_in:
+    with rotated(float_model, rounding.rotate, rounding.rotate_block, rounding.seed, rounding.rotate_convs,
+                 rounding.rotate_residual) as model_in:
         if config.automatic.enabled:
             calibrated = calibrate(model_in, calib_data, bar, config.automatic.exclude, config.activations.dtype,
                                    config.activations.range, config.execution.max_memory_bytes,
@@ -151,9 +152,10 @@ def _resolved(config: QuantizeConfig, model: onnx.ModelProto) -> QuantizeConfig:
                 and half_precision_layer(model) is None)  # a float32 transformer below 4 bits
     if rounding.rotate == Rotation.AUTO:
         changes["rotate"] = Rotation.WHOLE if low_bits else Rotation.NONE
-        if rounding.rotate_convs and not low_bits:
-            raise OptionError("{rotate_convs} rotates with {rotate}, which is none for this model by default: give "
-                              "--rotate hadamard or whole", "rotate_convs", "rotate")
+        for name in ("rotate_convs", "rotate_residual"):
+            if getattr(rounding, name) and not low_bits:
+                raise OptionError(f"{{{name}}} rotates with {{rotate}}, which is none for this model by default: "
+                                  "give --rotate hadamard or whole", name, "rotate")
     if rounding.scale == ScaleMethod.AUTO:
         changes["scale"] = ScaleMethod.FIT if low_bits else ScaleMethod.MSE
     if rounding.damping is None:

@@ -227,11 +227,12 @@ def main():
     """
 
 
+# every config option, in --help order
 QUANTIZE = ["bits", "scale", *SCHEME, "solver", "effort", "neal_reads", "neal_sweeps", "seed", "batch_size",
             "dump_qubo", "load_solution", "exclude", "layer_bits", "head_bits", "small_layers", "format",
-            "ort_accuracy_level", "embeddings", "lower_bound", "rotate", "rotate_block", "rotate_convs", "damping",
-            "levels", "workers", "ray_address", "external_data", "pack_codes", "max_memory", "auto_scheme",
-            "size_budget", "bits_per_weight", "max_error"]  # every config option, in --help order
+            "ort_accuracy_level", "embeddings", "lower_bound", "rotate", "rotate_block", "rotate_convs",
+            "rotate_residual", "damping", "levels", "workers", "ray_address", "external_data", "pack_codes",
+            "max_memory", "auto_scheme", "size_budget", "bits_per_weight", "max_error"]
 
 
 @main.command()

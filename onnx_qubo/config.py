@@ -304,6 +304,11 @@ class RoundingConfig(_Section):
     rotate_convs: bool = _option(False, "With --rotate, also rotate the input channels of Conv layers (group 1; "
                                         "depthwise and grouped ones stay): an online transform on the channel axis "
                                         "before them, never folded.", flag="--rotate-convs/--no-rotate-convs")
+    rotate_residual: bool = _option(False, "With --rotate, turn a decoder's residual stream between RMS norms as one "
+                                           "(QuaRot): its writers' output spaces rotate and each norm's gain moves "
+                                           "into the layers reading it, which then need no online transform (faster "
+                                           "decoding; measured worse rounding at 3 bits, docs/llm.md).",
+                                    flag="--rotate-residual/--no-rotate-residual")
     damping: Damping | None = _option(
         None, "Ridge added to each layer's input Gram matrix in the objective the scales and rounding minimize, as a "
               "fraction of its mean diagonal (GPTQ's damp_percent / 100): steadies them against calibration's "
@@ -319,9 +324,10 @@ class RoundingConfig(_Section):
         if self.rotate_block < 2 or self.rotate_block & (self.rotate_block - 1):
             raise OptionError(f"{{rotate_block}} must be a power of two, at least 2, got {self.rotate_block}",
                               "rotate_block")
-        if self.rotate_convs and self.rotate == Rotation.NONE:
-            raise OptionError("{rotate_convs} rotates with {rotate}: give --rotate hadamard or whole", "rotate_convs",
-                              "rotate")
+        for name in ("rotate_convs", "rotate_residual"):
+            if getattr(self, name) and self.rotate == Rotation.NONE:
+                raise OptionError(f"{{{name}}} rotates with {{rotate}}: give --rotate hadamard or whole", name,
+                                  "rotate")
         if self.solver not in SOLVERS:
             raise OptionError(f"{{solver}} must be one of {', '.join(SOLVERS)}, got {self.solver!r}", "solver")
         if check_integer(self.levels, "levels") not in LEVELS:
@@ -663,6 +669,8 @@ class QuantizeConfig:
                      f"factor up to {self.rounding.rotate_block})")
         if self.rounding.rotate_convs and self.rounding.rotate != Rotation.NONE:
             text += ", Conv input channels too"
+        if self.rounding.rotate_residual and self.rounding.rotate != Rotation.NONE:
+            text += ", the residual stream between RMS norms as one"
         if self.rounding.damping == AUTO:
             text += "; Gram matrices damped per layer by their calibration samples' spread (Ledoit-Wolf)"
         elif self.rounding.damping:

@@ -99,6 +99,17 @@ def _generate(folder: Path, count: int) -> list[int]:
     return out
 
 
+def _assert_fast_equals_portable(written: dict[str, Path]) -> None:
+    """The ``ort`` file's logits at onnxruntime's default and basic levels equal the ``qdq`` file's
+    (the same codes) run unoptimized; then skip when onnxruntime-genai is missing (generation next)."""
+    reference = _logits(written["qdq"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
+        np.testing.assert_allclose(_logits(written["ort"], level), reference, rtol=1e-4,
+                                   atol=1e-4 * np.abs(reference).max())
+    if og is None:
+        pytest.skip("onnxruntime-genai is not installed (pip install 'onnx-qubo[genai]'): generation not checked")
+
+
 @pytest.mark.parametrize("bits", [4, pytest.param(2, marks=pytest.mark.slow)])
 def test_quantized_folder_runs_in_onnxruntime_genai_and_equals_the_portable_model(bits, tmp_path):
     written = {}
@@ -120,15 +131,28 @@ def test_quantized_folder_runs_in_onnxruntime_genai_and_equals_the_portable_mode
     assert all({a.name: a.i for a in n.attribute}["block_size"] == 32 for n in nbits)
     assert any(n.op_type == "GatherBlockQuantized" for n in kernels.graph.node) == (bits == 4)
     assert any(n.name in online_rotations(kernels) for n in kernels.graph.node) == (bits < 4)  # rotate auto: whole
-    reference = _logits(written["qdq"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
-        np.testing.assert_allclose(_logits(written["ort"], level), reference, rtol=1e-4,
-                                   atol=1e-4 * np.abs(reference).max())
-    if og is None:
-        pytest.skip("onnxruntime-genai is not installed (pip install 'onnx-qubo[genai]'): generation not checked")
+    _assert_fast_equals_portable(written)
     for format in ("qdq", "ort"):
         tokens = _generate(written[format].parent, 12)
         assert len(tokens) == 12 and all(0 <= t < 512 for t in tokens)
+
+
+def test_a_residual_stream_turned_as_one_runs_in_both_formats_and_equals_the_portable_model(tmp_path):
+    """--rotate-residual: the q/k/v, gate/up and head projections read their norms directly (the
+    gains moved into them); the fast format equals the portable model of the same codes."""
+    written = {}
+    for format in ("qdq", "ort"):
+        (tmp_path / format).mkdir()
+        written[format] = tmp_path / format / "model_q.onnx"
+        runs.quantize(str(MODEL), written[format], bits=3, granularity="block", block_size=32, format=format,
+                      rotate="whole", rotate_residual=True, ort_accuracy_level=0, speed=False)
+    kernels = onnx.load(str(written["ort"]))
+    producers = {out: node for node in kernels.graph.node for out in node.output}
+    nbits = [n for n in kernels.graph.node if n.op_type == "MatMulNBits"]
+    direct = [n.name for n in nbits if producers[n.input[0]].op_type.endswith("SimplifiedLayerNormalization")]
+    assert len(nbits) == 11 and len(direct) == 7  # qkv and gate/up per block, and the head
+    _assert_fast_equals_portable(written)
+    assert len(_generate(written["ort"].parent, 8)) == 8
 
 
 @pytest.mark.slow

@@ -41,12 +41,21 @@ def run(model: onnx.ModelProto, x: np.ndarray, level=LEVELS[0]) -> np.ndarray:
     return session.run(None, {"x": x})[0].astype(np.float64)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["per-input", "residual"])
 @pytest.mark.parametrize("rotation", [Rotation.HADAMARD, Rotation.WHOLE])
-def test_the_rotated_tiny_language_model_computes_the_same_logits_at_every_level(rotation):
+def test_the_rotated_tiny_language_model_computes_the_same_logits_at_every_level(rotation, residual):
     model = prepare(load_model(TINY_LM))
-    rotated = rotate(model, rotation, 32, seed=0)
+    rotated = rotate(model, rotation, 32, seed=0, residual=residual)
     online = [n for n in rotated.graph.node if n.name in online_rotations(rotated) and n.op_type == "MatMul"]
-    assert len(online) == 9 * (1 + (rotation == Rotation.WHOLE))  # per block: qkv, o, gate and up, down; the head
+    # per block: qkv, o, gate and up, down; the head. With the residual stream turned as one: per block
+    # the o and down projections' inputs, and the embedding's rows
+    assert len(online) == (5 if residual else 9) * (1 + (rotation == Rotation.WHOLE))
+    gains = {n.input[1 if n.op_type == "SimplifiedLayerNormalization" else 2] for n in rotated.graph.node
+             if n.op_type.endswith("SimplifiedLayerNormalization")}  # moved into the layers reading them, or kept
+    assert len(gains) == (1 if residual else 5)
+    if residual:
+        assert [np.array_equal(numpy_helper.to_array(i), np.ones(64, np.float32))
+                for i in rotated.graph.initializer if i.name in gains] == [True]
     tokens = np.load(TINY_LM.with_name("model.eval.npz"))["input_ids"][:3, :32]
     feeds = load_dataset({"input_ids": tokens}, model).batches[0]
     for level in LEVELS:
@@ -143,16 +152,18 @@ def test_a_rotated_conv_layers_cost_is_its_measured_output_error_at_every_level(
         np.testing.assert_allclose(run(written, x, level), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_rotating_conv_channels_needs_a_rotation(tmp_path):
+@pytest.mark.parametrize("option", ["rotate_convs", "rotate_residual"])
+def test_rotating_conv_channels_or_the_residual_stream_needs_a_rotation(option, tmp_path):
     model = conv_model(channels=(32, 6))
     x = np.zeros((4, 32, 9, 8), np.float32)
-    with pytest.raises(OptionError, match="rotate_convs rotates with rotate"):
-        quantize(model, tmp_path / "q.onnx", calibration={"x": x}, rotate="none", rotate_convs=True)
+    with pytest.raises(OptionError, match=f"{option} rotates with rotate"):
+        quantize(model, tmp_path / "q.onnx", calibration={"x": x}, rotate="none", **{option: True})
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "m.calib.npz", x=x)
-    result = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"), "--rotate-convs"])
+    flag = "--" + option.replace("_", "-")
+    result = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"), flag])
     assert result.exit_code == 1
-    assert result.output.strip() == ("Error: --rotate-convs rotates with --rotate, which is none for this model by "
+    assert result.output.strip() == (f"Error: {flag} rotates with --rotate, which is none for this model by "
                                      "default: give --rotate hadamard or whole")
     assert not (tmp_path / "out.onnx").exists()
 

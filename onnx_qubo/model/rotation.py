@@ -26,9 +26,10 @@ from .lowering import run_passes
 
 
 def rotate(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int,
-           convs: bool = False) -> onnx.ModelProto:
+           convs: bool = False, residual: bool = False) -> onnx.ModelProto:
     """``model`` with its layers' inputs rotated (itself with ``Rotation.NONE``), Conv layers' input
-    channels too with ``convs``; same outputs."""
+    channels too with ``convs``, a residual stream between RMS norms as one with ``residual``; same
+    outputs."""
     if rotation == Rotation.NONE:
         return model
     layer = half_precision_layer(model, convs)
@@ -37,7 +38,7 @@ def rotate(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int,
                           "(a half-precision model): use {rotate} none", "rotate")
     whole = rotation == Rotation.WHOLE
     with one_blas_thread():  # the rotated weights are what the codes round: the same bits whatever the threads
-        return run_passes(model, [RotateInputs(seed, block, external.read_array, whole, convs)]).model
+        return run_passes(model, [RotateInputs(seed, block, external.read_array, whole, convs, residual)]).model
 
 
 def half_precision_layer(model: onnx.ModelProto, convs: bool = False) -> str | None:
@@ -109,11 +110,11 @@ def normalized_outputs(graph: onnx.GraphProto) -> set[str]:
 
 @contextmanager
 def rotated(model: onnx.ModelProto, rotation: Rotation, block: int, seed: int,
-            convs: bool = False) -> Iterator[onnx.ModelProto]:
+            convs: bool = False, residual: bool = False) -> Iterator[onnx.ModelProto]:
     """``rotate``'s model, its weights spilled to a temporary folder (``tempfile``'s: ``TMPDIR``)
     removed when the block ends: what is kept from it (a quantized model's float tensors) must be
     materialized inside the block."""
-    turned = rotate(model, rotation, block, seed, convs)
+    turned = rotate(model, rotation, block, seed, convs, residual)
     if turned is model:
         yield model
         return

@@ -271,3 +271,55 @@ def test_weights_in_external_data_come_through_the_reader():
     rotated = RotateInputs(read=lambda tensor, owner: values).call(model).model
     assert rotated.graph.initializer[0].HasField("raw_data")
 
+
+
+def prenorm_decoder(blocked: bool = False) -> onnx.ModelProto:
+    """A pre-norm decoder of width 32 (opset 23 ``RMSNormalization``): embedding -> (norm -> q ->
+    Relu -> o, + residual) -> (norm -> up -> Relu -> down, + residual) -> norm -> head. ``blocked``:
+    the first residual sum is an output too, so the stream cannot turn as one."""
+    ids = helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["B", "T"])
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h0"])]
+    inits = [_init("E", 50, 32)]
+    for k, n_mid in enumerate((32, 64)):
+        inits += [numpy_helper.from_array((1 + 0.3 * RNG.standard_normal(32)).astype(np.float32), f"g{k}"),
+                  _init(f"A{k}", 32, n_mid), _init(f"B{k}", n_mid, 32)]
+        nodes += [helper.make_node("RMSNormalization", [f"h{k}", f"g{k}"], [f"n{k}"], axis=-1, epsilon=1e-5),
+                  helper.make_node("MatMul", [f"n{k}", f"A{k}"], [f"a{k}"]),
+                  helper.make_node("Relu", [f"a{k}"], [f"r{k}"]),
+                  helper.make_node("MatMul", [f"r{k}", f"B{k}"], [f"b{k}"]),
+                  helper.make_node("Add", [f"h{k}", f"b{k}"], [f"h{k + 1}"])]
+    inits += [numpy_helper.from_array((1 + 0.3 * RNG.standard_normal(32)).astype(np.float32), "g2"), _init("H", 32, 10)]
+    nodes += [helper.make_node("RMSNormalization", ["h2", "g2"], ["n2"], axis=-1, epsilon=1e-5),
+              helper.make_node("MatMul", ["n2", "H"], ["logits"])]
+    outputs = [floats("logits", ["B", "T", 10])] + ([floats("h1", ["B", "T", 32])] if blocked else [])
+    model = helper.make_model(helper.make_graph(nodes, "g", [ids], outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["blocks", "whole"])
+def test_the_residual_stream_turns_as_one_and_its_norms_gains_move_into_the_layers(whole):
+    model = prenorm_decoder()
+    rotated = RotateInputs(seed=4, max_block=8, whole=whole, residual=True).call(model).model
+    online = [n for n in rotated.graph.node if n.name in online_rotations(rotated) and n.op_type == "MatMul"]
+    # the embedding's rows and the two layers after a Relu: no transform after the three norms
+    assert len(online) == 3 * (1 + whole)
+    norms = [n for n in rotated.graph.node if n.op_type == "RMSNormalization"]
+    assert all(np.array_equal(_weight(rotated, n.input[1]), np.ones(32, np.float32)) for n in norms)
+    for norm in norms:
+        reader = next(n for n in rotated.graph.node if norm.output[0] in n.input)
+        assert reader.op_type == "MatMul" and reader.name not in online_rotations(rotated)
+    np.testing.assert_array_equal(_weight(rotated, "E"), _weight(model, "E"))  # the table stays: turned online
+    onnx.checker.check_model(rotated, full_check=True)
+    assert_same_outputs(model, rotated, {"ids": RNG.integers(0, 50, (3, 7))})
+
+
+def test_without_residual_or_with_a_stream_read_elsewhere_each_norm_keeps_its_gain_and_a_transform_after_it():
+    for residual, model in ((False, prenorm_decoder()), (True, prenorm_decoder(blocked=True))):  # off, or blocked
+        rotated = RotateInputs(seed=4, max_block=8, residual=residual).call(model).model
+        online = [n for n in rotated.graph.node if n.name in online_rotations(rotated) and n.op_type == "MatMul"]
+        assert len(online) == 5  # after each of the three norms, and the two layers after a Relu
+        for k in range(3):
+            np.testing.assert_array_equal(_weight(rotated, f"g{k}"), _weight(model, f"g{k}"))
+        assert_same_outputs(model, rotated, {"ids": RNG.integers(0, 50, (3, 7))})
