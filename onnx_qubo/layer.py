@@ -265,7 +265,8 @@ class LayerWork:
             solve_seconds=seconds + self.search_seconds,
             cost_bias_corrected=corrected,
             bias=bias_storage,
-            damping=self.terms.ridge)
+            damping=self.terms.ridge,
+            vectors=self.terms.statistics.count)
         return SolvedLayer(plan, self.scales, problem, choice, report, self.bias_scales, bias, self.quantizer, shift,
                            self.terms)
 

@@ -186,6 +186,24 @@ def test_sequential_says_when_no_layer_feeds_another(tmp_path):
     assert not any("changes nothing" in note for note in chained.notes)
 
 
+@pytest.mark.parametrize("samples", [20, 24, 25, 40])
+def test_the_report_names_a_layer_calibrated_on_no_more_vectors_than_its_inputs(tmp_path, samples):
+    """A Gemm of 24 inputs calibrated on 24 samples or fewer has a singular Gram matrix: the report
+    says so, naming it and its counts; on 25 or more it says nothing."""
+    model = gemm_model(f=24, n=6)
+    x = np.random.default_rng(1).standard_normal((samples, 24)).astype(np.float32)
+    report = runs.quantize(model, tmp_path / "q.onnx", calibration={"x": x}, bits=3, speed=False)
+    assert [layer.vectors for layer in report.layers] == [samples]
+    notes = [note for note in report.notes if "calibration vectors" in note]
+    if samples <= 24:
+        layer = report.layers[0].name
+        assert notes == [f"1 layer saw at most as many calibration vectors as inputs, so the rounding fits only the "
+                         f"part of the input space the data spans: {layer} ({samples} for 24 inputs); calibrate on "
+                         "more samples (each token, sample or Conv output position gives one vector)"]
+    else:
+        assert notes == []
+
+
 def test_quantize_returns_the_model_in_memory_and_writes_nothing(tmp_path, monkeypatch):
     """The API on a ModelProto and a dict of arrays: no file appears, and nothing opens one for writing."""
     monkeypatch.chdir(tmp_path)

@@ -29,6 +29,7 @@ class LayerReport:
     kernel_fallback: str | None = None  # format ort: why the layer kept the portable form
     kernel_bits: int | None = None  # bits per code in the kernel's weights (MatMulNBits: 2, 4 or 8; packed: theirs)
     damping: float = 0.0  # its objective's ridge, a share of the mean diagonal (--damping; a Conv: its groups' most)
+    vectors: int = 0  # calibration input vectors its Gram matrix sums (tokens, samples, a Conv's patches; 0: none)
 
     @property
     def final_cost(self) -> float:
