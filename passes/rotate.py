@@ -99,7 +99,7 @@ class RotateInputs:
         edit = _Edit(out, self.read)
         matrices = _Matrices(edit.used)
         inserted: list[tuple[int, list[onnx.NodeProto]]] = []
-        streams = [s for s in _streams(graph, groups) if self.residual and _block(s.width, self.max_block) >= 2]
+        streams = [s for s in _streams(graph, groups) if _block(s.width, self.max_block) >= 2] if self.residual else []
         for j, stream in enumerate(streams):
             signs = np.random.default_rng([self.seed, len(groups) + j]).choice([-1.0, 1.0], size=stream.width)
             outer = _outer(stream.width, self.max_block) if self.whole else None
