@@ -176,9 +176,9 @@ def damping_note(reports: Sequence[LayerReport]) -> str:
 
 def few_vectors_notes(reports: Sequence[LayerReport]) -> list[str]:
     """Where a layer saw no more calibration vectors than it has inputs: its Gram matrix is then
-    singular, and the rounding is fitted to the part of its input space the data spans (silero-vad's
-    128-input LSTM Gemms on 128 chunks: with 512 chunks its 3-bit output error fell from 0.255 to
-    0.192; docs/results.md)."""
+    singular, and the rounding is fitted to the part of its input space the data spans (silero-vad on
+    128 chunks: 6 of its 8 layers, its last encoder Convs and LSTM Gemms; with 512 chunks its 3-bit
+    output error fell from 0.255 to 0.192, docs/results.md)."""
     few = [report for report in reports if 0 < report.vectors <= report.f_in]
     if not few:
         return []
