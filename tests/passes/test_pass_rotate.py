@@ -323,3 +323,38 @@ def test_without_residual_or_with_a_stream_read_elsewhere_each_norm_keeps_its_ga
         for k in range(3):
             np.testing.assert_array_equal(_weight(rotated, f"g{k}"), _weight(model, f"g{k}"))
         assert_same_outputs(model, rotated, {"ids": RNG.integers(0, 50, (3, 7))})
+
+
+def skip_norm_decoder() -> onnx.ModelProto:
+    """The pre-norm decoder as onnxruntime-genai's builder writes it: SimplifiedLayerNormalization,
+    then SkipSimplifiedLayerNormalization (com.microsoft) adding each block's output, its bias and
+    the residual, whose sum output carries the stream on."""
+    ids = helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["B", "T"])
+    gains = [numpy_helper.from_array((1 + 0.3 * RNG.standard_normal(32)).astype(np.float32), f"g{k}")
+             for k in range(3)]
+    inits = [_init("E", 50, 32), *gains, _init("A0", 32, 32), _init("B0", 32, 32), _init("A1", 32, 64),
+             _init("B1", 64, 32), _init("c1", 32), _init("H", 32, 10)]
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h0"]),
+             helper.make_node("SimplifiedLayerNormalization", ["h0", "g0"], ["n0"], axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["n0", "A0"], ["a0"]), helper.make_node("Relu", ["a0"], ["r0"]),
+             helper.make_node("MatMul", ["r0", "B0"], ["b0"]),
+             helper.make_node("SkipSimplifiedLayerNormalization", ["h0", "b0", "g1", "c1"], ["n1", "", "", "h1"],
+                              domain="com.microsoft", epsilon=1e-5),
+             helper.make_node("MatMul", ["n1", "A1"], ["a1"]), helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "B1"], ["b1"]),
+             helper.make_node("SkipSimplifiedLayerNormalization", ["h1", "b1", "g2"], ["n2"], domain="com.microsoft",
+                              epsilon=1e-5),
+             helper.make_node("MatMul", ["n2", "H"], ["logits"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [ids], [floats("logits", ["B", "T", 10])], inits),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_skip_norm_stream_with_a_bias_turns_as_one():
+    model = skip_norm_decoder()
+    rotated = RotateInputs(seed=6, max_block=8, whole=True, residual=True).call(model).model
+    online = [n for n in rotated.graph.node if n.name in online_rotations(rotated) and n.op_type == "MatMul"]
+    assert len(online) == 2 * 3  # the embedding's rows and the two layers after a Relu, two MatMuls each
+    assert not np.allclose(_weight(rotated, "c1"), _weight(model, "c1"))  # the bias added into the stream turned
+    assert_same_outputs(model, rotated, {"ids": RNG.integers(0, 50, (3, 7))})
