@@ -99,12 +99,9 @@ class RotateInputs:
         edit = _Edit(out, self.read)
         matrices = _Matrices(edit.used)
         inserted: list[tuple[int, list[onnx.NodeProto]]] = []
-        streams = [s for s in _streams(graph, groups) if _block(s.width, self.max_block) >= 2] if self.residual else []
+        streams = _streams(graph, groups) if self.residual else []  # their widths are their norms' readers'
         for j, stream in enumerate(streams):
-            signs = np.random.default_rng([self.seed, len(groups) + j]).choice([-1.0, 1.0], size=stream.width)
-            outer = _outer(stream.width, self.max_block) if self.whole else None
-            block = _block(stream.width, self.max_block)
-            rotation = _Rotation(signs, block if outer is None else stream.width // len(outer), outer)
+            rotation = self._rotation(len(groups) + j, stream.width)
             inserted += _rotate_stream(out, stream, groups, rotation, edit, matrices)
             log.info("residual stream of %d norm(s) rotated (%s): %d writer(s) folded, %d online",
                      len(stream.norms), rotation, len(stream.folded), len(stream.online))
@@ -112,9 +109,7 @@ class RotateInputs:
         for k, ((x, rank), consumers) in enumerate(groups.items()):
             if (x, rank) in handled:
                 continue
-            signs = np.random.default_rng([self.seed, k]).choice([-1.0, 1.0], size=widths[x, rank])
-            outer = _outer(widths[x, rank], self.max_block) if self.whole else None
-            rotation = _Rotation(signs, blocks[x, rank] if outer is None else widths[x, rank] // len(outer), outer)
+            rotation = self._rotation(k, widths[x, rank])
             for consumer in consumers:
                 edit.rotate_rows(consumer.weight, rotation, consumer.rows_are_inputs, consumer.rank)
             if not rank and _fold_into_producer(graph, x, consumers, rotation, edit):
@@ -133,6 +128,13 @@ class RotateInputs:
         del graph.node[:]
         graph.node.extend(nodes)
         return PassResult(out, modified=True)
+
+    def _rotation(self, index: int, width: int) -> _Rotation:
+        """The ``index``-th rotation of the pass (its signs seeded by the pass's seed and ``index``),
+        over ``width`` inputs: blocks, or with ``whole`` the whole width where a Hadamard matrix is at hand."""
+        signs = np.random.default_rng([self.seed, index]).choice([-1.0, 1.0], size=width)
+        outer = _outer(width, self.max_block) if self.whole else None
+        return _Rotation(signs, _block(width, self.max_block) if outer is None else width // len(outer), outer)
 
 
 def online_rotations(model: onnx.ModelProto) -> set[str]:
@@ -286,22 +288,18 @@ class _Edit:
             self.values[name] = self.read(init, self.model)
         return self.values[name]
 
-    def rotate_rows(self, name: str, rotation: _Rotation, rows_are_inputs: bool, rank: int = 0) -> None:
-        """A weight's input axis rotated: ``Q^T W`` ([f, n]) or ``W Q`` ([n, f]; a Conv's [o, c, k..] over c)."""
+    def rotate_rows(self, name: str, rotation: _Rotation, rows_are_inputs: bool, rank: int = 0,
+                    gain: np.ndarray | None = None) -> None:
+        """A weight's input axis rotated: ``Q^T W`` ([f, n]) or ``W Q`` ([n, f]; a Conv's [o, c, k..] over c);
+        with ``gain`` (a norm's, moved into a MatMul/Gemm) scaled by it first, ``Q^T diag(g) W``, in float64."""
         w = self.value(name)
+        scaled = w if gain is None else w.astype(np.float64) * (gain.astype(np.float64)[:, None] if rows_are_inputs
+                                                               else gain)
         if rank:
-            turned = np.moveaxis(rotation.right(np.moveaxis(w, 1, -1)), -1, 1)
+            turned = np.moveaxis(rotation.right(np.moveaxis(scaled, 1, -1)), -1, 1)
         else:
-            turned = rotation.transposed_left(w) if rows_are_inputs else rotation.right(w)
+            turned = rotation.transposed_left(scaled) if rows_are_inputs else rotation.right(scaled)
         self.values[name] = turned.astype(w.dtype, order="C")  # one copy, in the weight's type
-
-    def scale_and_rotate_rows(self, name: str, gain: np.ndarray, rotation: _Rotation, rows_are_inputs: bool) -> None:
-        """A weight's input axis scaled by ``gain`` (a norm's, moved into it), then rotated:
-        ``Q^T diag(g) W`` ([f, n]) or ``W diag(g) Q`` ([n, f]), in float64, stored once."""
-        w = self.value(name)
-        scaled = w.astype(np.float64) * (gain.astype(np.float64)[:, None] if rows_are_inputs else gain)
-        turned = rotation.transposed_left(scaled) if rows_are_inputs else rotation.right(scaled)
-        self.values[name] = turned.astype(w.dtype, order="C")
 
     def rotate_columns(self, name: str, rotation: _Rotation, columns_are_outputs: bool) -> None:
         """A producer's output axis rotated: ``P Q`` ([.., f]) or ``Q^T P`` ([f, ..])."""
@@ -541,7 +539,7 @@ def _rotate_stream(model: onnx.ModelProto, stream: _Stream, groups: dict[tuple[s
         assert spec is not None
         gain = edit.value(norm.input[spec[1]])
         for consumer in groups[norm.output[0], 0]:
-            edit.scale_and_rotate_rows(consumer.weight, gain, rotation, consumer.rows_are_inputs)
+            edit.rotate_rows(consumer.weight, rotation, consumer.rows_are_inputs, gain=gain)
         norm.input[spec[1]] = ones
     inserted = []
     for name in stream.online:
