@@ -70,7 +70,10 @@ def chain(width: int, count: int) -> onnx.ModelProto:
     del turned.graph.node[:]
     turned.graph.node.extend(keep)
     turned.graph.output[0].name = rotated[x]
-    del turned.graph.initializer[:len(inits)]  # the identity weights, now unread
+    weights = {init.name for init in inits}  # the identity weights, now unread
+    kept = [init for init in turned.graph.initializer if init.name not in weights]
+    del turned.graph.initializer[:]
+    turned.graph.initializer.extend(kept)
     return turned
 
 
