@@ -250,10 +250,11 @@ class LayerWork:
         # the report states the output error, not a damped objective
         measured = output_problem(problem, self.terms)
         cost = measured.energy(choice)
-        cost_rtn, corrected = cost if np.array_equal(rtn & free, choice & free) else measured.energy(rtn), None
+        cost_rtn = cost if np.array_equal(rtn & free, choice & free) else measured.energy(rtn)
+        corrected = corrected_rtn = None
         if mean_error is not None:  # the problem is centered: its energy is what the correction leaves
             rtn_mean = self.terms.mean_error(problem, rtn)
-            corrected = cost
+            corrected, corrected_rtn = cost, cost_rtn
             cost, cost_rtn = cost + float(mean_error @ mean_error), cost_rtn + float(rtn_mean @ rtn_mean)
         report = LayerReport(
             name=layer.name, form=layer.label, n_out=n, f_in=f, bits=plan.scheme.bits,
@@ -264,6 +265,7 @@ class LayerWork:
             lower_bound=float(lower_bounds(measured).sum()) if plan.lower_bound else None,
             solve_seconds=seconds + self.search_seconds,
             cost_bias_corrected=corrected,
+            cost_rtn_bias_corrected=corrected_rtn,
             bias=bias_storage,
             damping=self.terms.ridge,
             vectors=self.terms.statistics.count)

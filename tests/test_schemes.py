@@ -131,3 +131,32 @@ def test_scale_search_on_the_solved_cost_never_costs_more_than_mse(granularity, 
     qubo = quantize(model, tmp_path / "q.onnx", bits=2, calibration={"x": x}, scale="qubo", **granularity)
     for a, b in zip(qubo.layers, mse.layers):  # the cost as written: both layers have a bias, so corrected
         assert a.cost_bias_corrected is not None and a.final_cost <= b.final_cost * (1 + 1e-9)
+
+
+def test_each_rounding_is_reported_after_its_own_bias_correction(tmp_path):
+    """Where a layer's bias absorbs the mean error, the solver minimizes what the correction leaves:
+    the report compares that with what round to nearest leaves after its own correction (a run
+    with ``--solver rtn`` writes exactly that), and totals every layer, corrected or not."""
+    rng = np.random.default_rng(5)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((10, 8)).astype(np.float32), "W0"),
+             onnx.numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "W1"),
+             onnx.numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b1")]
+    nodes = [onnx.helper.make_node("MatMul", ["x", "W0"], ["h"], name="no_bias"),
+             onnx.helper.make_node("Relu", ["h"], ["r"]),
+             onnx.helper.make_node("Gemm", ["r", "W1", "b1"], ["y"], transB=1, name="with_bias")]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", 10])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", 6])], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = (rng.standard_normal((300, 10)) + 0.7).astype(np.float32)
+    options = dict(bits=4, scale="minmax", calibration={"x": x}, speed=False)
+    solved = quantize(model, tmp_path / "solved.onnx", **options)
+    rtn = quantize(model, tmp_path / "rtn.onnx", solver="rtn", **options)
+    assert [layer.cost_bias_corrected is None for layer in solved.layers] == [True, False]
+    with_bias = solved.layers[1]
+    assert with_bias.cost_rtn_bias_corrected < with_bias.cost_rtn  # the correction removes RTN's mean error too
+    for layer, plain in zip(solved.layers, rtn.layers):
+        assert layer.final_cost_rtn == pytest.approx(plain.final_cost, rel=1e-9)
+        assert layer.final_cost <= layer.final_cost_rtn * (1 + 1e-9)
+    assert f"-> {sum(layer.final_cost for layer in solved.layers):.4g}" in solved.to_text()

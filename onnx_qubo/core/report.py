@@ -24,6 +24,7 @@ class LayerReport:
     lower_bound: float | None  # certified: no rounding on these scales costs less (None: not computed)
     solve_seconds: float
     cost_bias_corrected: float | None = None  # cost_solved less the mean error the new bias removes
+    cost_rtn_bias_corrected: float | None = None  # cost_rtn less the mean error its own correction would remove
     bias: str = "float"  # how the layer's bias is stored: float, the weights' type, or INT32
     kernel: str = "DequantizeLinear"  # what runs it: DequantizeLinear (portable), MatMulNBits...
     kernel_fallback: str | None = None  # format ort: why the layer kept the portable form
@@ -35,6 +36,12 @@ class LayerReport:
     def final_cost(self) -> float:
         """The layer's output error as written: after the bias correction where there is one."""
         return self.cost_solved if self.cost_bias_corrected is None else self.cost_bias_corrected
+
+    @property
+    def final_cost_rtn(self) -> float:
+        """Round to nearest's output error as this layer would write it (after its own bias correction
+        where this layer has one): what the rounding solved for is compared with."""
+        return self.cost_rtn if self.cost_rtn_bias_corrected is None else self.cost_rtn_bias_corrected
 
     @property
     def stored_bits(self) -> int:
@@ -134,20 +141,20 @@ class Report:
             f"{'cost rtn':>12}{'cost ' + self.solver:>12}{'ratio':>7}{'bound':>11}{'gap':>6}{'time':>8}",
         ]
         for layer in self.layers:
-            ratio = layer.cost_solved / layer.cost_rtn if layer.cost_rtn > 0 else 1.0
+            ratio = layer.final_cost / layer.final_cost_rtn if layer.final_cost_rtn > 0 else 1.0
             lines.append(
                 f"{layer.name:<{wide}}{layer.form:<22}{f'{layer.n_out}x{layer.f_in}':>12}{layer.bits:>5}{layer.storage:>6}{layer.bias:>6}"
-                f"{layer.free_fraction:>7.0%}{layer.cost_rtn:>12.4g}{layer.cost_solved:>12.4g}"
+                f"{layer.free_fraction:>7.0%}{layer.final_cost_rtn:>12.4g}{layer.final_cost:>12.4g}"
                 f"{ratio:>7.3f}{_or_dash(layer.lower_bound, '.4g'):>11}{_or_dash(layer.gap, '.0%'):>6}"
                 f"{layer.solve_seconds:>7.1f}s")
         if any(layer.kernel != "DequantizeLinear" or layer.kernel_fallback for layer in self.layers):
             lines.append("kernels: " + ", ".join(f"{layer.name} {layer.kernel}" for layer in self.layers))
             lines += [f"layer '{layer.name}' keeps DequantizeLinear: {layer.kernel_fallback}"
                       for layer in self.layers if layer.kernel_fallback]
-        corrected = [layer.cost_bias_corrected for layer in self.layers if layer.cost_bias_corrected is not None]
-        if corrected:
-            lines.append(f"bias correction: total cost {sum(layer.cost_solved for layer in self.layers):.4g} "
-                         f"-> {sum(corrected):.4g}")
+        if any(layer.cost_bias_corrected is not None for layer in self.layers):
+            lines.append(f"bias correction (the costs above are what it leaves): total cost "
+                         f"{sum(layer.cost_solved for layer in self.layers):.4g} -> "
+                         f"{sum(layer.final_cost for layer in self.layers):.4g}")
         for node in self.skipped:
             lines.append(f"skipped {node.op_type} '{node.name}': {node.reason}")
         if self.evaluation is not None:

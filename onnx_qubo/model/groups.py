@@ -59,15 +59,18 @@ def merge_reports(layers: list[DenseLayer], reports: list[LayerReport]) -> list[
                 storage=last.storage if last.storage == report.storage else _unsigned_storage(last.storage),
                 cost_solved=last.cost_solved + report.cost_solved,
                 free_fraction=(last.free_fraction * last.n_out + report.free_fraction * report.n_out) / n,
-                lower_bound=None if last.lower_bound is None or report.lower_bound is None
-                else last.lower_bound + report.lower_bound,
+                lower_bound=_sum(last.lower_bound, report.lower_bound),
                 solve_seconds=last.solve_seconds + report.solve_seconds,
                 damping=max(last.damping, report.damping),
-                cost_bias_corrected=None if last.cost_bias_corrected is None or report.cost_bias_corrected is None
-                else last.cost_bias_corrected + report.cost_bias_corrected)
+                cost_bias_corrected=_sum(last.cost_bias_corrected, report.cost_bias_corrected),
+                cost_rtn_bias_corrected=_sum(last.cost_rtn_bias_corrected, report.cost_rtn_bias_corrected))
         else:
             merged.append(replace(report, name=layer.parent or report.name))
     return merged
+
+
+def _sum(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b
 
 
 def _unsigned_storage(storage: str) -> str:
