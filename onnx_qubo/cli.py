@@ -100,6 +100,10 @@ class _DefaultToQuantize(click.Group):
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            first = args[0]
+            if not first.startswith("-") and not any(c in first for c in "./\\") and not Path(first).exists():
+                ctx.fail(f"no command '{first}' (commands: {', '.join(sorted(self.commands))}) and no model file "
+                         f"or folder of that name")
             args = ["quantize", *args]
         return super().parse_args(ctx, args)
 

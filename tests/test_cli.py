@@ -112,6 +112,13 @@ def test_missing_model_file(model_dir):
     expect_error(model_dir, [model_dir / "nope.onnx", model_dir / "out.onnx"], "does not exist")
 
 
+def test_a_word_that_is_no_command_nor_file_names_the_commands(model_dir):
+    result = CliRunner().invoke(main, ["layers", str(model_dir / "mlp.onnx")])
+    assert result.exit_code == 2
+    assert "no command 'layers' (commands: " in result.output and "inspect" in result.output
+    assert not (model_dir / "mlp.onnx").with_name("layers").exists()
+
+
 def test_no_dense_layers(model_dir):
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8])],
