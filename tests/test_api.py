@@ -315,3 +315,16 @@ def test_the_int8_kernels_weights_are_counted_at_8_bits(tmp_path):
     assert [(layer.kernel, layer.stored_bits) for layer in report.layers] == [("MatMulIntegerToFloat", 8)] * 2
     assert "2 layers of 4-bit codes stored in 8-bit MatMulIntegerToFloat weights (the kernel takes 8-bit weights " \
            "only): as large as at 8 bits" in report.notes
+
+
+def test_top1_agreement_says_what_it_compares_when_an_output_has_several_rows_per_sample(tmp_path):
+    """A detector's [N, 22, 2100] or a segmenter's map is no class score: the report says the
+    argmax runs over the last axis in each row, so a low agreement is read for what it is."""
+    x = np.random.default_rng(0).standard_normal((20, 3, 12)).astype(np.float32)
+    report = runs.quantize(matmul_model(f=12, n=7, leading=(3,)), tmp_path / "q.onnx", bits=4,
+                           calibration={"x": x}, evaluation={"x": x}, speed=False)
+    assert (report.evaluation.argmax_rows, report.evaluation.argmax_width) == (60, 7)
+    assert "top-1 agreement with float (argmax over the last axis, 7 wide, in each of 60 rows): " in report.to_text()
+    flat = runs.quantize(matmul_model(f=12, n=7), tmp_path / "f.onnx", bits=4, calibration={"x": x[:, 0]},
+                         evaluation={"x": x[:, 0]}, speed=False)
+    assert "top-1 agreement with float: " in flat.to_text()

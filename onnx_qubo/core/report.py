@@ -86,6 +86,8 @@ class Evaluation:
     predictions: int = 0  # the next tokens scored (a window of T tokens scores T - 1)
     level_samples: int | None = None  # the samples the level checks ran on (None: all of them)
     positions: tuple[int, int] | None = None  # per-position scores: (kept, all) positions, padded ones left out
+    argmax_rows: int = 0  # the argmaxes top-1 agreement compares (more than the samples: an output of rank > 2)
+    argmax_width: int = 0  # the width of the axis they are taken over (the output's last)
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,9 @@ def _evaluation_lines(ev: Evaluation) -> list[str]:
         lines.append(f"per token: top-1 agreement with float {ev.top1_agreement:.2%}; relative output error "
                      f"{ev.relative_output_error:.3g}; mean cosine {ev.mean_cosine:.4f}")
     elif ev.decision_flips is None:
-        lines.append(f"top-1 agreement with float: {ev.top1_agreement:.2%}; relative output error "
+        over = "" if ev.argmax_rows <= ev.samples else \
+            f" (argmax over the last axis, {ev.argmax_width:,} wide, in each of {ev.argmax_rows:,} rows)"
+        lines.append(f"top-1 agreement with float{over}: {ev.top1_agreement:.2%}; relative output error "
                      f"{ev.relative_output_error:.3g}; mean cosine {ev.mean_cosine:.4f}")
     else:  # one score per row: top-1 agreement is always 100%
         lines.append(f"one score per row: decisions at 0.5 flipped on {ev.decision_flips:.2%} of rows; largest "

@@ -173,6 +173,8 @@ def evaluate(reference: Reference, quantized_model: onnx.ModelProto, progress: P
         max_abs_error=_max_abs(y_quant, y_float),
         decision_flips=_decision_flips(y_float, y_quant),
         positions=None if reference.kept is None else (int(reference.kept.sum()), reference.kept.size),
+        argmax_rows=int(pred_float.size),
+        argmax_width=int(y_float.shape[-1]) if y_float.ndim else 1,
     )
 
 
