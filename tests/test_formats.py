@@ -4,6 +4,8 @@ default and basic levels and with optimizations disabled; layers the kernels can
 back to the portable form with the reason in the report; impossible combinations are refused
 before anything is written."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -159,3 +161,27 @@ def test_accuracy_level_4_states_its_output_error(tmp_path):
     assert all(layer.kernel == "MatMulNBits" for layer in report.layers)
     assert 0 < report.evaluation.default_vs_unoptimized < 0.05  # int8 activations inside the kernel
     assert "format ort (accuracy level 4)" in report.to_text()
+
+
+@pytest.mark.parametrize("model_name", ["mnist_mlp", "mnist_cnn"])
+def test_the_portable_file_folds_to_float_weights_with_disable_quant_qdq(model_name, tmp_path):
+    """docs: with onnxruntime's session.disable_quant_qdq the weights' DequantizeLinear is folded
+    once when the session is made (float speed); the outputs stay the portable model's, run with
+    optimizations disabled."""
+    models = Path(__file__).resolve().parents[1] / "models"
+    x = dict(np.load(models / f"{model_name}.calib.npz"))
+    out = tmp_path / "q.onnx"
+    quantize(onnx.load(models / f"{model_name}.onnx"), out, bits=4, calibration={k: v[:64] for k, v in x.items()},
+             speed=False)
+    folded_options = ort.SessionOptions()
+    folded_options.add_session_config_entry("session.disable_quant_qdq", "1")
+    folded_options.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    folded = ort.InferenceSession(str(out), folded_options, providers=["CPUExecutionProvider"])
+    plain_options = ort.SessionOptions()
+    plain_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(out), plain_options, providers=["CPUExecutionProvider"])
+    feeds = {name: values[:32] for name, values in x.items()}
+    got, want = folded.run(None, feeds)[0], plain.run(None, feeds)[0]
+    assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want)
+    assert "DequantizeLinear" not in {node.op_type for node in onnx.load(tmp_path / "folded.onnx").graph.node}
+    assert "DequantizeLinear" in {node.op_type for node in onnx.load(out).graph.node}
