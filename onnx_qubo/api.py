@@ -48,6 +48,7 @@ from .studies.compare import compare as run_comparison
 from .studies.contribution import Sensitivity, measure
 
 CALIB_SUFFIX, EVAL_SUFFIX = ".calib.npz", ".eval.npz"
+FOLD_WEIGHTS_OPTION = "session.disable_quant_qdq"  # onnxruntime: no QDQ fusions, so weights' DequantizeLinear fold"
 ModelSource = str | os.PathLike | onnx.ModelProto
 
 
@@ -190,7 +191,13 @@ def measure_speed(result: Result, evaluation: Any = None) -> Result:
     data = _evaluation_data(result, evaluation)
     lm = language_model(result.float_model)
     timing = time_models(result.float_model, result.model, data, first_run(lm, data) if lm else None)
-    return result._with(speed=timing)
+    notes = result.report.notes
+    dequantized = any(node.op_type == "DequantizeLinear" for node in result.model.graph.node)
+    if dequantized and not result.config.activations.quantized and timing.quantized_single > timing.float_single:
+        notes = [*notes, f"onnxruntime dequantizes the weights on every run here; with the session option "
+                 f"{FOLD_WEIGHTS_OPTION}=1 it folds them once at load and runs at float speed, holding float "
+                 "weights (or --format ort: docs/results.md, \"Which format should I use?\")"]
+    return result._with(speed=timing, notes=notes)
 
 
 @dataclass(frozen=True)

@@ -328,3 +328,17 @@ def test_top1_agreement_says_what_it_compares_when_an_output_has_several_rows_pe
     flat = runs.quantize(matmul_model(f=12, n=7), tmp_path / "f.onnx", bits=4, calibration={"x": x[:, 0]},
                          evaluation={"x": x[:, 0]}, speed=False)
     assert "top-1 agreement with float: " in flat.to_text()
+
+
+@pytest.mark.parametrize("quantized_ms, activations, noted", [(2.0, "none", True), (0.5, "none", False),
+                                                              (2.0, "uint8", False)])
+def test_a_portable_file_slower_than_float_names_the_session_option_that_folds_its_weights(
+        quantized_ms, activations, noted, tmp_path, monkeypatch):
+    """The note is decided from the timing (here fixed, 1 ms float), not measured in a test."""
+    from onnx_qubo import api
+    from onnx_qubo.core.report import Speed
+
+    monkeypatch.setattr(api, "time_models", lambda *args: Speed(8, 1.0, 4.0, quantized_ms, 4.0 * quantized_ms))
+    x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    report = runs.quantize(mlp_model(), tmp_path / "q.onnx", bits=4, activations=activations, calibration={"x": x})
+    assert any(api.FOLD_WEIGHTS_OPTION in note for note in report.notes) == noted
