@@ -48,7 +48,7 @@ from .studies.compare import compare as run_comparison
 from .studies.contribution import Sensitivity, measure
 
 CALIB_SUFFIX, EVAL_SUFFIX = ".calib.npz", ".eval.npz"
-FOLD_WEIGHTS_OPTION = "session.disable_quant_qdq"  # onnxruntime: no QDQ fusions, so weights' DequantizeLinear fold"
+FOLD_WEIGHTS_OPTION = "session.disable_quant_qdq"  # onnxruntime: no QDQ fusions, so the weights' DequantizeLinear folds
 ModelSource = str | os.PathLike | onnx.ModelProto
 
 
