@@ -149,7 +149,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     lines = [f"# {(__doc__ or '').splitlines()[0]}", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} cores "
-             f"(shared; load {load:.2f} before), onnxruntime {ort.__version__}.", "",
+             f"(shared; load {load:.2f} before); {real_models.versions()}.", "",
              f"Command: `python benchmarks/three_bit_bar.py {' '.join(sys.argv[1:])}`", ""]
 
     mse4, step4 = gaussian_uniform_mse(16)
